@@ -1,0 +1,703 @@
+package batch
+
+import (
+	"encoding/base64"
+	"fmt"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/tidwall/gjson"
+	"golang.org/x/net/http/httpguts"
+)
+
+// Request forms; the answer mirrors the form of the request.
+const (
+	formArray    = iota // bare array of operations
+	formEnvelope        // {"batch": [...], ...}
+	formBulk            // {"operation": {...}, "items": [...], ...}
+)
+
+// Execution modes and atomicity levels, as written in config and on the wire.
+const (
+	modeSequential = "sequential"
+	modeParallel   = "parallel"
+
+	atomicNone         = "none"
+	atomicStopOnError  = "stop_on_error"
+	atomicAllOrNothing = "all_or_nothing"
+)
+
+// maxJSONDepth bounds nesting in a batch body, so that no recursive walk
+// over it (ours or gjson's) can be driven into a stack blow-up.
+const maxJSONDepth = 64
+
+// maxIDLength bounds an operation id; ids appear in every result and log line.
+const maxIDLength = 128
+
+// batch is a parsed and validated batch request.
+type batch struct {
+	form      int
+	ops       []*operation
+	mode      string // "" when the request does not say
+	atomicity string // "" when the request does not say
+	async     bool
+}
+
+// operation is one validated operation of a batch, ready to become a
+// sub-request.
+type operation struct {
+	index  int
+	id     string
+	method string
+	target string   // origin-form request target as written: path and query
+	url    *url.URL // target parsed
+	header http.Header
+	body   []byte // bytes to send; nil means no body
+	// deps are the indexes of operations that must finish first.
+	deps   []int
+	depIDs []string // depends_on as written, until all ids are known
+}
+
+// fault is one problem found while validating a batch. Index is -1 for a
+// fault of the batch as a whole.
+type fault struct {
+	Index   int
+	ID      string
+	Message string
+}
+
+// badBatchError lists every fault found in a batch; the client gets 400.
+type badBatchError []fault
+
+func (e badBatchError) Error() string {
+	msgs := make([]string, len(e))
+	for i, f := range e {
+		msgs[i] = f.Message
+	}
+	return "invalid batch: " + strings.Join(msgs, "; ")
+}
+
+// tooManyOpsError is a batch over max_ops; the client gets 413.
+type tooManyOpsError struct{ n, max int }
+
+func (e tooManyOpsError) Error() string {
+	return fmt.Sprintf("batch has %d operations, more than the %d allowed", e.n, e.max)
+}
+
+// limits are the parts of the handler's config that validation needs.
+type limits struct {
+	maxOps    int
+	methods   map[string]struct{}
+	pathAllow func(*url.URL) bool // nil allows every path
+	forwarded map[string]struct{} // forwarded headers an operation may set
+}
+
+// parseBatch parses and validates a whole batch body. The error is a
+// badBatchError or a tooManyOpsError; nothing may run unless it is nil.
+func parseBatch(body []byte, lim *limits) (*batch, error) {
+	if msg := checkJSON(body); msg != "" {
+		return nil, badBatchError{{Index: -1, Message: msg}}
+	}
+	root := gjson.ParseBytes(body)
+	p := parser{lim: lim}
+	b := &batch{}
+	var opsJSON, template gjson.Result
+	var items gjson.Result
+
+	switch {
+	case root.IsArray():
+		b.form = formArray
+		opsJSON = root
+	case root.IsObject():
+		b.form = formEnvelope
+		seen := map[string]bool{}
+		root.ForEach(func(k, v gjson.Result) bool {
+			key := k.String()
+			name := key
+			if key == "requests" {
+				name = "batch"
+			}
+			if seen[name] {
+				p.batchFault("field %q given twice", key)
+				return true
+			}
+			seen[name] = true
+			switch key {
+			case "batch", "requests":
+				opsJSON = v
+				if !v.IsArray() {
+					p.batchFault("%q must be an array of operations", key)
+				}
+			case "operation":
+				template = v
+				b.form = formBulk
+			case "items":
+				items = v
+				if !v.IsArray() {
+					p.batchFault("\"items\" must be an array")
+				}
+			case "mode":
+				switch s := v.String(); {
+				case v.Type == gjson.String && (s == modeSequential || s == modeParallel):
+					b.mode = s
+				default:
+					p.batchFault("mode must be \"sequential\" or \"parallel\", got %s", v.Raw)
+				}
+			case "atomicity":
+				switch s := v.String(); {
+				case v.Type == gjson.String && (s == atomicNone || s == atomicStopOnError || s == atomicAllOrNothing):
+					b.atomicity = s
+				default:
+					p.batchFault("atomicity must be \"none\", \"stop_on_error\" or \"all_or_nothing\", got %s", v.Raw)
+				}
+			case "async":
+				if !v.IsBool() {
+					p.batchFault("async must be true or false, got %s", v.Raw)
+				}
+				b.async = v.Bool()
+			default:
+				p.batchFault("unknown field %q", key)
+			}
+			return true
+		})
+		switch {
+		case b.form == formBulk && opsJSON.Exists():
+			p.batchFault("give either \"batch\" or \"operation\" with \"items\", not both")
+		case b.form == formBulk && !items.Exists():
+			p.batchFault("\"operation\" needs \"items\"")
+		case b.form == formEnvelope && items.Exists():
+			p.batchFault("\"items\" needs \"operation\"")
+		case b.form == formEnvelope && !opsJSON.Exists():
+			p.batchFault("missing \"batch\": the array of operations")
+		}
+	default:
+		return nil, badBatchError{{Index: -1, Message: "batch must be a JSON array of operations or an object"}}
+	}
+	if len(p.faults) > 0 {
+		return nil, p.faults
+	}
+
+	// Count before parsing any operation, so an oversized batch costs nothing.
+	list := opsJSON
+	if b.form == formBulk {
+		list = items
+	}
+	n := countElements(list)
+	if n == 0 {
+		return nil, badBatchError{{Index: -1, Message: "batch has no operations"}}
+	}
+	if n > lim.maxOps {
+		return nil, tooManyOpsError{n: n, max: lim.maxOps}
+	}
+
+	b.ops = make([]*operation, 0, n)
+	if b.form == formBulk {
+		p.parseBulk(b, template, items)
+	} else {
+		list.ForEach(func(_, v gjson.Result) bool {
+			b.ops = append(b.ops, p.parseOperation(len(b.ops), v, true))
+			return true
+		})
+	}
+	p.resolveDeps(b)
+	if len(p.faults) > 0 {
+		return nil, p.faults
+	}
+	return b, nil
+}
+
+// parser collects faults while it walks a batch.
+type parser struct {
+	lim    *limits
+	faults badBatchError
+}
+
+func (p *parser) batchFault(format string, args ...any) {
+	p.faults = append(p.faults, fault{Index: -1, Message: fmt.Sprintf(format, args...)})
+}
+
+func (p *parser) opFault(op *operation, format string, args ...any) {
+	p.faults = append(p.faults, fault{Index: op.index, ID: op.id, Message: fmt.Sprintf(format, args...)})
+}
+
+// Operation fields. Aliases map onto the same bit, so that giving both
+// "path" and "url" is caught as a duplicate.
+const (
+	fieldID = 1 << iota
+	fieldMethod
+	fieldPath
+	fieldHeaders
+	fieldBody
+	fieldBodyEncoding
+	fieldDependsOn
+)
+
+var opFields = map[string]int{
+	"id": fieldID, "name": fieldID,
+	"method": fieldMethod,
+	"path":   fieldPath, "url": fieldPath, "relative_url": fieldPath,
+	"headers":       fieldHeaders,
+	"body":          fieldBody,
+	"body_encoding": fieldBodyEncoding,
+	"depends_on":    fieldDependsOn, "dependsOn": fieldDependsOn,
+}
+
+// parseOperation validates one operation. withBody is false for the
+// template of the bulk form, whose bodies come from "items".
+func (p *parser) parseOperation(index int, v gjson.Result, withBody bool) *operation {
+	op := &operation{index: index, id: strconv.Itoa(index), method: http.MethodGet}
+	if !v.IsObject() {
+		p.opFault(op, "operation must be a JSON object")
+		return op
+	}
+	var seen int
+	var idSet bool
+	var body, encoding, headers, deps gjson.Result
+	v.ForEach(func(k, val gjson.Result) bool {
+		key := k.String()
+		bit, known := opFields[key]
+		switch {
+		case !known:
+			p.opFault(op, "unknown field %q", key)
+			return true
+		case seen&bit != 0:
+			p.opFault(op, "field %q given twice (or with an alias)", key)
+			return true
+		}
+		seen |= bit
+		switch bit {
+		case fieldID:
+			if val.Type != gjson.String {
+				p.opFault(op, "%s must be a string, got %s", key, val.Raw)
+				return true
+			}
+			op.id, idSet = val.Str, true
+		case fieldMethod:
+			if val.Type != gjson.String {
+				p.opFault(op, "method must be a string, got %s", val.Raw)
+				return true
+			}
+			op.method = strings.ToUpper(val.Str)
+		case fieldPath:
+			if val.Type != gjson.String {
+				p.opFault(op, "%s must be a string, got %s", key, val.Raw)
+				return true
+			}
+			op.target = val.Str
+		case fieldHeaders:
+			headers = val
+		case fieldBody:
+			body = val
+		case fieldBodyEncoding:
+			encoding = val
+		case fieldDependsOn:
+			deps = val
+		}
+		return true
+	})
+	if idSet {
+		p.checkID(op)
+	}
+	p.checkMethod(op)
+	if seen&fieldPath == 0 {
+		p.opFault(op, "path is required")
+	} else {
+		p.checkTarget(op)
+	}
+	op.header = p.parseHeaders(op, headers)
+	if withBody {
+		if ctype := p.parseBody(op, body, encoding); ctype != "" && op.header.Get("Content-Type") == "" {
+			if op.header == nil {
+				op.header = make(http.Header, 1)
+			}
+			op.header["Content-Type"] = []string{ctype}
+		}
+	} else if body.Exists() {
+		p.opFault(op, "the operation of a bulk batch takes its bodies from \"items\"")
+	}
+	p.parseDeps(op, deps)
+	return op
+}
+
+// parseBulk expands {"operation": ..., "items": [...]} into one operation
+// per item, all sharing the template's validated method, target and headers.
+func (p *parser) parseBulk(b *batch, template, items gjson.Result) {
+	tmpl := p.parseOperation(-1, template, false)
+	if len(tmpl.depIDs) > 0 {
+		p.opFault(tmpl, "the operation of a bulk batch cannot have depends_on")
+	}
+	encoding := template.Get("body_encoding")
+	// Operations share the template's header map; those whose body needs a
+	// default Content-Type share one copy per type.
+	headerFor := map[string]http.Header{}
+	items.ForEach(func(_, item gjson.Result) bool {
+		i := len(b.ops)
+		op := &operation{
+			index:  i,
+			id:     strconv.Itoa(i),
+			method: tmpl.method,
+			target: tmpl.target,
+			url:    tmpl.url,
+			header: tmpl.header,
+		}
+		if ctype := p.parseBody(op, item, encoding); ctype != "" && tmpl.header.Get("Content-Type") == "" {
+			h, ok := headerFor[ctype]
+			if !ok {
+				h = tmpl.header.Clone()
+				if h == nil {
+					h = make(http.Header, 1)
+				}
+				h["Content-Type"] = []string{ctype}
+				headerFor[ctype] = h
+			}
+			op.header = h
+		}
+		b.ops = append(b.ops, op)
+		return true
+	})
+}
+
+func (p *parser) checkID(op *operation) {
+	id := op.id
+	if id == "" || len(id) > maxIDLength {
+		p.opFault(op, "id must be 1 to %d characters", maxIDLength)
+		return
+	}
+	for i := 0; i < len(id); i++ {
+		c := id[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
+			p.opFault(op, "id %q may hold only letters, digits, '_' and '-'", id)
+			return
+		}
+	}
+}
+
+func (p *parser) checkMethod(op *operation) {
+	if !httpguts.ValidHeaderFieldName(op.method) { // a method is a token
+		p.opFault(op, "method %q is not a valid HTTP method", op.method)
+		return
+	}
+	if _, ok := p.lim.methods[op.method]; !ok {
+		p.opFault(op, "method %s is not allowed here", op.method)
+	}
+}
+
+func (p *parser) checkTarget(op *operation) {
+	u, msg := parseTarget(op.target)
+	if msg != "" {
+		p.opFault(op, "%s", msg)
+		return
+	}
+	if p.lim.pathAllow != nil && !p.lim.pathAllow(u) {
+		p.opFault(op, "path %q is not allowed here", u.Path)
+		return
+	}
+	op.url = u
+}
+
+// parseTarget checks that t is an origin-form request target that cannot
+// be read as another host or escape its path, and parses it. It returns a
+// message for the client when t is refused.
+func parseTarget(t string) (*url.URL, string) {
+	if t == "" {
+		return nil, "path is required"
+	}
+	if t[0] != '/' || len(t) > 1 && t[1] == '/' {
+		return nil, fmt.Sprintf("path must be origin-form, got %q", t)
+	}
+	for i := 0; i < len(t); i++ {
+		switch c := t[i]; {
+		case c <= ' ' || c == 0x7f:
+			return nil, fmt.Sprintf("path must not hold control characters or spaces, got %q", t)
+		case c == '\\':
+			return nil, fmt.Sprintf("path must not hold '\\', got %q", t)
+		case c == '#':
+			return nil, fmt.Sprintf("path must not hold a fragment, got %q", t)
+		}
+	}
+	p, _, _ := strings.Cut(t, "?")
+	// Decode until stable, so that double-encoded dot-segments or separators
+	// ("%252e%252e") are seen as what a lenient backend may decode them to.
+	for range 3 {
+		d, err := url.PathUnescape(p)
+		if err != nil {
+			return nil, fmt.Sprintf("path has an invalid percent-escape, got %q", t)
+		}
+		if d == p {
+			break
+		}
+		p = d
+	}
+	for i := 0; i < len(p); i++ {
+		if c := p[i]; c < ' ' || c == 0x7f || c == '\\' {
+			return nil, fmt.Sprintf("path must not encode control characters or '\\', got %q", t)
+		}
+	}
+	for seg := range strings.SplitSeq(p, "/") {
+		if seg == "." || seg == ".." {
+			return nil, fmt.Sprintf("path must not hold dot-segments, got %q", t)
+		}
+	}
+	u, err := url.ParseRequestURI(t)
+	if err != nil {
+		return nil, fmt.Sprintf("path %q does not parse: %v", t, err)
+	}
+	return u, ""
+}
+
+// Headers an operation may not set: they frame the message or the
+// connection, and a batch must not be a way to smuggle them.
+var refusedHeaders = map[string]bool{
+	"Host": true, "Content-Length": true, "Transfer-Encoding": true,
+	"Connection": true, "Upgrade": true, "Keep-Alive": true, "Te": true,
+	"Trailer": true,
+}
+
+// isForwardedHeader reports whether name (canonical) claims a client
+// address; such headers are dropped unless allow_forwarded_headers lists them.
+func isForwardedHeader(name string) bool {
+	return name == "Forwarded" || name == "X-Real-Ip" || strings.HasPrefix(name, "X-Forwarded-")
+}
+
+func (p *parser) parseHeaders(op *operation, v gjson.Result) http.Header {
+	if !v.Exists() || v.Type == gjson.Null {
+		return nil
+	}
+	if !v.IsObject() {
+		p.opFault(op, "headers must be an object, got %s", v.Raw)
+		return nil
+	}
+	h := make(http.Header)
+	v.ForEach(func(k, val gjson.Result) bool {
+		name := k.String()
+		if !httpguts.ValidHeaderFieldName(name) {
+			p.opFault(op, "header name %q is not a valid token", name)
+			return true
+		}
+		name = http.CanonicalHeaderKey(name)
+		if refusedHeaders[name] || strings.HasPrefix(name, "Proxy-") {
+			p.opFault(op, "header %s may not be set by an operation", name)
+			return true
+		}
+		if _, dup := h[name]; dup {
+			p.opFault(op, "header %s given twice", name)
+			return true
+		}
+		var values []string
+		switch {
+		case val.Type == gjson.String:
+			values = []string{val.Str}
+		case val.IsArray():
+			val.ForEach(func(_, s gjson.Result) bool {
+				if s.Type != gjson.String {
+					p.opFault(op, "header %s: values must be strings, got %s", name, s.Raw)
+					return false
+				}
+				values = append(values, s.Str)
+				return true
+			})
+		default:
+			p.opFault(op, "header %s must be a string or an array of strings, got %s", name, val.Raw)
+			return true
+		}
+		for _, s := range values {
+			if !httpguts.ValidHeaderFieldValue(s) {
+				p.opFault(op, "header %s has a value with control characters (CR, LF or NUL)", name)
+				return true
+			}
+		}
+		if isForwardedHeader(name) {
+			if _, ok := p.lim.forwarded[name]; !ok {
+				return true // dropped: a batch never speaks for another address
+			}
+		}
+		h[name] = values
+		return true
+	})
+	return h
+}
+
+// parseBody turns an operation's "body" into the bytes to send, and returns
+// the Content-Type that goes with them unless the operation sets one.
+func (p *parser) parseBody(op *operation, v, encoding gjson.Result) (ctype string) {
+	if encoding.Exists() && (encoding.Type != gjson.String || encoding.Str != "base64") {
+		p.opFault(op, "body_encoding must be \"base64\", got %s", encoding.Raw)
+		return ""
+	}
+	switch {
+	case !v.Exists() || v.Type == gjson.Null:
+		if encoding.Exists() && op.index >= 0 {
+			p.opFault(op, "body_encoding needs a body")
+		}
+		return ""
+	case v.Type == gjson.String:
+		if encoding.Exists() {
+			b, err := base64.StdEncoding.DecodeString(v.Str)
+			if err != nil {
+				p.opFault(op, "body is not valid base64: %v", err)
+				return ""
+			}
+			op.body = b
+			ctype = "application/octet-stream"
+		} else {
+			op.body = []byte(v.Str)
+			ctype = "text/plain; charset=utf-8"
+		}
+	default:
+		if encoding.Exists() {
+			p.opFault(op, "body_encoding \"base64\" needs a string body")
+			return ""
+		}
+		op.body = []byte(v.Raw)
+		ctype = "application/json"
+	}
+	return ctype
+}
+
+func (p *parser) parseDeps(op *operation, v gjson.Result) {
+	var ids []string
+	switch {
+	case !v.Exists() || v.Type == gjson.Null:
+	case v.Type == gjson.String:
+		ids = []string{v.Str}
+	case v.IsArray():
+		v.ForEach(func(_, s gjson.Result) bool {
+			if s.Type != gjson.String {
+				p.opFault(op, "depends_on must hold operation ids (strings), got %s", s.Raw)
+				return false
+			}
+			ids = append(ids, s.Str)
+			return true
+		})
+	default:
+		p.opFault(op, "depends_on must be an array of operation ids, got %s", v.Raw)
+	}
+	op.depIDs = ids
+}
+
+// resolveDeps checks that ids are unique and turns depends_on ids into
+// operation indexes.
+func (p *parser) resolveDeps(b *batch) {
+	byID := make(map[string]int, len(b.ops))
+	for _, op := range b.ops {
+		if first, dup := byID[op.id]; dup {
+			p.opFault(op, "id %q is already used by operation %d", op.id, first)
+			continue
+		}
+		byID[op.id] = op.index
+	}
+	for _, op := range b.ops {
+		for _, id := range op.depIDs {
+			j, ok := byID[id]
+			switch {
+			case !ok:
+				p.opFault(op, "depends_on names unknown operation %q", id)
+			case j == op.index:
+				p.opFault(op, "operation cannot depend on itself")
+			default:
+				op.deps = append(op.deps, j)
+			}
+		}
+		op.depIDs = nil
+	}
+	if len(p.faults) == 0 {
+		p.checkCycles(b)
+	}
+}
+
+// checkCycles reports each dependency cycle once, naming its operations.
+func (p *parser) checkCycles(b *batch) {
+	const (
+		unvisited = iota
+		onPath
+		finished
+	)
+	state := make([]int8, len(b.ops))
+	var path []int
+	// Iterative depth-first search: a long dependency chain must not grow
+	// the goroutine stack with the batch.
+	type frame struct{ op, next int }
+	for root := range b.ops {
+		if state[root] != unvisited {
+			continue
+		}
+		stack := []frame{{op: root}}
+		state[root] = onPath
+		path = append(path[:0], root)
+		for len(stack) > 0 {
+			top := &stack[len(stack)-1]
+			deps := b.ops[top.op].deps
+			if top.next == len(deps) {
+				state[top.op] = finished
+				stack = stack[:len(stack)-1]
+				path = path[:len(path)-1]
+				continue
+			}
+			d := deps[top.next]
+			top.next++
+			switch state[d] {
+			case unvisited:
+				state[d] = onPath
+				stack = append(stack, frame{op: d})
+				path = append(path, d)
+			case onPath:
+				start := slices.Index(path, d)
+				ids := make([]string, 0, len(path)-start+1)
+				for _, i := range path[start:] {
+					ids = append(ids, b.ops[i].id)
+				}
+				ids = append(ids, b.ops[d].id)
+				p.opFault(b.ops[d], "dependency cycle: %s", strings.Join(ids, " -> "))
+			}
+		}
+	}
+}
+
+// checkJSON returns a message when body is not one valid JSON value in
+// UTF-8 within maxJSONDepth, and "" when it is.
+func checkJSON(body []byte) string {
+	if !utf8.Valid(body) {
+		return "batch is not valid UTF-8"
+	}
+	depth, inString := 0, false
+	for i := 0; i < len(body); i++ {
+		c := body[i]
+		if inString {
+			switch c {
+			case '\\':
+				i++
+			case '"':
+				inString = false
+			}
+			continue
+		}
+		switch c {
+		case '"':
+			inString = true
+		case '{', '[':
+			if depth++; depth > maxJSONDepth {
+				return fmt.Sprintf("batch nests JSON deeper than %d levels", maxJSONDepth)
+			}
+		case '}', ']':
+			depth--
+		}
+	}
+	if !gjson.ValidBytes(body) {
+		return "batch is not valid JSON"
+	}
+	return ""
+}
+
+// countElements counts the elements of a JSON array without decoding them.
+func countElements(arr gjson.Result) int {
+	n := 0
+	arr.ForEach(func(_, _ gjson.Result) bool {
+		n++
+		return true
+	})
+	return n
+}

@@ -1,0 +1,411 @@
+package batch
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// batchCtxKey marks the context of a sub-request, so that a batch handler
+// reached again from one refuses it.
+type ctxKey struct{}
+
+var batchCtxKey ctxKey
+
+var errNestedBatch = errors.New("nested batch")
+
+const errNestedBatchMsg = "nested batch: an operation may not target a batch endpoint"
+
+// Statuses the batch layer gives operations it did not let the chain answer.
+const (
+	statusSkipped = http.StatusFailedDependency // 424: not run
+	// statusClientGone marks operations cut off because the client left;
+	// nobody reads them but logs (Caddy uses 499 the same way).
+	statusClientGone = 499
+)
+
+// result is the answer of one operation.
+type result struct {
+	status int
+	header http.Header
+	body   []byte
+	// err is set when the batch layer, not the handler chain, decided the
+	// status.
+	err string
+}
+
+// runner runs one validated batch.
+type runner struct {
+	h         *Handler
+	b         *batch
+	id        string
+	mode      string
+	atomicity string
+	next      caddyhttp.Handler
+	srv       *caddyhttp.Server
+	outer     *http.Request
+	ctx       context.Context // bounded by the batch timeout
+	inherited http.Header     // headers every operation starts from
+	results   []result
+	out       *emitter
+	stoppedAt int // index of the op that stopped the batch, or -1
+}
+
+func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
+	srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	if !ok {
+		return caddyhttp.Error(http.StatusInternalServerError, errors.New("batch handler is not running inside an HTTP server"))
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.Timeout))
+	defer cancel()
+
+	rn := &runner{
+		h:         h,
+		b:         b,
+		id:        newBatchID(),
+		mode:      h.Mode,
+		atomicity: h.Atomicity,
+		next:      next,
+		srv:       srv,
+		outer:     r,
+		ctx:       context.WithValue(ctx, batchCtxKey, b),
+		inherited: h.inheritedHeaders(r.Header),
+		results:   make([]result, len(b.ops)),
+		stoppedAt: -1,
+	}
+	if b.mode != "" {
+		rn.mode = b.mode
+	}
+	if b.atomicity != "" {
+		rn.atomicity = b.atomicity
+	}
+	if rn.atomicity != atomicNone {
+		rn.mode = modeSequential // a failure must stop what comes after it
+	}
+	rn.out = newEmitter(w, b, rn.results)
+
+	if rn.mode == modeParallel && len(b.ops) > 1 {
+		rn.runParallel()
+	} else {
+		rn.runSequential()
+	}
+	sum := rn.summary()
+	rn.out.finish(sum)
+
+	h.logger.Info("batch",
+		zap.String("id", rn.id),
+		zap.Int("operations", len(b.ops)),
+		zap.String("mode", rn.mode),
+		zap.String("atomicity", rn.atomicity),
+		zap.Duration("duration", time.Since(start)),
+		zap.String("status", sum.status),
+		zap.Int("succeeded", sum.succeeded),
+		zap.Int("failed", sum.failed),
+		zap.Int("skipped", sum.skipped),
+	)
+	return nil
+}
+
+// runSequential runs the operations in array order in the request's own
+// goroutine.
+func (rn *runner) runSequential() {
+	for i, op := range rn.b.ops {
+		rn.results[i] = rn.runOne(op)
+		rn.out.ready(i)
+	}
+}
+
+// runParallel runs operations on a pool of concurrency workers; this
+// goroutine alone schedules and emits, so results need no lock.
+func (rn *runner) runParallel() {
+	n := len(rn.b.ops)
+	workers := min(rn.h.Concurrency, n)
+	jobs := make(chan int)
+	done := make(chan int, workers) // never blocks a worker: at most workers in flight
+	for range workers {
+		go func() {
+			for i := range jobs {
+				rn.results[i] = rn.runOne(rn.b.ops[i])
+				done <- i
+			}
+		}()
+	}
+	defer close(jobs)
+
+	// pending counts unfinished dependencies; ready holds runnable indexes
+	// in array order, so that with no dependencies ops start in order.
+	pending := make([]int, n)
+	dependents := make([][]int, n)
+	ready := make([]int, 0, n)
+	for i, op := range rn.b.ops {
+		pending[i] = len(op.deps)
+		for _, d := range op.deps {
+			dependents[d] = append(dependents[d], i)
+		}
+		if pending[i] == 0 {
+			ready = append(ready, i)
+		}
+	}
+	inFlight, finished := 0, 0
+	for finished < n {
+		for inFlight < workers && len(ready) > 0 {
+			jobs <- ready[0]
+			ready = ready[1:]
+			inFlight++
+		}
+		i := <-done
+		inFlight--
+		finished++
+		rn.out.ready(i)
+		for _, j := range dependents[i] {
+			if pending[j]--; pending[j] == 0 {
+				ready = append(ready, j)
+			}
+		}
+	}
+}
+
+// runOne decides what becomes of one operation: run it, or answer for it.
+func (rn *runner) runOne(op *operation) result {
+	if err := rn.ctx.Err(); err != nil {
+		return rn.cutOff(err)
+	}
+	if rn.stoppedAt >= 0 {
+		return result{status: statusSkipped, err: "skipped: batch stopped at op " + rn.b.ops[rn.stoppedAt].id}
+	}
+	for _, d := range op.deps {
+		if dep := &rn.results[d]; failed(dep) {
+			return result{status: statusSkipped, err: fmt.Sprintf("dependency %s failed with status %d", rn.b.ops[d].id, dep.status)}
+		}
+	}
+	if strings.EqualFold(op.url.Path, rn.outer.URL.Path) {
+		// The chain after batch would not bring it back here, but a client
+		// who sends it means a batch inside a batch.
+		return result{status: http.StatusBadRequest, err: errNestedBatchMsg}
+	}
+	res := rn.exec(op)
+	if rn.atomicity != atomicNone && failed(&res) {
+		rn.stoppedAt = op.index
+	}
+	return res
+}
+
+// failed reports whether a finished operation counts as failed for those
+// depending on it.
+func failed(res *result) bool { return res.status >= 400 }
+
+// cutOff is the result of an operation that the batch's end kept from
+// finishing.
+func (rn *runner) cutOff(err error) result {
+	if errors.Is(err, context.DeadlineExceeded) && rn.outer.Context().Err() == nil {
+		return result{status: http.StatusGatewayTimeout, err: "batch timed out after " + time.Duration(rn.h.Timeout).String()}
+	}
+	return result{status: statusClientGone, err: "client went away"}
+}
+
+// exec serves one operation through the rest of the handler chain.
+func (rn *runner) exec(op *operation) result {
+	ctx, cancel := context.WithTimeout(rn.ctx, time.Duration(rn.h.OpTimeout))
+	defer cancel()
+
+	w := &opWriter{header: make(http.Header), limit: rn.h.MaxResponseSize}
+	req := rn.newRequest(ctx, op, w)
+	err := serve(rn.next, w, req)
+
+	if c := rn.h.logger.Check(zapcore.DebugLevel, "batch operation"); c != nil {
+		c.Write(zap.String("batch", rn.id), zap.String("op", op.id), zap.String("method", op.method),
+			zap.String("path", op.target), zap.Int("status", w.status), zap.Error(err))
+	}
+
+	switch {
+	case w.overflow:
+		return result{status: http.StatusBadGateway, err: fmt.Sprintf("response larger than max_response_size (%d bytes)", rn.h.MaxResponseSize)}
+	case rn.ctx.Err() != nil:
+		return rn.cutOff(rn.ctx.Err())
+	case ctx.Err() != nil:
+		return result{status: http.StatusGatewayTimeout, err: "operation timed out after " + time.Duration(rn.h.OpTimeout).String()}
+	}
+	var p panicError
+	switch {
+	case err == nil:
+	case errors.Is(err, errNestedBatch):
+		return result{status: http.StatusBadRequest, err: errNestedBatchMsg}
+	case errors.As(err, &p):
+		rn.h.logger.Error("panic in handler serving batch operation",
+			zap.String("batch", rn.id), zap.String("op", op.id), zap.Any("panic", p.value), zap.String("stack", p.stack))
+		return result{status: http.StatusInternalServerError, err: "handler panicked"}
+	case errors.Is(err, http.ErrAbortHandler):
+		return result{status: http.StatusBadGateway, err: "response was cut off"}
+	default:
+		// Handlers often return an error instead of writing one; it decides
+		// the status, and what they wrote before (WWW-Authenticate, say) stays.
+		status := http.StatusInternalServerError
+		var he caddyhttp.HandlerError
+		if errors.As(err, &he) && he.StatusCode != 0 {
+			status = he.StatusCode
+		}
+		return result{status: status, header: w.header}
+	}
+	status := w.status
+	if status == 0 {
+		status = http.StatusOK
+	}
+	return result{status: status, header: w.header, body: w.body.Bytes()}
+}
+
+// newRequest builds the sub-request of op: a fresh request with its own
+// replacer, vars and route-group state, carrying the outer request's
+// connection facts and inherited headers under its own.
+func (rn *runner) newRequest(ctx context.Context, op *operation, w http.ResponseWriter) *http.Request {
+	outer := rn.outer
+	header := make(http.Header, len(rn.inherited)+len(op.header))
+	for k, v := range rn.inherited {
+		header[k] = v[:len(v):len(v)] // appends copy: parallel ops share these slices
+	}
+	for k, v := range op.header {
+		header[k] = v[:len(v):len(v)]
+	}
+	u := *op.url // handlers such as rewrite change r.URL in place
+	req := &http.Request{
+		Method:     op.method,
+		URL:        &u,
+		Proto:      outer.Proto,
+		ProtoMajor: outer.ProtoMajor,
+		ProtoMinor: outer.ProtoMinor,
+		Header:     header,
+		Body:       http.NoBody,
+		Host:       outer.Host,
+		RemoteAddr: outer.RemoteAddr, // before PrepareRequest: it derives the client IP from it
+		RequestURI: op.target,
+		TLS:        outer.TLS,
+	}
+	if op.body != nil {
+		body := op.body
+		req.ContentLength = int64(len(body))
+		req.Body = io.NopCloser(bytes.NewReader(body))
+		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	}
+	req = req.WithContext(ctx)
+
+	repl := caddy.NewReplacer()
+	repl.Map(func(key string) (any, bool) {
+		switch key {
+		case "http.batch.id":
+			return rn.id, true
+		case "http.batch.index":
+			return strconv.Itoa(op.index), true
+		case "http.batch.op_id":
+			return op.id, true
+		}
+		return nil, false
+	})
+	return caddyhttp.PrepareRequest(req, repl, w, rn.srv)
+}
+
+// Outer headers an operation never inherits: they describe the outer
+// message or connection, or ask something of the batch as a whole.
+var notInherited = map[string]bool{
+	"Connection": true, "Keep-Alive": true, "Te": true, "Trailer": true,
+	"Transfer-Encoding": true, "Upgrade": true, "Accept-Encoding": true,
+	"Expect": true, "Prefer": true, "Idempotency-Key": true,
+}
+
+func notInheritable(name string) bool {
+	return notInherited[name] ||
+		len(name) > 6 && (name[:6] == "Proxy-") ||
+		len(name) > 8 && name[:8] == "Content-"
+}
+
+// inheritedHeaders returns the outer headers each operation starts from.
+func (h *Handler) inheritedHeaders(outer http.Header) http.Header {
+	hdr := make(http.Header, len(outer))
+	if h.inherit != nil {
+		for _, name := range h.inherit {
+			if v, ok := outer[name]; ok && !notInheritable(name) {
+				hdr[name] = v
+			}
+		}
+		return hdr
+	}
+	for name, v := range outer {
+		if !notInheritable(name) {
+			hdr[name] = v
+		}
+	}
+	// Headers the Connection header names are hop-by-hop too.
+	for _, v := range outer["Connection"] {
+		for _, name := range splitComma(v) {
+			delete(hdr, http.CanonicalHeaderKey(name))
+		}
+	}
+	return hdr
+}
+
+// serve runs next, turning a panic into an error so that it fails one
+// operation, not the batch or the server.
+func serve(next caddyhttp.Handler, w http.ResponseWriter, r *http.Request) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			if v == http.ErrAbortHandler { //nolint:errorlint // sentinel compared as Go's server does
+				err = http.ErrAbortHandler
+				return
+			}
+			err = panicError{value: v, stack: stack()}
+		}
+	}()
+	return next.ServeHTTP(w, r)
+}
+
+type panicError struct {
+	value any
+	stack string
+}
+
+func (p panicError) Error() string { return fmt.Sprintf("panic: %v", p.value) }
+
+// opWriter captures one operation's answer. It never touches the client's
+// writer: sub-responses must not leak headers into the batch response.
+type opWriter struct {
+	header   http.Header
+	status   int
+	body     bytes.Buffer
+	limit    int64
+	overflow bool
+}
+
+var errResponseTooLarge = errors.New("operation response larger than max_response_size")
+
+func (w *opWriter) Header() http.Header { return w.header }
+
+func (w *opWriter) WriteHeader(code int) {
+	if w.status != 0 || code < 200 { // informational answers are not the result
+		return
+	}
+	w.status = code
+}
+
+func (w *opWriter) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	if w.overflow || int64(w.body.Len()+len(p)) > w.limit {
+		w.overflow = true
+		return 0, errResponseTooLarge
+	}
+	return w.body.Write(p)
+}
+
+// Flush is a no-op: the answer is complete only when the handler returns.
+func (w *opWriter) Flush() {}

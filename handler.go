@@ -1,0 +1,271 @@
+// Package batch is a Caddy HTTP handler that gives any API behind Caddy batch
+// requests: a client POSTs many operations in one call, each runs as a
+// sub-request through the handlers after batch, and the answers come back
+// merged, in order, in one response.
+package batch
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Handler answers batch requests. Each operation of a batch becomes a
+// sub-request that the rest of the handler chain serves exactly as if it had
+// been sent alone; the answers are merged, in request order, into one
+// response.
+type Handler struct {
+	// How operations run unless a batch says otherwise: "sequential" (in
+	// array order, one at a time) or "parallel" (up to concurrency at once,
+	// respecting depends_on). Default: sequential.
+	Mode string `json:"mode,omitempty"`
+
+	// How many operations of a parallel batch run at once. Default: 10.
+	Concurrency int `json:"concurrency,omitempty"`
+
+	// What one failed operation does to the rest unless a batch says
+	// otherwise: "none" (each stands alone), "stop_on_error" (later ones
+	// are skipped) or "all_or_nothing" (later ones are skipped and earlier
+	// ones rolled back). The last two always run sequentially. Default: none.
+	Atomicity string `json:"atomicity,omitempty"`
+
+	// The most operations one batch may hold; more is answered 413.
+	// Default: 100.
+	MaxOps int `json:"max_ops,omitempty"`
+
+	// The largest batch body accepted, in bytes; larger is answered 413.
+	// Default: 10 MiB.
+	MaxBodySize int64 `json:"max_body_size,omitempty"`
+
+	// The largest answer kept from one operation, in bytes; a larger one
+	// becomes that operation's 502. Default: 10 MiB.
+	MaxResponseSize int64 `json:"max_response_size,omitempty"`
+
+	// How long a whole batch may run; operations not finished by then are
+	// answered 504. Default: 60s.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
+
+	// How long one operation may run before it is canceled and answered
+	// 504. Default: 30s.
+	OpTimeout caddy.Duration `json:"op_timeout,omitempty"`
+
+	// HTTP methods operations may use. Default: GET HEAD POST PUT PATCH DELETE.
+	Methods []string `json:"methods,omitempty"`
+
+	// Paths operations may target, in the syntax of the path matcher
+	// (exact, prefix "/api/*", suffix, or "*" wildcards; case-insensitive).
+	// An operation outside them fails validation. Default: any path.
+	Paths []string `json:"paths,omitempty"`
+
+	// Headers of the batch request that each operation inherits. Default:
+	// all of them but hop-by-hop headers, Content-*, Accept-Encoding, Expect
+	// and Prefer.
+	InheritHeaders []string `json:"inherit_headers,omitempty"`
+
+	// X-Forwarded-*, Forwarded and X-Real-IP headers an operation may set;
+	// any other such header an operation gives is dropped, so that a batch
+	// cannot speak for another client address. Default: none.
+	AllowForwardedHeaders []string `json:"allow_forwarded_headers,omitempty"`
+
+	limits  limits
+	paths   caddyhttp.MatchPath
+	inherit []string // canonical; nil inherits all but the excluded ones
+	logger  *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.batch",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+// Defaults.
+const (
+	defaultConcurrency = 10
+	defaultMaxOps      = 100
+	defaultMaxSize     = 10 << 20
+	defaultTimeout     = 60 * time.Second
+	defaultOpTimeout   = 30 * time.Second
+)
+
+var defaultMethods = []string{"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"}
+
+// Provision sets up the handler and fills in defaults.
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	if h.Mode == "" {
+		h.Mode = modeSequential
+	}
+	if h.Atomicity == "" {
+		h.Atomicity = atomicNone
+	}
+	if h.Concurrency == 0 {
+		h.Concurrency = defaultConcurrency
+	}
+	if h.MaxOps == 0 {
+		h.MaxOps = defaultMaxOps
+	}
+	if h.MaxBodySize == 0 {
+		h.MaxBodySize = defaultMaxSize
+	}
+	if h.MaxResponseSize == 0 {
+		h.MaxResponseSize = defaultMaxSize
+	}
+	if h.Timeout == 0 {
+		h.Timeout = caddy.Duration(defaultTimeout)
+	}
+	if h.OpTimeout == 0 {
+		h.OpTimeout = caddy.Duration(defaultOpTimeout)
+	}
+	methods := h.Methods
+	if len(methods) == 0 {
+		methods = defaultMethods
+	}
+	h.limits = limits{
+		maxOps:    h.MaxOps,
+		methods:   make(map[string]struct{}, len(methods)),
+		forwarded: make(map[string]struct{}, len(h.AllowForwardedHeaders)),
+	}
+	for _, m := range methods {
+		h.limits.methods[strings.ToUpper(m)] = struct{}{}
+	}
+	for _, name := range h.AllowForwardedHeaders {
+		h.limits.forwarded[http.CanonicalHeaderKey(name)] = struct{}{}
+	}
+	if len(h.Paths) > 0 {
+		h.paths = append(caddyhttp.MatchPath(nil), h.Paths...)
+		if err := h.paths.Provision(ctx); err != nil {
+			return fmt.Errorf("provisioning paths: %w", err)
+		}
+		h.limits.pathAllow = h.pathAllowed
+	}
+	for _, name := range h.InheritHeaders {
+		h.inherit = append(h.inherit, http.CanonicalHeaderKey(name))
+	}
+	return nil
+}
+
+// Validate checks the configuration.
+func (h *Handler) Validate() error {
+	switch h.Mode {
+	case modeSequential, modeParallel:
+	default:
+		return fmt.Errorf("mode must be %q or %q, got %q", modeSequential, modeParallel, h.Mode)
+	}
+	switch h.Atomicity {
+	case atomicNone, atomicStopOnError, atomicAllOrNothing:
+	default:
+		return fmt.Errorf("atomicity must be %q, %q or %q, got %q", atomicNone, atomicStopOnError, atomicAllOrNothing, h.Atomicity)
+	}
+	switch {
+	case h.Concurrency < 1:
+		return fmt.Errorf("concurrency must be at least 1, got %d", h.Concurrency)
+	case h.MaxOps < 1:
+		return fmt.Errorf("max_ops must be at least 1, got %d", h.MaxOps)
+	case h.MaxBodySize < 1:
+		return fmt.Errorf("max_body_size must be positive, got %d", h.MaxBodySize)
+	case h.MaxResponseSize < 1:
+		return fmt.Errorf("max_response_size must be positive, got %d", h.MaxResponseSize)
+	case h.Timeout < 0 || h.OpTimeout < 0:
+		return errors.New("timeout and op_timeout must be positive")
+	}
+	for m := range h.limits.methods {
+		if m == "" || strings.ContainsAny(m, " \t\r\n") {
+			return fmt.Errorf("invalid method %q", m)
+		}
+	}
+	for _, name := range h.AllowForwardedHeaders {
+		if !isForwardedHeader(http.CanonicalHeaderKey(name)) {
+			return fmt.Errorf("allow_forwarded_headers: %q is not an X-Forwarded-*, Forwarded or X-Real-IP header", name)
+		}
+	}
+	return nil
+}
+
+// pathAllowed matches an operation's path against the configured paths.
+func (h *Handler) pathAllowed(u *url.URL) bool {
+	// MatchPath reads the replacer for patterns with placeholders; an empty
+	// one leaves them blank, so such patterns match no client-chosen path.
+	r := &http.Request{URL: u}
+	r = r.WithContext(context.WithValue(context.Background(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+	ok, err := h.paths.MatchWithError(r)
+	return ok && err == nil
+}
+
+// ServeHTTP answers a batch request; other requests it refuses.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if r.Context().Value(batchCtxKey) != nil {
+		// Reached from one of our own sub-requests: that operation fails.
+		return caddyhttp.Error(http.StatusBadRequest, errNestedBatch)
+	}
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		return writeError(w, http.StatusMethodNotAllowed, "batch requests must be POST")
+	}
+	if ct := r.Header.Get("Content-Type"); ct != "" && !isJSONType(ct) {
+		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent as application/json")
+	}
+	if r.ContentLength > h.MaxBodySize {
+		return writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("batch body is larger than %d bytes", h.MaxBodySize))
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, h.MaxBodySize))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("batch body is larger than %d bytes", h.MaxBodySize))
+		}
+		return caddyhttp.Error(http.StatusBadRequest, fmt.Errorf("reading batch body: %w", err))
+	}
+
+	b, err := parseBatch(body, &h.limits)
+	if err != nil {
+		var faults badBatchError
+		if errors.As(err, &faults) {
+			return writeFaults(w, faults)
+		}
+		return writeError(w, http.StatusRequestEntityTooLarge, err.Error())
+	}
+	return h.run(w, r, next, b)
+}
+
+// isJSONType reports whether a Content-Type is application/json or
+// application/*+json.
+func isJSONType(ct string) bool {
+	mt, _, err := mime.ParseMediaType(ct)
+	if err != nil {
+		return false
+	}
+	return mt == "application/json" || strings.HasPrefix(mt, "application/") && strings.HasSuffix(mt, "+json")
+}
+
+// newBatchID returns 128 random bits in hex.
+func newBatchID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.Validator             = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

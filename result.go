@@ -1,0 +1,252 @@
+package batch
+
+import (
+	"encoding/base64"
+	"net/http"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/tidwall/gjson"
+)
+
+// summary counts the outcome of a batch.
+type summary struct {
+	status                            string
+	total, succeeded, failed, skipped int
+}
+
+// Envelope statuses.
+const (
+	statusCompleted           = "completed"
+	statusCompletedWithErrors = "completed_with_errors"
+	statusAborted             = "aborted"
+)
+
+func (rn *runner) summary() summary {
+	s := summary{total: len(rn.results)}
+	for i := range rn.results {
+		switch res := &rn.results[i]; {
+		case res.status < 400:
+			s.succeeded++
+		case res.status == statusSkipped && res.err != "":
+			s.skipped++
+		default:
+			s.failed++
+		}
+	}
+	switch {
+	case rn.stoppedAt >= 0:
+		s.status = statusAborted
+	case s.failed+s.skipped == 0:
+		s.status = statusCompleted
+	default:
+		s.status = statusCompletedWithErrors
+	}
+	return s
+}
+
+// emitter writes results to the client in request order as soon as each
+// one and all before it are final, so that a batch holds in memory only
+// the answers that wait for an earlier one.
+type emitter struct {
+	w       http.ResponseWriter
+	form    int
+	ops     []*operation
+	results []result
+	// done marks final results; it is the emitter's own, as workers may be
+	// writing the results after the next one to be written.
+	done    []bool
+	next    int // first index not yet written
+	buf     []byte
+	started bool
+}
+
+func newEmitter(w http.ResponseWriter, b *batch, results []result) *emitter {
+	return &emitter{w: w, form: b.form, ops: b.ops, results: results, done: make([]bool, len(results))}
+}
+
+// ready marks result i final and writes what can be written.
+func (e *emitter) ready(i int) {
+	e.done[i] = true
+	for e.next < len(e.results) && e.done[e.next] {
+		e.buf = e.buf[:0]
+		if !e.started {
+			e.started = true
+			e.w.Header().Set("Content-Type", "application/json")
+			e.w.WriteHeader(http.StatusOK)
+			if e.form == formArray {
+				e.buf = append(e.buf, '[')
+			} else {
+				e.buf = append(e.buf, `{"results":[`...)
+			}
+		} else {
+			e.buf = append(e.buf, ',')
+		}
+		res := &e.results[e.next]
+		e.buf = appendResult(e.buf, e.ops[e.next].id, res)
+		res.header, res.body = nil, nil // written: free it
+		_, _ = e.w.Write(e.buf)
+		e.next++
+	}
+}
+
+// finish closes the answer.
+func (e *emitter) finish(s summary) {
+	e.buf = e.buf[:0]
+	if e.form == formArray {
+		e.buf = append(e.buf, ']')
+	} else {
+		e.buf = append(e.buf, `],"status":`...)
+		e.buf = appendString(e.buf, s.status)
+		e.buf = append(e.buf, `,"total":`...)
+		e.buf = strconv.AppendInt(e.buf, int64(s.total), 10)
+		e.buf = append(e.buf, `,"succeeded":`...)
+		e.buf = strconv.AppendInt(e.buf, int64(s.succeeded), 10)
+		e.buf = append(e.buf, `,"failed":`...)
+		e.buf = strconv.AppendInt(e.buf, int64(s.failed), 10)
+		e.buf = append(e.buf, `,"skipped":`...)
+		e.buf = strconv.AppendInt(e.buf, int64(s.skipped), 10)
+		e.buf = append(e.buf, '}')
+	}
+	_, _ = e.w.Write(e.buf)
+}
+
+// appendResult appends the JSON of one result.
+func appendResult(dst []byte, id string, res *result) []byte {
+	dst = append(dst, `{"id":`...)
+	dst = appendString(dst, id)
+	dst = append(dst, `,"status":`...)
+	dst = strconv.AppendInt(dst, int64(res.status), 10)
+	if len(res.header) > 0 {
+		dst = append(dst, `,"headers":{`...)
+		names := make([]string, 0, len(res.header))
+		for name := range res.header {
+			names = append(names, name)
+		}
+		slices.Sort(names)
+		for i, name := range names {
+			if i > 0 {
+				dst = append(dst, ',')
+			}
+			dst = appendString(dst, name)
+			dst = append(dst, ':')
+			dst = appendString(dst, strings.Join(res.header[name], ", "))
+		}
+		dst = append(dst, '}')
+	}
+	if len(res.body) > 0 {
+		dst = append(dst, `,"body":`...)
+		switch {
+		case isJSONType(res.header.Get("Content-Type")) && gjson.ValidBytes(res.body):
+			dst = append(dst, res.body...)
+		case utf8.Valid(res.body):
+			dst = appendString(dst, string(res.body))
+		default:
+			dst = append(dst, '"')
+			dst = base64.StdEncoding.AppendEncode(dst, res.body)
+			dst = append(dst, `","body_encoding":"base64"`...)
+		}
+	}
+	if res.err != "" {
+		dst = append(dst, `,"error":`...)
+		dst = appendString(dst, res.err)
+	}
+	return append(dst, '}')
+}
+
+const hexDigits = "0123456789abcdef"
+
+// appendString appends s as a JSON string; invalid UTF-8 becomes U+FFFD.
+func appendString(dst []byte, s string) []byte {
+	dst = append(dst, '"')
+	start := 0
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			if c >= 0x20 && c != '"' && c != '\\' {
+				i++
+				continue
+			}
+			dst = append(dst, s[start:i]...)
+			switch c {
+			case '"', '\\':
+				dst = append(dst, '\\', c)
+			case '\n':
+				dst = append(dst, '\\', 'n')
+			case '\r':
+				dst = append(dst, '\\', 'r')
+			case '\t':
+				dst = append(dst, '\\', 't')
+			default:
+				dst = append(dst, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xf])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			dst = append(dst, s[start:i]...)
+			dst = append(dst, `\ufffd`...)
+			i++
+			start = i
+			continue
+		}
+		i += size
+	}
+	dst = append(dst, s[start:]...)
+	return append(dst, '"')
+}
+
+// writeError answers the whole batch with {"error": msg}.
+func writeError(w http.ResponseWriter, status int, msg string) error {
+	buf := append([]byte(`{"error":`), appendString(nil, msg)...)
+	writeJSON(w, status, append(buf, '}'))
+	return nil
+}
+
+// writeFaults answers 400 with every fault found in a batch.
+func writeFaults(w http.ResponseWriter, faults badBatchError) error {
+	buf := []byte(`{"error":"invalid batch","errors":[`)
+	for i, f := range faults {
+		if i > 0 {
+			buf = append(buf, ',')
+		}
+		buf = append(buf, '{')
+		if f.Index >= 0 {
+			buf = append(buf, `"index":`...)
+			buf = strconv.AppendInt(buf, int64(f.Index), 10)
+			buf = append(buf, `,"id":`...)
+			buf = appendString(buf, f.ID)
+			buf = append(buf, ',')
+		}
+		buf = append(buf, `"message":`...)
+		buf = appendString(buf, f.Message)
+		buf = append(buf, '}')
+	}
+	writeJSON(w, http.StatusBadRequest, append(buf, "]}"...))
+	return nil
+}
+
+func writeJSON(w http.ResponseWriter, status int, body []byte) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+}
+
+// splitComma splits a comma-separated header value into trimmed parts.
+func splitComma(v string) []string {
+	var parts []string
+	for p := range strings.SplitSeq(v, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			parts = append(parts, p)
+		}
+	}
+	return parts
+}
+
+func stack() string { return string(debug.Stack()) }
