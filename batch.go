@@ -60,6 +60,14 @@ type operation struct {
 	// deps are the indexes of operations that must finish first.
 	deps   []int
 	depIDs []string // depends_on as written, until all ids are known
+	// tmpl holds the parts with references; nil when there are none.
+	tmpl *template
+	// rollback undoes the operation under all_or_nothing.
+	rollback *operation
+	// referenced is set when a later operation or a rollback reads this
+	// operation's answer, which must then be kept until the batch ends.
+	referenced bool
+	isRollback bool
 }
 
 // fault is one problem found while validating a batch. Index is -1 for a
@@ -90,6 +98,8 @@ func (e tooManyOpsError) Error() string {
 
 // limits are the parts of the handler's config that validation needs.
 type limits struct {
+	mode      string // default mode
+	atomicity string // default atomicity
 	maxOps    int
 	methods   map[string]struct{}
 	pathAllow func(*url.URL) bool // nil allows every path
@@ -194,12 +204,22 @@ func parseBatch(body []byte, lim *limits) (*batch, error) {
 		return nil, tooManyOpsError{n: n, max: lim.maxOps}
 	}
 
+	if b.mode == "" {
+		b.mode = lim.mode
+	}
+	if b.atomicity == "" {
+		b.atomicity = lim.atomicity
+	}
+	if b.atomicity != atomicNone {
+		b.mode = modeSequential // a failure must stop what comes after it
+	}
+
 	b.ops = make([]*operation, 0, n)
 	if b.form == formBulk {
 		p.parseBulk(b, template, items)
 	} else {
 		list.ForEach(func(_, v gjson.Result) bool {
-			b.ops = append(b.ops, p.parseOperation(len(b.ops), v, true))
+			b.ops = append(b.ops, p.parseOperation(len(b.ops), v, kindOp))
 			return true
 		})
 	}
@@ -221,7 +241,11 @@ func (p *parser) batchFault(format string, args ...any) {
 }
 
 func (p *parser) opFault(op *operation, format string, args ...any) {
-	p.faults = append(p.faults, fault{Index: op.index, ID: op.id, Message: fmt.Sprintf(format, args...)})
+	msg := fmt.Sprintf(format, args...)
+	if op.isRollback && !strings.HasPrefix(msg, "rollback: ") {
+		msg = "rollback: " + msg
+	}
+	p.faults = append(p.faults, fault{Index: op.index, ID: op.id, Message: msg})
 }
 
 // Operation fields. Aliases map onto the same bit, so that giving both
@@ -234,6 +258,7 @@ const (
 	fieldBody
 	fieldBodyEncoding
 	fieldDependsOn
+	fieldRollback
 )
 
 var opFields = map[string]int{
@@ -244,25 +269,41 @@ var opFields = map[string]int{
 	"body":          fieldBody,
 	"body_encoding": fieldBodyEncoding,
 	"depends_on":    fieldDependsOn, "dependsOn": fieldDependsOn,
+	"rollback": fieldRollback,
 }
 
-// parseOperation validates one operation. withBody is false for the
-// template of the bulk form, whose bodies come from "items".
-func (p *parser) parseOperation(index int, v gjson.Result, withBody bool) *operation {
-	op := &operation{index: index, id: strconv.Itoa(index), method: http.MethodGet}
+// rollbackFields are the fields a rollback operation may have.
+const rollbackFields = fieldMethod | fieldPath | fieldHeaders | fieldBody | fieldBodyEncoding
+
+// Kinds of operation objects, which differ in the fields they take.
+const (
+	kindOp       = iota // an operation of the batch
+	kindBulk            // the operation of the bulk form: bodies come from "items"
+	kindRollback        // the rollback of an operation
+)
+
+// parseOperation validates one operation.
+func (p *parser) parseOperation(index int, v gjson.Result, kind int) *operation {
+	return p.parseOp(&operation{index: index, id: strconv.Itoa(index), method: http.MethodGet}, v, kind)
+}
+
+func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 	if !v.IsObject() {
 		p.opFault(op, "operation must be a JSON object")
 		return op
 	}
 	var seen int
 	var idSet bool
-	var body, encoding, headers, deps gjson.Result
+	var body, encoding, headers, deps, rollback gjson.Result
 	v.ForEach(func(k, val gjson.Result) bool {
 		key := k.String()
 		bit, known := opFields[key]
 		switch {
 		case !known:
 			p.opFault(op, "unknown field %q", key)
+			return true
+		case kind == kindRollback && bit&rollbackFields == 0:
+			p.opFault(op, "rollback: field %q has no place in a rollback", key)
 			return true
 		case seen&bit != 0:
 			p.opFault(op, "field %q given twice (or with an alias)", key)
@@ -296,6 +337,8 @@ func (p *parser) parseOperation(index int, v gjson.Result, withBody bool) *opera
 			encoding = val
 		case fieldDependsOn:
 			deps = val
+		case fieldRollback:
+			rollback = val
 		}
 		return true
 	})
@@ -303,13 +346,8 @@ func (p *parser) parseOperation(index int, v gjson.Result, withBody bool) *opera
 		p.checkID(op)
 	}
 	p.checkMethod(op)
-	if seen&fieldPath == 0 {
-		p.opFault(op, "path is required")
-	} else {
-		p.checkTarget(op)
-	}
 	op.header = p.parseHeaders(op, headers)
-	if withBody {
+	if kind != kindBulk {
 		if ctype := p.parseBody(op, body, encoding); ctype != "" && op.header.Get("Content-Type") == "" {
 			if op.header == nil {
 				op.header = make(http.Header, 1)
@@ -319,14 +357,30 @@ func (p *parser) parseOperation(index int, v gjson.Result, withBody bool) *opera
 	} else if body.Exists() {
 		p.opFault(op, "the operation of a bulk batch takes its bodies from \"items\"")
 	}
+	if kind != kindBulk {
+		p.parseTemplate(op, body)
+	}
+	if op.tmpl == nil || op.tmpl.target == nil {
+		op.url = p.checkTarget(op, op.target)
+	} else {
+		p.checkTarget(op, probeTarget(op.tmpl.target)) // and again once resolved
+	}
 	p.parseDeps(op, deps)
+	if rollback.Exists() {
+		switch {
+		case kind != kindOp:
+			p.opFault(op, "rollback: a rollback cannot have a rollback")
+		default:
+			op.rollback = p.parseOp(&operation{index: op.index, id: op.id, method: http.MethodGet, isRollback: true}, rollback, kindRollback)
+		}
+	}
 	return op
 }
 
 // parseBulk expands {"operation": ..., "items": [...]} into one operation
 // per item, all sharing the template's validated method, target and headers.
 func (p *parser) parseBulk(b *batch, template, items gjson.Result) {
-	tmpl := p.parseOperation(-1, template, false)
+	tmpl := p.parseOperation(-1, template, kindBulk)
 	if len(tmpl.depIDs) > 0 {
 		p.opFault(tmpl, "the operation of a bulk batch cannot have depends_on")
 	}
@@ -362,18 +416,24 @@ func (p *parser) parseBulk(b *batch, template, items gjson.Result) {
 }
 
 func (p *parser) checkID(op *operation) {
-	id := op.id
+	if !validID(op.id) {
+		p.opFault(op, "id %q must be 1 to %d letters, digits, '_' or '-'", op.id, maxIDLength)
+	}
+}
+
+// validID reports whether id can name an operation. Ids stand in
+// references ({{ID.body}}), so they hold no '.', '{' or '}'.
+func validID(id string) bool {
 	if id == "" || len(id) > maxIDLength {
-		p.opFault(op, "id must be 1 to %d characters", maxIDLength)
-		return
+		return false
 	}
 	for i := 0; i < len(id); i++ {
 		c := id[i]
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
-			p.opFault(op, "id %q may hold only letters, digits, '_' and '-'", id)
-			return
+			return false
 		}
 	}
+	return true
 }
 
 func (p *parser) checkMethod(op *operation) {
@@ -386,17 +446,17 @@ func (p *parser) checkMethod(op *operation) {
 	}
 }
 
-func (p *parser) checkTarget(op *operation) {
-	u, msg := parseTarget(op.target)
+// checkTarget validates an operation's target and returns it parsed.
+func (p *parser) checkTarget(op *operation, target string) *url.URL {
+	u, msg := parseTarget(target)
+	if msg == "" && p.lim.pathAllow != nil && !p.lim.pathAllow(u) {
+		msg = fmt.Sprintf("path %q is not allowed here", u.Path)
+	}
 	if msg != "" {
 		p.opFault(op, "%s", msg)
-		return
+		return nil
 	}
-	if p.lim.pathAllow != nil && !p.lim.pathAllow(u) {
-		p.opFault(op, "path %q is not allowed here", u.Path)
-		return
-	}
-	op.url = u
+	return u
 }
 
 // parseTarget checks that t is an origin-form request target that cannot
@@ -599,13 +659,57 @@ func (p *parser) resolveDeps(b *batch) {
 			case j == op.index:
 				p.opFault(op, "operation cannot depend on itself")
 			default:
-				op.deps = append(op.deps, j)
+				op.addDep(j)
 			}
 		}
 		op.depIDs = nil
+		// A reference implies a dependency.
+		if op.tmpl != nil {
+			for _, r := range op.tmpl.refs() {
+				j, ok := byID[r.id]
+				switch {
+				case !ok:
+					p.opFault(op, "reference %s names unknown operation %q", r.raw, r.id)
+				case j == op.index:
+					p.opFault(op, "reference %s: an operation cannot refer to its own answer", r.raw)
+				default:
+					r.op = j
+					b.ops[j].referenced = true
+					op.addDep(j)
+				}
+			}
+		}
+		// A rollback runs after the batch, so it may read any answer,
+		// its own operation's too.
+		if rb := op.rollback; rb != nil && rb.tmpl != nil {
+			for _, r := range rb.tmpl.refs() {
+				j, ok := byID[r.id]
+				if !ok {
+					p.opFault(rb, "reference %s names unknown operation %q", r.raw, r.id)
+					continue
+				}
+				r.op = j
+				b.ops[j].referenced = true
+			}
+		}
 	}
-	if len(p.faults) == 0 {
+	if b.mode == modeSequential {
+		for _, op := range b.ops {
+			for _, d := range op.deps {
+				if d > op.index {
+					p.opFault(op, "depends on %q, which comes later: in sequential mode an operation can only depend on earlier ones", b.ops[d].id)
+				}
+			}
+		}
+	} else if len(p.faults) == 0 {
 		p.checkCycles(b)
+	}
+}
+
+// addDep adds a dependency on operation j once.
+func (op *operation) addDep(j int) {
+	if !slices.Contains(op.deps, j) {
+		op.deps = append(op.deps, j)
 	}
 }
 

@@ -43,6 +43,10 @@ type result struct {
 	// err is set when the batch layer, not the handler chain, decided the
 	// status.
 	err string
+	// Under all_or_nothing, for an operation that succeeded before the
+	// batch failed: whether it was undone, and by what.
+	undone   *bool
+	rollback *result
 }
 
 // runner runs one validated batch.
@@ -50,8 +54,6 @@ type runner struct {
 	h         *Handler
 	b         *batch
 	id        string
-	mode      string
-	atomicity string
 	next      caddyhttp.Handler
 	srv       *caddyhttp.Server
 	outer     *http.Request
@@ -60,6 +62,8 @@ type runner struct {
 	results   []result
 	out       *emitter
 	stoppedAt int // index of the op that stopped the batch, or -1
+	// rollbackFailed is set when a rollback of all_or_nothing failed.
+	rollbackFailed bool
 }
 
 func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
@@ -75,8 +79,6 @@ func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Han
 		h:         h,
 		b:         b,
 		id:        newBatchID(),
-		mode:      h.Mode,
-		atomicity: h.Atomicity,
 		next:      next,
 		srv:       srv,
 		outer:     r,
@@ -85,21 +87,17 @@ func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Han
 		results:   make([]result, len(b.ops)),
 		stoppedAt: -1,
 	}
-	if b.mode != "" {
-		rn.mode = b.mode
-	}
-	if b.atomicity != "" {
-		rn.atomicity = b.atomicity
-	}
-	if rn.atomicity != atomicNone {
-		rn.mode = modeSequential // a failure must stop what comes after it
-	}
 	rn.out = newEmitter(w, b, rn.results)
+	// Under all_or_nothing a later failure changes earlier results.
+	rn.out.hold = b.atomicity == atomicAllOrNothing
 
-	if rn.mode == modeParallel && len(b.ops) > 1 {
+	if b.mode == modeParallel && len(b.ops) > 1 {
 		rn.runParallel()
 	} else {
 		rn.runSequential()
+	}
+	if b.atomicity == atomicAllOrNothing && rn.stoppedAt >= 0 {
+		rn.rollBack()
 	}
 	sum := rn.summary()
 	rn.out.finish(sum)
@@ -107,8 +105,8 @@ func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Han
 	h.logger.Info("batch",
 		zap.String("id", rn.id),
 		zap.Int("operations", len(b.ops)),
-		zap.String("mode", rn.mode),
-		zap.String("atomicity", rn.atomicity),
+		zap.String("mode", b.mode),
+		zap.String("atomicity", b.atomicity),
 		zap.Duration("duration", time.Since(start)),
 		zap.String("status", sum.status),
 		zap.Int("succeeded", sum.succeeded),
@@ -190,16 +188,46 @@ func (rn *runner) runOne(op *operation) result {
 			return result{status: statusSkipped, err: fmt.Sprintf("dependency %s failed with status %d", rn.b.ops[d].id, dep.status)}
 		}
 	}
+	res := rn.resolveAndExec(rn.ctx, op)
+	if rn.b.atomicity != atomicNone && failed(&res) {
+		rn.stoppedAt = op.index
+	}
+	return res
+}
+
+// resolveAndExec fills in op's references and runs it.
+func (rn *runner) resolveAndExec(ctx context.Context, op *operation) result {
+	op, err := rn.resolve(op)
+	if err != nil {
+		return result{status: statusSkipped, err: err.Error()}
+	}
 	if strings.EqualFold(op.url.Path, rn.outer.URL.Path) {
 		// The chain after batch would not bring it back here, but a client
 		// who sends it means a batch inside a batch.
 		return result{status: http.StatusBadRequest, err: errNestedBatchMsg}
 	}
-	res := rn.exec(op)
-	if rn.atomicity != atomicNone && failed(&res) {
-		rn.stoppedAt = op.index
+	return rn.exec(ctx, op)
+}
+
+// rollBack runs, in reverse order, the rollback of every operation that
+// succeeded before an all_or_nothing batch failed.
+func (rn *runner) rollBack() {
+	// Compensation must run even if the batch timed out or the client left.
+	ctx := context.WithoutCancel(rn.ctx)
+	for i := rn.stoppedAt - 1; i >= 0; i-- {
+		res := &rn.results[i]
+		if failed(res) {
+			continue
+		}
+		undone := false
+		if rb := rn.b.ops[i].rollback; rb != nil {
+			rr := rn.resolveAndExec(ctx, rb)
+			res.rollback = &rr
+			undone = !failed(&rr)
+			rn.rollbackFailed = rn.rollbackFailed || !undone
+		}
+		res.undone = &undone
 	}
-	return res
 }
 
 // failed reports whether a finished operation counts as failed for those
@@ -215,9 +243,10 @@ func (rn *runner) cutOff(err error) result {
 	return result{status: statusClientGone, err: "client went away"}
 }
 
-// exec serves one operation through the rest of the handler chain.
-func (rn *runner) exec(op *operation) result {
-	ctx, cancel := context.WithTimeout(rn.ctx, time.Duration(rn.h.OpTimeout))
+// exec serves one operation through the rest of the handler chain; parent
+// bounds it besides op_timeout.
+func (rn *runner) exec(parent context.Context, op *operation) result {
+	ctx, cancel := context.WithTimeout(parent, time.Duration(rn.h.OpTimeout))
 	defer cancel()
 
 	w := &opWriter{header: make(http.Header), limit: rn.h.MaxResponseSize}
@@ -232,8 +261,8 @@ func (rn *runner) exec(op *operation) result {
 	switch {
 	case w.overflow:
 		return result{status: http.StatusBadGateway, err: fmt.Sprintf("response larger than max_response_size (%d bytes)", rn.h.MaxResponseSize)}
-	case rn.ctx.Err() != nil:
-		return rn.cutOff(rn.ctx.Err())
+	case parent.Err() != nil:
+		return rn.cutOff(parent.Err())
 	case ctx.Err() != nil:
 		return result{status: http.StatusGatewayTimeout, err: "operation timed out after " + time.Duration(rn.h.OpTimeout).String()}
 	}

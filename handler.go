@@ -140,6 +140,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		methods = defaultMethods
 	}
 	h.limits = limits{
+		mode:      h.Mode,
+		atomicity: h.Atomicity,
 		maxOps:    h.MaxOps,
 		methods:   make(map[string]struct{}, len(methods)),
 		forwarded: make(map[string]struct{}, len(h.AllowForwardedHeaders)),

@@ -45,6 +45,12 @@ type backend struct {
 
 	mu   sync.Mutex
 	reqs []seen
+	// events logs "start ID" and "end ID" of /slow?id=ID requests, and
+	// inFlight/maxInFlight count them, for ordering assertions that do not
+	// depend on timing.
+	events      []string
+	inFlight    int
+	maxInFlight int
 }
 
 func newBackend(t *testing.T) *backend {
@@ -63,7 +69,11 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 	r.Body = io.NopCloser(bytes.NewReader(body))
 
 	q := r.URL.Query()
-	switch r.URL.Path {
+	p := r.URL.Path
+	if strings.HasPrefix(p, "/echo/") {
+		p = "/echo"
+	}
+	switch p {
 	case "/echo":
 		// What arrived, as JSON, so tests can assert on the sub-request.
 		w.Header().Set("Content-Type", "application/json")
@@ -72,6 +82,19 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 			"headers": r.Header, "body": string(body), "body_b64": body, "length": r.ContentLength,
 		})
 	case "/slow":
+		if id := q.Get("id"); id != "" {
+			b.mu.Lock()
+			b.events = append(b.events, "start "+id)
+			b.inFlight++
+			b.maxInFlight = max(b.maxInFlight, b.inFlight)
+			b.mu.Unlock()
+			defer func() {
+				b.mu.Lock()
+				b.events = append(b.events, "end "+id)
+				b.inFlight--
+				b.mu.Unlock()
+			}()
+		}
 		d, _ := time.ParseDuration(q.Get("d"))
 		select {
 		case <-time.After(d):
@@ -109,6 +132,13 @@ func (b *backend) requests() []seen {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return append([]seen(nil), b.reqs...)
+}
+
+// eventLog returns the /slow start and end events so far.
+func (b *backend) eventLog() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return append([]string(nil), b.events...)
 }
 
 // addr is the backend's host:port, for reverse_proxy.

@@ -23,6 +23,8 @@ const (
 	statusCompleted           = "completed"
 	statusCompletedWithErrors = "completed_with_errors"
 	statusAborted             = "aborted"
+	statusRolledBack          = "rolled_back"
+	statusRollbackFailed      = "rollback_failed"
 )
 
 func (rn *runner) summary() summary {
@@ -38,6 +40,10 @@ func (rn *runner) summary() summary {
 		}
 	}
 	switch {
+	case rn.rollbackFailed:
+		s.status = statusRollbackFailed
+	case rn.stoppedAt >= 0 && rn.b.atomicity == atomicAllOrNothing:
+		s.status = statusRolledBack
 	case rn.stoppedAt >= 0:
 		s.status = statusAborted
 	case s.failed+s.skipped == 0:
@@ -62,6 +68,8 @@ type emitter struct {
 	next    int // first index not yet written
 	buf     []byte
 	started bool
+	// hold keeps every result until finish.
+	hold bool
 }
 
 func newEmitter(w http.ResponseWriter, b *batch, results []result) *emitter {
@@ -71,6 +79,13 @@ func newEmitter(w http.ResponseWriter, b *batch, results []result) *emitter {
 // ready marks result i final and writes what can be written.
 func (e *emitter) ready(i int) {
 	e.done[i] = true
+	if !e.hold {
+		e.flush()
+	}
+}
+
+// flush writes every result that is final and has all before it written.
+func (e *emitter) flush() {
 	for e.next < len(e.results) && e.done[e.next] {
 		e.buf = e.buf[:0]
 		if !e.started {
@@ -87,14 +102,17 @@ func (e *emitter) ready(i int) {
 		}
 		res := &e.results[e.next]
 		e.buf = appendResult(e.buf, e.ops[e.next].id, res)
-		res.header, res.body = nil, nil // written: free it
+		if !e.ops[e.next].referenced {
+			res.header, res.body = nil, nil // written and read by none: free it
+		}
 		_, _ = e.w.Write(e.buf)
 		e.next++
 	}
 }
 
-// finish closes the answer.
+// finish writes what is left and closes the answer.
 func (e *emitter) finish(s summary) {
+	e.flush()
 	e.buf = e.buf[:0]
 	if e.form == formArray {
 		e.buf = append(e.buf, ']')
@@ -153,6 +171,14 @@ func appendResult(dst []byte, id string, res *result) []byte {
 	if res.err != "" {
 		dst = append(dst, `,"error":`...)
 		dst = appendString(dst, res.err)
+	}
+	if res.undone != nil {
+		dst = append(dst, `,"undone":`...)
+		dst = strconv.AppendBool(dst, *res.undone)
+	}
+	if res.rollback != nil {
+		dst = append(dst, `,"rollback":`...)
+		dst = appendResult(dst, id, res.rollback)
 	}
 	return append(dst, '}')
 }
