@@ -1,12 +1,17 @@
 package batch
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"net/http"
 	"slices"
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/tidwall/gjson"
+	"golang.org/x/net/http/httpguts"
 )
 
 func TestReferences(t *testing.T) {
@@ -293,4 +298,66 @@ func TestDependencyValidation(t *testing.T) {
 	if n := len(be.requests()); n != 0 {
 		t.Errorf("backend saw %d requests", n)
 	}
+}
+
+// FuzzReferences feeds batches with references, and answers for them to
+// resolve against: parsing either refuses the batch with faults or accepts
+// it, and every accepted operation either resolves to a valid target (and
+// valid JSON, where its body was JSON) or is refused as unresolved (424).
+func FuzzReferences(f *testing.F) {
+	f.Add(`[{"id":"a","method":"POST","path":"/users"},{"path":"/users/{{a.body.id}}","headers":{"X":"{{a.headers.Location}}"},"body":{"v":"{{a.body}}","w":["x{{a.status}}"]}}]`, `{"id":7,"tags":["x"]}`)
+	f.Add(`[{"id":"a","path":"/x"},{"path":"{{a.headers.Location}}?q={{a.body.0}}","body":"t {{a.body.q}}"}]`, `[1,"two",{"q":"a\"b"}]`)
+	f.Add(`{"mode":"parallel","batch":[{"id":"a","path":"/x/{{b.body}}"},{"id":"b","path":"/y"}]}`, `"../.."`)
+	f.Add(`[{"id":"a","path":"/x","rollback":{"method":"DELETE","path":"/x/{{a.body.id}}"}}]`, `{"id":"%2e%2e"}`)
+	h := &Handler{}
+	if err := h.Provision(caddy.Context{Context: context.Background()}); err != nil {
+		f.Fatal(err)
+	}
+	f.Fuzz(func(t *testing.T, batchJSON, answer string) {
+		b, err := parseBatch([]byte(batchJSON), &h.limits)
+		if err != nil {
+			var faults badBatchError
+			var tooMany tooManyOpsError
+			if !errors.As(err, &faults) && !errors.As(err, &tooMany) {
+				t.Fatalf("rejected without faults: %v", err)
+			}
+			if errors.As(err, &faults) && len(faults) == 0 {
+				t.Fatal("badBatchError with no fault")
+			}
+			return
+		}
+		rn := &runner{h: h, b: b, results: make([]result, len(b.ops))}
+		for i := range rn.results {
+			rn.results[i] = result{status: 200, header: http.Header{"Content-Type": {"application/json"}, "Location": {"/loc/" + answer}}, body: []byte(answer)}
+		}
+		check := func(op *operation) {
+			if op == nil || op.tmpl == nil {
+				return
+			}
+			got, err := rn.resolve(op)
+			if err != nil {
+				if !errors.As(err, new(unresolvedError)) {
+					t.Fatalf("resolve failed with %T: %v", err, err)
+				}
+				return
+			}
+			if _, msg := parseTarget(got.target); msg != "" || got.url == nil {
+				t.Fatalf("resolved target %q is invalid: %s", got.target, msg)
+			}
+			if op.tmpl.body != nil && !op.tmpl.textBody && !gjson.ValidBytes(got.body) {
+				t.Fatalf("resolved JSON body is invalid: %s", got.body)
+			}
+			for name, vs := range got.header {
+				for _, v := range vs {
+					if !httpguts.ValidHeaderFieldValue(v) {
+						t.Fatalf("resolved header %s has an invalid value %q", name, v)
+					}
+				}
+			}
+		}
+		for _, op := range b.ops {
+			check(op)
+			check(op.rollback)
+		}
+	})
 }
