@@ -3,12 +3,14 @@ package batch
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -56,14 +58,34 @@ type runner struct {
 	id        string
 	next      caddyhttp.Handler
 	srv       *caddyhttp.Server
-	outer     *http.Request
-	ctx       context.Context // bounded by the batch timeout
+	conn      connFacts
+	ctx       context.Context // ends with the batch: timeout, client gone, shutdown
+	timeout   time.Duration   // what bounds ctx, for messages
 	inherited http.Header     // headers every operation starts from
 	results   []result
 	out       *emitter
 	stoppedAt int // index of the op that stopped the batch, or -1
 	// rollbackFailed is set when a rollback of all_or_nothing failed.
 	rollbackFailed bool
+	// canceled stops an async job at the next operation it would start.
+	canceled atomic.Bool
+}
+
+// connFacts are what sub-requests take from the batch request: they speak
+// for the same client over the same connection.
+type connFacts struct {
+	host, remoteAddr, path string
+	proto                  string
+	protoMajor, protoMinor int
+	tls                    *tls.ConnectionState
+}
+
+func connFactsOf(r *http.Request) connFacts {
+	return connFacts{
+		host: r.Host, remoteAddr: r.RemoteAddr, path: r.URL.Path,
+		proto: r.Proto, protoMajor: r.ProtoMajor, protoMinor: r.ProtoMinor,
+		tls: r.TLS,
+	}
 }
 
 func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
@@ -71,23 +93,34 @@ func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Han
 	if !ok {
 		return caddyhttp.Error(http.StatusInternalServerError, errors.New("batch handler is not running inside an HTTP server"))
 	}
-	start := time.Now()
 	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.Timeout))
 	defer cancel()
+	rn := h.newRunner(ctx, time.Duration(h.Timeout), r, next, srv, b)
+	rn.execute(&httpSink{w: w, form: b.form})
+	return nil
+}
 
-	rn := &runner{
+func (h *Handler) newRunner(ctx context.Context, timeout time.Duration, r *http.Request, next caddyhttp.Handler, srv *caddyhttp.Server, b *batch) *runner {
+	return &runner{
 		h:         h,
 		b:         b,
 		id:        newBatchID(),
 		next:      next,
 		srv:       srv,
-		outer:     r,
+		conn:      connFactsOf(r),
 		ctx:       context.WithValue(ctx, batchCtxKey, b),
+		timeout:   timeout,
 		inherited: h.inheritedHeaders(r.Header),
 		results:   make([]result, len(b.ops)),
 		stoppedAt: -1,
 	}
-	rn.out = newEmitter(w, b, rn.results)
+}
+
+// execute runs the batch, writing its results to out, and logs it.
+func (rn *runner) execute(out sink) summary {
+	start := time.Now()
+	b := rn.b
+	rn.out = newEmitter(out, b, rn.results)
 	// Under all_or_nothing a later failure changes earlier results.
 	rn.out.hold = b.atomicity == atomicAllOrNothing
 
@@ -102,7 +135,7 @@ func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Han
 	sum := rn.summary()
 	rn.out.finish(sum)
 
-	h.logger.Info("batch",
+	rn.h.logger.Info("batch",
 		zap.String("id", rn.id),
 		zap.Int("operations", len(b.ops)),
 		zap.String("mode", b.mode),
@@ -113,7 +146,7 @@ func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Han
 		zap.Int("failed", sum.failed),
 		zap.Int("skipped", sum.skipped),
 	)
-	return nil
+	return sum
 }
 
 // runSequential runs the operations in array order in the request's own
@@ -177,8 +210,11 @@ func (rn *runner) runParallel() {
 
 // runOne decides what becomes of one operation: run it, or answer for it.
 func (rn *runner) runOne(op *operation) result {
-	if err := rn.ctx.Err(); err != nil {
-		return rn.cutOff(err)
+	if rn.ctx.Err() != nil {
+		return rn.cutOff()
+	}
+	if rn.canceled.Load() {
+		return result{status: statusSkipped, err: "skipped: batch canceled"}
 	}
 	if rn.stoppedAt >= 0 {
 		return result{status: statusSkipped, err: "skipped: batch stopped at op " + rn.b.ops[rn.stoppedAt].id}
@@ -201,7 +237,7 @@ func (rn *runner) resolveAndExec(ctx context.Context, op *operation) result {
 	if err != nil {
 		return result{status: statusSkipped, err: err.Error()}
 	}
-	if strings.EqualFold(op.url.Path, rn.outer.URL.Path) {
+	if strings.EqualFold(op.url.Path, rn.conn.path) {
 		// The chain after batch would not bring it back here, but a client
 		// who sends it means a batch inside a batch.
 		return result{status: http.StatusBadRequest, err: errNestedBatchMsg}
@@ -234,11 +270,17 @@ func (rn *runner) rollBack() {
 // depending on it.
 func failed(res *result) bool { return res.status >= 400 }
 
+// errInterrupted is the cause with which a shutdown cancels async jobs.
+var errInterrupted = errors.New("interrupted")
+
 // cutOff is the result of an operation that the batch's end kept from
 // finishing.
-func (rn *runner) cutOff(err error) result {
-	if errors.Is(err, context.DeadlineExceeded) && rn.outer.Context().Err() == nil {
-		return result{status: http.StatusGatewayTimeout, err: "batch timed out after " + time.Duration(rn.h.Timeout).String()}
+func (rn *runner) cutOff() result {
+	switch cause := context.Cause(rn.ctx); {
+	case errors.Is(cause, errInterrupted):
+		return result{status: http.StatusServiceUnavailable, err: "interrupted: the server shut down"}
+	case errors.Is(cause, context.DeadlineExceeded):
+		return result{status: http.StatusGatewayTimeout, err: "batch timed out after " + rn.timeout.String()}
 	}
 	return result{status: statusClientGone, err: "client went away"}
 }
@@ -261,8 +303,8 @@ func (rn *runner) exec(parent context.Context, op *operation) result {
 	switch {
 	case w.overflow:
 		return result{status: http.StatusBadGateway, err: fmt.Sprintf("response larger than max_response_size (%d bytes)", rn.h.MaxResponseSize)}
-	case parent.Err() != nil:
-		return rn.cutOff(parent.Err())
+	case rn.ctx.Err() != nil && parent.Err() != nil:
+		return rn.cutOff()
 	case ctx.Err() != nil:
 		return result{status: http.StatusGatewayTimeout, err: "operation timed out after " + time.Duration(rn.h.OpTimeout).String()}
 	}
@@ -298,7 +340,7 @@ func (rn *runner) exec(parent context.Context, op *operation) result {
 // replacer, vars and route-group state, carrying the outer request's
 // connection facts and inherited headers under its own.
 func (rn *runner) newRequest(ctx context.Context, op *operation, w http.ResponseWriter) *http.Request {
-	outer := rn.outer
+	c := &rn.conn
 	header := make(http.Header, len(rn.inherited)+len(op.header))
 	for k, v := range rn.inherited {
 		header[k] = v[:len(v):len(v)] // appends copy: parallel ops share these slices
@@ -310,15 +352,15 @@ func (rn *runner) newRequest(ctx context.Context, op *operation, w http.Response
 	req := &http.Request{
 		Method:     op.method,
 		URL:        &u,
-		Proto:      outer.Proto,
-		ProtoMajor: outer.ProtoMajor,
-		ProtoMinor: outer.ProtoMinor,
+		Proto:      c.proto,
+		ProtoMajor: c.protoMajor,
+		ProtoMinor: c.protoMinor,
 		Header:     header,
 		Body:       http.NoBody,
-		Host:       outer.Host,
-		RemoteAddr: outer.RemoteAddr, // before PrepareRequest: it derives the client IP from it
+		Host:       c.host,
+		RemoteAddr: c.remoteAddr, // before PrepareRequest: it derives the client IP from it
 		RequestURI: op.target,
-		TLS:        outer.TLS,
+		TLS:        c.tls,
 	}
 	if op.body != nil {
 		body := op.body

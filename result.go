@@ -54,26 +54,30 @@ func (rn *runner) summary() summary {
 	return s
 }
 
-// emitter writes results to the client in request order as soon as each
-// one and all before it are final, so that a batch holds in memory only
-// the answers that wait for an earlier one.
+// sink takes a batch's encoded results in request order, then its summary.
+type sink interface {
+	put(index int, enc []byte)
+	close(s summary)
+}
+
+// emitter passes results to a sink in request order as soon as each one
+// and all before it are final, so that a batch holds in memory only the
+// answers that wait for an earlier one.
 type emitter struct {
-	w       http.ResponseWriter
-	form    int
+	out     sink
 	ops     []*operation
 	results []result
 	// done marks final results; it is the emitter's own, as workers may be
 	// writing the results after the next one to be written.
-	done    []bool
-	next    int // first index not yet written
-	buf     []byte
-	started bool
+	done []bool
+	next int // first index not yet written
+	buf  []byte
 	// hold keeps every result until finish.
 	hold bool
 }
 
-func newEmitter(w http.ResponseWriter, b *batch, results []result) *emitter {
-	return &emitter{w: w, form: b.form, ops: b.ops, results: results, done: make([]bool, len(results))}
+func newEmitter(out sink, b *batch, results []result) *emitter {
+	return &emitter{out: out, ops: b.ops, results: results, done: make([]bool, len(results))}
 }
 
 // ready marks result i final and writes what can be written.
@@ -87,49 +91,76 @@ func (e *emitter) ready(i int) {
 // flush writes every result that is final and has all before it written.
 func (e *emitter) flush() {
 	for e.next < len(e.results) && e.done[e.next] {
-		e.buf = e.buf[:0]
-		if !e.started {
-			e.started = true
-			e.w.Header().Set("Content-Type", "application/json")
-			e.w.WriteHeader(http.StatusOK)
-			if e.form == formArray {
-				e.buf = append(e.buf, '[')
-			} else {
-				e.buf = append(e.buf, `{"results":[`...)
-			}
-		} else {
-			e.buf = append(e.buf, ',')
-		}
 		res := &e.results[e.next]
-		e.buf = appendResult(e.buf, e.ops[e.next].id, res)
+		e.buf = appendResult(e.buf[:0], e.ops[e.next].id, res)
 		if !e.ops[e.next].referenced {
 			res.header, res.body = nil, nil // written and read by none: free it
 		}
-		_, _ = e.w.Write(e.buf)
+		e.out.put(e.next, e.buf)
 		e.next++
 	}
 }
 
-// finish writes what is left and closes the answer.
+// finish writes what is left and the summary.
 func (e *emitter) finish(s summary) {
 	e.flush()
-	e.buf = e.buf[:0]
-	if e.form == formArray {
-		e.buf = append(e.buf, ']')
+	e.out.close(s)
+}
+
+// httpSink writes a batch's answer to the client as results come.
+type httpSink struct {
+	w       http.ResponseWriter
+	form    int
+	started bool
+	buf     []byte
+}
+
+func (s *httpSink) put(_ int, enc []byte) {
+	s.buf = s.buf[:0]
+	if !s.started {
+		s.start()
 	} else {
-		e.buf = append(e.buf, `],"status":`...)
-		e.buf = appendString(e.buf, s.status)
-		e.buf = append(e.buf, `,"total":`...)
-		e.buf = strconv.AppendInt(e.buf, int64(s.total), 10)
-		e.buf = append(e.buf, `,"succeeded":`...)
-		e.buf = strconv.AppendInt(e.buf, int64(s.succeeded), 10)
-		e.buf = append(e.buf, `,"failed":`...)
-		e.buf = strconv.AppendInt(e.buf, int64(s.failed), 10)
-		e.buf = append(e.buf, `,"skipped":`...)
-		e.buf = strconv.AppendInt(e.buf, int64(s.skipped), 10)
-		e.buf = append(e.buf, '}')
+		s.buf = append(s.buf, ',')
 	}
-	_, _ = e.w.Write(e.buf)
+	s.buf = append(s.buf, enc...)
+	_, _ = s.w.Write(s.buf)
+}
+
+func (s *httpSink) start() {
+	s.started = true
+	s.w.Header().Set("Content-Type", "application/json")
+	s.w.WriteHeader(http.StatusOK)
+	if s.form == formArray {
+		s.buf = append(s.buf, '[')
+	} else {
+		s.buf = append(s.buf, `{"results":[`...)
+	}
+}
+
+func (s *httpSink) close(sum summary) {
+	s.buf = s.buf[:0]
+	if s.form == formArray {
+		s.buf = append(s.buf, ']')
+	} else {
+		s.buf = append(s.buf, ']')
+		s.buf = appendSummary(s.buf, sum)
+		s.buf = append(s.buf, '}')
+	}
+	_, _ = s.w.Write(s.buf)
+}
+
+// appendSummary appends the envelope fields after "results".
+func appendSummary(dst []byte, s summary) []byte {
+	dst = append(dst, `,"status":`...)
+	dst = appendString(dst, s.status)
+	dst = append(dst, `,"total":`...)
+	dst = strconv.AppendInt(dst, int64(s.total), 10)
+	dst = append(dst, `,"succeeded":`...)
+	dst = strconv.AppendInt(dst, int64(s.succeeded), 10)
+	dst = append(dst, `,"failed":`...)
+	dst = strconv.AppendInt(dst, int64(s.failed), 10)
+	dst = append(dst, `,"skipped":`...)
+	return strconv.AppendInt(dst, int64(s.skipped), 10)
 }
 
 // appendResult appends the JSON of one result.
