@@ -73,6 +73,17 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //		paths             <pattern...>
 //		inherit_headers   <name...>
 //		allow_forwarded_headers <name...>
+//		async {
+//			retention <duration>
+//			workers   <n>
+//			owner     <placeholder>
+//			webhook   <url> {
+//				secret            <string>
+//				events            completed|error|canceled|progress...
+//				progress_interval <duration>
+//				max_attempts      <n>
+//			}
+//		}
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
@@ -112,8 +123,78 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = listArg(d, &h.InheritHeaders)
 		case "allow_forwarded_headers":
 			err = listArg(d, &h.AllowForwardedHeaders)
+		case "async":
+			h.Async = new(AsyncConfig)
+			err = h.Async.unmarshalCaddyfile(d)
 		default:
 			return d.Errf("unrecognized subdirective '%s'", name)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (a *AsyncConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if seen[name] {
+			return d.Errf("async: %s already specified", name)
+		}
+		seen[name] = true
+		var err error
+		switch name {
+		case "retention":
+			err = durationArg(d, &a.Retention)
+		case "workers":
+			err = intArg(d, &a.Workers)
+		case "owner":
+			err = oneArg(d, &a.Owner)
+		case "webhook":
+			a.Webhook = new(Webhook)
+			err = a.Webhook.unmarshalCaddyfile(d)
+		default:
+			return d.Errf("unrecognized async subdirective '%s'", name)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (wh *Webhook) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	if !d.NextArg() {
+		return d.ArgErr()
+	}
+	wh.URL = d.Val()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := map[string]bool{}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if seen[name] {
+			return d.Errf("webhook: %s already specified", name)
+		}
+		seen[name] = true
+		var err error
+		switch name {
+		case "secret":
+			err = oneArg(d, &wh.Secret)
+		case "events":
+			err = listArg(d, &wh.Events)
+		case "progress_interval":
+			err = durationArg(d, &wh.ProgressInterval)
+		case "max_attempts":
+			err = intArg(d, &wh.MaxAttempts)
+		default:
+			return d.Errf("unrecognized webhook subdirective '%s'", name)
 		}
 		if err != nil {
 			return err

@@ -19,6 +19,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 )
 
@@ -83,10 +84,15 @@ type Handler struct {
 	// cannot speak for another client address. Default: none.
 	AllowForwardedHeaders []string `json:"allow_forwarded_headers,omitempty"`
 
+	// Enables asynchronous batches. Default: off.
+	Async *AsyncConfig `json:"async,omitempty"`
+
 	limits  limits
 	paths   caddyhttp.MatchPath
 	inherit []string // canonical; nil inherits all but the excluded ones
 	logger  *zap.Logger
+	storage certmagic.Storage
+	pool    *jobPool
 }
 
 // CaddyModule returns the Caddy module information.
@@ -162,6 +168,51 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	for _, name := range h.InheritHeaders {
 		h.inherit = append(h.inherit, http.CanonicalHeaderKey(name))
 	}
+	if h.Async != nil {
+		if err := h.provisionAsync(ctx); err != nil {
+			return fmt.Errorf("async: %w", err)
+		}
+	}
+	return nil
+}
+
+func (h *Handler) provisionAsync(ctx caddy.Context) error {
+	a := h.Async
+	if a.Retention == 0 {
+		a.Retention = caddy.Duration(24 * time.Hour)
+	}
+	if a.Workers == 0 {
+		a.Workers = 4
+	}
+	if a.Owner == "" {
+		a.Owner = "{http.request.header.Authorization}"
+	}
+	if a.Retention < 0 || a.Workers < 0 {
+		return errors.New("retention and workers must be positive")
+	}
+	if a.Webhook != nil {
+		if err := a.Webhook.provision(); err != nil {
+			return err
+		}
+	}
+	h.storage = ctx.Storage()
+	val, _, err := pools.LoadOrNew(poolKey, func() (caddy.Destructor, error) { return newJobPool(), nil })
+	if err != nil {
+		return err
+	}
+	h.pool = val.(*jobPool)
+	h.pool.setLimit(a.Workers)
+	go h.sweepJobs(ctx)
+	return nil
+}
+
+// Cleanup releases this config's hold on the async job pool; running jobs
+// go on as long as a config holds it.
+func (h *Handler) Cleanup() error {
+	if h.pool != nil {
+		_, err := pools.Delete(poolKey)
+		return err
+	}
 	return nil
 }
 
@@ -218,6 +269,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		// Reached from one of our own sub-requests: that operation fails.
 		return caddyhttp.Error(http.StatusBadRequest, errNestedBatch)
 	}
+	if h.Async != nil {
+		if id, sub, ok := jobPath(r.URL.Path); ok {
+			return h.serveJob(w, r, id, sub)
+		}
+	}
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
 		return writeError(w, http.StatusMethodNotAllowed, "batch requests must be POST")
@@ -245,6 +301,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 		return writeError(w, http.StatusRequestEntityTooLarge, err.Error())
 	}
+	switch {
+	case b.async && h.Async == nil:
+		return writeFaults(w, badBatchError{{Index: -1, Message: "async batches are not enabled here"}})
+	case h.Async != nil && (b.async || wantsAsync(r)):
+		return h.submit(w, r, next, b)
+	}
 	return h.run(w, r, next, b)
 }
 
@@ -269,5 +331,6 @@ func newBatchID() string {
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)
 	_ caddy.Validator             = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )

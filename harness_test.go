@@ -158,6 +158,12 @@ func freePort(t *testing.T) int {
 // its base URL. site may use {PORT}; its directives follow the site address.
 func startCaddy(t *testing.T, site string) string {
 	t.Helper()
+	return startCaddyIn(t, t.TempDir(), site)
+}
+
+// startCaddyIn is startCaddy with the storage root given.
+func startCaddyIn(t *testing.T, storage, site string) string {
+	t.Helper()
 	port := freePort(t)
 	cfg := fmt.Sprintf(`{
 	admin off
@@ -172,13 +178,15 @@ func startCaddy(t *testing.T, site string) string {
 http://127.0.0.1:%d {
 %s
 }
-`, t.TempDir(), port, port, strings.ReplaceAll(site, "{PORT}", strconv.Itoa(port)))
+`, storage, port, port, strings.ReplaceAll(site, "{PORT}", strconv.Itoa(port)))
 	cfgJSON, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
 	if err != nil {
 		t.Fatalf("adapting Caddyfile: %v\n%s", err, cfg)
 	}
 	for _, w := range warnings {
-		t.Logf("Caddyfile warning: %s", w)
+		if !strings.Contains(w.Message, "not formatted") {
+			t.Logf("Caddyfile warning: %s", w)
+		}
 	}
 	return loadCaddy(t, cfgJSON, port)
 }

@@ -27,13 +27,32 @@ const (
 	statusRollbackFailed      = "rollback_failed"
 )
 
+// How one operation counts in a summary.
+const (
+	outcomeSucceeded = iota
+	outcomeFailed
+	outcomeSkipped
+)
+
+// outcomeOf counts answers below 400 as succeeded, and operations the
+// batch layer did not run (424) as skipped.
+func outcomeOf(res *result) int {
+	switch {
+	case res.status < 400:
+		return outcomeSucceeded
+	case res.status == statusSkipped && res.err != "":
+		return outcomeSkipped
+	}
+	return outcomeFailed
+}
+
 func (rn *runner) summary() summary {
 	s := summary{total: len(rn.results)}
 	for i := range rn.results {
-		switch res := &rn.results[i]; {
-		case res.status < 400:
+		switch outcomeOf(&rn.results[i]) {
+		case outcomeSucceeded:
 			s.succeeded++
-		case res.status == statusSkipped && res.err != "":
+		case outcomeSkipped:
 			s.skipped++
 		default:
 			s.failed++
@@ -56,7 +75,7 @@ func (rn *runner) summary() summary {
 
 // sink takes a batch's encoded results in request order, then its summary.
 type sink interface {
-	put(index int, enc []byte)
+	put(index int, res *result, enc []byte)
 	close(s summary)
 }
 
@@ -93,10 +112,10 @@ func (e *emitter) flush() {
 	for e.next < len(e.results) && e.done[e.next] {
 		res := &e.results[e.next]
 		e.buf = appendResult(e.buf[:0], e.ops[e.next].id, res)
+		e.out.put(e.next, res, e.buf)
 		if !e.ops[e.next].referenced {
 			res.header, res.body = nil, nil // written and read by none: free it
 		}
-		e.out.put(e.next, e.buf)
 		e.next++
 	}
 }
@@ -115,7 +134,7 @@ type httpSink struct {
 	buf     []byte
 }
 
-func (s *httpSink) put(_ int, enc []byte) {
+func (s *httpSink) put(_ int, _ *result, enc []byte) {
 	s.buf = s.buf[:0]
 	if !s.started {
 		s.start()

@@ -1,0 +1,684 @@
+package batch
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"path"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+)
+
+// AsyncConfig enables asynchronous batches: a batch sent with
+// "Prefer: respond-async" or "async": true is validated, stored and answered
+// 202 at once with a job id; its progress and results are read, and the job
+// canceled, at <batch path>/<id>. Jobs live in Caddy's storage, so every
+// instance sharing it answers for every job.
+type AsyncConfig struct {
+	// How long a job and its results are kept after it was submitted; it
+	// also bounds how long a job may run. Default: 24h.
+	Retention caddy.Duration `json:"retention,omitempty"`
+
+	// How many jobs run at once in this process. Jobs beyond that wait in
+	// a queue. The pool is shared by all batch handlers of the process and
+	// survives config reloads. Default: 4.
+	Workers int `json:"workers,omitempty"`
+
+	// What identifies the owner of a job: a placeholder evaluated on the
+	// submitting request and on every request for the job; only a request
+	// that evaluates to the same value may read or cancel it. Only a hash
+	// of it is stored. Default: {http.request.header.Authorization}.
+	Owner string `json:"owner,omitempty"`
+
+	// Where to tell that a job has ended (or progressed).
+	Webhook *Webhook `json:"webhook,omitempty"`
+}
+
+// Job states.
+const (
+	jobQueued    = "queued"
+	jobRunning   = "running"
+	jobCompleted = "completed"
+	jobError     = "error"
+	jobCanceled  = "canceled"
+)
+
+const (
+	jobsPrefix = "batch/jobs"
+	// resultsPerChunk results are stored together: a large job writes one
+	// key per chunk, never one growing blob.
+	resultsPerChunk = 100
+)
+
+// progress is what a client sees of a job.
+type progress struct {
+	ID          string     `json:"id"`
+	Status      string     `json:"status"`
+	Total       int        `json:"total"`
+	Completed   int        `json:"completed"`
+	Succeeded   int        `json:"succeeded"`
+	Failed      int        `json:"failed"`
+	Skipped     int        `json:"skipped"`
+	CreatedAt   time.Time  `json:"created_at"`
+	UpdatedAt   *time.Time `json:"updated_at,omitempty"`
+	CompletedAt *time.Time `json:"completed_at,omitempty"`
+	Error       string     `json:"error,omitempty"`
+}
+
+// jobRecord is what storage holds of a job besides its results.
+type jobRecord struct {
+	progress
+	Outcome   string    `json:"outcome,omitempty"` // the envelope status, once ended
+	Owner     string    `json:"owner"`             // hash of the owner's credentials
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+func (p *progress) final() bool {
+	return p.Status == jobCompleted || p.Status == jobError || p.Status == jobCanceled
+}
+
+func jobKey(id string, parts ...string) string {
+	return path.Join(append([]string{jobsPrefix, id}, parts...)...)
+}
+
+func chunkKey(id string, chunk int) string {
+	return jobKey(id, "results", fmt.Sprintf("%06d", chunk))
+}
+
+// now is the clock; tests may move it.
+var now = time.Now
+
+// job is an async batch this process runs or has queued.
+type job struct {
+	h  *Handler
+	rn *runner
+
+	mu  sync.Mutex
+	rec jobRecord
+}
+
+// snapshot returns the job's record as it is now.
+func (j *job) snapshot() jobRecord {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.rec
+}
+
+// save stores the job's record.
+func (j *job) save(ctx context.Context) error {
+	rec := j.snapshot()
+	buf, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	return j.h.storage.Store(ctx, jobKey(rec.ID, "job"), buf)
+}
+
+// jobPool runs the async jobs of the process, at most limit at once. It is
+// kept in a UsagePool, so that config reloads neither drop nor duplicate
+// jobs; it ends when the last config using it is unloaded.
+type jobPool struct {
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+
+	mu      sync.Mutex
+	cond    *sync.Cond
+	limit   int
+	running int
+	queue   []*job
+	jobs    map[string]*job // queued or running, by id
+	closed  bool
+	wg      sync.WaitGroup // running jobs and webhook deliveries
+}
+
+var pools = caddy.NewUsagePool()
+
+const poolKey = "batch.async"
+
+func newJobPool() *jobPool {
+	ctx, cancel := context.WithCancelCause(context.Background())
+	p := &jobPool{ctx: ctx, cancel: cancel, limit: 1, jobs: map[string]*job{}}
+	p.cond = sync.NewCond(&p.mu)
+	go p.loop()
+	return p
+}
+
+// setLimit sets how many jobs run at once.
+func (p *jobPool) setLimit(n int) {
+	p.mu.Lock()
+	p.limit = n
+	p.mu.Unlock()
+	p.cond.Broadcast()
+}
+
+func (p *jobPool) submit(j *job) {
+	p.mu.Lock()
+	p.queue = append(p.queue, j)
+	p.jobs[j.rec.ID] = j
+	p.mu.Unlock()
+	p.cond.Signal()
+}
+
+// lookup returns the job if this process runs or queues it.
+func (p *jobPool) lookup(id string) *job {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.jobs[id]
+}
+
+func (p *jobPool) loop() {
+	for {
+		p.mu.Lock()
+		for !p.closed && (len(p.queue) == 0 || p.running >= p.limit) {
+			p.cond.Wait()
+		}
+		if p.closed {
+			p.mu.Unlock()
+			return
+		}
+		j := p.queue[0]
+		p.queue = p.queue[1:]
+		p.running++
+		p.wg.Add(1)
+		p.mu.Unlock()
+		go p.run(j)
+	}
+}
+
+// dequeue takes a job that has not started out of the queue.
+func (p *jobPool) dequeue(j *job) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i, q := range p.queue {
+		if q == j {
+			p.queue = append(p.queue[:i], p.queue[i+1:]...)
+			p.running++ // it runs now, outside the limit: it only skips
+			p.wg.Add(1)
+			return true
+		}
+	}
+	return false
+}
+
+// Destruct interrupts the jobs that run and ends those that wait: their
+// submitters' credentials live only in this process.
+func (p *jobPool) Destruct() error {
+	p.mu.Lock()
+	p.closed = true
+	queued := p.queue
+	p.queue = nil
+	p.mu.Unlock()
+	p.cond.Broadcast()
+	p.cancel(errInterrupted)
+	for _, j := range queued {
+		p.wg.Add(1)
+		go p.run(j) // with the pool canceled, every operation is cut off at once
+	}
+	done := make(chan struct{})
+	go func() { p.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+	}
+	return nil
+}
+
+// run runs one job to its end and records it.
+func (p *jobPool) run(j *job) {
+	defer func() {
+		p.mu.Lock()
+		delete(p.jobs, j.rec.ID)
+		p.running--
+		p.mu.Unlock()
+		p.cond.Signal()
+		p.wg.Done()
+	}()
+	h := j.h
+	ctx, cancel := context.WithTimeout(p.ctx, time.Duration(h.Async.Retention))
+	defer cancel()
+	j.rn.ctx = context.WithValue(ctx, batchCtxKey, j.rn.b)
+	// Storage writes outlive a shutdown's cancel: the record must say how
+	// the job ended.
+	store := context.WithoutCancel(ctx)
+
+	t := now()
+	j.mu.Lock()
+	j.rec.Status, j.rec.UpdatedAt = jobRunning, &t
+	j.mu.Unlock()
+	if err := j.save(store); err != nil {
+		h.logger.Error("storing async batch", zap.String("id", j.rec.ID), zap.Error(err))
+	}
+	h.logger.Info("async batch started", zap.String("id", j.rec.ID), zap.Int("operations", len(j.rn.b.ops)))
+
+	stopWatch := j.watchCancel(ctx)
+	sink := &storeSink{j: j, ctx: store}
+	sum := j.rn.execute(sink)
+	stopWatch()
+
+	t = now()
+	j.mu.Lock()
+	j.rec.Outcome, j.rec.UpdatedAt, j.rec.CompletedAt = sum.status, &t, &t
+	switch {
+	case sink.err != nil:
+		j.rec.Status, j.rec.Error = jobError, "storing results: "+sink.err.Error()
+	case errors.Is(context.Cause(ctx), errInterrupted):
+		j.rec.Status, j.rec.Error = jobError, "interrupted"
+	case j.rn.canceled.Load():
+		j.rec.Status = jobCanceled
+	default:
+		j.rec.Status = jobCompleted
+	}
+	rec := j.rec
+	j.mu.Unlock()
+	if err := j.save(store); err != nil {
+		h.logger.Error("storing async batch", zap.String("id", rec.ID), zap.Error(err))
+	}
+	h.logger.Info("async batch ended", zap.String("id", rec.ID), zap.String("status", rec.Status),
+		zap.String("outcome", rec.Outcome), zap.String("error", rec.Error))
+	h.notify(p, rec.Status, rec.progress)
+}
+
+// watchCancel polls storage for a cancel request made through another
+// instance, until the returned func is called.
+func (j *job) watchCancel(ctx context.Context) (stop func()) {
+	ctx, stop = context.WithCancel(ctx)
+	go func() {
+		tick := time.NewTicker(cancelPoll)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				if j.h.storage.Exists(ctx, jobKey(j.rec.ID, "cancel")) {
+					j.rn.canceled.Store(true)
+					return
+				}
+			}
+		}
+	}()
+	return stop
+}
+
+// cancelPoll is how often a running job looks for a cancel request.
+var cancelPoll = time.Second
+
+// storeSink writes a job's results to storage in chunks, and its progress
+// after each.
+type storeSink struct {
+	j     *job
+	ctx   context.Context
+	buf   []byte
+	n     int // results in buf
+	chunk int
+	err   error
+
+	lastProgress time.Time
+}
+
+func (s *storeSink) put(_ int, res *result, enc []byte) {
+	if s.n > 0 {
+		s.buf = append(s.buf, ',')
+	}
+	s.buf = append(s.buf, enc...)
+	s.n++
+	s.j.mu.Lock()
+	s.j.rec.Completed++
+	switch outcomeOf(res) {
+	case outcomeSucceeded:
+		s.j.rec.Succeeded++
+	case outcomeSkipped:
+		s.j.rec.Skipped++
+	default:
+		s.j.rec.Failed++
+	}
+	s.j.mu.Unlock()
+	if s.n == resultsPerChunk {
+		s.flush()
+	}
+}
+
+func (s *storeSink) flush() {
+	if s.n == 0 {
+		return
+	}
+	id := s.j.rec.ID
+	if err := s.j.h.storage.Store(s.ctx, chunkKey(id, s.chunk), s.buf); err != nil && s.err == nil {
+		s.err = err
+	}
+	s.chunk++
+	s.buf, s.n = s.buf[:0], 0
+	t := now()
+	s.j.mu.Lock()
+	s.j.rec.UpdatedAt = &t
+	s.j.mu.Unlock()
+	if err := s.j.save(s.ctx); err != nil && s.err == nil {
+		s.err = err
+	}
+	if wh := s.j.h.Async.Webhook; wh != nil && wh.wants("progress") && t.Sub(s.lastProgress) >= time.Duration(wh.ProgressInterval) {
+		s.lastProgress = t
+		s.j.h.notify(s.j.h.pool, "progress", s.j.snapshot().progress)
+	}
+}
+
+func (s *storeSink) close(summary) { s.flush() }
+
+// ownerHash identifies who may see a job: a hash of the owner placeholder
+// evaluated on r, so that storage never holds credentials.
+func (h *Handler) ownerHash(r *http.Request) string {
+	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	v := ""
+	if repl != nil {
+		v = repl.ReplaceAll(h.Async.Owner, "")
+	}
+	sum := sha256.Sum256([]byte("caddy-batch owner\x00" + v))
+	return hex.EncodeToString(sum[:])
+}
+
+// wantsAsync reports whether the client asked for an async answer with
+// "Prefer: respond-async".
+func wantsAsync(r *http.Request) bool {
+	for _, v := range r.Header.Values("Prefer") {
+		for _, p := range splitComma(v) {
+			if strings.EqualFold(p, "respond-async") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// submit stores a validated batch as a job, queues it and answers 202.
+func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
+	srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	if !ok {
+		return caddyhttp.Error(http.StatusInternalServerError, errors.New("batch handler is not running inside an HTTP server"))
+	}
+	// The job's context is set when it starts; the runner keeps only the
+	// request's connection facts and inherited headers, in memory.
+	rn := h.newRunner(context.Background(), time.Duration(h.Async.Retention), r, next, srv, b)
+	t := now()
+	j := &job{h: h, rn: rn, rec: jobRecord{
+		progress:  progress{ID: rn.id, Status: jobQueued, Total: len(b.ops), CreatedAt: t},
+		Owner:     h.ownerHash(r),
+		ExpiresAt: t.Add(time.Duration(h.Async.Retention)),
+	}}
+	if err := j.save(r.Context()); err != nil {
+		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err))
+	}
+	h.pool.submit(j)
+	h.logger.Info("async batch queued", zap.String("id", rn.id), zap.Int("operations", len(b.ops)))
+
+	w.Header().Set("Location", strings.TrimSuffix(r.URL.Path, "/")+"/"+rn.id)
+	if wantsAsync(r) {
+		w.Header().Set("Preference-Applied", "respond-async")
+	}
+	return writeProgress(w, http.StatusAccepted, j.snapshot().progress)
+}
+
+// jobPath splits a request path into a job id and what of the job it asks
+// for ("" or "results"); ok is false for other paths.
+func jobPath(p string) (id, sub string, ok bool) {
+	p = strings.TrimSuffix(p, "/")
+	if rest, found := strings.CutSuffix(p, "/results"); found {
+		p, sub = rest, "results"
+	}
+	id = p[strings.LastIndexByte(p, '/')+1:]
+	if len(id) != 32 || strings.Trim(id, "0123456789abcdef") != "" {
+		return "", "", false
+	}
+	return id, sub, true
+}
+
+// serveJob answers the job endpoints: progress, results and cancel.
+func (h *Handler) serveJob(w http.ResponseWriter, r *http.Request, id, sub string) error {
+	allow := "GET, DELETE"
+	if sub == "results" {
+		allow = "GET"
+	}
+	if r.Method != http.MethodGet && (r.Method != http.MethodDelete || sub != "") {
+		w.Header().Set("Allow", allow)
+		return writeError(w, http.StatusMethodNotAllowed, "batch jobs take "+allow)
+	}
+	j := h.pool.lookup(id)
+	var rec jobRecord
+	if j != nil && j.h.storage == h.storage {
+		rec = j.snapshot()
+	} else {
+		j = nil
+		var err error
+		if rec, err = h.loadJob(r.Context(), id); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return writeError(w, http.StatusNotFound, "no such batch job")
+			}
+			return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("loading batch job: %w", err))
+		}
+	}
+	// Someone else's job, or an expired one, does not exist for this caller.
+	if subtle.ConstantTimeCompare([]byte(rec.Owner), []byte(h.ownerHash(r))) != 1 || now().After(rec.ExpiresAt) {
+		return writeError(w, http.StatusNotFound, "no such batch job")
+	}
+
+	switch {
+	case r.Method == http.MethodDelete:
+		return h.cancelJob(w, r, j, rec)
+	case sub == "results":
+		if !rec.final() {
+			return writeProgress(w, http.StatusConflict, rec.progress)
+		}
+		return h.writeResults(w, r, rec)
+	default:
+		return writeProgress(w, http.StatusOK, rec.progress)
+	}
+}
+
+func (h *Handler) loadJob(ctx context.Context, id string) (jobRecord, error) {
+	var rec jobRecord
+	buf, err := h.storage.Load(ctx, jobKey(id, "job"))
+	if err != nil {
+		return rec, err
+	}
+	if err := json.Unmarshal(buf, &rec); err != nil {
+		return rec, fmt.Errorf("job %s: %w", id, err)
+	}
+	return rec, nil
+}
+
+// cancelJob stops a job: what has not started is skipped (424).
+func (h *Handler) cancelJob(w http.ResponseWriter, r *http.Request, j *job, rec jobRecord) error {
+	if rec.final() {
+		return writeProgress(w, http.StatusConflict, rec.progress)
+	}
+	if j == nil {
+		// Another instance runs it: it watches for this key.
+		if err := h.storage.Store(r.Context(), jobKey(rec.ID, "cancel"), []byte("1")); err != nil {
+			return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("canceling batch job: %w", err))
+		}
+		return writeProgress(w, http.StatusAccepted, rec.progress)
+	}
+	j.rn.canceled.Store(true)
+	if h.pool.dequeue(j) {
+		go h.pool.run(j)
+	}
+	// The operation in flight finishes; wait briefly for the job to settle.
+	deadline := time.After(5 * time.Second)
+	for {
+		rec = j.snapshot()
+		if rec.final() {
+			return writeProgress(w, http.StatusOK, rec.progress)
+		}
+		select {
+		case <-deadline:
+			return writeProgress(w, http.StatusAccepted, rec.progress)
+		case <-r.Context().Done():
+			return nil
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// maxPageLimit bounds ?limit=; a larger page is answered in parts.
+const maxPageLimit = 10000
+
+// writeResults streams an ended job's results from storage, a chunk at a
+// time: ?offset= and ?limit= page them.
+func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRecord) error {
+	q := r.URL.Query()
+	offset, limit := 0, rec.Total
+	var err error
+	if v := q.Get("offset"); v != "" {
+		if offset, err = strconv.Atoi(v); err != nil || offset < 0 {
+			return writeError(w, http.StatusBadRequest, "offset must be a whole number ≥ 0")
+		}
+	}
+	if v := q.Get("limit"); v != "" {
+		if limit, err = strconv.Atoi(v); err != nil || limit < 1 || limit > maxPageLimit {
+			return writeError(w, http.StatusBadRequest, fmt.Sprintf("limit must be a whole number from 1 to %d", maxPageLimit))
+		}
+	}
+	end := min(offset+limit, rec.Completed)
+
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write([]byte(`{"results":[`))
+	first := true
+	for c := offset / resultsPerChunk; c*resultsPerChunk < end; c++ {
+		buf, err := h.storage.Load(r.Context(), chunkKey(rec.ID, c))
+		if err != nil {
+			// The answer has begun: abort it rather than send a wrong one.
+			h.logger.Error("loading batch job results", zap.String("id", rec.ID), zap.Int("chunk", c), zap.Error(err))
+			panic(http.ErrAbortHandler)
+		}
+		i := c * resultsPerChunk
+		for _, item := range splitResults(buf) {
+			if i >= offset && i < end {
+				if !first {
+					_, _ = w.Write([]byte{','})
+				}
+				first = false
+				_, _ = w.Write(item)
+			}
+			i++
+		}
+	}
+	out := appendSummary([]byte("]"), summary{
+		status: rec.Outcome, total: rec.Total, succeeded: rec.Succeeded, failed: rec.Failed, skipped: rec.Skipped,
+	})
+	out = append(out, `,"offset":`...)
+	out = strconv.AppendInt(out, int64(offset), 10)
+	out = append(out, `,"limit":`...)
+	out = strconv.AppendInt(out, int64(limit), 10)
+	_, _ = w.Write(append(out, '}'))
+	return nil
+}
+
+// splitResults splits a stored chunk (results joined by commas) into its
+// results.
+func splitResults(chunk []byte) [][]byte {
+	var items [][]byte
+	depth, inString, start := 0, false, 0
+	for i := 0; i < len(chunk); i++ {
+		c := chunk[i]
+		if inString {
+			switch c {
+			case '\\':
+				i++
+			case '"':
+				inString = false
+			}
+			continue
+		}
+		switch c {
+		case '"':
+			inString = true
+		case '{', '[':
+			depth++
+		case '}', ']':
+			depth--
+		case ',':
+			if depth == 0 {
+				items = append(items, chunk[start:i])
+				start = i + 1
+			}
+		}
+	}
+	if start < len(chunk) {
+		items = append(items, chunk[start:])
+	}
+	return items
+}
+
+func writeProgress(w http.ResponseWriter, status int, p progress) error {
+	buf, err := json.Marshal(p)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, status, buf)
+	return nil
+}
+
+// sweepJobs deletes expired jobs until ctx ends.
+func (h *Handler) sweepJobs(ctx context.Context) {
+	every := min(time.Duration(h.Async.Retention)/4, time.Hour)
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		h.deleteExpired(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+func (h *Handler) deleteExpired(ctx context.Context) {
+	keys, err := h.storage.List(ctx, jobsPrefix, false)
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			h.logger.Warn("listing batch jobs", zap.Error(err))
+		}
+		return
+	}
+	for _, k := range keys {
+		id := path.Base(k)
+		rec, err := h.loadJob(ctx, id)
+		if err != nil || !now().After(rec.ExpiresAt) {
+			continue
+		}
+		if err := deleteTree(ctx, h.storage, jobKey(id)); err != nil {
+			h.logger.Warn("deleting expired batch job", zap.String("id", id), zap.Error(err))
+		}
+	}
+}
+
+// deleteTree deletes prefix and every key under it, key by key, as storage
+// modules other than the file system need.
+func deleteTree(ctx context.Context, s certmagic.Storage, prefix string) error {
+	keys, err := s.List(ctx, prefix, true)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	for i := len(keys) - 1; i >= 0; i-- {
+		if err := s.Delete(ctx, keys[i]); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	if err := s.Delete(ctx, prefix); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}
