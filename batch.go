@@ -45,6 +45,15 @@ type batch struct {
 	mode      string // "" when the request does not say
 	atomicity string // "" when the request does not say
 	async     bool
+	dryRun    bool
+	lean      leanOptions
+}
+
+// leanOptions shrink the answer: no headers, or nothing but id and status
+// for operations that succeeded.
+type leanOptions struct {
+	omitSuccess bool // omit_response_on_success
+	noHeaders   bool // include_headers: false
 }
 
 // operation is one validated operation of a batch, ready to become a
@@ -164,11 +173,20 @@ func parseBatch(body []byte, lim *limits) (*batch, error) {
 				default:
 					p.batchFault("atomicity must be \"none\", \"stop_on_error\" or \"all_or_nothing\", got %s", v.Raw)
 				}
-			case "async":
+			case "async", "dry_run", "omit_response_on_success", "include_headers":
 				if !v.IsBool() {
-					p.batchFault("async must be true or false, got %s", v.Raw)
+					p.batchFault("%s must be true or false, got %s", key, v.Raw)
 				}
-				b.async = v.Bool()
+				switch key {
+				case "async":
+					b.async = v.Bool()
+				case "dry_run":
+					b.dryRun = v.Bool()
+				case "omit_response_on_success":
+					b.lean.omitSuccess = v.Bool()
+				case "include_headers":
+					b.lean.noHeaders = !v.Bool()
+				}
 			default:
 				p.batchFault("unknown field %q", key)
 			}

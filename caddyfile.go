@@ -73,6 +73,7 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //		paths             <pattern...>
 //		inherit_headers   <name...>
 //		allow_forwarded_headers <name...>
+//		retry_429         <n>
 //		async {
 //			retention <duration>
 //			workers   <n>
@@ -123,6 +124,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			err = listArg(d, &h.InheritHeaders)
 		case "allow_forwarded_headers":
 			err = listArg(d, &h.AllowForwardedHeaders)
+		case "retry_429":
+			err = intArg(d, &h.Retry429)
 		case "async":
 			h.Async = new(AsyncConfig)
 			err = h.Async.unmarshalCaddyfile(d)

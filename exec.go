@@ -49,6 +49,8 @@ type result struct {
 	// batch failed: whether it was undone, and by what.
 	undone   *bool
 	rollback *result
+	// attempts counts tries when retry_429 retried the operation.
+	attempts int
 }
 
 // runner runs one validated batch.
@@ -132,8 +134,7 @@ func (rn *runner) execute(out sink) summary {
 	if b.atomicity == atomicAllOrNothing && rn.stoppedAt >= 0 {
 		rn.rollBack()
 	}
-	sum := rn.summary()
-	rn.out.finish(sum)
+	sum := rn.out.finish(rn.summary())
 
 	rn.h.logger.Info("batch",
 		zap.String("id", rn.id),
@@ -286,11 +287,65 @@ func (rn *runner) cutOff() result {
 }
 
 // exec serves one operation through the rest of the handler chain; parent
-// bounds it besides op_timeout.
+// bounds it besides op_timeout. An idempotent operation answered 429 is
+// tried again after its Retry-After, up to retry_429 times within
+// op_timeout.
 func (rn *runner) exec(parent context.Context, op *operation) result {
 	ctx, cancel := context.WithTimeout(parent, time.Duration(rn.h.OpTimeout))
 	defer cancel()
+	for attempt := 1; ; attempt++ {
+		res := rn.attempt(parent, ctx, op)
+		if res.status != http.StatusTooManyRequests || attempt > rn.h.Retry429 || !idempotent(op.method) {
+			if attempt > 1 {
+				res.attempts = attempt
+			}
+			return res
+		}
+		wait := time.Second // when the answer does not say
+		if res.header.Get("Retry-After") != "" {
+			wait = time.Duration(retryAfter(res.header)) * time.Second
+		}
+		if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) < wait {
+			res.attempts = attempt
+			return res
+		}
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			res.attempts = attempt
+			return res
+		}
+	}
+}
 
+// idempotent reports whether a method may be repeated without changing
+// what one request would do (RFC 9110 §9.2.2).
+func idempotent(method string) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodPut, http.MethodDelete, http.MethodOptions:
+		return true
+	}
+	return false
+}
+
+// retryAfter reads a Retry-After header, in seconds from now; 0 when
+// absent or past.
+func retryAfter(h http.Header) int {
+	v := h.Get("Retry-After")
+	if v == "" {
+		return 0
+	}
+	if s, err := strconv.Atoi(v); err == nil {
+		return max(s, 0)
+	}
+	if t, err := http.ParseTime(v); err == nil {
+		return max(int(time.Until(t).Seconds()+0.5), 0)
+	}
+	return 0
+}
+
+// attempt serves op once within ctx.
+func (rn *runner) attempt(parent, ctx context.Context, op *operation) result {
 	w := &opWriter{header: make(http.Header), limit: rn.h.MaxResponseSize}
 	req := rn.newRequest(ctx, op, w)
 	err := serve(rn.next, w, req)

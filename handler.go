@@ -84,6 +84,12 @@ type Handler struct {
 	// cannot speak for another client address. Default: none.
 	AllowForwardedHeaders []string `json:"allow_forwarded_headers,omitempty"`
 
+	// How many times an operation with an idempotent method (GET, HEAD,
+	// PUT, DELETE, OPTIONS) answered 429 is tried again, after the wait
+	// its Retry-After asks for (1s if none), as long as op_timeout allows.
+	// Default: 0.
+	Retry429 int `json:"retry_429,omitempty"`
+
 	// Enables asynchronous batches. Default: off.
 	Async *AsyncConfig `json:"async,omitempty"`
 
@@ -239,6 +245,8 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("max_response_size must be positive, got %d", h.MaxResponseSize)
 	case h.Timeout < 0 || h.OpTimeout < 0:
 		return errors.New("timeout and op_timeout must be positive")
+	case h.Retry429 < 0:
+		return fmt.Errorf("retry_429 must not be negative, got %d", h.Retry429)
 	}
 	for m := range h.limits.methods {
 		if m == "" || strings.ContainsAny(m, " \t\r\n") {
@@ -302,6 +310,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return writeError(w, http.StatusRequestEntityTooLarge, err.Error())
 	}
 	switch {
+	case b.dryRun:
+		return h.writeDryRun(w, r, b)
 	case b.async && h.Async == nil:
 		return writeFaults(w, badBatchError{{Index: -1, Message: "async batches are not enabled here"}})
 	case h.Async != nil && (b.async || wantsAsync(r)):

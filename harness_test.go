@@ -51,6 +51,7 @@ type backend struct {
 	events      []string
 	inFlight    int
 	maxInFlight int
+	limited     map[string]int // calls to /limited by id
 }
 
 func newBackend(t *testing.T) *backend {
@@ -106,6 +107,23 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 		n, _ := strconv.Atoi(q.Get("n"))
 		w.Header().Set("Content-Type", "text/plain")
 		_, _ = w.Write(bytes.Repeat([]byte("x"), n))
+	case "/limited":
+		// Answers 429 to the first n requests for an id, then 200.
+		n, _ := strconv.Atoi(q.Get("n"))
+		b.mu.Lock()
+		if b.limited == nil {
+			b.limited = map[string]int{}
+		}
+		b.limited[q.Get("id")]++
+		calls := b.limited[q.Get("id")]
+		b.mu.Unlock()
+		if calls <= n {
+			w.Header().Set("Retry-After", q.Get("after"))
+			w.WriteHeader(http.StatusTooManyRequests)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{"calls":`+strconv.Itoa(calls)+`}`)
 	case "/text":
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = io.WriteString(w, "hello \"batch\"\n")

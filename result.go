@@ -16,6 +16,7 @@ import (
 type summary struct {
 	status                            string
 	total, succeeded, failed, skipped int
+	retryAfter                        int // seconds; 0 when no operation was told to wait
 }
 
 // Envelope statuses.
@@ -93,10 +94,13 @@ type emitter struct {
 	buf  []byte
 	// hold keeps every result until finish.
 	hold bool
+	lean leanOptions
+	// retryAfter is the longest Retry-After of the 429 answers, in seconds.
+	retryAfter int
 }
 
 func newEmitter(out sink, b *batch, results []result) *emitter {
-	return &emitter{out: out, ops: b.ops, results: results, done: make([]bool, len(results))}
+	return &emitter{out: out, ops: b.ops, results: results, done: make([]bool, len(results)), lean: b.lean}
 }
 
 // ready marks result i final and writes what can be written.
@@ -111,7 +115,10 @@ func (e *emitter) ready(i int) {
 func (e *emitter) flush() {
 	for e.next < len(e.results) && e.done[e.next] {
 		res := &e.results[e.next]
-		e.buf = appendResult(e.buf[:0], e.ops[e.next].id, res)
+		e.buf = appendResult(e.buf[:0], e.ops[e.next].id, res, e.lean)
+		if res.status == http.StatusTooManyRequests {
+			e.retryAfter = max(e.retryAfter, retryAfter(res.header))
+		}
 		e.out.put(e.next, res, e.buf)
 		if !e.ops[e.next].referenced {
 			res.header, res.body = nil, nil // written and read by none: free it
@@ -121,9 +128,11 @@ func (e *emitter) flush() {
 }
 
 // finish writes what is left and the summary.
-func (e *emitter) finish(s summary) {
+func (e *emitter) finish(s summary) summary {
 	e.flush()
+	s.retryAfter = e.retryAfter
 	e.out.close(s)
+	return s
 }
 
 // httpSink writes a batch's answer to the client as results come.
@@ -179,33 +188,29 @@ func appendSummary(dst []byte, s summary) []byte {
 	dst = append(dst, `,"failed":`...)
 	dst = strconv.AppendInt(dst, int64(s.failed), 10)
 	dst = append(dst, `,"skipped":`...)
-	return strconv.AppendInt(dst, int64(s.skipped), 10)
+	dst = strconv.AppendInt(dst, int64(s.skipped), 10)
+	if s.retryAfter > 0 {
+		dst = append(dst, `,"retry_after":`...)
+		dst = strconv.AppendInt(dst, int64(s.retryAfter), 10)
+	}
+	return dst
 }
 
 // appendResult appends the JSON of one result.
-func appendResult(dst []byte, id string, res *result) []byte {
+func appendResult(dst []byte, id string, res *result, lean leanOptions) []byte {
 	dst = append(dst, `{"id":`...)
 	dst = appendString(dst, id)
 	dst = append(dst, `,"status":`...)
 	dst = strconv.AppendInt(dst, int64(res.status), 10)
-	if len(res.header) > 0 {
-		dst = append(dst, `,"headers":{`...)
-		names := make([]string, 0, len(res.header))
-		for name := range res.header {
-			names = append(names, name)
-		}
-		slices.Sort(names)
-		for i, name := range names {
-			if i > 0 {
-				dst = append(dst, ',')
-			}
-			dst = appendString(dst, name)
-			dst = append(dst, ':')
-			dst = appendString(dst, strings.Join(res.header[name], ", "))
-		}
-		dst = append(dst, '}')
+	if res.attempts > 1 {
+		dst = append(dst, `,"attempts":`...)
+		dst = strconv.AppendInt(dst, int64(res.attempts), 10)
 	}
-	if len(res.body) > 0 {
+	quiet := lean.omitSuccess && res.status >= 200 && res.status < 300
+	if len(res.header) > 0 && !quiet && !lean.noHeaders {
+		dst = appendHeaders(append(dst, ','), res.header)
+	}
+	if len(res.body) > 0 && !quiet {
 		dst = append(dst, `,"body":`...)
 		switch {
 		case isJSONType(res.header.Get("Content-Type")) && gjson.ValidBytes(res.body):
@@ -228,7 +233,26 @@ func appendResult(dst []byte, id string, res *result) []byte {
 	}
 	if res.rollback != nil {
 		dst = append(dst, `,"rollback":`...)
-		dst = appendResult(dst, id, res.rollback)
+		dst = appendResult(dst, id, res.rollback, lean)
+	}
+	return append(dst, '}')
+}
+
+// appendHeaders appends "headers":{...}, names sorted, values joined.
+func appendHeaders(dst []byte, h http.Header) []byte {
+	dst = append(dst, `"headers":{`...)
+	names := make([]string, 0, len(h))
+	for name := range h {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for i, name := range names {
+		if i > 0 {
+			dst = append(dst, ',')
+		}
+		dst = appendString(dst, name)
+		dst = append(dst, ':')
+		dst = appendString(dst, strings.Join(h[name], ", "))
 	}
 	return append(dst, '}')
 }
@@ -326,3 +350,47 @@ func splitComma(v string) []string {
 }
 
 func stack() string { return string(debug.Stack()) }
+
+// writeDryRun answers a dry run: each operation as it would be sent, with
+// the headers it would carry after inheritance and dropping, running none.
+func (h *Handler) writeDryRun(w http.ResponseWriter, r *http.Request, b *batch) error {
+	inherited := h.inheritedHeaders(r.Header)
+	buf := []byte(`{"dry_run":true,"total":`)
+	buf = strconv.AppendInt(buf, int64(len(b.ops)), 10)
+	buf = append(buf, `,"mode":`...)
+	buf = appendString(buf, b.mode)
+	buf = append(buf, `,"atomicity":`...)
+	buf = appendString(buf, b.atomicity)
+	buf = append(buf, `,"operations":[`...)
+	for i, op := range b.ops {
+		if i > 0 {
+			buf = append(buf, ',')
+		}
+		header := inherited.Clone()
+		for k, v := range op.header {
+			header[k] = v
+		}
+		buf = append(buf, `{"id":`...)
+		buf = appendString(buf, op.id)
+		buf = append(buf, `,"method":`...)
+		buf = appendString(buf, op.method)
+		buf = append(buf, `,"path":`...)
+		buf = appendString(buf, op.target)
+		buf = appendHeaders(append(buf, ','), header)
+		buf = append(buf, `,"body_size":`...)
+		buf = strconv.AppendInt(buf, int64(len(op.body)), 10)
+		if len(op.deps) > 0 {
+			buf = append(buf, `,"depends_on":[`...)
+			for j, d := range op.deps {
+				if j > 0 {
+					buf = append(buf, ',')
+				}
+				buf = appendString(buf, b.ops[d].id)
+			}
+			buf = append(buf, ']')
+		}
+		buf = append(buf, '}')
+	}
+	writeJSON(w, http.StatusOK, append(buf, "]}"...))
+	return nil
+}

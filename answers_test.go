@@ -1,0 +1,94 @@
+package batch
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+)
+
+func TestDryRun(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, ""))
+	status, _, body := post(t, base+"/batch", `{"dry_run":true,"mode":"parallel","batch":[
+		{"id":"mk","method":"POST","path":"/users","headers":{"X-Forwarded-For":"6.6.6.6","X-Trace":"t"},"body":{"name":"A"}},
+		{"path":"/users/{{mk.body.id}}"}]}`, "Authorization: Bearer t", "Accept-Encoding: gzip")
+	if status != 200 {
+		t.Fatalf("%d %s", status, body)
+	}
+	res := mustJSON(t, body)
+	if res.Get("dry_run").Bool() != true || res.Get("total").Int() != 2 || res.Get("mode").String() != "parallel" {
+		t.Errorf("dry run: %s", body)
+	}
+	op := res.Get("operations.0")
+	h := op.Get("headers")
+	if op.Get("method").String() != "POST" || op.Get("body_size").Int() != 12 ||
+		h.Get("Authorization").String() != "Bearer t" || h.Get("X-Trace").String() != "t" ||
+		h.Get("Content-Type").String() != "application/json" ||
+		h.Get("X-Forwarded-For").Exists() || h.Get("Accept-Encoding").Exists() {
+		t.Errorf("operation as it would be sent: %s", op.Raw)
+	}
+	if res.Get("operations.1.depends_on.0").String() != "mk" || res.Get("operations.1.path").String() != "/users/{{mk.body.id}}" {
+		t.Errorf("dependent operation: %s", res.Get("operations.1").Raw)
+	}
+	if n := len(be.requests()); n != 0 {
+		t.Errorf("a dry run sent %d requests", n)
+	}
+	// A dry run still validates.
+	if status, _, _ := post(t, base+"/batch", `{"dry_run":true,"batch":[{"path":"//x"}]}`); status != 400 {
+		t.Errorf("invalid dry run: %d", status)
+	}
+}
+
+func TestLeanAnswers(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, ""))
+	_, _, body := post(t, base+"/batch", `{"omit_response_on_success":true,"batch":[
+		{"method":"POST","path":"/users","body":{"name":"A"}},{"path":"/users/99"}]}`)
+	res := mustJSON(t, body)
+	if r := res.Get("results.0"); r.Get("status").Int() != 201 || r.Get("headers").Exists() || r.Get("body").Exists() {
+		t.Errorf("omit_response_on_success kept a success's answer: %s", r.Raw)
+	}
+	if r := res.Get("results.1"); r.Get("status").Int() != 404 || !r.Get("body.error").Exists() || !r.Get("headers").Exists() {
+		t.Errorf("omit_response_on_success must keep failures whole: %s", r.Raw)
+	}
+	_, _, body = post(t, base+"/batch", `{"include_headers":false,"batch":[{"path":"/users/1"},{"path":"/health"}]}`)
+	res = mustJSON(t, body)
+	if strings.Contains(body, `"headers"`) || res.Get("results.0.body.name").String() != "A" {
+		t.Errorf("include_headers false: %s", body)
+	}
+}
+
+func TestRetry429(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		retry_429 2
+	}`))
+	_, _, body := post(t, base+"/batch", `{"batch":[
+		{"path":"/limited?id=a&n=2&after=0"},
+		{"path":"/limited?id=b&n=5&after=0"},
+		{"method":"POST","path":"/limited?id=c&n=1&after=7"},
+		{"path":"/limited?id=d&n=9&after=3600"}]}`)
+	res := mustJSON(t, body)
+	checks := []struct {
+		status, attempts int64
+	}{{200, 3}, {429, 3}, {429, 0}, {429, 0}}
+	for i, c := range checks {
+		r := res.Get(fmt.Sprintf("results.%d", i))
+		if r.Get("status").Int() != c.status || r.Get("attempts").Int() != c.attempts {
+			t.Errorf("op %d: %s, want status %d attempts %d", i, r.Raw, c.status, c.attempts)
+		}
+	}
+	if got := res.Get("results.2.headers.Retry-After").String(); got != "7" {
+		t.Errorf("a 429 keeps its Retry-After: %q", got)
+	}
+	// d's Retry-After (1h) is beyond op_timeout: it is not waited for.
+	if got := res.Get("retry_after").Int(); got != 3600 {
+		t.Errorf("envelope retry_after = %d, want the largest, 3600: %s", got, body)
+	}
+	be.mu.Lock()
+	n := be.limited["c"]
+	be.mu.Unlock()
+	if n != 1 {
+		t.Errorf("POST is not idempotent: sent %d times", n)
+	}
+}
