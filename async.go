@@ -40,7 +40,8 @@ type AsyncConfig struct {
 	// What identifies the owner of a job: a placeholder evaluated on the
 	// submitting request and on every request for the job; only a request
 	// that evaluates to the same value may read or cancel it. Only a hash
-	// of it is stored. Default: {http.request.header.Authorization}.
+	// of it is stored. Idempotency keys belong to owners the same way.
+	// Default: {http.request.header.Authorization}.
 	Owner string `json:"owner,omitempty"`
 
 	// Where to tell that a job has ended (or progressed).
@@ -254,9 +255,9 @@ func (p *jobPool) run(j *job) {
 	// the job ended.
 	store := context.WithoutCancel(ctx)
 
-	t := now()
+	started := now()
 	j.mu.Lock()
-	j.rec.Status, j.rec.UpdatedAt = jobRunning, &t
+	j.rec.Status, j.rec.UpdatedAt = jobRunning, &started
 	j.mu.Unlock()
 	if err := j.save(store); err != nil {
 		h.logger.Error("storing async batch", zap.String("id", j.rec.ID), zap.Error(err))
@@ -268,9 +269,10 @@ func (p *jobPool) run(j *job) {
 	sum := j.rn.execute(sink)
 	stopWatch()
 
-	t = now()
+	// A new variable: readers hold pointers to the last one.
+	ended := now()
 	j.mu.Lock()
-	j.rec.Outcome, j.rec.UpdatedAt, j.rec.CompletedAt = sum.status, &t, &t
+	j.rec.Outcome, j.rec.UpdatedAt, j.rec.CompletedAt = sum.status, &ended, &ended
 	switch {
 	case sink.err != nil:
 		j.rec.Status, j.rec.Error = jobError, "storing results: "+sink.err.Error()
@@ -382,7 +384,7 @@ func (h *Handler) ownerHash(r *http.Request) string {
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	v := ""
 	if repl != nil {
-		v = repl.ReplaceAll(h.Async.Owner, "")
+		v = repl.ReplaceAll(h.owner, "")
 	}
 	sum := sha256.Sum256([]byte("caddy-batch owner\x00" + v))
 	return hex.EncodeToString(sum[:])
@@ -419,6 +421,7 @@ func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	if err := j.save(r.Context()); err != nil {
 		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err))
 	}
+	queued := j.snapshot().progress
 	h.pool.submit(j)
 	h.logger.Info("async batch queued", zap.String("id", rn.id), zap.Int("operations", len(b.ops)))
 
@@ -426,7 +429,7 @@ func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	if wantsAsync(r) {
 		w.Header().Set("Preference-Applied", "respond-async")
 	}
-	return writeProgress(w, http.StatusAccepted, j.snapshot().progress)
+	return writeProgress(w, http.StatusAccepted, queued)
 }
 
 // jobPath splits a request path into a job id and what of the job it asks

@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -24,7 +25,7 @@ import (
 )
 
 func init() {
-	caddy.RegisterModule(Handler{})
+	caddy.RegisterModule(new(Handler))
 }
 
 // Handler answers batch requests. Each operation of a batch becomes a
@@ -93,16 +94,23 @@ type Handler struct {
 	// Enables asynchronous batches. Default: off.
 	Async *AsyncConfig `json:"async,omitempty"`
 
-	limits  limits
-	paths   caddyhttp.MatchPath
-	inherit []string // canonical; nil inherits all but the excluded ones
-	logger  *zap.Logger
-	storage certmagic.Storage
-	pool    *jobPool
+	limits   limits
+	paths    caddyhttp.MatchPath
+	inherit  []string // canonical; nil inherits all but the excluded ones
+	ctx      caddy.Context
+	logger   *zap.Logger
+	owner    string // placeholder identifying who owns a job or key
+	pool     *jobPool
+	keyLocks *keyLocks
+
+	// storage holds async jobs and idempotent answers; it is looked up on
+	// first use, as a context without a config (unit tests) has none.
+	storage     certmagic.Storage
+	storageOnce sync.Once
 }
 
 // CaddyModule returns the Caddy module information.
-func (Handler) CaddyModule() caddy.ModuleInfo {
+func (*Handler) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
 		ID:  "http.handlers.batch",
 		New: func() caddy.Module { return new(Handler) },
@@ -174,6 +182,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	for _, name := range h.InheritHeaders {
 		h.inherit = append(h.inherit, http.CanonicalHeaderKey(name))
 	}
+	h.ctx = ctx
+	h.owner = "{http.request.header.Authorization}"
+	h.keyLocks = new(keyLocks)
 	if h.Async != nil {
 		if err := h.provisionAsync(ctx); err != nil {
 			return fmt.Errorf("async: %w", err)
@@ -185,14 +196,15 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 func (h *Handler) provisionAsync(ctx caddy.Context) error {
 	a := h.Async
 	if a.Retention == 0 {
-		a.Retention = caddy.Duration(24 * time.Hour)
+		a.Retention = caddy.Duration(defaultRetention)
 	}
 	if a.Workers == 0 {
 		a.Workers = 4
 	}
 	if a.Owner == "" {
-		a.Owner = "{http.request.header.Authorization}"
+		a.Owner = h.owner
 	}
+	h.owner = a.Owner
 	if a.Retention < 0 || a.Workers < 0 {
 		return errors.New("retention and workers must be positive")
 	}
@@ -201,7 +213,7 @@ func (h *Handler) provisionAsync(ctx caddy.Context) error {
 			return err
 		}
 	}
-	h.storage = ctx.Storage()
+	h.store()
 	val, _, err := pools.LoadOrNew(poolKey, func() (caddy.Destructor, error) { return newJobPool(), nil })
 	if err != nil {
 		return err
@@ -261,6 +273,12 @@ func (h *Handler) Validate() error {
 	return nil
 }
 
+// store returns the storage of the handler's config.
+func (h *Handler) store() certmagic.Storage {
+	h.storageOnce.Do(func() { h.storage = h.ctx.Storage() })
+	return h.storage
+}
+
 // pathAllowed matches an operation's path against the configured paths.
 func (h *Handler) pathAllowed(u *url.URL) bool {
 	// MatchPath reads the replacer for patterns with placeholders; an empty
@@ -314,6 +332,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return h.writeDryRun(w, r, b)
 	case b.async && h.Async == nil:
 		return writeFaults(w, badBatchError{{Index: -1, Message: "async batches are not enabled here"}})
+	case r.Header.Get("Idempotency-Key") != "":
+		return h.serveIdempotent(w, r, next, b, r.Header.Get("Idempotency-Key"), body)
 	case h.Async != nil && (b.async || wantsAsync(r)):
 		return h.submit(w, r, next, b)
 	}
