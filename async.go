@@ -262,6 +262,7 @@ func (p *jobPool) run(j *job) {
 	if err := j.save(store); err != nil {
 		h.logger.Error("storing async batch", zap.String("id", j.rec.ID), zap.Error(err))
 	}
+	h.metrics.jobs.WithLabelValues(jobRunning).Inc()
 	h.logger.Info("async batch started", zap.String("id", j.rec.ID), zap.Int("operations", len(j.rn.b.ops)))
 
 	stopWatch := j.watchCancel(ctx)
@@ -283,6 +284,8 @@ func (p *jobPool) run(j *job) {
 	default:
 		j.rec.Status = jobCompleted
 	}
+	// Counted before any reader can see the job ended.
+	h.metrics.jobs.WithLabelValues(j.rec.Status).Inc()
 	rec := j.rec
 	j.mu.Unlock()
 	if err := j.save(store); err != nil {
@@ -423,6 +426,7 @@ func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	}
 	queued := j.snapshot().progress
 	h.pool.submit(j)
+	h.metrics.jobs.WithLabelValues(jobQueued).Inc()
 	h.logger.Info("async batch queued", zap.String("id", rn.id), zap.Int("operations", len(b.ops)))
 
 	w.Header().Set("Location", strings.TrimSuffix(r.URL.Path, "/")+"/"+rn.id)

@@ -135,6 +135,7 @@ func (rn *runner) execute(out sink) summary {
 		rn.rollBack()
 	}
 	sum := rn.out.finish(rn.summary())
+	rn.record(sum, time.Since(start))
 
 	rn.h.logger.Info("batch",
 		zap.String("id", rn.id),
@@ -148,6 +149,23 @@ func (rn *runner) execute(out sink) summary {
 		zap.Int("skipped", sum.skipped),
 	)
 	return sum
+}
+
+// record counts the batch in the metrics.
+func (rn *runner) record(sum summary, took time.Duration) {
+	m := rn.h.metrics
+	m.batches.WithLabelValues(rn.b.mode, sum.status).Inc()
+	m.size.Observe(float64(len(rn.results)))
+	m.duration.WithLabelValues(rn.b.mode).Observe(took.Seconds())
+	var classes [6]int
+	for i := range rn.results {
+		classes[min(rn.results[i].status/100, 5)]++
+	}
+	for c, n := range classes {
+		if n > 0 {
+			m.operations.WithLabelValues(statusClass(c * 100)).Add(float64(n))
+		}
+	}
 }
 
 // runSequential runs the operations in array order in the request's own

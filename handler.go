@@ -21,6 +21,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/certmagic"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 )
 
@@ -102,6 +103,7 @@ type Handler struct {
 	owner    string // placeholder identifying who owns a job or key
 	pool     *jobPool
 	keyLocks *keyLocks
+	metrics  *metrics
 
 	// storage holds async jobs and idempotent answers; it is looked up on
 	// first use, as a context without a config (unit tests) has none.
@@ -185,6 +187,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx = ctx
 	h.owner = "{http.request.header.Authorization}"
 	h.keyLocks = new(keyLocks)
+	var reg prometheus.Registerer
+	if r := ctx.GetMetricsRegistry(); r != nil {
+		reg = r
+	}
+	var err error
+	if h.metrics, err = newMetrics(reg); err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
+	}
 	if h.Async != nil {
 		if err := h.provisionAsync(ctx); err != nil {
 			return fmt.Errorf("async: %w", err)

@@ -92,20 +92,23 @@ func (h *Handler) notify(p *jobPool, event string, prog progress) {
 	go func() {
 		defer p.wg.Done()
 		// Deliveries outlive a shutdown's cancel, bounded by their attempts.
-		wh.deliver(context.WithoutCancel(p.ctx), h.logger, body, prog.ID)
+		wh.deliver(context.WithoutCancel(p.ctx), h, body, prog.ID)
 	}()
 }
 
-func (wh *Webhook) deliver(ctx context.Context, logger *zap.Logger, body []byte, id string) {
+func (wh *Webhook) deliver(ctx context.Context, h *Handler, body []byte, id string) {
 	wait := webhookBackoff
 	for attempt := 1; ; attempt++ {
 		status, err := wh.post(ctx, body)
 		if err == nil && status >= 200 && status < 300 {
-			logger.Debug("webhook delivered", zap.String("id", id), zap.Int("attempt", attempt))
+			h.metrics.webhooks.WithLabelValues("delivered").Inc()
+			h.logger.Debug("webhook delivered", zap.String("id", id), zap.Int("attempt", attempt))
 			return
 		}
+		h.metrics.webhooks.WithLabelValues("failed").Inc()
 		if attempt == wh.MaxAttempts {
-			logger.Error("webhook delivery failed", zap.String("id", id), zap.Int("attempts", attempt),
+			h.metrics.webhooks.WithLabelValues("given_up").Inc()
+			h.logger.Error("webhook delivery given up", zap.String("id", id), zap.Int("attempts", attempt),
 				zap.Int("status", status), zap.Error(err))
 			return
 		}

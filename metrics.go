@@ -1,0 +1,88 @@
+package batch
+
+import (
+	"errors"
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the handler's Prometheus collectors, registered in the
+// config's registry; several batch handlers of one config share them.
+type metrics struct {
+	batches    *prometheus.CounterVec   // by mode and outcome
+	operations *prometheus.CounterVec   // by status class
+	size       prometheus.Histogram     // operations per batch
+	duration   *prometheus.HistogramVec // by mode
+	jobs       *prometheus.CounterVec   // async job transitions, by state
+	webhooks   *prometheus.CounterVec   // deliveries, by outcome
+}
+
+const metricsNamespace, metricsSubsystem = "caddy", "batch"
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	opts := func(name, help string) (string, string, string, string) {
+		return metricsNamespace, metricsSubsystem, name, help
+	}
+	counter := func(name, help string, labels ...string) *prometheus.CounterVec {
+		ns, sub, n, h := opts(name, help)
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: ns, Subsystem: sub, Name: n, Help: h}, labels)
+	}
+	m := &metrics{
+		batches:    counter("batches_total", "Batches answered, by mode and outcome (the envelope status).", "mode", "outcome"),
+		operations: counter("operations_total", "Operations of batches, by status class (2xx, 4xx, ...).", "class"),
+		jobs:       counter("async_jobs_total", "Async batch jobs entering a state (queued, running, completed, error, canceled).", "state"),
+		webhooks:   counter("webhook_deliveries_total", "Webhook delivery attempts, by outcome (delivered, failed, given_up).", "outcome"),
+		size: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "size_operations",
+			Help:    "Operations per batch.",
+			Buckets: []float64{1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000, 10000},
+		}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "duration_seconds",
+			Help:    "Time to run a batch, by mode.",
+			Buckets: prometheus.DefBuckets,
+		}, []string{"mode"}),
+	}
+	var err error
+	m.batches, err = register(reg, m.batches)
+	if err == nil {
+		m.operations, err = register(reg, m.operations)
+	}
+	if err == nil {
+		m.jobs, err = register(reg, m.jobs)
+	}
+	if err == nil {
+		m.webhooks, err = register(reg, m.webhooks)
+	}
+	if err == nil {
+		m.size, err = register(reg, m.size)
+	}
+	if err == nil {
+		m.duration, err = register(reg, m.duration)
+	}
+	return m, err
+}
+
+// register registers c, or returns the collector already registered in its
+// place by another batch handler of the same config.
+func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
+	if reg == nil {
+		return c, nil
+	}
+	if err := reg.Register(c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if errors.As(err, &are) {
+			if existing, ok := are.ExistingCollector.(C); ok {
+				return existing, nil
+			}
+		}
+		return c, err
+	}
+	return c, nil
+}
+
+// statusClass is "2xx" for 204, and so on.
+func statusClass(status int) string {
+	return strconv.Itoa(status/100) + "xx"
+}
