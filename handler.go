@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"mime"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -326,7 +327,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if errors.As(err, &tooBig) {
 			return writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("batch body is larger than %d bytes", h.MaxBodySize))
 		}
-		return caddyhttp.Error(http.StatusBadRequest, fmt.Errorf("reading batch body: %w", err))
+		var netErr net.Error
+		if errors.As(err, &netErr) && netErr.Timeout() {
+			// The server's read timeouts cut off a body that never ends.
+			return writeError(w, http.StatusRequestTimeout, "timed out reading the batch body")
+		}
+		return writeError(w, http.StatusBadRequest, "reading the batch body: "+err.Error())
 	}
 
 	b, err := parseBatch(body, &h.limits)
