@@ -51,6 +51,8 @@ type result struct {
 	rollback *result
 	// attempts counts tries when retry_429 retried the operation.
 	attempts int
+	// w is the writer that holds header and body, for reuse once written.
+	w *opWriter
 }
 
 // runner runs one validated batch.
@@ -71,6 +73,9 @@ type runner struct {
 	rollbackFailed bool
 	// canceled stops an async job at the next operation it would start.
 	canceled atomic.Bool
+	// reuse is a writer whose answer is written out, for the next
+	// operation of a sequential batch.
+	reuse *opWriter
 }
 
 // connFacts are what sub-requests take from the batch request: they speak
@@ -173,7 +178,12 @@ func (rn *runner) record(sum summary, took time.Duration) {
 func (rn *runner) runSequential() {
 	for i, op := range rn.b.ops {
 		rn.results[i] = rn.runOne(op)
+		w := rn.results[i].w
+		rn.results[i].w = nil
 		rn.out.ready(i)
+		if w != nil && rn.results[i].header == nil && cap(w.body) <= 64<<10 {
+			rn.reuse = w // written out and read by none: the next operation reuses it
+		}
 	}
 }
 
@@ -364,7 +374,15 @@ func retryAfter(h http.Header) int {
 
 // attempt serves op once within ctx.
 func (rn *runner) attempt(parent, ctx context.Context, op *operation) result {
-	w := &opWriter{header: make(http.Header), limit: rn.h.MaxResponseSize}
+	w := rn.reuse
+	if w != nil {
+		rn.reuse = nil
+		clear(w.header)
+		*w = opWriter{header: w.header, body: w.body[:0]}
+	} else {
+		w = &opWriter{header: make(http.Header)}
+	}
+	w.limit = rn.h.MaxResponseSize
 	req := rn.newRequest(ctx, op, w)
 	err := serve(rn.next, w, req)
 
@@ -406,7 +424,7 @@ func (rn *runner) attempt(parent, ctx context.Context, op *operation) result {
 	if status == 0 {
 		status = http.StatusOK
 	}
-	return result{status: status, header: w.header, body: w.body.Bytes()}
+	return result{status: status, header: w.header, body: w.body, w: w}
 }
 
 // newRequest builds the sub-request of op: a fresh request with its own
@@ -421,27 +439,27 @@ func (rn *runner) newRequest(ctx context.Context, op *operation, w http.Response
 	for k, v := range op.header {
 		header[k] = v[:len(v):len(v)]
 	}
-	u := *op.url // handlers such as rewrite change r.URL in place
-	req := &http.Request{
-		Method:     op.method,
-		URL:        &u,
-		Proto:      c.proto,
-		ProtoMajor: c.protoMajor,
-		ProtoMinor: c.protoMinor,
-		Header:     header,
-		Body:       http.NoBody,
-		Host:       c.host,
-		RemoteAddr: c.remoteAddr, // before PrepareRequest: it derives the client IP from it
-		RequestURI: op.target,
-		TLS:        c.tls,
+	// NewRequestWithContext sets the context without the copy WithContext
+	// makes; the empty target parses to a URL of our own to fill in, as
+	// handlers such as rewrite change r.URL in place.
+	req, err := http.NewRequestWithContext(ctx, op.method, "", nil)
+	if err != nil { // the method was validated
+		panic(err)
 	}
+	*req.URL = *op.url
+	req.Proto, req.ProtoMajor, req.ProtoMinor = c.proto, c.protoMajor, c.protoMinor
+	req.Header = header
+	req.Body = http.NoBody
+	req.Host = c.host
+	req.RemoteAddr = c.remoteAddr // before PrepareRequest: it derives the client IP from it
+	req.RequestURI = op.target
+	req.TLS = c.tls
 	if op.body != nil {
 		body := op.body
 		req.ContentLength = int64(len(body))
 		req.Body = io.NopCloser(bytes.NewReader(body))
 		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
 	}
-	req = req.WithContext(ctx)
 
 	repl := caddy.NewReplacer()
 	repl.Map(func(key string) (any, bool) {
@@ -524,7 +542,7 @@ func (p panicError) Error() string { return fmt.Sprintf("panic: %v", p.value) }
 type opWriter struct {
 	header   http.Header
 	status   int
-	body     bytes.Buffer
+	body     []byte
 	limit    int64
 	overflow bool
 }
@@ -544,11 +562,12 @@ func (w *opWriter) Write(p []byte) (int, error) {
 	if w.status == 0 {
 		w.status = http.StatusOK
 	}
-	if w.overflow || int64(w.body.Len()+len(p)) > w.limit {
+	if w.overflow || int64(len(w.body)+len(p)) > w.limit {
 		w.overflow = true
 		return 0, errResponseTooLarge
 	}
-	return w.body.Write(p)
+	w.body = append(w.body, p...)
+	return len(p), nil
 }
 
 // Flush is a no-op: the answer is complete only when the handler returns.

@@ -121,7 +121,7 @@ func (e *emitter) flush() {
 		}
 		e.out.put(e.next, res, e.buf)
 		if !e.ops[e.next].referenced {
-			res.header, res.body = nil, nil // written and read by none: free it
+			res.header, res.body, res.w = nil, nil, nil // written and read by none: free it
 		}
 		e.next++
 	}
@@ -241,7 +241,8 @@ func appendResult(dst []byte, id string, res *result, lean leanOptions) []byte {
 // appendHeaders appends "headers":{...}, names sorted, values joined.
 func appendHeaders(dst []byte, h http.Header) []byte {
 	dst = append(dst, `"headers":{`...)
-	names := make([]string, 0, len(h))
+	var arr [16]string
+	names := arr[:0]
 	for name := range h {
 		names = append(names, name)
 	}
