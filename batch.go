@@ -366,7 +366,12 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 	p.checkMethod(op)
 	op.header = p.parseHeaders(op, headers)
 	if kind != kindBulk {
-		if ctype := p.parseBody(op, body, encoding); ctype != "" && op.header.Get("Content-Type") == "" {
+		ctype := p.parseBody(op, body, encoding)
+		p.parseTemplate(op, body)
+		if t := op.tmpl; t != nil && t.body != nil && !t.textBody && body.Type == gjson.String {
+			ctype = "application/json" // "{{a.body}}": a JSON value, not text
+		}
+		if ctype != "" && op.header.Get("Content-Type") == "" {
 			if op.header == nil {
 				op.header = make(http.Header, 1)
 			}
@@ -374,9 +379,6 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 		}
 	} else if body.Exists() {
 		p.opFault(op, "the operation of a bulk batch takes its bodies from \"items\"")
-	}
-	if kind != kindBulk {
-		p.parseTemplate(op, body)
 	}
 	if op.tmpl == nil || op.tmpl.target == nil {
 		op.url = p.checkTarget(op, op.target)

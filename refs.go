@@ -181,13 +181,15 @@ func (p *parser) parseTemplate(op *operation, body gjson.Result) {
 	}
 	if body.Exists() && strings.Contains(body.Raw, "{{") {
 		if body.Type == gjson.String {
-			// A text body: references are inserted as text.
+			// A text body: references are inserted as text, but a body that
+			// is exactly one reference is that value, with its type.
 			ps, msg := parsePieces(body.Str)
 			if msg != "" {
 				p.opFault(op, "body: %s", msg)
 			}
 			if ps != nil {
-				t.body, t.textBody = []bodySegment{{str: ps}}, true
+				whole := len(ps) == 1 && ps[0].ref != nil
+				t.body, t.textBody = []bodySegment{{str: ps}}, !whole
 			}
 		} else if t.body, msg = jsonTemplate([]byte(body.Raw)); msg != "" {
 			p.opFault(op, "body: %s", msg)

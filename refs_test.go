@@ -254,6 +254,11 @@ func TestAllOrNothing(t *testing.T) {
 	if strings.Join(tail, ",") != "DELETE /users/2,PUT /users/1" {
 		t.Errorf("rollback order: %v", tail)
 	}
+	// "body":"{{before.body}}" sends that JSON answer as JSON.
+	if put := reqs[len(reqs)-1]; put.Header.Get("Content-Type") != "application/json" ||
+		strings.TrimSpace(string(put.Body)) != `{"id":1,"name":"Ann","balance":0}` {
+		t.Errorf("whole-reference body: %s %q", put.Header.Get("Content-Type"), put.Body)
+	}
 
 	// A rollback that fails makes the batch rollback_failed.
 	_, _, body = post(t, base+"/batch", `[
