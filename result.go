@@ -1,6 +1,7 @@
 package batch
 
 import (
+	"bytes"
 	"encoding/base64"
 	"net/http"
 	"runtime/debug"
@@ -214,7 +215,8 @@ func appendResult(dst []byte, id string, res *result, lean leanOptions) []byte {
 		dst = append(dst, `,"body":`...)
 		switch {
 		case isJSONType(res.header.Get("Content-Type")) && gjson.ValidBytes(res.body):
-			dst = append(dst, res.body...)
+			// Space around a JSON value means nothing; APIs often end with "\n".
+			dst = append(dst, bytes.TrimSpace(res.body)...)
 		case utf8.Valid(res.body):
 			dst = appendString(dst, string(res.body))
 		default:
