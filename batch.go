@@ -380,10 +380,14 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 	} else if body.Exists() {
 		p.opFault(op, "the operation of a bulk batch takes its bodies from \"items\"")
 	}
-	if op.tmpl == nil || op.tmpl.target == nil {
+	switch {
+	case op.tmpl == nil || op.tmpl.target == nil:
 		op.url = p.checkTarget(op, op.target)
-	} else {
+	case op.tmpl.target[0].ref == nil:
 		p.checkTarget(op, probeTarget(op.tmpl.target)) // and again once resolved
+	default:
+		// A path that starts with a reference ({{a.headers.Location}}) is
+		// all checked once resolved.
 	}
 	p.parseDeps(op, deps)
 	if rollback.Exists() {

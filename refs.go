@@ -142,18 +142,15 @@ func parsePieces(s string) ([]piece, string) {
 	return out, ""
 }
 
-// probeTarget stands a harmless segment in for each reference of a target,
-// so that its shape can be checked before the references are known; a
-// target may start with a reference, as in {{create.headers.Location}}.
+// probeTarget stands a harmless segment in for each reference of a target
+// that starts with literal text, so that its shape can be checked before
+// the references are known.
 func probeTarget(ps []piece) string {
 	var sb strings.Builder
-	for i, p := range ps {
-		switch {
-		case p.ref == nil:
+	for _, p := range ps {
+		if p.ref == nil {
 			sb.WriteString(p.lit)
-		case i == 0:
-			sb.WriteString("/x")
-		default:
+		} else {
 			sb.WriteString("x")
 		}
 	}

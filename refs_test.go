@@ -16,7 +16,9 @@ import (
 
 func TestReferences(t *testing.T) {
 	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, ""))
+	base := startCaddy(t, proxySite(be, `{
+		paths /users /users/* /echo /echo/*
+	}`))
 
 	status, _, body := post(t, base+"/batch", `[
 		{"id":"create","method":"POST","path":"/users","body":{"name":"Alice","balance":7}},
