@@ -49,11 +49,12 @@ type batch struct {
 	lean      leanOptions
 }
 
-// leanOptions shrink the answer: no headers, or nothing but id and status
-// for operations that succeeded.
+// leanOptions shape the results: no headers, or nothing but id and status
+// for operations that succeeded, or one line each.
 type leanOptions struct {
 	omitSuccess bool // omit_response_on_success
 	noHeaders   bool // include_headers: false
+	oneLine     bool // NDJSON: bodies compacted
 }
 
 // operation is one validated operation of a batch, ready to become a

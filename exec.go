@@ -103,7 +103,12 @@ func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Han
 	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.Timeout))
 	defer cancel()
 	rn := h.newRunner(ctx, time.Duration(h.Timeout), r, next, srv, b)
-	rn.execute(&httpSink{w: w, form: b.form})
+	if wantsNDJSON(r) {
+		b.lean.oneLine = true
+		rn.execute(&ndjsonSink{w: w, rc: http.NewResponseController(w)})
+	} else {
+		rn.execute(&httpSink{w: w, form: b.form})
+	}
 	return nil
 }
 
