@@ -74,10 +74,11 @@ type operation struct {
 	tmpl *template
 	// rollback undoes the operation under all_or_nothing.
 	rollback *operation
-	// referenced is set when a later operation or a rollback reads this
-	// operation's answer, which must then be kept until the batch ends.
-	referenced bool
-	isRollback bool
+	// keepHeader and keepBody are set when a later operation or a rollback
+	// reads this operation's answer headers or body, which must then be
+	// kept until the batch ends.
+	keepHeader, keepBody bool
+	isRollback           bool
 }
 
 // fault is one problem found while validating a batch. Index is -1 for a
@@ -206,8 +207,8 @@ func parseBatch(body []byte, lim *limits) (*batch, error) {
 	default:
 		return nil, badBatchError{{Index: -1, Message: "batch must be a JSON array of operations or an object"}}
 	}
-	if len(p.faults) > 0 {
-		return nil, p.faults
+	if err := p.errFaults(); err != nil {
+		return nil, err
 	}
 
 	// Count before parsing any operation, so an oversized batch costs nothing.
@@ -243,23 +244,55 @@ func parseBatch(body []byte, lim *limits) (*batch, error) {
 		})
 	}
 	p.resolveDeps(b)
-	if len(p.faults) > 0 {
-		return nil, p.faults
+	if err := p.errFaults(); err != nil {
+		return nil, err
 	}
 	return b, nil
 }
 
+// maxFaults bounds the faults listed, so that a small batch cannot make a
+// large answer; the rest are counted.
+const maxFaults = 100
+
 // parser collects faults while it walks a batch.
 type parser struct {
-	lim    *limits
-	faults badBatchError
+	lim     *limits
+	faults  badBatchError
+	dropped int // faults past maxFaults
+}
+
+// full reports whether no more faults are listed, counting one more.
+func (p *parser) full() bool {
+	if len(p.faults) < maxFaults {
+		return false
+	}
+	p.dropped++
+	return true
+}
+
+// errFaults returns the faults found, nil if none.
+func (p *parser) errFaults() error {
+	if len(p.faults) == 0 {
+		return nil
+	}
+	if p.dropped > 0 {
+		p.faults = append(p.faults, fault{Index: -1, Message: fmt.Sprintf("and %d more faults", p.dropped)})
+		p.dropped = 0
+	}
+	return p.faults
 }
 
 func (p *parser) batchFault(format string, args ...any) {
+	if p.full() {
+		return
+	}
 	p.faults = append(p.faults, fault{Index: -1, Message: fmt.Sprintf(format, args...)})
 }
 
 func (p *parser) opFault(op *operation, format string, args ...any) {
+	if p.full() {
+		return
+	}
 	msg := fmt.Sprintf(format, args...)
 	if op.isRollback && !strings.HasPrefix(msg, "rollback: ") {
 		msg = "rollback: " + msg
@@ -523,7 +556,8 @@ func parseTarget(t string) (*url.URL, string) {
 		}
 	}
 	for seg := range strings.SplitSeq(p, "/") {
-		if seg == "." || seg == ".." {
+		// "..;x" is ".." to servers that take path parameters (Tomcat, Jetty).
+		if seg, _, _ = strings.Cut(seg, ";"); seg == "." || seg == ".." {
 			return nil, fmt.Sprintf("path must not hold dot-segments, got %q", t)
 		}
 	}
@@ -540,6 +574,11 @@ var refusedHeaders = map[string]bool{
 	"Host": true, "Content-Length": true, "Transfer-Encoding": true,
 	"Connection": true, "Upgrade": true, "Keep-Alive": true, "Te": true,
 	"Trailer": true,
+}
+
+// Headers some frameworks read as the method: they would get past methods.
+var methodOverride = map[string]bool{
+	"X-Http-Method-Override": true, "X-Http-Method": true, "X-Method-Override": true,
 }
 
 // isForwardedHeader reports whether name (canonical) claims a client
@@ -564,7 +603,7 @@ func (p *parser) parseHeaders(op *operation, v gjson.Result) http.Header {
 			return true
 		}
 		name = http.CanonicalHeaderKey(name)
-		if refusedHeaders[name] || strings.HasPrefix(name, "Proxy-") {
+		if refusedHeaders[name] || strings.HasPrefix(name, "Proxy-") || methodOverride[name] {
 			p.opFault(op, "header %s may not be set by an operation", name)
 			return true
 		}
@@ -699,7 +738,7 @@ func (p *parser) resolveDeps(b *batch) {
 					p.opFault(op, "reference %s: an operation cannot refer to its own answer", r.raw)
 				default:
 					r.op = j
-					b.ops[j].referenced = true
+					b.ops[j].keep(r)
 					op.addDep(j)
 				}
 			}
@@ -714,7 +753,7 @@ func (p *parser) resolveDeps(b *batch) {
 					continue
 				}
 				r.op = j
-				b.ops[j].referenced = true
+				b.ops[j].keep(r)
 			}
 		}
 	}
@@ -728,6 +767,17 @@ func (p *parser) resolveDeps(b *batch) {
 		}
 	} else if len(p.faults) == 0 {
 		p.checkCycles(b)
+	}
+}
+
+// keep marks what of op's answer reference r reads.
+func (op *operation) keep(r *ref) {
+	switch r.kind {
+	case refHeader:
+		op.keepHeader = true
+	case refBody:
+		op.keepBody = true
+		op.keepHeader = true // the body is read by its Content-Type
 	}
 }
 

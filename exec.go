@@ -186,7 +186,7 @@ func (rn *runner) runSequential() {
 		w := rn.results[i].w
 		rn.results[i].w = nil
 		rn.out.ready(i)
-		if w != nil && rn.results[i].header == nil && cap(w.body) <= 64<<10 {
+		if w != nil && !op.keepHeader && !op.keepBody && !rn.out.hold && cap(w.body) <= 64<<10 {
 			rn.reuse = w // written out and read by none: the next operation reuses it
 		}
 	}
@@ -548,6 +548,7 @@ type opWriter struct {
 	header   http.Header
 	status   int
 	body     []byte
+	size     int64 // of the headers
 	limit    int64
 	overflow bool
 }
@@ -561,13 +562,24 @@ func (w *opWriter) WriteHeader(code int) {
 		return
 	}
 	w.status = code
+	// The headers count against max_response_size too.
+	n := int64(0)
+	for k, vs := range w.header {
+		for _, v := range vs {
+			n += int64(len(k) + len(v) + 4)
+		}
+	}
+	w.size = n
+	if n > w.limit {
+		w.overflow = true
+	}
 }
 
 func (w *opWriter) Write(p []byte) (int, error) {
 	if w.status == 0 {
-		w.status = http.StatusOK
+		w.WriteHeader(http.StatusOK)
 	}
-	if w.overflow || int64(len(w.body)+len(p)) > w.limit {
+	if w.overflow || w.size+int64(len(w.body)+len(p)) > w.limit {
 		w.overflow = true
 		return 0, errResponseTooLarge
 	}

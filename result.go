@@ -122,8 +122,15 @@ func (e *emitter) flush() {
 			e.retryAfter = max(e.retryAfter, retryAfter(res.header))
 		}
 		e.out.put(e.next, res, e.buf)
-		if !e.ops[e.next].referenced {
-			res.header, res.body, res.w = nil, nil, nil // written and read by none: free it
+		// Written: free what no reference reads.
+		if op := e.ops[e.next]; !op.keepHeader || !op.keepBody {
+			res.w = nil
+			if !op.keepHeader {
+				res.header = nil
+			}
+			if !op.keepBody {
+				res.body = nil
+			}
 		}
 		e.next++
 	}
