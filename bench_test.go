@@ -1,0 +1,199 @@
+package batch
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+// The benchmarks run the handler directly, downstream a trivial handler
+// answering ~100 bytes of JSON, so that they measure the module's own cost.
+// Compare per-operation figures (ns/item, allocs/item) of BenchmarkBatch
+// with BenchmarkDirect (the work itself) and BenchmarkFloor (the least any
+// correct sub-request costs in Caddy), from the same run:
+//
+//	go test -run '^$' -bench . -benchmem
+
+var benchAnswer = []byte(`{"id":42,"name":"Alice Example","email":"alice@example.com","balance":1234,"tags":["a","b"]}`)
+
+func benchDownstream() caddyhttp.Handler {
+	return caddyhttp.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) error {
+		w.Header().Set("Content-Type", "application/json")
+		_, err := w.Write(benchAnswer)
+		return err
+	})
+}
+
+// discard is a ResponseWriter that keeps nothing.
+type discard struct{ h http.Header }
+
+func (w *discard) Header() http.Header         { return w.h }
+func (w *discard) Write(p []byte) (int, error) { return len(p), nil }
+func (w *discard) WriteHeader(int)             {}
+
+func benchHandler(b *testing.B, mode string) *Handler {
+	b.Helper()
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	b.Cleanup(cancel)
+	h := &Handler{Mode: mode, MaxOps: 20000, MaxBodySize: 64 << 20}
+	if err := h.Provision(ctx); err != nil {
+		b.Fatal(err)
+	}
+	h.logger = zap.NewNop()
+	return h
+}
+
+func benchBatch(n int) []byte {
+	var sb strings.Builder
+	sb.WriteByte('[')
+	for i := range n {
+		if i > 0 {
+			sb.WriteByte(',')
+		}
+		fmt.Fprintf(&sb, `{"path":"/users/%d"}`, i)
+	}
+	sb.WriteByte(']')
+	return []byte(sb.String())
+}
+
+// perItem reports ns and allocations per operation for n operations per
+// iteration.
+func perItem(b *testing.B, n int, run func()) {
+	b.Helper()
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	start := time.Now()
+	iters := 0
+	for b.Loop() {
+		run()
+		iters++
+	}
+	elapsed := time.Since(start)
+	runtime.ReadMemStats(&after)
+	items := float64(iters * n)
+	b.ReportMetric(float64(elapsed.Nanoseconds())/items, "ns/item")
+	b.ReportMetric(float64(after.Mallocs-before.Mallocs)/items, "allocs/item")
+}
+
+// BenchmarkDirect calls the downstream handler with ready-made requests.
+func BenchmarkDirect(b *testing.B) {
+	next := benchDownstream()
+	reqs := make([]*http.Request, 100)
+	for i := range reqs {
+		reqs[i] = httptest.NewRequest(http.MethodGet, fmt.Sprintf("/users/%d", i), nil)
+	}
+	b.ReportAllocs()
+	perItem(b, len(reqs), func() {
+		for _, r := range reqs {
+			_ = next.ServeHTTP(&discard{h: http.Header{}}, r)
+		}
+	})
+}
+
+// BenchmarkFloor builds each sub-request as any correct one must be built:
+// a fresh request and header map, PrepareRequest with a new replacer.
+func BenchmarkFloor(b *testing.B) {
+	next := benchDownstream()
+	srv := &caddyhttp.Server{}
+	u, _ := url.Parse("/users/1")
+	b.ReportAllocs()
+	perItem(b, 1, func() {
+		w := &discard{h: http.Header{}}
+		req := (&http.Request{Method: http.MethodGet, URL: u, Header: make(http.Header), Body: http.NoBody, Host: "example.com"}).WithContext(context.Background())
+		req = caddyhttp.PrepareRequest(req, caddy.NewReplacer(), w, srv)
+		_ = next.ServeHTTP(w, req)
+	})
+}
+
+// BenchmarkBatch runs n GETs as one batch through the handler.
+func BenchmarkBatch(b *testing.B) {
+	for _, mode := range []string{modeSequential, modeParallel} {
+		for _, n := range []int{1, 10, 100, 1000} {
+			b.Run(fmt.Sprintf("%s/%d", mode, n), func(b *testing.B) {
+				h := benchHandler(b, mode)
+				body := benchBatch(n)
+				next := benchDownstream()
+				srv := &caddyhttp.Server{}
+				b.ReportAllocs()
+				perItem(b, n, func() {
+					w := &discard{h: http.Header{}}
+					req := httptest.NewRequest(http.MethodPost, "/batch", bytes.NewReader(body))
+					req = caddyhttp.PrepareRequest(req, caddy.NewReplacer(), w, srv)
+					if err := h.ServeHTTP(w, req, next); err != nil {
+						b.Fatal(err)
+					}
+				})
+			})
+		}
+	}
+}
+
+// BenchmarkParse parses and validates a batch of n operations.
+func BenchmarkParse(b *testing.B) {
+	for _, n := range []int{10, 100, 10000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			h := benchHandler(b, modeSequential)
+			body := benchBatch(n)
+			b.ReportAllocs()
+			perItem(b, n, func() {
+				if _, err := parseBatch(body, &h.limits); err != nil {
+					b.Fatal(err)
+				}
+			})
+		})
+	}
+}
+
+// BenchmarkBatchLarge reports the peak heap growth of large sequential
+// batches: results stream out, so it must not grow with n.
+func BenchmarkBatchLarge(b *testing.B) {
+	for _, n := range []int{1000, 10000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			h := benchHandler(b, modeSequential)
+			body := benchBatch(n)
+			next := benchDownstream()
+			srv := &caddyhttp.Server{}
+			runtime.GC()
+			var base runtime.MemStats
+			runtime.ReadMemStats(&base)
+			peak := base.HeapInuse
+			stop := make(chan struct{})
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				var m runtime.MemStats
+				for {
+					select {
+					case <-stop:
+						return
+					case <-time.After(2 * time.Millisecond):
+						runtime.ReadMemStats(&m)
+						peak = max(peak, m.HeapInuse)
+					}
+				}
+			}()
+			perItem(b, n, func() {
+				w := &discard{h: http.Header{}}
+				req := httptest.NewRequest(http.MethodPost, "/batch", bytes.NewReader(body))
+				req = caddyhttp.PrepareRequest(req, caddy.NewReplacer(), w, srv)
+				if err := h.ServeHTTP(w, req, next); err != nil {
+					b.Fatal(err)
+				}
+			})
+			close(stop)
+			<-done
+			b.ReportMetric(float64(peak-base.HeapInuse)/(1<<20), "peak-heap-MiB")
+		})
+	}
+}
