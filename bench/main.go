@@ -5,6 +5,7 @@
 //
 //	go run ./bench             # 5 s per scenario
 //	go run ./bench -short      # 1 s per scenario, as CI runs it
+//	go run ./bench -soak 3m    # a mixed sync/async soak instead
 //
 // Scenarios, each with the same client concurrency:
 //
@@ -20,7 +21,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -28,7 +28,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -51,9 +50,16 @@ func main() {
 	concurrency := flag.Int("concurrency", 8, "client goroutines")
 	ops := flag.Int("ops", 100, "operations per batch")
 	short := flag.Bool("short", false, "1 s per scenario")
+	soakFor := flag.Duration("soak", 0, "instead of the scenarios, hold a mixed sync/async load this long")
 	flag.Parse()
 	if *serve != "" {
 		runCaddy(*serve)
+		return
+	}
+	if *soakFor > 0 {
+		if err := soak(*soakFor, *concurrency); err != nil {
+			log.Fatal(err)
+		}
 		return
 	}
 	if *short {
@@ -79,8 +85,10 @@ func runCaddy(cfg string) {
 
 var answer = []byte(`{"id":42,"name":"Alice Example","email":"alice@example.com","balance":1234,"tags":["a","b"]}`)
 
+func listen() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }
+
 func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	ln, err := listen()
 	if err != nil {
 		return 0, err
 	}
@@ -90,18 +98,10 @@ func freePort() (int, error) {
 
 func run(duration time.Duration, concurrency, nops int) error {
 	// The backend: fast JSON, and /slow taking 10 ms.
-	backend := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if strings.HasPrefix(r.URL.Path, "/slow") {
-			time.Sleep(10 * time.Millisecond)
-		}
-		w.Header().Set("Content-Type", "application/json")
-		_, _ = w.Write(answer)
-	})}
-	bln, err := net.Listen("tcp", "127.0.0.1:0")
+	backend, baddr, err := startBackend()
 	if err != nil {
 		return err
 	}
-	go func() { _ = backend.Serve(bln) }()
 	defer backend.Close()
 
 	port, err := freePort()
@@ -134,28 +134,16 @@ http://127.0.0.1:%d {
 			keepalive_idle_conns_per_host 256
 		}
 	}
-}`, port, answer, bln.Addr())
-	child := exec.Command(os.Args[0], "-serve", cfg)
-	child.Stderr = os.Stderr
-	stdin, err := child.StdinPipe()
+}`, port, answer, baddr)
+	child, stop, err := startCaddy(cfg)
 	if err != nil {
 		return err
 	}
-	if err := child.Start(); err != nil {
-		return err
-	}
-	defer func() { stdin.Close(); _ = child.Wait() }()
+	defer stop()
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: concurrency * 2}, Timeout: 30 * time.Second}
-	for i := 0; ; i++ {
-		if resp, err := client.Get(base + "/respond/0"); err == nil {
-			resp.Body.Close()
-			break
-		}
-		if i == 100 {
-			return errors.New("caddy did not start")
-		}
-		time.Sleep(50 * time.Millisecond)
+	if err := waitUp(client, base+"/respond/0"); err != nil {
+		return err
 	}
 	rss := func() string { return vmHWM(child.Process.Pid) }
 	fmt.Printf("caddy-batch load harness: %d client goroutines, %d operations per batch, %s per scenario\n", concurrency, nops, duration)
