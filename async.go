@@ -596,21 +596,9 @@ func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRe
 // results.
 func splitResults(chunk []byte) [][]byte {
 	var items [][]byte
-	depth, inString, start := 0, false, 0
-	for i := 0; i < len(chunk); i++ {
-		c := chunk[i]
-		if inString {
-			switch c {
-			case '\\':
-				i++
-			case '"':
-				inString = false
-			}
-			continue
-		}
+	depth, start := 0, 0
+	eachStructural(chunk, func(i int, c byte) {
 		switch c {
-		case '"':
-			inString = true
 		case '{', '[':
 			depth++
 		case '}', ']':
@@ -621,7 +609,7 @@ func splitResults(chunk []byte) [][]byte {
 				start = i + 1
 			}
 		}
-	}
+	})
 	if start < len(chunk) {
 		items = append(items, chunk[start:])
 	}

@@ -842,9 +842,31 @@ func checkJSON(body []byte) string {
 	if !utf8.Valid(body) {
 		return "batch is not valid UTF-8"
 	}
-	depth, inString := 0, false
-	for i := 0; i < len(body); i++ {
-		c := body[i]
+	depth, deepest := 0, 0
+	eachStructural(body, func(_ int, c byte) {
+		switch c {
+		case '{', '[':
+			depth++
+			deepest = max(deepest, depth)
+		case '}', ']':
+			depth--
+		}
+	})
+	if deepest > maxJSONDepth {
+		return fmt.Sprintf("batch nests JSON deeper than %d levels", maxJSONDepth)
+	}
+	if !gjson.ValidBytes(body) {
+		return "batch is not valid JSON"
+	}
+	return ""
+}
+
+// eachStructural calls fn with each of the bytes {}[], of b that stand
+// outside JSON strings, and their offsets. It never recurses.
+func eachStructural(b []byte, fn func(i int, c byte)) {
+	inString := false
+	for i := 0; i < len(b); i++ {
+		c := b[i]
 		if inString {
 			switch c {
 			case '\\':
@@ -857,18 +879,10 @@ func checkJSON(body []byte) string {
 		switch c {
 		case '"':
 			inString = true
-		case '{', '[':
-			if depth++; depth > maxJSONDepth {
-				return fmt.Sprintf("batch nests JSON deeper than %d levels", maxJSONDepth)
-			}
-		case '}', ']':
-			depth--
+		case '{', '[', '}', ']', ',':
+			fn(i, c)
 		}
 	}
-	if !gjson.ValidBytes(body) {
-		return "batch is not valid JSON"
-	}
-	return ""
 }
 
 // countElements counts the elements of a JSON array without decoding them.

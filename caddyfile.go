@@ -91,84 +91,60 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
-	seen := map[string]bool{}
-	for d.NextBlock(0) {
-		name := d.Val()
-		if seen[name] {
-			return d.Errf("%s already specified", name)
-		}
-		seen[name] = true
-		var err error
+	return eachSubdirective(d, "batch", func(name string) error {
 		switch name {
 		case "mode":
-			err = oneArg(d, &h.Mode)
+			return oneArg(d, &h.Mode)
 		case "atomicity":
-			err = oneArg(d, &h.Atomicity)
+			return oneArg(d, &h.Atomicity)
 		case "concurrency":
-			err = intArg(d, &h.Concurrency)
+			return intArg(d, &h.Concurrency, 1)
 		case "max_ops":
-			err = intArg(d, &h.MaxOps)
+			return intArg(d, &h.MaxOps, 1)
 		case "max_body_size":
-			err = sizeArg(d, &h.MaxBodySize)
+			return sizeArg(d, &h.MaxBodySize)
 		case "max_response_size":
-			err = sizeArg(d, &h.MaxResponseSize)
+			return sizeArg(d, &h.MaxResponseSize)
 		case "timeout":
-			err = durationArg(d, &h.Timeout)
+			return durationArg(d, &h.Timeout)
 		case "op_timeout":
-			err = durationArg(d, &h.OpTimeout)
+			return durationArg(d, &h.OpTimeout)
 		case "methods":
-			err = listArg(d, &h.Methods)
+			return listArg(d, &h.Methods)
 		case "paths":
-			err = listArg(d, &h.Paths)
+			return listArg(d, &h.Paths)
 		case "inherit_headers":
-			err = listArg(d, &h.InheritHeaders)
+			return listArg(d, &h.InheritHeaders)
 		case "allow_forwarded_headers":
-			err = listArg(d, &h.AllowForwardedHeaders)
+			return listArg(d, &h.AllowForwardedHeaders)
 		case "retry_429":
-			err = intArg(d, &h.Retry429)
+			return intArg(d, &h.Retry429, 0)
 		case "async":
 			h.Async = new(AsyncConfig)
-			err = h.Async.unmarshalCaddyfile(d)
-		default:
-			return d.Errf("unrecognized subdirective '%s'", name)
+			return h.Async.unmarshalCaddyfile(d)
 		}
-		if err != nil {
-			return err
-		}
-	}
-	return nil
+		return d.Errf("unrecognized subdirective '%s'", name)
+	})
 }
 
 func (a *AsyncConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
-	seen := map[string]bool{}
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		name := d.Val()
-		if seen[name] {
-			return d.Errf("async: %s already specified", name)
-		}
-		seen[name] = true
-		var err error
+	return eachSubdirective(d, "async", func(name string) error {
 		switch name {
 		case "retention":
-			err = durationArg(d, &a.Retention)
+			return durationArg(d, &a.Retention)
 		case "workers":
-			err = intArg(d, &a.Workers)
+			return intArg(d, &a.Workers, 1)
 		case "owner":
-			err = oneArg(d, &a.Owner)
+			return oneArg(d, &a.Owner)
 		case "webhook":
 			a.Webhook = new(Webhook)
-			err = a.Webhook.unmarshalCaddyfile(d)
-		default:
-			return d.Errf("unrecognized async subdirective '%s'", name)
+			return a.Webhook.unmarshalCaddyfile(d)
 		}
-		if err != nil {
-			return err
-		}
-	}
-	return nil
+		return d.Errf("unrecognized async subdirective '%s'", name)
+	})
 }
 
 func (wh *Webhook) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
@@ -179,27 +155,32 @@ func (wh *Webhook) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
+	return eachSubdirective(d, "webhook", func(name string) error {
+		switch name {
+		case "secret":
+			return oneArg(d, &wh.Secret)
+		case "events":
+			return listArg(d, &wh.Events)
+		case "progress_interval":
+			return durationArg(d, &wh.ProgressInterval)
+		case "max_attempts":
+			return intArg(d, &wh.MaxAttempts, 1)
+		}
+		return d.Errf("unrecognized webhook subdirective '%s'", name)
+	})
+}
+
+// eachSubdirective calls fn for each subdirective of the block at d,
+// refusing one given twice; what names the block in errors.
+func eachSubdirective(d *caddyfile.Dispenser, what string, fn func(name string) error) error {
 	seen := map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		name := d.Val()
 		if seen[name] {
-			return d.Errf("webhook: %s already specified", name)
+			return d.Errf("%s: %s already specified", what, name)
 		}
 		seen[name] = true
-		var err error
-		switch name {
-		case "secret":
-			err = oneArg(d, &wh.Secret)
-		case "events":
-			err = listArg(d, &wh.Events)
-		case "progress_interval":
-			err = durationArg(d, &wh.ProgressInterval)
-		case "max_attempts":
-			err = intArg(d, &wh.MaxAttempts)
-		default:
-			return d.Errf("unrecognized webhook subdirective '%s'", name)
-		}
-		if err != nil {
+		if err := fn(name); err != nil {
 			return err
 		}
 	}
@@ -213,14 +194,14 @@ func oneArg(d *caddyfile.Dispenser, dst *string) error {
 	return nil
 }
 
-func intArg(d *caddyfile.Dispenser, dst *int) error {
+func intArg(d *caddyfile.Dispenser, dst *int, least int) error {
 	var s string
 	if !d.AllArgs(&s) {
 		return d.ArgErr()
 	}
 	n, err := strconv.Atoi(s)
-	if err != nil || n < 1 {
-		return d.Errf("expected a positive whole number, got %q", s)
+	if err != nil || n < least {
+		return d.Errf("expected a whole number of at least %d, got %q", least, s)
 	}
 	*dst = n
 	return nil
