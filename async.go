@@ -408,9 +408,9 @@ func wantsAsync(r *http.Request) bool {
 
 // submit stores a validated batch as a job, queues it and answers 202.
 func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
-	srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
-	if !ok {
-		return caddyhttp.Error(http.StatusInternalServerError, errors.New("batch handler is not running inside an HTTP server"))
+	srv, err := serverOf(r)
+	if err != nil {
+		return err
 	}
 	// The job's context is set when it starts; the runner keeps only the
 	// request's connection facts and inherited headers, in memory.

@@ -95,10 +95,20 @@ func connFactsOf(r *http.Request) connFacts {
 	}
 }
 
-func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
+// serverOf returns the server a request came through; sub-requests are
+// prepared for it.
+func serverOf(r *http.Request) (*caddyhttp.Server, error) {
 	srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
 	if !ok {
-		return caddyhttp.Error(http.StatusInternalServerError, errors.New("batch handler is not running inside an HTTP server"))
+		return nil, caddyhttp.Error(http.StatusInternalServerError, errors.New("batch handler is not running inside an HTTP server"))
+	}
+	return srv, nil
+}
+
+func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
+	srv, err := serverOf(r)
+	if err != nil {
+		return err
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.Timeout))
 	defer cancel()
