@@ -276,29 +276,10 @@ func TestAsyncTwoInstancesShareStorage(t *testing.T) {
 	be := newBackend(t)
 	storage := t.TempDir()
 	site := func(port int) string {
-		return fmt.Sprintf(`{
-	admin off
-	persist_config off
-	auto_https off
-	storage file_system %s
-	log {
-		level ERROR
-	}
-}
-http://127.0.0.1:%d {
-	batch /batch /batch/* {
-		async
-	}
-	reverse_proxy %s
-}
-`, storage, port, be.addr())
+		return testCaddyfile(storage, port, "", "batch /batch /batch/* {\n\tasync\n}\nreverse_proxy "+be.addr())
 	}
 	portA, portB := freePort(t), freePort(t)
-	cfgA, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(site(portA)), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := loadCaddy(t, cfgA, portA)
+	a := loadCaddy(t, adapt(t, site(portA)), portA)
 	b := startChildCaddy(t, site(portB), portB)
 
 	// Submitted to A, followed and read on B.
@@ -424,26 +405,7 @@ func TestAsyncSurvivesReload(t *testing.T) {
 	storage := t.TempDir()
 	port := freePort(t)
 	cfg := func(greeting string) []byte {
-		out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(fmt.Sprintf(`{
-	admin off
-	persist_config off
-	auto_https off
-	storage file_system %s
-	log {
-		level ERROR
-	}
-}
-http://127.0.0.1:%d {
-	batch /batch /batch/* {
-		async
-	}
-	respond /hello "%s"
-	reverse_proxy %s
-}`, storage, port, greeting, be.addr())), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return out
+		return adapt(t, testCaddyfile(storage, port, "", fmt.Sprintf("batch /batch /batch/* {\n\tasync\n}\nrespond /hello %q\nreverse_proxy %s", greeting, be.addr())))
 	}
 	base := loadCaddy(t, cfg("one"), port)
 	var ops []string
@@ -482,24 +444,7 @@ func TestAsyncInterruptedByShutdown(t *testing.T) {
 	be := newBackend(t)
 	storage := t.TempDir()
 	port := freePort(t)
-	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(fmt.Sprintf(`{
-	admin off
-	persist_config off
-	auto_https off
-	storage file_system %s
-	log {
-		level ERROR
-	}
-}
-http://127.0.0.1:%d {
-	batch /batch /batch/* {
-		async
-	}
-	reverse_proxy %s
-}`, storage, port, be.addr())), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfgJSON := adapt(t, testCaddyfile(storage, port, "", "batch /batch /batch/* {\n\tasync\n}\nreverse_proxy "+be.addr()))
 	base := loadCaddy(t, cfgJSON, port)
 	var ops []string
 	for i := range 20 {

@@ -25,7 +25,6 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/tidwall/gjson"
@@ -37,26 +36,7 @@ import (
 func startCaddyGlobal(t *testing.T, global, site string) string {
 	t.Helper()
 	port := freePort(t)
-	cfg := fmt.Sprintf(`{
-	admin off
-	persist_config off
-	auto_https off
-	storage file_system %s
-	http_port %d
-	log {
-		level ERROR
-	}
-	%s
-}
-http://127.0.0.1:%d {
-%s
-}
-`, t.TempDir(), port, global, port, site)
-	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
-	if err != nil {
-		t.Fatalf("adapting Caddyfile: %v\n%s", err, cfg)
-	}
-	return loadCaddy(t, cfgJSON, port)
+	return loadCaddy(t, adapt(t, testCaddyfile(t.TempDir(), port, global, site)), port)
 }
 
 // noLeaks snapshots the goroutines once Caddy and the backends are warm and

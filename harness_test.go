@@ -183,7 +183,14 @@ func startCaddy(t *testing.T, site string) string {
 func startCaddyIn(t *testing.T, storage, site string) string {
 	t.Helper()
 	port := freePort(t)
-	cfg := fmt.Sprintf(`{
+	return loadCaddy(t, adapt(t, testCaddyfile(storage, port, "", site)), port)
+}
+
+// testCaddyfile is a whole Caddyfile: the tests' global options (quiet, no
+// admin, no HTTPS, storage under storage) with global added, and site served
+// on port. site may use {PORT}.
+func testCaddyfile(storage string, port int, global, site string) string {
+	return fmt.Sprintf(`{
 	admin off
 	persist_config off
 	auto_https off
@@ -192,11 +199,17 @@ func startCaddyIn(t *testing.T, storage, site string) string {
 	log {
 		level ERROR
 	}
+	%s
 }
 http://127.0.0.1:%d {
 %s
 }
-`, storage, port, port, strings.ReplaceAll(site, "{PORT}", strconv.Itoa(port)))
+`, storage, port, global, port, strings.ReplaceAll(site, "{PORT}", strconv.Itoa(port)))
+}
+
+// adapt turns a Caddyfile into JSON config.
+func adapt(t *testing.T, cfg string) []byte {
+	t.Helper()
 	cfgJSON, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
 	if err != nil {
 		t.Fatalf("adapting Caddyfile: %v\n%s", err, cfg)
@@ -206,7 +219,7 @@ http://127.0.0.1:%d {
 			t.Logf("Caddyfile warning: %s", w)
 		}
 	}
-	return loadCaddy(t, cfgJSON, port)
+	return cfgJSON
 }
 
 // loadCaddy runs a JSON config that listens on port.

@@ -1,11 +1,8 @@
 package batch
 
 import (
-	"fmt"
 	"sync"
 	"testing"
-
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
 
 func TestIdempotencyKey(t *testing.T) {
@@ -76,27 +73,10 @@ func TestIdempotencyAcrossInstances(t *testing.T) {
 	be := newBackend(t)
 	storage := t.TempDir()
 	site := func(port int) string {
-		return fmt.Sprintf(`{
-	admin off
-	persist_config off
-	auto_https off
-	storage file_system %s
-	log {
-		level ERROR
-	}
-}
-http://127.0.0.1:%d {
-	batch /batch
-	reverse_proxy %s
-}
-`, storage, port, be.addr())
+		return testCaddyfile(storage, port, "", "batch /batch\nreverse_proxy "+be.addr())
 	}
 	portA, portB := freePort(t), freePort(t)
-	cfgA, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(site(portA)), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := loadCaddy(t, cfgA, portA)
+	a := loadCaddy(t, adapt(t, site(portA)), portA)
 	b := startChildCaddy(t, site(portB), portB)
 	batch := `[{"method":"POST","path":"/users","body":{"name":"Across"}}]`
 	_, _, first := post(t, a+"/batch", batch, alice, "Idempotency-Key: x")
