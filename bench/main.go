@@ -135,16 +135,11 @@ http://127.0.0.1:%d {
 		}
 	}
 }`, port, answer, baddr)
-	child, stop, err := startCaddy(cfg)
+	child, base, client, stop, err := launch(cfg, port, concurrency, "/respond/0")
 	if err != nil {
 		return err
 	}
 	defer stop()
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: concurrency * 2}, Timeout: 30 * time.Second}
-	if err := waitUp(client, base+"/respond/0"); err != nil {
-		return err
-	}
 	rss := func() string { return vmHWM(child.Process.Pid) }
 	fmt.Printf("caddy-batch load harness: %d client goroutines, %d operations per batch, %s per scenario\n", concurrency, nops, duration)
 	fmt.Printf("caddy RSS at start: %s\n\n", rss())

@@ -62,16 +62,11 @@ http://127.0.0.1:%d {
 	}
 	reverse_proxy %s
 }`, storage, port, addr)
-	child, stop, err := startCaddy(cfg)
+	child, base, client, stop, err := launch(cfg, port, concurrency, "/metrics")
 	if err != nil {
 		return err
 	}
 	defer stop()
-	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: concurrency * 2}, Timeout: 60 * time.Second}
-	if err := waitUp(client, base+"/metrics"); err != nil {
-		return err
-	}
 	startGo, startRSS := caddyGauges(client, base)
 	fmt.Printf("soak: %s, %d client goroutines, mixed sync/async/idempotent batches\n", d, concurrency)
 	fmt.Printf("caddy at start: %s RSS (peak %s), %s goroutines\n", startRSS, vmHWM(child.Process.Pid), startGo)
@@ -307,29 +302,31 @@ func caddyGauges(client *http.Client, base string) (goroutines, rss string) {
 	return goroutines, rss
 }
 
-// startCaddy runs cfg in a child process of this binary; stop ends it.
-func startCaddy(cfg string) (*exec.Cmd, func(), error) {
+// launch runs cfg, listening on port, in a child process of this binary,
+// and waits until probe answers; it returns the child, its base URL, a
+// client for it with room for concurrency connections, and what stops it.
+func launch(cfg string, port, concurrency int, probe string) (*exec.Cmd, string, *http.Client, func(), error) {
 	child := exec.Command(os.Args[0], "-serve", cfg)
 	child.Stderr = os.Stderr
 	stdin, err := child.StdinPipe()
 	if err != nil {
-		return nil, nil, err
+		return nil, "", nil, nil, err
 	}
 	if err := child.Start(); err != nil {
-		return nil, nil, err
+		return nil, "", nil, nil, err
 	}
-	return child, func() { stdin.Close(); _ = child.Wait() }, nil
-}
-
-func waitUp(client *http.Client, url string) error {
+	stop := func() { stdin.Close(); _ = child.Wait() }
+	base := fmt.Sprintf("http://127.0.0.1:%d", port)
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: concurrency * 2}, Timeout: 60 * time.Second}
 	for range 100 {
-		if resp, err := client.Get(url); err == nil {
+		if resp, err := client.Get(base + probe); err == nil {
 			resp.Body.Close()
-			return nil
+			return child, base, client, stop, nil
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	return errors.New("caddy did not start")
+	stop()
+	return nil, "", nil, nil, errors.New("caddy did not start")
 }
 
 // startBackend serves a fast JSON API: 404 for /missing, a 10 ms wait for
