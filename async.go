@@ -627,7 +627,7 @@ func writeProgress(w http.ResponseWriter, status int, p progress) error {
 
 // sweepJobs deletes expired jobs until ctx ends.
 func (h *Handler) sweepJobs(ctx context.Context) {
-	every := min(time.Duration(h.Async.Retention)/4, time.Hour)
+	every := min(max(time.Duration(h.Async.Retention)/4, time.Second), time.Hour)
 	tick := time.NewTicker(every)
 	defer tick.Stop()
 	for {

@@ -374,7 +374,7 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 				p.opFault(op, "method must be a string, got %s", val.Raw)
 				return true
 			}
-			op.method = strings.ToUpper(val.Str)
+			op.method = val.Str // checked and upper-cased by checkMethod
 		case fieldPath:
 			if val.Type != gjson.String {
 				p.opFault(op, "%s must be a string, got %s", key, val.Raw)
@@ -424,9 +424,11 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 		// all checked once resolved.
 	}
 	p.parseDeps(op, deps)
-	if rollback.Exists() {
+	if rollback.Exists() && rollback.Type != gjson.Null {
 		switch {
-		case kind != kindOp:
+		case kind == kindBulk:
+			p.opFault(op, "the operation of a bulk batch cannot have a rollback")
+		case kind == kindRollback:
 			p.opFault(op, "rollback: a rollback cannot have a rollback")
 		default:
 			op.rollback = p.parseOp(&operation{index: op.index, id: op.id, method: http.MethodGet, isRollback: true}, rollback, kindRollback)
@@ -495,10 +497,13 @@ func validID(id string) bool {
 }
 
 func (p *parser) checkMethod(op *operation) {
-	if !httpguts.ValidHeaderFieldName(op.method) { // a method is a token
+	// A method is a token, so ASCII: checked before upper-casing, which
+	// would fold "poſt" into "POST".
+	if !httpguts.ValidHeaderFieldName(op.method) {
 		p.opFault(op, "method %q is not a valid HTTP method", op.method)
 		return
 	}
+	op.method = strings.ToUpper(op.method)
 	if _, ok := p.lim.methods[op.method]; !ok {
 		p.opFault(op, "method %s is not allowed here", op.method)
 	}
@@ -538,14 +543,17 @@ func parseTarget(t string) (*url.URL, string) {
 		}
 	}
 	p, _, _ := strings.Cut(t, "?")
-	// Decode until stable, so that double-encoded dot-segments or separators
-	// ("%252e%252e") are seen as what a lenient backend may decode them to.
-	for range 3 {
-		d, err := url.PathUnescape(p)
-		if err != nil {
-			return nil, fmt.Sprintf("path has an invalid percent-escape, got %q", t)
-		}
-		if d == p {
+	d, err := url.PathUnescape(p)
+	if err != nil {
+		return nil, fmt.Sprintf("path has an invalid percent-escape, got %q", t)
+	}
+	// Decode again until stable, so that multiply encoded dot-segments or
+	// separators ("%252e%252e") are seen as what a backend that decodes
+	// more than once may make of them. Past the first decode a '%' may be
+	// plain data ("50%25off" is "50%off"): only valid escapes are decoded.
+	// Each round shortens p, so this ends.
+	for p = d; ; {
+		if d = unescapeValid(p); d == p {
 			break
 		}
 		p = d
@@ -566,6 +574,37 @@ func parseTarget(t string) (*url.URL, string) {
 		return nil, fmt.Sprintf("path %q does not parse: %v", t, err)
 	}
 	return u, ""
+}
+
+// unescapeValid decodes the valid %XX escapes of s and leaves the rest.
+func unescapeValid(s string) string {
+	if !strings.Contains(s, "%") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '%' && i+2 < len(s) && isHex(s[i+1]) && isHex(s[i+2]) {
+			b.WriteByte(unhex(s[i+1])<<4 | unhex(s[i+2]))
+			i += 2
+			continue
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+func isHex(c byte) bool {
+	return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F'
+}
+
+func unhex(c byte) byte {
+	switch {
+	case c >= 'a':
+		return c - 'a' + 10
+	case c >= 'A':
+		return c - 'A' + 10
+	}
+	return c - '0'
 }
 
 // Headers an operation may not set: they frame the message or the
@@ -765,8 +804,8 @@ func (p *parser) resolveDeps(b *batch) {
 				}
 			}
 		}
-	} else if len(p.faults) == 0 {
-		p.checkCycles(b)
+	} else {
+		p.checkCycles(b) // deps hold only valid indexes, whatever else is wrong
 	}
 }
 

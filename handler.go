@@ -215,8 +215,8 @@ func (h *Handler) provisionAsync(ctx caddy.Context) error {
 		a.Owner = h.owner
 	}
 	h.owner = a.Owner
-	if a.Retention < 0 || a.Workers < 0 {
-		return errors.New("retention and workers must be positive")
+	if a.Retention < caddy.Duration(time.Second) || a.Workers < 0 {
+		return errors.New("retention must be at least 1s and workers positive")
 	}
 	if a.Webhook != nil {
 		if err := a.Webhook.provision(); err != nil {

@@ -66,6 +66,9 @@ func (wh *Webhook) provision() error {
 	if wh.MaxAttempts == 0 {
 		wh.MaxAttempts = 6
 	}
+	if wh.ProgressInterval < 0 || wh.MaxAttempts < 0 {
+		return fmt.Errorf("webhook: progress_interval and max_attempts must be positive")
+	}
 	wh.client = &http.Client{Timeout: 10 * time.Second}
 	return nil
 }
