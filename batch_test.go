@@ -1,0 +1,960 @@
+package batch
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand"
+	"net/http"
+	"reflect"
+	"runtime/debug"
+	"strings"
+	"testing"
+	"unicode/utf8"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// Unit tests of the pure parser: parseBatch, parseTarget and appendString.
+// The same ground is walked end to end through a real Caddy in
+// handler_test.go and hardening_test.go; here each rule is pinned down
+// on its own, with the exact index and id of each fault.
+
+// ptLimits provisions and validates h (a zero Handler if nil) as Caddy
+// would, and returns the limits parseBatch is given.
+func ptLimits(t testing.TB, h *Handler) *limits {
+	t.Helper()
+	if h == nil {
+		h = &Handler{}
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	t.Cleanup(cancel)
+	if err := h.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	return &h.limits
+}
+
+// ptParse parses a batch that must be accepted.
+func ptParse(t *testing.T, lim *limits, body string) *batch {
+	t.Helper()
+	b, err := parseBatch([]byte(body), lim)
+	if err != nil {
+		t.Fatalf("%s\nrefused: %v", ptShort(body), err)
+	}
+	if b == nil || len(b.ops) == 0 {
+		t.Fatalf("%s\naccepted with no operations", ptShort(body))
+	}
+	return b
+}
+
+// ptFaults parses a batch that must be refused with faults.
+func ptFaults(t *testing.T, lim *limits, body string) badBatchError {
+	t.Helper()
+	b, err := parseBatch([]byte(body), lim)
+	var faults badBatchError
+	if !errors.As(err, &faults) {
+		t.Fatalf("%s\ngot batch %v, error %T %v; want faults", ptShort(body), b != nil, err, err)
+	}
+	if b != nil {
+		t.Fatalf("%s\nrefused, yet a batch came back", ptShort(body))
+	}
+	if len(faults) == 0 {
+		t.Fatalf("%s\nbadBatchError with no faults", ptShort(body))
+	}
+	return faults
+}
+
+func ptShort(s string) string {
+	if len(s) > 300 {
+		return fmt.Sprintf("%q... (%d bytes)", s[:300], len(s))
+	}
+	return fmt.Sprintf("%q", s)
+}
+
+// ptFault is a fault expected: at index (-1: the whole batch), naming id
+// (checked for operation faults only), with msg in its message.
+type ptFault struct {
+	index int
+	id    string
+	msg   string
+}
+
+// ptMatchFaults checks that each fault of want is in got, in order.
+func ptMatchFaults(t *testing.T, body string, got badBatchError, want []ptFault) {
+	t.Helper()
+	j := 0
+	for _, f := range got {
+		if j < len(want) && f.Index == want[j].index && (f.Index < 0 || f.ID == want[j].id) && strings.Contains(f.Message, want[j].msg) {
+			j++
+		}
+	}
+	if j < len(want) {
+		t.Errorf("%s\nfaults %s\nmissing %+v", ptShort(body), ptDump(got), want[j])
+	}
+}
+
+func ptDump(faults badBatchError) string {
+	var sb strings.Builder
+	for _, f := range faults {
+		fmt.Fprintf(&sb, "\n  {index %d, id %q: %s}", f.Index, f.ID, f.Message)
+	}
+	return sb.String()
+}
+
+// ptChain returns n operations, each depending on the one before (or on
+// the one after, with forward) through depends_on.
+func ptChain(n int, forward bool) string {
+	var sb strings.Builder
+	sb.WriteString(`{"mode":"parallel","batch":[`)
+	for i := range n {
+		if i > 0 {
+			sb.WriteByte(',')
+		}
+		fmt.Fprintf(&sb, `{"id":"op%d","path":"/items/%d"`, i, i)
+		switch {
+		case forward && i < n-1:
+			fmt.Fprintf(&sb, `,"depends_on":["op%d"]`, i+1)
+		case !forward && i > 0:
+			fmt.Fprintf(&sb, `,"depends_on":"op%d"`, i-1)
+		}
+		sb.WriteByte('}')
+	}
+	sb.WriteString(`]}`)
+	return sb.String()
+}
+
+func TestParseForms(t *testing.T) {
+	lim := ptLimits(t, nil)
+	cases := []struct {
+		name, body      string
+		form, ops       int
+		mode, atomicity string
+		async, dryRun   bool
+		lean            leanOptions
+	}{
+		{"bare array", `[{"path":"/a"},{"path":"/b"}]`, formArray, 2, modeSequential, atomicNone, false, false, leanOptions{}},
+		{"envelope batch", `{"batch":[{"path":"/a"}],"mode":"parallel"}`, formEnvelope, 1, modeParallel, atomicNone, false, false, leanOptions{}},
+		{"envelope requests", `{"requests":[{"path":"/a"},{"path":"/b"},{"path":"/c"}],"async":true}`, formEnvelope, 3, modeSequential, atomicNone, true, false, leanOptions{}},
+		{"envelope options", `{"batch":[{"path":"/a"}],"dry_run":true,"omit_response_on_success":true,"include_headers":false,"async":false}`,
+			formEnvelope, 1, modeSequential, atomicNone, false, true, leanOptions{omitSuccess: true, noHeaders: true}},
+		{"atomicity forces sequential", `{"batch":[{"path":"/a"}],"mode":"parallel","atomicity":"stop_on_error"}`, formEnvelope, 1, modeSequential, atomicStopOnError, false, false, leanOptions{}},
+		{"all_or_nothing", `{"atomicity":"all_or_nothing","batch":[{"path":"/a"}]}`, formEnvelope, 1, modeSequential, atomicAllOrNothing, false, false, leanOptions{}},
+		{"bulk", `{"operation":{"method":"POST","path":"/users"},"items":[{"name":"A"},{"name":"B"}],"mode":"parallel"}`, formBulk, 2, modeParallel, atomicNone, false, false, leanOptions{}},
+		{"bulk keys in any order", `{"items":[1],"async":true,"operation":{"method":"POST","path":"/users"}}`, formBulk, 1, modeSequential, atomicNone, true, false, leanOptions{}},
+		{"whitespace around", " \n\t[{\"path\":\"/a\"}]\r\n ", formArray, 1, modeSequential, atomicNone, false, false, leanOptions{}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			b := ptParse(t, lim, tc.body)
+			if b.form != tc.form || len(b.ops) != tc.ops || b.mode != tc.mode || b.atomicity != tc.atomicity ||
+				b.async != tc.async || b.dryRun != tc.dryRun || b.lean != tc.lean {
+				t.Errorf("got form %d, %d ops, mode %q, atomicity %q, async %v, dry run %v, lean %+v",
+					b.form, len(b.ops), b.mode, b.atomicity, b.async, b.dryRun, b.lean)
+			}
+			for i, op := range b.ops {
+				if op.index != i {
+					t.Errorf("op %d has index %d", i, op.index)
+				}
+			}
+		})
+	}
+
+	// The configured defaults apply when a batch does not say.
+	par := ptLimits(t, &Handler{Mode: "parallel", Atomicity: "none"})
+	if b := ptParse(t, par, `[{"path":"/a"}]`); b.mode != modeParallel {
+		t.Errorf("configured parallel: mode %q", b.mode)
+	}
+	if b := ptParse(t, par, `{"batch":[{"path":"/a"}],"mode":"sequential"}`); b.mode != modeSequential {
+		t.Errorf("batch overrides configured mode: mode %q", b.mode)
+	}
+	stop := ptLimits(t, &Handler{Mode: "parallel", Atomicity: "stop_on_error"})
+	if b := ptParse(t, stop, `[{"path":"/a"}]`); b.mode != modeSequential || b.atomicity != atomicStopOnError {
+		t.Errorf("configured stop_on_error: mode %q, atomicity %q", b.mode, b.atomicity)
+	}
+	if b := ptParse(t, stop, `{"batch":[{"path":"/a"}],"atomicity":"none","mode":"parallel"}`); b.mode != modeParallel || b.atomicity != atomicNone {
+		t.Errorf("batch overrides configured atomicity: mode %q, atomicity %q", b.mode, b.atomicity)
+	}
+}
+
+func TestParseOperation(t *testing.T) {
+	lim := ptLimits(t, nil)
+	type check func(t *testing.T, ops []*operation)
+	one := func(f func(t *testing.T, op *operation)) check {
+		return func(t *testing.T, ops []*operation) { f(t, ops[0]) }
+	}
+	body := func(want []byte, ctype string) check {
+		return one(func(t *testing.T, op *operation) {
+			if !bytes.Equal(op.body, want) || (want == nil) != (op.body == nil) {
+				t.Errorf("body %q (nil %v), want %q (nil %v)", op.body, op.body == nil, want, want == nil)
+			}
+			if got := op.header.Values("Content-Type"); ctype == "" && len(got) > 0 || ctype != "" && !reflect.DeepEqual(got, []string{ctype}) {
+				t.Errorf("Content-Type %q, want %q", got, ctype)
+			}
+		})
+	}
+	target := func(raw, path, query string) check {
+		return one(func(t *testing.T, op *operation) {
+			if op.target != raw || op.url == nil || op.url.Path != path || op.url.RawQuery != query {
+				t.Errorf("target %q url %+v, want %q, path %q, query %q", op.target, op.url, raw, path, query)
+			}
+		})
+	}
+	ids := func(want ...string) check {
+		return func(t *testing.T, ops []*operation) {
+			var got []string
+			for _, op := range ops {
+				got = append(got, op.id)
+			}
+			if !reflect.DeepEqual(got, want) {
+				t.Errorf("ids %q, want %q", got, want)
+			}
+		}
+	}
+	method := func(want string) check {
+		return one(func(t *testing.T, op *operation) {
+			if op.method != want {
+				t.Errorf("method %q, want %q", op.method, want)
+			}
+		})
+	}
+	deps := func(want ...[]int) check {
+		return func(t *testing.T, ops []*operation) {
+			for i, op := range ops {
+				var w []int
+				if i < len(want) {
+					w = want[i]
+				}
+				if len(op.deps) != len(w) || len(w) > 0 && !reflect.DeepEqual(op.deps, w) {
+					t.Errorf("op %d: deps %v, want %v", i, op.deps, w)
+				}
+				if op.depIDs != nil {
+					t.Errorf("op %d: depIDs %q left over", i, op.depIDs)
+				}
+			}
+		}
+	}
+	header := func(want http.Header) check {
+		return one(func(t *testing.T, op *operation) {
+			if !reflect.DeepEqual(op.header, want) {
+				t.Errorf("headers %v, want %v", op.header, want)
+			}
+		})
+	}
+
+	cases := []struct {
+		name, body string
+		check      check
+	}{
+		// Ids and their alias; the default is the index.
+		{"id", `[{"id":"create-1","path":"/a"}]`, ids("create-1")},
+		{"name alias", `[{"name":"a_B","path":"/a"}]`, ids("a_B")},
+		{"default ids", `[{"path":"/a"},{"id":"x","path":"/b"},{"path":"/c"}]`, ids("0", "x", "2")},
+		{"id of 128 characters", `[{"id":"` + strings.Repeat("a", 128) + `","path":"/a"}]`, ids(strings.Repeat("a", 128))},
+		{"default ids in envelope", `{"batch":[{"path":"/a"},{"path":"/b"}]}`, ids("0", "1")},
+
+		// Methods: default GET, upper-cased.
+		{"default method", `[{"path":"/a"}]`, method("GET")},
+		{"method lower case", `[{"method":"post","path":"/a"}]`, method("POST")},
+		{"method mixed case", `[{"method":"pAtCh","path":"/a"}]`, method("PATCH")},
+		{"method HEAD", `[{"method":"HEAD","path":"/a"}]`, method("HEAD")},
+
+		// Targets and their aliases.
+		{"path", `[{"path":"/users/42"}]`, target("/users/42", "/users/42", "")},
+		{"url alias", `[{"url":"/users?limit=5"}]`, target("/users?limit=5", "/users", "limit=5")},
+		{"relative_url alias", `[{"relative_url":"/me/feed?fields=id,name"}]`, target("/me/feed?fields=id,name", "/me/feed", "fields=id,name")},
+		{"percent-encoded path", `[{"path":"/files/a%20b/caf%C3%A9?q=a%26b"}]`, target("/files/a%20b/caf%C3%A9?q=a%26b", "/files/a b/café", "q=a%26b")},
+		{"dots in query", `[{"path":"/a?next=/../b"}]`, target("/a?next=/../b", "/a", "next=/../b")},
+
+		// Dependencies and their alias.
+		{"depends_on array", `[{"id":"a","path":"/a"},{"id":"b","path":"/b"},{"path":"/c","depends_on":["a","b"]}]`, deps(nil, nil, []int{0, 1})},
+		{"depends_on string", `[{"id":"a","path":"/a"},{"path":"/b","depends_on":"a"}]`, deps(nil, []int{0})},
+		{"dependsOn alias", `[{"id":"a","path":"/a"},{"path":"/b","dependsOn":["a"]}]`, deps(nil, []int{0})},
+		{"depends_on null", `[{"path":"/a","depends_on":null}]`, deps(nil)},
+		{"depends_on empty", `[{"path":"/a","depends_on":[]}]`, deps(nil)},
+		{"depends_on repeated once", `[{"id":"a","path":"/a"},{"path":"/b","depends_on":["a","a"]}]`, deps(nil, []int{0})},
+		{"depends on a default id", `[{"path":"/a"},{"path":"/b","depends_on":["0"]}]`, deps(nil, []int{0})},
+		{"reference implies depends_on", `[{"id":"a","path":"/a"},{"path":"/b/{{a.body.id}}"}]`, deps(nil, []int{0})},
+		{"parallel forward depends_on", `{"mode":"parallel","batch":[{"path":"/a","depends_on":["b"]},{"id":"b","path":"/b"}]}`, deps([]int{1})},
+
+		// Bodies.
+		{"object body exact bytes", `[{"path":"/a","body":{ "name" : "Alice", "n":[1, 2.50e1] }}]`, body([]byte(`{ "name" : "Alice", "n":[1, 2.50e1] }`), "application/json")},
+		{"array body", `[{"path":"/a","body":[1,"two",null]}]`, body([]byte(`[1,"two",null]`), "application/json")},
+		{"empty object body", `[{"path":"/a","body":{}}]`, body([]byte(`{}`), "application/json")},
+		{"number body", `[{"path":"/a","body":-1.50E+3}]`, body([]byte(`-1.50E+3`), "application/json")},
+		{"true body", `[{"path":"/a","body":true}]`, body([]byte(`true`), "application/json")},
+		{"false body", `[{"path":"/a","body":false}]`, body([]byte(`false`), "application/json")},
+		{"string body", `[{"path":"/a","body":"héllo\n\"w\"\u00e9\ud83d\ude00"}]`, body([]byte("héllo\n\"w\"é😀"), "text/plain; charset=utf-8")},
+		{"empty string body", `[{"path":"/a","body":""}]`, body([]byte{}, "text/plain; charset=utf-8")},
+		{"base64 body", `[{"path":"/a","body":"AAH/gA==","body_encoding":"base64"}]`, body([]byte{0, 1, 0xff, 0x80}, "application/octet-stream")},
+		{"null body", `[{"method":"POST","path":"/a","body":null}]`, body(nil, "")},
+		{"no body", `[{"method":"POST","path":"/a"}]`, body(nil, "")},
+		{"explicit Content-Type wins over JSON", `[{"path":"/a","headers":{"Content-Type":"application/merge-patch+json"},"body":{"a":1}}]`, body([]byte(`{"a":1}`), "application/merge-patch+json")},
+		{"explicit content-type wins over text", `[{"path":"/a","headers":{"content-type":"text/csv"},"body":"a,b\n1,2"}]`, body([]byte("a,b\n1,2"), "text/csv")},
+		{"explicit Content-Type wins over base64", `[{"path":"/a","headers":{"Content-Type":"image/png"},"body":"iVBO","body_encoding":"base64"}]`, body([]byte{0x89, 0x50, 0x4e}, "image/png")},
+		{"Content-Type kept with no body", `[{"path":"/a","headers":{"Content-Type":"text/plain"}}]`, body(nil, "text/plain")},
+
+		// Headers: canonical names, strings or lists of strings.
+		{"headers", `[{"path":"/a","headers":{"x-one":"1","X-Many":["a","b"],"Accept":""}}]`,
+			header(http.Header{"X-One": {"1"}, "X-Many": {"a", "b"}, "Accept": {""}})},
+		{"headers null", `[{"path":"/a","headers":null}]`, header(nil)},
+		{"headers and JSON body", `[{"path":"/a","headers":{"X-A":"1"},"body":[]}]`,
+			header(http.Header{"X-A": {"1"}, "Content-Type": {"application/json"}})},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			b := ptParse(t, lim, tc.body)
+			tc.check(t, b.ops)
+		})
+	}
+}
+
+func TestParseBulk(t *testing.T) {
+	lim := ptLimits(t, nil)
+	body := `{"operation":{"method":"post","path":"/users?src=crm","headers":{"X-Source":"crm"}},
+		"items":[{"name":"A"},"plain text",42,null,[1,2],{"name":"B"},true]}`
+	b := ptParse(t, lim, body)
+	want := []struct {
+		body  string
+		ctype string
+	}{
+		{`{"name":"A"}`, "application/json"},
+		{"plain text", "text/plain; charset=utf-8"},
+		{"42", "application/json"},
+		{"", ""},
+		{"[1,2]", "application/json"},
+		{`{"name":"B"}`, "application/json"},
+		{"true", "application/json"},
+	}
+	if len(b.ops) != len(want) {
+		t.Fatalf("%d ops, want %d", len(b.ops), len(want))
+	}
+	for i, op := range b.ops {
+		w := want[i]
+		if op.id != fmt.Sprint(i) || op.index != i || op.method != "POST" || op.target != "/users?src=crm" || op.url == nil || op.url.Path != "/users" {
+			t.Errorf("op %d: id %q index %d method %q target %q url %v", i, op.id, op.index, op.method, op.target, op.url)
+		}
+		if string(op.body) != w.body || (w.body == "") != (op.body == nil) {
+			t.Errorf("op %d: body %q, want %q", i, op.body, w.body)
+		}
+		if got := op.header.Get("Content-Type"); got != w.ctype || len(op.header.Values("Content-Type")) > 1 {
+			t.Errorf("op %d: Content-Type %q, want %q", i, op.header.Values("Content-Type"), w.ctype)
+		}
+		if got := op.header.Values("X-Source"); !reflect.DeepEqual(got, []string{"crm"}) {
+			t.Errorf("op %d: X-Source %q", i, got)
+		}
+		if len(op.deps) != 0 || op.rollback != nil || op.tmpl != nil {
+			t.Errorf("op %d: deps %v rollback %v tmpl %v", i, op.deps, op.rollback, op.tmpl)
+		}
+	}
+	// The operation of the null item has the template's headers as they
+	// were written: no item's default Content-Type leaked into them.
+	tmplHeader := b.ops[3].header
+	if !reflect.DeepEqual(tmplHeader, http.Header{"X-Source": {"crm"}}) {
+		t.Errorf("template headers changed by the items: %v", tmplHeader)
+	}
+	// Items of different types have header maps of their own.
+	if reflect.ValueOf(b.ops[0].header).UnsafePointer() == reflect.ValueOf(b.ops[1].header).UnsafePointer() {
+		t.Error("a JSON item and a text item share one header map")
+	}
+	for _, i := range []int{0, 1, 2} {
+		if reflect.ValueOf(b.ops[i].header).UnsafePointer() == reflect.ValueOf(tmplHeader).UnsafePointer() {
+			t.Errorf("op %d shares the template's header map but needs its own Content-Type", i)
+		}
+	}
+
+	t.Run("no template headers", func(t *testing.T) {
+		b := ptParse(t, lim, `{"operation":{"method":"PUT","path":"/x"},"items":["t",{"a":1},null]}`)
+		for i, want := range []string{"text/plain; charset=utf-8", "application/json", ""} {
+			if got := b.ops[i].header.Get("Content-Type"); got != want {
+				t.Errorf("op %d: Content-Type %q, want %q", i, got, want)
+			}
+		}
+		if len(b.ops[2].header) != 0 {
+			t.Errorf("null item has headers %v", b.ops[2].header)
+		}
+	})
+	t.Run("template Content-Type wins", func(t *testing.T) {
+		b := ptParse(t, lim, `{"operation":{"method":"POST","path":"/x","headers":{"Content-Type":"application/x-ndjson"}},"items":["t",{"a":1},7]}`)
+		for i, op := range b.ops {
+			if got := op.header.Values("Content-Type"); !reflect.DeepEqual(got, []string{"application/x-ndjson"}) {
+				t.Errorf("op %d: Content-Type %q", i, got)
+			}
+		}
+	})
+	t.Run("base64 items", func(t *testing.T) {
+		b := ptParse(t, lim, `{"operation":{"method":"POST","path":"/x","body_encoding":"base64"},"items":["AAE=","/w=="]}`)
+		if !bytes.Equal(b.ops[0].body, []byte{0, 1}) || !bytes.Equal(b.ops[1].body, []byte{0xff}) {
+			t.Errorf("bodies %q %q", b.ops[0].body, b.ops[1].body)
+		}
+		if got := b.ops[1].header.Get("Content-Type"); got != "application/octet-stream" {
+			t.Errorf("Content-Type %q", got)
+		}
+	})
+	t.Run("forwarded header in template", func(t *testing.T) {
+		b := ptParse(t, lim, `{"operation":{"method":"POST","path":"/x","headers":{"X-Forwarded-For":"1.2.3.4","X-A":"a"}},"items":[1]}`)
+		if _, ok := b.ops[0].header["X-Forwarded-For"]; ok || b.ops[0].header.Get("X-A") != "a" {
+			t.Errorf("headers %v", b.ops[0].header)
+		}
+	})
+}
+
+func TestParseFaults(t *testing.T) {
+	lim := ptLimits(t, nil)
+	limPaths := ptLimits(t, &Handler{Paths: []string{"/users", "/users/*"}})
+	op := func(fields string) string { return `[{"path":"/ok"},{"id":"x",` + fields + `}]` }
+	whole := func(msg string) []ptFault { return []ptFault{{-1, "", msg}} }
+	at := func(index int, id, msg string) []ptFault { return []ptFault{{index, id, msg}} }
+	cases := []struct {
+		name, body string
+		want       []ptFault
+		lim        *limits
+	}{
+		// Not a batch at all.
+		{"empty body", ``, whole("not valid JSON"), nil},
+		{"not JSON", `[{"path":"/a"}`, whole("not valid JSON"), nil},
+		{"trailing data", `[{"path":"/a"}] []`, whole("not valid JSON"), nil},
+		{"single quotes", `[{'path':'/a'}]`, whole("not valid JSON"), nil},
+		{"string", `"batch"`, whole("must be a JSON array of operations or an object"), nil},
+		{"number", `7`, whole("must be a JSON array of operations or an object"), nil},
+		{"null", `null`, whole("must be a JSON array of operations or an object"), nil},
+		{"invalid UTF-8 in a string", "[{\"path\":\"/a\xff\"}]", whole("not valid UTF-8"), nil},
+		{"invalid UTF-8 in a key", "[{\"pa\xc3th\":\"/a\"}]", whole("not valid UTF-8"), nil},
+		{"UTF-8 surrogate bytes", "[{\"path\":\"/a\",\"body\":\"\xed\xa0\x80\"}]", whole("not valid UTF-8"), nil},
+		{"overlong UTF-8", "[{\"path\":\"/\xc0\xaf\"}]", whole("not valid UTF-8"), nil},
+		{"nesting too deep", `[{"path":"/a","body":` + strings.Repeat("[", 63) + strings.Repeat("]", 63) + `}]`, whole("deeper than 64 levels"), nil},
+		{"nesting far too deep", strings.Repeat(`{"a":`, 100000) + "1" + strings.Repeat("}", 100000), whole("deeper than 64 levels"), nil},
+		{"unbalanced deep nesting", strings.Repeat("[", 1<<20), whole("deeper than 64 levels"), nil},
+
+		// Empty batches.
+		{"empty array", `[]`, whole("batch has no operations"), nil},
+		{"empty envelope", `{"batch":[]}`, whole("batch has no operations"), nil},
+		{"empty requests", `{"requests":[ ]}`, whole("batch has no operations"), nil},
+		{"no items", `{"operation":{"path":"/a"},"items":[]}`, whole("batch has no operations"), nil},
+
+		// The envelope.
+		{"empty object", `{}`, whole(`missing "batch"`), nil},
+		{"missing batch", `{"mode":"parallel"}`, whole(`missing "batch"`), nil},
+		{"batch not an array", `{"batch":{"path":"/a"}}`, whole(`"batch" must be an array of operations`), nil},
+		{"requests not an array", `{"requests":"/a"}`, whole(`"requests" must be an array of operations`), nil},
+		{"batch null", `{"batch":null}`, whole(`"batch" must be an array of operations`), nil},
+		{"batch twice", `{"batch":[{"path":"/a"}],"batch":[{"path":"/b"}]}`, whole(`field "batch" given twice`), nil},
+		{"batch and requests", `{"batch":[{"path":"/a"}],"requests":[{"path":"/b"}]}`, whole(`field "requests" given twice`), nil},
+		{"mode twice", `{"batch":[{"path":"/a"}],"mode":"parallel","mode":"parallel"}`, whole(`field "mode" given twice`), nil},
+		{"unknown envelope field", `{"batch":[{"path":"/a"}],"transactional":true}`, whole(`unknown field "transactional"`), nil},
+		{"bad mode", `{"batch":[{"path":"/a"}],"mode":"fast"}`, whole(`mode must be "sequential" or "parallel", got "fast"`), nil},
+		{"mode not a string", `{"batch":[{"path":"/a"}],"mode":1}`, whole(`mode must be "sequential" or "parallel", got 1`), nil},
+		{"mode wrong case", `{"batch":[{"path":"/a"}],"mode":"Parallel"}`, whole(`mode must be`), nil},
+		{"bad atomicity", `{"batch":[{"path":"/a"}],"atomicity":"some"}`, whole(`atomicity must be "none", "stop_on_error" or "all_or_nothing", got "some"`), nil},
+		{"async not a bool", `{"batch":[{"path":"/a"}],"async":"yes"}`, whole(`async must be true or false, got "yes"`), nil},
+		{"dry_run not a bool", `{"batch":[{"path":"/a"}],"dry_run":1}`, whole(`dry_run must be true or false, got 1`), nil},
+		{"include_headers not a bool", `{"batch":[{"path":"/a"}],"include_headers":null}`, whole(`include_headers must be true or false`), nil},
+		{"items without operation", `{"batch":[{"path":"/a"}],"items":[1]}`, whole(`"items" needs "operation"`), nil},
+		{"operation without items", `{"operation":{"path":"/a"}}`, whole(`"operation" needs "items"`), nil},
+		{"operation and batch", `{"operation":{"path":"/a"},"items":[1],"batch":[{"path":"/a"}]}`, whole(`give either "batch" or "operation" with "items", not both`), nil},
+		{"items not an array", `{"operation":{"path":"/a"},"items":{"a":1}}`, whole(`"items" must be an array`), nil},
+		{"several envelope faults", `{"batch":{},"mode":"x","atomicity":"y","bogus":1}`,
+			[]ptFault{{-1, "", `"batch" must be an array`}, {-1, "", "mode must be"}, {-1, "", "atomicity must be"}, {-1, "", `unknown field "bogus"`}}, nil},
+
+		// The operation object.
+		{"operation not an object", `[{"path":"/a"},1,"x",[]]`,
+			[]ptFault{{1, "1", "operation must be a JSON object"}, {2, "2", "operation must be a JSON object"}, {3, "3", "operation must be a JSON object"}}, nil},
+		{"unknown field", op(`"path":"/a","verb":"GET"`), at(1, "x", `unknown field "verb"`), nil},
+		{"field in wrong case", op(`"Path":"/a"`), at(1, "x", `unknown field "Path"`), nil},
+		{"path twice", `[{"path":"/a","path":"/b"}]`, at(0, "0", `field "path" given twice`), nil},
+		{"path and url", `[{"path":"/a","url":"/b"}]`, at(0, "0", `field "url" given twice (or with an alias)`), nil},
+		{"url and relative_url", `[{"url":"/a","relative_url":"/b"}]`, at(0, "0", `field "relative_url" given twice`), nil},
+		{"id and name", `[{"id":"a","name":"b","path":"/a"}]`, at(0, "a", `field "name" given twice`), nil},
+		{"body twice", op(`"path":"/a","body":1,"body":2`), at(1, "x", `field "body" given twice`), nil},
+		{"depends_on and dependsOn", `[{"id":"a","path":"/a"},{"id":"b","path":"/b","depends_on":["a"],"dependsOn":["a"]}]`, at(1, "b", `field "dependsOn" given twice`), nil},
+
+		// Ids.
+		{"id not a string", `[{"path":"/a"},{"id":7,"path":"/b"}]`, at(1, "1", "id must be a string, got 7"), nil},
+		{"name not a string", `[{"name":null,"path":"/b"}]`, at(0, "0", "name must be a string, got null"), nil},
+		{"empty id", `[{"id":"","path":"/a"}]`, at(0, "", `id "" must be 1 to 128 letters`), nil},
+		{"id with a dot", `[{"id":"a.b","path":"/a"}]`, at(0, "a.b", `id "a.b" must be`), nil},
+		{"id with braces", `[{"id":"{{a}}","path":"/a"}]`, at(0, "{{a}}", "must be 1 to 128"), nil},
+		{"id with a space", `[{"id":"a b","path":"/a"}]`, at(0, "a b", "must be 1 to 128"), nil},
+		{"id too long", `[{"id":"` + strings.Repeat("a", 129) + `","path":"/a"}]`, at(0, strings.Repeat("a", 129), "must be 1 to 128"), nil},
+		{"duplicate id", `[{"id":"a","path":"/a"},{"path":"/b"},{"id":"a","path":"/c"}]`, at(2, "a", `id "a" is already used by operation 0`), nil},
+		{"id taken by a default id", `[{"path":"/a"},{"id":"0","path":"/b"}]`, at(1, "0", `id "0" is already used by operation 0`), nil},
+		{"default id taken by an id", `[{"id":"1","path":"/a"},{"path":"/b"}]`, at(1, "1", `id "1" is already used by operation 0`), nil},
+
+		// Methods.
+		{"method not a string", op(`"method":1,"path":"/a"`), at(1, "x", "method must be a string, got 1"), nil},
+		{"method with a space", op(`"method":"GE T","path":"/a"`), at(1, "x", `method "GE T" is not a valid HTTP method`), nil},
+		{"empty method", op(`"method":"","path":"/a"`), at(1, "x", `method "" is not a valid HTTP method`), nil},
+		{"method with CRLF", op(`"method":"GET\r\nX","path":"/a"`), at(1, "x", "is not a valid HTTP method"), nil},
+		{"method not allowed", op(`"method":"TRACE","path":"/a"`), at(1, "x", "method TRACE is not allowed here"), nil},
+		{"lower-case method not allowed", op(`"method":"connect","path":"/a"`), at(1, "x", "method CONNECT is not allowed here"), nil},
+		{"OPTIONS not allowed by default", op(`"method":"OPTIONS","path":"/a"`), at(1, "x", "method OPTIONS is not allowed here"), nil},
+		// strings.ToUpper folds "ſ" (U+017F) to "S": a method that is no
+		// token must not come out as POST.
+		{"non-ASCII method folding to POST", op(`"method":"poſt","path":"/a"`), at(1, "x", "method"), nil},
+
+		// Targets.
+		{"no path", op(`"method":"GET"`), at(1, "x", "path is required"), nil},
+		{"empty path", op(`"path":""`), at(1, "x", "path is required"), nil},
+		{"path not a string", op(`"path":["/a"]`), at(1, "x", `path must be a string, got ["/a"]`), nil},
+		{"url not a string", op(`"url":5`), at(1, "x", "url must be a string, got 5"), nil},
+		{"absolute-form", op(`"path":"http://x/"`), at(1, "x", `path must be origin-form, got "http://x/"`), nil},
+		{"network-path", op(`"url":"//x/a"`), at(1, "x", `path must be origin-form, got "//x/a"`), nil},
+		{"relative path", op(`"relative_url":"me/feed"`), at(1, "x", `path must be origin-form, got "me/feed"`), nil},
+		{"backslash", op(`"path":"/a\\b"`), at(1, "x", `path must not hold '\'`), nil},
+		{"CRLF", op(`"path":"/a\r\nHost: x"`), at(1, "x", "path must not hold control characters or spaces"), nil},
+		{"encoded NUL", op(`"path":"/a%00"`), at(1, "x", "path must not encode control characters"), nil},
+		{"dot-segment", op(`"path":"/a/../b"`), at(1, "x", "path must not hold dot-segments"), nil},
+		{"encoded dot-segment", op(`"path":"/a/%2e%2e/b"`), at(1, "x", "path must not hold dot-segments"), nil},
+		{"fragment", op(`"path":"/a#b"`), at(1, "x", "path must not hold a fragment"), nil},
+		{"bad escape", op(`"path":"/a%g0"`), at(1, "x", "invalid percent-escape"), nil},
+		{"path not allowed", `[{"path":"/users/1"},{"id":"x","path":"/admin"}]`, at(1, "x", `path "/admin" is not allowed here`), limPaths},
+		{"path outside by prefix", `[{"id":"x","path":"/usersx"}]`, at(0, "x", `path "/usersx" is not allowed here`), limPaths},
+		{"path before a reference", `[{"id":"a","path":"/a"},{"id":"x","path":"//{{a.body.host}}/b"}]`, at(1, "x", "path must be origin-form"), nil},
+
+		// Headers.
+		{"headers not an object", op(`"path":"/a","headers":"X-A: 1"`), at(1, "x", `headers must be an object, got "X-A: 1"`), nil},
+		{"headers an array", op(`"path":"/a","headers":[["X-A","1"]]`), at(1, "x", "headers must be an object"), nil},
+		{"header name not a token", op(`"path":"/a","headers":{"X A":"1"}`), at(1, "x", `header name "X A" is not a valid token`), nil},
+		{"empty header name", op(`"path":"/a","headers":{"":"1"}`), at(1, "x", `header name "" is not a valid token`), nil},
+		{"header value with LF", op(`"path":"/a","headers":{"X-A":"1\nX-B: 2"}`), at(1, "x", "header X-A has a value with control characters"), nil},
+		{"header value number", op(`"path":"/a","headers":{"X-A":1}`), at(1, "x", "header X-A must be a string or an array of strings, got 1"), nil},
+		{"header value object", op(`"path":"/a","headers":{"X-A":{}}`), at(1, "x", "header X-A must be a string or an array of strings"), nil},
+		{"header list with a number", op(`"path":"/a","headers":{"X-A":["1",2]}`), at(1, "x", "header X-A: values must be strings, got 2"), nil},
+		{"header twice", op(`"path":"/a","headers":{"X-A":"1","x-a":"2"}`), at(1, "x", "header X-A given twice"), nil},
+
+		// Bodies.
+		{"body_encoding not base64", op(`"path":"/a","body":"AA==","body_encoding":"hex"`), at(1, "x", `body_encoding must be "base64", got "hex"`), nil},
+		{"body_encoding not a string", op(`"path":"/a","body":"AA==","body_encoding":true`), at(1, "x", `body_encoding must be "base64", got true`), nil},
+		{"bad base64", op(`"path":"/a","body":"!!!!","body_encoding":"base64"`), at(1, "x", "body is not valid base64"), nil},
+		{"unpadded base64", op(`"path":"/a","body":"AAE","body_encoding":"base64"`), at(1, "x", "body is not valid base64"), nil},
+		{"base64 of an object", op(`"path":"/a","body":{"a":1},"body_encoding":"base64"`), at(1, "x", `body_encoding "base64" needs a string body`), nil},
+		{"base64 with no body", op(`"path":"/a","body_encoding":"base64"`), at(1, "x", "body_encoding needs a body"), nil},
+		{"base64 with a null body", op(`"path":"/a","body":null,"body_encoding":"base64"`), at(1, "x", "body_encoding needs a body"), nil},
+
+		// Dependencies.
+		{"unknown dependency", `[{"id":"a","path":"/a","depends_on":["zz"]}]`, at(0, "a", `depends_on names unknown operation "zz"`), nil},
+		{"self dependency", `[{"id":"a","path":"/a","depends_on":"a"}]`, at(0, "a", "operation cannot depend on itself"), nil},
+		{"self dependency by default id", `[{"path":"/a"},{"path":"/b","depends_on":["1"]}]`, at(1, "1", "operation cannot depend on itself"), nil},
+		{"depends_on a number", op(`"path":"/a","depends_on":1`), at(1, "x", "depends_on must be an array of operation ids, got 1"), nil},
+		{"depends_on an object", op(`"path":"/a","depends_on":{"id":"0"}`), at(1, "x", "depends_on must be an array of operation ids"), nil},
+		{"depends_on holding a number", op(`"path":"/a","depends_on":["0",0]`), at(1, "x", "depends_on must hold operation ids (strings), got 0"), nil},
+		{"forward dependency in sequential mode", `[{"id":"a","path":"/a","depends_on":["b"]},{"id":"b","path":"/b"}]`,
+			at(0, "a", `depends on "b", which comes later`), nil},
+		{"forward dependency under stop_on_error", `{"mode":"parallel","atomicity":"stop_on_error","batch":[{"id":"a","path":"/a","depends_on":["b"]},{"id":"b","path":"/b"}]}`,
+			at(0, "a", `depends on "b", which comes later`), nil},
+		{"cycle", `{"mode":"parallel","batch":[{"id":"a","path":"/a","depends_on":["b"]},{"id":"b","path":"/b","depends_on":["a"]}]}`,
+			at(0, "a", "dependency cycle: a -> b -> a"), nil},
+		{"cycle of three", `{"mode":"parallel","batch":[{"id":"a","path":"/a","depends_on":"c"},{"id":"b","path":"/b","dependsOn":"a"},{"id":"c","path":"/c","depends_on":["b"]}]}`,
+			at(0, "a", "dependency cycle: a -> c -> b -> a"), nil},
+		{"cycle behind a good operation", `{"mode":"parallel","batch":[{"id":"r","path":"/r","depends_on":["x"]},{"id":"x","path":"/x","depends_on":["y"]},{"id":"y","path":"/y","depends_on":["x"]}]}`,
+			at(1, "x", "dependency cycle: x -> y -> x"), nil},
+		{"two cycles", `{"mode":"parallel","batch":[{"id":"a","path":"/a","depends_on":["b"]},{"id":"b","path":"/b","depends_on":["a"]},{"id":"c","path":"/c","depends_on":["d"]},{"id":"d","path":"/d","depends_on":["c"]}]}`,
+			[]ptFault{{0, "a", "dependency cycle: a -> b -> a"}, {2, "c", "dependency cycle: c -> d -> c"}}, nil},
+		{"cycle through a reference", `{"mode":"parallel","batch":[{"id":"a","path":"/a/{{b.status}}"},{"id":"b","path":"/b","headers":{"X-A":"{{a.headers.Etag}}"}}]}`,
+			at(0, "a", "dependency cycle: a -> b -> a"), nil},
+		{"reference to an unknown id", op(`"path":"/a/{{zz.body.id}}"`), at(1, "x", `reference {{zz.body.id}} names unknown operation "zz"`), nil},
+		{"reference to itself", op(`"path":"/a","body":{"v":"{{x.status}}"}`), at(1, "x", "an operation cannot refer to its own answer"), nil},
+		{"malformed reference", op(`"path":"/a/{{0.bogus}}"`), at(1, "x", "must be {{ID.status}}"), nil},
+
+		// Rollbacks.
+		{"rollback not an object", op(`"path":"/a","rollback":"DELETE /a"`), at(1, "x", "rollback: operation must be a JSON object"), nil},
+		{"rollback with an id", op(`"path":"/a","rollback":{"id":"r","path":"/a"}`), at(1, "x", `rollback: field "id" has no place in a rollback`), nil},
+		{"rollback with depends_on", op(`"path":"/a","rollback":{"path":"/a","depends_on":["0"]}`), at(1, "x", `rollback: field "depends_on" has no place`), nil},
+		{"rollback of a rollback", op(`"path":"/a","rollback":{"path":"/a","rollback":{"path":"/b"}}`), at(1, "x", `field "rollback" has no place`), nil},
+		{"rollback bad path", op(`"path":"/a","rollback":{"method":"DELETE","path":"/a/../b"}`), at(1, "x", "rollback: path must not hold dot-segments"), nil},
+		{"rollback bad method", op(`"path":"/a","rollback":{"method":"PURGE","path":"/a"}`), at(1, "x", "rollback: method PURGE is not allowed"), nil},
+		{"rollback unknown reference", op(`"path":"/a","rollback":{"path":"/a/{{nope.body.id}}"}`), at(1, "x", `rollback: reference {{nope.body.id}} names unknown operation "nope"`), nil},
+
+		// The bulk form: faults of the template are the whole batch's; of an
+		// item, that item's operation's.
+		{"bulk template not an object", `{"operation":"POST /a","items":[1]}`, whole("operation must be a JSON object"), nil},
+		{"bulk template with a body", `{"operation":{"method":"POST","path":"/a","body":{}},"items":[1]}`, whole(`the operation of a bulk batch takes its bodies from "items"`), nil},
+		{"bulk template with depends_on", `{"operation":{"method":"POST","path":"/a","depends_on":["x"]},"items":[1]}`, whole("the operation of a bulk batch cannot have depends_on"), nil},
+		{"bulk template bad path", `{"operation":{"method":"POST","path":"http://x/a"},"items":[1]}`, whole("path must be origin-form"), nil},
+		{"bulk template bad method", `{"operation":{"method":"TRACE","path":"/a"},"items":[1]}`, whole("method TRACE is not allowed"), nil},
+		{"bulk template refused header", `{"operation":{"method":"POST","path":"/a","headers":{"Host":"x"}},"items":[1]}`, whole("header Host may not be set"), nil},
+		{"bulk template with a rollback", `{"operation":{"method":"POST","path":"/a","rollback":{"method":"DELETE","path":"/a"}},"items":[1]}`, whole("bulk"), nil},
+		{"bulk template unknown field", `{"operation":{"method":"POST","path":"/a","bogus":1},"items":[1]}`, whole(`unknown field "bogus"`), nil},
+		{"bulk item bad base64", `{"operation":{"method":"POST","path":"/a","body_encoding":"base64"},"items":["AA==","%%","AA=="]}`, at(1, "1", "body is not valid base64"), nil},
+		{"bulk object item with base64", `{"operation":{"method":"POST","path":"/a","body_encoding":"base64"},"items":["AA==",{"a":1}]}`, at(1, "1", `body_encoding "base64" needs a string body`), nil},
+		{"bulk null item with base64", `{"operation":{"method":"POST","path":"/a","body_encoding":"base64"},"items":[null]}`, at(0, "0", "body_encoding needs a body"), nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			l := tc.lim
+			if l == nil {
+				l = lim
+			}
+			faults := ptFaults(t, l, tc.body)
+			ptMatchFaults(t, tc.body, faults, tc.want)
+			for _, f := range faults {
+				if f.Message == "" || f.Index < -1 {
+					t.Errorf("malformed fault %+v", f)
+				}
+			}
+		})
+	}
+
+	// Each header an operation may not set is refused by name, in any case.
+	for _, name := range []string{"Host", "content-length", "Transfer-Encoding", "CONNECTION", "Upgrade", "Keep-Alive", "TE", "Trailer",
+		"Proxy-Authorization", "proxy-connection", "X-HTTP-Method-Override", "X-Method-Override", "X-HTTP-Method"} {
+		t.Run("refused header "+name, func(t *testing.T) {
+			body := op(`"path":"/a","headers":{"` + name + `":"v"}`)
+			ptMatchFaults(t, body, ptFaults(t, lim, body), at(1, "x", "header "+http.CanonicalHeaderKey(name)+" may not be set by an operation"))
+		})
+	}
+}
+
+// A batch with many bad operations lists every fault, each with its
+// operation's index and id, and only those.
+func TestParseListsAllFaults(t *testing.T) {
+	lim := ptLimits(t, nil)
+	body := `[
+		{"id":"ok","path":"/a"},
+		{"id":"p","path":"http://x/"},
+		{"id":"m","method":"FLY","path":"/b"},
+		{"path":"/c","headers":{"Host":"x"},"body":"!!","body_encoding":"base64"},
+		{"id":"ok","path":"/d"},
+		{"id":"d","path":"/e","depends_on":["nope"]},
+		{"id":"fine","method":"DELETE","path":"/f"}
+	]`
+	want := []ptFault{
+		{1, "p", `path must be origin-form, got "http://x/"`},
+		{2, "m", "method FLY is not allowed here"},
+		{3, "3", "header Host may not be set"},
+		{3, "3", "body is not valid base64"},
+		{4, "ok", `id "ok" is already used by operation 0`},
+		{5, "d", `depends_on names unknown operation "nope"`},
+	}
+	faults := ptFaults(t, lim, body)
+	if len(faults) != len(want) {
+		t.Errorf("%d faults, want %d:%s", len(faults), len(want), ptDump(faults))
+	}
+	ptMatchFaults(t, body, faults, want)
+
+	// One operation with several faults has them all.
+	body = `[{"id":"a.b","method":"GE T","path":"//x","headers":{"Host":"h","X-A":1},"body":{},"body_encoding":"base64","bogus":1}]`
+	faults = ptFaults(t, lim, body)
+	ptMatchFaults(t, body, faults, []ptFault{
+		{0, "a.b", `unknown field "bogus"`},
+		{0, "a.b", "must be 1 to 128"},
+		{0, "a.b", "is not a valid HTTP method"},
+		{0, "a.b", "header Host may not be set"},
+		{0, "a.b", "header X-A must be a string"},
+		{0, "a.b", `needs a string body`},
+		{0, "a.b", "path must be origin-form"},
+	})
+
+	// A dependency cycle is listed along with the other faults.
+	body2 := `{"mode":"parallel","batch":[{"id":"a","path":"/a","depends_on":["b"]},{"id":"b","path":"/b","depends_on":["a"]},{"id":"c","path":"http://x/"}]}`
+	ptMatchFaults(t, body2, ptFaults(t, lim, body2), []ptFault{
+		{2, "c", "path must be origin-form"},
+		{0, "a", "dependency cycle: a -> b -> a"},
+	})
+
+	// The error message names every fault too.
+	if msg := faults.Error(); !strings.HasPrefix(msg, "invalid batch: ") || strings.Count(msg, "; ") != len(faults)-1 {
+		t.Errorf("error message %q", msg)
+	}
+}
+
+func TestParseMaxOps(t *testing.T) {
+	lim := ptLimits(t, &Handler{MaxOps: 3})
+	ops := func(n int) string {
+		return "[" + strings.TrimSuffix(strings.Repeat(`{"path":"/a"},`, n), ",") + "]"
+	}
+	if b := ptParse(t, lim, ops(3)); len(b.ops) != 3 {
+		t.Errorf("3 of 3: %d ops", len(b.ops))
+	}
+	cases := map[string]string{
+		"array":    ops(4),
+		"envelope": `{"batch":` + ops(10) + `}`,
+		"bulk":     `{"operation":{"method":"POST","path":"/a"},"items":[1,2,3,4]}`,
+		// Counted before any operation is looked at.
+		"bad operations": `[1,2,3,4,5]`,
+	}
+	for name, body := range cases {
+		t.Run(name, func(t *testing.T) {
+			b, err := parseBatch([]byte(body), lim)
+			var tooMany tooManyOpsError
+			if b != nil || !errors.As(err, &tooMany) || tooMany.max != 3 || tooMany.n <= 3 {
+				t.Fatalf("got %v, %T %v; want tooManyOpsError", b != nil, err, err)
+			}
+			if !strings.Contains(err.Error(), "more than the 3 allowed") {
+				t.Errorf("message %q", err)
+			}
+		})
+	}
+	// A fault of the envelope comes before counting.
+	body := `{"batch":` + ops(10) + `,"mode":"x"}`
+	ptMatchFaults(t, body, ptFaults(t, lim, body), []ptFault{{-1, "", "mode must be"}})
+}
+
+func TestParseNesting(t *testing.T) {
+	lim := ptLimits(t, nil)
+	nest := func(depth int) string {
+		// The batch array and the operation are two levels.
+		return `[{"path":"/a","body":` + strings.Repeat(`[`, depth-2) + strings.Repeat(`]`, depth-2) + `}]`
+	}
+	if b := ptParse(t, lim, nest(maxJSONDepth)); len(b.ops[0].body) != 2*(maxJSONDepth-2) {
+		t.Errorf("body of %d bytes", len(b.ops[0].body))
+	}
+	body := nest(maxJSONDepth + 1)
+	ptMatchFaults(t, body, ptFaults(t, lim, body), []ptFault{{-1, "", "nests JSON deeper than 64 levels"}})
+
+	// Brackets in strings are text, not nesting.
+	deepText := strings.Repeat("[{", 1000)
+	b := ptParse(t, lim, `[{"path":"/a","body":"`+deepText+`","headers":{"X-A":"`+strings.Repeat("]", 100)+`"}}]`)
+	if string(b.ops[0].body) != deepText {
+		t.Error("string body with brackets changed")
+	}
+	// Escaped quotes do not end a string early.
+	ptParse(t, lim, `[{"path":"/a","body":"\"[[[[\\\"`+strings.Repeat("[", 100)+`"}]`)
+}
+
+// A chain of 10,000 operations, each depending on the one before or after
+// it, is accepted without recursion as deep as the chain.
+func TestParseLongChain(t *testing.T) {
+	const n = 10000
+	lim := ptLimits(t, &Handler{MaxOps: n, Mode: "parallel"})
+	// A recursive walk needs well over 100 bytes of stack per operation;
+	// an iterative one stays far below this.
+	defer debug.SetMaxStack(debug.SetMaxStack(1 << 20))
+	for _, forward := range []bool{false, true} {
+		b := ptParse(t, lim, ptChain(n, forward))
+		for i, op := range b.ops {
+			want := i - 1
+			if forward {
+				want = i + 1
+			}
+			if want < 0 || want >= n {
+				if len(op.deps) != 0 {
+					t.Fatalf("op %d: deps %v", i, op.deps)
+				}
+			} else if len(op.deps) != 1 || op.deps[0] != want {
+				t.Fatalf("op %d: deps %v, want [%d]", i, op.deps, want)
+			}
+		}
+	}
+	// Closing the chain into a cycle is one fault naming all of it.
+	body := strings.Replace(ptChain(n, true), `"path":"/items/9999"`, `"path":"/items/9999","depends_on":["op0"]`, 1)
+	faults := ptFaults(t, lim, body)
+	if len(faults) != 1 || !strings.HasPrefix(faults[0].Message, "dependency cycle: op0 -> op1 -> op2") ||
+		!strings.HasSuffix(faults[0].Message, "op9998 -> op9999 -> op0") || faults[0].Index != 0 {
+		t.Errorf("faults %.300s", ptDump(faults))
+	}
+}
+
+func TestParseForwardedHeaders(t *testing.T) {
+	body := `[{"path":"/a","headers":{"X-Forwarded-For":"6.6.6.6","x-real-ip":"6.6.6.6","Forwarded":"for=6.6.6.6",
+		"X-Forwarded-Proto":"https","X-Forwarded-Host":"evil","X-Keep":"yes","X-Forwarded":"not a forwarded-* header"}}]`
+	cases := []struct {
+		name  string
+		allow []string
+		want  http.Header
+	}{
+		{"dropped by default", nil, http.Header{"X-Keep": {"yes"}, "X-Forwarded": {"not a forwarded-* header"}}},
+		{"some allowed", []string{"x-forwarded-proto", "Forwarded"}, http.Header{
+			"X-Keep": {"yes"}, "X-Forwarded": {"not a forwarded-* header"}, "X-Forwarded-Proto": {"https"}, "Forwarded": {"for=6.6.6.6"}}},
+		{"all allowed", []string{"X-Forwarded-For", "X-Real-IP", "Forwarded", "X-Forwarded-Proto", "X-Forwarded-Host"}, http.Header{
+			"X-Keep": {"yes"}, "X-Forwarded": {"not a forwarded-* header"}, "X-Forwarded-Proto": {"https"}, "Forwarded": {"for=6.6.6.6"},
+			"X-Forwarded-For": {"6.6.6.6"}, "X-Real-Ip": {"6.6.6.6"}, "X-Forwarded-Host": {"evil"}}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			lim := ptLimits(t, &Handler{AllowForwardedHeaders: tc.allow})
+			b := ptParse(t, lim, body)
+			if !reflect.DeepEqual(b.ops[0].header, tc.want) {
+				t.Errorf("headers %v\nwant %v", b.ops[0].header, tc.want)
+			}
+			// In a rollback too.
+			rb := ptParse(t, lim, `[{"path":"/a","rollback":{"path":"/b","headers":{"X-Forwarded-For":"1.1.1.1","X-Keep":"1"}}}]`).ops[0].rollback
+			_, kept := rb.header["X-Forwarded-For"]
+			if kept != (len(tc.allow) == 5) || rb.header.Get("X-Keep") != "1" {
+				t.Errorf("rollback headers %v", rb.header)
+			}
+		})
+	}
+	// A dropped header is still checked.
+	lim := ptLimits(t, nil)
+	bad := `[{"path":"/a","headers":{"X-Forwarded-For":"1\r\n2"}}]`
+	ptMatchFaults(t, bad, ptFaults(t, lim, bad), []ptFault{{0, "0", "header X-Forwarded-For has a value with control characters"}})
+}
+
+func TestParseTarget(t *testing.T) {
+	good := []struct{ target, path, query string }{
+		{"/", "/", ""},
+		{"/users", "/users", ""},
+		{"/users/42/", "/users/42/", ""},
+		{"/users?", "/users", ""},
+		{"/users?limit=5&sort=-name", "/users", "limit=5&sort=-name"},
+		{"/search?q=a%20b&x=%2e%2e%2f", "/search", "q=a%20b&x=%2e%2e%2f"},
+		{"/files/a%20b", "/files/a b", ""},
+		{"/caf%C3%A9/%E2%82%AC", "/café/€", ""},
+		{"/café", "/café", ""},
+		{"/a%2Fb", "/a/b", ""},
+		{"/a%3Bb", "/a;b", ""},
+		{"/a;b=c/d", "/a;b=c/d", ""},
+		{"/.well-known/openid-configuration", "/.well-known/openid-configuration", ""},
+		{"/a..b/...", "/a..b/...", ""},
+		{"/a/.b/..c/c..", "/a/.b/..c/c..", ""},
+		{"/a/%2e%2ex", "/a/..x", ""},
+		{"/users/{{a.body.id}}", "/users/{{a.body.id}}", ""},
+		{"/~user/a-b_c.d!$&'()*+,=:@", "/~user/a-b_c.d!$&'()*+,=:@", ""},
+		{"/a?x=\xc3\xa9&y=\x80", "/a", "x=\xc3\xa9&y=\x80"},
+		// A percent sign, encoded as it should be, is no escape of its own.
+		{"/files/50%25off", "/files/50%off", ""},
+		{"/discount/100%25", "/discount/100%", ""},
+	}
+	for _, tc := range good {
+		u, msg := parseTarget(tc.target)
+		if msg != "" || u == nil {
+			t.Errorf("%q refused: %s", tc.target, msg)
+			continue
+		}
+		if u.Path != tc.path || u.RawQuery != tc.query || u.Host != "" || u.Scheme != "" || u.Fragment != "" {
+			t.Errorf("%q: path %q query %q host %q scheme %q, want path %q query %q", tc.target, u.Path, u.RawQuery, u.Host, u.Scheme, tc.path, tc.query)
+		}
+	}
+
+	bad := map[string]string{
+		"empty":                "path is required",
+		"users":                "origin-form",
+		"*":                    "origin-form",
+		"http://x/":            "origin-form",
+		"HTTPS://x/a":          "origin-form",
+		"x.example:443":        "origin-form",
+		"//x/a":                "origin-form",
+		"//":                   "origin-form",
+		"///a":                 "origin-form",
+		"/a\\b":                `'\'`,
+		"\\\\x\\a":             "origin-form",
+		"/a%5cb":               "control characters or '\\'",
+		"/a%5Cb":               "control characters or '\\'",
+		"/a%255cb":             "control characters or '\\'",
+		"/a\rb":                "control characters",
+		"/a\nb":                "control characters",
+		"/a\x00b":              "control characters",
+		"/a\tb":                "control characters",
+		"/a\x7fb":              "control characters",
+		"/a b":                 "spaces",
+		"/a?q=a b":             "spaces",
+		"/a?q=\n":              "control characters",
+		"/a%00b":               "encode control characters",
+		"/a%0db":               "encode control characters",
+		"/a%0Ab":               "encode control characters",
+		"/a%0D%0AHost:%20x":    "encode control characters",
+		"/a%7f":                "encode control characters",
+		"/a%2500":              "encode control characters",
+		"/a/../b":              "dot-segments",
+		"/a/./b":               "dot-segments",
+		"/..":                  "dot-segments",
+		"/.":                   "dot-segments",
+		"/a/..":                "dot-segments",
+		"/a/.":                 "dot-segments",
+		"/a/..?x=1":            "dot-segments",
+		"/a/%2e%2e/b":          "dot-segments",
+		"/a/%2E%2E/b":          "dot-segments",
+		"/a/%2e/b":             "dot-segments",
+		"/a/.%2e/b":            "dot-segments",
+		"/a/%2e./b":            "dot-segments",
+		"/a%2f..%2fb":          "dot-segments",
+		"/a%2F%2e%2e%2Fb":      "dot-segments",
+		"/a/%252e%252e/b":      "dot-segments",
+		"/a/%252E%252E":        "dot-segments",
+		"/a/%25252e%25252e/b":  "dot-segments",
+		"/a/..;/b":             "dot-segments",
+		"/a/..;jsessionid=1/b": "dot-segments",
+		"/a/%2e%2e%3bx/b":      "dot-segments",
+		"/a#frag":              "fragment",
+		"/a?b#frag":            "fragment",
+		"/a%":                  "invalid percent-escape",
+		"/a%zz":                "invalid percent-escape",
+		"/a%2":                 "invalid percent-escape",
+		"/a?x=%zz\x01":         "control characters",
+		// However the fix for "/files/50%25off" goes, this must stay refused:
+		// a backend that decodes twice, leniently, sees "/a/../%zz".
+		"/a/%252e%252e/%25zz":       "",
+		"/a/%2e%2e%2f%2e%2e/etc":    "dot-segments",
+		"/static/..%5c..%5cwindows": "control characters or '\\'",
+	}
+	for target, want := range bad {
+		if target == "empty" {
+			target = ""
+		}
+		u, msg := parseTarget(target)
+		if msg == "" || u != nil {
+			t.Errorf("%q accepted as %v", target, u)
+			continue
+		}
+		if !strings.Contains(msg, want) {
+			t.Errorf("%q: message %q, want %q in it", target, msg, want)
+		}
+	}
+}
+
+// appendString must write valid JSON that reads back as json.Marshal's
+// string would: invalid UTF-8 becomes U+FFFD, byte for byte.
+func TestAppendString(t *testing.T) {
+	check := func(s string) {
+		t.Helper()
+		prefix := []byte(`{"k":`)
+		out := appendString(append([]byte(nil), prefix...), s)
+		if !bytes.HasPrefix(out, prefix) {
+			t.Fatalf("%q: prefix lost: %q", s, out)
+		}
+		out = out[len(prefix):]
+		if !json.Valid(out) {
+			t.Fatalf("%q: not valid JSON: %q", s, out)
+		}
+		if !utf8.Valid(out) {
+			t.Fatalf("%q: output is not valid UTF-8: %q", s, out)
+		}
+		var got, want string
+		if err := json.Unmarshal(out, &got); err != nil {
+			t.Fatalf("%q: %v", s, err)
+		}
+		std, _ := json.Marshal(s)
+		if err := json.Unmarshal(std, &want); err != nil {
+			t.Fatal(err)
+		}
+		if got != want {
+			t.Fatalf("%q: reads back as %q, json.Marshal's as %q", s, got, want)
+		}
+	}
+	fixed := []string{
+		"", "plain", `"quoted"`, `back\slash`, "\x00\x01\x1f\x7f", "\n\r\t\b\f", "</script>&<>",
+		"é€😀", "\u2028\u2029", "\ufffd", "\xff", "a\xffb", "\xc3", "\xc3(", "\xe2\x82", "\xed\xa0\x80", "\xed\xbf\xbf",
+		"\xc0\xaf", "\xf4\x8f\xbf\xbf", "\xf4\x90\x80\x80", "\xf8\x88\x80\x80\x80", "\x80\x80", "€\xe2\x82",
+		strings.Repeat("\\\"", 100), strings.Repeat("\xff", 100),
+	}
+	for _, s := range fixed {
+		check(s)
+	}
+	// Random strings, weighted towards the bytes that need care.
+	rng := rand.New(rand.NewSource(1))
+	special := []byte{0, 1, 0x1f, 0x20, '"', '\\', '/', '<', '>', '&', 0x7f, 0x80, 0xbf, 0xc0, 0xc2, 0xdf, 0xe0, 0xe2, 0xed, 0xef, 0xf0, 0xf4, 0xf5, 0xff}
+	for range 20000 {
+		b := make([]byte, rng.Intn(24))
+		for i := range b {
+			if rng.Intn(3) == 0 {
+				b[i] = special[rng.Intn(len(special))]
+			} else {
+				b[i] = byte(rng.Intn(256))
+			}
+		}
+		check(string(b))
+	}
+	// Valid UTF-8 is written as is, but for the escapes JSON needs.
+	if got := string(appendString(nil, "é€😀 </>&\u2028")); got != `"é€😀 </>&`+"\u2028"+`"` {
+		t.Errorf("valid UTF-8 changed: %s", got)
+	}
+	if got := string(appendString(nil, "a\"b\\c\nd\x01")); got != `"a\"b\\c\nd\u0001"` {
+		t.Errorf("escapes: %s", got)
+	}
+}

@@ -1,0 +1,491 @@
+package batch
+
+import (
+	"context"
+	"encoding/json"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+)
+
+// Caddyfile and JSON configuration, one subdirective or field at a time.
+// caddyfile_test.go holds the whole-block and matcher tests.
+
+// cfJSON is h as JSON, or a failure.
+func cfJSON(t *testing.T, h any) string {
+	t.Helper()
+	out, err := json.Marshal(h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(out)
+}
+
+// cfSameJSON reports whether two JSON texts hold the same value.
+func cfSameJSON(t *testing.T, a, b string) bool {
+	t.Helper()
+	var va, vb any
+	if err := json.Unmarshal([]byte(a), &va); err != nil {
+		t.Fatalf("%s: %v", a, err)
+	}
+	if err := json.Unmarshal([]byte(b), &vb); err != nil {
+		t.Fatalf("%s: %v", b, err)
+	}
+	return reflect.DeepEqual(va, vb)
+}
+
+func TestCaddyfileSubdirectives(t *testing.T) {
+	cases := []struct {
+		name, input, want string // want: the handler as JSON
+	}{
+		{"bare", `batch`, `{}`},
+		{"empty block", "batch {\n}", `{}`},
+		{"mode sequential", "batch {\n mode sequential\n}", `{"mode":"sequential"}`},
+		{"mode parallel", "batch {\n\tmode parallel\n}", `{"mode":"parallel"}`},
+		{"atomicity", "batch {\n atomicity all_or_nothing\n}", `{"atomicity":"all_or_nothing"}`},
+		{"concurrency", "batch {\n concurrency 1\n}", `{"concurrency":1}`},
+		{"concurrency large", "batch {\n concurrency 256\n}", `{"concurrency":256}`},
+		{"max_ops", "batch {\n max_ops 1000\n}", `{"max_ops":1000}`},
+		{"size in bytes", "batch {\n max_body_size 1024\n}", `{"max_body_size":1024}`},
+		{"size MB", "batch {\n max_body_size 1MB\n}", `{"max_body_size":1000000}`},
+		{"size mb", "batch {\n max_body_size 1mb\n}", `{"max_body_size":1000000}`},
+		{"size KiB", "batch {\n max_body_size 512KiB\n}", `{"max_body_size":524288}`},
+		{"size MiB", "batch {\n max_body_size 10MiB\n}", `{"max_body_size":10485760}`},
+		{"size fraction", "batch {\n max_body_size 1.5MB\n}", `{"max_body_size":1500000}`},
+		{"size GiB", "batch {\n max_response_size 2GiB\n}", `{"max_response_size":2147483648}`},
+		{"size kB", "batch {\n max_response_size 64kB\n}", `{"max_response_size":64000}`},
+		{"timeout seconds", "batch {\n timeout 90s\n}", `{"timeout":90000000000}`},
+		{"timeout compound", "batch {\n timeout 1h30m\n}", `{"timeout":5400000000000}`},
+		{"timeout days", "batch {\n timeout 1d\n}", `{"timeout":86400000000000}`},
+		{"op_timeout ms", "batch {\n op_timeout 250ms\n}", `{"op_timeout":250000000}`},
+		{"methods", "batch {\n methods GET POST\n}", `{"methods":["GET","POST"]}`},
+		{"one method", "batch {\n methods get\n}", `{"methods":["get"]}`},
+		{"paths", "batch {\n paths /api/* /v2/users /exact\n}", `{"paths":["/api/*","/v2/users","/exact"]}`},
+		{"inherit_headers", "batch {\n inherit_headers Authorization Cookie X-Request-Id\n}", `{"inherit_headers":["Authorization","Cookie","X-Request-Id"]}`},
+		{"allow_forwarded_headers", "batch {\n allow_forwarded_headers X-Forwarded-Proto X-Real-IP Forwarded\n}",
+			`{"allow_forwarded_headers":["X-Forwarded-Proto","X-Real-IP","Forwarded"]}`},
+		{"retry_429 zero", "batch {\n retry_429 0\n}", `{}`},
+		{"retry_429", "batch {\n retry_429 3\n}", `{"retry_429":3}`},
+		{"async bare", "batch {\n async\n}", `{"async":{}}`},
+		{"async empty block", "batch {\n async {\n }\n}", `{"async":{}}`},
+		{"async", "batch {\n async {\n  retention 1h\n  workers 2\n  owner {http.request.header.X-Api-Key}\n }\n}",
+			`{"async":{"retention":3600000000000,"workers":2,"owner":"{http.request.header.X-Api-Key}"}}`},
+		{"webhook bare", "batch {\n async {\n  webhook https://h.example/x\n }\n}", `{"async":{"webhook":{"url":"https://h.example/x"}}}`},
+		{"webhook", "batch {\n async {\n  webhook https://h.example/x {\n   secret \"two words\"\n   events completed error canceled progress\n   progress_interval 30s\n   max_attempts 1\n  }\n }\n}",
+			`{"async":{"webhook":{"url":"https://h.example/x","secret":"two words","events":["completed","error","canceled","progress"],"progress_interval":30000000000,"max_attempts":1}}}`},
+		{"comments and order", "batch {\n # defaults for the API\n max_ops 5 # five\n mode parallel\n}", `{"mode":"parallel","max_ops":5}`},
+		{"quoted values", "batch {\n mode \"parallel\"\n methods `GET` \"POST\"\n}", `{"mode":"parallel","methods":["GET","POST"]}`},
+		// The values are checked by Validate, not here.
+		{"mode not checked here", "batch {\n mode fast\n}", `{"mode":"fast"}`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var h Handler
+			if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input)); err != nil {
+				t.Fatalf("%q: %v", tc.input, err)
+			}
+			if got := cfJSON(t, &h); !cfSameJSON(t, got, tc.want) {
+				t.Errorf("%q:\ngot  %s\nwant %s", tc.input, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestCaddyfileRefused(t *testing.T) {
+	block := func(lines ...string) string { return "batch {\n" + strings.Join(lines, "\n") + "\n}" }
+	async := func(lines ...string) string { return block(append(append([]string{"async {"}, lines...), "}")...) }
+	webhook := func(lines ...string) string {
+		return async(append(append([]string{"webhook https://h.example/x {"}, lines...), "}")...)
+	}
+	bad := map[string]string{
+		"argument":       `batch /x`,
+		"two arguments":  `batch a b`,
+		"unknown":        block("bogus"),
+		"unknown cased":  block("Mode parallel"),
+		"camelCase name": block("maxOps 5"),
+
+		// Missing values.
+		"mode missing":                    block("mode"),
+		"atomicity missing":               block("atomicity"),
+		"concurrency missing":             block("concurrency"),
+		"max_ops missing":                 block("max_ops"),
+		"max_body_size missing":           block("max_body_size"),
+		"max_response_size missing":       block("max_response_size"),
+		"timeout missing":                 block("timeout"),
+		"op_timeout missing":              block("op_timeout"),
+		"methods missing":                 block("methods"),
+		"paths missing":                   block("paths"),
+		"inherit_headers missing":         block("inherit_headers"),
+		"allow_forwarded_headers missing": block("allow_forwarded_headers"),
+		"retry_429 missing":               block("retry_429"),
+		"retention missing":               async("retention"),
+		"workers missing":                 async("workers"),
+		"owner missing":                   async("owner"),
+		"webhook url missing":             async("webhook"),
+		"secret missing":                  webhook("secret"),
+		"events missing":                  webhook("events"),
+		"progress_interval missing":       webhook("progress_interval"),
+		"max_attempts missing":            webhook("max_attempts"),
+
+		// Extra values.
+		"mode extra":               block("mode parallel sequential"),
+		"atomicity extra":          block("atomicity none stop_on_error"),
+		"concurrency extra":        block("concurrency 1 2"),
+		"max_ops extra":            block("max_ops 5 6"),
+		"size extra":               block("max_body_size 1 MB"),
+		"max_response_size extra":  block("max_response_size 1MB 2MB"),
+		"timeout extra":            block("timeout 1s 2s"),
+		"op_timeout extra":         block("op_timeout 1 s"),
+		"retry_429 extra":          block("retry_429 1 2"),
+		"async argument":           block("async on"),
+		"async argument and block": block("async on {", "}"),
+		"retention extra":          async("retention 1h 2h"),
+		"workers extra":            async("workers 1 2"),
+		"owner extra":              async("owner a b"),
+		"webhook two urls":         async("webhook https://a https://b"),
+		"secret extra":             webhook("secret a b"),
+		"max_attempts extra":       webhook("max_attempts 1 2"),
+
+		// Bad numbers.
+		"concurrency zero":      block("concurrency 0"),
+		"concurrency negative":  block("concurrency -1"),
+		"concurrency fraction":  block("concurrency 1.5"),
+		"concurrency word":      block("concurrency ten"),
+		"concurrency hex":       block("concurrency 0x10"),
+		"max_ops zero":          block("max_ops 0"),
+		"max_ops huge":          block("max_ops 99999999999999999999"),
+		"retry_429 negative":    block("retry_429 -1"),
+		"workers zero":          async("workers 0"),
+		"max_attempts zero":     webhook("max_attempts 0"),
+		"max_attempts negative": webhook("max_attempts -3"),
+
+		// Bad sizes.
+		"size zero":      block("max_body_size 0"),
+		"size zero MB":   block("max_body_size 0MB"),
+		"size negative":  block("max_body_size -1MB"),
+		"size unit":      block("max_body_size 1XB"),
+		"size no number": block("max_body_size MB"),
+		"size word":      block("max_response_size huge"),
+		"size too large": block("max_body_size 100EB"),
+		"size overflow":  block("max_response_size 99999999999999999999999"),
+
+		// Bad durations.
+		"duration zero":          block("timeout 0s"),
+		"duration bare zero":     block("timeout 0"),
+		"duration negative":      block("timeout -5s"),
+		"duration no unit":       block("op_timeout 5"),
+		"duration word":          block("op_timeout soon"),
+		"duration unit":          block("op_timeout 5x"),
+		"retention negative":     async("retention -1h"),
+		"retention zero":         async("retention 0s"),
+		"progress_interval zero": webhook("progress_interval 0s"),
+
+		// Given twice.
+		"mode twice":                    block("mode parallel", "mode parallel"),
+		"max_body_size twice":           block("max_body_size 1MB", "max_body_size 2MB"),
+		"methods twice":                 block("methods GET", "methods POST"),
+		"paths twice":                   block("paths /a", "paths /b"),
+		"allow_forwarded_headers twice": block("allow_forwarded_headers Forwarded", "allow_forwarded_headers X-Real-IP"),
+		"async twice":                   block("async", "async"),
+		"retention twice":               async("retention 1h", "retention 2h"),
+		"webhook twice":                 async("webhook https://a", "webhook https://b"),
+		"secret twice":                  webhook("secret a", "secret b"),
+		"events twice":                  webhook("events completed", "events error"),
+
+		// Blocks where none belong, and unknown nested subdirectives.
+		"block on mode":            block("mode parallel {", "x", "}"),
+		"async unknown":            async("bogus 1"),
+		"async batch subdirective": async("mode parallel"),
+		"webhook unknown":          webhook("url https://x"),
+	}
+	for name, input := range bad {
+		t.Run(name, func(t *testing.T) {
+			var h Handler
+			err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input))
+			if err == nil {
+				t.Errorf("%q accepted as %s", input, cfJSON(t, &h))
+			} else if !strings.Contains(err.Error(), "Testfile:") {
+				t.Errorf("%q: error %q does not say where", input, err)
+			}
+		})
+	}
+}
+
+// Provision fills in defaults; the JSON config gets the checks the
+// Caddyfile parser does not make.
+func TestProvisionDefaults(t *testing.T) {
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	var h Handler
+	if err := json.Unmarshal([]byte(`{}`), &h); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	want := `{"mode":"sequential","concurrency":10,"atomicity":"none","max_ops":100,"max_body_size":10485760,
+		"max_response_size":10485760,"timeout":60000000000,"op_timeout":30000000000}`
+	if got := cfJSON(t, &h); !cfSameJSON(t, got, want) {
+		t.Errorf("defaults:\ngot  %s\nwant %s", got, want)
+	}
+	if h.limits.mode != "sequential" || h.limits.atomicity != "none" || h.limits.maxOps != 100 ||
+		h.limits.pathAllow != nil || len(h.limits.forwarded) != 0 || h.inherit != nil {
+		t.Errorf("limits %+v", h.limits)
+	}
+	var methods []string
+	for m := range h.limits.methods {
+		methods = append(methods, m)
+	}
+	if len(methods) != 6 {
+		t.Errorf("default methods %q", methods)
+	}
+	for _, m := range defaultMethods {
+		if _, ok := h.limits.methods[m]; !ok {
+			t.Errorf("default methods lack %s", m)
+		}
+	}
+
+	// Configured values are kept, and normalized for lookups.
+	h2 := Handler{Methods: []string{"get", "Post", "PURGE"}, AllowForwardedHeaders: []string{"x-forwarded-proto", "X-REAL-IP"},
+		InheritHeaders: []string{"authorization", "x-request-id"}, Paths: []string{"/api/*"}, Mode: "parallel", Concurrency: 3, MaxOps: 7}
+	if err := h2.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := h2.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	if len(h2.limits.methods) != 3 || h2.limits.maxOps != 7 || h2.limits.mode != "parallel" || h2.Concurrency != 3 {
+		t.Errorf("limits %+v", h2.limits)
+	}
+	for _, m := range []string{"GET", "POST", "PURGE"} {
+		if _, ok := h2.limits.methods[m]; !ok {
+			t.Errorf("methods lack %s: %v", m, h2.limits.methods)
+		}
+	}
+	for _, name := range []string{"X-Forwarded-Proto", "X-Real-Ip"} {
+		if _, ok := h2.limits.forwarded[name]; !ok {
+			t.Errorf("forwarded lacks %s: %v", name, h2.limits.forwarded)
+		}
+	}
+	if !reflect.DeepEqual(h2.inherit, []string{"Authorization", "X-Request-Id"}) {
+		t.Errorf("inherit %q", h2.inherit)
+	}
+	if h2.limits.pathAllow == nil {
+		t.Error("paths give no pathAllow")
+	}
+}
+
+func TestProvisionRefusesBadJSONConfig(t *testing.T) {
+	bad := map[string]string{
+		"mode":                       `{"mode":"fast"}`,
+		"mode wrong case":            `{"mode":"Parallel"}`,
+		"atomicity":                  `{"atomicity":"all"}`,
+		"concurrency negative":       `{"concurrency":-1}`,
+		"max_ops negative":           `{"max_ops":-5}`,
+		"max_body_size negative":     `{"max_body_size":-1}`,
+		"max_response_size negative": `{"max_response_size":-1}`,
+		"timeout negative":           `{"timeout":"-1s"}`,
+		"op_timeout negative":        `{"op_timeout":-5}`,
+		"retry_429 negative":         `{"retry_429":-1}`,
+		"method with a space":        `{"methods":["GE T"]}`,
+		"empty method":               `{"methods":[""]}`,
+		"method with a newline":      `{"methods":["GET\n"]}`,
+		"forwarded: not forwarded":   `{"allow_forwarded_headers":["Authorization"]}`,
+		"forwarded: X-Forwarded":     `{"allow_forwarded_headers":["X-Forwarded"]}`,
+		"forwarded: one of many":     `{"allow_forwarded_headers":["X-Forwarded-For","Cookie"]}`,
+		"forwarded: Forwarded-For":   `{"allow_forwarded_headers":["Forwarded-For"]}`,
+		"async workers negative":     `{"async":{"workers":-1}}`,
+		"async retention negative":   `{"async":{"retention":"-1h"}}`,
+		"webhook without url":        `{"async":{"webhook":{"secret":"s"}}}`,
+		"webhook without secret":     `{"async":{"webhook":{"url":"https://h.example/x"}}}`,
+		"webhook unknown event":      `{"async":{"webhook":{"url":"https://h.example/x","secret":"s","events":["done"]}}}`,
+	}
+	for name, cfg := range bad {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+			defer cancel()
+			var h Handler
+			if err := json.Unmarshal([]byte(cfg), &h); err != nil {
+				t.Fatal(err)
+			}
+			err := h.Provision(ctx)
+			if err == nil {
+				err = h.Validate()
+				_ = h.Cleanup()
+			}
+			if err == nil {
+				t.Errorf("%s accepted", cfg)
+			}
+		})
+	}
+	// A negative value is not mistaken for "unset" and defaulted.
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	h := Handler{Concurrency: -1}
+	if err := h.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if h.Concurrency != -1 || h.Validate() == nil {
+		t.Errorf("concurrency -1 became %d", h.Concurrency)
+	}
+}
+
+// The webhook refuses in JSON what its Caddyfile form refuses: a delivery
+// that is never given up, and progress sent on every change.
+func TestWebhookProvisionRefusesNegatives(t *testing.T) {
+	bad := map[string]Webhook{
+		"max_attempts negative":      {URL: "https://h.example/x", Secret: "s", MaxAttempts: -1},
+		"progress_interval negative": {URL: "https://h.example/x", Secret: "s", ProgressInterval: caddy.Duration(-1)},
+	}
+	for name, wh := range bad {
+		t.Run(name, func(t *testing.T) {
+			if err := wh.provision(); err == nil {
+				t.Errorf("%+v accepted", wh)
+			}
+		})
+	}
+	good := Webhook{URL: "https://h.example/x", Secret: "s"}
+	if err := good.provision(); err != nil || good.MaxAttempts < 1 || good.ProgressInterval <= 0 || len(good.Events) == 0 {
+		t.Errorf("defaults: %v %+v", err, good)
+	}
+}
+
+// cfAdapt adapts a Caddyfile site with body and returns every route whose
+// handlers include batch, as its matcher sets and the batch handler.
+func cfAdapt(t *testing.T, body string) (matches []json.RawMessage, handlers []map[string]any, err error) {
+	t.Helper()
+	out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(":8080 {\n"+body+"\n}"), nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	var cfg any
+	if err := json.Unmarshal(out, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	var walk func(v any)
+	walk = func(v any) {
+		switch v := v.(type) {
+		case map[string]any:
+			if hs, ok := v["handle"].([]any); ok {
+				for _, h := range hs {
+					if hm, ok := h.(map[string]any); ok && hm["handler"] == "batch" {
+						m, _ := json.Marshal(v["match"])
+						matches = append(matches, m)
+						handlers = append(handlers, hm)
+					}
+				}
+			}
+			for _, e := range v {
+				walk(e)
+			}
+		case []any:
+			for _, e := range v {
+				walk(e)
+			}
+		}
+	}
+	walk(cfg)
+	return matches, handlers, nil
+}
+
+func TestAdaptBatchDirective(t *testing.T) {
+	cases := []struct {
+		name, site, match, handler string
+	}{
+		{"paths and a block", "batch /batch /batch/* {\n mode parallel\n concurrency 4\n max_ops 5\n max_body_size 1MB\n max_response_size 512KiB\n timeout 30s\n op_timeout 2s\n methods GET POST\n paths /api/*\n allow_forwarded_headers X-Forwarded-Proto\n retry_429 2\n async {\n  workers 2\n }\n}",
+			`[{"path":["/batch","/batch/*"]}]`,
+			`{"handler":"batch","mode":"parallel","concurrency":4,"max_ops":5,"max_body_size":1000000,"max_response_size":524288,
+			  "timeout":30000000000,"op_timeout":2000000000,"methods":["GET","POST"],"paths":["/api/*"],
+			  "allow_forwarded_headers":["X-Forwarded-Proto"],"retry_429":2,"async":{"workers":2}}`},
+		{"paths, no block", "batch /batch /batch/*", `[{"path":["/batch","/batch/*"]}]`, `{"handler":"batch"}`},
+		{"three paths", "batch /a /b /c/*", `[{"path":["/a","/b","/c/*"]}]`, `{"handler":"batch"}`},
+		{"one path", "batch /one", `[{"path":["/one"]}]`, `{"handler":"batch"}`},
+		{"one path and a block", "batch /one {\n atomicity stop_on_error\n}", `[{"path":["/one"]}]`, `{"handler":"batch","atomicity":"stop_on_error"}`},
+		{"named matcher", "@api path /api/batch\nbatch @api", `[{"path":["/api/batch"]}]`, `{"handler":"batch"}`},
+		{"named matcher block", "@api {\n path /x\n method POST\n}\nbatch @api {\n max_ops 3\n}", `[{"method":["POST"],"path":["/x"]}]`, `{"handler":"batch","max_ops":3}`},
+		{"no matcher", "batch", `null`, `{"handler":"batch"}`},
+		{"no matcher, a block", "batch {\n mode parallel\n}", `null`, `{"handler":"batch","mode":"parallel"}`},
+		{"wildcard matcher", "batch *", `null`, `{"handler":"batch"}`},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			matches, handlers, err := cfAdapt(t, tc.site)
+			if err != nil {
+				t.Fatalf("%q: %v", tc.site, err)
+			}
+			if len(handlers) != 1 {
+				t.Fatalf("%q: %d batch handlers", tc.site, len(handlers))
+			}
+			if !cfSameJSON(t, string(matches[0]), tc.match) {
+				t.Errorf("%q: match %s, want %s", tc.site, matches[0], tc.match)
+			}
+			if got := cfJSON(t, handlers[0]); !cfSameJSON(t, got, tc.handler) {
+				t.Errorf("%q:\nhandler %s\nwant    %s", tc.site, got, tc.handler)
+			}
+		})
+	}
+
+	bad := map[string]string{
+		"path then not a path":   "batch /a notapath",
+		"two named matchers":     "@a path /a\n@b path /b\nbatch @a @b",
+		"named then a path":      "@a path /a\nbatch @a /b",
+		"path then wildcard":     "batch /a *",
+		"undefined matcher":      "batch @nope",
+		"unknown subdirective":   "batch /a /b {\n bogus\n}",
+		"missing value":          "batch /a {\n mode\n}",
+		"argument after a block": "batch {\n mode parallel\n} extra",
+	}
+	for name, site := range bad {
+		t.Run("refused "+name, func(t *testing.T) {
+			if _, handlers, err := cfAdapt(t, site); err == nil {
+				t.Errorf("%q adapted to %v", site, handlers)
+			}
+		})
+	}
+}
+
+// batch is ordered before every other directive, so that each operation
+// passes through all of them.
+func TestAdaptBatchFirst(t *testing.T) {
+	out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(`:8080 {
+	respond /ping "pong"
+	rewrite /old /new
+	vars x 1
+	root * /srv
+	basic_auth /private/* {
+		u $2a$14$Zkx19XLiW6VYouLHR5NmfOFU0z2GTNmpkT/5qqR7hx4IjWJPDhjvG
+	}
+	header X-A 1
+	reverse_proxy /api/* localhost:9000
+	batch /batch /batch/*
+}`), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cfg struct {
+		Apps struct {
+			HTTP struct {
+				Servers map[string]struct {
+					Routes []struct {
+						Handle []map[string]any `json:"handle"`
+					} `json:"routes"`
+				} `json:"servers"`
+			} `json:"http"`
+		} `json:"apps"`
+	}
+	if err := json.Unmarshal(out, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	for _, srv := range cfg.Apps.HTTP.Servers {
+		if len(srv.Routes) < 2 || srv.Routes[0].Handle[0]["handler"] != "batch" {
+			t.Errorf("batch is not the first route: %s", out)
+		}
+	}
+}

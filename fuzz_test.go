@@ -1,0 +1,269 @@
+package batch
+
+import (
+	"errors"
+	"net/http"
+	"net/url"
+	"strings"
+	"testing"
+
+	"golang.org/x/net/http/httpguts"
+)
+
+// Fuzz targets of the parser: every refused batch has faults, every
+// accepted batch is checked whole (dependency graph acyclic, headers
+// clean, rollbacks in shape), and every accepted target is decoded as a
+// backend would decode it. FuzzReferences is in refs_test.go. Seeds are
+// here and in testdata/fuzz/<name>/.
+
+var fzBatchSeeds = []string{
+	`[{"method":"POST","path":"/users","body":{"name":"Alice"}},{"method":"PUT","path":"/users/42","body":{"email":"new@mail.com"}},{"method":"DELETE","path":"/users/15"}]`,
+	`{"requests":[{"name":"a","url":"/users?x=1"},{"id":"b","relative_url":"/users/{{a.body.0.id}}","dependsOn":"a"}],"mode":"parallel","include_headers":false}`,
+	`{"operation":{"method":"post","path":"/users","headers":{"X-Source":"crm","X-Forwarded-For":"1.1.1.1"}},"items":[{"name":"A"},"text",1,null,[true]],"async":false}`,
+	`{"atomicity":"all_or_nothing","batch":[{"id":"c","method":"POST","path":"/users","body":"{{x}}","rollback":{"method":"DELETE","path":"/users/{{c.body.id}}"}}]}`,
+	`{"mode":"parallel","batch":[{"id":"a","path":"/a","depends_on":["c"]},{"id":"b","path":"/b","depends_on":["a"]},{"id":"c","path":"/c","depends_on":["b"]}]}`,
+	`{"mode":"parallel","batch":[{"id":"a","path":"/a/{{b.status}}"},{"id":"b","path":"/b","headers":{"X-E":"{{a.headers.Etag}}"}}]}`,
+	`[{"path":"/a","path":"/b"},{"id":"x","name":"y","url":"//evil/"},{"method":"GE T","path":"/%252e%252e/"},{"path":"/a","headers":{"Host":"h","X-Real-IP":"1"}}]`,
+	`[{"path":"/a","body":"AAH/","body_encoding":"base64"},{"path":"/b","body":{},"body_encoding":"base64"},{"path":"/c","headers":{"Content-Type":"text/csv"},"body":"a,b"}]`,
+	`{"batch":[{"path":"/a"}],"batch":[],"mode":"fast","atomicity":"some","async":1,"x":null}`,
+	`[{"path":"/a","depends_on":["0"]},{"path":"/b","depends_on":["0","0",1]},{"id":"0","path":"/c"}]`,
+	"[{\"path\":\"/a\xff\"}]",
+	`[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]`,
+	`[]`, `{}`, `null`, `"x"`, `[1]`, ``,
+}
+
+var fzTargetSeeds = []string{
+	"/", "/users/1?x=%20&y=/../", "/a/%2e%2e/b", "/a/%252e%252E/b", "/a/%25252e%25252e", "/a/..;x/b", "/a%2f..%2fb",
+	"//x", "http://x/", "/a\\b", "/a%5c", "/a%00", "/a%0d%0a", "/a#f", "/a b", "/é", "/files/50%25off", "/a%", "/.well-known/x",
+}
+
+func FuzzParseBatch(f *testing.F) {
+	for _, s := range fzBatchSeeds {
+		f.Add(s)
+	}
+	lim := ptLimits(f, &Handler{MaxOps: 50, AllowForwardedHeaders: []string{"X-Forwarded-Proto"}})
+	limPar := ptLimits(f, &Handler{MaxOps: 50, Mode: "parallel"})
+	f.Fuzz(func(t *testing.T, body string) {
+		for _, l := range []*limits{lim, limPar} {
+			b, err := parseBatch([]byte(body), l)
+			b2, err2 := parseBatch([]byte(body), l)
+			if (err == nil) != (err2 == nil) || err != nil && err.Error() != err2.Error() || (b == nil) != (b2 == nil) {
+				t.Fatalf("two parses differ: %v / %v", err, err2)
+			}
+			if err != nil {
+				fzCheckRefusal(t, b, err, l)
+				continue
+			}
+			fzCheckBatch(t, b, l)
+		}
+	})
+}
+
+func fzCheckRefusal(t *testing.T, b *batch, err error, l *limits) {
+	t.Helper()
+	if b != nil {
+		t.Fatalf("refused (%v), yet a batch came back", err)
+	}
+	var faults badBatchError
+	var tooMany tooManyOpsError
+	switch {
+	case errors.As(err, &faults):
+		if len(faults) == 0 || len(faults) > maxFaults+1 {
+			t.Fatalf("%d faults", len(faults))
+		}
+		for _, f := range faults {
+			if f.Message == "" || f.Index < -1 || f.Index >= l.maxOps {
+				t.Fatalf("malformed fault %+v", f)
+			}
+		}
+	case errors.As(err, &tooMany):
+		if tooMany.n <= tooMany.max || tooMany.max != l.maxOps {
+			t.Fatalf("too many: %+v", tooMany)
+		}
+	default:
+		t.Fatalf("refused without faults: %T %v", err, err)
+	}
+}
+
+func fzCheckBatch(t *testing.T, b *batch, l *limits) {
+	t.Helper()
+	if b == nil || len(b.ops) == 0 || len(b.ops) > l.maxOps {
+		t.Fatalf("accepted with %d ops", len(b.ops))
+	}
+	if b.form < formArray || b.form > formBulk {
+		t.Fatalf("form %d", b.form)
+	}
+	if b.mode != modeSequential && b.mode != modeParallel {
+		t.Fatalf("mode %q", b.mode)
+	}
+	switch b.atomicity {
+	case atomicNone:
+	case atomicStopOnError, atomicAllOrNothing:
+		if b.mode != modeSequential {
+			t.Fatalf("atomicity %s in %s mode", b.atomicity, b.mode)
+		}
+	default:
+		t.Fatalf("atomicity %q", b.atomicity)
+	}
+	ids := make(map[string]bool, len(b.ops))
+	for i, op := range b.ops {
+		if op == nil || op.index != i || op.isRollback {
+			t.Fatalf("op %d: %+v", i, op)
+		}
+		if !validID(op.id) || ids[op.id] {
+			t.Fatalf("op %d: id %q empty, invalid or repeated", i, op.id)
+		}
+		ids[op.id] = true
+		fzCheckOp(t, op, l)
+		seen := map[int]bool{}
+		for _, d := range op.deps {
+			if d < 0 || d >= len(b.ops) || d == i || seen[d] {
+				t.Fatalf("op %d: dependency %d of %v", i, d, op.deps)
+			}
+			if b.mode == modeSequential && d > i {
+				t.Fatalf("op %d: forward dependency %d in sequential mode", i, d)
+			}
+			seen[d] = true
+		}
+		if op.depIDs != nil {
+			t.Fatalf("op %d: depIDs left over", i)
+		}
+		if op.tmpl != nil {
+			for _, r := range op.tmpl.refs() {
+				if r.op < 0 || r.op >= len(b.ops) || r.op == i || !seen[r.op] {
+					t.Fatalf("op %d: reference %s to %d, not among deps %v", i, r.raw, r.op, op.deps)
+				}
+			}
+		}
+		if rb := op.rollback; rb != nil {
+			if !rb.isRollback || rb.index != i || rb.id != op.id || rb.rollback != nil || len(rb.deps) != 0 {
+				t.Fatalf("op %d: rollback %+v", i, rb)
+			}
+			fzCheckOp(t, rb, l)
+		}
+	}
+	// No cycles: Kahn's algorithm removes every operation.
+	waiting := make([]int, len(b.ops))
+	after := make([][]int, len(b.ops))
+	var ready []int
+	for i, op := range b.ops {
+		waiting[i] = len(op.deps)
+		for _, d := range op.deps {
+			after[d] = append(after[d], i)
+		}
+		if waiting[i] == 0 {
+			ready = append(ready, i)
+		}
+	}
+	done := 0
+	for len(ready) > 0 {
+		i := ready[len(ready)-1]
+		ready = ready[:len(ready)-1]
+		done++
+		for _, j := range after[i] {
+			if waiting[j]--; waiting[j] == 0 {
+				ready = append(ready, j)
+			}
+		}
+	}
+	if done != len(b.ops) {
+		t.Fatalf("dependency cycle accepted: %d of %d operations can run", done, len(b.ops))
+	}
+}
+
+func fzCheckOp(t *testing.T, op *operation, l *limits) {
+	t.Helper()
+	if _, ok := l.methods[op.method]; !ok {
+		t.Fatalf("op %d: method %q not allowed", op.index, op.method)
+	}
+	templated := op.tmpl != nil && op.tmpl.target != nil
+	if !templated {
+		if op.url == nil {
+			t.Fatalf("op %d: target %q has no URL", op.index, op.target)
+		}
+		if u, msg := parseTarget(op.target); msg != "" || u.String() != op.url.String() {
+			t.Fatalf("op %d: target %q: %s", op.index, op.target, msg)
+		}
+	} else if op.url != nil {
+		t.Fatalf("op %d: templated target %q has a URL already", op.index, op.target)
+	}
+	for name, values := range op.header {
+		if name != http.CanonicalHeaderKey(name) || !httpguts.ValidHeaderFieldName(name) {
+			t.Fatalf("op %d: header name %q", op.index, name)
+		}
+		if refusedHeaders[name] || methodOverride[name] || strings.HasPrefix(name, "Proxy-") {
+			t.Fatalf("op %d: header %s let through", op.index, name)
+		}
+		if _, allowed := l.forwarded[name]; isForwardedHeader(name) && !allowed {
+			t.Fatalf("op %d: forwarded header %s let through", op.index, name)
+		}
+		for _, v := range values {
+			if !httpguts.ValidHeaderFieldValue(v) {
+				t.Fatalf("op %d: header %s value %q", op.index, name, v)
+			}
+		}
+	}
+	if op.body != nil && op.header.Get("Content-Type") == "" {
+		t.Fatalf("op %d: body with no Content-Type", op.index)
+	}
+	if op.keepBody && !op.keepHeader {
+		t.Fatalf("op %d: keeps its body but not its headers", op.index)
+	}
+}
+
+func FuzzParseTarget(f *testing.F) {
+	for _, s := range fzTargetSeeds {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, target string) {
+		u, msg := parseTarget(target)
+		if msg != "" {
+			if u != nil {
+				t.Fatalf("%q refused (%s), yet a URL came back", target, msg)
+			}
+			return
+		}
+		if u == nil {
+			t.Fatalf("%q accepted with no URL", target)
+		}
+		if len(target) == 0 || target[0] != '/' || len(target) > 1 && target[1] == '/' {
+			t.Fatalf("%q accepted: not a single leading '/'", target)
+		}
+		for i := 0; i < len(target); i++ {
+			if c := target[i]; c <= ' ' || c == 0x7f || c == '\\' || c == '#' {
+				t.Fatalf("%q accepted with byte %#x", target, c)
+			}
+		}
+		if u.Scheme != "" || u.Host != "" || u.User != nil || u.Opaque != "" || u.Fragment != "" {
+			t.Fatalf("%q accepted as %#v", target, u)
+		}
+		raw, _, _ := strings.Cut(target, "?")
+		once, err := url.PathUnescape(raw)
+		if err != nil {
+			t.Fatalf("%q accepted with a bad escape: %v", target, err)
+		}
+		if u.Path != once {
+			t.Fatalf("%q: URL path %q, decoded %q", target, u.Path, once)
+		}
+		// Decoded as the parser does, as far as a lenient backend would:
+		// up to three times, while each decoding succeeds.
+		p := raw
+		for n := 0; ; n++ {
+			for i := 0; i < len(p); i++ {
+				if c := p[i]; c < ' ' || c == 0x7f || c == '\\' {
+					t.Fatalf("%q decodes to %q, with byte %#x", target, p, c)
+				}
+			}
+			for seg := range strings.SplitSeq(p, "/") {
+				if seg, _, _ = strings.Cut(seg, ";"); seg == "." || seg == ".." {
+					t.Fatalf("%q decodes to %q, with a dot-segment", target, p)
+				}
+			}
+			d, err := url.PathUnescape(p)
+			if n == 3 || err != nil || d == p {
+				break
+			}
+			p = d
+		}
+	})
+}
