@@ -414,26 +414,8 @@ func (rn *runner) attempt(parent, ctx context.Context, op *operation) result {
 	case ctx.Err() != nil:
 		return result{status: http.StatusGatewayTimeout, err: "operation timed out after " + time.Duration(rn.h.OpTimeout).String()}
 	}
-	var p panicError
-	switch {
-	case err == nil:
-	case errors.Is(err, errNestedBatch):
-		return result{status: http.StatusBadRequest, err: errNestedBatchMsg}
-	case errors.As(err, &p):
-		rn.h.logger.Error("panic in handler serving batch operation",
-			zap.String("batch", rn.id), zap.String("op", op.id), zap.Any("panic", p.value), zap.String("stack", p.stack))
-		return result{status: http.StatusInternalServerError, err: "handler panicked"}
-	case errors.Is(err, http.ErrAbortHandler):
-		return result{status: http.StatusBadGateway, err: "response was cut off"}
-	default:
-		// Handlers often return an error instead of writing one; it decides
-		// the status, and what they wrote before (WWW-Authenticate, say) stays.
-		status := http.StatusInternalServerError
-		var he caddyhttp.HandlerError
-		if errors.As(err, &he) && he.StatusCode != 0 {
-			status = he.StatusCode
-		}
-		return result{status: status, header: w.header}
+	if err != nil {
+		return rn.failed(op, w, err)
 	}
 	status := w.status
 	if status == 0 {
@@ -442,28 +424,50 @@ func (rn *runner) attempt(parent, ctx context.Context, op *operation) result {
 	return result{status: status, header: w.header, body: w.body, w: w}
 }
 
+// failed is the result of an operation whose handler returned err.
+func (rn *runner) failed(op *operation, w *opWriter, err error) result {
+	var p panicError
+	switch {
+	case errors.Is(err, errNestedBatch):
+		return result{status: http.StatusBadRequest, err: errNestedBatchMsg}
+	case errors.As(err, &p):
+		rn.h.logger.Error("panic in handler serving batch operation",
+			zap.String("batch", rn.id), zap.String("op", op.id), zap.Any("panic", p.value), zap.String("stack", p.stack))
+		return result{status: http.StatusInternalServerError, err: "handler panicked"}
+	case errors.Is(err, http.ErrAbortHandler):
+		return result{status: http.StatusBadGateway, err: "response was cut off"}
+	}
+	// Handlers often return an error instead of writing one; it decides
+	// the status, and what they wrote before (WWW-Authenticate, say) stays.
+	status := http.StatusInternalServerError
+	var he caddyhttp.HandlerError
+	if errors.As(err, &he) && he.StatusCode != 0 {
+		status = he.StatusCode
+	}
+	return result{status: status, header: w.header}
+}
+
 // newRequest builds the sub-request of op: a fresh request with its own
 // replacer, vars and route-group state, carrying the outer request's
 // connection facts and inherited headers under its own.
 func (rn *runner) newRequest(ctx context.Context, op *operation, w http.ResponseWriter) *http.Request {
 	c := &rn.conn
-	header := make(http.Header, len(rn.inherited)+len(op.header))
-	for k, v := range rn.inherited {
-		header[k] = v[:len(v):len(v)] // appends copy: parallel ops share these slices
-	}
-	for k, v := range op.header {
-		header[k] = v[:len(v):len(v)]
-	}
 	// NewRequestWithContext sets the context without the copy WithContext
 	// makes; the empty target parses to a URL of our own to fill in, as
-	// handlers such as rewrite change r.URL in place.
+	// handlers such as rewrite change r.URL in place, and its header map is
+	// ours to fill.
 	req, err := http.NewRequestWithContext(ctx, op.method, "", nil)
 	if err != nil { // the method was validated
 		panic(err)
 	}
+	for k, v := range rn.inherited {
+		req.Header[k] = v[:len(v):len(v)] // appends copy: parallel ops share these slices
+	}
+	for k, v := range op.header {
+		req.Header[k] = v[:len(v):len(v)]
+	}
 	*req.URL = *op.url
 	req.Proto, req.ProtoMajor, req.ProtoMinor = c.proto, c.protoMajor, c.protoMinor
-	req.Header = header
 	req.Body = http.NoBody
 	req.Host = c.host
 	req.RemoteAddr = c.remoteAddr // before PrepareRequest: it derives the client IP from it
