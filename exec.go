@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -191,8 +192,10 @@ func (rn *runner) record(sum summary, took time.Duration) {
 // runSequential runs the operations in array order in the request's own
 // goroutine.
 func (rn *runner) runSequential() {
+	clk := new(opClock)
+	defer clk.stop()
 	for i, op := range rn.b.ops {
-		rn.results[i] = rn.runOne(op)
+		rn.results[i] = rn.runOne(op, clk)
 		w := rn.results[i].w
 		rn.results[i].w = nil
 		rn.out.ready(i)
@@ -211,8 +214,10 @@ func (rn *runner) runParallel() {
 	done := make(chan int, workers) // never blocks a worker: at most workers in flight
 	for range workers {
 		go func() {
+			clk := new(opClock)
+			defer clk.stop()
 			for i := range jobs {
-				rn.results[i] = rn.runOne(rn.b.ops[i])
+				rn.results[i] = rn.runOne(rn.b.ops[i], clk)
 				done <- i
 			}
 		}()
@@ -253,7 +258,7 @@ func (rn *runner) runParallel() {
 }
 
 // runOne decides what becomes of one operation: run it, or answer for it.
-func (rn *runner) runOne(op *operation) result {
+func (rn *runner) runOne(op *operation, clk *opClock) result {
 	if rn.ctx.Err() != nil {
 		return rn.cutOff()
 	}
@@ -268,7 +273,7 @@ func (rn *runner) runOne(op *operation) result {
 			return result{status: statusSkipped, err: fmt.Sprintf("dependency %s failed with status %d", rn.b.ops[d].id, dep.status)}
 		}
 	}
-	res := rn.resolveAndExec(rn.ctx, op)
+	res := rn.resolveAndExec(rn.ctx, op, clk)
 	if rn.b.atomicity != atomicNone && failed(&res) {
 		rn.stoppedAt = op.index
 	}
@@ -276,7 +281,7 @@ func (rn *runner) runOne(op *operation) result {
 }
 
 // resolveAndExec fills in op's references and runs it.
-func (rn *runner) resolveAndExec(ctx context.Context, op *operation) result {
+func (rn *runner) resolveAndExec(ctx context.Context, op *operation, clk *opClock) result {
 	op, err := rn.resolve(op)
 	if err != nil {
 		return result{status: statusSkipped, err: err.Error()}
@@ -286,7 +291,7 @@ func (rn *runner) resolveAndExec(ctx context.Context, op *operation) result {
 		// who sends it means a batch inside a batch.
 		return result{status: http.StatusBadRequest, err: errNestedBatchMsg}
 	}
-	return rn.exec(ctx, op)
+	return rn.exec(ctx, op, clk)
 }
 
 // rollBack runs, in reverse order, the rollback of every operation that
@@ -294,6 +299,8 @@ func (rn *runner) resolveAndExec(ctx context.Context, op *operation) result {
 func (rn *runner) rollBack() {
 	// Compensation must run even if the batch timed out or the client left.
 	ctx := context.WithoutCancel(rn.ctx)
+	clk := new(opClock)
+	defer clk.stop()
 	for i := rn.stoppedAt - 1; i >= 0; i-- {
 		res := &rn.results[i]
 		if failed(res) {
@@ -301,7 +308,7 @@ func (rn *runner) rollBack() {
 		}
 		undone := false
 		if rb := rn.b.ops[i].rollback; rb != nil {
-			rr := rn.resolveAndExec(ctx, rb)
+			rr := rn.resolveAndExec(ctx, rb, clk)
 			res.rollback = &rr
 			undone = !failed(&rr)
 			rn.rollbackFailed = rn.rollbackFailed || !undone
@@ -333,9 +340,9 @@ func (rn *runner) cutOff() result {
 // bounds it besides op_timeout. An idempotent operation answered 429 is
 // tried again after its Retry-After, up to retry_429 times within
 // op_timeout.
-func (rn *runner) exec(parent context.Context, op *operation) result {
-	ctx, cancel := context.WithTimeout(parent, time.Duration(rn.h.OpTimeout))
-	defer cancel()
+func (rn *runner) exec(parent context.Context, op *operation, clk *opClock) result {
+	ctx, deadline := clk.arm(parent, time.Duration(rn.h.OpTimeout))
+	defer clk.disarm()
 	for attempt := 1; ; attempt++ {
 		res := rn.attempt(parent, ctx, op)
 		if res.status != http.StatusTooManyRequests || attempt > rn.h.Retry429 || !idempotent(op.method) {
@@ -348,7 +355,7 @@ func (rn *runner) exec(parent context.Context, op *operation) result {
 		if res.header.Get("Retry-After") != "" {
 			wait = time.Duration(retryAfter(res.header)) * time.Second
 		}
-		if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) < wait {
+		if time.Until(deadline) < wait {
 			res.attempts = attempt
 			return res
 		}
@@ -358,6 +365,64 @@ func (rn *runner) exec(parent context.Context, op *operation) result {
 			res.attempts = attempt
 			return res
 		}
+	}
+}
+
+// opClock cancels the operation it is armed for once op_timeout has
+// passed. Each goroutine that runs operations keeps one and re-arms it, so
+// that an operation costs a cancel context, not a new timer and a timer
+// context.
+type opClock struct {
+	mu       sync.Mutex
+	timer    *time.Timer
+	cancel   context.CancelCauseFunc // of the armed operation, nil when none
+	deadline time.Time
+}
+
+// errOpTimeout is the cause with which an operation's context ends at
+// op_timeout.
+var errOpTimeout = errors.New("operation timed out")
+
+// arm returns the context of an operation that ends at parent's end or
+// after d, and when that is.
+func (c *opClock) arm(parent context.Context, d time.Duration) (context.Context, time.Time) {
+	ctx, cancel := context.WithCancelCause(parent)
+	deadline := time.Now().Add(d)
+	c.mu.Lock()
+	c.cancel, c.deadline = cancel, deadline
+	c.mu.Unlock()
+	if c.timer == nil {
+		c.timer = time.AfterFunc(d, c.fire)
+	} else {
+		c.timer.Reset(d)
+	}
+	return ctx, deadline
+}
+
+// disarm ends the armed operation's context.
+func (c *opClock) disarm() {
+	c.timer.Stop()
+	c.mu.Lock()
+	cancel := c.cancel
+	c.cancel = nil
+	c.mu.Unlock()
+	cancel(nil)
+}
+
+// fire cancels the armed operation if its deadline has passed: a timer
+// that fired for an operation already disarmed finds a later deadline, or
+// none.
+func (c *opClock) fire() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cancel != nil && !time.Now().Before(c.deadline) {
+		c.cancel(errOpTimeout)
+	}
+}
+
+func (c *opClock) stop() {
+	if c.timer != nil {
+		c.timer.Stop()
 	}
 }
 
