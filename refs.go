@@ -193,7 +193,8 @@ func (p *parser) parseTemplate(op *operation, body gjson.Result) {
 		}
 	}
 	if t.target != nil || t.headers != nil || t.body != nil {
-		op.tmpl = &t
+		tt := t // only a template with references goes to the heap
+		op.tmpl = &tt
 	}
 }
 
