@@ -10,7 +10,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
 
-// The demo's Caddyfile and JSON config say the same thing.
+// The demo's Caddyfile and its JSON twin say the same thing, and the
+// Caddyfile is formatted as caddy fmt leaves it.
 func TestExamplesAgree(t *testing.T) {
 	caddyfile, err := os.ReadFile("examples/Caddyfile")
 	if err != nil {
@@ -21,57 +22,52 @@ func TestExamplesAgree(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, w := range warnings {
-		t.Errorf("examples/Caddyfile: %s", w)
+		t.Errorf("examples/Caddyfile: %s", w) // "not formatted" among them
 	}
 	written, err := os.ReadFile("examples/caddy.json")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var a, b any
-	if err := json.Unmarshal(adapted, &a); err != nil {
+	var want, got any
+	if err := json.Unmarshal(adapted, &want); err != nil {
 		t.Fatal(err)
 	}
-	if err := json.Unmarshal(written, &b); err != nil {
+	if err := json.Unmarshal(written, &got); err != nil {
 		t.Fatalf("examples/caddy.json: %v", err)
 	}
-	a, b = normalizeConfig(t, a), normalizeConfig(t, b)
-	if !reflect.DeepEqual(a, b) {
-		ja, _ := json.MarshalIndent(a, "", "  ")
-		jb, _ := json.MarshalIndent(b, "", "  ")
-		t.Errorf("examples/Caddyfile adapts to\n%s\nbut examples/caddy.json says\n%s", ja, jb)
+	normalizeDurations(t, got)
+	if !reflect.DeepEqual(want, got) {
+		a, _ := json.MarshalIndent(want, "", "\t")
+		t.Errorf("examples/caddy.json differs from examples/Caddyfile, which adapts to\n%s", a)
 	}
 }
 
-// normalizeConfig drops what may differ in form only: server names, and
-// durations written as "10s" rather than nanoseconds.
-func normalizeConfig(t *testing.T, v any) any {
+// durationKeys are the fields of the examples that hold a caddy.Duration.
+var durationKeys = map[string]bool{
+	"grace_period": true, "timeout": true, "op_timeout": true,
+	"retention": true, "progress_interval": true,
+}
+
+// normalizeDurations turns durations written for people ("10s") into the
+// nanoseconds the adapter writes; caddy.Duration reads either.
+func normalizeDurations(t *testing.T, v any) {
+	t.Helper()
 	switch v := v.(type) {
 	case map[string]any:
 		for k, val := range v {
-			if s, ok := val.(string); ok && (k == "timeout" || k == "op_timeout" || k == "retention" || k == "progress_interval") {
+			if s, ok := val.(string); ok && durationKeys[k] {
 				d, err := caddy.ParseDuration(s)
 				if err != nil {
-					t.Fatalf("%s: %v", k, err)
+					t.Fatalf("examples/caddy.json: %s: %v", k, err)
 				}
 				v[k] = float64(d)
 				continue
 			}
-			if k == "servers" {
-				if servers, ok := val.(map[string]any); ok {
-					var list []any
-					for _, s := range servers {
-						list = append(list, normalizeConfig(t, s))
-					}
-					v[k] = list
-					continue
-				}
-			}
-			v[k] = normalizeConfig(t, val)
+			normalizeDurations(t, val)
 		}
 	case []any:
-		for i := range v {
-			v[i] = normalizeConfig(t, v[i])
+		for _, val := range v {
+			normalizeDurations(t, val)
 		}
 	}
-	return v
 }

@@ -47,12 +47,14 @@ func main() {
 	}()
 	log.Printf("legacy users API on http://%s", *apiAddr)
 
-	if !*apiOnly {
+	if *apiOnly {
+		fmt.Println("legacy API ready; Ctrl-C stops it")
+	} else {
 		if err := runCaddy(*config); err != nil {
 			log.Fatal(err)
 		}
 		fmt.Print(`
-caddy-batch demo on http://localhost:8080 — try:
+caddy-batch demo ready on http://localhost:8080 (Ctrl-C stops it); try:
 
   curl -s localhost:8080/batch -H 'Content-Type: application/json' -d '[
     {"method":"POST","path":"/users","body":{"name":"Alice"}},
