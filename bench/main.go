@@ -6,6 +6,8 @@
 //	go run ./bench             # 5 s per scenario
 //	go run ./bench -short      # 1 s per scenario, as CI runs it
 //	go run ./bench -soak 3m    # a mixed sync/async soak instead
+//	go run ./bench -only c -cpuprofile /tmp/caddy.pprof
+//	                           # one scenario, profiling the Caddy process
 //
 // Scenarios, each with the same client concurrency:
 //
@@ -28,6 +30,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -51,6 +54,8 @@ func main() {
 	ops := flag.Int("ops", 100, "operations per batch")
 	short := flag.Bool("short", false, "1 s per scenario")
 	soakFor := flag.Duration("soak", 0, "instead of the scenarios, hold a mixed sync/async load this long")
+	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the Caddy process to this file")
+	only := flag.String("only", "", "run only these scenarios, comma-separated (a,b,c,c1,d)")
 	flag.Parse()
 	if *serve != "" {
 		runCaddy(*serve)
@@ -65,10 +70,24 @@ func main() {
 	if *short {
 		*duration = time.Second
 	}
+	if *only != "" {
+		onlySet = map[string]bool{}
+		for _, name := range strings.Split(*only, ",") {
+			onlySet[strings.TrimSpace(name)] = true
+		}
+	}
 	if err := run(*duration, *concurrency, *ops); err != nil {
 		log.Fatal(err)
 	}
 }
+
+// onlySet holds the scenarios to run; nil runs all.
+var onlySet map[string]bool
+
+func selected(name string) bool { return onlySet == nil || onlySet[name] }
+
+// cpuProfile is where the Caddy process writes its CPU profile, if set.
+var cpuProfile string
 
 // runCaddy serves a Caddyfile until the parent closes our stdin.
 func runCaddy(cfg string) {
@@ -78,6 +97,16 @@ func runCaddy(cfg string) {
 	}
 	if err != nil {
 		log.Fatal(err)
+	}
+	if cpuProfile != "" {
+		f, err := os.Create(cpuProfile)
+		if err != nil {
+			log.Fatal(err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			log.Fatal(err)
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
 	}
 	_, _ = io.Copy(io.Discard, os.Stdin)
 	_ = caddy.Stop()
@@ -158,40 +187,47 @@ http://127.0.0.1:%d {
 	}
 	proxied, responded := batchOf("/users", nops), batchOf("/respond", nops)
 
-	a, err := load(duration, concurrency, nops, func() error { return postBatch(client, base+"/batch", proxied, nops) })
-	if err != nil {
-		return fmt.Errorf("a: %w", err)
-	}
-	b, err := load(duration, concurrency, 1, func() error { return getOne(client, base+"/users/1") })
-	if err != nil {
-		return fmt.Errorf("b: %w", err)
-	}
-	c, err := load(duration, concurrency, nops, func() error { return postBatch(client, base+"/batch", responded, nops) })
-	if err != nil {
-		return fmt.Errorf("c: %w", err)
-	}
-	c1, err := load(duration, concurrency, 1, func() error { return getOne(client, base+"/respond/1") })
-	if err != nil {
-		return fmt.Errorf("c1: %w", err)
-	}
-
-	fmt.Printf("%-52s %12s %10s %10s\n", "scenario", "ops/s", "p50", "p99")
-	row := func(name string, s stats) {
-		fmt.Printf("%-52s %12.0f %10s %10s\n", name, s.opsPerSec, s.p50.Round(time.Microsecond), s.p99.Round(time.Microsecond))
-	}
-	row(fmt.Sprintf("a  batches of %d: batch → reverse_proxy", nops), a)
-	row("b  separate requests → reverse_proxy", b)
-	row(fmt.Sprintf("c  batches of %d: batch → respond", nops), c)
-	row("c1 separate requests → respond", c1)
-	fmt.Println()
 	verdict := func(ok bool) string {
 		if ok {
 			return "PASS"
 		}
 		return "MISS"
 	}
-	fmt.Printf("a/b  = %5.2f  (target ≥ 1.5)  %s\n", a.opsPerSec/b.opsPerSec, verdict(a.opsPerSec/b.opsPerSec >= 1.5))
-	fmt.Printf("c/c1 = %5.2f  (target ≥ 10)   %s\n", c.opsPerSec/c1.opsPerSec, verdict(c.opsPerSec/c1.opsPerSec >= 10))
+	scenarios := []struct {
+		name, title string
+		ops         int
+		do          func() error
+	}{
+		{"a", fmt.Sprintf("batches of %d: batch → reverse_proxy", nops), nops, func() error { return postBatch(client, base+"/batch", proxied, nops) }},
+		{"b", "separate requests → reverse_proxy", 1, func() error { return getOne(client, base+"/users/1") }},
+		{"c", fmt.Sprintf("batches of %d: batch → respond", nops), nops, func() error { return postBatch(client, base+"/batch", responded, nops) }},
+		{"c1", "separate requests → respond", 1, func() error { return getOne(client, base+"/respond/1") }},
+	}
+	measured := map[string]stats{}
+	fmt.Printf("%-52s %12s %10s %10s\n", "scenario", "ops/s", "p50", "p99")
+	for _, sc := range scenarios {
+		if !selected(sc.name) {
+			continue
+		}
+		s, err := load(duration, concurrency, sc.ops, sc.do)
+		if err != nil {
+			return fmt.Errorf("%s: %w", sc.name, err)
+		}
+		measured[sc.name] = s
+		fmt.Printf("%-52s %12.0f %10s %10s\n", fmt.Sprintf("%-2s %s", sc.name, sc.title), s.opsPerSec, s.p50.Round(time.Microsecond), s.p99.Round(time.Microsecond))
+	}
+	fmt.Println()
+	for _, r := range []struct {
+		x, y   string
+		target float64
+	}{{"a", "b", 1.5}, {"c", "c1", 10}} {
+		x, okx := measured[r.x]
+		y, oky := measured[r.y]
+		if okx && oky {
+			ratio := x.opsPerSec / y.opsPerSec
+			fmt.Printf("%-4s = %5.2f  (target ≥ %g)  %s\n", r.x+"/"+r.y, ratio, r.target, verdict(ratio >= r.target))
+		}
+	}
 
 	// d: latency of one batch of 100 slow operations against the ideal.
 	slow := batchOf("/slow", 100)
@@ -199,6 +235,9 @@ http://127.0.0.1:%d {
 		path  string
 		ideal time.Duration
 	}{{"/batch10", 100 * time.Millisecond}, {"/batch100", 10 * time.Millisecond}} {
+		if !selected("d") {
+			break
+		}
 		var lat []time.Duration
 		for range 5 {
 			start := time.Now()

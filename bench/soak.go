@@ -306,7 +306,11 @@ func caddyGauges(client *http.Client, base string) (goroutines, rss string) {
 // and waits until probe answers; it returns the child, its base URL, a
 // client for it with room for concurrency connections, and what stops it.
 func launch(cfg string, port, concurrency int, probe string) (*exec.Cmd, string, *http.Client, func(), error) {
-	child := exec.Command(os.Args[0], "-serve", cfg)
+	args := []string{"-serve", cfg}
+	if cpuProfile != "" {
+		args = append(args, "-cpuprofile", cpuProfile)
+	}
+	child := exec.Command(os.Args[0], args...)
 	child.Stderr = os.Stderr
 	stdin, err := child.StdinPipe()
 	if err != nil {
