@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -192,7 +193,7 @@ func (rn *runner) record(sum summary, took time.Duration) {
 // runSequential runs the operations in array order in the request's own
 // goroutine.
 func (rn *runner) runSequential() {
-	clk := new(opClock)
+	clk := rn.newClock(rn.ctx)
 	defer clk.stop()
 	for i, op := range rn.b.ops {
 		rn.results[i] = rn.runOne(op, clk)
@@ -214,7 +215,7 @@ func (rn *runner) runParallel() {
 	done := make(chan int, workers) // never blocks a worker: at most workers in flight
 	for range workers {
 		go func() {
-			clk := new(opClock)
+			clk := rn.newClock(rn.ctx)
 			defer clk.stop()
 			for i := range jobs {
 				rn.results[i] = rn.runOne(rn.b.ops[i], clk)
@@ -273,7 +274,7 @@ func (rn *runner) runOne(op *operation, clk *opClock) result {
 			return result{status: statusSkipped, err: fmt.Sprintf("dependency %s failed with status %d", rn.b.ops[d].id, dep.status)}
 		}
 	}
-	res := rn.resolveAndExec(rn.ctx, op, clk)
+	res := rn.resolveAndExec(op, clk)
 	if rn.b.atomicity != atomicNone && failed(&res) {
 		rn.stoppedAt = op.index
 	}
@@ -281,7 +282,7 @@ func (rn *runner) runOne(op *operation, clk *opClock) result {
 }
 
 // resolveAndExec fills in op's references and runs it.
-func (rn *runner) resolveAndExec(ctx context.Context, op *operation, clk *opClock) result {
+func (rn *runner) resolveAndExec(op *operation, clk *opClock) result {
 	op, err := rn.resolve(op)
 	if err != nil {
 		return result{status: statusSkipped, err: err.Error()}
@@ -291,15 +292,14 @@ func (rn *runner) resolveAndExec(ctx context.Context, op *operation, clk *opCloc
 		// who sends it means a batch inside a batch.
 		return result{status: http.StatusBadRequest, err: errNestedBatchMsg}
 	}
-	return rn.exec(ctx, op, clk)
+	return rn.exec(op, clk)
 }
 
 // rollBack runs, in reverse order, the rollback of every operation that
 // succeeded before an all_or_nothing batch failed.
 func (rn *runner) rollBack() {
 	// Compensation must run even if the batch timed out or the client left.
-	ctx := context.WithoutCancel(rn.ctx)
-	clk := new(opClock)
+	clk := rn.newClock(context.WithoutCancel(rn.ctx))
 	defer clk.stop()
 	for i := rn.stoppedAt - 1; i >= 0; i-- {
 		res := &rn.results[i]
@@ -308,7 +308,7 @@ func (rn *runner) rollBack() {
 		}
 		undone := false
 		if rb := rn.b.ops[i].rollback; rb != nil {
-			rr := rn.resolveAndExec(ctx, rb, clk)
+			rr := rn.resolveAndExec(rb, clk)
 			res.rollback = &rr
 			undone = !failed(&rr)
 			rn.rollbackFailed = rn.rollbackFailed || !undone
@@ -336,15 +336,14 @@ func (rn *runner) cutOff() result {
 	return result{status: statusClientGone, err: "client went away"}
 }
 
-// exec serves one operation through the rest of the handler chain; parent
-// bounds it besides op_timeout. An idempotent operation answered 429 is
-// tried again after its Retry-After, up to retry_429 times within
-// op_timeout.
-func (rn *runner) exec(parent context.Context, op *operation, clk *opClock) result {
-	ctx, deadline := clk.arm(parent, time.Duration(rn.h.OpTimeout))
+// exec serves one operation through the rest of the handler chain. An
+// idempotent operation answered 429 is tried again after its Retry-After,
+// up to retry_429 times within op_timeout.
+func (rn *runner) exec(op *operation, clk *opClock) result {
+	ctx, deadline := clk.arm()
 	defer clk.disarm()
 	for attempt := 1; ; attempt++ {
-		res := rn.attempt(parent, ctx, op)
+		res := rn.attempt(clk.parent, ctx, op)
 		if res.status != http.StatusTooManyRequests || attempt > rn.h.Retry429 || !idempotent(op.method) {
 			if attempt > 1 {
 				res.attempts = attempt
@@ -368,40 +367,63 @@ func (rn *runner) exec(parent context.Context, op *operation, clk *opClock) resu
 	}
 }
 
-// opClock cancels the operation it is armed for once op_timeout has
-// passed. Each goroutine that runs operations keeps one and re-arms it, so
-// that an operation costs a cancel context, not a new timer and a timer
-// context.
+// opClock gives the operations one goroutine runs, one after another,
+// their contexts: each ends when its operation does, at op_timeout, or
+// with parent. An operation's context derives from parent's values
+// without its cancelation, which one watch on parent passes on, and a
+// timer that re-arms itself only when it fires checks the deadline: an
+// operation costs one cancel context, not a timer and a registration with
+// its parent.
 type opClock struct {
+	parent    context.Context
+	detached  context.Context // parent's values, never canceled
+	d         time.Duration
+	stopWatch func() bool
+
 	mu       sync.Mutex
 	timer    *time.Timer
+	pending  bool                    // timer will fire, at or before deadline
 	cancel   context.CancelCauseFunc // of the armed operation, nil when none
 	deadline time.Time
+}
+
+// newClock returns a clock for operations bounded by parent and op_timeout.
+func (rn *runner) newClock(parent context.Context) *opClock {
+	c := &opClock{parent: parent, detached: context.WithoutCancel(parent), d: time.Duration(rn.h.OpTimeout)}
+	c.stopWatch = context.AfterFunc(parent, c.parentDone)
+	return c
 }
 
 // errOpTimeout is the cause with which an operation's context ends at
 // op_timeout.
 var errOpTimeout = errors.New("operation timed out")
 
-// arm returns the context of an operation that ends at parent's end or
-// after d, and when that is.
-func (c *opClock) arm(parent context.Context, d time.Duration) (context.Context, time.Time) {
-	ctx, cancel := context.WithCancelCause(parent)
-	deadline := time.Now().Add(d)
+// arm returns the context of the next operation, and when it times out.
+func (c *opClock) arm() (context.Context, time.Time) {
+	ctx, cancel := context.WithCancelCause(c.detached)
+	deadline := time.Now().Add(c.d)
 	c.mu.Lock()
 	c.cancel, c.deadline = cancel, deadline
+	// A pending timer was set for an earlier deadline; it re-arms itself
+	// for this one when it fires.
+	if !c.pending {
+		c.pending = true
+		if c.timer == nil {
+			c.timer = time.AfterFunc(c.d, c.fire)
+		} else {
+			c.timer.Reset(c.d)
+		}
+	}
 	c.mu.Unlock()
-	if c.timer == nil {
-		c.timer = time.AfterFunc(d, c.fire)
-	} else {
-		c.timer.Reset(d)
+	// parentDone, if it ran before the cancel was set, found none.
+	if c.parent.Err() != nil {
+		cancel(context.Cause(c.parent))
 	}
 	return ctx, deadline
 }
 
 // disarm ends the armed operation's context.
 func (c *opClock) disarm() {
-	c.timer.Stop()
 	c.mu.Lock()
 	cancel := c.cancel
 	c.cancel = nil
@@ -409,21 +431,40 @@ func (c *opClock) disarm() {
 	cancel(nil)
 }
 
-// fire cancels the armed operation if its deadline has passed: a timer
-// that fired for an operation already disarmed finds a later deadline, or
-// none.
+// fire ends the armed operation if its deadline has passed, or waits for
+// that deadline.
 func (c *opClock) fire() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.cancel != nil && !time.Now().Before(c.deadline) {
-		c.cancel(errOpTimeout)
+	c.pending = false
+	if c.cancel == nil {
+		return // idle: the next arm sets the timer
+	}
+	if left := time.Until(c.deadline); left > 0 {
+		c.pending = true
+		c.timer.Reset(left)
+		return
+	}
+	c.cancel(errOpTimeout)
+}
+
+// parentDone ends the armed operation with parent's cause.
+func (c *opClock) parentDone() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.cancel != nil {
+		c.cancel(context.Cause(c.parent))
 	}
 }
 
 func (c *opClock) stop() {
+	c.stopWatch()
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	if c.timer != nil {
 		c.timer.Stop()
 	}
+	c.pending = false
 }
 
 // idempotent reports whether a method may be repeated without changing
@@ -517,27 +558,31 @@ func (rn *runner) failed(op *operation, w *opWriter, err error) result {
 // connection facts and inherited headers under its own.
 func (rn *runner) newRequest(ctx context.Context, op *operation, w http.ResponseWriter) *http.Request {
 	c := &rn.conn
-	// NewRequestWithContext sets the context without the copy WithContext
-	// makes; the empty target parses to a URL of our own to fill in, as
-	// handlers such as rewrite change r.URL in place, and its header map is
-	// ours to fill.
-	req, err := http.NewRequestWithContext(ctx, op.method, "", nil)
-	if err != nil { // the method was validated
-		panic(err)
+	// Built on the stack and copied once by WithContext: no URL parsing,
+	// one Request on the heap. The URL is our own copy, as handlers such
+	// as rewrite change r.URL in place, and so is the header map.
+	u := new(url.URL)
+	*u = *op.url
+	base := http.Request{
+		Method:     op.method,
+		URL:        u,
+		Proto:      c.proto,
+		ProtoMajor: c.protoMajor,
+		ProtoMinor: c.protoMinor,
+		Header:     make(http.Header, len(rn.inherited)+len(op.header)),
+		Body:       http.NoBody,
+		Host:       c.host,
+		RemoteAddr: c.remoteAddr, // before PrepareRequest: it derives the client IP from it
+		RequestURI: op.target,
+		TLS:        c.tls,
 	}
+	req := base.WithContext(ctx)
 	for k, v := range rn.inherited {
 		req.Header[k] = v[:len(v):len(v)] // appends copy: parallel ops share these slices
 	}
 	for k, v := range op.header {
 		req.Header[k] = v[:len(v):len(v)]
 	}
-	*req.URL = *op.url
-	req.Proto, req.ProtoMajor, req.ProtoMinor = c.proto, c.protoMajor, c.protoMinor
-	req.Body = http.NoBody
-	req.Host = c.host
-	req.RemoteAddr = c.remoteAddr // before PrepareRequest: it derives the client IP from it
-	req.RequestURI = op.target
-	req.TLS = c.tls
 	if op.body != nil {
 		body := op.body
 		req.ContentLength = int64(len(body))
