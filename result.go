@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"unicode/utf8"
 
 	"github.com/tidwall/gjson"
@@ -144,7 +145,10 @@ func (e *emitter) finish(s summary) summary {
 	return s
 }
 
-// httpSink writes a batch's answer to the client as results come.
+// httpSink writes a batch's answer to the client as results come, in
+// chunks of about sinkChunk bytes: one write per result would cost a pass
+// through every response writer wrapper (Caddy's idle timeout resets the
+// connection's deadline on each) for ~200 bytes.
 type httpSink struct {
 	w       http.ResponseWriter
 	form    int
@@ -152,15 +156,23 @@ type httpSink struct {
 	buf     []byte
 }
 
+const sinkChunk = 8 << 10
+
+// sinkBufs holds chunk buffers between batches.
+var sinkBufs = sync.Pool{New: func() any { return new([]byte) }}
+
 func (s *httpSink) put(_ int, _ *result, enc []byte) {
-	s.buf = s.buf[:0]
 	if !s.started {
+		s.buf = (*sinkBufs.Get().(*[]byte))[:0]
 		s.start()
 	} else {
 		s.buf = append(s.buf, ',')
 	}
 	s.buf = append(s.buf, enc...)
-	_, _ = s.w.Write(s.buf)
+	if len(s.buf) >= sinkChunk {
+		_, _ = s.w.Write(s.buf)
+		s.buf = s.buf[:0]
+	}
 }
 
 func (s *httpSink) start() {
@@ -175,7 +187,6 @@ func (s *httpSink) start() {
 }
 
 func (s *httpSink) close(sum summary) {
-	s.buf = s.buf[:0]
 	if s.form == formArray {
 		s.buf = append(s.buf, ']')
 	} else {
@@ -184,6 +195,11 @@ func (s *httpSink) close(sum summary) {
 		s.buf = append(s.buf, '}')
 	}
 	_, _ = s.w.Write(s.buf)
+	if cap(s.buf) <= 4*sinkChunk { // one huge answer does not stay in the pool
+		buf := s.buf[:0]
+		sinkBufs.Put(&buf)
+	}
+	s.buf = nil
 }
 
 // ndjsonSink writes one result per line, each with its index, the moment it
