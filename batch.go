@@ -120,7 +120,8 @@ type limits struct {
 // parseBatch parses and validates a whole batch body. The error is a
 // badBatchError or a tooManyOpsError; nothing may run unless it is nil.
 func parseBatch(body []byte, lim *limits) (*batch, error) {
-	if msg := checkJSON(body); msg != "" {
+	msg, topCommas := checkJSON(body)
+	if msg != "" {
 		return nil, badBatchError{{Index: -1, Message: msg}}
 	}
 	root := gjson.ParseBytes(body)
@@ -216,7 +217,12 @@ func parseBatch(body []byte, lim *limits) (*batch, error) {
 	if b.form == formBulk {
 		list = items
 	}
-	n := countElements(list)
+	var n int
+	if b.form == formArray && topCommas > 0 {
+		n = topCommas + 1 // counted on the way: no second pass
+	} else {
+		n = countElements(list)
+	}
 	if n == 0 {
 		return nil, badBatchError{{Index: -1, Message: "batch has no operations"}}
 	}
@@ -235,6 +241,11 @@ func parseBatch(body []byte, lim *limits) (*batch, error) {
 	}
 
 	b.ops = make([]*operation, 0, n)
+	p.ops = make([]operation, n+1) // and a bulk batch's template
+	p.urls = make([]url.URL, n)
+	if n > 100 {
+		p.ids = indexIDs(n)
+	}
 	if b.form == formBulk {
 		p.parseBulk(b, template, items)
 	} else {
@@ -259,6 +270,59 @@ type parser struct {
 	lim     *limits
 	faults  badBatchError
 	dropped int // faults past maxFaults
+	// linked is set once an operation names itself, another one, or an
+	// answer: only then are ids looked up.
+	linked bool
+	// Operations, their URLs and their default ids come from one
+	// allocation each per batch.
+	ops  []operation
+	urls []url.URL
+	ids  []string
+}
+
+// newOp returns a zeroed operation, from the batch's slab while it lasts.
+func (p *parser) newOp() *operation {
+	if len(p.ops) == 0 {
+		return new(operation)
+	}
+	op := &p.ops[0]
+	p.ops = p.ops[1:]
+	return op
+}
+
+// newURL returns a zeroed URL, from the batch's slab while it lasts.
+func (p *parser) newURL() *url.URL {
+	if len(p.urls) == 0 {
+		return new(url.URL)
+	}
+	u := &p.urls[0]
+	p.urls = p.urls[1:]
+	return u
+}
+
+// defaultID returns the id of the operation at index i that gives none.
+func (p *parser) defaultID(i int) string {
+	if i >= 0 && i < len(p.ids) {
+		return p.ids[i]
+	}
+	return strconv.Itoa(i) // no allocation below 100
+}
+
+// indexIDs returns "0" to "n-1" as slices of one string.
+func indexIDs(n int) []string {
+	buf := make([]byte, 0, n*len(strconv.Itoa(n)))
+	ends := make([]int, n)
+	for i := range n {
+		buf = strconv.AppendInt(buf, int64(i), 10)
+		ends[i] = len(buf)
+	}
+	all := string(buf)
+	ids := make([]string, n)
+	start := 0
+	for i, end := range ends {
+		ids[i], start = all[start:end], end
+	}
+	return ids
 }
 
 // full reports whether no more faults are listed, counting one more.
@@ -313,15 +377,27 @@ const (
 	fieldRollback
 )
 
-var opFields = map[string]int{
-	"id": fieldID, "name": fieldID,
-	"method": fieldMethod,
-	"path":   fieldPath, "url": fieldPath, "relative_url": fieldPath,
-	"headers":       fieldHeaders,
-	"body":          fieldBody,
-	"body_encoding": fieldBodyEncoding,
-	"depends_on":    fieldDependsOn, "dependsOn": fieldDependsOn,
-	"rollback": fieldRollback,
+// opField returns the bit of an operation field, 0 for an unknown one.
+func opField(key string) int {
+	switch key {
+	case "id", "name":
+		return fieldID
+	case "method":
+		return fieldMethod
+	case "path", "url", "relative_url":
+		return fieldPath
+	case "headers":
+		return fieldHeaders
+	case "body":
+		return fieldBody
+	case "body_encoding":
+		return fieldBodyEncoding
+	case "depends_on", "dependsOn":
+		return fieldDependsOn
+	case "rollback":
+		return fieldRollback
+	}
+	return 0
 }
 
 // rollbackFields are the fields a rollback operation may have.
@@ -336,7 +412,9 @@ const (
 
 // parseOperation validates one operation.
 func (p *parser) parseOperation(index int, v gjson.Result, kind int) *operation {
-	return p.parseOp(&operation{index: index, id: strconv.Itoa(index), method: http.MethodGet}, v, kind)
+	op := p.newOp()
+	op.index, op.id, op.method = index, p.defaultID(index), http.MethodGet
+	return p.parseOp(op, v, kind)
 }
 
 func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
@@ -349,9 +427,9 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 	var body, encoding, headers, deps, rollback gjson.Result
 	v.ForEach(func(k, val gjson.Result) bool {
 		key := k.String()
-		bit, known := opFields[key]
+		bit := opField(key)
 		switch {
-		case !known:
+		case bit == 0:
 			p.opFault(op, "unknown field %q", key)
 			return true
 		case kind == kindRollback && bit&rollbackFields == 0:
@@ -396,6 +474,7 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 	})
 	if idSet {
 		p.checkID(op)
+		p.linked = true
 	}
 	p.checkMethod(op)
 	op.header = p.parseHeaders(op, headers)
@@ -450,9 +529,10 @@ func (p *parser) parseBulk(b *batch, template, items gjson.Result) {
 	headerFor := map[string]http.Header{}
 	items.ForEach(func(_, item gjson.Result) bool {
 		i := len(b.ops)
-		op := &operation{
+		op := p.newOp()
+		*op = operation{
 			index:  i,
-			id:     strconv.Itoa(i),
+			id:     p.defaultID(i),
 			method: tmpl.method,
 			target: tmpl.target,
 			url:    tmpl.url,
@@ -511,7 +591,8 @@ func (p *parser) checkMethod(op *operation) {
 
 // checkTarget validates an operation's target and returns it parsed.
 func (p *parser) checkTarget(op *operation, target string) *url.URL {
-	u, msg := parseTarget(target)
+	u := p.newURL()
+	msg := parseTargetInto(target, u)
 	if msg == "" && p.lim.pathAllow != nil && !p.lim.pathAllow(u) {
 		msg = fmt.Sprintf("path %q is not allowed here", u.Path)
 	}
@@ -526,54 +607,90 @@ func (p *parser) checkTarget(op *operation, target string) *url.URL {
 // be read as another host or escape its path, and parses it. It returns a
 // message for the client when t is refused.
 func parseTarget(t string) (*url.URL, string) {
+	u := new(url.URL)
+	if msg := parseTargetInto(t, u); msg != "" {
+		return nil, msg
+	}
+	return u, ""
+}
+
+// parseTargetInto is parseTarget writing the parsed target to u, so that
+// a batch can parse its operations' targets into one allocation.
+func parseTargetInto(t string, u *url.URL) string {
 	if t == "" {
-		return nil, "path is required"
+		return "path is required"
 	}
 	if t[0] != '/' || len(t) > 1 && t[1] == '/' {
-		return nil, fmt.Sprintf("path must be origin-form, got %q", t)
+		return fmt.Sprintf("path must be origin-form, got %q", t)
 	}
 	for i := 0; i < len(t); i++ {
 		switch c := t[i]; {
 		case c <= ' ' || c == 0x7f:
-			return nil, fmt.Sprintf("path must not hold control characters or spaces, got %q", t)
+			return fmt.Sprintf("path must not hold control characters or spaces, got %q", t)
 		case c == '\\':
-			return nil, fmt.Sprintf("path must not hold '\\', got %q", t)
+			return fmt.Sprintf("path must not hold '\\', got %q", t)
 		case c == '#':
-			return nil, fmt.Sprintf("path must not hold a fragment, got %q", t)
+			return fmt.Sprintf("path must not hold a fragment, got %q", t)
 		}
 	}
-	p, _, _ := strings.Cut(t, "?")
-	d, err := url.PathUnescape(p)
-	if err != nil {
-		return nil, fmt.Sprintf("path has an invalid percent-escape, got %q", t)
-	}
-	// Decode again until stable, so that multiply encoded dot-segments or
-	// separators ("%252e%252e") are seen as what a backend that decodes
-	// more than once may make of them. Past the first decode a '%' may be
-	// plain data ("50%25off" is "50%off"): only valid escapes are decoded.
-	// Each round shortens p, so this ends.
-	for p = d; ; {
-		if d = unescapeValid(p); d == p {
-			break
+	p, query, hasQuery := strings.Cut(t, "?")
+	escaped := strings.IndexByte(p, '%') >= 0
+	if escaped {
+		d, err := url.PathUnescape(p)
+		if err != nil {
+			return fmt.Sprintf("path has an invalid percent-escape, got %q", t)
 		}
-		p = d
+		// Decode again until stable, so that multiply encoded dot-segments
+		// or separators ("%252e%252e") are seen as what a backend that
+		// decodes more than once may make of them. Past the first decode a
+		// '%' may be plain data ("50%25off" is "50%off"): only valid
+		// escapes are decoded. Each round shortens p, so this ends.
+		for p = d; ; {
+			if d = unescapeValid(p); d == p {
+				break
+			}
+			p = d
+		}
+		for i := 0; i < len(p); i++ {
+			if c := p[i]; c < ' ' || c == 0x7f || c == '\\' {
+				return fmt.Sprintf("path must not encode control characters or '\\', got %q", t)
+			}
+		}
 	}
+	if strings.IndexByte(p, '.') >= 0 {
+		for seg := range strings.SplitSeq(p, "/") {
+			// "..;x" is ".." to servers that take path parameters (Tomcat, Jetty).
+			if seg, _, _ = strings.Cut(seg, ";"); seg == "." || seg == ".." {
+				return fmt.Sprintf("path must not hold dot-segments, got %q", t)
+			}
+		}
+	}
+	if escaped || !plainPath(p) {
+		parsed, err := url.ParseRequestURI(t)
+		if err != nil {
+			return fmt.Sprintf("path %q does not parse: %v", t, err)
+		}
+		*u = *parsed
+		return ""
+	}
+	// What url.ParseRequestURI makes of a path that needs no escaping,
+	// without its allocation.
+	*u = url.URL{Path: p, RawQuery: query, ForceQuery: hasQuery && query == ""}
+	return ""
+}
+
+// plainPath reports whether p is a path that URL encoding leaves as it is,
+// so that its URL has no RawPath.
+func plainPath(p string) bool {
 	for i := 0; i < len(p); i++ {
-		if c := p[i]; c < ' ' || c == 0x7f || c == '\\' {
-			return nil, fmt.Sprintf("path must not encode control characters or '\\', got %q", t)
+		switch c := p[i]; {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		case strings.IndexByte("-_.~$&+,/:;=@", c) >= 0:
+		default:
+			return false
 		}
 	}
-	for seg := range strings.SplitSeq(p, "/") {
-		// "..;x" is ".." to servers that take path parameters (Tomcat, Jetty).
-		if seg, _, _ = strings.Cut(seg, ";"); seg == "." || seg == ".." {
-			return nil, fmt.Sprintf("path must not hold dot-segments, got %q", t)
-		}
-	}
-	u, err := url.ParseRequestURI(t)
-	if err != nil {
-		return nil, fmt.Sprintf("path %q does not parse: %v", t, err)
-	}
-	return u, ""
+	return true
 }
 
 // unescapeValid decodes the valid %XX escapes of s and leaves the rest.
@@ -740,11 +857,15 @@ func (p *parser) parseDeps(op *operation, v gjson.Result) {
 		p.opFault(op, "depends_on must be an array of operation ids, got %s", v.Raw)
 	}
 	op.depIDs = ids
+	p.linked = p.linked || len(ids) > 0
 }
 
 // resolveDeps checks that ids are unique and turns depends_on ids into
 // operation indexes.
 func (p *parser) resolveDeps(b *batch) {
+	if !p.linked {
+		return // default ids are unique, and nothing refers to any
+	}
 	byID := make(map[string]int, len(b.ops))
 	for _, op := range b.ops {
 		if first, dup := byID[op.id]; dup {
@@ -876,10 +997,11 @@ func (p *parser) checkCycles(b *batch) {
 }
 
 // checkJSON returns a message when body is not one valid JSON value in
-// UTF-8 within maxJSONDepth, and "" when it is.
-func checkJSON(body []byte) string {
+// UTF-8 within maxJSONDepth, and "" when it is; then commas counts the
+// commas that separate the elements of a top-level array.
+func checkJSON(body []byte) (msg string, commas int) {
 	if !utf8.Valid(body) {
-		return "batch is not valid UTF-8"
+		return "batch is not valid UTF-8", 0
 	}
 	depth, deepest := 0, 0
 	eachStructural(body, func(_ int, c byte) {
@@ -889,15 +1011,19 @@ func checkJSON(body []byte) string {
 			deepest = max(deepest, depth)
 		case '}', ']':
 			depth--
+		case ',':
+			if depth == 1 {
+				commas++
+			}
 		}
 	})
 	if deepest > maxJSONDepth {
-		return fmt.Sprintf("batch nests JSON deeper than %d levels", maxJSONDepth)
+		return fmt.Sprintf("batch nests JSON deeper than %d levels", maxJSONDepth), 0
 	}
 	if !gjson.ValidBytes(body) {
-		return "batch is not valid JSON"
+		return "batch is not valid JSON", 0
 	}
-	return ""
+	return "", commas
 }
 
 // eachStructural calls fn with each of the bytes {}[], of b that stand

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand"
 	"net/http"
+	"net/url"
 	"reflect"
 	"runtime/debug"
 	"strings"
@@ -956,5 +957,26 @@ func TestAppendString(t *testing.T) {
 	}
 	if got := string(appendString(nil, "a\"b\\c\nd\x01")); got != `"a\"b\\c\nd\u0001"` {
 		t.Errorf("escapes: %s", got)
+	}
+}
+
+// Every printable byte, in the path and in the query: an accepted target
+// parses as url.ParseRequestURI parses it (the parser builds plain paths'
+// URLs itself).
+func TestParseTargetAgreesWithNetURL(t *testing.T) {
+	for c := byte(0x21); c < 0x7f; c++ {
+		for _, target := range []string{
+			"/a" + string(c) + "b", "/a" + string(c), "/" + string(c), "/a/b?x" + string(c) + "y",
+			"/a" + string(c) + "b?", "/a?" + string(c), "/a" + string(c) + "?q=1&r",
+		} {
+			u, msg := parseTarget(target)
+			if msg != "" {
+				continue
+			}
+			want, err := url.ParseRequestURI(target)
+			if err != nil || !reflect.DeepEqual(u, want) {
+				t.Errorf("%q parsed as %#v, url.ParseRequestURI makes %#v (%v)", target, u, want, err)
+			}
+		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/http"
 	"net/url"
+	"reflect"
 	"strings"
 	"testing"
 
@@ -225,6 +226,11 @@ func FuzzParseTarget(f *testing.F) {
 		}
 		if u == nil {
 			t.Fatalf("%q accepted with no URL", target)
+		}
+		// The fast path builds the URL itself: it must be what the
+		// standard parser makes of the target.
+		if want, err := url.ParseRequestURI(target); err != nil || !reflect.DeepEqual(u, want) {
+			t.Fatalf("%q parsed as %#v, url.ParseRequestURI makes %#v (%v)", target, u, want, err)
 		}
 		if len(target) == 0 || target[0] != '/' || len(target) > 1 && target[1] == '/' {
 			t.Fatalf("%q accepted: not a single leading '/'", target)

@@ -195,6 +195,7 @@ func (p *parser) parseTemplate(op *operation, body gjson.Result) {
 	if t.target != nil || t.headers != nil || t.body != nil {
 		tt := t // only a template with references goes to the heap
 		op.tmpl = &tt
+		p.linked = true
 	}
 }
 
