@@ -359,6 +359,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 // application/*+json.
 func isJSONType(ct string) bool {
 	// Read per result: no mime.ParseMediaType, which allocates.
+	if ct == "application/json" {
+		return true
+	}
 	mt, _, _ := strings.Cut(ct, ";")
 	mt = strings.TrimSpace(mt)
 	const app, suffix = "application/", "+json"

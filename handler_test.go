@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -580,5 +581,34 @@ func TestJSONConfig(t *testing.T) {
 	}
 	if status, _, _ := post(t, base+"/batch", `[{"method":"POST","path":"/users"}]`); status != 400 {
 		t.Errorf("methods from JSON config: %d", status)
+	}
+}
+
+// An answer that fits in the first chunk goes out whole with its length; a
+// longer one streams, and is whole JSON all the same.
+func TestAnswerFramingBySize(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, "{\n\t\tmax_ops 100\n\t}"))
+
+	status, hdr, body := post(t, base+"/batch", `[{"path":"/big?n=100"},{"path":"/big?n=200"}]`)
+	if status != 200 || hdr.Get("Content-Length") != strconv.Itoa(len(body)) {
+		t.Errorf("small answer: status %d, Content-Length %q for %d bytes", status, hdr.Get("Content-Length"), len(body))
+	}
+	mustJSON(t, body)
+
+	ops := make([]string, 50)
+	for i := range ops {
+		ops[i] = `{"path":"/big?n=2000"}`
+	}
+	status, hdr, body = post(t, base+"/batch", `{"batch":[`+strings.Join(ops, ",")+`]}`)
+	if status != 200 || hdr.Get("Content-Length") != "" {
+		t.Errorf("large answer: status %d, Content-Length %q: it must stream", status, hdr.Get("Content-Length"))
+	}
+	res := mustJSON(t, body)
+	if n := len(res.Get("results").Array()); n != 50 || res.Get("succeeded").Int() != 50 {
+		t.Errorf("large answer: %d results, succeeded %d", n, res.Get("succeeded").Int())
+	}
+	if got := res.Get("results.49.body").String(); len(got) != 2000 {
+		t.Errorf("last result's body has %d bytes, want 2000", len(got))
 	}
 }

@@ -148,37 +148,36 @@ func (e *emitter) finish(s summary) summary {
 // httpSink writes a batch's answer to the client as results come, in
 // chunks of about sinkChunk bytes: one write per result would cost a pass
 // through every response writer wrapper (Caddy's idle timeout resets the
-// connection's deadline on each) for ~200 bytes.
+// connection's deadline on each) for ~200 bytes. An answer that ends
+// within its first chunk goes out whole, with a Content-Length.
 type httpSink struct {
 	w       http.ResponseWriter
 	form    int
-	started bool
+	started bool // the envelope is opened
+	sent    bool // the status line and headers are written
 	buf     []byte
 }
 
-const sinkChunk = 8 << 10
+const sinkChunk = 32 << 10
 
 // sinkBufs holds chunk buffers between batches.
 var sinkBufs = sync.Pool{New: func() any { return new([]byte) }}
 
 func (s *httpSink) put(_ int, _ *result, enc []byte) {
 	if !s.started {
-		s.buf = (*sinkBufs.Get().(*[]byte))[:0]
 		s.start()
 	} else {
 		s.buf = append(s.buf, ',')
 	}
 	s.buf = append(s.buf, enc...)
 	if len(s.buf) >= sinkChunk {
-		_, _ = s.w.Write(s.buf)
-		s.buf = s.buf[:0]
+		s.write()
 	}
 }
 
 func (s *httpSink) start() {
 	s.started = true
-	s.w.Header().Set("Content-Type", "application/json")
-	s.w.WriteHeader(http.StatusOK)
+	s.buf = (*sinkBufs.Get().(*[]byte))[:0]
 	if s.form == formArray {
 		s.buf = append(s.buf, '[')
 	} else {
@@ -186,15 +185,30 @@ func (s *httpSink) start() {
 	}
 }
 
+// write sends what is buffered, after the status line the first time.
+func (s *httpSink) write() {
+	if !s.sent {
+		s.sent = true
+		s.w.Header().Set("Content-Type", "application/json")
+		s.w.WriteHeader(http.StatusOK)
+	}
+	_, _ = s.w.Write(s.buf)
+	s.buf = s.buf[:0]
+}
+
 func (s *httpSink) close(sum summary) {
-	if s.form == formArray {
-		s.buf = append(s.buf, ']')
-	} else {
-		s.buf = append(s.buf, ']')
+	if !s.started {
+		s.start()
+	}
+	s.buf = append(s.buf, ']')
+	if s.form != formArray {
 		s.buf = appendSummary(s.buf, sum)
 		s.buf = append(s.buf, '}')
 	}
-	_, _ = s.w.Write(s.buf)
+	if !s.sent {
+		s.w.Header().Set("Content-Length", strconv.Itoa(len(s.buf)))
+	}
+	s.write()
 	if cap(s.buf) <= 4*sinkChunk { // one huge answer does not stay in the pool
 		buf := s.buf[:0]
 		sinkBufs.Put(&buf)
@@ -282,7 +296,7 @@ func appendResult(dst []byte, id string, res *result, lean leanOptions) []byte {
 	if len(res.body) > 0 && !quiet {
 		dst = append(dst, `,"body":`...)
 		switch {
-		case isJSONType(res.header.Get("Content-Type")) && gjson.ValidBytes(res.body):
+		case isJSONType(contentType(res.header)) && gjson.ValidBytes(res.body):
 			// Space around a JSON value means nothing; APIs often end with "\n".
 			body := bytes.TrimSpace(res.body)
 			if lean.oneLine && bytes.ContainsAny(body, "\r\n") {
@@ -314,9 +328,26 @@ func appendResult(dst []byte, id string, res *result, lean leanOptions) []byte {
 	return append(dst, '}')
 }
 
+// contentType is h.Get("Content-Type"), without canonicalizing a name
+// that already is.
+func contentType(h http.Header) string {
+	if v := h["Content-Type"]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
 // appendHeaders appends "headers":{...}, names sorted, values joined.
 func appendHeaders(dst []byte, h http.Header) []byte {
 	dst = append(dst, `"headers":{`...)
+	if len(h) == 1 { // the usual answer: only a Content-Type
+		for name, v := range h {
+			dst = appendString(dst, name)
+			dst = append(dst, ':')
+			dst = appendString(dst, strings.Join(v, ", "))
+		}
+		return append(dst, '}')
+	}
 	var arr [16]string
 	names := arr[:0]
 	for name := range h {
