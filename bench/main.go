@@ -9,7 +9,7 @@
 //	go run ./bench -only c -cpuprofile /tmp/caddy.pprof
 //	                           # one scenario, profiling the Caddy process
 //
-// Scenarios, each with the same client concurrency:
+// Scenarios, each with the same client concurrency, taking turns of 500 ms:
 //
 //	a  batches of -ops GETs through batch → reverse_proxy → backend
 //	b  the same GETs as separate keep-alive requests through reverse_proxy
@@ -54,7 +54,7 @@ func main() {
 	ops := flag.Int("ops", 100, "operations per batch")
 	short := flag.Bool("short", false, "1 s per scenario")
 	soakFor := flag.Duration("soak", 0, "instead of the scenarios, hold a mixed sync/async load this long")
-	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the Caddy process to this file")
+	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the Caddy process to this file, and the harness's to it.harness")
 	only := flag.String("only", "", "run only these scenarios, comma-separated (a,b,c,c1,d)")
 	flag.Parse()
 	if *serve != "" {
@@ -126,6 +126,16 @@ func freePort() (int, error) {
 }
 
 func run(duration time.Duration, concurrency, nops int) error {
+	if cpuProfile != "" { // the harness's own: clients and backend
+		f, err := os.Create(cpuProfile + ".harness")
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
 	// The backend: fast JSON, and /slow taking 10 ms.
 	backend, baddr, err := startBackend()
 	if err != nil {
@@ -196,23 +206,37 @@ http://127.0.0.1:%d {
 	scenarios := []struct {
 		name, title string
 		ops         int
-		do          func() error
+		do          func(*bytes.Buffer) error
 	}{
-		{"a", fmt.Sprintf("batches of %d: batch → reverse_proxy", nops), nops, func() error { return postBatch(client, base+"/batch", proxied, nops) }},
-		{"b", "separate requests → reverse_proxy", 1, func() error { return getOne(client, base+"/users/1") }},
-		{"c", fmt.Sprintf("batches of %d: batch → respond", nops), nops, func() error { return postBatch(client, base+"/batch", responded, nops) }},
-		{"c1", "separate requests → respond", 1, func() error { return getOne(client, base+"/respond/1") }},
+		{"a", fmt.Sprintf("batches of %d: batch → reverse_proxy", nops), nops, func(buf *bytes.Buffer) error { return postBatch(client, base+"/batch", proxied, nops, buf) }},
+		{"b", "separate requests → reverse_proxy", 1, func(*bytes.Buffer) error { return getOne(client, base+"/users/1") }},
+		{"c", fmt.Sprintf("batches of %d: batch → respond", nops), nops, func(buf *bytes.Buffer) error { return postBatch(client, base+"/batch", responded, nops, buf) }},
+		{"c1", "separate requests → respond", 1, func(*bytes.Buffer) error { return getOne(client, base+"/respond/1") }},
+	}
+	// Scenarios take turns of a slice each, so that a machine whose speed
+	// drifts (a shared VM) treats them alike and their ratios hold.
+	const slice = 500 * time.Millisecond
+	samples := map[string]*sample{}
+	for turn := time.Duration(0); turn < duration; turn += slice {
+		for _, sc := range scenarios {
+			if !selected(sc.name) {
+				continue
+			}
+			if samples[sc.name] == nil {
+				samples[sc.name] = &sample{}
+			}
+			if err := load(samples[sc.name], min(slice, duration-turn), concurrency, sc.ops, sc.do); err != nil {
+				return fmt.Errorf("%s: %w", sc.name, err)
+			}
+		}
 	}
 	measured := map[string]stats{}
 	fmt.Printf("%-52s %12s %10s %10s\n", "scenario", "ops/s", "p50", "p99")
 	for _, sc := range scenarios {
-		if !selected(sc.name) {
+		if samples[sc.name] == nil {
 			continue
 		}
-		s, err := load(duration, concurrency, sc.ops, sc.do)
-		if err != nil {
-			return fmt.Errorf("%s: %w", sc.name, err)
-		}
+		s := samples[sc.name].stats()
 		measured[sc.name] = s
 		fmt.Printf("%-52s %12.0f %10s %10s\n", fmt.Sprintf("%-2s %s", sc.name, sc.title), s.opsPerSec, s.p50.Round(time.Microsecond), s.p99.Round(time.Microsecond))
 	}
@@ -241,7 +265,7 @@ http://127.0.0.1:%d {
 		var lat []time.Duration
 		for range 5 {
 			start := time.Now()
-			if err := postBatch(client, base+d.path, slow, 100); err != nil {
+			if err := postBatch(client, base+d.path, slow, 100, new(bytes.Buffer)); err != nil {
 				return fmt.Errorf("d: %w", err)
 			}
 			lat = append(lat, time.Since(start))
@@ -251,6 +275,32 @@ http://127.0.0.1:%d {
 		ratio := float64(med) / float64(d.ideal)
 		fmt.Printf("d  100 × 10 ms at %-17s median %8s, ideal %6s: %4.2f× (target ≤ 1.3) %s\n",
 			strings.TrimPrefix(d.path, "/batch")+" in parallel", med.Round(time.Microsecond), d.ideal, ratio, verdict(ratio <= 1.3))
+	}
+	if selected("d") {
+		// What the machine makes of the same 100 requests without batch:
+		// sent at once, each on its own kept-alive connection.
+		wide := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 128}, Timeout: 60 * time.Second}
+		var lat []time.Duration
+		for range 6 {
+			start := time.Now()
+			var wg sync.WaitGroup
+			errs := make(chan error, 100)
+			for i := range 100 {
+				wg.Go(func() {
+					if err := getOne(wide, fmt.Sprintf("%s/slow/%d", base, i)); err != nil {
+						errs <- err
+					}
+				})
+			}
+			wg.Wait()
+			close(errs)
+			if err := <-errs; err != nil {
+				return fmt.Errorf("d: %w", err)
+			}
+			lat = append(lat, time.Since(start))
+		}
+		slices.Sort(lat[1:]) // the first opened the connections
+		fmt.Printf("   without batch: the 100 as separate requests at once through reverse_proxy, median %8s\n", lat[1+len(lat[1:])/2].Round(time.Microsecond))
 	}
 	fmt.Printf("\ncaddy peak RSS: %s\n", rss())
 	return nil
@@ -262,13 +312,34 @@ type stats struct {
 	p50, p99  time.Duration
 }
 
-// load runs do from concurrency goroutines for duration; each call counts
-// as opsPerCall operations.
-func load(duration time.Duration, concurrency, opsPerCall int, do func() error) (stats, error) {
+// sample accumulates the turns of one scenario.
+type sample struct {
+	ops     int64
+	elapsed time.Duration
+	lat     []time.Duration // per call
+}
+
+func (s *sample) stats() stats {
+	slices.Sort(s.lat)
+	pct := func(p float64) time.Duration {
+		if len(s.lat) == 0 {
+			return 0
+		}
+		return s.lat[min(len(s.lat)-1, int(float64(len(s.lat))*p))]
+	}
+	return stats{
+		opsPerSec: float64(s.ops) / s.elapsed.Seconds(),
+		p50:       pct(0.50),
+		p99:       pct(0.99),
+	}
+}
+
+// load runs do from concurrency goroutines for duration, each with its own
+// buffer, and adds to s; each call counts as opsPerCall operations.
+func load(s *sample, duration time.Duration, concurrency, opsPerCall int, do func(*bytes.Buffer) error) error {
 	ctx, cancel := context.WithTimeout(context.Background(), duration)
 	defer cancel()
 	var mu sync.Mutex
-	var lat []time.Duration
 	var calls atomic.Int64
 	var firstErr error
 	var wg sync.WaitGroup
@@ -278,9 +349,10 @@ func load(duration time.Duration, concurrency, opsPerCall int, do func() error) 
 		go func() {
 			defer wg.Done()
 			var mine []time.Duration
+			var buf bytes.Buffer
 			for ctx.Err() == nil {
 				t := time.Now()
-				if err := do(); err != nil {
+				if err := do(&buf); err != nil {
 					mu.Lock()
 					if firstErr == nil {
 						firstErr = err
@@ -293,51 +365,47 @@ func load(duration time.Duration, concurrency, opsPerCall int, do func() error) 
 				calls.Add(1)
 			}
 			mu.Lock()
-			lat = append(lat, mine...)
+			s.lat = append(s.lat, mine...)
 			mu.Unlock()
 		}()
 	}
 	wg.Wait()
-	elapsed := time.Since(start)
-	if firstErr != nil {
-		return stats{}, firstErr
-	}
-	slices.Sort(lat)
-	pct := func(p float64) time.Duration {
-		if len(lat) == 0 {
-			return 0
-		}
-		return lat[min(len(lat)-1, int(float64(len(lat))*p))]
-	}
-	return stats{
-		opsPerSec: float64(calls.Load()*int64(opsPerCall)) / elapsed.Seconds(),
-		p50:       pct(0.50),
-		p99:       pct(0.99),
-	}, nil
+	s.elapsed += time.Since(start)
+	s.ops += calls.Load() * int64(opsPerCall)
+	return firstErr
 }
 
-// postBatch sends a batch and checks that every operation answered 200.
-func postBatch(client *http.Client, url string, body []byte, n int) error {
+// postBatch sends a batch and checks that every operation answered 200,
+// reading the answer into buf.
+func postBatch(client *http.Client, url string, body []byte, n int, buf *bytes.Buffer) error {
 	resp, err := client.Post(url, "application/json", bytes.NewReader(body))
 	if err != nil {
 		return err
 	}
 	defer resp.Body.Close()
-	out, err := io.ReadAll(resp.Body)
-	if err != nil {
+	buf.Reset()
+	if _, err := buf.ReadFrom(resp.Body); err != nil {
 		return err
 	}
+	out := buf.Bytes()
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("batch answered %d: %.200s", resp.StatusCode, out)
 	}
-	statuses := gjson.GetBytes(out, "#.status").Array()
-	if len(statuses) != n {
-		return fmt.Errorf("batch of %d answered %d results", n, len(statuses))
-	}
-	for i, s := range statuses {
-		if s.Int() != http.StatusOK {
-			return fmt.Errorf("operation %d answered %d: %.300s", i, s.Int(), out)
+	results := 0
+	var bad error
+	gjson.ParseBytes(out).ForEach(func(_, res gjson.Result) bool {
+		if s := res.Get("status").Int(); s != http.StatusOK {
+			bad = fmt.Errorf("operation %d answered %d: %.300s", results, s, res.Raw)
+			return false
 		}
+		results++
+		return true
+	})
+	if bad != nil {
+		return bad
+	}
+	if results != n {
+		return fmt.Errorf("batch of %d answered %d results", n, results)
 	}
 	return nil
 }
