@@ -97,6 +97,28 @@ func TestRetry429(t *testing.T) {
 	}
 }
 
+// A retry starts from the operation as written, not from the request a
+// handler rewrote on the first try.
+func TestRetry429AfterRewrite(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, fmt.Sprintf(`
+	batch /batch {
+		retry_429 1
+	}
+	handle /api/* {
+		uri strip_prefix /api
+		reverse_proxy %s
+	}
+	handle {
+		respond "not under /api" 404
+	}`, be.addr()))
+	_, _, body := post(t, base+"/batch", `[{"path":"/api/limited?id=r&n=1&after=0"}]`)
+	r := mustJSON(t, body).Get("0")
+	if r.Get("status").Int() != 200 || r.Get("attempts").Int() != 2 || r.Get("body.calls").Int() != 2 {
+		t.Errorf("retried after a rewrite: %s", r.Raw)
+	}
+}
+
 // With Accept: application/x-ndjson each result is on the wire, one line
 // with its index, the moment it is final: before the next operation ends.
 func TestNDJSONStreaming(t *testing.T) {

@@ -64,7 +64,7 @@ type operation struct {
 	id     string
 	method string
 	target string   // origin-form request target as written: path and query
-	url    *url.URL // target parsed
+	url    *url.URL // target parsed; the first sub-request of the operation takes it
 	header http.Header
 	body   []byte // bytes to send; nil means no body
 	// deps are the indexes of operations that must finish first.
@@ -242,7 +242,7 @@ func parseBatch(body []byte, lim *limits) (*batch, error) {
 
 	b.ops = make([]*operation, 0, n)
 	p.ops = make([]operation, n+1) // and a bulk batch's template
-	p.urls = make([]url.URL, n)
+	p.urls = make([]url.URL, n+1)
 	if n > 100 {
 		p.ids = indexIDs(n)
 	}
@@ -274,7 +274,8 @@ type parser struct {
 	// answer: only then are ids looked up.
 	linked bool
 	// Operations, their URLs and their default ids come from one
-	// allocation each per batch.
+	// allocation each per batch. An operation's URL is its own: its
+	// sub-request takes it.
 	ops  []operation
 	urls []url.URL
 	ids  []string
@@ -535,8 +536,11 @@ func (p *parser) parseBulk(b *batch, template, items gjson.Result) {
 			id:     p.defaultID(i),
 			method: tmpl.method,
 			target: tmpl.target,
-			url:    tmpl.url,
 			header: tmpl.header,
+		}
+		if tmpl.url != nil { // each its own: it becomes the sub-request's
+			op.url = p.newURL()
+			*op.url = *tmpl.url
 		}
 		if ctype := p.parseBody(op, item, encoding); ctype != "" && tmpl.header.Get("Content-Type") == "" {
 			h, ok := headerFor[ctype]

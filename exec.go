@@ -343,7 +343,7 @@ func (rn *runner) exec(op *operation, clk *opClock) result {
 	ctx, deadline := clk.arm()
 	defer clk.disarm()
 	for attempt := 1; ; attempt++ {
-		res := rn.attempt(clk.parent, ctx, op)
+		res := rn.attempt(clk.parent, ctx, op, attempt)
 		if res.status != http.StatusTooManyRequests || attempt > rn.h.Retry429 || !idempotent(op.method) {
 			if attempt > 1 {
 				res.attempts = attempt
@@ -493,8 +493,8 @@ func retryAfter(h http.Header) int {
 	return 0
 }
 
-// attempt serves op once within ctx.
-func (rn *runner) attempt(parent, ctx context.Context, op *operation) result {
+// attempt serves op once within ctx; attempt counts from 1.
+func (rn *runner) attempt(parent, ctx context.Context, op *operation, attempt int) result {
 	w := rn.reuse
 	if w != nil {
 		rn.reuse = nil
@@ -504,7 +504,7 @@ func (rn *runner) attempt(parent, ctx context.Context, op *operation) result {
 		w = &opWriter{header: make(http.Header)}
 	}
 	w.limit = rn.h.MaxResponseSize
-	req := rn.newRequest(ctx, op, w)
+	req := rn.newRequest(ctx, op, w, attempt)
 	err := serve(rn.next, w, req)
 
 	if c := rn.h.logger.Check(zapcore.DebugLevel, "batch operation"); c != nil {
@@ -556,13 +556,18 @@ func (rn *runner) failed(op *operation, w *opWriter, err error) result {
 // newRequest builds the sub-request of op: a fresh request with its own
 // replacer, vars and route-group state, carrying the outer request's
 // connection facts and inherited headers under its own.
-func (rn *runner) newRequest(ctx context.Context, op *operation, w http.ResponseWriter) *http.Request {
+func (rn *runner) newRequest(ctx context.Context, op *operation, w http.ResponseWriter, attempt int) *http.Request {
 	c := &rn.conn
-	// Built on the stack and copied once by WithContext: no URL parsing,
-	// one Request on the heap. The URL is our own copy, as handlers such
-	// as rewrite change r.URL in place, and so is the header map.
-	u := new(url.URL)
-	*u = *op.url
+	// The first attempt takes the URL parsed for the operation alone.
+	// Handlers such as rewrite change r.URL in place: a retry parses the
+	// target again, which was validated and cannot fail.
+	u := op.url
+	if attempt > 1 {
+		u = new(url.URL)
+		_ = parseTargetInto(op.target, u)
+	}
+	// Built on the stack and copied once by WithContext: one Request on
+	// the heap. The header map is the request's own.
 	base := http.Request{
 		Method:     op.method,
 		URL:        u,

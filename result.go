@@ -340,12 +340,9 @@ func contentType(h http.Header) string {
 // appendHeaders appends "headers":{...}, names sorted, values joined.
 func appendHeaders(dst []byte, h http.Header) []byte {
 	dst = append(dst, `"headers":{`...)
-	if len(h) == 1 { // the usual answer: only a Content-Type
-		for name, v := range h {
-			dst = appendString(dst, name)
-			dst = append(dst, ':')
-			dst = appendString(dst, strings.Join(v, ", "))
-		}
+	if v, ok := h["Content-Type"]; ok && len(h) == 1 { // the usual answer
+		dst = append(dst, `"Content-Type":`...)
+		dst = appendString(dst, strings.Join(v, ", "))
 		return append(dst, '}')
 	}
 	var arr [16]string
