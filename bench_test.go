@@ -21,7 +21,8 @@ import (
 // answering ~100 bytes of JSON, so that they measure the module's own cost.
 // Compare per-operation figures (ns/item, allocs/item) of BenchmarkBatch
 // with BenchmarkDirect (the work itself) and BenchmarkFloor (the least any
-// correct sub-request costs in Caddy), from the same run:
+// correct sub-request costs in Caddy), from the same run; BenchmarkRatio
+// measures the time ratios with the three taking turns:
 //
 //	go test -run '^$' -bench . -benchmem
 
@@ -101,19 +102,40 @@ func BenchmarkDirect(b *testing.B) {
 	})
 }
 
-// BenchmarkFloor builds each sub-request as any correct one must be built:
-// a fresh request and header map, PrepareRequest with a new replacer.
-func BenchmarkFloor(b *testing.B) {
-	next := benchDownstream()
+// floorOp builds and serves one sub-request as any correct one must be
+// built: a fresh request and header map, PrepareRequest with a new
+// replacer.
+func floorOp(next caddyhttp.Handler) func() {
 	srv := &caddyhttp.Server{}
 	u, _ := url.Parse("/users/1")
-	b.ReportAllocs()
-	perItem(b, 1, func() {
+	return func() {
 		w := &discard{h: http.Header{}}
 		req := (&http.Request{Method: http.MethodGet, URL: u, Header: make(http.Header), Body: http.NoBody, Host: "example.com"}).WithContext(context.Background())
 		req = caddyhttp.PrepareRequest(req, caddy.NewReplacer(), w, srv)
 		_ = next.ServeHTTP(w, req)
-	})
+	}
+}
+
+// batchOp serves one batch of n GETs through a handler in mode.
+func batchOp(b *testing.B, mode string, n int, next caddyhttp.Handler) func() {
+	h := benchHandler(b, mode)
+	body := benchBatch(n)
+	srv := &caddyhttp.Server{}
+	return func() {
+		w := &discard{h: http.Header{}}
+		req := httptest.NewRequest(http.MethodPost, "/batch", bytes.NewReader(body))
+		req = caddyhttp.PrepareRequest(req, caddy.NewReplacer(), w, srv)
+		if err := h.ServeHTTP(w, req, next); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkFloor serves sub-requests built as floorOp builds them.
+func BenchmarkFloor(b *testing.B) {
+	op := floorOp(benchDownstream())
+	b.ReportAllocs()
+	perItem(b, 1, op)
 }
 
 // BenchmarkBatch runs n GETs as one batch through the handler.
@@ -121,21 +143,48 @@ func BenchmarkBatch(b *testing.B) {
 	for _, mode := range []string{modeSequential, modeParallel} {
 		for _, n := range []int{1, 10, 100, 1000} {
 			b.Run(fmt.Sprintf("%s/%d", mode, n), func(b *testing.B) {
-				h := benchHandler(b, mode)
-				body := benchBatch(n)
-				next := benchDownstream()
-				srv := &caddyhttp.Server{}
+				run := batchOp(b, mode, n, benchDownstream())
 				b.ReportAllocs()
-				perItem(b, n, func() {
-					w := &discard{h: http.Header{}}
-					req := httptest.NewRequest(http.MethodPost, "/batch", bytes.NewReader(body))
-					req = caddyhttp.PrepareRequest(req, caddy.NewReplacer(), w, srv)
-					if err := h.ServeHTTP(w, req, next); err != nil {
-						b.Fatal(err)
-					}
-				})
+				perItem(b, n, run)
 			})
 		}
+	}
+}
+
+// BenchmarkRatio reports the time of a batch of 100 over that of the same
+// 100 operations served as BenchmarkFloor serves them (x-floor) and as
+// BenchmarkDirect does (x-direct), taking turns within each iteration: on
+// a shared machine whose speed drifts, the ratio of separate benchmarks
+// moves by ±20%, this one does not.
+func BenchmarkRatio(b *testing.B) {
+	const n = 100
+	for _, mode := range []string{modeSequential, modeParallel} {
+		b.Run(mode, func(b *testing.B) {
+			next := benchDownstream()
+			run, floor := batchOp(b, mode, n, next), floorOp(next)
+			reqs := make([]*http.Request, n)
+			for i := range reqs {
+				reqs[i] = httptest.NewRequest(http.MethodGet, fmt.Sprintf("/users/%d", i), nil)
+			}
+			var tBatch, tFloor, tDirect time.Duration
+			for b.Loop() {
+				t0 := time.Now()
+				run()
+				t1 := time.Now()
+				for range n {
+					floor()
+				}
+				t2 := time.Now()
+				for _, r := range reqs {
+					_ = next.ServeHTTP(&discard{h: http.Header{}}, r)
+				}
+				t3 := time.Now()
+				tBatch, tFloor, tDirect = tBatch+t1.Sub(t0), tFloor+t2.Sub(t1), tDirect+t3.Sub(t2)
+			}
+			b.ReportMetric(float64(tBatch)/float64(tFloor), "x-floor")
+			b.ReportMetric(float64(tBatch)/float64(tDirect), "x-direct")
+			b.ReportMetric(0, "ns/op") // the iteration mixes three things
+		})
 	}
 }
 
@@ -160,10 +209,7 @@ func BenchmarkParse(b *testing.B) {
 func BenchmarkBatchLarge(b *testing.B) {
 	for _, n := range []int{1000, 10000} {
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
-			h := benchHandler(b, modeSequential)
-			body := benchBatch(n)
-			next := benchDownstream()
-			srv := &caddyhttp.Server{}
+			run := batchOp(b, modeSequential, n, benchDownstream())
 			runtime.GC()
 			var base runtime.MemStats
 			runtime.ReadMemStats(&base)
@@ -183,14 +229,7 @@ func BenchmarkBatchLarge(b *testing.B) {
 					}
 				}
 			}()
-			perItem(b, n, func() {
-				w := &discard{h: http.Header{}}
-				req := httptest.NewRequest(http.MethodPost, "/batch", bytes.NewReader(body))
-				req = caddyhttp.PrepareRequest(req, caddy.NewReplacer(), w, srv)
-				if err := h.ServeHTTP(w, req, next); err != nil {
-					b.Fatal(err)
-				}
-			})
+			perItem(b, n, run)
 			close(stop)
 			<-done
 			b.ReportMetric(float64(peak-base.HeapInuse)/(1<<20), "peak-heap-MiB")
