@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -75,9 +76,6 @@ type runner struct {
 	rollbackFailed bool
 	// canceled stops an async job at the next operation it would start.
 	canceled atomic.Bool
-	// reuse is a writer whose answer is written out, for the next
-	// operation of a sequential batch.
-	reuse *opWriter
 }
 
 // connFacts are what sub-requests take from the batch request: they speak
@@ -200,17 +198,55 @@ func (rn *runner) runSequential() {
 		w := rn.results[i].w
 		rn.results[i].w = nil
 		rn.out.ready(i)
-		if w != nil && !op.keepHeader && !op.keepBody && !rn.out.hold && cap(w.body) <= 64<<10 {
-			rn.reuse = w // written out and read by none: the next operation reuses it
-		}
+		clk.recycle(w, op, !rn.out.hold)
 	}
 }
 
-// runParallel runs operations on a pool of concurrency workers; this
-// goroutine alone schedules and emits, so results need no lock.
+// runParallel runs operations on a pool of concurrency workers.
 func (rn *runner) runParallel() {
 	n := len(rn.b.ops)
 	workers := min(rn.h.Concurrency, n)
+	if !slices.ContainsFunc(rn.b.ops, func(op *operation) bool { return len(op.deps) > 0 }) {
+		rn.runIndependent(workers)
+		return
+	}
+	rn.runGraph(workers)
+}
+
+// runIndependent runs operations that wait for none: each worker takes the
+// next index, in array order, and passes its result to the emitter itself,
+// under a lock, so that an operation costs no hand-off between goroutines.
+func (rn *runner) runIndependent(workers int) {
+	var next atomic.Int64
+	var mu sync.Mutex // the emitter's, and the results'
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			clk := rn.newClock(rn.ctx)
+			defer clk.stop()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(rn.b.ops) {
+					return
+				}
+				op := rn.b.ops[i]
+				res := rn.runOne(op, clk)
+				mu.Lock()
+				rn.results[i] = res
+				rn.out.ready(i)
+				written := rn.out.next > i && !rn.out.hold
+				mu.Unlock()
+				clk.recycle(res.w, op, written)
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// runGraph runs operations with dependencies on a pool of workers; this
+// goroutine alone schedules and emits, so results need no lock.
+func (rn *runner) runGraph(workers int) {
+	n := len(rn.b.ops)
 	jobs := make(chan int)
 	done := make(chan int, workers) // never blocks a worker: at most workers in flight
 	for range workers {
@@ -343,7 +379,7 @@ func (rn *runner) exec(op *operation, clk *opClock) result {
 	ctx, deadline := clk.arm()
 	defer clk.disarm()
 	for attempt := 1; ; attempt++ {
-		res := rn.attempt(clk.parent, ctx, op, attempt)
+		res := rn.attempt(ctx, clk, op, attempt)
 		if res.status != http.StatusTooManyRequests || attempt > rn.h.Retry429 || !idempotent(op.method) {
 			if attempt > 1 {
 				res.attempts = attempt
@@ -367,13 +403,15 @@ func (rn *runner) exec(op *operation, clk *opClock) result {
 	}
 }
 
-// opClock gives the operations one goroutine runs, one after another,
-// their contexts: each ends when its operation does, at op_timeout, or
-// with parent. An operation's context derives from parent's values
-// without its cancelation, which one watch on parent passes on, and a
-// timer that re-arms itself only when it fires checks the deadline: an
-// operation costs one cancel context, not a timer and a registration with
-// its parent.
+// opClock is what a goroutine that runs operations one after another
+// keeps between them: their contexts' clock, and a spare writer.
+//
+// Each operation's context ends when the operation does, at op_timeout,
+// or with parent. It derives from parent's values without its
+// cancelation, which one watch on parent passes on, and a timer that
+// re-arms itself only when it fires checks the deadline: an operation
+// costs one cancel context, not a timer and a registration with its
+// parent.
 type opClock struct {
 	parent    context.Context
 	detached  context.Context // parent's values, never canceled
@@ -385,6 +423,18 @@ type opClock struct {
 	pending  bool                    // timer will fire, at or before deadline
 	cancel   context.CancelCauseFunc // of the armed operation, nil when none
 	deadline time.Time
+
+	// spare is a writer whose answer is written out and read by no
+	// reference: the next operation takes it.
+	spare *opWriter
+}
+
+// recycle makes w the spare when its answer is written out and no
+// reference reads it.
+func (c *opClock) recycle(w *opWriter, op *operation, written bool) {
+	if w != nil && written && !op.keepHeader && !op.keepBody && cap(w.body) <= 64<<10 {
+		c.spare = w
+	}
 }
 
 // newClock returns a clock for operations bounded by parent and op_timeout.
@@ -494,10 +544,11 @@ func retryAfter(h http.Header) int {
 }
 
 // attempt serves op once within ctx; attempt counts from 1.
-func (rn *runner) attempt(parent, ctx context.Context, op *operation, attempt int) result {
-	w := rn.reuse
+func (rn *runner) attempt(ctx context.Context, clk *opClock, op *operation, attempt int) result {
+	parent := clk.parent
+	w := clk.spare
 	if w != nil {
-		rn.reuse = nil
+		clk.spare = nil
 		clear(w.header)
 		*w = opWriter{header: w.header, body: w.body[:0]}
 	} else {

@@ -5,9 +5,11 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tidwall/gjson"
 	"golang.org/x/crypto/bcrypt"
@@ -610,5 +612,53 @@ func TestAnswerFramingBySize(t *testing.T) {
 	}
 	if got := res.Get("results.49.body").String(); len(got) != 2000 {
 		t.Errorf("last result's body has %d bytes, want 2000", len(got))
+	}
+}
+
+// Operations that wait for none run on concurrency workers, started in
+// array order, and their results come back in order though they end out
+// of it.
+func TestParallelIndependent(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		mode parallel
+		concurrency 3
+	}`))
+	sleeps := []int{60, 10, 30, 10, 40, 10, 20, 10, 30}
+	var ops []string
+	total := 0
+	for i, ms := range sleeps {
+		ops = append(ops, fmt.Sprintf(`{"id":"p%d","path":"/slow?id=p%d&d=%dms"}`, i, i, ms))
+		total += ms
+	}
+	start := time.Now()
+	status, _, body := post(t, base+"/batch", "["+strings.Join(ops, ",")+"]")
+	elapsed := time.Since(start)
+	if status != 200 {
+		t.Fatalf("status %d: %s", status, body)
+	}
+	for i, r := range mustJSON(t, body).Array() {
+		if r.Get("id").String() != fmt.Sprintf("p%d", i) || r.Get("status").Int() != 200 {
+			t.Errorf("result %d: %s", i, r.Raw)
+		}
+	}
+	be.mu.Lock()
+	maxIn := be.maxInFlight
+	be.mu.Unlock()
+	if maxIn != 3 {
+		t.Errorf("%d operations in flight at most, want concurrency 3", maxIn)
+	}
+	var first []string
+	for _, e := range be.eventLog() {
+		if id, ok := strings.CutPrefix(e, "start "); ok && len(first) < 3 {
+			first = append(first, id)
+		}
+	}
+	slices.Sort(first)
+	if !slices.Equal(first, []string{"p0", "p1", "p2"}) {
+		t.Errorf("first three started: %v, want p0 p1 p2 (array order)", first)
+	}
+	if elapsed >= time.Duration(total)*time.Millisecond {
+		t.Errorf("took %v, as long as one after another (%d ms)", elapsed, total)
 	}
 }
