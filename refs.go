@@ -405,7 +405,7 @@ func (rn *runner) value(r *ref) (refValue, error) {
 		return refValue{raw: strings.Join(vs, ", "), isText: true}, nil
 	}
 	body := res.body
-	isJSON := isJSONType(res.header.Get("Content-Type")) && gjson.ValidBytes(body)
+	isJSON := jsonBody(res)
 	if r.arg == "" {
 		if isJSON {
 			return refValue{raw: string(body)}, nil

@@ -296,7 +296,7 @@ func appendResult(dst []byte, id string, res *result, lean leanOptions) []byte {
 	if len(res.body) > 0 && !quiet {
 		dst = append(dst, `,"body":`...)
 		switch {
-		case isJSONType(contentType(res.header)) && gjson.ValidBytes(res.body):
+		case jsonBody(res):
 			// Space around a JSON value means nothing; APIs often end with "\n".
 			body := bytes.TrimSpace(res.body)
 			if lean.oneLine && bytes.ContainsAny(body, "\r\n") {
@@ -328,8 +328,14 @@ func appendResult(dst []byte, id string, res *result, lean leanOptions) []byte {
 	return append(dst, '}')
 }
 
+// jsonBody reports whether an answer's body is JSON, by its Content-Type,
+// and valid, so that it can stand in the batch's JSON as a value.
+func jsonBody(res *result) bool {
+	return isJSONType(contentType(res.header)) && gjson.ValidBytes(res.body)
+}
+
 // contentType is h.Get("Content-Type"), without canonicalizing a name
-// that already is.
+// that already is: it is read for every result.
 func contentType(h http.Header) string {
 	if v := h["Content-Type"]; len(v) > 0 {
 		return v[0]
@@ -340,7 +346,7 @@ func contentType(h http.Header) string {
 // appendHeaders appends "headers":{...}, names sorted, values joined.
 func appendHeaders(dst []byte, h http.Header) []byte {
 	dst = append(dst, `"headers":{`...)
-	if v, ok := h["Content-Type"]; ok && len(h) == 1 { // the usual answer
+	if v, ok := h["Content-Type"]; ok && len(h) == 1 { // the usual answer: no sorting
 		dst = append(dst, `"Content-Type":`...)
 		dst = appendString(dst, strings.Join(v, ", "))
 		return append(dst, '}')
