@@ -126,6 +126,7 @@ func TestNDJSONStreaming(t *testing.T) {
 	base := startCaddy(t, proxySite(be, ""))
 	req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(
 		`[{"id":"fast","path":"/echo"},{"id":"slow","path":"/slow?id=s&d=1s"}]`))
+	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "application/x-ndjson")
 	resp, err := client.Do(req)
 	if err != nil {

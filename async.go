@@ -381,16 +381,29 @@ func (s *storeSink) flush() {
 
 func (s *storeSink) close(summary) { s.flush() }
 
-// ownerHash identifies who may see a job: a hash of the owner placeholder
-// evaluated on r, so that storage never holds credentials.
-func (h *Handler) ownerHash(r *http.Request) string {
+// ownerHash identifies who may see a job or replay an idempotent answer: a
+// hash of the owner placeholder evaluated on r, so that storage never holds
+// credentials. ok is false when the value is empty: every anonymous caller
+// would share that owner, so nothing is stored or read under it.
+func (h *Handler) ownerHash(r *http.Request) (hash string, ok bool) {
 	repl, _ := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	v := ""
 	if repl != nil {
 		v = repl.ReplaceAll(h.owner, "")
 	}
+	if strings.TrimSpace(v) == "" {
+		return "", false
+	}
 	sum := sha256.Sum256([]byte("caddy-batch owner\x00" + v))
-	return hex.EncodeToString(sum[:])
+	return hex.EncodeToString(sum[:]), true
+}
+
+// writeNoOwner refuses a request whose owner value is empty.
+func (h *Handler) writeNoOwner(w http.ResponseWriter) error {
+	return writeError(w, http.StatusUnauthorized, fmt.Sprintf("async batches and Idempotency-Key need an owner, "+
+		"and %s is empty for this request: send the credentials it reads, or set the async block's owner "+
+		"to a placeholder known when batch runs (authentication in a route before batch, "+
+		"or {http.request.cookie.NAME} for cookie sessions)", h.owner))
 }
 
 // wantsAsync reports whether the client asked for an async answer with
@@ -408,6 +421,10 @@ func wantsAsync(r *http.Request) bool {
 
 // submit stores a validated batch as a job, queues it and answers 202.
 func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
+	owner, ok := h.ownerHash(r)
+	if !ok {
+		return h.writeNoOwner(w)
+	}
 	srv, err := serverOf(r)
 	if err != nil {
 		return err
@@ -418,7 +435,7 @@ func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	t := now()
 	j := &job{h: h, rn: rn, rec: jobRecord{
 		progress:  progress{ID: rn.id, Status: jobQueued, Total: len(b.ops), CreatedAt: t},
-		Owner:     h.ownerHash(r),
+		Owner:     owner,
 		ExpiresAt: t.Add(time.Duration(h.Async.Retention)),
 	}}
 	if err := j.save(r.Context()); err != nil {
@@ -460,6 +477,10 @@ func (h *Handler) serveJob(w http.ResponseWriter, r *http.Request, id, sub strin
 		w.Header().Set("Allow", allow)
 		return writeError(w, http.StatusMethodNotAllowed, "batch jobs take "+allow)
 	}
+	owner, ok := h.ownerHash(r)
+	if !ok {
+		return h.writeNoOwner(w)
+	}
 	j := h.pool.lookup(id)
 	var rec jobRecord
 	if j != nil && j.h.storage == h.storage {
@@ -475,7 +496,7 @@ func (h *Handler) serveJob(w http.ResponseWriter, r *http.Request, id, sub strin
 		}
 	}
 	// Someone else's job, or an expired one, does not exist for this caller.
-	if subtle.ConstantTimeCompare([]byte(rec.Owner), []byte(h.ownerHash(r))) != 1 || now().After(rec.ExpiresAt) {
+	if subtle.ConstantTimeCompare([]byte(rec.Owner), []byte(owner)) != 1 || now().After(rec.ExpiresAt) {
 		return writeError(w, http.StatusNotFound, "no such batch job")
 	}
 

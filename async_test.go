@@ -195,15 +195,16 @@ func TestAsyncAccess(t *testing.T) {
 	if status, _, body := get(t, job+"/results", alice); status != 409 || mustJSON(t, body).Get("status").String() == "" {
 		t.Errorf("results before the end: %d %s", status, body)
 	}
-	for _, who := range []string{"Authorization: Bearer mallory", ""} {
-		if status, _, _ := get(t, job, who); status != 404 {
-			t.Errorf("progress for %q: %d, want 404", who, status)
+	// Another owner does not see the job; no owner at all is refused.
+	for who, want := range map[string]int{"Authorization: Bearer mallory": 404, "": 401} {
+		if status, _, _ := get(t, job, who); status != want {
+			t.Errorf("progress for %q: %d, want %d", who, status, want)
 		}
-		if status, _, _ := get(t, job+"/results", who); status != 404 {
-			t.Errorf("results for %q: %d, want 404", who, status)
+		if status, _, _ := get(t, job+"/results", who); status != want {
+			t.Errorf("results for %q: %d, want %d", who, status, want)
 		}
-		if status, _ := del(t, job, who); status != 404 {
-			t.Errorf("cancel for %q: %d, want 404", who, status)
+		if status, _ := del(t, job, who); status != want {
+			t.Errorf("cancel for %q: %d, want %d", who, status, want)
 		}
 	}
 	if status, _, _ := get(t, base+"/batch/0123456789abcdef0123456789abcdef", alice); status != 404 {

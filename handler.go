@@ -314,8 +314,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		w.Header().Set("Allow", http.MethodPost)
 		return writeError(w, http.StatusMethodNotAllowed, "batch requests must be POST")
 	}
-	if ct := r.Header.Get("Content-Type"); ct != "" && !isJSONType(ct) {
-		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent as application/json")
+	// A Content-Type a browser may send cross-site without a preflight
+	// (none, text/plain, forms) would let any page make a logged-in
+	// visitor's browser run operations: only JSON is taken.
+	if !isJSONType(r.Header.Get("Content-Type")) {
+		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent with Content-Type: application/json")
 	}
 	if r.ContentLength > h.MaxBodySize {
 		return writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("batch body is larger than %d bytes", h.MaxBodySize))

@@ -218,14 +218,26 @@ func TestWholeBatchAnswers(t *testing.T) {
 	if status != 405 || hdr.Get("Allow") != "POST" {
 		t.Errorf("GET: status %d Allow %q: %s", status, hdr.Get("Allow"), body)
 	}
-	status, _, body = post(t, base+"/batch", `[{"path":"/users"}]`, "Content-Type: text/plain")
-	if status != 415 {
-		t.Errorf("text/plain: status %d: %s", status, body)
+	// What a browser sends cross-site without a preflight is refused, so
+	// that no page can make a visitor's browser run operations.
+	for _, ct := range []string{"text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded",
+		"multipart/form-data; boundary=x", "TEXT/PLAIN", "application/json-seq", "application/jsonx"} {
+		status, _, body = post(t, base+"/batch", `[{"path":"/users"}]`, "Content-Type: "+ct)
+		if status != 415 || !strings.Contains(body, "application/json") {
+			t.Errorf("%s: status %d: %s", ct, status, body)
+		}
 	}
-	// No Content-Type at all is accepted.
 	req, _ = http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(`[{"path":"/users"}]`))
-	if status, _, body = do(t, req); status != 200 {
+	if status, _, body = do(t, req); status != 415 {
 		t.Errorf("no Content-Type: status %d: %s", status, body)
+	}
+	for _, ct := range []string{"application/json", "application/json; charset=utf-8", "application/vnd.api+json", "Application/JSON"} {
+		if status, _, body = post(t, base+"/batch", `[{"path":"/users"}]`, "Content-Type: "+ct); status != 200 {
+			t.Errorf("%s: status %d: %s", ct, status, body)
+		}
+	}
+	if n := len(be.requests()); n != 4 {
+		t.Errorf("the backend saw %d requests, want the 4 of the JSON batches", n)
 	}
 	// The batch handler's matcher leaves other paths to the chain.
 	if status, _, body = post(t, base+"/batchfoo", `[]`); status == 200 && strings.Contains(body, "results") {

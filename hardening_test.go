@@ -546,6 +546,7 @@ func TestSequentialBatchMemoryBounded(t *testing.T) {
 	send := func(ops string, n int) *resultCounter {
 		t.Helper()
 		req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(ops))
+		req.Header.Set("Content-Type", "application/json")
 		resp, err := client.Do(req)
 		if err != nil {
 			t.Fatal(err)
@@ -1277,6 +1278,7 @@ func TestUpstreamRequestCapPerOperation(t *testing.T) {
 	aDone := make(chan answer, 1)
 	go func() {
 		req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(`[{"path":"/hold"},{"path":"/hold"}]`))
+		req.Header.Set("Content-Type", "application/json")
 		resp, err := client.Do(req)
 		if err != nil {
 			aDone <- answer{0, err.Error()}

@@ -42,7 +42,11 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 	if len(key) > maxIdempotencyKey {
 		return writeError(w, http.StatusBadRequest, fmt.Sprintf("Idempotency-Key must be at most %d characters", maxIdempotencyKey))
 	}
-	id := sha256.Sum256([]byte(h.ownerHash(r) + "\x00" + key))
+	owner, ok := h.ownerHash(r)
+	if !ok {
+		return h.writeNoOwner(w)
+	}
+	id := sha256.Sum256([]byte(owner + "\x00" + key))
 	name := path.Join(idempotencyPrefix, hex.EncodeToString(id[:]))
 	sum := sha256.Sum256(body)
 	bodyHash := hex.EncodeToString(sum[:])

@@ -1,0 +1,129 @@
+package batch
+
+import (
+	"strings"
+	"testing"
+
+	"golang.org/x/crypto/bcrypt"
+)
+
+// Nothing is stored or read under an empty owner: every anonymous caller
+// would share it, and read each other's jobs and replayed answers.
+func TestEmptyOwnerRefused(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, ""))
+	batch := `[{"method":"POST","path":"/users","body":{"name":"Anon"}}]`
+	for name, headers := range map[string][]string{
+		"async":           {"Prefer: respond-async"},
+		"async field":     nil,
+		"idempotency key": {"Idempotency-Key: k1"},
+	} {
+		body := batch
+		if headers == nil {
+			body = `{"async":true,"batch":` + batch + `}`
+		}
+		status, _, answer := post(t, base+"/batch", body, headers...)
+		if status != 401 || !strings.Contains(answer, "{http.request.header.Authorization} is empty") {
+			t.Errorf("%s without credentials: %d %s", name, status, answer)
+		}
+	}
+	if n := len(be.requests()); n != 0 {
+		t.Errorf("refused batches reached the backend %d times", n)
+	}
+	// A plain sync batch needs no owner.
+	if status, _, body := post(t, base+"/batch", batch); status != 200 {
+		t.Errorf("sync batch without credentials: %d %s", status, body)
+	}
+}
+
+// With authentication ordered after batch (the default), the
+// authenticated user is not known when batch runs: an owner read from it
+// is empty, so jobs are refused rather than shared by everybody.
+func TestOwnerFromAuthAfterBatchRefused(t *testing.T) {
+	be := newBackend(t)
+	hash, _ := bcrypt.GenerateFromPassword([]byte("pw"), bcrypt.MinCost)
+	base := startCaddy(t, `
+	batch /batch /batch/* {
+		async {
+			owner {http.auth.user.id}
+		}
+	}
+	basic_auth {
+		alice `+string(hash)+`
+	}
+	reverse_proxy `+be.addr())
+	status, _, body := post(t, base+"/batch", `[{"path":"/users"}]`, "Authorization: Basic YWxpY2U6cHc=", "Prefer: respond-async")
+	if status != 401 || !strings.Contains(body, "{http.auth.user.id} is empty") || !strings.Contains(body, "route before batch") {
+		t.Errorf("submit: %d %s", status, body)
+	}
+}
+
+// The README's pattern for owners from authentication: the job paths in a
+// route that authenticates before batch.
+func TestOwnerFromAuthInRoute(t *testing.T) {
+	be := newBackend(t)
+	hash, _ := bcrypt.GenerateFromPassword([]byte("pw"), bcrypt.MinCost)
+	base := startCaddy(t, `
+	@batch path /batch /batch/*
+	route @batch {
+		basic_auth {
+			alice `+string(hash)+`
+			bob `+string(hash)+`
+		}
+		batch {
+			async {
+				owner {http.auth.user.id}
+			}
+		}
+	}
+	reverse_proxy `+be.addr())
+	const aliceAuth, bobAuth = "Authorization: Basic YWxpY2U6cHc=", "Authorization: Basic Ym9iOnB3"
+	status, hdr, body := post(t, base+"/batch", `[{"path":"/health"}]`, aliceAuth, "Prefer: respond-async")
+	if status != 202 {
+		t.Fatalf("submit: %d %s", status, body)
+	}
+	job := base + hdr.Get("Location")
+	waitJob(t, job, aliceAuth, "completed")
+	if status, _, body := get(t, job+"/results", aliceAuth); status != 200 || mustJSON(t, body).Get("results.0.status").Int() != 200 {
+		t.Errorf("alice's results: %d %s", status, body)
+	}
+	if status, _, body := get(t, job, bobAuth); status != 404 {
+		t.Errorf("bob reads alice's job: %d %s", status, body)
+	}
+	if status, _, _ := get(t, job); status != 401 {
+		t.Errorf("anonymous read: %d, want basic_auth's 401", status)
+	}
+}
+
+// Cookie sessions: the owner is the session cookie, not the (absent)
+// Authorization header.
+func TestOwnerFromCookie(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		async {
+			owner {http.request.cookie.session}
+		}
+	}`))
+	const s1, s2 = "Cookie: session=one", "Cookie: session=two"
+	status, hdr, body := post(t, base+"/batch", `[{"path":"/health"}]`, s1, "Prefer: respond-async")
+	if status != 202 {
+		t.Fatalf("submit: %d %s", status, body)
+	}
+	job := base + hdr.Get("Location")
+	waitJob(t, job, s1, "completed")
+	if status, _, _ := get(t, job, s2); status != 404 {
+		t.Errorf("another session reads the job: %d", status)
+	}
+	if status, _, body := get(t, job); status != 401 || !strings.Contains(body, "{http.request.cookie.session}") {
+		t.Errorf("no session: %d %s", status, body)
+	}
+	// Keys belong to sessions: one session's key never replays for another.
+	batch := `[{"method":"POST","path":"/users","body":{"name":"Kim"}}]`
+	post(t, base+"/batch", batch, s1, "Idempotency-Key: k")
+	if _, hdr, _ := post(t, base+"/batch", batch, s2, "Idempotency-Key: k"); hdr.Get("Idempotent-Replayed") != "" {
+		t.Error("one session's Idempotency-Key replayed another's answer")
+	}
+	if _, hdr, _ := post(t, base+"/batch", batch, s1, "Idempotency-Key: k"); hdr.Get("Idempotent-Replayed") != "true" {
+		t.Error("the session's own key was not replayed")
+	}
+}
