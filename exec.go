@@ -54,6 +54,9 @@ type result struct {
 	rollback *result
 	// attempts counts tries when retry_429 retried the operation.
 	attempts int
+	// cut is set when the batch's end (timeout, client gone, shutdown)
+	// kept the operation from finishing.
+	cut bool
 	// w is the writer that holds header and body, for reuse once written.
 	w *opWriter
 }
@@ -105,21 +108,20 @@ func serverOf(r *http.Request) (*caddyhttp.Server, error) {
 	return srv, nil
 }
 
-func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
+// run runs a batch for the client and answers it.
+func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) (summary, error) {
 	srv, err := serverOf(r)
 	if err != nil {
-		return err
+		return summary{}, err
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.Timeout))
 	defer cancel()
 	rn := h.newRunner(ctx, time.Duration(h.Timeout), r, next, srv, b)
 	if wantsNDJSON(r) {
 		b.lean.oneLine = true
-		rn.execute(&ndjsonSink{w: w, rc: http.NewResponseController(w)})
-	} else {
-		rn.execute(&httpSink{w: w, form: b.form})
+		return rn.execute(&ndjsonSink{w: w, rc: http.NewResponseController(w)}), nil
 	}
-	return nil
+	return rn.execute(&httpSink{w: w, form: b.form}), nil
 }
 
 func (h *Handler) newRunner(ctx context.Context, timeout time.Duration, r *http.Request, next caddyhttp.Handler, srv *caddyhttp.Server, b *batch) *runner {
@@ -365,11 +367,11 @@ var errInterrupted = errors.New("interrupted")
 func (rn *runner) cutOff() result {
 	switch cause := context.Cause(rn.ctx); {
 	case errors.Is(cause, errInterrupted):
-		return result{status: http.StatusServiceUnavailable, err: "interrupted: the server shut down"}
+		return result{status: http.StatusServiceUnavailable, err: "interrupted: the server shut down", cut: true}
 	case errors.Is(cause, context.DeadlineExceeded):
-		return result{status: http.StatusGatewayTimeout, err: "batch timed out after " + rn.timeout.String()}
+		return result{status: http.StatusGatewayTimeout, err: "batch timed out after " + rn.timeout.String(), cut: true}
 	}
-	return result{status: statusClientGone, err: "client went away"}
+	return result{status: statusClientGone, err: "client went away", cut: true}
 }
 
 // exec serves one operation through the rest of the handler chain. An

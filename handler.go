@@ -355,7 +355,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	case h.Async != nil && (b.async || wantsAsync(r)):
 		return h.submit(w, r, next, b)
 	}
-	return h.run(w, r, next, b)
+	_, err = h.run(w, r, next, b)
+	return err
 }
 
 // isJSONType reports whether a Content-Type is application/json or

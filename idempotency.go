@@ -86,7 +86,7 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 	if b.async || h.Async != nil && wantsAsync(r) {
 		err = h.submit(cw, r, next, b)
 	} else {
-		err = h.run(cw, r, next, b)
+		_, err = h.run(cw, r, next, b)
 	}
 	if err != nil {
 		return err

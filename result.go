@@ -20,6 +20,9 @@ type summary struct {
 	status                            string
 	total, succeeded, failed, skipped int
 	retryAfter                        int // seconds; 0 when no operation was told to wait
+	// cut counts operations the batch's end kept from finishing: a batch
+	// with any did not run to its end.
+	cut int
 }
 
 // Envelope statuses.
@@ -53,6 +56,9 @@ func outcomeOf(res *result) int {
 func (rn *runner) summary() summary {
 	s := summary{total: len(rn.results)}
 	for i := range rn.results {
+		if rn.results[i].cut {
+			s.cut++
+		}
 		switch outcomeOf(&rn.results[i]) {
 		case outcomeSucceeded:
 			s.succeeded++
