@@ -2,12 +2,18 @@ package batch
 
 import (
 	"bufio"
+	"bytes"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
 	"testing"
+	"unicode/utf8"
+
+	"github.com/tidwall/gjson"
 )
 
 func TestDryRun(t *testing.T) {
@@ -154,4 +160,109 @@ func TestNDJSONStreaming(t *testing.T) {
 		mustJSON(t, out[1]).Get("succeeded").Int() != 2 {
 		t.Errorf("rest of the stream: %q", rest)
 	}
+}
+
+// rawSite is a batch handler in front of a backend that answers each path
+// with the status, headers and body of answers[path].
+func rawSite(t *testing.T, batchBlock string, answers map[string]func(w http.ResponseWriter)) string {
+	t.Helper()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if answer, ok := answers[r.URL.Path]; ok {
+			answer(w)
+			return
+		}
+		http.NotFound(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	return fmt.Sprintf("\n\tbatch /batch /batch/* %s\n\treverse_proxy %s", batchBlock, srv.Listener.Addr())
+}
+
+func jsonAnswer(body []byte) func(w http.ResponseWriter) {
+	return func(w http.ResponseWriter) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(body)
+	}
+}
+
+// An answer nested deeper than the JSON check may go goes into the batch as
+// text. A client can have an API store any blob and read it back in the
+// same batch; checked recursively, 9.5 MB of '[' overflow the stack, and a
+// stack overflow kills the whole process.
+func TestDeepAnswerEmbeddedAsText(t *testing.T) {
+	nested := func(n int) []byte { return []byte(strings.Repeat("[", n) + strings.Repeat("]", n)) }
+	blob := bytes.Repeat([]byte("["), 9_500_000)
+	base := startCaddy(t, rawSite(t, "", map[string]func(http.ResponseWriter){
+		"/blob":        jsonAnswer(blob),
+		"/too-deep":    jsonAnswer(nested(maxAnswerDepth + 1)),
+		"/deep-enough": jsonAnswer(nested(maxAnswerDepth)),
+	}))
+	status, _, body := post(t, base+"/batch", `[{"id":"blob","path":"/blob"},{"path":"/too-deep"},{"path":"/deep-enough"},
+		{"path":"/x/{{blob.body.a}}"}]`)
+	if status != 200 {
+		t.Fatalf("status %d: %.300s", status, body)
+	}
+	res := mustJSON(t, body)
+	if got := res.Get("0.body"); got.Type != gjson.String || got.Str != string(blob) {
+		t.Errorf("the blob is not its text: %.100s", got.Raw)
+	}
+	if got := res.Get("1.body"); got.Type != gjson.String || got.Str != string(nested(maxAnswerDepth+1)) {
+		t.Errorf("too deep: %.100s", got.Raw)
+	}
+	if got := res.Get("2.body"); !got.IsArray() {
+		t.Errorf("%d levels are embedded as JSON: %.100s", maxAnswerDepth, got.Raw)
+	}
+	if r := res.Get("3"); r.Get("status").Int() != 424 || !strings.Contains(r.Get("error").String(), "did not answer JSON") {
+		t.Errorf("a reference into the blob: %s", r.Raw)
+	}
+}
+
+// An answer labelled JSON but not in UTF-8 is embedded as base64: the
+// batch answer is valid UTF-8 JSON in every form, or strict clients read
+// nothing of it.
+func TestInvalidUTF8AnswerIsBase64(t *testing.T) {
+	bad := []byte("{\"name\":\"caf\xe9\"}") // Latin-1, labelled JSON
+	answers := map[string]func(http.ResponseWriter){
+		"/latin1": jsonAnswer(bad),
+		"/header": func(w http.ResponseWriter) {
+			w.Header().Set("X-Name", "caf\xe9")
+			jsonAnswer([]byte(`{"ok":true}`))(w)
+		},
+	}
+	base := startCaddy(t, rawSite(t, `{
+		async {
+			retention 1h
+		}
+	}`, answers))
+	const ops = `[{"path":"/latin1"},{"path":"/header"}]`
+	check := func(form, answer string, result gjson.Result) {
+		t.Helper()
+		if !utf8.ValidString(answer) || !json.Valid([]byte(answer)) && form != "ndjson" {
+			t.Errorf("%s: the answer is not valid UTF-8 JSON: %q", form, answer)
+		}
+		if result.Get("body_encoding").String() != "base64" || result.Get("body").String() != b64(bad) {
+			t.Errorf("%s: %s", form, result.Raw)
+		}
+	}
+	_, _, body := post(t, base+"/batch", ops)
+	check("sync", body, mustJSON(t, body).Get("0"))
+	if v := mustJSON(t, body).Get("1.headers.X-Name").String(); v != "caf\ufffd" {
+		t.Errorf("header value %q", v)
+	}
+
+	_, _, body = post(t, base+"/batch", ops, "Accept: application/x-ndjson")
+	lines := strings.Split(strings.TrimSpace(body), "\n")
+	for _, l := range lines {
+		if !json.Valid([]byte(l)) || !utf8.ValidString(l) {
+			t.Errorf("ndjson line is not valid UTF-8 JSON: %q", l)
+		}
+	}
+	check("ndjson", body, gjson.Parse(lines[0]))
+
+	status, hdr, body := post(t, base+"/batch", ops, alice, "Prefer: respond-async")
+	if status != 202 {
+		t.Fatalf("async submit: %d %s", status, body)
+	}
+	waitJob(t, base+hdr.Get("Location"), alice, "completed")
+	_, _, body = get(t, base+hdr.Get("Location")+"/results", alice)
+	check("async", body, mustJSON(t, body).Get("results.0"))
 }

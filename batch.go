@@ -1,11 +1,11 @@
 package batch
 
 import (
+	"context"
 	"encoding/base64"
 	"fmt"
 	"net/http"
 	"net/url"
-	"slices"
 	"strconv"
 	"strings"
 	"unicode/utf8"
@@ -118,14 +118,15 @@ type limits struct {
 }
 
 // parseBatch parses and validates a whole batch body. The error is a
-// badBatchError or a tooManyOpsError; nothing may run unless it is nil.
-func parseBatch(body []byte, lim *limits) (*batch, error) {
+// badBatchError, a tooManyOpsError, or ctx's error once the client is gone;
+// nothing may run unless it is nil.
+func parseBatch(ctx context.Context, body []byte, lim *limits) (*batch, error) {
 	msg, topCommas := checkJSON(body)
 	if msg != "" {
 		return nil, badBatchError{{Index: -1, Message: msg}}
 	}
 	root := gjson.ParseBytes(body)
-	p := parser{lim: lim}
+	p := parser{lim: lim, ctx: ctx}
 	b := &batch{}
 	var opsJSON, template gjson.Result
 	var items gjson.Result
@@ -144,7 +145,7 @@ func parseBatch(body []byte, lim *limits) (*batch, error) {
 				name = "batch"
 			}
 			if seen[name] {
-				p.batchFault("field %q given twice", key)
+				p.batchFault("field %q given twice", short(key))
 				return true
 			}
 			seen[name] = true
@@ -167,18 +168,18 @@ func parseBatch(body []byte, lim *limits) (*batch, error) {
 				case v.Type == gjson.String && (s == modeSequential || s == modeParallel):
 					b.mode = s
 				default:
-					p.batchFault("mode must be \"sequential\" or \"parallel\", got %s", v.Raw)
+					p.batchFault("mode must be \"sequential\" or \"parallel\", got %s", short(v.Raw))
 				}
 			case "atomicity":
 				switch s := v.String(); {
 				case v.Type == gjson.String && (s == atomicNone || s == atomicStopOnError || s == atomicAllOrNothing):
 					b.atomicity = s
 				default:
-					p.batchFault("atomicity must be \"none\", \"stop_on_error\" or \"all_or_nothing\", got %s", v.Raw)
+					p.batchFault("atomicity must be \"none\", \"stop_on_error\" or \"all_or_nothing\", got %s", short(v.Raw))
 				}
 			case "async", "dry_run", "omit_response_on_success", "include_headers":
 				if !v.IsBool() {
-					p.batchFault("%s must be true or false, got %s", key, v.Raw)
+					p.batchFault("%s must be true or false, got %s", key, short(v.Raw))
 				}
 				switch key {
 				case "async":
@@ -191,7 +192,7 @@ func parseBatch(body []byte, lim *limits) (*batch, error) {
 					b.lean.noHeaders = !v.Bool()
 				}
 			default:
-				p.batchFault("unknown field %q", key)
+				p.batchFault("unknown field %q", short(key))
 			}
 			return true
 		})
@@ -251,8 +252,11 @@ func parseBatch(body []byte, lim *limits) (*batch, error) {
 	} else {
 		list.ForEach(func(_, v gjson.Result) bool {
 			b.ops = append(b.ops, p.parseOperation(len(b.ops), v, kindOp))
-			return true
+			return p.goOn(len(b.ops))
 		})
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
 	}
 	p.resolveDeps(b)
 	if err := p.errFaults(); err != nil {
@@ -268,6 +272,7 @@ const maxFaults = 100
 // parser collects faults while it walks a batch.
 type parser struct {
 	lim     *limits
+	ctx     context.Context // ends when the client goes away
 	faults  badBatchError
 	dropped int // faults past maxFaults
 	// linked is set once an operation names itself, another one, or an
@@ -279,6 +284,12 @@ type parser struct {
 	ops  []operation
 	urls []url.URL
 	ids  []string
+}
+
+// goOn reports whether parsing goes on after n operations: not once the
+// client is gone, looked at every so often.
+func (p *parser) goOn(n int) bool {
+	return n%256 != 0 || p.ctx.Err() == nil
 }
 
 // newOp returns a zeroed operation, from the batch's slab while it lasts.
@@ -347,11 +358,32 @@ func (p *parser) errFaults() error {
 	return p.faults
 }
 
+// maxEcho bounds a value of the batch that a fault repeats: quoted in full,
+// a 2 MB id and a hundred unknown fields made a 200 MB answer. A valid id
+// fits.
+const maxEcho = maxIDLength
+
+// maxFaultMessage bounds one fault's message, whatever it quotes.
+const maxFaultMessage = 4 * maxEcho
+
+// short returns s cut to maxEcho bytes at a rune boundary, marked "…" when
+// it was cut.
+func short(s string) string {
+	if len(s) <= maxEcho {
+		return s
+	}
+	i := maxEcho
+	for i > 0 && !utf8.RuneStart(s[i]) {
+		i--
+	}
+	return s[:i] + "…"
+}
+
 func (p *parser) batchFault(format string, args ...any) {
 	if p.full() {
 		return
 	}
-	p.faults = append(p.faults, fault{Index: -1, Message: fmt.Sprintf(format, args...)})
+	p.faults = append(p.faults, fault{Index: -1, Message: capMessage(fmt.Sprintf(format, args...))})
 }
 
 func (p *parser) opFault(op *operation, format string, args ...any) {
@@ -362,7 +394,19 @@ func (p *parser) opFault(op *operation, format string, args ...any) {
 	if op.isRollback && !strings.HasPrefix(msg, "rollback: ") {
 		msg = "rollback: " + msg
 	}
-	p.faults = append(p.faults, fault{Index: op.index, ID: op.id, Message: msg})
+	p.faults = append(p.faults, fault{Index: op.index, ID: short(op.id), Message: capMessage(msg)})
+}
+
+// capMessage cuts msg to maxFaultMessage bytes.
+func capMessage(msg string) string {
+	if len(msg) <= maxFaultMessage {
+		return msg
+	}
+	i := maxFaultMessage
+	for i > 0 && !utf8.RuneStart(msg[i]) {
+		i--
+	}
+	return msg[:i] + "…"
 }
 
 // Operation fields. Aliases map onto the same bit, so that giving both
@@ -431,32 +475,32 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 		bit := opField(key)
 		switch {
 		case bit == 0:
-			p.opFault(op, "unknown field %q", key)
+			p.opFault(op, "unknown field %q", short(key))
 			return true
 		case kind == kindRollback && bit&rollbackFields == 0:
-			p.opFault(op, "rollback: field %q has no place in a rollback", key)
+			p.opFault(op, "rollback: field %q has no place in a rollback", short(key))
 			return true
 		case seen&bit != 0:
-			p.opFault(op, "field %q given twice (or with an alias)", key)
+			p.opFault(op, "field %q given twice (or with an alias)", short(key))
 			return true
 		}
 		seen |= bit
 		switch bit {
 		case fieldID:
 			if val.Type != gjson.String {
-				p.opFault(op, "%s must be a string, got %s", key, val.Raw)
+				p.opFault(op, "%s must be a string, got %s", key, short(val.Raw))
 				return true
 			}
 			op.id, idSet = val.Str, true
 		case fieldMethod:
 			if val.Type != gjson.String {
-				p.opFault(op, "method must be a string, got %s", val.Raw)
+				p.opFault(op, "method must be a string, got %s", short(val.Raw))
 				return true
 			}
 			op.method = val.Str // checked and upper-cased by checkMethod
 		case fieldPath:
 			if val.Type != gjson.String {
-				p.opFault(op, "%s must be a string, got %s", key, val.Raw)
+				p.opFault(op, "%s must be a string, got %s", key, short(val.Raw))
 				return true
 			}
 			op.target = val.Str
@@ -555,13 +599,13 @@ func (p *parser) parseBulk(b *batch, template, items gjson.Result) {
 			op.header = h
 		}
 		b.ops = append(b.ops, op)
-		return true
+		return p.goOn(len(b.ops))
 	})
 }
 
 func (p *parser) checkID(op *operation) {
 	if !validID(op.id) {
-		p.opFault(op, "id %q must be 1 to %d letters, digits, '_' or '-'", op.id, maxIDLength)
+		p.opFault(op, "id %q must be 1 to %d letters, digits, '_' or '-'", short(op.id), maxIDLength)
 	}
 }
 
@@ -572,8 +616,7 @@ func validID(id string) bool {
 		return false
 	}
 	for i := 0; i < len(id); i++ {
-		c := id[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
+		if !idByte(id[i]) {
 			return false
 		}
 	}
@@ -584,12 +627,12 @@ func (p *parser) checkMethod(op *operation) {
 	// A method is a token, so ASCII: checked before upper-casing, which
 	// would fold "poſt" into "POST".
 	if !httpguts.ValidHeaderFieldName(op.method) {
-		p.opFault(op, "method %q is not a valid HTTP method", op.method)
+		p.opFault(op, "method %q is not a valid HTTP method", short(op.method))
 		return
 	}
 	op.method = strings.ToUpper(op.method)
 	if _, ok := p.lim.methods[op.method]; !ok {
-		p.opFault(op, "method %s is not allowed here", op.method)
+		p.opFault(op, "method %s is not allowed here", short(op.method))
 	}
 }
 
@@ -598,7 +641,7 @@ func (p *parser) checkTarget(op *operation, target string) *url.URL {
 	u := p.newURL()
 	msg := parseTargetInto(target, u)
 	if msg == "" && p.lim.pathAllow != nil && !p.lim.pathAllow(u) {
-		msg = fmt.Sprintf("path %q is not allowed here", u.Path)
+		msg = fmt.Sprintf("path %q is not allowed here", short(u.Path))
 	}
 	if msg != "" {
 		p.opFault(op, "%s", msg)
@@ -625,16 +668,16 @@ func parseTargetInto(t string, u *url.URL) string {
 		return "path is required"
 	}
 	if t[0] != '/' || len(t) > 1 && t[1] == '/' {
-		return fmt.Sprintf("path must be origin-form, got %q", t)
+		return fmt.Sprintf("path must be origin-form, got %q", short(t))
 	}
 	for i := 0; i < len(t); i++ {
 		switch c := t[i]; {
 		case c <= ' ' || c == 0x7f:
-			return fmt.Sprintf("path must not hold control characters or spaces, got %q", t)
+			return fmt.Sprintf("path must not hold control characters or spaces, got %q", short(t))
 		case c == '\\':
-			return fmt.Sprintf("path must not hold '\\', got %q", t)
+			return fmt.Sprintf("path must not hold '\\', got %q", short(t))
 		case c == '#':
-			return fmt.Sprintf("path must not hold a fragment, got %q", t)
+			return fmt.Sprintf("path must not hold a fragment, got %q", short(t))
 		}
 	}
 	p, query, hasQuery := strings.Cut(t, "?")
@@ -642,22 +685,28 @@ func parseTargetInto(t string, u *url.URL) string {
 	if escaped {
 		d, err := url.PathUnescape(p)
 		if err != nil {
-			return fmt.Sprintf("path has an invalid percent-escape, got %q", t)
+			return fmt.Sprintf("path has an invalid percent-escape, got %q", short(t))
 		}
 		// Decode again until stable, so that multiply encoded dot-segments
 		// or separators ("%252e%252e") are seen as what a backend that
 		// decodes more than once may make of them. Past the first decode a
 		// '%' may be plain data ("50%25off" is "50%off"): only valid
-		// escapes are decoded. Each round shortens p, so this ends.
-		for p = d; ; {
+		// escapes are decoded. Each round costs the path's length, so a
+		// path still changing after maxDecodes rounds is refused: nesting
+		// "%2525…" deeper would make validation quadratic.
+		rounds := 1
+		for p = d; ; rounds++ {
 			if d = unescapeValid(p); d == p {
 				break
+			}
+			if rounds == maxDecodes {
+				return fmt.Sprintf("path is percent-encoded more than %d times, got %q", maxDecodes, short(t))
 			}
 			p = d
 		}
 		for i := 0; i < len(p); i++ {
 			if c := p[i]; c < ' ' || c == 0x7f || c == '\\' {
-				return fmt.Sprintf("path must not encode control characters or '\\', got %q", t)
+				return fmt.Sprintf("path must not encode control characters or '\\', got %q", short(t))
 			}
 		}
 	}
@@ -665,14 +714,14 @@ func parseTargetInto(t string, u *url.URL) string {
 		for seg := range strings.SplitSeq(p, "/") {
 			// "..;x" is ".." to servers that take path parameters (Tomcat, Jetty).
 			if seg, _, _ = strings.Cut(seg, ";"); seg == "." || seg == ".." {
-				return fmt.Sprintf("path must not hold dot-segments, got %q", t)
+				return fmt.Sprintf("path must not hold dot-segments, got %q", short(t))
 			}
 		}
 	}
 	if escaped || !plainPath(p) {
 		parsed, err := url.ParseRequestURI(t)
 		if err != nil {
-			return fmt.Sprintf("path %q does not parse: %v", t, err)
+			return fmt.Sprintf("path %q does not parse", short(t))
 		}
 		*u = *parsed
 		return ""
@@ -682,6 +731,10 @@ func parseTargetInto(t string, u *url.URL) string {
 	*u = url.URL{Path: p, RawQuery: query, ForceQuery: hasQuery && query == ""}
 	return ""
 }
+
+// maxDecodes bounds the rounds of percent-decoding a target is checked
+// through: "%25252e" is "." after three.
+const maxDecodes = 4
 
 // plainPath reports whether p is a path that URL encoding leaves as it is,
 // so that its URL has no RawPath.
@@ -752,23 +805,23 @@ func (p *parser) parseHeaders(op *operation, v gjson.Result) http.Header {
 		return nil
 	}
 	if !v.IsObject() {
-		p.opFault(op, "headers must be an object, got %s", v.Raw)
+		p.opFault(op, "headers must be an object, got %s", short(v.Raw))
 		return nil
 	}
 	h := make(http.Header)
 	v.ForEach(func(k, val gjson.Result) bool {
 		name := k.String()
 		if !httpguts.ValidHeaderFieldName(name) {
-			p.opFault(op, "header name %q is not a valid token", name)
+			p.opFault(op, "header name %q is not a valid token", short(name))
 			return true
 		}
 		name = http.CanonicalHeaderKey(name)
 		if refusedHeaders[name] || strings.HasPrefix(name, "Proxy-") || methodOverride[name] {
-			p.opFault(op, "header %s may not be set by an operation", name)
+			p.opFault(op, "header %s may not be set by an operation", short(name))
 			return true
 		}
 		if _, dup := h[name]; dup {
-			p.opFault(op, "header %s given twice", name)
+			p.opFault(op, "header %s given twice", short(name))
 			return true
 		}
 		var values []string
@@ -778,19 +831,19 @@ func (p *parser) parseHeaders(op *operation, v gjson.Result) http.Header {
 		case val.IsArray():
 			val.ForEach(func(_, s gjson.Result) bool {
 				if s.Type != gjson.String {
-					p.opFault(op, "header %s: values must be strings, got %s", name, s.Raw)
+					p.opFault(op, "header %s: values must be strings, got %s", short(name), short(s.Raw))
 					return false
 				}
 				values = append(values, s.Str)
 				return true
 			})
 		default:
-			p.opFault(op, "header %s must be a string or an array of strings, got %s", name, val.Raw)
+			p.opFault(op, "header %s must be a string or an array of strings, got %s", short(name), short(val.Raw))
 			return true
 		}
 		for _, s := range values {
 			if !httpguts.ValidHeaderFieldValue(s) {
-				p.opFault(op, "header %s has a value with control characters (CR, LF or NUL)", name)
+				p.opFault(op, "header %s has a value with control characters (CR, LF or NUL)", short(name))
 				return true
 			}
 		}
@@ -809,7 +862,7 @@ func (p *parser) parseHeaders(op *operation, v gjson.Result) http.Header {
 // the Content-Type that goes with them unless the operation sets one.
 func (p *parser) parseBody(op *operation, v, encoding gjson.Result) (ctype string) {
 	if encoding.Exists() && (encoding.Type != gjson.String || encoding.Str != "base64") {
-		p.opFault(op, "body_encoding must be \"base64\", got %s", encoding.Raw)
+		p.opFault(op, "body_encoding must be \"base64\", got %s", short(encoding.Raw))
 		return ""
 	}
 	switch {
@@ -851,14 +904,14 @@ func (p *parser) parseDeps(op *operation, v gjson.Result) {
 	case v.IsArray():
 		v.ForEach(func(_, s gjson.Result) bool {
 			if s.Type != gjson.String {
-				p.opFault(op, "depends_on must hold operation ids (strings), got %s", s.Raw)
+				p.opFault(op, "depends_on must hold operation ids (strings), got %s", short(s.Raw))
 				return false
 			}
 			ids = append(ids, s.Str)
 			return true
 		})
 	default:
-		p.opFault(op, "depends_on must be an array of operation ids, got %s", v.Raw)
+		p.opFault(op, "depends_on must be an array of operation ids, got %s", short(v.Raw))
 	}
 	op.depIDs = ids
 	p.linked = p.linked || len(ids) > 0
@@ -873,21 +926,30 @@ func (p *parser) resolveDeps(b *batch) {
 	byID := make(map[string]int, len(b.ops))
 	for _, op := range b.ops {
 		if first, dup := byID[op.id]; dup {
-			p.opFault(op, "id %q is already used by operation %d", op.id, first)
+			p.opFault(op, "id %q is already used by operation %d", short(op.id), first)
 			continue
 		}
 		byID[op.id] = op.index
+	}
+	// added[j] is i+1 once operation i depends on j: each dependency is
+	// added once, in time linear in the lists however long they are.
+	added := make([]int, len(b.ops))
+	addDep := func(op *operation, j int) {
+		if added[j] != op.index+1 {
+			added[j] = op.index + 1
+			op.deps = append(op.deps, j)
+		}
 	}
 	for _, op := range b.ops {
 		for _, id := range op.depIDs {
 			j, ok := byID[id]
 			switch {
 			case !ok:
-				p.opFault(op, "depends_on names unknown operation %q", id)
+				p.opFault(op, "depends_on names unknown operation %q", short(id))
 			case j == op.index:
 				p.opFault(op, "operation cannot depend on itself")
 			default:
-				op.addDep(j)
+				addDep(op, j)
 			}
 		}
 		op.depIDs = nil
@@ -897,13 +959,13 @@ func (p *parser) resolveDeps(b *batch) {
 				j, ok := byID[r.id]
 				switch {
 				case !ok:
-					p.opFault(op, "reference %s names unknown operation %q", r.raw, r.id)
+					p.opFault(op, "reference %s names unknown operation %q", short(r.raw), r.id)
 				case j == op.index:
-					p.opFault(op, "reference %s: an operation cannot refer to its own answer", r.raw)
+					p.opFault(op, "reference %s: an operation cannot refer to its own answer", short(r.raw))
 				default:
 					r.op = j
 					b.ops[j].keep(r)
-					op.addDep(j)
+					addDep(op, j)
 				}
 			}
 		}
@@ -913,7 +975,7 @@ func (p *parser) resolveDeps(b *batch) {
 			for _, r := range rb.tmpl.refs() {
 				j, ok := byID[r.id]
 				if !ok {
-					p.opFault(rb, "reference %s names unknown operation %q", r.raw, r.id)
+					p.opFault(rb, "reference %s names unknown operation %q", short(r.raw), r.id)
 					continue
 				}
 				r.op = j
@@ -945,13 +1007,6 @@ func (op *operation) keep(r *ref) {
 	}
 }
 
-// addDep adds a dependency on operation j once.
-func (op *operation) addDep(j int) {
-	if !slices.Contains(op.deps, j) {
-		op.deps = append(op.deps, j)
-	}
-}
-
 // checkCycles reports each dependency cycle once, naming its operations.
 func (p *parser) checkCycles(b *batch) {
 	const (
@@ -960,6 +1015,7 @@ func (p *parser) checkCycles(b *batch) {
 		finished
 	)
 	state := make([]int8, len(b.ops))
+	pos := make([]int, len(b.ops)) // of an operation on the path
 	var path []int
 	// Iterative depth-first search: a long dependency chain must not grow
 	// the goroutine stack with the batch.
@@ -971,6 +1027,7 @@ func (p *parser) checkCycles(b *batch) {
 		stack := []frame{{op: root}}
 		state[root] = onPath
 		path = append(path[:0], root)
+		pos[root] = 0
 		for len(stack) > 0 {
 			top := &stack[len(stack)-1]
 			deps := b.ops[top.op].deps
@@ -986,18 +1043,35 @@ func (p *parser) checkCycles(b *batch) {
 			case unvisited:
 				state[d] = onPath
 				stack = append(stack, frame{op: d})
+				pos[d] = len(path)
 				path = append(path, d)
 			case onPath:
-				start := slices.Index(path, d)
-				ids := make([]string, 0, len(path)-start+1)
-				for _, i := range path[start:] {
-					ids = append(ids, b.ops[i].id)
+				if p.full() {
+					continue // counted; naming it would cost the cycle's length
 				}
-				ids = append(ids, b.ops[d].id)
-				p.opFault(b.ops[d], "dependency cycle: %s", strings.Join(ids, " -> "))
+				p.opFault(b.ops[d], "dependency cycle: %s", cycleText(b, path[pos[d]:]))
 			}
 		}
 	}
+}
+
+// cycleText names the operations of a dependency cycle, back to the
+// first; a long one by its first few and its length.
+func cycleText(b *batch, cycle []int) string {
+	const most = 8
+	var sb strings.Builder
+	for k, i := range cycle[:min(len(cycle), most)] {
+		if k > 0 {
+			sb.WriteString(" -> ")
+		}
+		sb.WriteString(short(b.ops[i].id))
+	}
+	if len(cycle) > most {
+		fmt.Fprintf(&sb, " -> … (%d operations)", len(cycle))
+	}
+	sb.WriteString(" -> ")
+	sb.WriteString(short(b.ops[cycle[0]].id))
+	return sb.String()
 }
 
 // checkJSON returns a message when body is not one valid JSON value in

@@ -8,6 +8,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -200,7 +201,7 @@ func BenchmarkParse(b *testing.B) {
 			body := benchBatch(n)
 			b.ReportAllocs()
 			perItem(b, n, func() {
-				if _, err := parseBatch(body, &h.limits); err != nil {
+				if _, err := parseBatch(context.Background(), body, &h.limits); err != nil {
 					b.Fatal(err)
 				}
 			})
@@ -237,6 +238,86 @@ func BenchmarkBatchLarge(b *testing.B) {
 			close(stop)
 			<-done
 			b.ReportMetric(float64(peak-base.HeapInuse)/(1<<20), "peak-heap-MiB")
+		})
+	}
+}
+
+// adversarialBodies are batches of about size bytes each built to make a
+// validator work hard: what a quadratic step, an unbounded echo or a deep
+// walk would turn into seconds of CPU or a crash.
+func adversarialBodies(size int) map[string][]byte {
+	fill := func(prefix, unit, suffix string) []byte {
+		n := max((size-len(prefix)-len(suffix))/len(unit), 1)
+		return []byte(prefix + strings.Repeat(unit, n) + suffix)
+	}
+	ops := func(op string) []byte { return fill("[", op+",", op+"]") }
+	ids := func(n int) string {
+		var sb strings.Builder
+		for i := range n {
+			if i > 0 {
+				sb.WriteByte(',')
+			}
+			fmt.Fprintf(&sb, `"%d"`, i)
+		}
+		return sb.String()
+	}
+	nOps := size / 40
+	var cycles strings.Builder
+	cycles.WriteString(`{"mode":"parallel","batch":[`)
+	for i := 0; i < nOps; i += 2 { // pairs that depend on each other
+		if i > 0 {
+			cycles.WriteByte(',')
+		}
+		fmt.Fprintf(&cycles, `{"id":"a%d","depends_on":"b%d"},{"id":"b%d","depends_on":"a%d"}`, i, i, i, i)
+	}
+	cycles.WriteString(`]}`)
+	return map[string][]byte{
+		"plain":            ops(`{"path":"/users/123"}`),
+		"nested-encodings": fill(`[{"path":"/x/%25`, "25", `"}]`),
+		"brace-runs":       fill(`[{"path":"/a","body":"`, "{{", `}}"}]`),
+		"unclosed-refs":    fill(`[{"id":"a","path":"/a"},{"path":"/b","body":"`, "{{a.", `}}"}]`),
+		"many-references":  fill(`[{"id":"a","path":"/a"},{"path":"/b","body":"`, "{{a.status}}", `"}]`),
+		"long-ids":         ops(`{"id":"` + strings.Repeat("i", 200) + `!","path":"/a"}`),
+		"long-invalid-id":  fill(`[{"path":"/a","id":"`, "!", `"}]`),
+		"many-faults":      ops(`{"path":"http://x/","method":"TRACE","x":1,"y":2,"headers":{"Host":"h"}}`),
+		"unknown-fields":   fill(`[{"path":"/a"`, `,"xxxxxxxxxxxx":0`, `}]`),
+		"many-headers":     fill(`[{"path":"/a","headers":{"X-0":"v"`, `,"X-Aaaaaaaa":"v"`, `}}]`),
+		"deep-nesting":     fill("", "[", ""),
+		"deep-allowed":     fill("[", `{"path":"/a","body":`+strings.Repeat("[", 60)+strings.Repeat("]", 60)+"},", `{"path":"/a"}]`),
+		"long-depends-on":  []byte(`{"mode":"parallel","batch":[` + strings.Repeat(`{"path":"/a"},`, nOps/4) + `{"path":"/b","depends_on":[` + ids(nOps/4) + `]}]}`),
+		"many-cycles":      []byte(cycles.String()),
+	}
+}
+
+// BenchmarkAdversarial parses and validates adversarial bodies of
+// max_body_size (10 MiB) with max_ops at 1,000,000, and reports each as a
+// ratio to a plain batch of the same size parsed in the same run.
+func BenchmarkAdversarial(b *testing.B) {
+	h := &Handler{MaxOps: 1_000_000, MaxBodySize: defaultMaxSize}
+	if err := h.Provision(caddy.Context{Context: context.Background()}); err != nil {
+		b.Fatal(err)
+	}
+	bodies := adversarialBodies(defaultMaxSize)
+	parse := func(body []byte) time.Duration {
+		start := time.Now()
+		_, _ = parseBatch(context.Background(), body, &h.limits)
+		return time.Since(start)
+	}
+	names := make([]string, 0, len(bodies))
+	for name := range bodies {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		b.Run(name, func(b *testing.B) {
+			var took, plain time.Duration
+			for b.Loop() {
+				plain += parse(bodies["plain"])
+				took += parse(bodies[name])
+			}
+			b.ReportMetric(float64(took)/float64(b.N)/1e6, "ms/parse")
+			b.ReportMetric(float64(took)/float64(plain), "x-plain")
+			b.ReportMetric(0, "ns/op") // the iteration parses two bodies
 		})
 	}
 }

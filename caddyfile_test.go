@@ -58,6 +58,7 @@ func TestCaddyfileSubdirectives(t *testing.T) {
 		{"size fraction", "batch {\n max_body_size 1.5MB\n}", `{"max_body_size":1500000}`},
 		{"size GiB", "batch {\n max_response_size 2GiB\n}", `{"max_response_size":2147483648}`},
 		{"size kB", "batch {\n max_response_size 64kB\n}", `{"max_response_size":64000}`},
+		{"max_reference_size", "batch {\n max_reference_size 1MiB\n}", `{"max_reference_size":1048576}`},
 		{"timeout seconds", "batch {\n timeout 90s\n}", `{"timeout":90000000000}`},
 		{"timeout compound", "batch {\n timeout 1h30m\n}", `{"timeout":5400000000000}`},
 		{"timeout days", "batch {\n timeout 1d\n}", `{"timeout":86400000000000}`},
@@ -231,7 +232,7 @@ func TestProvisionDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := `{"mode":"sequential","concurrency":10,"atomicity":"none","max_ops":100,"max_body_size":10485760,
-		"max_response_size":10485760,"timeout":60000000000,"op_timeout":30000000000}`
+		"max_response_size":10485760,"max_reference_size":10485760,"timeout":60000000000,"op_timeout":30000000000}`
 	if got := cfJSON(t, &h); !cfSameJSON(t, got, want) {
 		t.Errorf("defaults:\ngot  %s\nwant %s", got, want)
 	}

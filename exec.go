@@ -57,6 +57,9 @@ type result struct {
 	// cut is set when the batch's end (timeout, client gone, shutdown)
 	// kept the operation from finishing.
 	cut bool
+	// isJSON is set when body is JSON that can be embedded as it is;
+	// decided once, as references read it again.
+	isJSON bool
 	// w is the writer that holds header and body, for reuse once written.
 	w *opWriter
 }
@@ -79,6 +82,8 @@ type runner struct {
 	rollbackFailed bool
 	// canceled stops an async job at the next operation it would start.
 	canceled atomic.Bool
+	// refs is what filling in references may still cost.
+	refs refBudget
 }
 
 // connFacts are what sub-requests take from the batch request: they speak
@@ -125,7 +130,7 @@ func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Han
 }
 
 func (h *Handler) newRunner(ctx context.Context, timeout time.Duration, r *http.Request, next caddyhttp.Handler, srv *caddyhttp.Server, b *batch) *runner {
-	return &runner{
+	rn := &runner{
 		h:         h,
 		b:         b,
 		id:        newBatchID(),
@@ -138,6 +143,8 @@ func (h *Handler) newRunner(ctx context.Context, timeout time.Duration, r *http.
 		results:   make([]result, len(b.ops)),
 		stoppedAt: -1,
 	}
+	rn.refs.reset(h.MaxReferenceSize)
+	return rn
 }
 
 // execute runs the batch, writing its results to out, and logs it.
@@ -580,7 +587,7 @@ func (rn *runner) attempt(ctx context.Context, clk *opClock, op *operation, atte
 	if status == 0 {
 		status = http.StatusOK
 	}
-	return result{status: status, header: w.header, body: w.body, w: w}
+	return result{status: status, header: w.header, body: w.body, w: w, isJSON: jsonBody(w.header, w.body)}
 }
 
 // failed is the result of an operation whose handler returned err.

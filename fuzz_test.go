@@ -1,13 +1,19 @@
 package batch
 
 import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"net/url"
 	"reflect"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
+	"github.com/tidwall/gjson"
 	"golang.org/x/net/http/httpguts"
 )
 
@@ -46,8 +52,8 @@ func FuzzParseBatch(f *testing.F) {
 	limPar := ptLimits(f, &Handler{MaxOps: 50, Mode: "parallel"})
 	f.Fuzz(func(t *testing.T, body string) {
 		for _, l := range []*limits{lim, limPar} {
-			b, err := parseBatch([]byte(body), l)
-			b2, err2 := parseBatch([]byte(body), l)
+			b, err := parseBatch(context.Background(), []byte(body), l)
+			b2, err2 := parseBatch(context.Background(), []byte(body), l)
 			if (err == nil) != (err2 == nil) || err != nil && err.Error() != err2.Error() || (b == nil) != (b2 == nil) {
 				t.Fatalf("two parses differ: %v / %v", err, err2)
 			}
@@ -270,6 +276,56 @@ func FuzzParseTarget(f *testing.F) {
 				break
 			}
 			p = d
+		}
+	})
+}
+
+// FuzzEmbedAnswer feeds answers of any bytes and Content-Type to the result
+// encoder: the batch answer is always valid UTF-8 JSON (one line with
+// NDJSON), a JSON answer that can be embedded is embedded as it is, and
+// nothing, however deep, crashes it.
+func FuzzEmbedAnswer(f *testing.F) {
+	deep := func(n int) string { return strings.Repeat("[", n) + strings.Repeat("]", n) }
+	for _, s := range []string{`{"id":7}`, "{\"a\":\"\xff\"}", "caf\xe9", "\x00\x01", `"x"`, "{\"a\":\n1}\n", ` [1, 2] `,
+		deep(maxAnswerDepth), deep(maxAnswerDepth + 1), strings.Repeat("[", 1<<20), strings.Repeat(`{"a":`, 200_000), `{"a":"\u0000"}`} {
+		for _, ct := range []string{"application/json", "application/problem+json", "text/plain", ""} {
+			f.Add([]byte(s), ct)
+		}
+	}
+	f.Fuzz(func(t *testing.T, body []byte, ctype string) {
+		header := http.Header{}
+		if ctype != "" {
+			header.Set("Content-Type", ctype)
+		}
+		res := result{status: 200, header: header, body: body, isJSON: jsonBody(header, body)}
+		for _, lean := range []leanOptions{{}, {oneLine: true}} {
+			enc := appendResult(nil, "op", &res, lean)
+			if !utf8.Valid(enc) || !json.Valid(enc) {
+				t.Fatalf("encoded result is not valid UTF-8 JSON: %q", enc)
+			}
+			if lean.oneLine && bytes.ContainsAny(enc, "\r\n") {
+				t.Fatalf("NDJSON result spans lines: %q", enc)
+			}
+			got := gjson.GetBytes(enc, "body")
+			switch {
+			case len(body) == 0:
+				if got.Exists() {
+					t.Fatalf("empty answer gave a body: %q", enc)
+				}
+			case res.isJSON:
+				if !json.Valid(body) || (got.Type == gjson.String) != (gjson.ParseBytes(body).Type == gjson.String) {
+					t.Fatalf("JSON answer %q embedded as %s", body, got.Raw)
+				}
+			case utf8.Valid(body):
+				if got.Str != string(body) {
+					t.Fatalf("text answer %q embedded as %s", body, got.Raw)
+				}
+			default:
+				if dec, err := base64.StdEncoding.DecodeString(got.Str); err != nil || !bytes.Equal(dec, body) ||
+					gjson.GetBytes(enc, "body_encoding").Str != "base64" {
+					t.Fatalf("binary answer %q embedded as %s", body, enc)
+				}
+			}
 		}
 	})
 }

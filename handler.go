@@ -60,6 +60,12 @@ type Handler struct {
 	// becomes that operation's 502. Default: 10 MiB.
 	MaxResponseSize int64 `json:"max_response_size,omitempty"`
 
+	// The most bytes that filling in references ({{id.body}} …) may add to
+	// the operations of one batch, all together, rollbacks included: a
+	// small batch must not make huge requests. An operation whose
+	// references would go past it is not run (424). Default: max_body_size.
+	MaxReferenceSize int64 `json:"max_reference_size,omitempty"`
+
 	// How long a whole batch may run; operations not finished by then are
 	// answered 504. Default: 60s.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
@@ -150,6 +156,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.MaxResponseSize == 0 {
 		h.MaxResponseSize = defaultMaxSize
+	}
+	if h.MaxReferenceSize == 0 {
+		h.MaxReferenceSize = h.MaxBodySize
 	}
 	if h.Timeout == 0 {
 		h.Timeout = caddy.Duration(defaultTimeout)
@@ -265,6 +274,8 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("max_body_size must be positive, got %d", h.MaxBodySize)
 	case h.MaxResponseSize < 1:
 		return fmt.Errorf("max_response_size must be positive, got %d", h.MaxResponseSize)
+	case h.MaxReferenceSize < 1:
+		return fmt.Errorf("max_reference_size must be positive, got %d", h.MaxReferenceSize)
 	case h.Timeout < 0 || h.OpTimeout < 0:
 		return errors.New("timeout and op_timeout must be positive")
 	case h.Retry429 < 0:
@@ -337,11 +348,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return writeError(w, http.StatusBadRequest, "reading the batch body: "+err.Error())
 	}
 
-	b, err := parseBatch(body, &h.limits)
+	b, err := parseBatch(r.Context(), body, &h.limits)
 	if err != nil {
 		var faults badBatchError
-		if errors.As(err, &faults) {
+		switch {
+		case errors.As(err, &faults):
 			return writeFaults(w, faults)
+		case r.Context().Err() != nil:
+			return nil // the client is gone: nobody reads an answer
 		}
 		return writeError(w, http.StatusRequestEntityTooLarge, err.Error())
 	}

@@ -315,6 +315,35 @@ func TestFaultListBounded(t *testing.T) {
 	}
 }
 
+// Faults quote what they refuse cut short: a 2 MB invalid id and 120
+// unknown fields of 16 KB once made a 200 MB answer.
+func TestFaultEchoesCutShort(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, ""))
+	var sb strings.Builder
+	sb.WriteString(`[{"id":"` + strings.Repeat("i", 2<<20) + `","path":"/users/` + strings.Repeat("p", 1<<20) + `/../x"`)
+	for i := range 120 {
+		fmt.Fprintf(&sb, `,"%s%d":0`, strings.Repeat("f", 16<<10), i)
+	}
+	sb.WriteString(`}]`)
+	status, _, answer := post(t, base+"/batch", sb.String())
+	if status != 400 {
+		t.Fatalf("status %d", status)
+	}
+	faults := mustJSON(t, answer).Get("errors").Array()
+	if len(answer) > 64<<10 || len(faults) < 100 {
+		t.Errorf("%d MB of batch answered with %d KB and %d faults", sb.Len()>>20, len(answer)>>10, len(faults))
+	}
+	for _, f := range faults {
+		if len(f.Get("id").String()) > maxEcho+len("…") || len(f.Get("message").String()) > maxFaultMessage+len("…") {
+			t.Fatalf("fault echoes too much: %.300s", f.Raw)
+		}
+	}
+	if len(be.requests()) != 0 {
+		t.Errorf("backend saw %d requests", len(be.requests()))
+	}
+}
+
 // A batch request's own hop-by-hop and upgrade headers are not passed to its
 // operations, and a reference cannot smuggle what an operation could not
 // say itself.

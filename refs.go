@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 
 	"github.com/tidwall/gjson"
 	"golang.org/x/net/http/httpguts"
@@ -30,6 +31,9 @@ type ref struct {
 	op   int // index of the operation referred to
 	kind int
 	arg  string // header name, or GJSON path ("" for the whole body)
+	// parts counts the components of a GJSON path: each lookup may walk
+	// the answer once per component.
+	parts int
 }
 
 // piece is a run of literal text or one reference; a template is a list of
@@ -83,6 +87,15 @@ func (t *template) refs() []*ref {
 	return out
 }
 
+// maxRefPart bounds what follows the id in a reference: "headers.NAME" or
+// "body.PATH". Closing braces are looked for no further, so that parsing
+// stays linear in the body, whatever runs of "{{" it holds.
+const maxRefPart = 256
+
+// maxRefComponents bounds the components (and array walks) of one
+// reference's GJSON path: each may scan the whole answer.
+const maxRefComponents = 16
+
 // parsePieces splits s at its references. It returns nil when s has none,
 // and a message when a reference is malformed. Text in {{ }} that does not
 // start with an id and a dot is no reference and stays as written.
@@ -90,56 +103,97 @@ func parsePieces(s string) ([]piece, string) {
 	if !strings.Contains(s, "{{") {
 		return nil, ""
 	}
+	lastClose := strings.LastIndex(s, "}}")
 	var out []piece
-	rest := s
-	lit := strings.Builder{}
+	lit := 0 // where the literal text not yet in out starts
 	found := false
-	for {
-		i := strings.Index(rest, "{{")
-		if i < 0 {
+	for i := 0; ; {
+		k := strings.Index(s[i:], "{{")
+		if k < 0 {
 			break
 		}
-		j := strings.Index(rest[i+2:], "}}")
-		if j < 0 {
-			break
+		i += k
+		if lastClose < i+2 {
+			break // no "}}" after it: the rest is text
 		}
-		inner := rest[i+2 : i+2+j]
-		id, part, ok := strings.Cut(inner, ".")
-		if !ok || !validID(id) {
-			lit.WriteString(rest[:i+2])
-			rest = rest[i+2:]
+		// An id, then a dot; id bytes hold no '}', so this stops before
+		// the first "}}" as a search for it would.
+		start, j := i+2, i+2
+		for j < len(s) && j-start <= maxIDLength && idByte(s[j]) {
+			j++
+		}
+		if j == start || j-start > maxIDLength || j == len(s) || s[j] != '.' {
+			i += 2
 			continue
 		}
-		r := &ref{raw: "{{" + inner + "}}", id: id}
-		switch {
+		window := s[j+1 : min(len(s), j+1+maxRefPart+2)]
+		e := strings.Index(window, "}}")
+		if e < 0 {
+			return nil, fmt.Sprintf("reference %s is not closed within %d bytes of its id", short(s[i:]), maxRefPart)
+		}
+		r := &ref{raw: s[i : j+1+e+2], id: s[start:j]}
+		switch part := window[:e]; {
 		case part == "status":
 			r.kind = refStatus
 		case part == "body":
 			r.kind = refBody
 		case strings.HasPrefix(part, "body."):
 			r.kind, r.arg = refBody, part[len("body."):]
+			var msg string
+			if r.parts, msg = checkRefPath(r.arg); msg != "" {
+				return nil, fmt.Sprintf("reference %s: %s", short(r.raw), msg)
+			}
 		case strings.HasPrefix(part, "headers.") && httpguts.ValidHeaderFieldName(part[len("headers."):]):
 			r.kind, r.arg = refHeader, http.CanonicalHeaderKey(part[len("headers."):])
 		default:
-			return nil, fmt.Sprintf("reference %s must be {{ID.status}}, {{ID.headers.NAME}}, {{ID.body}} or {{ID.body.PATH}}", r.raw)
+			return nil, fmt.Sprintf("reference %s must be {{ID.status}}, {{ID.headers.NAME}}, {{ID.body}} or {{ID.body.PATH}}", short(r.raw))
 		}
-		lit.WriteString(rest[:i])
-		if lit.Len() > 0 {
-			out = append(out, piece{lit: lit.String()})
-			lit.Reset()
+		if i > lit {
+			out = append(out, piece{lit: s[lit:i]})
 		}
 		out = append(out, piece{ref: r})
 		found = true
-		rest = rest[i+2+j+2:]
+		i += len(r.raw)
+		lit = i
 	}
 	if !found {
 		return nil, ""
 	}
-	lit.WriteString(rest)
-	if lit.Len() > 0 {
-		out = append(out, piece{lit: lit.String()})
+	if lit < len(s) {
+		out = append(out, piece{lit: s[lit:]})
 	}
 	return out, ""
+}
+
+// idByte reports whether c may stand in an operation id.
+func idByte(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-'
+}
+
+// checkRefPath refuses what in a GJSON path could cost more than a walk of
+// the answer per component: modifiers (@pretty, @fromstr … recurse over
+// what they make, unbounded by the answer's checked depth) and paths of
+// more than maxRefComponents parts.
+func checkRefPath(p string) (parts int, msg string) {
+	parts = 1
+	inString := false
+	for i := 0; i < len(p); i++ {
+		switch c := p[i]; {
+		case c == '\\':
+			i++
+		case c == '"':
+			inString = !inString
+		case inString:
+		case c == '@':
+			return 0, `GJSON modifiers (@...) are not allowed; write a key starting with @ as \@`
+		case c == '.' || c == '|' || c == '#' || c == ',':
+			parts++
+		}
+	}
+	if parts > maxRefComponents {
+		return 0, fmt.Sprintf("path has more than %d components", maxRefComponents)
+	}
+	return parts, ""
 }
 
 // probeTarget stands a harmless segment in for each reference of a target
@@ -256,6 +310,42 @@ func unresolved(format string, args ...any) error {
 	return unresolvedError{msg: fmt.Sprintf(format, args...)}
 }
 
+// maxRefScan bounds the answer bytes that the GJSON lookups of one batch's
+// references may walk, all together: each lookup may walk the whole answer
+// once per path component, and a batch may hold many references.
+const maxRefScan = 1 << 30
+
+// refBudget is what filling in references may still cost one batch: bytes
+// added to operations (max_reference_size) and answer bytes walked
+// (maxRefScan). Parallel workers share it.
+type refBudget struct {
+	max         int64
+	bytes, scan atomic.Int64
+}
+
+func (b *refBudget) reset(max int64) {
+	b.max = max
+	b.bytes.Store(max)
+	b.scan.Store(maxRefScan)
+}
+
+// add takes n bytes added by references; past the budget, the operation
+// is not run.
+func (b *refBudget) add(n int) error {
+	if b.bytes.Add(-int64(n)) < 0 {
+		return unresolved("references would add more than max_reference_size (%d bytes) to this batch", b.max)
+	}
+	return nil
+}
+
+// walk takes n answer bytes walked by a lookup.
+func (b *refBudget) walk(n int64) error {
+	if b.scan.Add(-n) < 0 {
+		return unresolved("references would walk more than %d bytes of answers in this batch", maxRefScan)
+	}
+	return nil
+}
+
 // resolve returns op with its references filled in from results. op itself
 // is left as it is: a rollback may be resolved again.
 func (rn *runner) resolve(op *operation) (*operation, error) {
@@ -265,7 +355,7 @@ func (rn *runner) resolve(op *operation) (*operation, error) {
 	}
 	out := *op
 	if t.target != nil {
-		target, err := rn.render(t.target, escapeTarget)
+		target, err := rn.render(t.target, true)
 		if err != nil {
 			return nil, err
 		}
@@ -274,14 +364,14 @@ func (rn *runner) resolve(op *operation) (*operation, error) {
 			return nil, unresolved("after references, %s", msg)
 		}
 		if rn.h.limits.pathAllow != nil && !rn.h.limits.pathAllow(u) {
-			return nil, unresolved("after references, path %q is not allowed here", u.Path)
+			return nil, unresolved("after references, path %q is not allowed here", short(u.Path))
 		}
 		out.target, out.url = target, u
 	}
 	if t.headers != nil {
 		out.header = op.header.Clone()
 		for _, ht := range t.headers {
-			v, err := rn.render(ht.value, nil)
+			v, err := rn.render(ht.value, false)
 			if err != nil {
 				return nil, err
 			}
@@ -293,7 +383,7 @@ func (rn *runner) resolve(op *operation) (*operation, error) {
 	}
 	switch {
 	case t.textBody:
-		s, err := rn.render(t.body[0].str, nil)
+		s, err := rn.render(t.body[0].str, false)
 		if err != nil {
 			return nil, err
 		}
@@ -310,13 +400,24 @@ func (rn *runner) resolve(op *operation) (*operation, error) {
 				if err != nil {
 					return nil, err
 				}
-				body = append(body, v.json()...)
+				if err := rn.refs.add(len(v.raw)); err != nil {
+					return nil, err
+				}
+				n := len(body)
+				body = v.appendJSON(body)
+				if err := rn.refs.add(len(body) - n - len(v.raw)); err != nil {
+					return nil, err // quoted as a JSON string, it grew
+				}
 			default:
-				s, err := rn.render(seg.str, nil)
+				s, err := rn.render(seg.str, false)
 				if err != nil {
 					return nil, err
 				}
+				n := len(body)
 				body = appendString(body, s)
+				if err := rn.refs.add(len(body) - n - len(s)); err != nil {
+					return nil, err // quoted as a JSON string, it grew
+				}
 			}
 		}
 		out.body = body
@@ -324,13 +425,18 @@ func (rn *runner) resolve(op *operation) (*operation, error) {
 	return &out, nil
 }
 
-// render joins pieces into text; escape, when set, is applied to each
-// referenced value given the text before it.
-func (rn *runner) render(ps []piece, escape func(before, v string) string) (string, error) {
+// render joins pieces into text. In a target, a referenced value is
+// escaped as a path segment before any '?' and as a query component after
+// it; a value that starts the target is the path itself (a Location
+// header, say) and goes in as is. The whole target is checked again
+// afterwards.
+func (rn *runner) render(ps []piece, target bool) (string, error) {
 	var sb strings.Builder
+	inQuery := false
 	for _, p := range ps {
 		if p.ref == nil {
 			sb.WriteString(p.lit)
+			inQuery = inQuery || strings.Contains(p.lit, "?")
 			continue
 		}
 		v, err := rn.value(p.ref)
@@ -338,51 +444,46 @@ func (rn *runner) render(ps []piece, escape func(before, v string) string) (stri
 			return "", err
 		}
 		s := v.text()
-		if escape != nil {
-			s = escape(sb.String(), s)
+		switch {
+		case !target:
+		case sb.Len() == 0:
+			inQuery = strings.Contains(s, "?")
+		case inQuery:
+			s = url.QueryEscape(s)
+		default:
+			s = url.PathEscape(s)
+		}
+		if err := rn.refs.add(len(s)); err != nil {
+			return "", err
 		}
 		sb.WriteString(s)
 	}
 	return sb.String(), nil
 }
 
-// escapeTarget escapes a value inserted into a request target: as a path
-// segment before any '?', as a query component after it. A value that
-// starts the target is the path itself (a Location header, say) and goes in
-// as is; the whole target is checked again afterwards.
-func escapeTarget(before, v string) string {
-	if before == "" {
-		return v
-	}
-	if strings.Contains(before, "?") {
-		return url.QueryEscape(v)
-	}
-	return url.PathEscape(v)
-}
-
-// refValue is the value a reference resolved to.
+// refValue is the value a reference resolved to. raw may be the answer's
+// own bytes: it is read, never changed.
 type refValue struct {
-	raw    string // JSON
+	raw    []byte // JSON
 	isText bool   // raw is not JSON but text (a non-JSON body)
 }
 
-// json returns the value as JSON.
-func (v refValue) json() []byte {
+// appendJSON appends the value as JSON.
+func (v refValue) appendJSON(dst []byte) []byte {
 	if v.isText {
-		return appendString(nil, v.raw)
+		return appendString(dst, string(v.raw))
 	}
-	return []byte(v.raw)
+	return append(dst, v.raw...)
 }
 
 // text returns the value as text: strings without their quotes.
 func (v refValue) text() string {
-	if v.isText {
-		return v.raw
+	if !v.isText {
+		if r := gjson.ParseBytes(v.raw); r.Type == gjson.String {
+			return r.Str
+		}
 	}
-	if r := gjson.Parse(v.raw); r.Type == gjson.String {
-		return r.Str
-	}
-	return v.raw
+	return string(v.raw)
 }
 
 // value looks up what r points at in the answer it refers to.
@@ -396,28 +497,26 @@ func (rn *runner) value(r *ref) (refValue, error) {
 	}
 	switch r.kind {
 	case refStatus:
-		return refValue{raw: strconv.Itoa(res.status)}, nil
+		return refValue{raw: strconv.AppendInt(nil, int64(res.status), 10)}, nil
 	case refHeader:
 		vs, ok := res.header[r.arg]
 		if !ok {
 			return refValue{}, unresolved("reference %s: operation %s has no header %s", r.raw, r.id, r.arg)
 		}
-		return refValue{raw: strings.Join(vs, ", "), isText: true}, nil
+		return refValue{raw: []byte(strings.Join(vs, ", ")), isText: true}, nil
 	}
-	body := res.body
-	isJSON := jsonBody(res)
 	if r.arg == "" {
-		if isJSON {
-			return refValue{raw: string(body)}, nil
-		}
-		return refValue{raw: string(body), isText: true}, nil
+		return refValue{raw: res.body, isText: !res.isJSON}, nil
 	}
-	if !isJSON {
+	if !res.isJSON {
 		return refValue{}, unresolved("reference %s: operation %s did not answer JSON", r.raw, r.id)
 	}
-	v := gjson.GetBytes(body, r.arg)
+	if err := rn.refs.walk(int64(len(res.body)) * int64(r.parts)); err != nil {
+		return refValue{}, err
+	}
+	v := gjson.GetBytes(res.body, r.arg)
 	if !v.Exists() {
 		return refValue{}, unresolved("reference %s: no %q in the answer of operation %s", r.raw, r.arg, r.id)
 	}
-	return refValue{raw: v.Raw}, nil
+	return refValue{raw: []byte(v.Raw)}, nil
 }

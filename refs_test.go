@@ -2,6 +2,7 @@ package batch
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -321,7 +322,7 @@ func FuzzReferences(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Fuzz(func(t *testing.T, batchJSON, answer string) {
-		b, err := parseBatch([]byte(batchJSON), &h.limits)
+		b, err := parseBatch(context.Background(), []byte(batchJSON), &h.limits)
 		if err != nil {
 			var faults badBatchError
 			var tooMany tooManyOpsError
@@ -334,8 +335,10 @@ func FuzzReferences(f *testing.F) {
 			return
 		}
 		rn := &runner{h: h, b: b, results: make([]result, len(b.ops))}
+		rn.refs.reset(h.MaxReferenceSize)
 		for i := range rn.results {
-			rn.results[i] = result{status: 200, header: http.Header{"Content-Type": {"application/json"}, "Location": {"/loc/" + answer}}, body: []byte(answer)}
+			hdr := http.Header{"Content-Type": {"application/json"}, "Location": {"/loc/" + answer}}
+			rn.results[i] = result{status: 200, header: hdr, body: []byte(answer), isJSON: jsonBody(hdr, []byte(answer))}
 		}
 		check := func(op *operation) {
 			if op == nil || op.tmpl == nil {
@@ -367,4 +370,71 @@ func FuzzReferences(f *testing.F) {
 			check(op.rollback)
 		}
 	})
+}
+
+// What references add to one batch is bounded: by default by
+// max_body_size, so that a small batch cannot make the backend (and Caddy)
+// hold hundreds of megabytes. Past the bound an operation is not run.
+func TestReferenceBytesBounded(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		max_body_size 2500KB
+	}`))
+	// 1 MB of text, inserted twice (2 MB: within the default bound of
+	// max_body_size), then once more (past it).
+	status, _, body := post(t, base+"/batch", `[{"id":"a","path":"/big?n=1000000"},
+		{"id":"twice","method":"POST","path":"/echo","body":"{{a.body}}{{a.body}}"},
+		{"id":"again","method":"POST","path":"/echo","body":"{{a.body}}"}]`)
+	if status != 200 {
+		t.Fatalf("status %d: %.300s", status, body)
+	}
+	res := mustJSON(t, body)
+	if got := res.Get("1.body.length").Int(); res.Get("1.status").Int() != 200 || got != 2_000_000 {
+		t.Errorf("twice: status %d, %d bytes sent", res.Get("1.status").Int(), got)
+	}
+	if r := res.Get("2"); r.Get("status").Int() != 424 || !strings.Contains(r.Get("error").String(), "max_reference_size (2500000 bytes)") {
+		t.Errorf("again: %.300s", r.Raw)
+	}
+	if n := len(be.requests()); n != 2 {
+		t.Errorf("the backend saw %d requests, want 2", n)
+	}
+
+	// Configured, it holds across operations and in every place a
+	// reference stands: here two 600 KB values fit a 1.5 MB bound, and
+	// the third does not.
+	base = startCaddy(t, proxySite(be, `{
+		max_reference_size 1500KB
+	}`))
+	_, _, body = post(t, base+"/batch", `[{"id":"a","path":"/big?n=600000"},
+		{"method":"POST","path":"/echo","body":{"v":"{{a.body}}"}},
+		{"method":"POST","path":"/echo","headers":{"X-V":"{{a.body}}"}},
+		{"method":"POST","path":"/echo?q={{a.body}}"}]`)
+	res = mustJSON(t, body)
+	for i, want := range []int64{200, 200, 200, 424} {
+		if got := res.Get(fmt.Sprintf("%d.status", i)).Int(); got != want {
+			t.Errorf("op %d: status %d, want %d: %.200s", i, got, want, res.Get(fmt.Sprint(i)).Raw)
+		}
+	}
+}
+
+// GJSON modifiers in a reference path are refused: @fromstr and @pretty
+// recurse over what they make, unbounded by the answer's checked depth.
+// A literal @ in a key is written \@, and an @ inside a query's string is
+// data.
+func TestReferencePathsBounded(t *testing.T) {
+	lim := ptLimits(t, &Handler{})
+	for _, path := range []string{`@pretty`, `s.@fromstr.@pretty`, `a|@reverse`, `items.#(@this>1)`,
+		strings.Repeat("a.", maxRefComponents) + "z"} {
+		body := `[{"id":"a","path":"/a"},{"path":"/b","body":{"v":"{{a.body.` + path + `}}"}}]`
+		if faults := ptFaults(t, lim, body); !strings.Contains(faults[0].Message, "reference") {
+			t.Errorf("%s: %s", path, ptDump(faults))
+		}
+	}
+	for _, path := range []string{`\@odata\.nextLink`, `items.#(email=="a@example.com").id`, `data.0.id`} {
+		v, _ := json.Marshal("{{a.body." + path + "}}")
+		b := ptParse(t, lim, `[{"id":"a","path":"/a"},{"path":"/b","body":{"v":`+string(v)+`}}]`)
+		if r := b.ops[1].tmpl.refs(); len(r) != 1 || r[0].arg != path {
+			t.Errorf("%s: refs %+v", path, r)
+		}
+	}
 }

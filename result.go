@@ -302,7 +302,7 @@ func appendResult(dst []byte, id string, res *result, lean leanOptions) []byte {
 	if len(res.body) > 0 && !quiet {
 		dst = append(dst, `,"body":`...)
 		switch {
-		case jsonBody(res):
+		case res.isJSON:
 			// Space around a JSON value means nothing; APIs often end with "\n".
 			body := bytes.TrimSpace(res.body)
 			if lean.oneLine && bytes.ContainsAny(body, "\r\n") {
@@ -334,10 +334,48 @@ func appendResult(dst []byte, id string, res *result, lean leanOptions) []byte {
 	return append(dst, '}')
 }
 
-// jsonBody reports whether an answer's body is JSON, by its Content-Type,
-// and valid, so that it can stand in the batch's JSON as a value.
-func jsonBody(res *result) bool {
-	return isJSONType(contentType(res.header)) && gjson.ValidBytes(res.body)
+// maxAnswerDepth bounds the nesting of an answer embedded as JSON. The JSON
+// check recurses once per level, and an answer nested deeper (a client can
+// have an API store any blob and return it) would overflow the stack, which
+// no recover catches; such an answer goes in as text.
+const maxAnswerDepth = 512
+
+// jsonBody reports whether an answer's body is JSON by its Content-Type,
+// valid, in UTF-8 and at most maxAnswerDepth deep, so that it can stand in
+// the batch's JSON as a value: the batch answer must stay valid JSON text.
+func jsonBody(header http.Header, body []byte) bool {
+	return len(body) > 0 && isJSONType(contentType(header)) && validJSON(body, maxAnswerDepth)
+}
+
+// validJSON reports whether b is one JSON value in UTF-8 nested at most
+// depth levels. The depth is checked first, without recursion, so that the
+// recursive validator that follows is bounded by it.
+func validJSON(b []byte, depth int) bool {
+	return depthWithin(b, depth) && utf8.Valid(b) && gjson.ValidBytes(b)
+}
+
+// depthWithin reports whether the arrays and objects of b, outside its
+// strings, nest at most limit levels. Unbalanced input is left to the
+// validator: only the depth it would reach matters here.
+func depthWithin(b []byte, limit int) bool {
+	depth := 0
+	for i := 0; i < len(b); i++ {
+		switch b[i] {
+		case '"':
+			for i++; i < len(b) && b[i] != '"'; i++ {
+				if b[i] == '\\' {
+					i++
+				}
+			}
+		case '{', '[':
+			if depth++; depth > limit {
+				return false
+			}
+		case '}', ']':
+			depth--
+		}
+	}
+	return true
 }
 
 // contentType is h.Get("Content-Type"), without canonicalizing a name
