@@ -303,10 +303,22 @@ func (rn *runner) runGraph(workers int) {
 	}
 }
 
-// runOne decides what becomes of one operation: run it, or answer for it.
+// runOne decides what becomes of one operation, and under atomicity
+// whether the batch stops there: whatever failed it, a timeout, the client
+// going away or a cancel included, the operations after it do not run and
+// those before it are rolled back.
 func (rn *runner) runOne(op *operation, clk *opClock) result {
+	res := rn.decide(op, clk)
+	if rn.b.atomicity != atomicNone && rn.stoppedAt < 0 && failed(&res) {
+		rn.stoppedAt = op.index
+	}
+	return res
+}
+
+// decide runs op, or answers for it.
+func (rn *runner) decide(op *operation, clk *opClock) result {
 	if rn.ctx.Err() != nil {
-		return rn.cutOff()
+		return rn.cutOff(rn.ctx)
 	}
 	if rn.canceled.Load() {
 		return result{status: statusSkipped, err: "skipped: batch canceled"}
@@ -319,11 +331,7 @@ func (rn *runner) runOne(op *operation, clk *opClock) result {
 			return result{status: statusSkipped, err: fmt.Sprintf("dependency %s failed with status %d", rn.b.ops[d].id, dep.status)}
 		}
 	}
-	res := rn.resolveAndExec(op, clk)
-	if rn.b.atomicity != atomicNone && failed(&res) {
-		rn.stoppedAt = op.index
-	}
-	return res
+	return rn.resolveAndExec(op, clk)
 }
 
 // resolveAndExec fills in op's references and runs it.
@@ -340,11 +348,19 @@ func (rn *runner) resolveAndExec(op *operation, clk *opClock) result {
 	return rn.exec(op, clk)
 }
 
+// errRollbackTimeout ends the rollbacks that did not finish within the
+// batch's timeout of their own.
+var errRollbackTimeout = errors.New("rollbacks timed out")
+
 // rollBack runs, in reverse order, the rollback of every operation that
 // succeeded before an all_or_nothing batch failed.
 func (rn *runner) rollBack() {
-	// Compensation must run even if the batch timed out or the client left.
-	clk := rn.newClock(context.WithoutCancel(rn.ctx))
+	// Compensation must run even if the batch timed out or the client
+	// left, within a budget of its own: the handler's timeout, once more.
+	budget := time.Duration(rn.h.Timeout)
+	ctx, cancel := context.WithTimeoutCause(context.WithoutCancel(rn.ctx), budget, errRollbackTimeout)
+	defer cancel()
+	clk := rn.newClock(ctx)
 	defer clk.stop()
 	for i := rn.stoppedAt - 1; i >= 0; i-- {
 		res := &rn.results[i]
@@ -353,7 +369,12 @@ func (rn *runner) rollBack() {
 		}
 		undone := false
 		if rb := rn.b.ops[i].rollback; rb != nil {
-			rr := rn.resolveAndExec(rb, clk)
+			var rr result
+			if ctx.Err() != nil {
+				rr = rn.cutOff(ctx)
+			} else {
+				rr = rn.resolveAndExec(rb, clk)
+			}
 			res.rollback = &rr
 			undone = !failed(&rr)
 			rn.rollbackFailed = rn.rollbackFailed || !undone
@@ -369,10 +390,12 @@ func failed(res *result) bool { return res.status >= 400 }
 // errInterrupted is the cause with which a shutdown cancels async jobs.
 var errInterrupted = errors.New("interrupted")
 
-// cutOff is the result of an operation that the batch's end kept from
-// finishing.
-func (rn *runner) cutOff() result {
-	switch cause := context.Cause(rn.ctx); {
+// cutOff is the result of an operation that the end of ctx (the batch's,
+// or its rollbacks') kept from finishing.
+func (rn *runner) cutOff(ctx context.Context) result {
+	switch cause := context.Cause(ctx); {
+	case errors.Is(cause, errRollbackTimeout):
+		return result{status: http.StatusGatewayTimeout, err: "rollbacks timed out after " + time.Duration(rn.h.Timeout).String(), cut: true}
 	case errors.Is(cause, errInterrupted):
 		return result{status: http.StatusServiceUnavailable, err: "interrupted: the server shut down", cut: true}
 	case errors.Is(cause, context.DeadlineExceeded):
@@ -395,9 +418,9 @@ func (rn *runner) exec(op *operation, clk *opClock) result {
 			}
 			return res
 		}
-		wait := time.Second // when the answer does not say
-		if res.header.Get("Retry-After") != "" {
-			wait = time.Duration(retryAfter(res.header)) * time.Second
+		wait, ok := retryAfter(res.header)
+		if !ok {
+			wait = time.Second // when the answer does not say, or not readably
 		}
 		if time.Until(deadline) < wait {
 			res.attempts = attempt
@@ -536,20 +559,30 @@ func idempotent(method string) bool {
 	return false
 }
 
-// retryAfter reads a Retry-After header, in seconds from now; 0 when
-// absent or past.
-func retryAfter(h http.Header) int {
-	v := h.Get("Retry-After")
+// maxRetryAfter caps what a Retry-After may ask for: no answer is a reason
+// to wait longer, and more seconds than this could overflow a Duration.
+const maxRetryAfter = 24 * time.Hour
+
+// retryAfter reads a Retry-After header, delta-seconds or an HTTP-date, as
+// a wait from now of at most maxRetryAfter; ok is false when there is none
+// or it cannot be read.
+func retryAfter(h http.Header) (wait time.Duration, ok bool) {
+	v := strings.TrimSpace(h.Get("Retry-After"))
 	if v == "" {
-		return 0
+		return 0, false
 	}
-	if s, err := strconv.Atoi(v); err == nil {
-		return max(s, 0)
+	if strings.Trim(v, "0123456789") == "" {
+		// Only digits: ParseUint fails by range alone, which is long.
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil || n > uint64(maxRetryAfter/time.Second) {
+			return maxRetryAfter, true
+		}
+		return time.Duration(n) * time.Second, true
 	}
 	if t, err := http.ParseTime(v); err == nil {
-		return max(int(time.Until(t).Seconds()+0.5), 0)
+		return min(max(time.Until(t), 0), maxRetryAfter), true
 	}
-	return 0
+	return 0, false
 }
 
 // attempt serves op once within ctx; attempt counts from 1.
@@ -575,8 +608,8 @@ func (rn *runner) attempt(ctx context.Context, clk *opClock, op *operation, atte
 	switch {
 	case w.overflow:
 		return result{status: http.StatusBadGateway, err: fmt.Sprintf("response larger than max_response_size (%d bytes)", rn.h.MaxResponseSize)}
-	case rn.ctx.Err() != nil && parent.Err() != nil:
-		return rn.cutOff()
+	case parent.Err() != nil:
+		return rn.cutOff(parent)
 	case ctx.Err() != nil:
 		return result{status: http.StatusGatewayTimeout, err: "operation timed out after " + time.Duration(rn.h.OpTimeout).String()}
 	}

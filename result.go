@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 	"unicode/utf8"
 
 	"github.com/tidwall/gjson"
@@ -126,7 +127,9 @@ func (e *emitter) flush() {
 		res := &e.results[e.next]
 		e.buf = appendResult(e.buf[:0], e.ops[e.next].id, res, e.lean)
 		if res.status == http.StatusTooManyRequests {
-			e.retryAfter = max(e.retryAfter, retryAfter(res.header))
+			if wait, ok := retryAfter(res.header); ok {
+				e.retryAfter = max(e.retryAfter, int((wait+time.Second-1)/time.Second))
+			}
 		}
 		e.out.put(e.next, res, e.buf)
 		// Written: free what no reference reads.
