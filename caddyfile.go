@@ -67,6 +67,7 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //		max_ops           <n>
 //		max_body_size     <size>
 //		max_response_size <size>
+//		max_idempotent_size <size>
 //		timeout           <duration>
 //		op_timeout        <duration>
 //		methods           <method...>
@@ -105,6 +106,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return sizeArg(d, &h.MaxBodySize)
 		case "max_response_size":
 			return sizeArg(d, &h.MaxResponseSize)
+		case "max_idempotent_size":
+			return sizeArg(d, &h.MaxIdempotentSize)
 		case "timeout":
 			return durationArg(d, &h.Timeout)
 		case "op_timeout":

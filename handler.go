@@ -92,6 +92,13 @@ type Handler struct {
 	// Default: 0.
 	Retry429 int `json:"retry_429,omitempty"`
 
+	// The largest answer kept, in bytes, for a batch sent with an
+	// Idempotency-Key. The answer is held in memory up to this size and
+	// stored before it is sent; a larger one is sent as it comes, with
+	// "Idempotent-Stored: false", and nothing is stored: the same key runs
+	// the batch again. Must be positive. Default: 1 MiB.
+	MaxIdempotentSize int64 `json:"max_idempotent_size,omitempty"`
+
 	// Enables asynchronous batches. Default: off.
 	Async *AsyncConfig `json:"async,omitempty"`
 
@@ -156,6 +163,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if h.OpTimeout == 0 {
 		h.OpTimeout = caddy.Duration(defaultOpTimeout)
+	}
+	if h.MaxIdempotentSize == 0 {
+		h.MaxIdempotentSize = defaultMaxIdempotentSize
 	}
 	methods := h.Methods
 	if len(methods) == 0 {
@@ -265,6 +275,8 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("max_body_size must be positive, got %d", h.MaxBodySize)
 	case h.MaxResponseSize < 1:
 		return fmt.Errorf("max_response_size must be positive, got %d", h.MaxResponseSize)
+	case h.MaxIdempotentSize < 1:
+		return fmt.Errorf("max_idempotent_size must be positive, got %d", h.MaxIdempotentSize)
 	case h.Timeout < 0 || h.OpTimeout < 0:
 		return errors.New("timeout and op_timeout must be positive")
 	case h.Retry429 < 0:

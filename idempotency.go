@@ -1,7 +1,6 @@
 package batch
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -11,6 +10,7 @@ import (
 	"io/fs"
 	"net/http"
 	"path"
+	"strconv"
 	"sync"
 	"time"
 
@@ -22,10 +22,18 @@ import (
 // body within the retention replays the stored answer; with another body
 // it is refused (422). Keys belong to an owner, as async jobs do, and live
 // in Caddy's storage under its lock, so that this holds across instances.
+//
+// An answer is held in memory up to max_idempotent_size and stored before
+// the client gets it, so that a slow reader holds up no one waiting for the
+// key; a larger one is passed on as it comes, and nothing is stored.
 
 const (
-	idempotencyPrefix = "batch/idempotency"
-	maxIdempotencyKey = 255
+	idempotencyPrefix        = "batch/idempotency"
+	maxIdempotencyKey        = 255
+	defaultMaxIdempotentSize = 1 << 20
+	// storageTimeout bounds a storage call made while the key is held and
+	// the client may have left.
+	storageTimeout = 10 * time.Second
 )
 
 // idempotentAnswer is what storage keeps of a batch sent with a key.
@@ -53,20 +61,16 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 
 	// The locks make concurrent repeats wait for the first: in this process
 	// on a mutex, which wakes at once, and across instances on storage's.
-	unlock := h.keyLocks.lock(name)
-	defer unlock()
-	if err := h.store().Lock(r.Context(), name); err != nil {
+	hold, err := h.holdKey(r.Context(), name)
+	if err != nil {
 		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("locking idempotency key: %w", err))
 	}
-	defer func() {
-		if err := h.store().Unlock(context.WithoutCancel(r.Context()), name); err != nil {
-			h.logger.Error("unlocking idempotency key", zap.Error(err))
-		}
-	}()
+	defer hold.release()
 
 	prev, err := h.loadAnswer(r.Context(), name)
 	switch {
 	case err == nil && now().Before(prev.ExpiresAt):
+		hold.release() // a slow reader of the replay holds up nobody
 		if prev.BodyHash != bodyHash {
 			return writeError(w, http.StatusUnprocessableEntity, "Idempotency-Key was already used with a different batch")
 		}
@@ -80,30 +84,44 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("loading idempotent answer: %w", err))
 	}
 
-	// The answer is kept whole to be stored: an idempotent batch is not
-	// streamed to storage, but it is to the client.
-	cw := &captureWriter{ResponseWriter: w}
+	iw := &idempotentWriter{ResponseWriter: w, limit: int(h.MaxIdempotentSize), outgrown: hold.release}
 	if b.async || h.Async != nil && wantsAsync(r) {
-		err = h.submit(cw, r, next, b)
+		err = h.submit(iw, r, next, b)
 	} else {
-		_, err = h.run(cw, r, next, b)
+		_, err = h.run(iw, r, next, b)
 	}
-	if err != nil {
+	if iw.passed {
 		return err
 	}
-	ans := idempotentAnswer{
+	stored := err == nil && h.storeAnswer(r.Context(), name, idempotentAnswer{
 		BodyHash:  bodyHash,
-		Status:    cw.status,
+		Status:    iw.status,
 		Location:  w.Header().Get("Location"),
-		Body:      cw.body.Bytes(),
+		Body:      iw.buf,
 		ExpiresAt: now().Add(h.retention()),
+	})
+	// Stored before it is sent: the key is not held while the client reads.
+	hold.release()
+	if iw.status != 0 {
+		iw.send(stored)
 	}
-	if buf, err := json.Marshal(ans); err != nil {
+	return err
+}
+
+// storeAnswer keeps an answer for its key, and reports whether it did.
+func (h *Handler) storeAnswer(ctx context.Context, name string, ans idempotentAnswer) bool {
+	buf, err := json.Marshal(ans)
+	if err != nil {
 		h.logger.Error("encoding idempotent answer", zap.Error(err))
-	} else if err := h.store().Store(context.WithoutCancel(r.Context()), name, buf); err != nil {
-		h.logger.Error("storing idempotent answer", zap.Error(err))
+		return false
 	}
-	return nil
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
+	defer cancel()
+	if err := h.store().Store(ctx, name, buf); err != nil {
+		h.logger.Error("storing idempotent answer", zap.Error(err))
+		return false
+	}
+	return true
 }
 
 func (h *Handler) loadAnswer(ctx context.Context, name string) (idempotentAnswer, error) {
@@ -125,30 +143,98 @@ func (h *Handler) retention() time.Duration {
 
 const defaultRetention = 24 * time.Hour
 
-// captureWriter passes an answer to the client and keeps a copy of it.
-type captureWriter struct {
+// idempotentWriter holds an answer of up to limit bytes, to be stored
+// before the client gets it. One that outgrows limit is passed on as it
+// comes, with "Idempotent-Stored: false", and outgrown is called: as
+// nothing will be stored, the key is let go.
+type idempotentWriter struct {
 	http.ResponseWriter
-	status int
-	body   bytes.Buffer
+	limit    int
+	outgrown func()
+	status   int
+	buf      []byte
+	passed   bool
 }
 
-func (w *captureWriter) WriteHeader(code int) {
-	if w.status == 0 {
+func (w *idempotentWriter) WriteHeader(code int) {
+	if w.status == 0 && code >= 200 {
 		w.status = code
 	}
-	w.ResponseWriter.WriteHeader(code)
 }
 
-func (w *captureWriter) Write(p []byte) (int, error) {
+func (w *idempotentWriter) Write(p []byte) (int, error) {
 	if w.status == 0 {
 		w.status = http.StatusOK
 	}
-	w.body.Write(p)
-	return w.ResponseWriter.Write(p)
+	if !w.passed && len(w.buf)+len(p) > w.limit {
+		w.passOn()
+	}
+	if w.passed {
+		return w.ResponseWriter.Write(p)
+	}
+	if len(w.buf)+len(p) > cap(w.buf) {
+		// Doubled as append would, but never past limit.
+		grown := make([]byte, len(w.buf), min(max(2*cap(w.buf), len(w.buf)+len(p)), w.limit))
+		copy(grown, w.buf)
+		w.buf = grown
+	}
+	w.buf = append(w.buf, p...)
+	return len(p), nil
+}
+
+func (w *idempotentWriter) passOn() {
+	w.passed = true
+	w.Header().Set("Idempotent-Stored", "false")
+	w.ResponseWriter.WriteHeader(w.status)
+	_, _ = w.ResponseWriter.Write(w.buf)
+	w.buf = nil
+	w.outgrown()
+}
+
+// send writes the answer held, saying whether it was stored.
+func (w *idempotentWriter) send(stored bool) {
+	w.Header().Set("Idempotent-Stored", strconv.FormatBool(stored))
+	w.Header().Set("Content-Length", strconv.Itoa(len(w.buf)))
+	w.ResponseWriter.WriteHeader(w.status)
+	_, _ = w.ResponseWriter.Write(w.buf)
+}
+
+// FlushError flushes only an answer passed on: one held is sent whole.
+func (w *idempotentWriter) FlushError() error {
+	if !w.passed {
+		return nil
+	}
+	return http.NewResponseController(w.ResponseWriter).Flush()
 }
 
 // Unwrap lets http.ResponseController reach the client's writer.
-func (w *captureWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+func (w *idempotentWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// keyHold is a hold on one idempotency key: this process's lock on it,
+// then storage's.
+type keyHold struct {
+	once   sync.Once
+	unlock func()
+}
+
+func (h *Handler) holdKey(ctx context.Context, name string) (*keyHold, error) {
+	unlock := h.keyLocks.lock(name)
+	if err := h.store().Lock(ctx, name); err != nil {
+		unlock()
+		return nil, err
+	}
+	return &keyHold{unlock: func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
+		defer cancel()
+		if err := h.store().Unlock(ctx, name); err != nil {
+			h.logger.Error("unlocking idempotency key", zap.Error(err))
+		}
+		unlock()
+	}}, nil
+}
+
+// release lets go of the key; it may be called again.
+func (k *keyHold) release() { k.once.Do(k.unlock) }
 
 // keyLocks are in-process mutexes by name, dropped when unused.
 type keyLocks struct {

@@ -1,8 +1,23 @@
 package batch
 
 import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 func TestIdempotencyKey(t *testing.T) {
@@ -83,5 +98,211 @@ func TestIdempotencyAcrossInstances(t *testing.T) {
 	status, hdr, again := post(t, b+"/batch", batch, alice, "Idempotency-Key: x")
 	if status != 200 || again != first || hdr.Get("Idempotent-Replayed") != "true" || be.API.Len() != 1 {
 		t.Errorf("replay on the other instance: %d %s (users %d)", status, again, be.API.Len())
+	}
+}
+
+// answerFiles lists the idempotent answers a file_system storage holds.
+func answerFiles(t *testing.T, storage string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(filepath.Join(storage, "batch", "idempotency"))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		t.Fatal(err)
+	}
+	var files []string
+	for _, e := range entries {
+		if !e.IsDir() {
+			files = append(files, filepath.Join(storage, "batch", "idempotency", e.Name()))
+		}
+	}
+	return files
+}
+
+// waitFor polls cond until it holds, failing after 10s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("still waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// An answer larger than max_idempotent_size (default 1 MiB) is sent, whole,
+// but not kept: the client is told, and the key runs the batch again.
+// One within it is kept before it is sent, with its Content-Length.
+func TestIdempotentAnswerTooLargeIsNotStored(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddyIn(t, storage, proxySite(be, ""))
+	big := `[{"path":"/big?n=600000"},{"path":"/big?n=600000"}]`
+	for i := range 2 {
+		status, hdr, body := post(t, base+"/batch", big, alice, "Idempotency-Key: big")
+		res := mustJSON(t, body).Array()
+		if status != 200 || len(res) != 2 || res[1].Get("status").Int() != 200 || len(res[1].Get("body").String()) != 600000 {
+			t.Fatalf("answer %d: %d, %d results, %d bytes", i, status, len(res), len(body))
+		}
+		if hdr.Get("Idempotent-Stored") != "false" || hdr.Get("Idempotent-Replayed") != "" {
+			t.Errorf("answer %d: Idempotent-Stored %q, Idempotent-Replayed %q", i, hdr.Get("Idempotent-Stored"), hdr.Get("Idempotent-Replayed"))
+		}
+	}
+	if n := len(answerFiles(t, storage)); n != 0 {
+		t.Errorf("%d answers stored", n)
+	}
+	bigs := 0
+	for _, r := range be.requests() {
+		if strings.HasPrefix(r.Path, "/big") {
+			bigs++
+		}
+	}
+	if bigs != 4 {
+		t.Errorf("the backend was asked %d times for /big, want 4", bigs)
+	}
+
+	status, hdr, first := post(t, base+"/batch", `[{"path":"/health"}]`, alice, "Idempotency-Key: small")
+	if status != 200 || hdr.Get("Idempotent-Stored") != "true" || hdr.Get("Content-Length") != strconv.Itoa(len(first)) {
+		t.Errorf("small answer: %d, Idempotent-Stored %q, Content-Length %q of %d bytes", status, hdr.Get("Idempotent-Stored"), hdr.Get("Content-Length"), len(first))
+	}
+	if _, hdr, again := post(t, base+"/batch", `[{"path":"/health"}]`, alice, "Idempotency-Key: small"); again != first || hdr.Get("Idempotent-Replayed") != "true" {
+		t.Errorf("replay: %q %s, want %s", hdr.Get("Idempotent-Replayed"), again, first)
+	}
+
+	// The bound is configured.
+	base = startCaddyIn(t, storage, proxySite(be, "{\n\t\tmax_idempotent_size 16KiB\n\t}"))
+	if _, hdr, _ := post(t, base+"/batch", `[{"path":"/big?n=20000"}]`, alice, "Idempotency-Key: mid"); hdr.Get("Idempotent-Stored") != "false" {
+		t.Errorf("20 kB answer over a 16 KiB bound: Idempotent-Stored %q", hdr.Get("Idempotent-Stored"))
+	}
+}
+
+// The copy kept of an idempotent answer never exceeds the bound: a batch
+// with a 27 MB answer holds about what one without a key holds.
+func TestIdempotentAnswerMemoryBounded(t *testing.T) {
+	const (
+		ops     = 30
+		maxResp = 1_000_000
+	)
+	be := newBackend(t)
+	base := startCaddy(t, fmt.Sprintf(`
+	batch /batch {
+		max_response_size 1MB
+	}
+	route {
+		test_heap_probe
+		reverse_proxy %s
+	}`, be.addr()))
+	send := func(key string, n int) {
+		t.Helper()
+		batch := "[" + strings.TrimSuffix(strings.Repeat(`{"path":"/big?n=900000"},`, n), ",") + "]"
+		req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(batch))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer alice")
+		req.Header.Set("Idempotency-Key", key)
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		c := &resultCounter{} // counts the answer without keeping it
+		if _, err := io.Copy(c, resp.Body); err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != 200 || c.results != n || c.succeeded != n {
+			t.Fatalf("status %d, %d results, %d succeeded", resp.StatusCode, c.results, c.succeeded)
+		}
+	}
+	send("warm-up", 1)
+
+	before := liveHeap()
+	heapProbe.Lock()
+	heapProbe.on, heapProbe.samples = true, nil
+	heapProbe.Unlock()
+	send("big", ops)
+	heapProbe.Lock()
+	heapProbe.on = false
+	samples := heapProbe.samples
+	heapProbe.Unlock()
+	if len(samples) != ops {
+		t.Fatalf("%d samples, want %d", len(samples), ops)
+	}
+	var peak int64
+	for _, s := range samples {
+		peak = max(peak, int64(s)-int64(before))
+	}
+	t.Logf("live heap before %.1f MB; with an answer captured +%.1f MB at most", float64(before)/1e6, float64(peak)/1e6)
+	// TestSequentialBatchMemoryBounded's 7x for a batch without a key, plus
+	// the bound (1 MiB) and its growth. Keeping the whole answer would end
+	// 26 MB up.
+	if limit := int64(7*maxResp + 2<<20); peak > limit {
+		t.Errorf("the live heap grew up to %.1f MB; bound %.1f MB", float64(peak)/1e6, float64(limit)/1e6)
+	}
+}
+
+// A client that stops reading an answer too large to keep does not hold
+// the key: once the answer outgrows the bound, the key is released.
+func TestIdempotencyStalledReaderReleasesKey(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, ""))
+	// 8 MB: more than the kernel buffers for a reader that takes nothing.
+	batch := "[" + strings.TrimSuffix(strings.Repeat(`{"path":"/big?n=1000000"},`, 8), ",") + "]"
+	conn, err := net.Dial("tcp", strings.TrimPrefix(base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() }) // before Caddy stops: it waits for the answer
+	_ = conn.(*net.TCPConn).SetReadBuffer(4096)
+	fmt.Fprintf(conn, "POST /batch HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nAuthorization: Bearer alice\r\n"+
+		"Idempotency-Key: stall\r\nContent-Length: %d\r\n\r\n%s", strings.TrimPrefix(base, "http://"), len(batch), batch)
+	waitFor(t, "the first batch to run", func() bool { return len(be.requests()) > 0 })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/batch", strings.NewReader(batch))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer alice")
+	req.Header.Set("Idempotency-Key", "stall")
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatalf("the same key, while the first client reads nothing: %v", err)
+	}
+	defer resp.Body.Close()
+	c := &resultCounter{}
+	if _, err := io.Copy(c, resp.Body); err != nil {
+		t.Fatalf("the same key, while the first client reads nothing: %v", err)
+	}
+	if resp.StatusCode != 200 || c.succeeded != 8 || resp.Header.Get("Idempotent-Stored") != "false" {
+		t.Errorf("%d, %d succeeded, Idempotent-Stored %q", resp.StatusCode, c.succeeded, resp.Header.Get("Idempotent-Stored"))
+	}
+}
+
+// max_idempotent_size takes a size, like the other bounds, and must be
+// positive in JSON too.
+func TestMaxIdempotentSizeConfig(t *testing.T) {
+	for input, want := range map[string]int64{"64KiB": 64 << 10, "2MB": 2_000_000, "4096": 4096} {
+		var h Handler
+		if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("batch {\n max_idempotent_size " + input + "\n}")); err != nil || h.MaxIdempotentSize != want {
+			t.Errorf("max_idempotent_size %s: %d, %v; want %d", input, h.MaxIdempotentSize, err, want)
+		}
+	}
+	for _, bad := range []string{"max_idempotent_size", "max_idempotent_size 0", "max_idempotent_size lots", "max_idempotent_size 1MB 2MB",
+		"max_idempotent_size 1MB\n max_idempotent_size 2MB"} {
+		var h Handler
+		err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("batch {\n " + bad + "\n}"))
+		if err == nil || !strings.Contains(err.Error(), "Testfile:") {
+			t.Errorf("%q: %v, want an error with its line", bad, err)
+		}
+	}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	h := Handler{MaxIdempotentSize: -1}
+	if err := h.Provision(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if h.Validate() == nil {
+		t.Error("max_idempotent_size -1 accepted")
+	}
+	h = Handler{}
+	if err := h.Provision(ctx); err != nil || h.MaxIdempotentSize != 1<<20 {
+		t.Errorf("default %d, %v", h.MaxIdempotentSize, err)
 	}
 }
