@@ -1,6 +1,7 @@
 package batch
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -10,6 +11,7 @@ import (
 	"io/fs"
 	"net/http"
 	"path"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -36,13 +38,49 @@ const (
 	storageTimeout = 10 * time.Second
 )
 
-// idempotentAnswer is what storage keeps of a batch sent with a key.
+// idempotentAnswer is what storage keeps of a batch sent with a key: this
+// as one line of JSON, then the answer's body.
 type idempotentAnswer struct {
-	BodyHash  string    `json:"body_hash"`
-	Status    int       `json:"status"`
-	Location  string    `json:"location,omitempty"`
-	Body      []byte    `json:"body"`
-	ExpiresAt time.Time `json:"expires_at"`
+	BodyHash string `json:"body_hash"`
+	Status   int    `json:"status"`
+	// Header holds the headers the batch set on its answer.
+	Header    http.Header `json:"header,omitempty"`
+	ExpiresAt time.Time   `json:"expires_at"`
+	// Records written before the body followed the line held it here
+	// (base64), and of the headers only the Location.
+	Location string `json:"location,omitempty"`
+	Body     []byte `json:"body,omitempty"`
+}
+
+// encode returns the record storage keeps.
+func (a idempotentAnswer) encode() ([]byte, error) {
+	body := a.Body
+	a.Body = nil
+	line, err := json.Marshal(a)
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, 0, len(line)+1+len(body))
+	return append(append(append(buf, line...), '\n'), body...), nil
+}
+
+// decodeAnswer reads a record that encode wrote, or an older one.
+func decodeAnswer(buf []byte) (idempotentAnswer, error) {
+	var a idempotentAnswer
+	line, body, found := bytes.Cut(buf, []byte{'\n'}) // json.Marshal writes none
+	if err := json.Unmarshal(line, &a); err != nil {
+		return a, err
+	}
+	if found {
+		a.Body = body
+	} else if a.Header == nil {
+		// Older records were all JSON.
+		a.Header = http.Header{"Content-Type": {"application/json"}}
+		if a.Location != "" {
+			a.Header.Set("Location", a.Location)
+		}
+	}
+	return a, nil
 }
 
 // serveIdempotent runs a valid batch sent with an Idempotency-Key once.
@@ -74,29 +112,39 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 		if prev.BodyHash != bodyHash {
 			return writeError(w, http.StatusUnprocessableEntity, "Idempotency-Key was already used with a different batch")
 		}
-		if prev.Location != "" {
-			w.Header().Set("Location", prev.Location)
+		for k, v := range prev.Header {
+			w.Header()[k] = v
 		}
 		w.Header().Set("Idempotent-Replayed", "true")
-		writeJSON(w, prev.Status, prev.Body)
+		w.Header().Set("Content-Length", strconv.Itoa(len(prev.Body)))
+		w.WriteHeader(prev.Status)
+		_, _ = w.Write(prev.Body)
 		return nil
 	case err != nil && !errors.Is(err, fs.ErrNotExist):
 		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("loading idempotent answer: %w", err))
 	}
 
-	iw := &idempotentWriter{ResponseWriter: w, limit: int(h.MaxIdempotentSize), outgrown: hold.release}
+	iw := &idempotentWriter{ResponseWriter: w, limit: int(h.MaxIdempotentSize), before: w.Header().Clone(), outgrown: hold.release}
+	// Only an answer that says what the batch did is kept: a job that was
+	// queued, or a batch none of whose operations its end (client gone,
+	// timeout, shutdown) cut off. Any other leaves the key free for a retry
+	// to run the batch whole.
+	var ran bool
 	if b.async || h.Async != nil && wantsAsync(r) {
 		err = h.submit(iw, r, next, b)
+		ran = iw.status == http.StatusAccepted
 	} else {
-		_, err = h.run(iw, r, next, b)
+		var sum summary
+		sum, err = h.run(iw, r, next, b)
+		ran = iw.status == http.StatusOK && sum.cut == 0
 	}
 	if iw.passed {
 		return err
 	}
-	stored := err == nil && h.storeAnswer(r.Context(), name, idempotentAnswer{
+	stored := err == nil && ran && h.storeAnswer(r.Context(), name, idempotentAnswer{
 		BodyHash:  bodyHash,
 		Status:    iw.status,
-		Location:  w.Header().Get("Location"),
+		Header:    iw.header(),
 		Body:      iw.buf,
 		ExpiresAt: now().Add(h.retention()),
 	})
@@ -110,7 +158,7 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 
 // storeAnswer keeps an answer for its key, and reports whether it did.
 func (h *Handler) storeAnswer(ctx context.Context, name string, ans idempotentAnswer) bool {
-	buf, err := json.Marshal(ans)
+	buf, err := ans.encode()
 	if err != nil {
 		h.logger.Error("encoding idempotent answer", zap.Error(err))
 		return false
@@ -125,12 +173,11 @@ func (h *Handler) storeAnswer(ctx context.Context, name string, ans idempotentAn
 }
 
 func (h *Handler) loadAnswer(ctx context.Context, name string) (idempotentAnswer, error) {
-	var ans idempotentAnswer
 	buf, err := h.store().Load(ctx, name)
 	if err != nil {
-		return ans, err
+		return idempotentAnswer{}, err
 	}
-	return ans, json.Unmarshal(buf, &ans)
+	return decodeAnswer(buf)
 }
 
 // retention is how long jobs and idempotent answers are kept.
@@ -150,6 +197,7 @@ const defaultRetention = 24 * time.Hour
 type idempotentWriter struct {
 	http.ResponseWriter
 	limit    int
+	before   http.Header // the client's headers before the batch ran
 	outgrown func()
 	status   int
 	buf      []byte
@@ -189,6 +237,19 @@ func (w *idempotentWriter) passOn() {
 	_, _ = w.ResponseWriter.Write(w.buf)
 	w.buf = nil
 	w.outgrown()
+}
+
+// header returns the headers the batch set on its answer. Those set before
+// it ran, the handlers before it set again on a replay; Content-Length
+// and Idempotent-Stored are the replay's own.
+func (w *idempotentWriter) header() http.Header {
+	set := http.Header{}
+	for k, v := range w.Header() {
+		if k != "Content-Length" && k != "Idempotent-Stored" && !slices.Equal(v, w.before[k]) {
+			set[k] = v
+		}
+	}
+	return set
 }
 
 // send writes the answer held, saying whether it was stored.

@@ -2,6 +2,9 @@ package batch
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -238,6 +242,80 @@ func TestIdempotentAnswerMemoryBounded(t *testing.T) {
 	}
 }
 
+// A batch that did not run to its end is not kept: the client that left
+// mid-batch, or one whose batch timed out, runs it whole on its retry.
+func TestIdempotencyCutBatchIsNotStored(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, ""))
+	batch := `[{"method":"POST","path":"/users","body":{"name":"Cut"}},{"path":"/slow?d=300ms&id=cut"},{"path":"/health"},{"path":"/health"}]`
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/batch", strings.NewReader(batch))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer alice")
+		req.Header.Set("Idempotency-Key", "cut")
+		if resp, err := client.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	waitFor(t, "the slow operation to start", func() bool { return slices.Contains(be.eventLog(), "start cut") })
+	cancel()
+	<-done
+
+	// The retry waits for the batch it cut off to end.
+	status, hdr, first := post(t, base+"/batch", batch, alice, "Idempotency-Key: cut")
+	if status != 200 || hdr.Get("Idempotent-Replayed") != "" || hdr.Get("Idempotent-Stored") != "true" {
+		t.Fatalf("retry: %d, Idempotent-Replayed %q, Idempotent-Stored %q: %s", status, hdr.Get("Idempotent-Replayed"), hdr.Get("Idempotent-Stored"), first)
+	}
+	for i, r := range mustJSON(t, first).Array() {
+		if r.Get("status").Int() >= 300 {
+			t.Errorf("retry: result %d: %s", i, r.Raw)
+		}
+	}
+	if _, hdr, again := post(t, base+"/batch", batch, alice, "Idempotency-Key: cut"); again != first || hdr.Get("Idempotent-Replayed") != "true" {
+		t.Errorf("the whole answer is not the one kept: %q %s", hdr.Get("Idempotent-Replayed"), again)
+	}
+
+	base = startCaddy(t, proxySite(be, "{\n\t\ttimeout 100ms\n\t}"))
+	for i := range 2 {
+		status, hdr, body := post(t, base+"/batch", `[{"path":"/slow?d=2s"}]`, alice, "Idempotency-Key: late")
+		if status != 200 || mustJSON(t, body).Get("0.status").Int() != 504 || hdr.Get("Idempotent-Stored") != "false" || hdr.Get("Idempotent-Replayed") != "" {
+			t.Errorf("timed out batch, try %d: %d, Idempotent-Stored %q, Idempotent-Replayed %q: %s", i, status, hdr.Get("Idempotent-Stored"), hdr.Get("Idempotent-Replayed"), body)
+		}
+	}
+}
+
+// A replay repeats the headers of the answer it replays: an NDJSON answer
+// stays NDJSON; an async one keeps its Location and Preference-Applied.
+func TestIdempotentReplayKeepsHeaders(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, ""))
+	batch := `[{"path":"/health"},{"path":"/health"}]`
+	_, hdr, first := post(t, base+"/batch", batch, alice, "Accept: application/x-ndjson", "Idempotency-Key: nd")
+	if hdr.Get("Content-Type") != "application/x-ndjson" || strings.Count(first, "\n") != 3 {
+		t.Fatalf("first answer: %q %s", hdr.Get("Content-Type"), first)
+	}
+	_, hdr, again := post(t, base+"/batch", batch, alice, "Accept: application/x-ndjson", "Idempotency-Key: nd")
+	if hdr.Get("Content-Type") != "application/x-ndjson" || again != first || hdr.Get("Idempotent-Replayed") != "true" {
+		t.Errorf("replay: %q %q %s, want %s", hdr.Get("Content-Type"), hdr.Get("Idempotent-Replayed"), again, first)
+	}
+
+	var locations []string
+	for range 2 {
+		status, hdr, body := post(t, base+"/batch", `[{"path":"/health"}]`, alice, "Prefer: respond-async", "Idempotency-Key: as")
+		if status != 202 || hdr.Get("Preference-Applied") != "respond-async" || hdr.Get("Content-Type") != "application/json" {
+			t.Errorf("async: %d, Preference-Applied %q, Content-Type %q: %s", status, hdr.Get("Preference-Applied"), hdr.Get("Content-Type"), body)
+		}
+		locations = append(locations, hdr.Get("Location"))
+	}
+	if locations[0] == "" || locations[1] != locations[0] {
+		t.Errorf("Location %q, then %q", locations[0], locations[1])
+	}
+	waitJob(t, base+locations[0], alice, "completed")
+}
+
 // A client that stops reading an answer too large to keep does not hold
 // the key: once the answer outgrows the bound, the key is released.
 func TestIdempotencyStalledReaderReleasesKey(t *testing.T) {
@@ -304,5 +382,28 @@ func TestMaxIdempotentSizeConfig(t *testing.T) {
 	h = Handler{}
 	if err := h.Provision(ctx); err != nil || h.MaxIdempotentSize != 1<<20 {
 		t.Errorf("default %d, %v", h.MaxIdempotentSize, err)
+	}
+}
+
+// Records written before headers were kept still replay.
+func TestIdempotentReplaysEarlierRecords(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddyIn(t, storage, proxySite(be, ""))
+	batch := `[{"path":"/health"}]`
+	post(t, base+"/batch", batch, alice, "Idempotency-Key: k")
+	files := answerFiles(t, storage)
+	if len(files) != 1 {
+		t.Fatalf("%d answers stored", len(files))
+	}
+	sum := sha256.Sum256([]byte(batch))
+	old, _ := json.Marshal(map[string]any{"body_hash": hex.EncodeToString(sum[:]), "status": 200,
+		"body": []byte(`[{"id":"0","status":200}]`), "expires_at": time.Now().Add(time.Hour)})
+	if err := os.WriteFile(files[0], old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, hdr, body := post(t, base+"/batch", batch, alice, "Idempotency-Key: k")
+	if body != `[{"id":"0","status":200}]` || hdr.Get("Content-Type") != "application/json" || hdr.Get("Idempotent-Replayed") != "true" {
+		t.Errorf("earlier record: %q %q %s", hdr.Get("Content-Type"), hdr.Get("Idempotent-Replayed"), body)
 	}
 }
