@@ -111,6 +111,8 @@ type Handler struct {
 	pool     *jobPool
 	keyLocks *keyLocks
 	metrics  *metrics
+	// stopSweeping ends the sweep of expired idempotent answers.
+	stopSweeping func()
 
 	// storage holds async jobs and idempotent answers; it is looked up on
 	// first use, as a context without a config (unit tests) has none.
@@ -210,6 +212,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("async: %w", err)
 		}
 	}
+	// Idempotent answers are kept with or without async.
+	h.startSweeping(ctx)
 	return nil
 }
 
@@ -244,9 +248,13 @@ func (h *Handler) provisionAsync(ctx caddy.Context) error {
 	return nil
 }
 
-// Cleanup releases this config's hold on the async job pool; running jobs
-// go on as long as a config holds it.
+// Cleanup stops the sweep of idempotent answers and releases this config's
+// hold on the async job pool; running jobs go on as long as a config holds
+// it.
 func (h *Handler) Cleanup() error {
+	if h.stopSweeping != nil {
+		h.stopSweeping()
+	}
 	if h.pool != nil {
 		_, err := pools.Delete(poolKey)
 		return err

@@ -16,7 +16,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 )
 
@@ -180,6 +182,104 @@ func (h *Handler) loadAnswer(ctx context.Context, name string) (idempotentAnswer
 	return decodeAnswer(buf)
 }
 
+// startSweeping deletes expired answers until ctx ends or Cleanup stops
+// it: at once, as configs may be reloaded more often than a sweep comes,
+// then every quarter of the retention (1s to 1h).
+func (h *Handler) startSweeping(ctx caddy.Context) {
+	sweepCtx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s := configStorage(ctx)
+		if s == nil {
+			return
+		}
+		tick := time.NewTicker(min(max(h.retention()/4, time.Second), time.Hour))
+		defer tick.Stop()
+		for {
+			h.deleteExpiredAnswers(sweepCtx, s)
+			select {
+			case <-sweepCtx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	// Caddy cleans up a handler that fails validation before it ends the
+	// context; the wait lets no sweep outlive its config.
+	h.stopSweeping = func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(storageTimeout):
+		}
+	}
+}
+
+// configStorage returns ctx's storage, or nil when ctx has no config (a
+// handler provisioned by hand in unit tests): Storage then panics, and
+// caddy.Context tells it no other way.
+func configStorage(ctx caddy.Context) (s certmagic.Storage) {
+	defer func() { _ = recover() }()
+	return ctx.Storage()
+}
+
+func (h *Handler) deleteExpiredAnswers(ctx context.Context, s certmagic.Storage) {
+	names, err := s.List(ctx, idempotencyPrefix, false)
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			h.logger.Warn("listing idempotent answers", zap.Error(err))
+		}
+		return
+	}
+	retention := h.retention()
+	for _, name := range names {
+		if ctx.Err() != nil {
+			return
+		}
+		// Stat spares loading what was written within the retention; one a
+		// shorter retention stored waits for a later sweep (it is not
+		// replayed once expired).
+		if info, err := s.Stat(ctx, name); err == nil && now().Sub(info.Modified) < retention {
+			continue
+		}
+		h.deleteIfExpired(ctx, s, name)
+	}
+}
+
+// deleteIfExpired deletes the answer at name if it has expired or cannot
+// be read. It holds the key's locks, as a request may be replacing the
+// answer; a key in use is left to a later sweep.
+func (h *Handler) deleteIfExpired(ctx context.Context, s certmagic.Storage, name string) {
+	unlock, ok := h.keyLocks.tryLock(name)
+	if !ok {
+		return
+	}
+	defer unlock()
+	lockCtx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	if err := s.Lock(lockCtx, name); err != nil {
+		return
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
+		defer cancel()
+		if err := s.Unlock(ctx, name); err != nil {
+			h.logger.Error("unlocking idempotency key", zap.Error(err))
+		}
+	}()
+	buf, err := s.Load(ctx, name)
+	if err != nil {
+		return
+	}
+	if ans, err := decodeAnswer(buf); err == nil && now().Before(ans.ExpiresAt) {
+		return
+	}
+	if err := s.Delete(ctx, name); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		h.logger.Warn("deleting expired idempotent answer", zap.Error(err))
+	}
+}
+
 // retention is how long jobs and idempotent answers are kept.
 func (h *Handler) retention() time.Duration {
 	if h.Async != nil {
@@ -308,9 +408,27 @@ type keyLock struct {
 	refs int
 }
 
+// tryLock locks name unless it is locked, and returns its unlock.
+func (k *keyLocks) tryLock(name string) (unlock func(), ok bool) {
+	l := k.ref(name)
+	if !l.TryLock() {
+		k.unref(name, l)
+		return nil, false
+	}
+	return func() { l.Unlock(); k.unref(name, l) }, true
+}
+
 // lock locks name and returns its unlock.
 func (k *keyLocks) lock(name string) (unlock func()) {
+	l := k.ref(name)
+	l.Lock()
+	return func() { l.Unlock(); k.unref(name, l) }
+}
+
+// ref returns the lock of name, counting a user.
+func (k *keyLocks) ref(name string) *keyLock {
 	k.mu.Lock()
+	defer k.mu.Unlock()
 	if k.m == nil {
 		k.m = map[string]*keyLock{}
 	}
@@ -320,14 +438,14 @@ func (k *keyLocks) lock(name string) (unlock func()) {
 		k.m[name] = l
 	}
 	l.refs++
-	k.mu.Unlock()
-	l.Lock()
-	return func() {
-		l.Unlock()
-		k.mu.Lock()
-		if l.refs--; l.refs == 0 {
-			delete(k.m, name)
-		}
-		k.mu.Unlock()
+	return l
+}
+
+// unref drops a user of l, and l with the last.
+func (k *keyLocks) unref(name string, l *keyLock) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if l.refs--; l.refs == 0 {
+		delete(k.m, name)
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -105,6 +106,17 @@ func TestIdempotencyAcrossInstances(t *testing.T) {
 	}
 }
 
+// skewClock makes now() run ahead by what the returned func is given. Call
+// it before starting Caddy: its cleanup then puts the clock back after
+// Caddy stopped, so that no goroutine reads now while it is replaced.
+func skewClock(t *testing.T) (ahead func(time.Duration)) {
+	t.Helper()
+	var skew atomic.Int64
+	now = func() time.Time { return time.Now().Add(time.Duration(skew.Load())) }
+	t.Cleanup(func() { now = time.Now })
+	return func(d time.Duration) { skew.Store(int64(d)) }
+}
+
 // answerFiles lists the idempotent answers a file_system storage holds.
 func answerFiles(t *testing.T, storage string) []string {
 	t.Helper()
@@ -131,6 +143,54 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// Answers kept for an Idempotency-Key are deleted once expired, by a
+// handler without an async block too (retention 24h): a config sweeps
+// when it starts. The key then runs its batch again.
+func TestIdempotentAnswersExpire(t *testing.T) {
+	ahead := skewClock(t)
+	be := newBackend(t)
+	storage := t.TempDir()
+	site := proxySite(be, "")
+	base := startCaddyIn(t, storage, site)
+	batch := `[{"method":"POST","path":"/users","body":{"name":"Kept"}}]`
+	if status, _, body := post(t, base+"/batch", batch, alice, "Idempotency-Key: old"); status != 200 {
+		t.Fatalf("%d %s", status, body)
+	}
+	ahead(23 * time.Hour)
+	if status, _, body := post(t, base+"/batch", batch, alice, "Idempotency-Key: young"); status != 200 {
+		t.Fatalf("%d %s", status, body)
+	}
+	if n := len(answerFiles(t, storage)); n != 2 {
+		t.Fatalf("%d answers stored, want 2", n)
+	}
+
+	ahead(25 * time.Hour) // "old" expired an hour ago; "young" has 22 hours left
+	base = startCaddyIn(t, storage, site)
+	waitFor(t, "the expired answer to be swept", func() bool { return len(answerFiles(t, storage)) == 1 })
+	if _, hdr, _ := post(t, base+"/batch", batch, alice, "Idempotency-Key: young"); hdr.Get("Idempotent-Replayed") != "true" {
+		t.Error("the answer that has not expired is gone")
+	}
+	if _, hdr, _ := post(t, base+"/batch", batch, alice, "Idempotency-Key: old"); hdr.Get("Idempotent-Replayed") != "" || be.API.Len() != 3 {
+		t.Errorf("an expired key replayed (%q), or did not run (%d users)", hdr.Get("Idempotent-Replayed"), be.API.Len())
+	}
+}
+
+// The sweep also comes back while the config runs.
+func TestIdempotentAnswersSweptPeriodically(t *testing.T) {
+	ahead := skewClock(t)
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddyIn(t, storage, proxySite(be, "{\n\t\tasync {\n\t\t\tretention 1s\n\t\t}\n\t}"))
+	if status, _, body := post(t, base+"/batch", `[{"path":"/health"}]`, alice, "Idempotency-Key: k"); status != 200 {
+		t.Fatalf("%d %s", status, body)
+	}
+	if n := len(answerFiles(t, storage)); n != 1 {
+		t.Fatalf("%d answers stored, want 1", n)
+	}
+	ahead(2 * time.Second)
+	waitFor(t, "the expired answer to be swept", func() bool { return len(answerFiles(t, storage)) == 0 })
 }
 
 // An answer larger than max_idempotent_size (default 1 MiB) is sent, whole,
