@@ -66,12 +66,18 @@ func (a idempotentAnswer) encode() ([]byte, error) {
 	return append(append(append(buf, line...), '\n'), body...), nil
 }
 
+// errBadRecord marks a record that cannot be replayed.
+var errBadRecord = errors.New("unreadable idempotent answer")
+
 // decodeAnswer reads a record that encode wrote, or an older one.
 func decodeAnswer(buf []byte) (idempotentAnswer, error) {
 	var a idempotentAnswer
 	line, body, found := bytes.Cut(buf, []byte{'\n'}) // json.Marshal writes none
 	if err := json.Unmarshal(line, &a); err != nil {
-		return a, err
+		return a, fmt.Errorf("%w: %w", errBadRecord, err)
+	}
+	if a.BodyHash == "" || a.Status < 200 || a.Status > 599 {
+		return a, fmt.Errorf("%w: no body hash or status", errBadRecord)
 	}
 	if found {
 		a.Body = body
@@ -122,6 +128,10 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 		w.WriteHeader(prev.Status)
 		_, _ = w.Write(prev.Body)
 		return nil
+	case errors.Is(err, errBadRecord):
+		// Refusing the key would refuse it until the record is swept; this
+		// batch's answer replaces it.
+		h.logger.Error("running a batch again over an unreadable idempotent answer", zap.String("record", name), zap.Error(err))
 	case err != nil && !errors.Is(err, fs.ErrNotExist):
 		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("loading idempotent answer: %w", err))
 	}

@@ -376,6 +376,36 @@ func TestIdempotentReplayKeepsHeaders(t *testing.T) {
 	waitJob(t, base+locations[0], alice, "completed")
 }
 
+// A record that cannot be read, or replayed, does not lock its key out
+// for good: the batch runs again and its answer replaces the record.
+func TestIdempotentRecordUndecodable(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddyIn(t, storage, proxySite(be, ""))
+	batch := `[{"method":"POST","path":"/users","body":{"name":"Again"}}]`
+	post(t, base+"/batch", batch, alice, "Idempotency-Key: k")
+	files := answerFiles(t, storage)
+	if len(files) != 1 {
+		t.Fatalf("%d answers stored", len(files))
+	}
+	sum := sha256.Sum256([]byte(batch))
+	for i, broken := range []string{
+		`{"body_hash":`,
+		`{"body_hash":"` + hex.EncodeToString(sum[:]) + `","status":0,"expires_at":"2999-01-01T00:00:00Z"}` + "\n",
+	} {
+		if err := os.WriteFile(files[0], []byte(broken), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		status, hdr, first := post(t, base+"/batch", batch, alice, "Idempotency-Key: k")
+		if status != 200 || hdr.Get("Idempotent-Replayed") != "" || be.API.Len() != i+2 {
+			t.Fatalf("over %s: %d %q (%d users): %s", broken, status, hdr.Get("Idempotent-Replayed"), be.API.Len(), first)
+		}
+		if _, hdr, again := post(t, base+"/batch", batch, alice, "Idempotency-Key: k"); again != first || hdr.Get("Idempotent-Replayed") != "true" {
+			t.Errorf("replay: %q %s, want %s", hdr.Get("Idempotent-Replayed"), again, first)
+		}
+	}
+}
+
 // A client that stops reading an answer too large to keep does not hold
 // the key: once the answer outgrows the bound, the key is released.
 func TestIdempotencyStalledReaderReleasesKey(t *testing.T) {
