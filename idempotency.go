@@ -106,9 +106,12 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 	bodyHash := hex.EncodeToString(sum[:])
 
 	// The locks make concurrent repeats wait for the first: in this process
-	// on a mutex, which wakes at once, and across instances on storage's.
+	// on a lock that wakes at once, and across instances on storage's.
 	hold, err := h.holdKey(r.Context(), name)
 	if err != nil {
+		if r.Context().Err() != nil {
+			return nil // the client left while it waited
+		}
 		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("locking idempotency key: %w", err))
 	}
 	defer hold.release()
@@ -389,7 +392,10 @@ type keyHold struct {
 }
 
 func (h *Handler) holdKey(ctx context.Context, name string) (*keyHold, error) {
-	unlock := h.keyLocks.lock(name)
+	unlock, err := h.keyLocks.lock(ctx, name)
+	if err != nil {
+		return nil, err
+	}
 	if err := h.store().Lock(ctx, name); err != nil {
 		unlock()
 		return nil, err
@@ -407,32 +413,41 @@ func (h *Handler) holdKey(ctx context.Context, name string) (*keyHold, error) {
 // release lets go of the key; it may be called again.
 func (k *keyHold) release() { k.once.Do(k.unlock) }
 
-// keyLocks are in-process mutexes by name, dropped when unused.
+// keyLocks are in-process locks by name, dropped when unused. Waiting for
+// one ends with the waiter's context: a client that leaves while another
+// holds its key stops waiting, and holds nothing.
 type keyLocks struct {
 	mu sync.Mutex
 	m  map[string]*keyLock
 }
 
 type keyLock struct {
-	sync.Mutex
+	held chan struct{} // holds a token while locked; waiters queue in order
 	refs int
+}
+
+// lock locks name, or fails when ctx ends first, and returns its unlock.
+func (k *keyLocks) lock(ctx context.Context, name string) (unlock func(), err error) {
+	l := k.ref(name)
+	select {
+	case l.held <- struct{}{}:
+		return func() { <-l.held; k.unref(name, l) }, nil
+	case <-ctx.Done():
+		k.unref(name, l)
+		return nil, ctx.Err()
+	}
 }
 
 // tryLock locks name unless it is locked, and returns its unlock.
 func (k *keyLocks) tryLock(name string) (unlock func(), ok bool) {
 	l := k.ref(name)
-	if !l.TryLock() {
+	select {
+	case l.held <- struct{}{}:
+		return func() { <-l.held; k.unref(name, l) }, true
+	default:
 		k.unref(name, l)
 		return nil, false
 	}
-	return func() { l.Unlock(); k.unref(name, l) }, true
-}
-
-// lock locks name and returns its unlock.
-func (k *keyLocks) lock(name string) (unlock func()) {
-	l := k.ref(name)
-	l.Lock()
-	return func() { l.Unlock(); k.unref(name, l) }
 }
 
 // ref returns the lock of name, counting a user.
@@ -444,7 +459,7 @@ func (k *keyLocks) ref(name string) *keyLock {
 	}
 	l := k.m[name]
 	if l == nil {
-		l = new(keyLock)
+		l = &keyLock{held: make(chan struct{}, 1)}
 		k.m[name] = l
 	}
 	l.refs++

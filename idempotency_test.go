@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -441,6 +442,49 @@ func TestIdempotencyStalledReaderReleasesKey(t *testing.T) {
 	if resp.StatusCode != 200 || c.succeeded != 8 || resp.Header.Get("Idempotent-Stored") != "false" {
 		t.Errorf("%d, %d succeeded, Idempotent-Stored %q", resp.StatusCode, c.succeeded, resp.Header.Get("Idempotent-Stored"))
 	}
+}
+
+// Clients waiting for a key that leave stop waiting: they hold nothing
+// while the batch with the key runs on.
+func TestIdempotencyWaitersLeave(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, ""))
+	batch := `[{"path":"/slow?d=10s&id=hold"}]`
+	send := func(ctx context.Context, c *http.Client) {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/batch", strings.NewReader(batch))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Authorization", "Bearer alice")
+		req.Header.Set("Idempotency-Key", "hold")
+		if resp, err := c.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}
+	holder, stopHolder := context.WithCancel(context.Background())
+	held := make(chan struct{})
+	go func() { defer close(held); send(holder, client) }()
+	t.Cleanup(func() { stopHolder(); <-held })
+	waitFor(t, "the batch to start", func() bool { return slices.Contains(be.eventLog(), "start hold") })
+
+	const waiters = 20
+	base0 := runtime.NumGoroutine()
+	ctx, leave := context.WithCancel(context.Background())
+	oneShot := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	var wg sync.WaitGroup
+	for range waiters {
+		wg.Go(func() { send(ctx, oneShot) })
+	}
+	// Each waiter is 5 goroutines: its client's request, read and write
+	// loops, and the server's connection and background read, which starts
+	// once the handler has read the body.
+	waitFor(t, "the waiters to arrive", func() bool { return runtime.NumGoroutine() >= base0+5*waiters-5 })
+	leave()
+	wg.Wait()
+	waitFor(t, "the waiters to be gone", func() bool {
+		if slices.Contains(be.eventLog(), "end hold") {
+			t.Fatal("the waiters were held until the batch with the key ended")
+		}
+		return runtime.NumGoroutine() <= base0+waiters/4
+	})
 }
 
 // max_idempotent_size takes a size, like the other bounds, and must be
