@@ -68,6 +68,7 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //		max_body_size     <size>
 //		max_response_size <size>
 //		max_reference_size <size>
+//		max_idempotent_size <size>
 //		timeout           <duration>
 //		op_timeout        <duration>
 //		methods           <method...>
@@ -108,6 +109,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return sizeArg(d, &h.MaxResponseSize)
 		case "max_reference_size":
 			return sizeArg(d, &h.MaxReferenceSize)
+		case "max_idempotent_size":
+			return sizeArg(d, &h.MaxIdempotentSize)
 		case "timeout":
 			return durationArg(d, &h.Timeout)
 		case "op_timeout":

@@ -232,7 +232,7 @@ func TestProvisionDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := `{"mode":"sequential","concurrency":10,"atomicity":"none","max_ops":100,"max_body_size":10485760,
-		"max_response_size":10485760,"max_reference_size":10485760,"timeout":60000000000,"op_timeout":30000000000}`
+		"max_response_size":10485760,"max_reference_size":10485760,"max_idempotent_size":1048576,"timeout":60000000000,"op_timeout":30000000000}`
 	if got := cfJSON(t, &h); !cfSameJSON(t, got, want) {
 		t.Errorf("defaults:\ngot  %s\nwant %s", got, want)
 	}

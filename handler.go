@@ -98,6 +98,13 @@ type Handler struct {
 	// Default: 0.
 	Retry429 int `json:"retry_429,omitempty"`
 
+	// The largest answer kept, in bytes, for a batch sent with an
+	// Idempotency-Key. The answer is held in memory up to this size and
+	// stored before it is sent; a larger one is sent as it comes, with
+	// "Idempotent-Stored: false", and nothing is stored: the same key runs
+	// the batch again. Must be positive. Default: 1 MiB.
+	MaxIdempotentSize int64 `json:"max_idempotent_size,omitempty"`
+
 	// Enables asynchronous batches. Default: off.
 	Async *AsyncConfig `json:"async,omitempty"`
 
@@ -110,6 +117,8 @@ type Handler struct {
 	pool     *jobPool
 	keyLocks *keyLocks
 	metrics  *metrics
+	// stopSweeping ends the sweep of expired idempotent answers.
+	stopSweeping func()
 
 	// storage holds async jobs and idempotent answers; it is looked up on
 	// first use, as a context without a config (unit tests) has none.
@@ -166,6 +175,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.OpTimeout == 0 {
 		h.OpTimeout = caddy.Duration(defaultOpTimeout)
 	}
+	if h.MaxIdempotentSize == 0 {
+		h.MaxIdempotentSize = defaultMaxIdempotentSize
+	}
 	methods := h.Methods
 	if len(methods) == 0 {
 		methods = defaultMethods
@@ -209,6 +221,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("async: %w", err)
 		}
 	}
+	// Idempotent answers are kept with or without async.
+	h.startSweeping(ctx)
 	return nil
 }
 
@@ -243,9 +257,13 @@ func (h *Handler) provisionAsync(ctx caddy.Context) error {
 	return nil
 }
 
-// Cleanup releases this config's hold on the async job pool; running jobs
-// go on as long as a config holds it.
+// Cleanup stops the sweep of idempotent answers and releases this config's
+// hold on the async job pool; running jobs go on as long as a config holds
+// it.
 func (h *Handler) Cleanup() error {
+	if h.stopSweeping != nil {
+		h.stopSweeping()
+	}
 	if h.pool != nil {
 		_, err := pools.Delete(poolKey)
 		return err
@@ -276,6 +294,8 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("max_response_size must be positive, got %d", h.MaxResponseSize)
 	case h.MaxReferenceSize < 1:
 		return fmt.Errorf("max_reference_size must be positive, got %d", h.MaxReferenceSize)
+	case h.MaxIdempotentSize < 1:
+		return fmt.Errorf("max_idempotent_size must be positive, got %d", h.MaxIdempotentSize)
 	case h.Timeout < 0 || h.OpTimeout < 0:
 		return errors.New("timeout and op_timeout must be positive")
 	case h.Retry429 < 0:

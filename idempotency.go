@@ -11,10 +11,14 @@ import (
 	"io/fs"
 	"net/http"
 	"path"
+	"slices"
+	"strconv"
 	"sync"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 )
 
@@ -22,19 +26,69 @@ import (
 // body within the retention replays the stored answer; with another body
 // it is refused (422). Keys belong to an owner, as async jobs do, and live
 // in Caddy's storage under its lock, so that this holds across instances.
+//
+// An answer is held in memory up to max_idempotent_size and stored before
+// the client gets it, so that a slow reader holds up no one waiting for the
+// key; a larger one is passed on as it comes, and nothing is stored.
 
 const (
-	idempotencyPrefix = "batch/idempotency"
-	maxIdempotencyKey = 255
+	idempotencyPrefix        = "batch/idempotency"
+	maxIdempotencyKey        = 255
+	defaultMaxIdempotentSize = 1 << 20
+	// storageTimeout bounds a storage call made while the key is held and
+	// the client may have left.
+	storageTimeout = 10 * time.Second
 )
 
-// idempotentAnswer is what storage keeps of a batch sent with a key.
+// idempotentAnswer is what storage keeps of a batch sent with a key: this
+// as one line of JSON, then the answer's body.
 type idempotentAnswer struct {
-	BodyHash  string    `json:"body_hash"`
-	Status    int       `json:"status"`
-	Location  string    `json:"location,omitempty"`
-	Body      []byte    `json:"body"`
-	ExpiresAt time.Time `json:"expires_at"`
+	BodyHash string `json:"body_hash"`
+	Status   int    `json:"status"`
+	// Header holds the headers the batch set on its answer.
+	Header    http.Header `json:"header,omitempty"`
+	ExpiresAt time.Time   `json:"expires_at"`
+	// Records written before the body followed the line held it here
+	// (base64), and of the headers only the Location.
+	Location string `json:"location,omitempty"`
+	Body     []byte `json:"body,omitempty"`
+}
+
+// encode returns the record storage keeps.
+func (a idempotentAnswer) encode() ([]byte, error) {
+	body := a.Body
+	a.Body = nil
+	line, err := json.Marshal(a)
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, 0, len(line)+1+len(body))
+	return append(append(append(buf, line...), '\n'), body...), nil
+}
+
+// errBadRecord marks a record that cannot be replayed.
+var errBadRecord = errors.New("unreadable idempotent answer")
+
+// decodeAnswer reads a record that encode wrote, or an older one.
+func decodeAnswer(buf []byte) (idempotentAnswer, error) {
+	var a idempotentAnswer
+	line, body, found := bytes.Cut(buf, []byte{'\n'}) // json.Marshal writes none
+	if err := json.Unmarshal(line, &a); err != nil {
+		return a, fmt.Errorf("%w: %w", errBadRecord, err)
+	}
+	if a.BodyHash == "" || a.Status < 200 || a.Status > 599 {
+		return a, fmt.Errorf("%w: no body hash or status", errBadRecord)
+	}
+	if found {
+		a.Body = body
+	} else if a.Header == nil {
+		// Older records were all JSON.
+		a.Header = http.Header{"Content-Type": {"application/json"}}
+		if a.Location != "" {
+			a.Header.Set("Location", a.Location)
+		}
+	}
+	return a, nil
 }
 
 // serveIdempotent runs a valid batch sent with an Idempotency-Key once.
@@ -52,67 +106,191 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 	bodyHash := hex.EncodeToString(sum[:])
 
 	// The locks make concurrent repeats wait for the first: in this process
-	// on a mutex, which wakes at once, and across instances on storage's.
-	unlock := h.keyLocks.lock(name)
-	defer unlock()
-	if err := h.store().Lock(r.Context(), name); err != nil {
+	// on a lock that wakes at once, and across instances on storage's.
+	hold, err := h.holdKey(r.Context(), name)
+	if err != nil {
+		if r.Context().Err() != nil {
+			return nil // the client left while it waited
+		}
 		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("locking idempotency key: %w", err))
 	}
-	defer func() {
-		if err := h.store().Unlock(context.WithoutCancel(r.Context()), name); err != nil {
-			h.logger.Error("unlocking idempotency key", zap.Error(err))
-		}
-	}()
+	defer hold.release()
 
 	prev, err := h.loadAnswer(r.Context(), name)
 	switch {
 	case err == nil && now().Before(prev.ExpiresAt):
+		hold.release() // a slow reader of the replay holds up nobody
 		if prev.BodyHash != bodyHash {
 			return writeError(w, http.StatusUnprocessableEntity, "Idempotency-Key was already used with a different batch")
 		}
-		if prev.Location != "" {
-			w.Header().Set("Location", prev.Location)
+		for k, v := range prev.Header {
+			w.Header()[k] = v
 		}
 		w.Header().Set("Idempotent-Replayed", "true")
-		writeJSON(w, prev.Status, prev.Body)
+		w.Header().Set("Content-Length", strconv.Itoa(len(prev.Body)))
+		w.WriteHeader(prev.Status)
+		_, _ = w.Write(prev.Body)
 		return nil
+	case errors.Is(err, errBadRecord):
+		// Refusing the key would refuse it until the record is swept; this
+		// batch's answer replaces it.
+		h.logger.Error("running a batch again over an unreadable idempotent answer", zap.String("record", name), zap.Error(err))
 	case err != nil && !errors.Is(err, fs.ErrNotExist):
 		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("loading idempotent answer: %w", err))
 	}
 
-	// The answer is kept whole to be stored: an idempotent batch is not
-	// streamed to storage, but it is to the client.
-	cw := &captureWriter{ResponseWriter: w}
+	iw := &idempotentWriter{ResponseWriter: w, limit: int(h.MaxIdempotentSize), before: w.Header().Clone(), outgrown: hold.release}
+	// Only an answer that says what the batch did is kept: a job that was
+	// queued, or a batch none of whose operations its end (client gone,
+	// timeout, shutdown) cut off. Any other leaves the key free for a retry
+	// to run the batch whole.
+	var ran bool
 	if b.async || h.Async != nil && wantsAsync(r) {
-		err = h.submit(cw, r, next, b)
+		err = h.submit(iw, r, next, b)
+		ran = iw.status == http.StatusAccepted
 	} else {
-		_, err = h.run(cw, r, next, b)
+		var sum summary
+		sum, err = h.run(iw, r, next, b)
+		ran = iw.status == http.StatusOK && sum.cut == 0
 	}
-	if err != nil {
+	if iw.passed {
 		return err
 	}
-	ans := idempotentAnswer{
+	stored := err == nil && ran && h.storeAnswer(r.Context(), name, idempotentAnswer{
 		BodyHash:  bodyHash,
-		Status:    cw.status,
-		Location:  w.Header().Get("Location"),
-		Body:      cw.body.Bytes(),
+		Status:    iw.status,
+		Header:    iw.header(),
+		Body:      iw.buf,
 		ExpiresAt: now().Add(h.retention()),
+	})
+	// Stored before it is sent: the key is not held while the client reads.
+	hold.release()
+	if iw.status != 0 {
+		iw.send(stored)
 	}
-	if buf, err := json.Marshal(ans); err != nil {
+	return err
+}
+
+// storeAnswer keeps an answer for its key, and reports whether it did.
+func (h *Handler) storeAnswer(ctx context.Context, name string, ans idempotentAnswer) bool {
+	buf, err := ans.encode()
+	if err != nil {
 		h.logger.Error("encoding idempotent answer", zap.Error(err))
-	} else if err := h.store().Store(context.WithoutCancel(r.Context()), name, buf); err != nil {
-		h.logger.Error("storing idempotent answer", zap.Error(err))
+		return false
 	}
-	return nil
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
+	defer cancel()
+	if err := h.store().Store(ctx, name, buf); err != nil {
+		h.logger.Error("storing idempotent answer", zap.Error(err))
+		return false
+	}
+	return true
 }
 
 func (h *Handler) loadAnswer(ctx context.Context, name string) (idempotentAnswer, error) {
-	var ans idempotentAnswer
 	buf, err := h.store().Load(ctx, name)
 	if err != nil {
-		return ans, err
+		return idempotentAnswer{}, err
 	}
-	return ans, json.Unmarshal(buf, &ans)
+	return decodeAnswer(buf)
+}
+
+// startSweeping deletes expired answers until ctx ends or Cleanup stops
+// it: at once, as configs may be reloaded more often than a sweep comes,
+// then every quarter of the retention (1s to 1h).
+func (h *Handler) startSweeping(ctx caddy.Context) {
+	sweepCtx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		s := configStorage(ctx)
+		if s == nil {
+			return
+		}
+		tick := time.NewTicker(min(max(h.retention()/4, time.Second), time.Hour))
+		defer tick.Stop()
+		for {
+			h.deleteExpiredAnswers(sweepCtx, s)
+			select {
+			case <-sweepCtx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	// Caddy cleans up a handler that fails validation before it ends the
+	// context; the wait lets no sweep outlive its config.
+	h.stopSweeping = func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(storageTimeout):
+		}
+	}
+}
+
+// configStorage returns ctx's storage, or nil when ctx has no config (a
+// handler provisioned by hand in unit tests): Storage then panics, and
+// caddy.Context tells it no other way.
+func configStorage(ctx caddy.Context) (s certmagic.Storage) {
+	defer func() { _ = recover() }()
+	return ctx.Storage()
+}
+
+func (h *Handler) deleteExpiredAnswers(ctx context.Context, s certmagic.Storage) {
+	names, err := s.List(ctx, idempotencyPrefix, false)
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			h.logger.Warn("listing idempotent answers", zap.Error(err))
+		}
+		return
+	}
+	retention := h.retention()
+	for _, name := range names {
+		if ctx.Err() != nil {
+			return
+		}
+		// Stat spares loading what was written within the retention; one a
+		// shorter retention stored waits for a later sweep (it is not
+		// replayed once expired).
+		if info, err := s.Stat(ctx, name); err == nil && now().Sub(info.Modified) < retention {
+			continue
+		}
+		h.deleteIfExpired(ctx, s, name)
+	}
+}
+
+// deleteIfExpired deletes the answer at name if it has expired or cannot
+// be read. It holds the key's locks, as a request may be replacing the
+// answer; a key in use is left to a later sweep.
+func (h *Handler) deleteIfExpired(ctx context.Context, s certmagic.Storage, name string) {
+	unlock, ok := h.keyLocks.tryLock(name)
+	if !ok {
+		return
+	}
+	defer unlock()
+	lockCtx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	if err := s.Lock(lockCtx, name); err != nil {
+		return
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
+		defer cancel()
+		if err := s.Unlock(ctx, name); err != nil {
+			h.logger.Error("unlocking idempotency key", zap.Error(err))
+		}
+	}()
+	buf, err := s.Load(ctx, name)
+	if err != nil {
+		return
+	}
+	if ans, err := decodeAnswer(buf); err == nil && now().Before(ans.ExpiresAt) {
+		return
+	}
+	if err := s.Delete(ctx, name); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		h.logger.Warn("deleting expired idempotent answer", zap.Error(err))
+	}
 }
 
 // retention is how long jobs and idempotent answers are kept.
@@ -125,62 +303,174 @@ func (h *Handler) retention() time.Duration {
 
 const defaultRetention = 24 * time.Hour
 
-// captureWriter passes an answer to the client and keeps a copy of it.
-type captureWriter struct {
+// idempotentWriter holds an answer of up to limit bytes, to be stored
+// before the client gets it. One that outgrows limit is passed on as it
+// comes, with "Idempotent-Stored: false", and outgrown is called: as
+// nothing will be stored, the key is let go.
+type idempotentWriter struct {
 	http.ResponseWriter
-	status int
-	body   bytes.Buffer
+	limit    int
+	before   http.Header // the client's headers before the batch ran
+	outgrown func()
+	status   int
+	buf      []byte
+	passed   bool
 }
 
-func (w *captureWriter) WriteHeader(code int) {
-	if w.status == 0 {
+func (w *idempotentWriter) WriteHeader(code int) {
+	if w.status == 0 && code >= 200 {
 		w.status = code
 	}
-	w.ResponseWriter.WriteHeader(code)
 }
 
-func (w *captureWriter) Write(p []byte) (int, error) {
+func (w *idempotentWriter) Write(p []byte) (int, error) {
 	if w.status == 0 {
 		w.status = http.StatusOK
 	}
-	w.body.Write(p)
-	return w.ResponseWriter.Write(p)
+	if !w.passed && len(w.buf)+len(p) > w.limit {
+		w.passOn()
+	}
+	if w.passed {
+		return w.ResponseWriter.Write(p)
+	}
+	if len(w.buf)+len(p) > cap(w.buf) {
+		// Doubled as append would, but never past limit.
+		grown := make([]byte, len(w.buf), min(max(2*cap(w.buf), len(w.buf)+len(p)), w.limit))
+		copy(grown, w.buf)
+		w.buf = grown
+	}
+	w.buf = append(w.buf, p...)
+	return len(p), nil
+}
+
+func (w *idempotentWriter) passOn() {
+	w.passed = true
+	w.Header().Set("Idempotent-Stored", "false")
+	w.ResponseWriter.WriteHeader(w.status)
+	_, _ = w.ResponseWriter.Write(w.buf)
+	w.buf = nil
+	w.outgrown()
+}
+
+// header returns the headers the batch set on its answer. Those set before
+// it ran, the handlers before it set again on a replay; Content-Length
+// and Idempotent-Stored are the replay's own.
+func (w *idempotentWriter) header() http.Header {
+	set := http.Header{}
+	for k, v := range w.Header() {
+		if k != "Content-Length" && k != "Idempotent-Stored" && !slices.Equal(v, w.before[k]) {
+			set[k] = v
+		}
+	}
+	return set
+}
+
+// send writes the answer held, saying whether it was stored.
+func (w *idempotentWriter) send(stored bool) {
+	w.Header().Set("Idempotent-Stored", strconv.FormatBool(stored))
+	w.Header().Set("Content-Length", strconv.Itoa(len(w.buf)))
+	w.ResponseWriter.WriteHeader(w.status)
+	_, _ = w.ResponseWriter.Write(w.buf)
+}
+
+// FlushError flushes only an answer passed on: one held is sent whole.
+func (w *idempotentWriter) FlushError() error {
+	if !w.passed {
+		return nil
+	}
+	return http.NewResponseController(w.ResponseWriter).Flush()
 }
 
 // Unwrap lets http.ResponseController reach the client's writer.
-func (w *captureWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+func (w *idempotentWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// keyLocks are in-process mutexes by name, dropped when unused.
+// keyHold is a hold on one idempotency key: this process's lock on it,
+// then storage's.
+type keyHold struct {
+	once   sync.Once
+	unlock func()
+}
+
+func (h *Handler) holdKey(ctx context.Context, name string) (*keyHold, error) {
+	unlock, err := h.keyLocks.lock(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if err := h.store().Lock(ctx, name); err != nil {
+		unlock()
+		return nil, err
+	}
+	return &keyHold{unlock: func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
+		defer cancel()
+		if err := h.store().Unlock(ctx, name); err != nil {
+			h.logger.Error("unlocking idempotency key", zap.Error(err))
+		}
+		unlock()
+	}}, nil
+}
+
+// release lets go of the key; it may be called again.
+func (k *keyHold) release() { k.once.Do(k.unlock) }
+
+// keyLocks are in-process locks by name, dropped when unused. Waiting for
+// one ends with the waiter's context: a client that leaves while another
+// holds its key stops waiting, and holds nothing.
 type keyLocks struct {
 	mu sync.Mutex
 	m  map[string]*keyLock
 }
 
 type keyLock struct {
-	sync.Mutex
+	held chan struct{} // holds a token while locked; waiters queue in order
 	refs int
 }
 
-// lock locks name and returns its unlock.
-func (k *keyLocks) lock(name string) (unlock func()) {
+// lock locks name, or fails when ctx ends first, and returns its unlock.
+func (k *keyLocks) lock(ctx context.Context, name string) (unlock func(), err error) {
+	l := k.ref(name)
+	select {
+	case l.held <- struct{}{}:
+		return func() { <-l.held; k.unref(name, l) }, nil
+	case <-ctx.Done():
+		k.unref(name, l)
+		return nil, ctx.Err()
+	}
+}
+
+// tryLock locks name unless it is locked, and returns its unlock.
+func (k *keyLocks) tryLock(name string) (unlock func(), ok bool) {
+	l := k.ref(name)
+	select {
+	case l.held <- struct{}{}:
+		return func() { <-l.held; k.unref(name, l) }, true
+	default:
+		k.unref(name, l)
+		return nil, false
+	}
+}
+
+// ref returns the lock of name, counting a user.
+func (k *keyLocks) ref(name string) *keyLock {
 	k.mu.Lock()
+	defer k.mu.Unlock()
 	if k.m == nil {
 		k.m = map[string]*keyLock{}
 	}
 	l := k.m[name]
 	if l == nil {
-		l = new(keyLock)
+		l = &keyLock{held: make(chan struct{}, 1)}
 		k.m[name] = l
 	}
 	l.refs++
-	k.mu.Unlock()
-	l.Lock()
-	return func() {
-		l.Unlock()
-		k.mu.Lock()
-		if l.refs--; l.refs == 0 {
-			delete(k.m, name)
-		}
-		k.mu.Unlock()
+	return l
+}
+
+// unref drops a user of l, and l with the last.
+func (k *keyLocks) unref(name string, l *keyLock) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if l.refs--; l.refs == 0 {
+		delete(k.m, name)
 	}
 }
