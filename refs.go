@@ -431,32 +431,52 @@ func (rn *runner) resolve(op *operation) (*operation, error) {
 // header, say) and goes in as is. The whole target is checked again
 // afterwards.
 func (rn *runner) render(ps []piece, target bool) (string, error) {
-	var sb strings.Builder
+	// The values first, counted against the budget, then one allocation:
+	// grown by append, a large text would cost five times its size.
+	type part struct {
+		s string
+		b []byte // text as the answer has it, not copied
+	}
+	parts := make([]part, len(ps))
+	n := 0
 	inQuery := false
-	for _, p := range ps {
+	for i, p := range ps {
 		if p.ref == nil {
-			sb.WriteString(p.lit)
+			parts[i].s = p.lit
 			inQuery = inQuery || strings.Contains(p.lit, "?")
+			n += len(p.lit)
 			continue
 		}
 		v, err := rn.value(p.ref)
 		if err != nil {
 			return "", err
 		}
-		s := v.text()
-		switch {
-		case !target:
-		case sb.Len() == 0:
-			inQuery = strings.Contains(s, "?")
-		case inQuery:
-			s = url.QueryEscape(s)
-		default:
-			s = url.PathEscape(s)
+		if v.isText && !target {
+			parts[i].b = v.raw
+		} else {
+			s := v.text()
+			switch {
+			case !target:
+			case n == 0:
+				inQuery = strings.Contains(s, "?")
+			case inQuery:
+				s = url.QueryEscape(s)
+			default:
+				s = url.PathEscape(s)
+			}
+			parts[i].s = s
 		}
-		if err := rn.refs.add(len(s)); err != nil {
-			return "", err
+		m := len(parts[i].s) + len(parts[i].b)
+		if err := rn.refs.add(m); err != nil {
+			return "", err // before the next value is made
 		}
-		sb.WriteString(s)
+		n += m
+	}
+	var sb strings.Builder
+	sb.Grow(n)
+	for _, p := range parts {
+		sb.WriteString(p.s)
+		sb.Write(p.b)
 	}
 	return sb.String(), nil
 }
