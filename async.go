@@ -60,8 +60,12 @@ const (
 const (
 	jobsPrefix = "batch/jobs"
 	// resultsPerChunk results are stored together: a large job writes one
-	// key per chunk, never one growing blob.
+	// key per chunk, never one growing blob. Offsets map to chunks by
+	// count; a chunk whose results exceed partSize is stored in parts
+	// (results/NNNNNN, then NNNNNN.1, NNNNNN.2 …), so that neither a job
+	// nor a reader of its results holds more than one part.
 	resultsPerChunk = 100
+	partSize        = 1 << 20
 )
 
 // progress is what a client sees of a job.
@@ -95,8 +99,14 @@ func jobKey(id string, parts ...string) string {
 	return path.Join(append([]string{jobsPrefix, id}, parts...)...)
 }
 
-func chunkKey(id string, chunk int) string {
-	return jobKey(id, "results", fmt.Sprintf("%06d", chunk))
+// partKey is where part of a chunk of results is stored; part 0 has the
+// chunk's own key, as chunks had before they were split.
+func partKey(id string, chunk, part int) string {
+	k := fmt.Sprintf("%06d", chunk)
+	if part > 0 {
+		k += "." + strconv.Itoa(part)
+	}
+	return jobKey(id, "results", k)
 }
 
 // now is the clock; tests may move it.
@@ -321,25 +331,23 @@ func (j *job) watchCancel(ctx context.Context) (stop func()) {
 // cancelPoll is how often a running job looks for a cancel request.
 var cancelPoll = time.Second
 
-// storeSink writes a job's results to storage in chunks, and its progress
+// storeSink writes a job's results to storage in parts, and its progress
 // after each.
 type storeSink struct {
-	j     *job
-	ctx   context.Context
-	buf   []byte
-	n     int // results in buf
+	j   *job
+	ctx context.Context
+	buf []byte
+
+	inBuf int // results in buf
+	n     int // results of the chunk so far, in its stored parts and buf
 	chunk int
+	part  int // of the chunk, the next to store
 	err   error
 
 	lastProgress time.Time
 }
 
 func (s *storeSink) put(_ int, res *result, enc []byte) {
-	if s.n > 0 {
-		s.buf = append(s.buf, ',')
-	}
-	s.buf = append(s.buf, enc...)
-	s.n++
 	s.j.mu.Lock()
 	s.j.rec.Completed++
 	switch outcomeOf(res) {
@@ -351,21 +359,45 @@ func (s *storeSink) put(_ int, res *result, enc []byte) {
 		s.j.rec.Failed++
 	}
 	s.j.mu.Unlock()
+	if s.inBuf > 0 && len(s.buf)+1+len(enc) > partSize {
+		s.flush(false)
+	}
+	if s.inBuf > 0 {
+		s.buf = append(s.buf, ',')
+	}
+	s.buf = append(s.buf, enc...)
+	s.inBuf++
+	s.n++
 	if s.n == resultsPerChunk {
-		s.flush()
+		s.flush(true)
+	} else if len(s.buf) >= partSize {
+		s.flush(false)
 	}
 }
 
-func (s *storeSink) flush() {
-	if s.n == 0 {
-		return
+// flush stores the buffered results as the chunk's next part; end moves
+// on to the next chunk.
+func (s *storeSink) flush(end bool) {
+	if s.inBuf > 0 {
+		if err := s.j.h.storage.Store(s.ctx, partKey(s.j.rec.ID, s.chunk, s.part), s.buf); err != nil && s.err == nil {
+			s.err = err
+		}
+		s.inBuf = 0
+		s.part++
+		if cap(s.buf) > 2*partSize {
+			s.buf = nil // one large answer does not keep its buffer for the job's life
+		} else {
+			s.buf = s.buf[:0]
+		}
+		s.progress()
 	}
-	id := s.j.rec.ID
-	if err := s.j.h.storage.Store(s.ctx, chunkKey(id, s.chunk), s.buf); err != nil && s.err == nil {
-		s.err = err
+	if end {
+		s.chunk, s.part, s.n = s.chunk+1, 0, 0
 	}
-	s.chunk++
-	s.buf, s.n = s.buf[:0], 0
+}
+
+// progress records how far the job is, and tells the webhook if asked.
+func (s *storeSink) progress() {
 	t := now()
 	s.j.mu.Lock()
 	s.j.rec.UpdatedAt = &t
@@ -379,7 +411,7 @@ func (s *storeSink) flush() {
 	}
 }
 
-func (s *storeSink) close(summary) { s.flush() }
+func (s *storeSink) close(summary) { s.flush(true) }
 
 // ownerHash identifies who may see a job or replay an idempotent answer: a
 // hash of the owner placeholder evaluated on r, so that storage never holds
@@ -561,7 +593,7 @@ func (h *Handler) cancelJob(w http.ResponseWriter, r *http.Request, j *job, rec 
 // maxPageLimit bounds ?limit=; a larger page is answered in parts.
 const maxPageLimit = 10000
 
-// writeResults streams an ended job's results from storage, a chunk at a
+// writeResults streams an ended job's results from storage, a part at a
 // time: ?offset= and ?limit= page them.
 func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRecord) error {
 	q := r.URL.Query()
@@ -584,22 +616,29 @@ func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRe
 	_, _ = w.Write([]byte(`{"results":[`))
 	first := true
 	for c := offset / resultsPerChunk; c*resultsPerChunk < end; c++ {
-		buf, err := h.storage.Load(r.Context(), chunkKey(rec.ID, c))
-		if err != nil {
-			// The answer has begun: abort it rather than send a wrong one.
-			h.logger.Error("loading batch job results", zap.String("id", rec.ID), zap.Int("chunk", c), zap.Error(err))
-			panic(http.ErrAbortHandler)
-		}
-		i := c * resultsPerChunk
-		for _, item := range splitResults(buf) {
-			if i >= offset && i < end {
-				if !first {
-					_, _ = w.Write([]byte{','})
-				}
-				first = false
-				_, _ = w.Write(item)
+		i := c * resultsPerChunk // index of the next result read
+		last := min(i+resultsPerChunk, rec.Completed)
+		for part := 0; i < last && i < end; part++ {
+			buf, err := h.storage.Load(r.Context(), partKey(rec.ID, c, part))
+			if err == nil && len(buf) == 0 {
+				err = errors.New("empty part")
 			}
-			i++
+			if err != nil {
+				// The answer has begun: abort it rather than send a wrong one.
+				h.logger.Error("loading batch job results", zap.String("id", rec.ID),
+					zap.Int("chunk", c), zap.Int("part", part), zap.Error(err))
+				panic(http.ErrAbortHandler)
+			}
+			for _, item := range splitResults(buf) {
+				if i >= offset && i < end {
+					if !first {
+						_, _ = w.Write([]byte{','})
+					}
+					first = false
+					_, _ = w.Write(item)
+				}
+				i++
+			}
 		}
 	}
 	out := appendSummary([]byte("]"), summary{

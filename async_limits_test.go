@@ -1,0 +1,237 @@
+package batch
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/certmagic"
+)
+
+// Tests of issue #12 for async batches: what a client, a backend or a
+// failing storage can make a job hold, and for how long.
+
+func submitJob(t *testing.T, url, body string) string {
+	t.Helper()
+	status, _, resp := post(t, url, body, alice, "Prefer: respond-async")
+	if status != 202 {
+		t.Fatalf("submit: %d %s", status, resp)
+	}
+	return mustJSON(t, resp).Get("id").String()
+}
+
+// A job's results wait in memory until about 1 MiB, not until 100 of
+// them: 40 answers of 1 MB do not make a job hold 40 MB, and readers of
+// its results hold one stored part each, not a chunk of 100.
+func TestAsyncResultsFlushedBySize(t *testing.T) {
+	const n, size = 40, 1_000_000
+	payload := bytes.Repeat([]byte("x"), size-1000) // headers count too
+	var (
+		mu      sync.Mutex
+		on      bool
+		between []uint64 // live heap as each operation reaches the backend
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		if on {
+			between = append(between, liveHeap())
+		}
+		mu.Unlock()
+		w.Header().Set("Content-Type", "text/plain")
+		_, _ = w.Write(payload)
+	}))
+	t.Cleanup(srv.Close)
+	storage := t.TempDir()
+	base := startCaddyIn(t, storage, fmt.Sprintf(`
+	batch /batch /batch/* {
+		max_response_size 1MB
+		async {
+			workers 1
+		}
+	}
+	reverse_proxy %s`, srv.Listener.Addr()))
+
+	ops := "[" + strings.TrimSuffix(strings.Repeat(`{"path":"/blob"},`, n), ",") + "]"
+	waitJob(t, base+"/batch/"+submitJob(t, base+"/batch", `[{"path":"/blob"}]`), alice, "completed") // warm-up
+	before := liveHeap()
+	mu.Lock()
+	on = true
+	mu.Unlock()
+	id := submitJob(t, base+"/batch", ops)
+	p := waitJob(t, base+"/batch/"+id, alice, "completed")
+	mu.Lock()
+	on = false
+	samples := between
+	mu.Unlock()
+	if p.Get("succeeded").Int() != n || len(samples) != n {
+		t.Fatalf("job %s, %d samples", p.Raw, len(samples))
+	}
+	var peak int64
+	for _, s := range samples {
+		peak = max(peak, int64(s)-int64(before))
+	}
+	t.Logf("job of %d answers of %d bytes: live heap grew at most %.1f MiB", n, size, float64(peak)/(1<<20))
+	// One part (≤ 1 MiB plus one result), the answer being captured and
+	// its encoding: a few MB. Buffering 100 results would hold all 40.
+	if peak > 16<<20 {
+		t.Errorf("live heap grew %d MiB while the job ran", peak>>20)
+	}
+
+	// Stored parts are bounded, and a page may start inside any part.
+	var largest int64
+	_ = filepath.WalkDir(filepath.Join(storage, "batch", "jobs", id, "results"), func(_ string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			if fi, err := d.Info(); err == nil {
+				largest = max(largest, fi.Size())
+			}
+		}
+		return nil
+	})
+	if largest == 0 || largest > 1<<20+size+1000 {
+		t.Errorf("largest stored part: %d bytes", largest)
+	}
+	_, _, body := get(t, base+"/batch/"+id+"/results?offset=17&limit=3", alice)
+	page := mustJSON(t, body).Get("results").Array()
+	if len(page) != 3 || page[0].Get("id").String() != "17" || page[2].Get("id").String() != "19" {
+		t.Errorf("page 17+3: %.200s", body)
+	}
+
+	// Four readers each read half of the results, then stop reading: the
+	// handlers serving them hold what they have loaded.
+	const readers = 4
+	before = liveHeap()
+	var read, done sync.WaitGroup
+	release := make(chan struct{})
+	counts := make([]*resultCounter, readers)
+	for i := range readers {
+		read.Add(1)
+		done.Add(1)
+		go func() {
+			defer done.Done()
+			req, _ := http.NewRequest(http.MethodGet, base+"/batch/"+id+"/results", nil)
+			req.Header.Set("Authorization", "Bearer alice")
+			resp, err := client.Do(req)
+			if err != nil {
+				read.Done()
+				t.Error(err)
+				return
+			}
+			defer resp.Body.Close()
+			c := &resultCounter{}
+			counts[i] = c
+			_, err = io.CopyN(c, resp.Body, n*size/2)
+			read.Done()
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			<-release
+			_, _ = io.Copy(c, resp.Body)
+		}()
+	}
+	read.Wait()
+	var held int64
+	for range 3 {
+		held = max(held, int64(liveHeap())-int64(before))
+		time.Sleep(20 * time.Millisecond)
+	}
+	close(release)
+	done.Wait()
+	t.Logf("%d readers paused halfway: live heap grew %.1f MiB", readers, float64(held)/(1<<20))
+	if held > 24<<20 {
+		t.Errorf("%d paused readers hold %d MiB", readers, held>>20)
+	}
+	for i, c := range counts {
+		if c != nil && (c.results != n || c.last != '}') {
+			t.Errorf("reader %d: %d results, %d bytes", i, c.results, c.n)
+		}
+	}
+}
+
+// Results stored as one part per chunk (as before parts existed) still
+// read, whole and paged.
+func TestAsyncResultsOfSinglePartChunks(t *testing.T) {
+	storage := t.TempDir()
+	id := "0123456789abcdef0123456789abcdef"
+	sum := sha256.Sum256([]byte("caddy-batch owner\x00Bearer alice"))
+	created := time.Now()
+	rec, _ := json.Marshal(jobRecord{
+		progress: progress{ID: id, Status: jobCompleted, Total: 150, Completed: 150, Succeeded: 150,
+			CreatedAt: created, CompletedAt: &created},
+		Outcome: "completed", Owner: hex.EncodeToString(sum[:]), ExpiresAt: created.Add(time.Hour),
+	})
+	chunk := func(from, to int) []byte {
+		var items []string
+		for i := from; i < to; i++ {
+			items = append(items, fmt.Sprintf(`{"id":"%d","status":200,"body":{"n":[%d,"a,b]"]}}`, i, i))
+		}
+		return []byte(strings.Join(items, ","))
+	}
+	fsys := &certmagic.FileStorage{Path: storage}
+	for k, v := range map[string][]byte{
+		jobKey(id, "job"):               rec,
+		jobKey(id, "results", "000000"): chunk(0, 100),
+		jobKey(id, "results", "000001"): chunk(100, 150),
+	} {
+		if err := fsys.Store(context.Background(), k, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	base := startCaddyIn(t, storage, "batch /batch /batch/* {\n\tasync\n}\nrespond 404")
+	_, _, body := get(t, base+"/batch/"+id+"/results", alice)
+	all := mustJSON(t, body).Get("results").Array()
+	if len(all) != 150 || all[149].Get("id").String() != "149" || all[99].Get("body.n.1").String() != "a,b]" {
+		t.Fatalf("results: %d, %.300s", len(all), body)
+	}
+	_, _, body = get(t, base+"/batch/"+id+"/results?offset=98&limit=4", alice)
+	page := mustJSON(t, body).Get("results").Array()
+	if len(page) != 4 || page[0].Get("id").String() != "98" || page[3].Get("id").String() != "101" {
+		t.Errorf("page 98+4: %s", body)
+	}
+}
+
+// Pages across chunk and part boundaries of a job whose answers are of
+// mixed sizes read the same results as the whole.
+func TestAsyncResultsPagesAcrossParts(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, ""))
+	var ops []string
+	for i := range 230 {
+		if i%10 == 3 {
+			ops = append(ops, fmt.Sprintf(`{"id":"o%d","path":"/big?n=400000"}`, i))
+		} else {
+			ops = append(ops, fmt.Sprintf(`{"id":"o%d","path":"/health"}`, i))
+		}
+	}
+	id := submitJob(t, base+"/batch", "["+strings.Join(ops, ",")+"]")
+	waitJob(t, base+"/batch/"+id, alice, "completed")
+	_, _, body := get(t, base+"/batch/"+id+"/results", alice)
+	all := mustJSON(t, body).Get("results").Array()
+	if len(all) != 230 {
+		t.Fatalf("%d results", len(all))
+	}
+	for _, off := range []int{0, 2, 3, 4, 95, 99, 100, 101, 197, 225, 229, 230, 500} {
+		_, _, body := get(t, fmt.Sprintf("%s/batch/%s/results?offset=%d&limit=7", base, id, off), alice)
+		page := mustJSON(t, body).Get("results").Array()
+		if want := max(0, min(7, 230-off)); len(page) != want {
+			t.Fatalf("offset %d: %d results, want %d", off, len(page), want)
+		}
+		for k, r := range page {
+			if r.Raw != all[off+k].Raw {
+				t.Fatalf("offset %d, result %d: %.100s, want %.100s", off, k, r.Raw, all[off+k].Raw)
+			}
+		}
+	}
+}
