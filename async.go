@@ -11,6 +11,7 @@ import (
 	"io/fs"
 	"net/http"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -36,6 +37,15 @@ type AsyncConfig struct {
 	// a queue. The pool is shared by all batch handlers of the process and
 	// survives config reloads. Default: 4.
 	Workers int `json:"workers,omitempty"`
+
+	// How many jobs may wait for a worker in this process, at least 1; a
+	// batch sent when as many wait is answered 503 with Retry-After, and
+	// nothing of it is stored. Like workers, the limit is the process's:
+	// the config loaded last sets it. Default: as many as fit in 256 MiB,
+	// at least 1, a queued job holding its body and the batch parsed from
+	// it, up to 2 × max_body_size + 512 bytes × max_ops (12 jobs with the
+	// default limits).
+	MaxQueued int `json:"max_queued,omitempty"`
 
 	// What identifies the owner of a job: a placeholder evaluated on the
 	// submitting request and on every request for the job; only a request
@@ -66,7 +76,14 @@ const (
 	// nor a reader of its results holds more than one part.
 	resultsPerChunk = 100
 	partSize        = 1 << 20
+
+	// queueBudget is what the queued jobs may hold by default.
+	queueBudget = 256 << 20
 )
+
+// queuedCost bounds what a queued job holds: its body and the batch parsed
+// from it, measured at twice the body and ~340 bytes per operation.
+func queuedCost(maxBody int64, maxOps int) int64 { return 2*maxBody + 512*int64(maxOps) }
 
 // progress is what a client sees of a job.
 type progress struct {
@@ -138,49 +155,89 @@ func (j *job) save(ctx context.Context) error {
 	return j.h.storage.Store(ctx, jobKey(rec.ID, "job"), buf)
 }
 
-// jobPool runs the async jobs of the process, at most limit at once. It is
-// kept in a UsagePool, so that config reloads neither drop nor duplicate
-// jobs; it ends when the last config using it is unloaded.
+// jobPool runs the async jobs of the process, at most limit at once, with
+// at most maxQueued waiting. It is kept in a UsagePool, so that config
+// reloads neither drop nor duplicate jobs; it ends when the last config
+// using it is unloaded.
 type jobPool struct {
 	ctx    context.Context
 	cancel context.CancelCauseFunc
 
-	mu      sync.Mutex
-	cond    *sync.Cond
-	limit   int
-	running int
-	queue   []*job
-	jobs    map[string]*job // queued or running, by id
-	closed  bool
-	wg      sync.WaitGroup // running jobs and webhook deliveries
+	mu        sync.Mutex
+	cond      *sync.Cond
+	limit     int
+	maxQueued int
+	running   int
+	reserved  int // queue places held by jobs whose record is being stored
+	queue     []*job
+	jobs      map[string]*job // queued or running, by id
+	closed    bool
+	wg        sync.WaitGroup // running jobs and webhook deliveries
 }
 
 var pools = caddy.NewUsagePool()
 
 const poolKey = "batch.async"
 
+var (
+	errQueueFull  = errors.New("too many async batches are queued; try again later")
+	errPoolClosed = errors.New("async batches are shutting down; try again later")
+)
+
+// queueRetryAfter is the Retry-After, in seconds, of a job refused because
+// the queue is full: a guess, as how long queued jobs take is unknown.
+const queueRetryAfter = 10
+
 func newJobPool() *jobPool {
 	ctx, cancel := context.WithCancelCause(context.Background())
-	p := &jobPool{ctx: ctx, cancel: cancel, limit: 1, jobs: map[string]*job{}}
+	p := &jobPool{ctx: ctx, cancel: cancel, limit: 1, maxQueued: 1, jobs: map[string]*job{}}
 	p.cond = sync.NewCond(&p.mu)
 	go p.loop()
 	return p
 }
 
-// setLimit sets how many jobs run at once.
-func (p *jobPool) setLimit(n int) {
+// setLimits sets how many jobs run at once and how many may wait.
+func (p *jobPool) setLimits(workers, queued int) {
 	p.mu.Lock()
-	p.limit = n
+	p.limit, p.maxQueued = workers, queued
 	p.mu.Unlock()
 	p.cond.Broadcast()
 }
 
-func (p *jobPool) submit(j *job) {
+// reserve holds a place in the queue for a job while its record is
+// stored, so that a refused job stores nothing.
+func (p *jobPool) reserve() error {
 	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return errPoolClosed
+	}
+	if len(p.queue)+p.reserved >= p.maxQueued {
+		return errQueueFull
+	}
+	p.reserved++
+	return nil
+}
+
+func (p *jobPool) unreserve() {
+	p.mu.Lock()
+	p.reserved--
+	p.mu.Unlock()
+}
+
+// submit queues a job whose place was reserved.
+func (p *jobPool) submit(j *job) error {
+	p.mu.Lock()
+	p.reserved--
+	if p.closed {
+		p.mu.Unlock()
+		return errPoolClosed
+	}
 	p.queue = append(p.queue, j)
 	p.jobs[j.rec.ID] = j
 	p.mu.Unlock()
 	p.cond.Signal()
+	return nil
 }
 
 // lookup returns the job if this process runs or queues it.
@@ -201,6 +258,7 @@ func (p *jobPool) loop() {
 			return
 		}
 		j := p.queue[0]
+		p.queue[0] = nil
 		p.queue = p.queue[1:]
 		p.running++
 		p.wg.Add(1)
@@ -215,7 +273,7 @@ func (p *jobPool) dequeue(j *job) bool {
 	defer p.mu.Unlock()
 	for i, q := range p.queue {
 		if q == j {
-			p.queue = append(p.queue[:i], p.queue[i+1:]...)
+			p.queue = slices.Delete(p.queue, i, i+1)
 			p.running++ // it runs now, outside the limit: it only skips
 			p.wg.Add(1)
 			return true
@@ -261,6 +319,7 @@ func (p *jobPool) run(j *job) {
 	ctx, cancel := context.WithTimeout(p.ctx, time.Duration(h.Async.Retention))
 	defer cancel()
 	j.rn.ctx = context.WithValue(ctx, batchCtxKey, j.rn.b)
+	j.rn.results = make([]result, len(j.rn.b.ops))
 	// Storage writes outlive a shutdown's cancel: the record must say how
 	// the job ended.
 	store := context.WithoutCancel(ctx)
@@ -451,7 +510,19 @@ func wantsAsync(r *http.Request) bool {
 	return false
 }
 
+// writeRefusal answers a job the pool would not take (503); other errors
+// it returns. It runs outside submit so that an Idempotency-Key does not
+// keep the refusal as its answer.
+func writeRefusal(w http.ResponseWriter, err error) error {
+	if errors.Is(err, errQueueFull) || errors.Is(err, errPoolClosed) {
+		w.Header().Set("Retry-After", strconv.Itoa(queueRetryAfter))
+		return writeError(w, http.StatusServiceUnavailable, err.Error())
+	}
+	return err
+}
+
 // submit stores a validated batch as a job, queues it and answers 202.
+// When the queue is full it returns errQueueFull, for writeRefusal.
 func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
 	owner, ok := h.ownerHash(r)
 	if !ok {
@@ -461,9 +532,14 @@ func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	if err != nil {
 		return err
 	}
+	if err := h.pool.reserve(); err != nil {
+		return err
+	}
 	// The job's context is set when it starts; the runner keeps only the
-	// request's connection facts and inherited headers, in memory.
+	// request's connection facts and inherited headers, in memory, and its
+	// results are allocated when it starts.
 	rn := h.newRunner(context.Background(), time.Duration(h.Async.Retention), r, next, srv, b)
+	rn.results = nil
 	t := now()
 	j := &job{h: h, rn: rn, rec: jobRecord{
 		progress:  progress{ID: rn.id, Status: jobQueued, Total: len(b.ops), CreatedAt: t},
@@ -471,10 +547,17 @@ func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.
 		ExpiresAt: t.Add(time.Duration(h.Async.Retention)),
 	}}
 	if err := j.save(r.Context()); err != nil {
+		h.pool.unreserve()
 		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err))
 	}
 	queued := j.snapshot().progress
-	h.pool.submit(j)
+	if err := h.pool.submit(j); err != nil {
+		// The pool ended while the record was stored: nothing would run it.
+		if err := deleteTree(context.WithoutCancel(r.Context()), h.storage, jobKey(rn.id)); err != nil {
+			h.logger.Warn("deleting refused batch job", zap.String("id", rn.id), zap.Error(err))
+		}
+		return err
+	}
 	h.metrics.jobs.WithLabelValues(jobQueued).Inc()
 	h.logger.Info("async batch queued", zap.String("id", rn.id), zap.Int("operations", len(b.ops)))
 

@@ -11,17 +11,33 @@ import (
 	"io/fs"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/certmagic"
+	"github.com/tidwall/gjson"
 )
 
 // Tests of issue #12 for async batches: what a client, a backend or a
 // failing storage can make a job hold, and for how long.
+
+// eventually fails the test unless cond holds within d.
+func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within %s: %s", d, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
 
 func submitJob(t *testing.T, url, body string) string {
 	t.Helper()
@@ -233,5 +249,88 @@ func TestAsyncResultsPagesAcrossParts(t *testing.T) {
 				t.Fatalf("offset %d, result %d: %.100s, want %.100s", off, k, r.Raw, all[off+k].Raw)
 			}
 		}
+	}
+}
+
+// Past max_queued, a job is refused with 503 and Retry-After before
+// anything is stored, and refused jobs cost no memory.
+func TestAsyncQueueBounded(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddyIn(t, storage, asyncSite(be, "max_queued 3"))
+	for i := range 2 { // both workers busy
+		submitJob(t, base+"/batch", fmt.Sprintf(`[{"path":"/slow?d=20s&id=block%d"}]`, i))
+	}
+	eventually(t, 10*time.Second, "both blockers running", func() bool {
+		b := be.eventLog()
+		return len(b) >= 2
+	})
+
+	// ~1 MB each: 1000 operations with bodies of 1 KB.
+	var ops []string
+	for i := range 1000 {
+		ops = append(ops, fmt.Sprintf(`{"method":"POST","path":"/echo","body":{"n":%d,"pad":"%s"}}`, i, strings.Repeat("p", 1000)))
+	}
+	job := "[" + strings.Join(ops, ",") + "]"
+	before := liveHeap()
+	accepted, refused := 0, 0
+	for range 30 {
+		status, hdr, body := post(t, base+"/batch", job, alice, "Prefer: respond-async")
+		switch status {
+		case 202:
+			accepted++
+		case 503:
+			refused++
+			if hdr.Get("Retry-After") == "" || !strings.Contains(mustJSON(t, body).Get("error").String(), "queue") {
+				t.Errorf("refusal: %v %s", hdr, body)
+			}
+		default:
+			t.Fatalf("submit: %d %s", status, body)
+		}
+	}
+	growth := int64(liveHeap()) - int64(before)
+	t.Logf("30 jobs of %d bytes sent, %d queued: live heap grew %.1f MiB", len(job), accepted, float64(growth)/(1<<20))
+	if accepted != 3 || refused != 27 {
+		t.Errorf("accepted %d, refused %d; want 3 and 27", accepted, refused)
+	}
+	if growth > 20<<20 {
+		t.Errorf("live heap grew %d MiB with 3 jobs queued", growth>>20)
+	}
+	dirs, _ := os.ReadDir(filepath.Join(storage, "batch", "jobs"))
+	if len(dirs) != 5 {
+		t.Errorf("%d jobs stored, want 5", len(dirs))
+	}
+	// A refusal is not stored as an Idempotency-Key's answer: the key is
+	// not spent.
+	status, _, body := post(t, base+"/batch", `[{"path":"/health"}]`, alice, "Prefer: respond-async", "Idempotency-Key: k1")
+	if status != 503 {
+		t.Fatalf("idempotent submit to a full queue: %d %s", status, body)
+	}
+	if status, hdr, body := post(t, base+"/batch", `[{"path":"/health"}]`, alice, "Prefer: respond-async", "Idempotency-Key: k1"); status != 503 || hdr.Get("Idempotent-Replayed") != "" {
+		t.Errorf("refusal was stored as the key's answer: %d %v %s", status, hdr, body)
+	}
+}
+
+func TestAsyncMaxQueuedConfig(t *testing.T) {
+	for _, bad := range []string{"max_queued 0", "max_queued -1", "max_queued x", "max_queued", "max_queued 1 2"} {
+		d := caddyfile.NewTestDispenser("batch {\n\tasync {\n\t\t" + bad + "\n\t}\n}")
+		err := new(Handler).UnmarshalCaddyfile(d)
+		if err == nil || !strings.Contains(err.Error(), "Testfile:3") {
+			t.Errorf("%q: %v", bad, err)
+		}
+	}
+	h := new(Handler)
+	if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("batch {\n\tasync {\n\t\tmax_queued 7\n\t}\n}")); err != nil {
+		t.Fatal(err)
+	}
+	cfg, _ := json.Marshal(h)
+	if got := gjson.GetBytes(cfg, "async.max_queued").Int(); got != 7 {
+		t.Errorf("max_queued 7 gives %s", cfg)
+	}
+	h = &Handler{Async: &AsyncConfig{MaxQueued: -1}}
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	defer cancel()
+	if err := h.Provision(ctx); err == nil {
+		t.Error("max_queued -1 was taken")
 	}
 }
