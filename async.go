@@ -106,6 +106,9 @@ type jobRecord struct {
 	Outcome   string    `json:"outcome,omitempty"` // the envelope status, once ended
 	Owner     string    `json:"owner"`             // hash of the owner's credentials
 	ExpiresAt time.Time `json:"expires_at"`
+	// Unstored counts the last results that storage did not take; the
+	// first Completed-Unstored are stored.
+	Unstored int `json:"unstored,omitempty"`
 }
 
 func (p *progress) final() bool {
@@ -129,12 +132,13 @@ func partKey(id string, chunk, part int) string {
 // now is the clock; tests may move it.
 var now = time.Now
 
-// job is an async batch this process runs or has queued.
+// job is an async batch this process has queued or runs, or has run and
+// not yet recorded as ended.
 type job struct {
-	h  *Handler
-	rn *runner
+	h *Handler
 
 	mu  sync.Mutex
+	rn  *runner // nil once the job has ended: its batch and credentials go
 	rec jobRecord
 }
 
@@ -155,6 +159,15 @@ func (j *job) save(ctx context.Context) error {
 	return j.h.storage.Store(ctx, jobKey(rec.ID, "job"), buf)
 }
 
+// requestCancel stops the job at the next operation it would start.
+func (j *job) requestCancel() {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.rn != nil {
+		j.rn.canceled.Store(true)
+	}
+}
+
 // jobPool runs the async jobs of the process, at most limit at once, with
 // at most maxQueued waiting. It is kept in a UsagePool, so that config
 // reloads neither drop nor duplicate jobs; it ends when the last config
@@ -170,9 +183,12 @@ type jobPool struct {
 	running   int
 	reserved  int // queue places held by jobs whose record is being stored
 	queue     []*job
-	jobs      map[string]*job // queued or running, by id
-	closed    bool
-	wg        sync.WaitGroup // running jobs and webhook deliveries
+	// jobs holds the queued and running jobs by id, and the ended ones
+	// whose record storage has not taken yet: this instance answers for
+	// them, not storage's stale record.
+	jobs   map[string]*job
+	closed bool
+	wg     sync.WaitGroup // running jobs, the retries of their records, webhook deliveries
 }
 
 var pools = caddy.NewUsagePool()
@@ -187,6 +203,18 @@ var (
 // queueRetryAfter is the Retry-After, in seconds, of a job refused because
 // the queue is full: a guess, as how long queued jobs take is unknown.
 const queueRetryAfter = 10
+
+// Tuning, variables so that tests may shorten them.
+var (
+	// storeRetry is the first wait before results or a record storage
+	// refused are stored again; each retry doubles it, up to a minute.
+	storeRetry = time.Second
+)
+
+const (
+	storeAttempts = 3           // tries of one part of results
+	storeTimeout  = time.Minute // of one retried write of a record
+)
 
 func newJobPool() *jobPool {
 	ctx, cancel := context.WithCancelCause(context.Background())
@@ -240,11 +268,20 @@ func (p *jobPool) submit(j *job) error {
 	return nil
 }
 
-// lookup returns the job if this process runs or queues it.
+// lookup returns the job if this process queues, runs or holds it.
 func (p *jobPool) lookup(id string) *job {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.jobs[id]
+}
+
+// forget drops an ended job whose record is stored (or given up on).
+func (p *jobPool) forget(j *job) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.jobs[j.rec.ID] == j {
+		delete(p.jobs, j.rec.ID)
+	}
 }
 
 func (p *jobPool) loop() {
@@ -282,6 +319,14 @@ func (p *jobPool) dequeue(j *job) bool {
 	return false
 }
 
+// release frees the worker slot of a job that has ended.
+func (p *jobPool) release() {
+	p.mu.Lock()
+	p.running--
+	p.mu.Unlock()
+	p.cond.Signal()
+}
+
 // Destruct interrupts the jobs that run and ends those that wait: their
 // submitters' credentials live only in this process.
 func (p *jobPool) Destruct() error {
@@ -289,11 +334,12 @@ func (p *jobPool) Destruct() error {
 	p.closed = true
 	queued := p.queue
 	p.queue = nil
+	p.running += len(queued)
+	p.wg.Add(len(queued))
 	p.mu.Unlock()
 	p.cond.Broadcast()
 	p.cancel(errInterrupted)
 	for _, j := range queued {
-		p.wg.Add(1)
 		go p.run(j) // with the pool canceled, every operation is cut off at once
 	}
 	done := make(chan struct{})
@@ -305,26 +351,32 @@ func (p *jobPool) Destruct() error {
 	return nil
 }
 
+// sleepCtx waits d; false if ctx ended first.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
 // run runs one job to its end and records it.
 func (p *jobPool) run(j *job) {
-	defer func() {
-		p.mu.Lock()
-		delete(p.jobs, j.rec.ID)
-		p.running--
-		p.mu.Unlock()
-		p.cond.Signal()
-		p.wg.Done()
-	}()
-	h := j.h
+	defer p.wg.Done()
+	defer p.release()
+	h, rn := j.h, j.rn
 	ctx, cancel := context.WithTimeout(p.ctx, time.Duration(h.Async.Retention))
 	defer cancel()
-	j.rn.ctx = context.WithValue(ctx, batchCtxKey, j.rn.b)
-	j.rn.results = make([]result, len(j.rn.b.ops))
+	started := now()
+	rn.ctx = context.WithValue(ctx, batchCtxKey, rn.b)
+	rn.results = make([]result, len(rn.b.ops))
 	// Storage writes outlive a shutdown's cancel: the record must say how
 	// the job ended.
 	store := context.WithoutCancel(ctx)
 
-	started := now()
 	j.mu.Lock()
 	j.rec.Status, j.rec.UpdatedAt = jobRunning, &started
 	j.mu.Unlock()
@@ -332,23 +384,24 @@ func (p *jobPool) run(j *job) {
 		h.logger.Error("storing async batch", zap.String("id", j.rec.ID), zap.Error(err))
 	}
 	h.metrics.jobs.WithLabelValues(jobRunning).Inc()
-	h.logger.Info("async batch started", zap.String("id", j.rec.ID), zap.Int("operations", len(j.rn.b.ops)))
+	h.logger.Info("async batch started", zap.String("id", j.rec.ID), zap.Int("operations", len(rn.b.ops)))
 
-	stopWatch := j.watchCancel(ctx)
-	sink := &storeSink{j: j, ctx: store}
-	sum := j.rn.execute(sink)
+	stopWatch := j.watchCancel(ctx, rn)
+	sink := &storeSink{j: j, rn: rn, ctx: store, stop: ctx}
+	sum := rn.execute(sink)
 	stopWatch()
 
 	// A new variable: readers hold pointers to the last one.
 	ended := now()
 	j.mu.Lock()
 	j.rec.Outcome, j.rec.UpdatedAt, j.rec.CompletedAt = sum.status, &ended, &ended
+	j.rec.Unstored = j.rec.Completed - sink.stored
 	switch {
 	case sink.err != nil:
 		j.rec.Status, j.rec.Error = jobError, "storing results: "+sink.err.Error()
 	case errors.Is(context.Cause(ctx), errInterrupted):
 		j.rec.Status, j.rec.Error = jobError, "interrupted"
-	case j.rn.canceled.Load():
+	case rn.canceled.Load():
 		j.rec.Status = jobCanceled
 	default:
 		j.rec.Status = jobCompleted
@@ -356,18 +409,52 @@ func (p *jobPool) run(j *job) {
 	// Counted before any reader can see the job ended.
 	h.metrics.jobs.WithLabelValues(j.rec.Status).Inc()
 	rec := j.rec
+	j.rn = nil
 	j.mu.Unlock()
 	if err := j.save(store); err != nil {
-		h.logger.Error("storing async batch", zap.String("id", rec.ID), zap.Error(err))
+		h.logger.Error("storing the end of an async batch; retrying", zap.String("id", rec.ID), zap.Error(err))
+		p.wg.Add(1)
+		go p.saveLater(j)
+	} else {
+		p.forget(j)
 	}
 	h.logger.Info("async batch ended", zap.String("id", rec.ID), zap.String("status", rec.Status),
 		zap.String("outcome", rec.Outcome), zap.String("error", rec.Error))
 	h.notify(p, rec.Status, rec.progress)
 }
 
+// saveLater stores the record of an ended job that storage refused, with
+// backoff, until it is stored, the job expires or the pool ends; the job
+// stays in memory till then.
+func (p *jobPool) saveLater(j *job) {
+	defer p.wg.Done()
+	defer p.forget(j)
+	wait := storeRetry
+	for {
+		left := j.rec.ExpiresAt.Sub(now())
+		if left <= 0 {
+			j.h.logger.Error("async batch expired before its end could be stored", zap.String("id", j.rec.ID))
+			return
+		}
+		last := !sleepCtx(p.ctx, min(wait, left))
+		ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+		err := j.save(ctx)
+		cancel()
+		if err == nil {
+			j.h.logger.Info("stored the end of an async batch", zap.String("id", j.rec.ID))
+			return
+		}
+		if last {
+			j.h.logger.Error("storing the end of an async batch: giving up at shutdown", zap.String("id", j.rec.ID), zap.Error(err))
+			return
+		}
+		wait = min(2*wait, time.Minute)
+	}
+}
+
 // watchCancel polls storage for a cancel request made through another
 // instance, until the returned func is called.
-func (j *job) watchCancel(ctx context.Context) (stop func()) {
+func (j *job) watchCancel(ctx context.Context, rn *runner) (stop func()) {
 	ctx, stop = context.WithCancel(ctx)
 	go func() {
 		tick := time.NewTicker(cancelPoll)
@@ -378,7 +465,7 @@ func (j *job) watchCancel(ctx context.Context) (stop func()) {
 				return
 			case <-tick.C:
 				if j.h.storage.Exists(ctx, jobKey(j.rec.ID, "cancel")) {
-					j.rn.canceled.Store(true)
+					rn.canceled.Store(true)
 					return
 				}
 			}
@@ -391,17 +478,22 @@ func (j *job) watchCancel(ctx context.Context) (stop func()) {
 var cancelPoll = time.Second
 
 // storeSink writes a job's results to storage in parts, and its progress
-// after each.
+// after each. Once storage refuses a part, it stores nothing more, and the
+// job skips the operations it has not started: their results could not be
+// recorded.
 type storeSink struct {
-	j   *job
-	ctx context.Context
-	buf []byte
+	j    *job
+	rn   *runner
+	ctx  context.Context // of writes: outlives the job's end
+	stop context.Context // the job's: ends retries
+	buf  []byte
 
-	inBuf int // results in buf
-	n     int // results of the chunk so far, in its stored parts and buf
-	chunk int
-	part  int // of the chunk, the next to store
-	err   error
+	inBuf  int // results in buf
+	n      int // results of the chunk so far, in its stored parts and buf
+	chunk  int
+	part   int // of the chunk, the next to store
+	stored int // results in storage
+	err    error
 
 	lastProgress time.Time
 }
@@ -418,8 +510,13 @@ func (s *storeSink) put(_ int, res *result, enc []byte) {
 		s.j.rec.Failed++
 	}
 	s.j.mu.Unlock()
+	if s.err != nil {
+		return
+	}
 	if s.inBuf > 0 && len(s.buf)+1+len(enc) > partSize {
-		s.flush(false)
+		if s.flush(false); s.err != nil {
+			return
+		}
 	}
 	if s.inBuf > 0 {
 		s.buf = append(s.buf, ',')
@@ -437,10 +534,15 @@ func (s *storeSink) put(_ int, res *result, enc []byte) {
 // flush stores the buffered results as the chunk's next part; end moves
 // on to the next chunk.
 func (s *storeSink) flush(end bool) {
-	if s.inBuf > 0 {
-		if err := s.j.h.storage.Store(s.ctx, partKey(s.j.rec.ID, s.chunk, s.part), s.buf); err != nil && s.err == nil {
+	if s.inBuf > 0 && s.err == nil {
+		if err := s.store(partKey(s.j.rec.ID, s.chunk, s.part), s.buf); err != nil {
 			s.err = err
+			why := "skipped: results could not be stored: " + err.Error()
+			s.rn.unrecorded.Store(&why)
+			s.buf = nil
+			return
 		}
+		s.stored += s.inBuf
 		s.inBuf = 0
 		s.part++
 		if cap(s.buf) > 2*partSize {
@@ -455,14 +557,27 @@ func (s *storeSink) flush(end bool) {
 	}
 }
 
+// store writes a part, trying again while the job goes on.
+func (s *storeSink) store(key string, val []byte) error {
+	wait := storeRetry
+	for attempt := 1; ; attempt++ {
+		err := s.j.h.storage.Store(s.ctx, key, val)
+		if err == nil || attempt == storeAttempts || !sleepCtx(s.stop, wait) {
+			return err
+		}
+		wait *= 2
+	}
+}
+
 // progress records how far the job is, and tells the webhook if asked.
 func (s *storeSink) progress() {
 	t := now()
 	s.j.mu.Lock()
 	s.j.rec.UpdatedAt = &t
 	s.j.mu.Unlock()
-	if err := s.j.save(s.ctx); err != nil && s.err == nil {
-		s.err = err
+	if err := s.j.save(s.ctx); err != nil {
+		// Not fatal: the results are stored, and the end is retried.
+		s.j.h.logger.Warn("storing async batch progress", zap.String("id", s.j.rec.ID), zap.Error(err))
 	}
 	if wh := s.j.h.Async.Webhook; wh != nil && wh.wants("progress") && t.Sub(s.lastProgress) >= time.Duration(wh.ProgressInterval) {
 		s.lastProgress = t
@@ -652,7 +767,7 @@ func (h *Handler) cancelJob(w http.ResponseWriter, r *http.Request, j *job, rec 
 		}
 		return writeProgress(w, http.StatusAccepted, rec.progress)
 	}
-	j.rn.canceled.Store(true)
+	j.requestCancel()
 	if h.pool.dequeue(j) {
 		go h.pool.run(j)
 	}
@@ -677,7 +792,8 @@ func (h *Handler) cancelJob(w http.ResponseWriter, r *http.Request, j *job, rec 
 const maxPageLimit = 10000
 
 // writeResults streams an ended job's results from storage, a part at a
-// time: ?offset= and ?limit= page them.
+// time: ?offset= and ?limit= page them. A job that ended "error" serves
+// the results that were stored, and says why the rest are not.
 func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRecord) error {
 	q := r.URL.Query()
 	offset, limit := 0, rec.Total
@@ -692,25 +808,35 @@ func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRe
 			return writeError(w, http.StatusBadRequest, fmt.Sprintf("limit must be a whole number from 1 to %d", maxPageLimit))
 		}
 	}
-	end := min(offset+limit, rec.Completed)
+	stored := rec.Completed - rec.Unstored
+	end := stored
+	if offset < stored && limit < stored-offset {
+		end = offset + limit
+	}
 
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(http.StatusOK)
-	_, _ = w.Write([]byte(`{"results":[`))
-	first := true
+	started, first := false, true
 	for c := offset / resultsPerChunk; c*resultsPerChunk < end; c++ {
 		i := c * resultsPerChunk // index of the next result read
-		last := min(i+resultsPerChunk, rec.Completed)
+		last := min(i+resultsPerChunk, stored)
 		for part := 0; i < last && i < end; part++ {
 			buf, err := h.storage.Load(r.Context(), partKey(rec.ID, c, part))
 			if err == nil && len(buf) == 0 {
 				err = errors.New("empty part")
 			}
 			if err != nil {
+				err = fmt.Errorf("loading batch job results: chunk %d part %d: %w", c, part, err)
+				if !started {
+					return caddyhttp.Error(http.StatusServiceUnavailable, err)
+				}
 				// The answer has begun: abort it rather than send a wrong one.
-				h.logger.Error("loading batch job results", zap.String("id", rec.ID),
-					zap.Int("chunk", c), zap.Int("part", part), zap.Error(err))
+				h.logger.Error("loading batch job results", zap.String("id", rec.ID), zap.Error(err))
 				panic(http.ErrAbortHandler)
+			}
+			if !started {
+				started = true
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusOK)
+				_, _ = w.Write([]byte(`{"results":[`))
 			}
 			for _, item := range splitResults(buf) {
 				if i >= offset && i < end {
@@ -724,13 +850,23 @@ func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRe
 			}
 		}
 	}
-	out := appendSummary([]byte("]"), summary{
+	out := []byte(nil)
+	if !started {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusOK)
+		out = append(out, `{"results":[`...)
+	}
+	out = appendSummary(append(out, ']'), summary{
 		status: rec.Outcome, total: rec.Total, succeeded: rec.Succeeded, failed: rec.Failed, skipped: rec.Skipped,
 	})
 	out = append(out, `,"offset":`...)
 	out = strconv.AppendInt(out, int64(offset), 10)
 	out = append(out, `,"limit":`...)
 	out = strconv.AppendInt(out, int64(limit), 10)
+	if rec.Status == jobError && rec.Error != "" {
+		out = append(out, `,"error":`...)
+		out = appendString(out, rec.Error)
+	}
 	_, _ = w.Write(append(out, '}'))
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -15,6 +16,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,6 +29,76 @@ import (
 // Tests of issue #12 for async batches: what a client, a backend or a
 // failing storage can make a job hold, and for how long.
 
+// flakyStorage is caddy.storage.test_flaky: Caddy's file system storage
+// whose writes fail while flakyBroken is set.
+type flakyStorage struct {
+	Root string `json:"root,omitempty"`
+}
+
+var flakyBroken atomic.Bool
+
+var errFlaky = errors.New("flaky storage: writes fail")
+
+func init() { caddy.RegisterModule(flakyStorage{}) }
+
+func (flakyStorage) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{ID: "caddy.storage.test_flaky", New: func() caddy.Module { return new(flakyStorage) }}
+}
+
+func (s *flakyStorage) CertMagicStorage() (certmagic.Storage, error) {
+	return flakyStore{&certmagic.FileStorage{Path: s.Root}}, nil
+}
+
+func (s *flakyStorage) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next()
+	if !d.AllArgs(&s.Root) {
+		return d.ArgErr()
+	}
+	return nil
+}
+
+type flakyStore struct{ *certmagic.FileStorage }
+
+func (s flakyStore) Store(ctx context.Context, key string, value []byte) error {
+	if flakyBroken.Load() {
+		return errFlaky
+	}
+	return s.FileStorage.Store(ctx, key, value)
+}
+
+func (s flakyStore) Delete(ctx context.Context, key string) error {
+	if flakyBroken.Load() {
+		return errFlaky
+	}
+	return s.FileStorage.Delete(ctx, key)
+}
+
+func (s flakyStore) Lock(ctx context.Context, name string) error {
+	if flakyBroken.Load() {
+		return errFlaky
+	}
+	return s.FileStorage.Lock(ctx, name)
+}
+
+// startFlakyCaddy is startCaddyIn on test_flaky storage.
+func startFlakyCaddy(t *testing.T, storage, site string) string {
+	t.Helper()
+	port := freePort(t)
+	cfg := strings.Replace(testCaddyfile(storage, port, "", site), "storage file_system", "storage test_flaky", 1)
+	return loadCaddy(t, adapt(t, cfg), port)
+}
+
+// thePool is the process's job pool, for tests that look inside it.
+func thePool(t *testing.T) *jobPool {
+	t.Helper()
+	var p *jobPool
+	pools.Range(func(_, v any) bool { p, _ = v.(*jobPool); return p == nil })
+	if p == nil {
+		t.Fatal("no job pool")
+	}
+	return p
+}
+
 // eventually fails the test unless cond holds within d.
 func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()
@@ -37,6 +109,14 @@ func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// setVar sets *v for the test and restores it after Caddy has stopped
+// (cleanups run last first: call it before starting Caddy).
+func setVar[T any](t *testing.T, v *T, val T) {
+	old := *v
+	*v = val
+	t.Cleanup(func() { *v = old })
 }
 
 func submitJob(t *testing.T, url, body string) string {
@@ -332,5 +412,67 @@ func TestAsyncMaxQueuedConfig(t *testing.T) {
 	defer cancel()
 	if err := h.Provision(ctx); err == nil {
 		t.Error("max_queued -1 was taken")
+	}
+}
+
+// When storage stops taking writes mid-job, the job stops running what it
+// cannot record, ends "error", and this instance answers for it from
+// memory until its record is stored.
+func TestAsyncStorageFailsMidJob(t *testing.T) {
+	setVar(t, &storeRetry, 5*time.Millisecond)
+	t.Cleanup(func() { flakyBroken.Store(false) })
+	var calls atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		if r.URL.Path == "/break" {
+			flakyBroken.Store(true)
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{"ok":true}`)
+	}))
+	t.Cleanup(srv.Close)
+	storage := t.TempDir()
+	base := startFlakyCaddy(t, storage, "batch /batch /batch/* {\n\tmax_ops 1000\n\tasync\n}\nreverse_proxy "+srv.Listener.Addr().String())
+
+	// Results 0-99 are stored; storage breaks at 150, so 100-199 are not.
+	var ops []string
+	for i := range 300 {
+		p := "/ok"
+		if i == 150 {
+			p = "/break"
+		}
+		ops = append(ops, fmt.Sprintf(`{"path":"%s"}`, p))
+	}
+	id := submitJob(t, base+"/batch", "["+strings.Join(ops, ",")+"]")
+	job := base + "/batch/" + id
+	p := waitJob(t, job, alice, "completed", "error")
+	if p.Get("status").String() != "error" || !strings.Contains(p.Get("error").String(), errFlaky.Error()) {
+		t.Fatalf("progress with storage down: %s", p.Raw)
+	}
+	if p.Get("skipped").Int() != 100 || calls.Load() != 200 {
+		t.Errorf("ran %d operations with storage down, skipped %d: %s", calls.Load(), p.Get("skipped").Int(), p.Raw)
+	}
+	if status, body := del(t, job, alice); status != 409 {
+		t.Errorf("cancel of the ended job: %d %s", status, body)
+	}
+	status, _, body := get(t, job+"/results", alice)
+	res := mustJSON(t, body)
+	if status != 200 || len(res.Get("results").Array()) != 100 || res.Get("results.99.id").String() != "99" ||
+		!strings.Contains(res.Get("error").String(), errFlaky.Error()) {
+		t.Errorf("results of the error job: %d %.300s", status, body)
+	}
+
+	// Storage recovers: the record is stored, and the pool lets go of it.
+	flakyBroken.Store(false)
+	eventually(t, 10*time.Second, "record stored", func() bool {
+		b, _ := os.ReadFile(filepath.Join(storage, "batch", "jobs", id, "job"))
+		return gjson.GetBytes(b, "status").String() == "error"
+	})
+	eventually(t, 10*time.Second, "job dropped from memory", func() bool { return thePool(t).lookup(id) == nil })
+	if p := waitJob(t, job, alice, "error"); p.Get("skipped").Int() != 100 {
+		t.Errorf("progress from storage: %s", p.Raw)
+	}
+	if _, _, body := get(t, job+"/results?offset=98", alice); len(mustJSON(t, body).Get("results").Array()) != 2 {
+		t.Errorf("last page of the error job: %.300s", body)
 	}
 }

@@ -79,6 +79,9 @@ type runner struct {
 	rollbackFailed bool
 	// canceled stops an async job at the next operation it would start.
 	canceled atomic.Bool
+	// unrecorded, once set, stops an async job whose results storage no
+	// longer takes at the next operation it would start; it says why.
+	unrecorded atomic.Pointer[string]
 }
 
 // connFacts are what sub-requests take from the batch request: they speak
@@ -303,6 +306,9 @@ func (rn *runner) runOne(op *operation, clk *opClock) result {
 	}
 	if rn.canceled.Load() {
 		return result{status: statusSkipped, err: "skipped: batch canceled"}
+	}
+	if why := rn.unrecorded.Load(); why != nil {
+		return result{status: statusSkipped, err: *why}
 	}
 	if rn.stoppedAt >= 0 {
 		return result{status: statusSkipped, err: "skipped: batch stopped at op " + rn.b.ops[rn.stoppedAt].id}
