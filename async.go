@@ -241,6 +241,9 @@ func (p *jobPool) reserve() error {
 		return errPoolClosed
 	}
 	if len(p.queue)+p.reserved >= p.maxQueued {
+		p.evictExpired()
+	}
+	if len(p.queue)+p.reserved >= p.maxQueued {
 		return errQueueFull
 	}
 	p.reserved++
@@ -266,6 +269,35 @@ func (p *jobPool) submit(j *job) error {
 	p.mu.Unlock()
 	p.cond.Signal()
 	return nil
+}
+
+// evictExpired takes the jobs that expired while they waited out of the
+// queue, to end them without running. p.mu is held.
+func (p *jobPool) evictExpired() {
+	t := now()
+	kept := p.queue[:0]
+	for _, j := range p.queue {
+		if t.Before(j.rec.ExpiresAt) {
+			kept = append(kept, j)
+			continue
+		}
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			p.expire(j)
+		}()
+	}
+	clear(p.queue[len(kept):])
+	p.queue = kept
+}
+
+// sweepQueue ends the queued jobs that have expired.
+func (p *jobPool) sweepQueue() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.closed {
+		p.evictExpired()
+	}
 }
 
 // lookup returns the job if this process queues, runs or holds it.
@@ -368,7 +400,12 @@ func (p *jobPool) run(j *job) {
 	defer p.wg.Done()
 	defer p.release()
 	h, rn := j.h, j.rn
-	ctx, cancel := context.WithTimeout(p.ctx, time.Duration(h.Async.Retention))
+	if !now().Before(j.rec.ExpiresAt) {
+		// Its id already answers 404: it must not run either.
+		p.expire(j)
+		return
+	}
+	ctx, cancel := context.WithDeadline(p.ctx, j.rec.ExpiresAt)
 	defer cancel()
 	started := now()
 	rn.ctx = context.WithValue(ctx, batchCtxKey, rn.b)
@@ -421,6 +458,27 @@ func (p *jobPool) run(j *job) {
 	h.logger.Info("async batch ended", zap.String("id", rec.ID), zap.String("status", rec.Status),
 		zap.String("outcome", rec.Outcome), zap.String("error", rec.Error))
 	h.notify(p, rec.Status, rec.progress)
+}
+
+// expire ends a job that expired before it started: it does not run, and
+// what storage holds of it goes.
+func (p *jobPool) expire(j *job) {
+	h := j.h
+	t := now()
+	j.mu.Lock()
+	j.rec.Status, j.rec.Error, j.rec.UpdatedAt, j.rec.CompletedAt = jobError, "expired before it started", &t, &t
+	rec := j.rec
+	j.rn = nil
+	j.mu.Unlock()
+	p.forget(j)
+	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	if err := deleteTree(ctx, h.storage, jobKey(rec.ID)); err != nil {
+		h.logger.Warn("deleting expired batch job", zap.String("id", rec.ID), zap.Error(err))
+	}
+	h.metrics.jobs.WithLabelValues(jobError).Inc()
+	h.logger.Warn("async batch expired before it started", zap.String("id", rec.ID))
+	h.notify(p, jobError, rec.progress)
 }
 
 // saveLater stores the record of an ended job that storage refused, with
@@ -911,6 +969,7 @@ func (h *Handler) sweepJobs(ctx context.Context) {
 	defer tick.Stop()
 	for {
 		h.deleteExpired(ctx)
+		h.pool.sweepQueue()
 		select {
 		case <-ctx.Done():
 			return

@@ -476,3 +476,57 @@ func TestAsyncStorageFailsMidJob(t *testing.T) {
 		t.Errorf("last page of the error job: %.300s", body)
 	}
 }
+
+// A job's context ends at its ExpiresAt, not retention after it starts.
+func TestAsyncJobDeadlineIsExpiry(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, ""))
+	id := submitJob(t, base+"/batch", `[{"path":"/slow?d=5s&id=x"}]`)
+	var j *job
+	eventually(t, 10*time.Second, "job running", func() bool {
+		j = thePool(t).lookup(id)
+		return j != nil && j.snapshot().Status == jobRunning
+	})
+	j.mu.Lock()
+	rn := j.rn
+	j.mu.Unlock()
+	if d, ok := rn.ctx.Deadline(); !ok || !d.Equal(j.snapshot().ExpiresAt) {
+		t.Errorf("job's deadline %v, its expiry %v", d, j.snapshot().ExpiresAt)
+	}
+}
+
+// A job that expired while it waited for a worker never runs.
+func TestAsyncExpiredInQueueDoesNotRun(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddyIn(t, storage, fmt.Sprintf(`
+	batch /long /long/* {
+		async {
+			workers 1
+		}
+	}
+	batch /short /short/* {
+		async {
+			retention 1s
+			workers 1
+		}
+	}
+	reverse_proxy %s`, be.addr()))
+	submitJob(t, base+"/long", `[{"path":"/slow?d=2s&id=a"}]`)
+	eventually(t, 10*time.Second, "the long job running", func() bool { return len(be.eventLog()) > 0 })
+	id := submitJob(t, base+"/short", `[{"path":"/slow?d=1ms&id=b"}]`)
+	eventually(t, 10*time.Second, "the long job done", func() bool { return len(be.eventLog()) >= 2 })
+	eventually(t, 10*time.Second, "the expired job gone from the pool", func() bool { return thePool(t).lookup(id) == nil })
+	for _, e := range be.eventLog() {
+		if e == "start b" {
+			t.Errorf("the job ran after it expired: %v", be.eventLog())
+		}
+	}
+	if status, _, _ := get(t, base+"/short/"+id, alice); status != 404 {
+		t.Errorf("expired job: %d", status)
+	}
+	eventually(t, 5*time.Second, "expired job deleted from storage", func() bool {
+		_, err := os.Stat(filepath.Join(storage, "batch", "jobs", id))
+		return errors.Is(err, fs.ErrNotExist)
+	})
+}
