@@ -173,8 +173,11 @@ func (j *job) requestCancel() {
 // reloads neither drop nor duplicate jobs; it ends when the last config
 // using it is unloaded.
 type jobPool struct {
-	ctx    context.Context
-	cancel context.CancelCauseFunc
+	// ctx ends the jobs; hooks ends webhook deliveries, a grace later.
+	ctx       context.Context
+	cancel    context.CancelCauseFunc
+	hooks     context.Context
+	stopHooks context.CancelFunc
 
 	mu        sync.Mutex
 	cond      *sync.Cond
@@ -188,7 +191,11 @@ type jobPool struct {
 	// them, not storage's stale record.
 	jobs   map[string]*job
 	closed bool
-	wg     sync.WaitGroup // running jobs, the retries of their records, webhook deliveries
+	wg     sync.WaitGroup // running jobs and the retries of their records
+
+	deliveries  int  // webhook deliveries in flight
+	hooksClosed bool // no more deliveries start
+	hookWG      sync.WaitGroup
 }
 
 var pools = caddy.NewUsagePool()
@@ -209,6 +216,14 @@ var (
 	// storeRetry is the first wait before results or a record storage
 	// refused are stored again; each retry doubles it, up to a minute.
 	storeRetry = time.Second
+	// jobsGrace is how long Destruct waits for interrupted jobs to record
+	// their end; webhookGrace how long it then lets deliveries go on.
+	jobsGrace    = 10 * time.Second
+	webhookGrace = 5 * time.Second
+	// maxDeliveries bounds webhook deliveries in flight in the process:
+	// each holds a goroutine and its event while a slow or failing
+	// receiver retries; beyond it, events are dropped.
+	maxDeliveries = 1000
 )
 
 const (
@@ -218,7 +233,9 @@ const (
 
 func newJobPool() *jobPool {
 	ctx, cancel := context.WithCancelCause(context.Background())
-	p := &jobPool{ctx: ctx, cancel: cancel, limit: 1, maxQueued: 1, jobs: map[string]*job{}}
+	hooks, stopHooks := context.WithCancel(context.Background())
+	p := &jobPool{ctx: ctx, cancel: cancel, hooks: hooks, stopHooks: stopHooks,
+		limit: 1, maxQueued: 1, jobs: map[string]*job{}}
 	p.cond = sync.NewCond(&p.mu)
 	go p.loop()
 	return p
@@ -360,7 +377,8 @@ func (p *jobPool) release() {
 }
 
 // Destruct interrupts the jobs that run and ends those that wait: their
-// submitters' credentials live only in this process.
+// submitters' credentials live only in this process. Webhook deliveries
+// get a grace after the jobs have ended, then are canceled.
 func (p *jobPool) Destruct() error {
 	p.mu.Lock()
 	p.closed = true
@@ -374,13 +392,31 @@ func (p *jobPool) Destruct() error {
 	for _, j := range queued {
 		go p.run(j) // with the pool canceled, every operation is cut off at once
 	}
+	waitFor(&p.wg, jobsGrace)
+
+	p.mu.Lock()
+	p.hooksClosed = true
+	p.mu.Unlock()
+	if !waitFor(&p.hookWG, webhookGrace) {
+		p.stopHooks()
+		waitFor(&p.hookWG, webhookGrace)
+	}
+	p.stopHooks()
+	return nil
+}
+
+// waitFor waits at most d for wg; it reports whether wg is done.
+func waitFor(wg *sync.WaitGroup, d time.Duration) bool {
 	done := make(chan struct{})
-	go func() { p.wg.Wait(); close(done) }()
+	go func() { wg.Wait(); close(done) }()
+	t := time.NewTimer(d)
+	defer t.Stop()
 	select {
 	case <-done:
-	case <-time.After(10 * time.Second):
+		return true
+	case <-t.C:
+		return false
 	}
-	return nil
 }
 
 // sleepCtx waits d; false if ctx ended first.

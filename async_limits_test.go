@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -529,4 +530,83 @@ func TestAsyncExpiredInQueueDoesNotRun(t *testing.T) {
 		_, err := os.Stat(filepath.Join(storage, "batch", "jobs", id))
 		return errors.Is(err, fs.ErrNotExist)
 	})
+}
+
+// goroutinesIn counts goroutines whose stack holds fn.
+func goroutinesIn(fn string) int {
+	buf := make([]byte, 1<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	n := 0
+	for g := range bytes.SplitSeq(buf, []byte("\n\n")) {
+		if bytes.Contains(g, []byte(fn)) {
+			n++
+		}
+	}
+	return n
+}
+
+// Webhook deliveries, backoff waits included, end with the config: a
+// grace at Destruct, then they are canceled.
+func TestAsyncWebhookDeliveriesEndWithConfig(t *testing.T) {
+	setVar(t, &webhookBackoff, time.Hour)
+	setVar(t, &webhookGrace, 50*time.Millisecond)
+	attempts := make(chan struct{}, 10)
+	recv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		attempts <- struct{}{}
+		w.WriteHeader(500)
+	}))
+	t.Cleanup(recv.Close)
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, "webhook "+recv.URL+" {\n\tsecret s\n}"))
+	waitJob(t, base+"/batch/"+submitJob(t, base+"/batch", `[{"path":"/health"}]`), alice, "completed")
+	select {
+	case <-attempts:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no delivery")
+	}
+	if n := goroutinesIn("(*Webhook).deliver"); n != 1 {
+		t.Fatalf("%d deliveries in flight, want 1", n)
+	}
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "delivery ended with the config", func() bool { return goroutinesIn("(*Webhook).deliver") == 0 })
+}
+
+// Deliveries in flight at once are bounded: a receiver that never answers
+// does not make every ended job hold a goroutine.
+func TestAsyncWebhookDeliveriesBounded(t *testing.T) {
+	setVar(t, &maxDeliveries, 2)
+	setVar(t, &webhookGrace, 50*time.Millisecond)
+	var mu sync.Mutex
+	inFlight, most := 0, 0
+	hang := make(chan struct{})
+	recv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		inFlight++
+		most = max(most, inFlight)
+		mu.Unlock()
+		select {
+		case <-hang:
+		case <-r.Context().Done():
+		}
+		mu.Lock()
+		inFlight--
+		mu.Unlock()
+	}))
+	t.Cleanup(recv.Close)
+	t.Cleanup(func() { close(hang) })
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, "webhook "+recv.URL+" {\n\tsecret s\n}"))
+	for range 5 {
+		waitJob(t, base+"/batch/"+submitJob(t, base+"/batch", `[{"path":"/health"}]`), alice, "completed")
+	}
+	eventually(t, 5*time.Second, "two deliveries waiting", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return inFlight == 2
+	})
+	if n := goroutinesIn("(*Webhook).deliver"); n != 2 {
+		t.Errorf("%d deliveries in flight, want 2", n)
+	}
 }
