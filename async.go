@@ -844,10 +844,12 @@ func (h *Handler) loadJob(ctx context.Context, id string) (jobRecord, error) {
 		return rec, err
 	}
 	if err := json.Unmarshal(buf, &rec); err != nil {
-		return rec, fmt.Errorf("job %s: %w", id, err)
+		return rec, fmt.Errorf("job %s: %w: %w", id, errBadRecord, err)
 	}
 	return rec, nil
 }
+
+var errBadRecord = errors.New("unreadable job record")
 
 // cancelJob stops a job: what has not started is skipped (424).
 func (h *Handler) cancelJob(w http.ResponseWriter, r *http.Request, j *job, rec jobRecord) error {
@@ -1025,13 +1027,43 @@ func (h *Handler) deleteExpired(ctx context.Context) {
 	for _, k := range keys {
 		id := path.Base(k)
 		rec, err := h.loadJob(ctx, id)
-		if err != nil || !now().After(rec.ExpiresAt) {
-			continue
+		switch {
+		case err == nil:
+			if !now().After(rec.ExpiresAt) {
+				continue
+			}
+		case errors.Is(err, fs.ErrNotExist) || errors.Is(err, errBadRecord):
+			// No record says when it expires, but no job lives longer
+			// than retention: keys older than that belong to none.
+			if !h.idleFor(ctx, jobKey(id), time.Duration(h.Async.Retention)) {
+				continue
+			}
+		default:
+			continue // storage trouble: next time
 		}
 		if err := deleteTree(ctx, h.storage, jobKey(id)); err != nil {
 			h.logger.Warn("deleting expired batch job", zap.String("id", id), zap.Error(err))
 		}
 	}
+}
+
+// idleFor reports whether nothing under prefix has been written for d.
+func (h *Handler) idleFor(ctx context.Context, prefix string, d time.Duration) bool {
+	keys, err := h.storage.List(ctx, prefix, true)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return false
+	}
+	since := now().Add(-d)
+	for _, k := range append(keys, prefix) {
+		info, err := h.storage.Stat(ctx, k)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			// Gone meanwhile, or a prefix that is no key of its own.
+		case err != nil || info.Modified.After(since):
+			return false
+		}
+	}
+	return true
 }
 
 // deleteTree deletes prefix and every key under it, key by key, as storage
