@@ -11,6 +11,7 @@ import (
 	"io/fs"
 	"net/http"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -37,6 +38,15 @@ type AsyncConfig struct {
 	// survives config reloads. Default: 4.
 	Workers int `json:"workers,omitempty"`
 
+	// How many jobs may wait for a worker in this process, at least 1; a
+	// batch sent when as many wait is answered 503 with Retry-After, and
+	// nothing of it is stored. Like workers, the limit is the process's:
+	// the config loaded last sets it. Default: as many as fit in 256 MiB,
+	// at least 1, a queued job holding its body and the batch parsed from
+	// it, up to 2 × max_body_size + 512 bytes × max_ops (12 jobs with the
+	// default limits).
+	MaxQueued int `json:"max_queued,omitempty"`
+
 	// What identifies the owner of a job: a placeholder evaluated on the
 	// submitting request and on every request for the job; only a request
 	// that evaluates to the same value may read or cancel it. Only a hash
@@ -60,9 +70,20 @@ const (
 const (
 	jobsPrefix = "batch/jobs"
 	// resultsPerChunk results are stored together: a large job writes one
-	// key per chunk, never one growing blob.
+	// key per chunk, never one growing blob. Offsets map to chunks by
+	// count; a chunk whose results exceed partSize is stored in parts
+	// (results/NNNNNN, then NNNNNN.1, NNNNNN.2 …), so that neither a job
+	// nor a reader of its results holds more than one part.
 	resultsPerChunk = 100
+	partSize        = 1 << 20
+
+	// queueBudget is what the queued jobs may hold by default.
+	queueBudget = 256 << 20
 )
+
+// queuedCost bounds what a queued job holds: its body and the batch parsed
+// from it, measured at twice the body and ~340 bytes per operation.
+func queuedCost(maxBody int64, maxOps int) int64 { return 2*maxBody + 512*int64(maxOps) }
 
 // progress is what a client sees of a job.
 type progress struct {
@@ -85,6 +106,9 @@ type jobRecord struct {
 	Outcome   string    `json:"outcome,omitempty"` // the envelope status, once ended
 	Owner     string    `json:"owner"`             // hash of the owner's credentials
 	ExpiresAt time.Time `json:"expires_at"`
+	// Unstored counts the last results that storage did not take; the
+	// first Completed-Unstored are stored.
+	Unstored int `json:"unstored,omitempty"`
 }
 
 func (p *progress) final() bool {
@@ -95,19 +119,26 @@ func jobKey(id string, parts ...string) string {
 	return path.Join(append([]string{jobsPrefix, id}, parts...)...)
 }
 
-func chunkKey(id string, chunk int) string {
-	return jobKey(id, "results", fmt.Sprintf("%06d", chunk))
+// partKey is where part of a chunk of results is stored; part 0 has the
+// chunk's own key, as chunks had before they were split.
+func partKey(id string, chunk, part int) string {
+	k := fmt.Sprintf("%06d", chunk)
+	if part > 0 {
+		k += "." + strconv.Itoa(part)
+	}
+	return jobKey(id, "results", k)
 }
 
 // now is the clock; tests may move it.
 var now = time.Now
 
-// job is an async batch this process runs or has queued.
+// job is an async batch this process has queued or runs, or has run and
+// not yet recorded as ended.
 type job struct {
-	h  *Handler
-	rn *runner
+	h *Handler
 
 	mu  sync.Mutex
+	rn  *runner // nil once the job has ended: its batch and credentials go
 	rec jobRecord
 }
 
@@ -128,56 +159,178 @@ func (j *job) save(ctx context.Context) error {
 	return j.h.storage.Store(ctx, jobKey(rec.ID, "job"), buf)
 }
 
-// jobPool runs the async jobs of the process, at most limit at once. It is
-// kept in a UsagePool, so that config reloads neither drop nor duplicate
-// jobs; it ends when the last config using it is unloaded.
-type jobPool struct {
-	ctx    context.Context
-	cancel context.CancelCauseFunc
+// requestCancel stops the job at the next operation it would start.
+func (j *job) requestCancel() {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.rn != nil {
+		j.rn.canceled.Store(true)
+	}
+}
 
-	mu      sync.Mutex
-	cond    *sync.Cond
-	limit   int
-	running int
-	queue   []*job
-	jobs    map[string]*job // queued or running, by id
-	closed  bool
-	wg      sync.WaitGroup // running jobs and webhook deliveries
+// jobPool runs the async jobs of the process, at most limit at once, with
+// at most maxQueued waiting. It is kept in a UsagePool, so that config
+// reloads neither drop nor duplicate jobs; it ends when the last config
+// using it is unloaded.
+type jobPool struct {
+	// ctx ends the jobs; hooks ends webhook deliveries, a grace later.
+	ctx       context.Context
+	cancel    context.CancelCauseFunc
+	hooks     context.Context
+	stopHooks context.CancelFunc
+
+	mu        sync.Mutex
+	cond      *sync.Cond
+	limit     int
+	maxQueued int
+	running   int
+	reserved  int // queue places held by jobs whose record is being stored
+	queue     []*job
+	// jobs holds the queued and running jobs by id, and the ended ones
+	// whose record storage has not taken yet: this instance answers for
+	// them, not storage's stale record.
+	jobs   map[string]*job
+	closed bool
+	wg     sync.WaitGroup // running jobs and the retries of their records
+
+	deliveries  int  // webhook deliveries in flight
+	hooksClosed bool // no more deliveries start
+	hookWG      sync.WaitGroup
 }
 
 var pools = caddy.NewUsagePool()
 
 const poolKey = "batch.async"
 
+var (
+	errQueueFull  = errors.New("too many async batches are queued; try again later")
+	errPoolClosed = errors.New("async batches are shutting down; try again later")
+)
+
+// queueRetryAfter is the Retry-After, in seconds, of a job refused because
+// the queue is full: a guess, as how long queued jobs take is unknown.
+const queueRetryAfter = 10
+
+// Tuning, variables so that tests may shorten them.
+var (
+	// storeRetry is the first wait before results or a record storage
+	// refused are stored again; each retry doubles it, up to a minute.
+	storeRetry = time.Second
+	// jobsGrace is how long Destruct waits for interrupted jobs to record
+	// their end; webhookGrace how long it then lets deliveries go on.
+	jobsGrace    = 10 * time.Second
+	webhookGrace = 5 * time.Second
+	// maxDeliveries bounds webhook deliveries in flight in the process:
+	// each holds a goroutine and its event while a slow or failing
+	// receiver retries; beyond it, events are dropped.
+	maxDeliveries = 1000
+)
+
+const (
+	storeAttempts = 3           // tries of one part of results
+	storeTimeout  = time.Minute // of one retried write of a record
+)
+
 func newJobPool() *jobPool {
 	ctx, cancel := context.WithCancelCause(context.Background())
-	p := &jobPool{ctx: ctx, cancel: cancel, limit: 1, jobs: map[string]*job{}}
+	hooks, stopHooks := context.WithCancel(context.Background())
+	p := &jobPool{ctx: ctx, cancel: cancel, hooks: hooks, stopHooks: stopHooks,
+		limit: 1, maxQueued: 1, jobs: map[string]*job{}}
 	p.cond = sync.NewCond(&p.mu)
 	go p.loop()
 	return p
 }
 
-// setLimit sets how many jobs run at once.
-func (p *jobPool) setLimit(n int) {
+// setLimits sets how many jobs run at once and how many may wait.
+func (p *jobPool) setLimits(workers, queued int) {
 	p.mu.Lock()
-	p.limit = n
+	p.limit, p.maxQueued = workers, queued
 	p.mu.Unlock()
 	p.cond.Broadcast()
 }
 
-func (p *jobPool) submit(j *job) {
+// reserve holds a place in the queue for a job while its record is
+// stored, so that a refused job stores nothing.
+func (p *jobPool) reserve() error {
 	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return errPoolClosed
+	}
+	if len(p.queue)+p.reserved >= p.maxQueued {
+		p.evictExpired()
+	}
+	if len(p.queue)+p.reserved >= p.maxQueued {
+		return errQueueFull
+	}
+	p.reserved++
+	return nil
+}
+
+func (p *jobPool) unreserve() {
+	p.mu.Lock()
+	p.reserved--
+	p.mu.Unlock()
+}
+
+// submit queues a job whose place was reserved.
+func (p *jobPool) submit(j *job) error {
+	p.mu.Lock()
+	p.reserved--
+	if p.closed {
+		p.mu.Unlock()
+		return errPoolClosed
+	}
 	p.queue = append(p.queue, j)
 	p.jobs[j.rec.ID] = j
 	p.mu.Unlock()
 	p.cond.Signal()
+	return nil
 }
 
-// lookup returns the job if this process runs or queues it.
+// evictExpired takes the jobs that expired while they waited out of the
+// queue, to end them without running. p.mu is held.
+func (p *jobPool) evictExpired() {
+	t := now()
+	kept := p.queue[:0]
+	for _, j := range p.queue {
+		if t.Before(j.rec.ExpiresAt) {
+			kept = append(kept, j)
+			continue
+		}
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			p.expire(j)
+		}()
+	}
+	clear(p.queue[len(kept):])
+	p.queue = kept
+}
+
+// sweepQueue ends the queued jobs that have expired.
+func (p *jobPool) sweepQueue() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.closed {
+		p.evictExpired()
+	}
+}
+
+// lookup returns the job if this process queues, runs or holds it.
 func (p *jobPool) lookup(id string) *job {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.jobs[id]
+}
+
+// forget drops an ended job whose record is stored (or given up on).
+func (p *jobPool) forget(j *job) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.jobs[j.rec.ID] == j {
+		delete(p.jobs, j.rec.ID)
+	}
 }
 
 func (p *jobPool) loop() {
@@ -191,6 +344,7 @@ func (p *jobPool) loop() {
 			return
 		}
 		j := p.queue[0]
+		p.queue[0] = nil
 		p.queue = p.queue[1:]
 		p.running++
 		p.wg.Add(1)
@@ -205,7 +359,7 @@ func (p *jobPool) dequeue(j *job) bool {
 	defer p.mu.Unlock()
 	for i, q := range p.queue {
 		if q == j {
-			p.queue = append(p.queue[:i], p.queue[i+1:]...)
+			p.queue = slices.Delete(p.queue, i, i+1)
 			p.running++ // it runs now, outside the limit: it only skips
 			p.wg.Add(1)
 			return true
@@ -214,48 +368,88 @@ func (p *jobPool) dequeue(j *job) bool {
 	return false
 }
 
+// release frees the worker slot of a job that has ended.
+func (p *jobPool) release() {
+	p.mu.Lock()
+	p.running--
+	p.mu.Unlock()
+	p.cond.Signal()
+}
+
 // Destruct interrupts the jobs that run and ends those that wait: their
-// submitters' credentials live only in this process.
+// submitters' credentials live only in this process. Webhook deliveries
+// get a grace after the jobs have ended, then are canceled.
 func (p *jobPool) Destruct() error {
 	p.mu.Lock()
 	p.closed = true
 	queued := p.queue
 	p.queue = nil
+	p.running += len(queued)
+	p.wg.Add(len(queued))
 	p.mu.Unlock()
 	p.cond.Broadcast()
 	p.cancel(errInterrupted)
 	for _, j := range queued {
-		p.wg.Add(1)
 		go p.run(j) // with the pool canceled, every operation is cut off at once
 	}
+	waitFor(&p.wg, jobsGrace)
+
+	p.mu.Lock()
+	p.hooksClosed = true
+	p.mu.Unlock()
+	if !waitFor(&p.hookWG, webhookGrace) {
+		p.stopHooks()
+		waitFor(&p.hookWG, webhookGrace)
+	}
+	p.stopHooks()
+	return nil
+}
+
+// waitFor waits at most d for wg; it reports whether wg is done.
+func waitFor(wg *sync.WaitGroup, d time.Duration) bool {
 	done := make(chan struct{})
-	go func() { p.wg.Wait(); close(done) }()
+	go func() { wg.Wait(); close(done) }()
+	t := time.NewTimer(d)
+	defer t.Stop()
 	select {
 	case <-done:
-	case <-time.After(10 * time.Second):
+		return true
+	case <-t.C:
+		return false
 	}
-	return nil
+}
+
+// sleepCtx waits d; false if ctx ended first.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // run runs one job to its end and records it.
 func (p *jobPool) run(j *job) {
-	defer func() {
-		p.mu.Lock()
-		delete(p.jobs, j.rec.ID)
-		p.running--
-		p.mu.Unlock()
-		p.cond.Signal()
-		p.wg.Done()
-	}()
-	h := j.h
-	ctx, cancel := context.WithTimeout(p.ctx, time.Duration(h.Async.Retention))
+	defer p.wg.Done()
+	defer p.release()
+	h, rn := j.h, j.rn
+	if !now().Before(j.rec.ExpiresAt) {
+		// Its id already answers 404: it must not run either.
+		p.expire(j)
+		return
+	}
+	ctx, cancel := context.WithDeadline(p.ctx, j.rec.ExpiresAt)
 	defer cancel()
-	j.rn.ctx = context.WithValue(ctx, batchCtxKey, j.rn.b)
+	started := now()
+	rn.ctx = context.WithValue(ctx, batchCtxKey, rn.b)
+	rn.results = make([]result, len(rn.b.ops))
 	// Storage writes outlive a shutdown's cancel: the record must say how
 	// the job ended.
 	store := context.WithoutCancel(ctx)
 
-	started := now()
 	j.mu.Lock()
 	j.rec.Status, j.rec.UpdatedAt = jobRunning, &started
 	j.mu.Unlock()
@@ -263,23 +457,24 @@ func (p *jobPool) run(j *job) {
 		h.logger.Error("storing async batch", zap.String("id", j.rec.ID), zap.Error(err))
 	}
 	h.metrics.jobs.WithLabelValues(jobRunning).Inc()
-	h.logger.Info("async batch started", zap.String("id", j.rec.ID), zap.Int("operations", len(j.rn.b.ops)))
+	h.logger.Info("async batch started", zap.String("id", j.rec.ID), zap.Int("operations", len(rn.b.ops)))
 
-	stopWatch := j.watchCancel(ctx)
-	sink := &storeSink{j: j, ctx: store}
-	sum := j.rn.execute(sink)
+	stopWatch := j.watchCancel(ctx, rn)
+	sink := &storeSink{j: j, rn: rn, ctx: store, stop: ctx}
+	sum := rn.execute(sink)
 	stopWatch()
 
 	// A new variable: readers hold pointers to the last one.
 	ended := now()
 	j.mu.Lock()
 	j.rec.Outcome, j.rec.UpdatedAt, j.rec.CompletedAt = sum.status, &ended, &ended
+	j.rec.Unstored = j.rec.Completed - sink.stored
 	switch {
 	case sink.err != nil:
 		j.rec.Status, j.rec.Error = jobError, "storing results: "+sink.err.Error()
 	case errors.Is(context.Cause(ctx), errInterrupted):
 		j.rec.Status, j.rec.Error = jobError, "interrupted"
-	case j.rn.canceled.Load():
+	case rn.canceled.Load():
 		j.rec.Status = jobCanceled
 	default:
 		j.rec.Status = jobCompleted
@@ -287,18 +482,73 @@ func (p *jobPool) run(j *job) {
 	// Counted before any reader can see the job ended.
 	h.metrics.jobs.WithLabelValues(j.rec.Status).Inc()
 	rec := j.rec
+	j.rn = nil
 	j.mu.Unlock()
 	if err := j.save(store); err != nil {
-		h.logger.Error("storing async batch", zap.String("id", rec.ID), zap.Error(err))
+		h.logger.Error("storing the end of an async batch; retrying", zap.String("id", rec.ID), zap.Error(err))
+		p.wg.Add(1)
+		go p.saveLater(j)
+	} else {
+		p.forget(j)
 	}
 	h.logger.Info("async batch ended", zap.String("id", rec.ID), zap.String("status", rec.Status),
 		zap.String("outcome", rec.Outcome), zap.String("error", rec.Error))
 	h.notify(p, rec.Status, rec.progress)
 }
 
+// expire ends a job that expired before it started: it does not run, and
+// what storage holds of it goes.
+func (p *jobPool) expire(j *job) {
+	h := j.h
+	t := now()
+	j.mu.Lock()
+	j.rec.Status, j.rec.Error, j.rec.UpdatedAt, j.rec.CompletedAt = jobError, "expired before it started", &t, &t
+	rec := j.rec
+	j.rn = nil
+	j.mu.Unlock()
+	p.forget(j)
+	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	if err := deleteTree(ctx, h.storage, jobKey(rec.ID)); err != nil {
+		h.logger.Warn("deleting expired batch job", zap.String("id", rec.ID), zap.Error(err))
+	}
+	h.metrics.jobs.WithLabelValues(jobError).Inc()
+	h.logger.Warn("async batch expired before it started", zap.String("id", rec.ID))
+	h.notify(p, jobError, rec.progress)
+}
+
+// saveLater stores the record of an ended job that storage refused, with
+// backoff, until it is stored, the job expires or the pool ends; the job
+// stays in memory till then.
+func (p *jobPool) saveLater(j *job) {
+	defer p.wg.Done()
+	defer p.forget(j)
+	wait := storeRetry
+	for {
+		left := j.rec.ExpiresAt.Sub(now())
+		if left <= 0 {
+			j.h.logger.Error("async batch expired before its end could be stored", zap.String("id", j.rec.ID))
+			return
+		}
+		last := !sleepCtx(p.ctx, min(wait, left))
+		ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+		err := j.save(ctx)
+		cancel()
+		if err == nil {
+			j.h.logger.Info("stored the end of an async batch", zap.String("id", j.rec.ID))
+			return
+		}
+		if last {
+			j.h.logger.Error("storing the end of an async batch: giving up at shutdown", zap.String("id", j.rec.ID), zap.Error(err))
+			return
+		}
+		wait = min(2*wait, time.Minute)
+	}
+}
+
 // watchCancel polls storage for a cancel request made through another
 // instance, until the returned func is called.
-func (j *job) watchCancel(ctx context.Context) (stop func()) {
+func (j *job) watchCancel(ctx context.Context, rn *runner) (stop func()) {
 	ctx, stop = context.WithCancel(ctx)
 	go func() {
 		tick := time.NewTicker(cancelPoll)
@@ -309,7 +559,7 @@ func (j *job) watchCancel(ctx context.Context) (stop func()) {
 				return
 			case <-tick.C:
 				if j.h.storage.Exists(ctx, jobKey(j.rec.ID, "cancel")) {
-					j.rn.canceled.Store(true)
+					rn.canceled.Store(true)
 					return
 				}
 			}
@@ -321,25 +571,28 @@ func (j *job) watchCancel(ctx context.Context) (stop func()) {
 // cancelPoll is how often a running job looks for a cancel request.
 var cancelPoll = time.Second
 
-// storeSink writes a job's results to storage in chunks, and its progress
-// after each.
+// storeSink writes a job's results to storage in parts, and its progress
+// after each. Once storage refuses a part, it stores nothing more, and the
+// job skips the operations it has not started: their results could not be
+// recorded.
 type storeSink struct {
-	j     *job
-	ctx   context.Context
-	buf   []byte
-	n     int // results in buf
-	chunk int
-	err   error
+	j    *job
+	rn   *runner
+	ctx  context.Context // of writes: outlives the job's end
+	stop context.Context // the job's: ends retries
+	buf  []byte
+
+	inBuf  int // results in buf
+	n      int // results of the chunk so far, in its stored parts and buf
+	chunk  int
+	part   int // of the chunk, the next to store
+	stored int // results in storage
+	err    error
 
 	lastProgress time.Time
 }
 
 func (s *storeSink) put(_ int, res *result, enc []byte) {
-	if s.n > 0 {
-		s.buf = append(s.buf, ',')
-	}
-	s.buf = append(s.buf, enc...)
-	s.n++
 	s.j.mu.Lock()
 	s.j.rec.Completed++
 	switch outcomeOf(res) {
@@ -351,27 +604,74 @@ func (s *storeSink) put(_ int, res *result, enc []byte) {
 		s.j.rec.Failed++
 	}
 	s.j.mu.Unlock()
+	if s.err != nil {
+		return
+	}
+	if s.inBuf > 0 && len(s.buf)+1+len(enc) > partSize {
+		if s.flush(false); s.err != nil {
+			return
+		}
+	}
+	if s.inBuf > 0 {
+		s.buf = append(s.buf, ',')
+	}
+	s.buf = append(s.buf, enc...)
+	s.inBuf++
+	s.n++
 	if s.n == resultsPerChunk {
-		s.flush()
+		s.flush(true)
+	} else if len(s.buf) >= partSize {
+		s.flush(false)
 	}
 }
 
-func (s *storeSink) flush() {
-	if s.n == 0 {
-		return
+// flush stores the buffered results as the chunk's next part; end moves
+// on to the next chunk.
+func (s *storeSink) flush(end bool) {
+	if s.inBuf > 0 && s.err == nil {
+		if err := s.store(partKey(s.j.rec.ID, s.chunk, s.part), s.buf); err != nil {
+			s.err = err
+			why := "skipped: results could not be stored: " + err.Error()
+			s.rn.unrecorded.Store(&why)
+			s.buf = nil
+			return
+		}
+		s.stored += s.inBuf
+		s.inBuf = 0
+		s.part++
+		if cap(s.buf) > 2*partSize {
+			s.buf = nil // one large answer does not keep its buffer for the job's life
+		} else {
+			s.buf = s.buf[:0]
+		}
+		s.progress()
 	}
-	id := s.j.rec.ID
-	if err := s.j.h.storage.Store(s.ctx, chunkKey(id, s.chunk), s.buf); err != nil && s.err == nil {
-		s.err = err
+	if end {
+		s.chunk, s.part, s.n = s.chunk+1, 0, 0
 	}
-	s.chunk++
-	s.buf, s.n = s.buf[:0], 0
+}
+
+// store writes a part, trying again while the job goes on.
+func (s *storeSink) store(key string, val []byte) error {
+	wait := storeRetry
+	for attempt := 1; ; attempt++ {
+		err := s.j.h.storage.Store(s.ctx, key, val)
+		if err == nil || attempt == storeAttempts || !sleepCtx(s.stop, wait) {
+			return err
+		}
+		wait *= 2
+	}
+}
+
+// progress records how far the job is, and tells the webhook if asked.
+func (s *storeSink) progress() {
 	t := now()
 	s.j.mu.Lock()
 	s.j.rec.UpdatedAt = &t
 	s.j.mu.Unlock()
-	if err := s.j.save(s.ctx); err != nil && s.err == nil {
-		s.err = err
+	if err := s.j.save(s.ctx); err != nil {
+		// Not fatal: the results are stored, and the end is retried.
+		s.j.h.logger.Warn("storing async batch progress", zap.String("id", s.j.rec.ID), zap.Error(err))
 	}
 	if wh := s.j.h.Async.Webhook; wh != nil && wh.wants("progress") && t.Sub(s.lastProgress) >= time.Duration(wh.ProgressInterval) {
 		s.lastProgress = t
@@ -379,7 +679,7 @@ func (s *storeSink) flush() {
 	}
 }
 
-func (s *storeSink) close(summary) { s.flush() }
+func (s *storeSink) close(summary) { s.flush(true) }
 
 // ownerHash identifies who may see a job or replay an idempotent answer: a
 // hash of the owner placeholder evaluated on r, so that storage never holds
@@ -419,7 +719,19 @@ func wantsAsync(r *http.Request) bool {
 	return false
 }
 
+// writeRefusal answers a job the pool would not take (503); other errors
+// it returns. It runs outside submit so that an Idempotency-Key does not
+// keep the refusal as its answer.
+func writeRefusal(w http.ResponseWriter, err error) error {
+	if errors.Is(err, errQueueFull) || errors.Is(err, errPoolClosed) {
+		w.Header().Set("Retry-After", strconv.Itoa(queueRetryAfter))
+		return writeError(w, http.StatusServiceUnavailable, err.Error())
+	}
+	return err
+}
+
 // submit stores a validated batch as a job, queues it and answers 202.
+// When the queue is full it returns errQueueFull, for writeRefusal.
 func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
 	owner, ok := h.ownerHash(r)
 	if !ok {
@@ -429,9 +741,14 @@ func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	if err != nil {
 		return err
 	}
+	if err := h.pool.reserve(); err != nil {
+		return err
+	}
 	// The job's context is set when it starts; the runner keeps only the
-	// request's connection facts and inherited headers, in memory.
+	// request's connection facts and inherited headers, in memory, and its
+	// results are allocated when it starts.
 	rn := h.newRunner(context.Background(), time.Duration(h.Async.Retention), r, next, srv, b)
+	rn.results = nil
 	t := now()
 	j := &job{h: h, rn: rn, rec: jobRecord{
 		progress:  progress{ID: rn.id, Status: jobQueued, Total: len(b.ops), CreatedAt: t},
@@ -439,10 +756,17 @@ func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.
 		ExpiresAt: t.Add(time.Duration(h.Async.Retention)),
 	}}
 	if err := j.save(r.Context()); err != nil {
+		h.pool.unreserve()
 		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err))
 	}
 	queued := j.snapshot().progress
-	h.pool.submit(j)
+	if err := h.pool.submit(j); err != nil {
+		// The pool ended while the record was stored: nothing would run it.
+		if err := deleteTree(context.WithoutCancel(r.Context()), h.storage, jobKey(rn.id)); err != nil {
+			h.logger.Warn("deleting refused batch job", zap.String("id", rn.id), zap.Error(err))
+		}
+		return err
+	}
 	h.metrics.jobs.WithLabelValues(jobQueued).Inc()
 	h.logger.Info("async batch queued", zap.String("id", rn.id), zap.Int("operations", len(b.ops)))
 
@@ -520,10 +844,14 @@ func (h *Handler) loadJob(ctx context.Context, id string) (jobRecord, error) {
 		return rec, err
 	}
 	if err := json.Unmarshal(buf, &rec); err != nil {
-		return rec, fmt.Errorf("job %s: %w", id, err)
+		return rec, fmt.Errorf("%w: job %s: %w", errBadRecord, id, err)
 	}
 	return rec, nil
 }
+
+// errBadRecord marks a stored record (a job's, an idempotent answer's)
+// that cannot be read: it is replaced or swept, never trusted.
+var errBadRecord = errors.New("unreadable record")
 
 // cancelJob stops a job: what has not started is skipped (424).
 func (h *Handler) cancelJob(w http.ResponseWriter, r *http.Request, j *job, rec jobRecord) error {
@@ -537,7 +865,7 @@ func (h *Handler) cancelJob(w http.ResponseWriter, r *http.Request, j *job, rec 
 		}
 		return writeProgress(w, http.StatusAccepted, rec.progress)
 	}
-	j.rn.canceled.Store(true)
+	j.requestCancel()
 	if h.pool.dequeue(j) {
 		go h.pool.run(j)
 	}
@@ -561,8 +889,9 @@ func (h *Handler) cancelJob(w http.ResponseWriter, r *http.Request, j *job, rec 
 // maxPageLimit bounds ?limit=; a larger page is answered in parts.
 const maxPageLimit = 10000
 
-// writeResults streams an ended job's results from storage, a chunk at a
-// time: ?offset= and ?limit= page them.
+// writeResults streams an ended job's results from storage, a part at a
+// time: ?offset= and ?limit= page them. A job that ended "error" serves
+// the results that were stored, and says why the rest are not.
 func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRecord) error {
 	q := r.URL.Query()
 	offset, limit := 0, rec.Total
@@ -577,38 +906,65 @@ func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRe
 			return writeError(w, http.StatusBadRequest, fmt.Sprintf("limit must be a whole number from 1 to %d", maxPageLimit))
 		}
 	}
-	end := min(offset+limit, rec.Completed)
+	stored := rec.Completed - rec.Unstored
+	end := stored
+	if offset < stored && limit < stored-offset {
+		end = offset + limit
+	}
 
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(http.StatusOK)
-	_, _ = w.Write([]byte(`{"results":[`))
-	first := true
+	started, first := false, true
 	for c := offset / resultsPerChunk; c*resultsPerChunk < end; c++ {
-		buf, err := h.storage.Load(r.Context(), chunkKey(rec.ID, c))
-		if err != nil {
-			// The answer has begun: abort it rather than send a wrong one.
-			h.logger.Error("loading batch job results", zap.String("id", rec.ID), zap.Int("chunk", c), zap.Error(err))
-			panic(http.ErrAbortHandler)
-		}
-		i := c * resultsPerChunk
-		for _, item := range splitResults(buf) {
-			if i >= offset && i < end {
-				if !first {
-					_, _ = w.Write([]byte{','})
-				}
-				first = false
-				_, _ = w.Write(item)
+		i := c * resultsPerChunk // index of the next result read
+		last := min(i+resultsPerChunk, stored)
+		for part := 0; i < last && i < end; part++ {
+			buf, err := h.storage.Load(r.Context(), partKey(rec.ID, c, part))
+			if err == nil && len(buf) == 0 {
+				err = errors.New("empty part")
 			}
-			i++
+			if err != nil {
+				err = fmt.Errorf("loading batch job results: chunk %d part %d: %w", c, part, err)
+				if !started {
+					return caddyhttp.Error(http.StatusServiceUnavailable, err)
+				}
+				// The answer has begun: abort it rather than send a wrong one.
+				h.logger.Error("loading batch job results", zap.String("id", rec.ID), zap.Error(err))
+				panic(http.ErrAbortHandler)
+			}
+			if !started {
+				started = true
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusOK)
+				_, _ = w.Write([]byte(`{"results":[`))
+			}
+			for _, item := range splitResults(buf) {
+				if i >= offset && i < end {
+					if !first {
+						_, _ = w.Write([]byte{','})
+					}
+					first = false
+					_, _ = w.Write(item)
+				}
+				i++
+			}
 		}
 	}
-	out := appendSummary([]byte("]"), summary{
+	out := []byte(nil)
+	if !started {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusOK)
+		out = append(out, `{"results":[`...)
+	}
+	out = appendSummary(append(out, ']'), summary{
 		status: rec.Outcome, total: rec.Total, succeeded: rec.Succeeded, failed: rec.Failed, skipped: rec.Skipped,
 	})
 	out = append(out, `,"offset":`...)
 	out = strconv.AppendInt(out, int64(offset), 10)
 	out = append(out, `,"limit":`...)
 	out = strconv.AppendInt(out, int64(limit), 10)
+	if rec.Status == jobError && rec.Error != "" {
+		out = append(out, `,"error":`...)
+		out = appendString(out, rec.Error)
+	}
 	_, _ = w.Write(append(out, '}'))
 	return nil
 }
@@ -653,6 +1009,7 @@ func (h *Handler) sweepJobs(ctx context.Context) {
 	defer tick.Stop()
 	for {
 		h.deleteExpired(ctx)
+		h.pool.sweepQueue()
 		select {
 		case <-ctx.Done():
 			return
@@ -672,13 +1029,43 @@ func (h *Handler) deleteExpired(ctx context.Context) {
 	for _, k := range keys {
 		id := path.Base(k)
 		rec, err := h.loadJob(ctx, id)
-		if err != nil || !now().After(rec.ExpiresAt) {
-			continue
+		switch {
+		case err == nil:
+			if !now().After(rec.ExpiresAt) {
+				continue
+			}
+		case errors.Is(err, fs.ErrNotExist) || errors.Is(err, errBadRecord):
+			// No record says when it expires, but no job lives longer
+			// than retention: keys older than that belong to none.
+			if !h.idleFor(ctx, jobKey(id), time.Duration(h.Async.Retention)) {
+				continue
+			}
+		default:
+			continue // storage trouble: next time
 		}
 		if err := deleteTree(ctx, h.storage, jobKey(id)); err != nil {
 			h.logger.Warn("deleting expired batch job", zap.String("id", id), zap.Error(err))
 		}
 	}
+}
+
+// idleFor reports whether nothing under prefix has been written for d.
+func (h *Handler) idleFor(ctx context.Context, prefix string, d time.Duration) bool {
+	keys, err := h.storage.List(ctx, prefix, true)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return false
+	}
+	since := now().Add(-d)
+	for _, k := range append(keys, prefix) {
+		info, err := h.storage.Stat(ctx, k)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			// Gone meanwhile, or a prefix that is no key of its own.
+		case err != nil || info.Modified.After(since):
+			return false
+		}
+	}
+	return true
 }
 
 // deleteTree deletes prefix and every key under it, key by key, as storage

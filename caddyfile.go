@@ -79,6 +79,7 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //		async {
 //			retention <duration>
 //			workers   <n>
+//			max_queued <n>
 //			owner     <placeholder>
 //			webhook   <url> {
 //				secret            <string>
@@ -143,6 +144,8 @@ func (a *AsyncConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return durationArg(d, &a.Retention)
 		case "workers":
 			return intArg(d, &a.Workers, 1)
+		case "max_queued":
+			return intArg(d, &a.MaxQueued, 1)
 		case "owner":
 			return oneArg(d, &a.Owner)
 		case "webhook":

@@ -82,6 +82,9 @@ type runner struct {
 	rollbackFailed bool
 	// canceled stops an async job at the next operation it would start.
 	canceled atomic.Bool
+	// unrecorded, once set, stops an async job whose results storage no
+	// longer takes at the next operation it would start; it says why.
+	unrecorded atomic.Pointer[string]
 	// refs is what filling in references may still cost.
 	refs refBudget
 }
@@ -322,6 +325,9 @@ func (rn *runner) decide(op *operation, clk *opClock) result {
 	}
 	if rn.canceled.Load() {
 		return result{status: statusSkipped, err: "skipped: batch canceled"}
+	}
+	if why := rn.unrecorded.Load(); why != nil {
+		return result{status: statusSkipped, err: *why}
 	}
 	if rn.stoppedAt >= 0 {
 		return result{status: statusSkipped, err: "skipped: batch stopped at op " + rn.b.ops[rn.stoppedAt].id}

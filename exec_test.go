@@ -183,11 +183,7 @@ func TestAllOrNothingCanceledJobRollsBack(t *testing.T) {
 	if hdr.Get("Location") == "" {
 		t.Fatalf("submit: %s", body)
 	}
-	for deadline := time.Now().Add(10 * time.Second); !slices.Contains(be.eventLog(), "start s"); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the slow operation never started")
-		}
-	}
+	eventually(t, 10*time.Second, "the slow operation to start", func() bool { return slices.Contains(be.eventLog(), "start s") })
 	if status, body := del(t, job, alice); status != 200 && status != 202 {
 		t.Fatalf("cancel: %d %s", status, body)
 	}

@@ -238,8 +238,17 @@ func (h *Handler) provisionAsync(ctx caddy.Context) error {
 		a.Owner = h.owner
 	}
 	h.owner = a.Owner
+	if a.MaxQueued == 0 {
+		a.MaxQueued = 1
+		if c := queuedCost(h.MaxBodySize, h.MaxOps); c > 0 { // invalid sizes fail Validate
+			a.MaxQueued = int(max(1, queueBudget/c))
+		}
+	}
 	if a.Retention < caddy.Duration(time.Second) || a.Workers < 0 {
 		return errors.New("retention must be at least 1s and workers positive")
+	}
+	if a.MaxQueued < 0 {
+		return fmt.Errorf("max_queued must be positive, got %d", a.MaxQueued)
 	}
 	if a.Webhook != nil {
 		if err := a.Webhook.provision(); err != nil {
@@ -252,7 +261,7 @@ func (h *Handler) provisionAsync(ctx caddy.Context) error {
 		return err
 	}
 	h.pool = val.(*jobPool)
-	h.pool.setLimit(a.Workers)
+	h.pool.setLimits(a.Workers, a.MaxQueued)
 	go h.sweepJobs(ctx)
 	return nil
 }
@@ -385,9 +394,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	case b.async && h.Async == nil:
 		return writeFaults(w, badBatchError{{Index: -1, Message: "async batches are not enabled here"}})
 	case r.Header.Get("Idempotency-Key") != "":
-		return h.serveIdempotent(w, r, next, b, r.Header.Get("Idempotency-Key"), body)
+		return writeRefusal(w, h.serveIdempotent(w, r, next, b, r.Header.Get("Idempotency-Key"), body))
 	case h.Async != nil && (b.async || wantsAsync(r)):
-		return h.submit(w, r, next, b)
+		return writeRefusal(w, h.submit(w, r, next, b))
 	}
 	_, err = h.run(w, r, next, b)
 	return err

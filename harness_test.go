@@ -243,6 +243,18 @@ func loadCaddy(t *testing.T, cfgJSON []byte, port int) string {
 	}
 }
 
+// eventually polls cond until it holds, failing the test after d.
+func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within %s: %s", d, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 var client = &http.Client{Timeout: 30 * time.Second}
 
 // post sends a batch and returns the status, headers and body. headers are

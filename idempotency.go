@@ -66,18 +66,15 @@ func (a idempotentAnswer) encode() ([]byte, error) {
 	return append(append(append(buf, line...), '\n'), body...), nil
 }
 
-// errBadRecord marks a record that cannot be replayed.
-var errBadRecord = errors.New("unreadable idempotent answer")
-
 // decodeAnswer reads a record that encode wrote, or an older one.
 func decodeAnswer(buf []byte) (idempotentAnswer, error) {
 	var a idempotentAnswer
 	line, body, found := bytes.Cut(buf, []byte{'\n'}) // json.Marshal writes none
 	if err := json.Unmarshal(line, &a); err != nil {
-		return a, fmt.Errorf("%w: %w", errBadRecord, err)
+		return a, fmt.Errorf("%w: idempotent answer: %w", errBadRecord, err)
 	}
 	if a.BodyHash == "" || a.Status < 200 || a.Status > 599 {
-		return a, fmt.Errorf("%w: no body hash or status", errBadRecord)
+		return a, fmt.Errorf("%w: idempotent answer without body hash or status", errBadRecord)
 	}
 	if found {
 		a.Body = body

@@ -134,18 +134,6 @@ func answerFiles(t *testing.T, storage string) []string {
 	return files
 }
 
-// waitFor polls cond until it holds, failing after 10s.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("still waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // Answers kept for an Idempotency-Key are deleted once expired, by a
 // handler without an async block too (retention 24h): a config sweeps
 // when it starts. The key then runs its batch again.
@@ -169,7 +157,7 @@ func TestIdempotentAnswersExpire(t *testing.T) {
 
 	ahead(25 * time.Hour) // "old" expired an hour ago; "young" has 22 hours left
 	base = startCaddyIn(t, storage, site)
-	waitFor(t, "the expired answer to be swept", func() bool { return len(answerFiles(t, storage)) == 1 })
+	eventually(t, 10*time.Second, "the expired answer to be swept", func() bool { return len(answerFiles(t, storage)) == 1 })
 	if _, hdr, _ := post(t, base+"/batch", batch, alice, "Idempotency-Key: young"); hdr.Get("Idempotent-Replayed") != "true" {
 		t.Error("the answer that has not expired is gone")
 	}
@@ -191,7 +179,7 @@ func TestIdempotentAnswersSweptPeriodically(t *testing.T) {
 		t.Fatalf("%d answers stored, want 1", n)
 	}
 	ahead(2 * time.Second)
-	waitFor(t, "the expired answer to be swept", func() bool { return len(answerFiles(t, storage)) == 0 })
+	eventually(t, 10*time.Second, "the expired answer to be swept", func() bool { return len(answerFiles(t, storage)) == 0 })
 }
 
 // An answer larger than max_idempotent_size (default 1 MiB) is sent, whole,
@@ -321,7 +309,7 @@ func TestIdempotencyCutBatchIsNotStored(t *testing.T) {
 			resp.Body.Close()
 		}
 	}()
-	waitFor(t, "the slow operation to start", func() bool { return slices.Contains(be.eventLog(), "start cut") })
+	eventually(t, 10*time.Second, "the slow operation to start", func() bool { return slices.Contains(be.eventLog(), "start cut") })
 	cancel()
 	<-done
 
@@ -422,7 +410,7 @@ func TestIdempotencyStalledReaderReleasesKey(t *testing.T) {
 	_ = conn.(*net.TCPConn).SetReadBuffer(4096)
 	fmt.Fprintf(conn, "POST /batch HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nAuthorization: Bearer alice\r\n"+
 		"Idempotency-Key: stall\r\nContent-Length: %d\r\n\r\n%s", strings.TrimPrefix(base, "http://"), len(batch), batch)
-	waitFor(t, "the first batch to run", func() bool { return len(be.requests()) > 0 })
+	eventually(t, 10*time.Second, "the first batch to run", func() bool { return len(be.requests()) > 0 })
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -463,7 +451,7 @@ func TestIdempotencyWaitersLeave(t *testing.T) {
 	held := make(chan struct{})
 	go func() { defer close(held); send(holder, client) }()
 	t.Cleanup(func() { stopHolder(); <-held })
-	waitFor(t, "the batch to start", func() bool { return slices.Contains(be.eventLog(), "start hold") })
+	eventually(t, 10*time.Second, "the batch to start", func() bool { return slices.Contains(be.eventLog(), "start hold") })
 
 	const waiters = 20
 	base0 := runtime.NumGoroutine()
@@ -476,10 +464,10 @@ func TestIdempotencyWaitersLeave(t *testing.T) {
 	// Each waiter is 5 goroutines: its client's request, read and write
 	// loops, and the server's connection and background read, which starts
 	// once the handler has read the body.
-	waitFor(t, "the waiters to arrive", func() bool { return runtime.NumGoroutine() >= base0+5*waiters-5 })
+	eventually(t, 10*time.Second, "the waiters to arrive", func() bool { return runtime.NumGoroutine() >= base0+5*waiters-5 })
 	leave()
 	wg.Wait()
-	waitFor(t, "the waiters to be gone", func() bool {
+	eventually(t, 10*time.Second, "the waiters to be gone", func() bool {
 		if slices.Contains(be.eventLog(), "end hold") {
 			t.Fatal("the waiters were held until the batch with the key ended")
 		}

@@ -79,6 +79,8 @@ func (wh *Webhook) wants(event string) bool { return slices.Contains(wh.Events, 
 var webhookBackoff = time.Second
 
 // notify delivers event in the background: delivery never holds up a job.
+// Deliveries end with the pool: Destruct gives them a grace, then cancels
+// them.
 func (h *Handler) notify(p *jobPool, event string, prog progress) {
 	wh := h.Async.Webhook
 	if wh == nil || !wh.wants(event) {
@@ -91,12 +93,38 @@ func (h *Handler) notify(p *jobPool, event string, prog progress) {
 	if err != nil {
 		return
 	}
-	p.wg.Add(1)
+	if why := p.startDelivery(); why != "" {
+		h.metrics.webhooks.WithLabelValues("given_up").Inc()
+		h.logger.Warn("webhook delivery dropped", zap.String("id", prog.ID), zap.String("event", event), zap.String("reason", why))
+		return
+	}
 	go func() {
-		defer p.wg.Done()
-		// Deliveries outlive a shutdown's cancel, bounded by their attempts.
-		wh.deliver(context.WithoutCancel(p.ctx), h, body, prog.ID)
+		defer p.deliveryDone()
+		wh.deliver(p.hooks, h, body, prog.ID)
 	}()
+}
+
+// startDelivery counts a delivery in; it returns why not when it may not
+// start.
+func (p *jobPool) startDelivery() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case p.hooksClosed:
+		return "shutting down"
+	case p.deliveries >= maxDeliveries:
+		return "too many deliveries in flight"
+	}
+	p.deliveries++
+	p.hookWG.Add(1)
+	return ""
+}
+
+func (p *jobPool) deliveryDone() {
+	p.mu.Lock()
+	p.deliveries--
+	p.mu.Unlock()
+	p.hookWG.Done()
 }
 
 func (wh *Webhook) deliver(ctx context.Context, h *Handler, body []byte, id string) {
@@ -109,14 +137,13 @@ func (wh *Webhook) deliver(ctx context.Context, h *Handler, body []byte, id stri
 			return
 		}
 		h.metrics.webhooks.WithLabelValues("failed").Inc()
-		if attempt == wh.MaxAttempts {
+		// Full jitter keeps many failed deliveries from retrying in step.
+		if attempt == wh.MaxAttempts || ctx.Err() != nil || !sleepCtx(ctx, wait/2+rand.N(wait/2+1)) {
 			h.metrics.webhooks.WithLabelValues("given_up").Inc()
 			h.logger.Error("webhook delivery given up", zap.String("id", id), zap.Int("attempts", attempt),
-				zap.Int("status", status), zap.Error(err))
+				zap.Int("status", status), zap.Error(err), zap.Bool("canceled", ctx.Err() != nil))
 			return
 		}
-		// Full jitter keeps many failed deliveries from retrying in step.
-		time.Sleep(wait/2 + rand.N(wait/2+1))
 		wait = min(wait*2, 5*time.Minute)
 	}
 }
