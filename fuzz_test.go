@@ -48,6 +48,9 @@ func FuzzParseBatch(f *testing.F) {
 	for _, s := range fzBatchSeeds {
 		f.Add(s)
 	}
+	for _, b := range adversarialBodies(64 << 10) { // hostile shapes, deep nesting included
+		f.Add(string(b))
+	}
 	lim := ptLimits(f, &Handler{MaxOps: 50, AllowForwardedHeaders: []string{"X-Forwarded-Proto"}})
 	limPar := ptLimits(f, &Handler{MaxOps: 50, Mode: "parallel"})
 	f.Fuzz(func(t *testing.T, body string) {
