@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -46,6 +47,40 @@ func TestDryRun(t *testing.T) {
 	// A dry run still validates.
 	if status, _, _ := post(t, base+"/batch", `{"dry_run":true,"batch":[{"path":"//x"}]}`); status != 400 {
 		t.Errorf("invalid dry run: %d", status)
+	}
+}
+
+// A dry run repeats the inherited headers for every operation: its answer
+// is written as it is made, not held whole.
+func TestDryRunStreamed(t *testing.T) {
+	be := newBackend(t)
+	// Caddy takes 16 KB of headers by default; a server may take more.
+	base := startCaddyGlobal(t, "servers {\n\t\tmax_header_size 1MB\n\t}", proxySite(be, ""))
+	ops := "[" + strings.TrimSuffix(strings.Repeat(`{"path":"/users"},`, 100), ",") + "]"
+	send := func(ops string) int64 {
+		req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(`{"dry_run":true,"batch":`+ops+`}`))
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Cookie", "c="+strings.Repeat("x", 500_000))
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		n, err := io.Copy(io.Discard, resp.Body)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("status %d: %v", resp.StatusCode, err)
+		}
+		return n
+	}
+	send(`[{"path":"/users"}]`) // warm-up
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	n := send(ops)
+	runtime.ReadMemStats(&after)
+	// The answer is 50 MB. Held whole (grown by append) it would cost
+	// five times that; written in chunks, a fraction.
+	if got := after.TotalAlloc - before.TotalAlloc; got > uint64(n)/2 {
+		t.Errorf("a dry run of %d MB allocated %d MB", n>>20, got>>20)
 	}
 }
 

@@ -511,8 +511,12 @@ func stack() string { return string(debug.Stack()) }
 
 // writeDryRun answers a dry run: each operation as it would be sent, with
 // the headers it would carry after inheritance and dropping, running none.
+// The answer repeats the inherited headers for every operation, so it is
+// written as it is made, in chunks: a megabyte of headers and max_ops
+// operations must not become one buffer.
 func (h *Handler) writeDryRun(w http.ResponseWriter, r *http.Request, b *batch) error {
 	inherited := h.inheritedHeaders(r.Header)
+	sent := false
 	buf := []byte(`{"dry_run":true,"total":`)
 	buf = strconv.AppendInt(buf, int64(len(b.ops)), 10)
 	buf = append(buf, `,"mode":`...)
@@ -548,7 +552,21 @@ func (h *Handler) writeDryRun(w http.ResponseWriter, r *http.Request, b *batch) 
 			buf = append(buf, ']')
 		}
 		buf = append(buf, '}')
+		if len(buf) >= sinkChunk {
+			if !sent {
+				sent = true
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusOK)
+			}
+			_, _ = w.Write(buf)
+			buf = buf[:0]
+		}
 	}
-	writeJSON(w, http.StatusOK, append(buf, "]}"...))
+	buf = append(buf, "]}"...)
+	if !sent {
+		writeJSON(w, http.StatusOK, buf)
+		return nil
+	}
+	_, _ = w.Write(buf)
 	return nil
 }
