@@ -6,14 +6,11 @@ package batch
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -329,16 +326,6 @@ func (h *Handler) store() certmagic.Storage {
 	return h.storage
 }
 
-// pathAllowed matches an operation's path against the configured paths.
-func (h *Handler) pathAllowed(u *url.URL) bool {
-	// MatchPath reads the replacer for patterns with placeholders; an empty
-	// one leaves them blank, so such patterns match no client-chosen path.
-	r := &http.Request{URL: u}
-	r = r.WithContext(context.WithValue(context.Background(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
-	ok, err := h.paths.MatchWithError(r)
-	return ok && err == nil
-}
-
 // ServeHTTP answers a batch request; other requests it refuses.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	if r.Context().Value(batchCtxKey) != nil {
@@ -402,27 +389,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	return err
 }
 
-// isJSONType reports whether a Content-Type is application/json or
-// application/*+json.
-func isJSONType(ct string) bool {
-	// Read per result: no mime.ParseMediaType, which allocates.
-	if ct == "application/json" {
-		return true
-	}
-	mt, _, _ := strings.Cut(ct, ";")
-	mt = strings.TrimSpace(mt)
-	const app, suffix = "application/", "+json"
-	return strings.EqualFold(mt, "application/json") ||
-		len(mt) > len(app)+len(suffix) && strings.EqualFold(mt[:len(app)], app) && strings.EqualFold(mt[len(mt)-len(suffix):], suffix)
-}
-
-// newBatchID returns 128 random bits in hex.
-func newBatchID() string {
-	var b [16]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
-}
-
 // Interface guards
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)
@@ -430,3 +396,19 @@ var (
 	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )
+
+// run runs a batch for the client and answers it.
+func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) (summary, error) {
+	srv, err := serverOf(r)
+	if err != nil {
+		return summary{}, err
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.Timeout))
+	defer cancel()
+	rn := h.newRunner(ctx, time.Duration(h.Timeout), r, next, srv, b)
+	if wantsNDJSON(r) {
+		b.lean.oneLine = true
+		return rn.execute(&ndjsonSink{w: w, rc: http.NewResponseController(w)}), nil
+	}
+	return rn.execute(&httpSink{w: w, form: b.form}), nil
+}

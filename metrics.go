@@ -3,6 +3,7 @@ package batch
 import (
 	"errors"
 	"strconv"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -85,4 +86,21 @@ func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error)
 // statusClass is "2xx" for 204, and so on.
 func statusClass(status int) string {
 	return strconv.Itoa(status/100) + "xx"
+}
+
+// record counts the batch in the metrics.
+func (rn *runner) record(sum summary, took time.Duration) {
+	m := rn.h.metrics
+	m.batches.WithLabelValues(rn.b.mode, sum.status).Inc()
+	m.size.Observe(float64(len(rn.results)))
+	m.duration.WithLabelValues(rn.b.mode).Observe(took.Seconds())
+	var classes [6]int
+	for i := range rn.results {
+		classes[min(rn.results[i].status/100, 5)]++
+	}
+	for c, n := range classes {
+		if n > 0 {
+			m.operations.WithLabelValues(statusClass(c * 100)).Add(float64(n))
+		}
+	}
 }

@@ -1,0 +1,187 @@
+package batch
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/tidwall/gjson"
+)
+
+func (p *parser) parseDeps(op *operation, v gjson.Result) {
+	var ids []string
+	switch {
+	case !v.Exists() || v.Type == gjson.Null:
+	case v.Type == gjson.String:
+		ids = []string{v.Str}
+	case v.IsArray():
+		v.ForEach(func(_, s gjson.Result) bool {
+			if s.Type != gjson.String {
+				p.opFault(op, "depends_on must hold operation ids (strings), got %s", short(s.Raw))
+				return false
+			}
+			ids = append(ids, s.Str)
+			return true
+		})
+	default:
+		p.opFault(op, "depends_on must be an array of operation ids, got %s", short(v.Raw))
+	}
+	op.depIDs = ids
+	p.linked = p.linked || len(ids) > 0
+}
+
+// resolveDeps checks that ids are unique and turns depends_on ids into
+// operation indexes.
+func (p *parser) resolveDeps(b *batch) {
+	if !p.linked {
+		return // default ids are unique, and nothing refers to any
+	}
+	byID := make(map[string]int, len(b.ops))
+	for _, op := range b.ops {
+		if first, dup := byID[op.id]; dup {
+			p.opFault(op, "id %q is already used by operation %d", short(op.id), first)
+			continue
+		}
+		byID[op.id] = op.index
+	}
+	// added[j] is i+1 once operation i depends on j: each dependency is
+	// added once, in time linear in the lists however long they are.
+	added := make([]int, len(b.ops))
+	addDep := func(op *operation, j int) {
+		if added[j] != op.index+1 {
+			added[j] = op.index + 1
+			op.deps = append(op.deps, j)
+		}
+	}
+	for _, op := range b.ops {
+		for _, id := range op.depIDs {
+			j, ok := byID[id]
+			switch {
+			case !ok:
+				p.opFault(op, "depends_on names unknown operation %q", short(id))
+			case j == op.index:
+				p.opFault(op, "operation cannot depend on itself")
+			default:
+				addDep(op, j)
+			}
+		}
+		op.depIDs = nil
+		// A reference implies a dependency.
+		if op.tmpl != nil {
+			for _, r := range op.tmpl.refs() {
+				j, ok := byID[r.id]
+				switch {
+				case !ok:
+					p.opFault(op, "reference %s names unknown operation %q", short(r.raw), r.id)
+				case j == op.index:
+					p.opFault(op, "reference %s: an operation cannot refer to its own answer", short(r.raw))
+				default:
+					r.op = j
+					b.ops[j].keep(r)
+					addDep(op, j)
+				}
+			}
+		}
+		// A rollback runs after the batch, so it may read any answer,
+		// its own operation's too.
+		if rb := op.rollback; rb != nil && rb.tmpl != nil {
+			for _, r := range rb.tmpl.refs() {
+				j, ok := byID[r.id]
+				if !ok {
+					p.opFault(rb, "reference %s names unknown operation %q", short(r.raw), r.id)
+					continue
+				}
+				r.op = j
+				b.ops[j].keep(r)
+			}
+		}
+	}
+	if b.mode == modeSequential {
+		for _, op := range b.ops {
+			for _, d := range op.deps {
+				if d > op.index {
+					p.opFault(op, "depends on %q, which comes later: in sequential mode an operation can only depend on earlier ones", b.ops[d].id)
+				}
+			}
+		}
+	} else {
+		p.checkCycles(b) // deps hold only valid indexes, whatever else is wrong
+	}
+}
+
+// keep marks what of op's answer reference r reads.
+func (op *operation) keep(r *ref) {
+	switch r.kind {
+	case refHeader:
+		op.keepHeader = true
+	case refBody:
+		op.keepBody = true
+		op.keepHeader = true // the body is read by its Content-Type
+	}
+}
+
+// checkCycles reports each dependency cycle once, naming its operations.
+func (p *parser) checkCycles(b *batch) {
+	const (
+		unvisited = iota
+		onPath
+		finished
+	)
+	state := make([]int8, len(b.ops))
+	pos := make([]int, len(b.ops)) // of an operation on the path
+	var path []int
+	// Iterative depth-first search: a long dependency chain must not grow
+	// the goroutine stack with the batch.
+	type frame struct{ op, next int }
+	for root := range b.ops {
+		if state[root] != unvisited {
+			continue
+		}
+		stack := []frame{{op: root}}
+		state[root] = onPath
+		path = append(path[:0], root)
+		pos[root] = 0
+		for len(stack) > 0 {
+			top := &stack[len(stack)-1]
+			deps := b.ops[top.op].deps
+			if top.next == len(deps) {
+				state[top.op] = finished
+				stack = stack[:len(stack)-1]
+				path = path[:len(path)-1]
+				continue
+			}
+			d := deps[top.next]
+			top.next++
+			switch state[d] {
+			case unvisited:
+				state[d] = onPath
+				stack = append(stack, frame{op: d})
+				pos[d] = len(path)
+				path = append(path, d)
+			case onPath:
+				if p.full() {
+					continue // counted; naming it would cost the cycle's length
+				}
+				p.opFault(b.ops[d], "dependency cycle: %s", cycleText(b, path[pos[d]:]))
+			}
+		}
+	}
+}
+
+// cycleText names the operations of a dependency cycle, back to the
+// first; a long one by its first few and its length.
+func cycleText(b *batch, cycle []int) string {
+	const most = 8
+	var sb strings.Builder
+	for k, i := range cycle[:min(len(cycle), most)] {
+		if k > 0 {
+			sb.WriteString(" -> ")
+		}
+		sb.WriteString(short(b.ops[i].id))
+	}
+	if len(cycle) > most {
+		fmt.Fprintf(&sb, " -> … (%d operations)", len(cycle))
+	}
+	sb.WriteString(" -> ")
+	sb.WriteString(short(b.ops[cycle[0]].id))
+	return sb.String()
+}

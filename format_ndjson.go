@@ -1,0 +1,51 @@
+package batch
+
+import (
+	"net/http"
+	"strconv"
+	"strings"
+)
+
+// ndjsonSink writes one result per line, each with its index, the moment it
+// is final, then a line with the summary (Accept: application/x-ndjson).
+type ndjsonSink struct {
+	w       http.ResponseWriter
+	rc      *http.ResponseController
+	started bool
+	buf     []byte
+}
+
+func (s *ndjsonSink) put(index int, _ *result, enc []byte) {
+	if !s.started {
+		s.started = true
+		s.w.Header().Set("Content-Type", "application/x-ndjson")
+		s.w.WriteHeader(http.StatusOK)
+	}
+	s.buf = append(s.buf[:0], `{"index":`...)
+	s.buf = strconv.AppendInt(s.buf, int64(index), 10)
+	s.buf = append(s.buf, ',')
+	s.buf = append(s.buf, enc[1:]...) // enc is {"id":...}
+	s.buf = append(s.buf, '\n')
+	_, _ = s.w.Write(s.buf)
+	_ = s.rc.Flush()
+}
+
+func (s *ndjsonSink) close(sum summary) {
+	s.buf = appendSummary(append(s.buf[:0], `{"summary":true`...), sum)
+	s.buf = append(s.buf, "}\n"...)
+	_, _ = s.w.Write(s.buf)
+	_ = s.rc.Flush()
+}
+
+// wantsNDJSON reports whether the client asked for results as NDJSON.
+func wantsNDJSON(r *http.Request) bool {
+	for _, v := range r.Header.Values("Accept") {
+		for _, part := range splitComma(v) {
+			mt, _, _ := strings.Cut(part, ";")
+			if strings.EqualFold(strings.TrimSpace(mt), "application/x-ndjson") {
+				return true
+			}
+		}
+	}
+	return false
+}

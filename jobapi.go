@@ -1,0 +1,309 @@
+package batch
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+// wantsAsync reports whether the client asked for an async answer with
+// "Prefer: respond-async".
+func wantsAsync(r *http.Request) bool {
+	for _, v := range r.Header.Values("Prefer") {
+		for _, p := range splitComma(v) {
+			if strings.EqualFold(p, "respond-async") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// writeRefusal answers a job the pool would not take (503); other errors
+// it returns. It runs outside submit so that an Idempotency-Key does not
+// keep the refusal as its answer.
+func writeRefusal(w http.ResponseWriter, err error) error {
+	if errors.Is(err, errQueueFull) || errors.Is(err, errPoolClosed) {
+		w.Header().Set("Retry-After", strconv.Itoa(queueRetryAfter))
+		return writeError(w, http.StatusServiceUnavailable, err.Error())
+	}
+	return err
+}
+
+// submit stores a validated batch as a job, queues it and answers 202.
+// When the queue is full it returns errQueueFull, for writeRefusal.
+func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
+	owner, ok := h.ownerHash(r)
+	if !ok {
+		return h.writeNoOwner(w)
+	}
+	srv, err := serverOf(r)
+	if err != nil {
+		return err
+	}
+	if err := h.pool.reserve(); err != nil {
+		return err
+	}
+	// The job's context is set when it starts; the runner keeps only the
+	// request's connection facts and inherited headers, in memory, and its
+	// results are allocated when it starts.
+	rn := h.newRunner(context.Background(), time.Duration(h.Async.Retention), r, next, srv, b)
+	rn.results = nil
+	t := now()
+	j := &job{h: h, rn: rn, rec: jobRecord{
+		progress:  progress{ID: rn.id, Status: jobQueued, Total: len(b.ops), CreatedAt: t},
+		Owner:     owner,
+		ExpiresAt: t.Add(time.Duration(h.Async.Retention)),
+	}}
+	if err := j.save(r.Context()); err != nil {
+		h.pool.unreserve()
+		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err))
+	}
+	queued := j.snapshot().progress
+	if err := h.pool.submit(j); err != nil {
+		// The pool ended while the record was stored: nothing would run it.
+		if err := deleteTree(context.WithoutCancel(r.Context()), h.storage, jobKey(rn.id)); err != nil {
+			h.logger.Warn("deleting refused batch job", zap.String("id", rn.id), zap.Error(err))
+		}
+		return err
+	}
+	h.metrics.jobs.WithLabelValues(jobQueued).Inc()
+	h.logger.Info("async batch queued", zap.String("id", rn.id), zap.Int("operations", len(b.ops)))
+
+	w.Header().Set("Location", strings.TrimSuffix(r.URL.Path, "/")+"/"+rn.id)
+	if wantsAsync(r) {
+		w.Header().Set("Preference-Applied", "respond-async")
+	}
+	return writeProgress(w, http.StatusAccepted, queued)
+}
+
+// jobPath splits a request path into a job id and what of the job it asks
+// for ("" or "results"); ok is false for other paths.
+func jobPath(p string) (id, sub string, ok bool) {
+	p = strings.TrimSuffix(p, "/")
+	if rest, found := strings.CutSuffix(p, "/results"); found {
+		p, sub = rest, "results"
+	}
+	id = p[strings.LastIndexByte(p, '/')+1:]
+	if len(id) != 32 || strings.Trim(id, "0123456789abcdef") != "" {
+		return "", "", false
+	}
+	return id, sub, true
+}
+
+// serveJob answers the job endpoints: progress, results and cancel.
+func (h *Handler) serveJob(w http.ResponseWriter, r *http.Request, id, sub string) error {
+	allow := "GET, DELETE"
+	if sub == "results" {
+		allow = "GET"
+	}
+	if r.Method != http.MethodGet && (r.Method != http.MethodDelete || sub != "") {
+		w.Header().Set("Allow", allow)
+		return writeError(w, http.StatusMethodNotAllowed, "batch jobs take "+allow)
+	}
+	owner, ok := h.ownerHash(r)
+	if !ok {
+		return h.writeNoOwner(w)
+	}
+	j := h.pool.lookup(id)
+	var rec jobRecord
+	if j != nil && j.h.storage == h.storage {
+		rec = j.snapshot()
+	} else {
+		j = nil
+		var err error
+		if rec, err = h.loadJob(r.Context(), id); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return writeError(w, http.StatusNotFound, "no such batch job")
+			}
+			return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("loading batch job: %w", err))
+		}
+	}
+	// Someone else's job, or an expired one, does not exist for this caller.
+	if subtle.ConstantTimeCompare([]byte(rec.Owner), []byte(owner)) != 1 || now().After(rec.ExpiresAt) {
+		return writeError(w, http.StatusNotFound, "no such batch job")
+	}
+
+	switch {
+	case r.Method == http.MethodDelete:
+		return h.cancelJob(w, r, j, rec)
+	case sub == "results":
+		if !rec.final() {
+			return writeProgress(w, http.StatusConflict, rec.progress)
+		}
+		return h.writeResults(w, r, rec)
+	default:
+		return writeProgress(w, http.StatusOK, rec.progress)
+	}
+}
+
+func (h *Handler) loadJob(ctx context.Context, id string) (jobRecord, error) {
+	var rec jobRecord
+	buf, err := h.storage.Load(ctx, jobKey(id, "job"))
+	if err != nil {
+		return rec, err
+	}
+	if err := json.Unmarshal(buf, &rec); err != nil {
+		return rec, fmt.Errorf("%w: job %s: %w", errBadRecord, id, err)
+	}
+	return rec, nil
+}
+
+// cancelJob stops a job: what has not started is skipped (424).
+func (h *Handler) cancelJob(w http.ResponseWriter, r *http.Request, j *job, rec jobRecord) error {
+	if rec.final() {
+		return writeProgress(w, http.StatusConflict, rec.progress)
+	}
+	if j == nil {
+		// Another instance runs it: it watches for this key.
+		if err := h.storage.Store(r.Context(), jobKey(rec.ID, "cancel"), []byte("1")); err != nil {
+			return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("canceling batch job: %w", err))
+		}
+		return writeProgress(w, http.StatusAccepted, rec.progress)
+	}
+	j.requestCancel()
+	if h.pool.dequeue(j) {
+		go h.pool.run(j)
+	}
+	// The operation in flight finishes; wait briefly for the job to settle.
+	deadline := time.After(5 * time.Second)
+	for {
+		rec = j.snapshot()
+		if rec.final() {
+			return writeProgress(w, http.StatusOK, rec.progress)
+		}
+		select {
+		case <-deadline:
+			return writeProgress(w, http.StatusAccepted, rec.progress)
+		case <-r.Context().Done():
+			return nil
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// maxPageLimit bounds ?limit=; a larger page is answered in parts.
+const maxPageLimit = 10000
+
+// writeResults streams an ended job's results from storage, a part at a
+// time: ?offset= and ?limit= page them. A job that ended "error" serves
+// the results that were stored, and says why the rest are not.
+func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRecord) error {
+	q := r.URL.Query()
+	offset, limit := 0, rec.Total
+	var err error
+	if v := q.Get("offset"); v != "" {
+		if offset, err = strconv.Atoi(v); err != nil || offset < 0 {
+			return writeError(w, http.StatusBadRequest, "offset must be a whole number ≥ 0")
+		}
+	}
+	if v := q.Get("limit"); v != "" {
+		if limit, err = strconv.Atoi(v); err != nil || limit < 1 || limit > maxPageLimit {
+			return writeError(w, http.StatusBadRequest, fmt.Sprintf("limit must be a whole number from 1 to %d", maxPageLimit))
+		}
+	}
+	stored := rec.Completed - rec.Unstored
+	end := stored
+	if offset < stored && limit < stored-offset {
+		end = offset + limit
+	}
+
+	started, first := false, true
+	for c := offset / resultsPerChunk; c*resultsPerChunk < end; c++ {
+		i := c * resultsPerChunk // index of the next result read
+		last := min(i+resultsPerChunk, stored)
+		for part := 0; i < last && i < end; part++ {
+			buf, err := h.storage.Load(r.Context(), partKey(rec.ID, c, part))
+			if err == nil && len(buf) == 0 {
+				err = errors.New("empty part")
+			}
+			if err != nil {
+				err = fmt.Errorf("loading batch job results: chunk %d part %d: %w", c, part, err)
+				if !started {
+					return caddyhttp.Error(http.StatusServiceUnavailable, err)
+				}
+				// The answer has begun: abort it rather than send a wrong one.
+				h.logger.Error("loading batch job results", zap.String("id", rec.ID), zap.Error(err))
+				panic(http.ErrAbortHandler)
+			}
+			if !started {
+				started = true
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusOK)
+				_, _ = w.Write([]byte(`{"results":[`))
+			}
+			for _, item := range splitResults(buf) {
+				if i >= offset && i < end {
+					if !first {
+						_, _ = w.Write([]byte{','})
+					}
+					first = false
+					_, _ = w.Write(item)
+				}
+				i++
+			}
+		}
+	}
+	out := []byte(nil)
+	if !started {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusOK)
+		out = append(out, `{"results":[`...)
+	}
+	out = appendSummary(append(out, ']'), summary{
+		status: rec.Outcome, total: rec.Total, succeeded: rec.Succeeded, failed: rec.Failed, skipped: rec.Skipped,
+	})
+	out = append(out, `,"offset":`...)
+	out = strconv.AppendInt(out, int64(offset), 10)
+	out = append(out, `,"limit":`...)
+	out = strconv.AppendInt(out, int64(limit), 10)
+	if rec.Status == jobError && rec.Error != "" {
+		out = append(out, `,"error":`...)
+		out = appendString(out, rec.Error)
+	}
+	_, _ = w.Write(append(out, '}'))
+	return nil
+}
+
+// splitResults splits a stored chunk (results joined by commas) into its
+// results.
+func splitResults(chunk []byte) [][]byte {
+	var items [][]byte
+	depth, start := 0, 0
+	eachStructural(chunk, func(i int, c byte) {
+		switch c {
+		case '{', '[':
+			depth++
+		case '}', ']':
+			depth--
+		case ',':
+			if depth == 0 {
+				items = append(items, chunk[start:i])
+				start = i + 1
+			}
+		}
+	})
+	if start < len(chunk) {
+		items = append(items, chunk[start:])
+	}
+	return items
+}
+
+func writeProgress(w http.ResponseWriter, status int, p progress) error {
+	buf, err := json.Marshal(p)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, status, buf)
+	return nil
+}

@@ -1,0 +1,459 @@
+package batch
+
+import (
+	"context"
+	"encoding/base64"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/tidwall/gjson"
+)
+
+// Execution modes and atomicity levels, as written in config and on the wire.
+const (
+	modeSequential = "sequential"
+	modeParallel   = "parallel"
+
+	atomicNone         = "none"
+	atomicStopOnError  = "stop_on_error"
+	atomicAllOrNothing = "all_or_nothing"
+)
+
+// maxIDLength bounds an operation id; ids appear in every result and log line.
+const maxIDLength = 128
+
+// batch is a parsed and validated batch request.
+type batch struct {
+	form      int
+	ops       []*operation
+	mode      string // "" when the request does not say
+	atomicity string // "" when the request does not say
+	async     bool
+	dryRun    bool
+	lean      leanOptions
+}
+
+// leanOptions shape the results: no headers, or nothing but id and status
+// for operations that succeeded, or one line each.
+type leanOptions struct {
+	omitSuccess bool // omit_response_on_success
+	noHeaders   bool // include_headers: false
+	oneLine     bool // NDJSON: bodies compacted
+}
+
+// operation is one validated operation of a batch, ready to become a
+// sub-request.
+type operation struct {
+	index  int
+	id     string
+	method string
+	target string   // origin-form request target as written: path and query
+	url    *url.URL // target parsed; the first sub-request of the operation takes it
+	header http.Header
+	body   []byte // bytes to send; nil means no body
+	// deps are the indexes of operations that must finish first.
+	deps   []int
+	depIDs []string // depends_on as written, until all ids are known
+	// tmpl holds the parts with references; nil when there are none.
+	tmpl *template
+	// rollback undoes the operation under all_or_nothing.
+	rollback *operation
+	// keepHeader and keepBody are set when a later operation or a rollback
+	// reads this operation's answer headers or body, which must then be
+	// kept until the batch ends.
+	keepHeader, keepBody bool
+	isRollback           bool
+}
+
+// fault is one problem found while validating a batch. Index is -1 for a
+// fault of the batch as a whole.
+type fault struct {
+	Index   int
+	ID      string
+	Message string
+}
+
+// badBatchError lists every fault found in a batch; the client gets 400.
+type badBatchError []fault
+
+func (e badBatchError) Error() string {
+	msgs := make([]string, len(e))
+	for i, f := range e {
+		msgs[i] = f.Message
+	}
+	return "invalid batch: " + strings.Join(msgs, "; ")
+}
+
+// tooManyOpsError is a batch over max_ops; the client gets 413.
+type tooManyOpsError struct{ n, max int }
+
+func (e tooManyOpsError) Error() string {
+	return fmt.Sprintf("batch has %d operations, more than the %d allowed", e.n, e.max)
+}
+
+// limits are the parts of the handler's config that validation needs.
+type limits struct {
+	mode      string // default mode
+	atomicity string // default atomicity
+	maxOps    int
+	methods   map[string]struct{}
+	pathAllow func(*url.URL) bool // nil allows every path
+	forwarded map[string]struct{} // forwarded headers an operation may set
+}
+
+// maxFaults bounds the faults listed, so that a small batch cannot make a
+// large answer; the rest are counted.
+const maxFaults = 100
+
+// parser collects faults while it walks a batch.
+type parser struct {
+	lim     *limits
+	ctx     context.Context // ends when the client goes away
+	faults  badBatchError
+	dropped int // faults past maxFaults
+	// linked is set once an operation names itself, another one, or an
+	// answer: only then are ids looked up.
+	linked bool
+	// Operations, their URLs and their default ids come from one
+	// allocation each per batch. An operation's URL is its own: its
+	// sub-request takes it.
+	ops  []operation
+	urls []url.URL
+	ids  []string
+}
+
+// goOn reports whether parsing goes on after n operations: not once the
+// client is gone, looked at every so often.
+func (p *parser) goOn(n int) bool {
+	return n%256 != 0 || p.ctx.Err() == nil
+}
+
+// newOp returns a zeroed operation, from the batch's slab while it lasts.
+func (p *parser) newOp() *operation {
+	if len(p.ops) == 0 {
+		return new(operation)
+	}
+	op := &p.ops[0]
+	p.ops = p.ops[1:]
+	return op
+}
+
+// newURL returns a zeroed URL, from the batch's slab while it lasts.
+func (p *parser) newURL() *url.URL {
+	if len(p.urls) == 0 {
+		return new(url.URL)
+	}
+	u := &p.urls[0]
+	p.urls = p.urls[1:]
+	return u
+}
+
+// defaultID returns the id of the operation at index i that gives none.
+func (p *parser) defaultID(i int) string {
+	if i >= 0 && i < len(p.ids) {
+		return p.ids[i]
+	}
+	return strconv.Itoa(i) // no allocation below 100
+}
+
+// indexIDs returns "0" to "n-1" as slices of one string.
+func indexIDs(n int) []string {
+	buf := make([]byte, 0, n*len(strconv.Itoa(n)))
+	ends := make([]int, n)
+	for i := range n {
+		buf = strconv.AppendInt(buf, int64(i), 10)
+		ends[i] = len(buf)
+	}
+	all := string(buf)
+	ids := make([]string, n)
+	start := 0
+	for i, end := range ends {
+		ids[i], start = all[start:end], end
+	}
+	return ids
+}
+
+// full reports whether no more faults are listed, counting one more.
+func (p *parser) full() bool {
+	if len(p.faults) < maxFaults {
+		return false
+	}
+	p.dropped++
+	return true
+}
+
+// errFaults returns the faults found, nil if none.
+func (p *parser) errFaults() error {
+	if len(p.faults) == 0 {
+		return nil
+	}
+	if p.dropped > 0 {
+		p.faults = append(p.faults, fault{Index: -1, Message: fmt.Sprintf("and %d more faults", p.dropped)})
+		p.dropped = 0
+	}
+	return p.faults
+}
+
+// maxEcho bounds a value of the batch that a fault repeats: quoted in full,
+// a 2 MB id and a hundred unknown fields made a 200 MB answer. A valid id
+// fits.
+const maxEcho = maxIDLength
+
+// maxFaultMessage bounds one fault's message, whatever it quotes.
+const maxFaultMessage = 4 * maxEcho
+
+// short returns s cut to maxEcho bytes at a rune boundary, marked "…" when
+// it was cut.
+func short(s string) string {
+	if len(s) <= maxEcho {
+		return s
+	}
+	i := maxEcho
+	for i > 0 && !utf8.RuneStart(s[i]) {
+		i--
+	}
+	return s[:i] + "…"
+}
+
+func (p *parser) batchFault(format string, args ...any) {
+	if p.full() {
+		return
+	}
+	p.faults = append(p.faults, fault{Index: -1, Message: capMessage(fmt.Sprintf(format, args...))})
+}
+
+func (p *parser) opFault(op *operation, format string, args ...any) {
+	if p.full() {
+		return
+	}
+	msg := fmt.Sprintf(format, args...)
+	if op.isRollback && !strings.HasPrefix(msg, "rollback: ") {
+		msg = "rollback: " + msg
+	}
+	p.faults = append(p.faults, fault{Index: op.index, ID: short(op.id), Message: capMessage(msg)})
+}
+
+// capMessage cuts msg to maxFaultMessage bytes.
+func capMessage(msg string) string {
+	if len(msg) <= maxFaultMessage {
+		return msg
+	}
+	i := maxFaultMessage
+	for i > 0 && !utf8.RuneStart(msg[i]) {
+		i--
+	}
+	return msg[:i] + "…"
+}
+
+// Operation fields. Aliases map onto the same bit, so that giving both
+// "path" and "url" is caught as a duplicate.
+const (
+	fieldID = 1 << iota
+	fieldMethod
+	fieldPath
+	fieldHeaders
+	fieldBody
+	fieldBodyEncoding
+	fieldDependsOn
+	fieldRollback
+)
+
+// opField returns the bit of an operation field, 0 for an unknown one.
+func opField(key string) int {
+	switch key {
+	case "id", "name":
+		return fieldID
+	case "method":
+		return fieldMethod
+	case "path", "url", "relative_url":
+		return fieldPath
+	case "headers":
+		return fieldHeaders
+	case "body":
+		return fieldBody
+	case "body_encoding":
+		return fieldBodyEncoding
+	case "depends_on", "dependsOn":
+		return fieldDependsOn
+	case "rollback":
+		return fieldRollback
+	}
+	return 0
+}
+
+// rollbackFields are the fields a rollback operation may have.
+const rollbackFields = fieldMethod | fieldPath | fieldHeaders | fieldBody | fieldBodyEncoding
+
+// Kinds of operation objects, which differ in the fields they take.
+const (
+	kindOp       = iota // an operation of the batch
+	kindBulk            // the operation of the bulk form: bodies come from "items"
+	kindRollback        // the rollback of an operation
+)
+
+// parseOperation validates one operation.
+func (p *parser) parseOperation(index int, v gjson.Result, kind int) *operation {
+	op := p.newOp()
+	op.index, op.id, op.method = index, p.defaultID(index), http.MethodGet
+	return p.parseOp(op, v, kind)
+}
+
+func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
+	if !v.IsObject() {
+		p.opFault(op, "operation must be a JSON object")
+		return op
+	}
+	var seen int
+	var idSet bool
+	var body, encoding, headers, deps, rollback gjson.Result
+	v.ForEach(func(k, val gjson.Result) bool {
+		key := k.String()
+		bit := opField(key)
+		switch {
+		case bit == 0:
+			p.opFault(op, "unknown field %q", short(key))
+			return true
+		case kind == kindRollback && bit&rollbackFields == 0:
+			p.opFault(op, "rollback: field %q has no place in a rollback", short(key))
+			return true
+		case seen&bit != 0:
+			p.opFault(op, "field %q given twice (or with an alias)", short(key))
+			return true
+		}
+		seen |= bit
+		switch bit {
+		case fieldID:
+			if val.Type != gjson.String {
+				p.opFault(op, "%s must be a string, got %s", key, short(val.Raw))
+				return true
+			}
+			op.id, idSet = val.Str, true
+		case fieldMethod:
+			if val.Type != gjson.String {
+				p.opFault(op, "method must be a string, got %s", short(val.Raw))
+				return true
+			}
+			op.method = val.Str // checked and upper-cased by checkMethod
+		case fieldPath:
+			if val.Type != gjson.String {
+				p.opFault(op, "%s must be a string, got %s", key, short(val.Raw))
+				return true
+			}
+			op.target = val.Str
+		case fieldHeaders:
+			headers = val
+		case fieldBody:
+			body = val
+		case fieldBodyEncoding:
+			encoding = val
+		case fieldDependsOn:
+			deps = val
+		case fieldRollback:
+			rollback = val
+		}
+		return true
+	})
+	if idSet {
+		p.checkID(op)
+		p.linked = true
+	}
+	p.checkMethod(op)
+	op.header = p.parseHeaders(op, headers)
+	if kind != kindBulk {
+		ctype := p.parseBody(op, body, encoding)
+		p.parseTemplate(op, body)
+		if t := op.tmpl; t != nil && t.body != nil && !t.textBody && body.Type == gjson.String {
+			ctype = "application/json" // "{{a.body}}": a JSON value, not text
+		}
+		if ctype != "" && op.header.Get("Content-Type") == "" {
+			if op.header == nil {
+				op.header = make(http.Header, 1)
+			}
+			op.header["Content-Type"] = []string{ctype}
+		}
+	} else if body.Exists() {
+		p.opFault(op, "the operation of a bulk batch takes its bodies from \"items\"")
+	}
+	switch {
+	case op.tmpl == nil || op.tmpl.target == nil:
+		op.url = p.checkTarget(op, op.target)
+	case op.tmpl.target[0].ref == nil:
+		p.checkTarget(op, probeTarget(op.tmpl.target)) // and again once resolved
+	default:
+		// A path that starts with a reference ({{a.headers.Location}}) is
+		// all checked once resolved.
+	}
+	p.parseDeps(op, deps)
+	if rollback.Exists() && rollback.Type != gjson.Null {
+		switch {
+		case kind == kindBulk:
+			p.opFault(op, "the operation of a bulk batch cannot have a rollback")
+		case kind == kindRollback:
+			p.opFault(op, "rollback: a rollback cannot have a rollback")
+		default:
+			op.rollback = p.parseOp(&operation{index: op.index, id: op.id, method: http.MethodGet, isRollback: true}, rollback, kindRollback)
+		}
+	}
+	return op
+}
+
+func (p *parser) checkID(op *operation) {
+	if !validID(op.id) {
+		p.opFault(op, "id %q must be 1 to %d letters, digits, '_' or '-'", short(op.id), maxIDLength)
+	}
+}
+
+// validID reports whether id can name an operation. Ids stand in
+// references ({{ID.body}}), so they hold no '.', '{' or '}'.
+func validID(id string) bool {
+	if id == "" || len(id) > maxIDLength {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		if !idByte(id[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// parseBody turns an operation's "body" into the bytes to send, and returns
+// the Content-Type that goes with them unless the operation sets one.
+func (p *parser) parseBody(op *operation, v, encoding gjson.Result) (ctype string) {
+	if encoding.Exists() && (encoding.Type != gjson.String || encoding.Str != "base64") {
+		p.opFault(op, "body_encoding must be \"base64\", got %s", short(encoding.Raw))
+		return ""
+	}
+	switch {
+	case !v.Exists() || v.Type == gjson.Null:
+		if encoding.Exists() && op.index >= 0 {
+			p.opFault(op, "body_encoding needs a body")
+		}
+		return ""
+	case v.Type == gjson.String:
+		if encoding.Exists() {
+			b, err := base64.StdEncoding.DecodeString(v.Str)
+			if err != nil {
+				p.opFault(op, "body is not valid base64: %v", err)
+				return ""
+			}
+			op.body = b
+			ctype = "application/octet-stream"
+		} else {
+			op.body = []byte(v.Str)
+			ctype = "text/plain; charset=utf-8"
+		}
+	default:
+		if encoding.Exists() {
+			p.opFault(op, "body_encoding \"base64\" needs a string body")
+			return ""
+		}
+		op.body = []byte(v.Raw)
+		ctype = "application/json"
+	}
+	return ctype
+}

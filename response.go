@@ -1,0 +1,237 @@
+package batch
+
+import (
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Statuses the batch layer gives operations it did not let the chain answer.
+const (
+	statusSkipped = http.StatusFailedDependency // 424: not run
+	// statusClientGone marks operations cut off because the client left;
+	// nobody reads them but logs (Caddy uses 499 the same way).
+	statusClientGone = 499
+)
+
+// result is the answer of one operation.
+type result struct {
+	status int
+	header http.Header
+	body   []byte
+	// err is set when the batch layer, not the handler chain, decided the
+	// status.
+	err string
+	// Under all_or_nothing, for an operation that succeeded before the
+	// batch failed: whether it was undone, and by what.
+	undone   *bool
+	rollback *result
+	// attempts counts tries when retry_429 retried the operation.
+	attempts int
+	// cut is set when the batch's end (timeout, client gone, shutdown)
+	// kept the operation from finishing.
+	cut bool
+	// isJSON is set when body is JSON that can be embedded as it is;
+	// decided once, as references read it again.
+	isJSON bool
+	// w is the writer that holds header and body, for reuse once written.
+	w *opWriter
+}
+
+// failed reports whether a finished operation counts as failed for those
+// depending on it.
+func failed(res *result) bool { return res.status >= 400 }
+
+// summary counts the outcome of a batch.
+type summary struct {
+	status                            string
+	total, succeeded, failed, skipped int
+	retryAfter                        int // seconds; 0 when no operation was told to wait
+	// cut counts operations the batch's end kept from finishing: a batch
+	// with any did not run to its end.
+	cut int
+}
+
+// Envelope statuses.
+const (
+	statusCompleted           = "completed"
+	statusCompletedWithErrors = "completed_with_errors"
+	statusAborted             = "aborted"
+	statusRolledBack          = "rolled_back"
+	statusRollbackFailed      = "rollback_failed"
+)
+
+// How one operation counts in a summary.
+const (
+	outcomeSucceeded = iota
+	outcomeFailed
+	outcomeSkipped
+)
+
+// outcomeOf counts answers below 400 as succeeded, and operations the
+// batch layer did not run (424) as skipped.
+func outcomeOf(res *result) int {
+	switch {
+	case res.status < 400:
+		return outcomeSucceeded
+	case res.status == statusSkipped && res.err != "":
+		return outcomeSkipped
+	}
+	return outcomeFailed
+}
+
+func (rn *runner) summary() summary {
+	s := summary{total: len(rn.results)}
+	for i := range rn.results {
+		if rn.results[i].cut {
+			s.cut++
+		}
+		switch outcomeOf(&rn.results[i]) {
+		case outcomeSucceeded:
+			s.succeeded++
+		case outcomeSkipped:
+			s.skipped++
+		default:
+			s.failed++
+		}
+	}
+	switch {
+	case rn.rollbackFailed:
+		s.status = statusRollbackFailed
+	case rn.stoppedAt >= 0 && rn.b.atomicity == atomicAllOrNothing:
+		s.status = statusRolledBack
+	case rn.stoppedAt >= 0:
+		s.status = statusAborted
+	case s.failed+s.skipped == 0:
+		s.status = statusCompleted
+	default:
+		s.status = statusCompletedWithErrors
+	}
+	return s
+}
+
+// sink takes a batch's encoded results in request order, then its summary.
+type sink interface {
+	put(index int, res *result, enc []byte)
+	close(s summary)
+}
+
+// emitter passes results to a sink in request order as soon as each one
+// and all before it are final, so that a batch holds in memory only the
+// answers that wait for an earlier one.
+type emitter struct {
+	out     sink
+	ops     []*operation
+	results []result
+	// done marks final results; it is the emitter's own, as workers may be
+	// writing the results after the next one to be written.
+	done []bool
+	next int // first index not yet written
+	buf  []byte
+	// hold keeps every result until finish.
+	hold bool
+	lean leanOptions
+	// retryAfter is the longest Retry-After of the 429 answers, in seconds.
+	retryAfter int
+}
+
+func newEmitter(out sink, b *batch, results []result) *emitter {
+	return &emitter{out: out, ops: b.ops, results: results, done: make([]bool, len(results)), lean: b.lean}
+}
+
+// ready marks result i final and writes what can be written.
+func (e *emitter) ready(i int) {
+	e.done[i] = true
+	if !e.hold {
+		e.flush()
+	}
+}
+
+// flush writes every result that is final and has all before it written.
+func (e *emitter) flush() {
+	for e.next < len(e.results) && e.done[e.next] {
+		res := &e.results[e.next]
+		e.buf = appendResult(e.buf[:0], e.ops[e.next].id, res, e.lean)
+		if res.status == http.StatusTooManyRequests {
+			if wait, ok := retryAfter(res.header); ok {
+				e.retryAfter = max(e.retryAfter, int((wait+time.Second-1)/time.Second))
+			}
+		}
+		e.out.put(e.next, res, e.buf)
+		// Written: free what no reference reads.
+		if op := e.ops[e.next]; !op.keepHeader || !op.keepBody {
+			res.w = nil
+			if !op.keepHeader {
+				res.header = nil
+			}
+			if !op.keepBody {
+				res.body = nil
+			}
+		}
+		e.next++
+	}
+}
+
+// finish writes what is left and the summary.
+func (e *emitter) finish(s summary) summary {
+	e.flush()
+	s.retryAfter = e.retryAfter
+	e.out.close(s)
+	return s
+}
+
+// maxAnswerDepth bounds the nesting of an answer embedded as JSON. The JSON
+// check recurses once per level, and an answer nested deeper (a client can
+// have an API store any blob and return it) would overflow the stack, which
+// no recover catches; such an answer goes in as text.
+const maxAnswerDepth = 512
+
+// jsonBody reports whether an answer's body is JSON by its Content-Type,
+// valid, in UTF-8 and at most maxAnswerDepth deep, so that it can stand in
+// the batch's JSON as a value: the batch answer must stay valid JSON text.
+func jsonBody(header http.Header, body []byte) bool {
+	return len(body) > 0 && isJSONType(contentType(header)) && validJSON(body, maxAnswerDepth)
+}
+
+// contentType is h.Get("Content-Type"), without canonicalizing a name
+// that already is: it is read for every result.
+func contentType(h http.Header) string {
+	if v := h["Content-Type"]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
+// appendHeaders appends "headers":{...}, names sorted, values joined.
+func appendHeaders(dst []byte, h http.Header) []byte {
+	dst = append(dst, `"headers":{`...)
+	if v, ok := h["Content-Type"]; ok && len(h) == 1 { // the usual answer: no sorting
+		dst = append(dst, `"Content-Type":`...)
+		dst = appendString(dst, strings.Join(v, ", "))
+		return append(dst, '}')
+	}
+	var arr [16]string
+	names := arr[:0]
+	for name := range h {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for i, name := range names {
+		if i > 0 {
+			dst = append(dst, ',')
+		}
+		dst = appendString(dst, name)
+		dst = append(dst, ':')
+		dst = appendString(dst, strings.Join(h[name], ", "))
+	}
+	return append(dst, '}')
+}
+
+func writeJSON(w http.ResponseWriter, status int, body []byte) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+}

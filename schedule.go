@@ -1,0 +1,292 @@
+package batch
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+// newBatchID returns 128 random bits in hex.
+func newBatchID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// runner runs one validated batch.
+type runner struct {
+	h         *Handler
+	b         *batch
+	id        string
+	next      caddyhttp.Handler
+	srv       *caddyhttp.Server
+	conn      connFacts
+	ctx       context.Context // ends with the batch: timeout, client gone, shutdown
+	timeout   time.Duration   // what bounds ctx, for messages
+	inherited http.Header     // headers every operation starts from
+	results   []result
+	out       *emitter
+	stoppedAt int // index of the op that stopped the batch, or -1
+	// rollbackFailed is set when a rollback of all_or_nothing failed.
+	rollbackFailed bool
+	// canceled stops an async job at the next operation it would start.
+	canceled atomic.Bool
+	// unrecorded, once set, stops an async job whose results storage no
+	// longer takes at the next operation it would start; it says why.
+	unrecorded atomic.Pointer[string]
+	// refs is what filling in references may still cost.
+	refs refBudget
+}
+
+func (h *Handler) newRunner(ctx context.Context, timeout time.Duration, r *http.Request, next caddyhttp.Handler, srv *caddyhttp.Server, b *batch) *runner {
+	rn := &runner{
+		h:         h,
+		b:         b,
+		id:        newBatchID(),
+		next:      next,
+		srv:       srv,
+		conn:      connFactsOf(r),
+		ctx:       context.WithValue(ctx, batchCtxKey, b),
+		timeout:   timeout,
+		inherited: h.inheritedHeaders(r.Header),
+		results:   make([]result, len(b.ops)),
+		stoppedAt: -1,
+	}
+	rn.refs.reset(h.MaxReferenceSize)
+	return rn
+}
+
+// execute runs the batch, writing its results to out, and logs it.
+func (rn *runner) execute(out sink) summary {
+	start := time.Now()
+	b := rn.b
+	rn.out = newEmitter(out, b, rn.results)
+	// Under all_or_nothing a later failure changes earlier results.
+	rn.out.hold = b.atomicity == atomicAllOrNothing
+
+	if b.mode == modeParallel && len(b.ops) > 1 {
+		rn.runParallel()
+	} else {
+		rn.runSequential()
+	}
+	if b.atomicity == atomicAllOrNothing && rn.stoppedAt >= 0 {
+		rn.rollBack()
+	}
+	sum := rn.out.finish(rn.summary())
+	rn.record(sum, time.Since(start))
+
+	rn.h.logger.Info("batch",
+		zap.String("id", rn.id),
+		zap.Int("operations", len(b.ops)),
+		zap.String("mode", b.mode),
+		zap.String("atomicity", b.atomicity),
+		zap.Duration("duration", time.Since(start)),
+		zap.String("status", sum.status),
+		zap.Int("succeeded", sum.succeeded),
+		zap.Int("failed", sum.failed),
+		zap.Int("skipped", sum.skipped),
+	)
+	return sum
+}
+
+// runSequential runs the operations in array order in the request's own
+// goroutine.
+func (rn *runner) runSequential() {
+	clk := rn.newClock(rn.ctx)
+	defer clk.stop()
+	for i, op := range rn.b.ops {
+		rn.results[i] = rn.runOne(op, clk)
+		w := rn.results[i].w
+		rn.results[i].w = nil
+		rn.out.ready(i)
+		clk.recycle(w, op, !rn.out.hold)
+	}
+}
+
+// runParallel runs operations on a pool of concurrency workers.
+func (rn *runner) runParallel() {
+	n := len(rn.b.ops)
+	workers := min(rn.h.Concurrency, n)
+	if !slices.ContainsFunc(rn.b.ops, func(op *operation) bool { return len(op.deps) > 0 }) {
+		rn.runIndependent(workers)
+		return
+	}
+	rn.runGraph(workers)
+}
+
+// runIndependent runs operations that wait for none: each worker takes the
+// next index, in array order, and passes its result to the emitter itself,
+// under a lock, so that an operation costs no hand-off between goroutines.
+func (rn *runner) runIndependent(workers int) {
+	var next atomic.Int64
+	var mu sync.Mutex // the emitter's, and the results'
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			clk := rn.newClock(rn.ctx)
+			defer clk.stop()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(rn.b.ops) {
+					return
+				}
+				op := rn.b.ops[i]
+				res := rn.runOne(op, clk)
+				mu.Lock()
+				rn.results[i] = res
+				rn.out.ready(i)
+				written := rn.out.next > i && !rn.out.hold
+				mu.Unlock()
+				clk.recycle(res.w, op, written)
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// runGraph runs operations with dependencies on a pool of workers; this
+// goroutine alone schedules and emits, so results need no lock.
+func (rn *runner) runGraph(workers int) {
+	n := len(rn.b.ops)
+	jobs := make(chan int)
+	done := make(chan int, workers) // never blocks a worker: at most workers in flight
+	for range workers {
+		go func() {
+			clk := rn.newClock(rn.ctx)
+			defer clk.stop()
+			for i := range jobs {
+				rn.results[i] = rn.runOne(rn.b.ops[i], clk)
+				done <- i
+			}
+		}()
+	}
+	defer close(jobs)
+
+	// pending counts unfinished dependencies; ready holds runnable indexes
+	// in array order, so that with no dependencies ops start in order.
+	pending := make([]int, n)
+	dependents := make([][]int, n)
+	ready := make([]int, 0, n)
+	for i, op := range rn.b.ops {
+		pending[i] = len(op.deps)
+		for _, d := range op.deps {
+			dependents[d] = append(dependents[d], i)
+		}
+		if pending[i] == 0 {
+			ready = append(ready, i)
+		}
+	}
+	inFlight, finished := 0, 0
+	for finished < n {
+		for inFlight < workers && len(ready) > 0 {
+			jobs <- ready[0]
+			ready = ready[1:]
+			inFlight++
+		}
+		i := <-done
+		inFlight--
+		finished++
+		rn.out.ready(i)
+		for _, j := range dependents[i] {
+			if pending[j]--; pending[j] == 0 {
+				ready = append(ready, j)
+			}
+		}
+	}
+}
+
+// runOne decides what becomes of one operation, and under atomicity
+// whether the batch stops there: whatever failed it, a timeout, the client
+// going away or a cancel included, the operations after it do not run and
+// those before it are rolled back.
+func (rn *runner) runOne(op *operation, clk *opClock) result {
+	res := rn.decide(op, clk)
+	if rn.b.atomicity != atomicNone && rn.stoppedAt < 0 && failed(&res) {
+		rn.stoppedAt = op.index
+	}
+	return res
+}
+
+// decide runs op, or answers for it.
+func (rn *runner) decide(op *operation, clk *opClock) result {
+	if rn.ctx.Err() != nil {
+		return rn.cutOff(rn.ctx)
+	}
+	if rn.canceled.Load() {
+		return result{status: statusSkipped, err: "skipped: batch canceled"}
+	}
+	if why := rn.unrecorded.Load(); why != nil {
+		return result{status: statusSkipped, err: *why}
+	}
+	if rn.stoppedAt >= 0 {
+		return result{status: statusSkipped, err: "skipped: batch stopped at op " + rn.b.ops[rn.stoppedAt].id}
+	}
+	for _, d := range op.deps {
+		if dep := &rn.results[d]; failed(dep) {
+			return result{status: statusSkipped, err: fmt.Sprintf("dependency %s failed with status %d", rn.b.ops[d].id, dep.status)}
+		}
+	}
+	return rn.resolveAndExec(op, clk)
+}
+
+// errRollbackTimeout ends the rollbacks that did not finish within the
+// batch's timeout of their own.
+var errRollbackTimeout = errors.New("rollbacks timed out")
+
+// rollBack runs, in reverse order, the rollback of every operation that
+// succeeded before an all_or_nothing batch failed.
+func (rn *runner) rollBack() {
+	// Compensation must run even if the batch timed out or the client
+	// left, within a budget of its own: the handler's timeout, once more.
+	budget := time.Duration(rn.h.Timeout)
+	ctx, cancel := context.WithTimeoutCause(context.WithoutCancel(rn.ctx), budget, errRollbackTimeout)
+	defer cancel()
+	clk := rn.newClock(ctx)
+	defer clk.stop()
+	for i := rn.stoppedAt - 1; i >= 0; i-- {
+		res := &rn.results[i]
+		if failed(res) {
+			continue
+		}
+		undone := false
+		if rb := rn.b.ops[i].rollback; rb != nil {
+			var rr result
+			if ctx.Err() != nil {
+				rr = rn.cutOff(ctx)
+			} else {
+				rr = rn.resolveAndExec(rb, clk)
+			}
+			res.rollback = &rr
+			undone = !failed(&rr)
+			rn.rollbackFailed = rn.rollbackFailed || !undone
+		}
+		res.undone = &undone
+	}
+}
+
+// errInterrupted is the cause with which a shutdown cancels async jobs.
+var errInterrupted = errors.New("interrupted")
+
+// cutOff is the result of an operation that the end of ctx (the batch's,
+// or its rollbacks') kept from finishing.
+func (rn *runner) cutOff(ctx context.Context) result {
+	switch cause := context.Cause(ctx); {
+	case errors.Is(cause, errRollbackTimeout):
+		return result{status: http.StatusGatewayTimeout, err: "rollbacks timed out after " + time.Duration(rn.h.Timeout).String(), cut: true}
+	case errors.Is(cause, errInterrupted):
+		return result{status: http.StatusServiceUnavailable, err: "interrupted: the server shut down", cut: true}
+	case errors.Is(cause, context.DeadlineExceeded):
+		return result{status: http.StatusGatewayTimeout, err: "batch timed out after " + rn.timeout.String(), cut: true}
+	}
+	return result{status: statusClientGone, err: "client went away", cut: true}
+}

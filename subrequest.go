@@ -1,0 +1,368 @@
+package batch
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// batchCtxKey marks the context of a sub-request, so that a batch handler
+// reached again from one refuses it.
+type ctxKey struct{}
+
+var batchCtxKey ctxKey
+
+var errNestedBatch = errors.New("nested batch")
+
+const errNestedBatchMsg = "nested batch: an operation may not target a batch endpoint"
+
+// connFacts are what sub-requests take from the batch request: they speak
+// for the same client over the same connection.
+type connFacts struct {
+	host, remoteAddr, path string
+	proto                  string
+	protoMajor, protoMinor int
+	tls                    *tls.ConnectionState
+}
+
+func connFactsOf(r *http.Request) connFacts {
+	return connFacts{
+		host: r.Host, remoteAddr: r.RemoteAddr, path: r.URL.Path,
+		proto: r.Proto, protoMajor: r.ProtoMajor, protoMinor: r.ProtoMinor,
+		tls: r.TLS,
+	}
+}
+
+// serverOf returns the server a request came through; sub-requests are
+// prepared for it.
+func serverOf(r *http.Request) (*caddyhttp.Server, error) {
+	srv, ok := r.Context().Value(caddyhttp.ServerCtxKey).(*caddyhttp.Server)
+	if !ok {
+		return nil, caddyhttp.Error(http.StatusInternalServerError, errors.New("batch handler is not running inside an HTTP server"))
+	}
+	return srv, nil
+}
+
+// resolveAndExec fills in op's references and runs it.
+func (rn *runner) resolveAndExec(op *operation, clk *opClock) result {
+	op, err := rn.resolve(op)
+	if err != nil {
+		return result{status: statusSkipped, err: err.Error()}
+	}
+	if strings.EqualFold(op.url.Path, rn.conn.path) {
+		// The chain after batch would not bring it back here, but a client
+		// who sends it means a batch inside a batch.
+		return result{status: http.StatusBadRequest, err: errNestedBatchMsg}
+	}
+	return rn.exec(op, clk)
+}
+
+// exec serves one operation through the rest of the handler chain. An
+// idempotent operation answered 429 is tried again after its Retry-After,
+// up to retry_429 times within op_timeout.
+func (rn *runner) exec(op *operation, clk *opClock) result {
+	ctx, deadline := clk.arm()
+	defer clk.disarm()
+	for attempt := 1; ; attempt++ {
+		res := rn.attempt(ctx, clk, op, attempt)
+		if res.status != http.StatusTooManyRequests || attempt > rn.h.Retry429 || !idempotent(op.method) {
+			if attempt > 1 {
+				res.attempts = attempt
+			}
+			return res
+		}
+		wait, ok := retryAfter(res.header)
+		if !ok {
+			wait = time.Second // when the answer does not say, or not readably
+		}
+		if time.Until(deadline) < wait {
+			res.attempts = attempt
+			return res
+		}
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			res.attempts = attempt
+			return res
+		}
+	}
+}
+
+// idempotent reports whether a method may be repeated without changing
+// what one request would do (RFC 9110 §9.2.2).
+func idempotent(method string) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodPut, http.MethodDelete, http.MethodOptions:
+		return true
+	}
+	return false
+}
+
+// maxRetryAfter caps what a Retry-After may ask for: no answer is a reason
+// to wait longer, and more seconds than this could overflow a Duration.
+const maxRetryAfter = 24 * time.Hour
+
+// retryAfter reads a Retry-After header, delta-seconds or an HTTP-date, as
+// a wait from now of at most maxRetryAfter; ok is false when there is none
+// or it cannot be read.
+func retryAfter(h http.Header) (wait time.Duration, ok bool) {
+	v := strings.TrimSpace(h.Get("Retry-After"))
+	if v == "" {
+		return 0, false
+	}
+	if strings.Trim(v, "0123456789") == "" {
+		// Only digits: ParseUint fails by range alone, which is long.
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil || n > uint64(maxRetryAfter/time.Second) {
+			return maxRetryAfter, true
+		}
+		return time.Duration(n) * time.Second, true
+	}
+	if t, err := http.ParseTime(v); err == nil {
+		return min(max(time.Until(t), 0), maxRetryAfter), true
+	}
+	return 0, false
+}
+
+// attempt serves op once within ctx; attempt counts from 1.
+func (rn *runner) attempt(ctx context.Context, clk *opClock, op *operation, attempt int) result {
+	parent := clk.parent
+	w := clk.spare
+	if w != nil {
+		clk.spare = nil
+		clear(w.header)
+		*w = opWriter{header: w.header, body: w.body[:0]}
+	} else {
+		w = &opWriter{header: make(http.Header)}
+	}
+	w.limit = rn.h.MaxResponseSize
+	req := rn.newRequest(ctx, op, w, attempt)
+	err := serve(rn.next, w, req)
+
+	if c := rn.h.logger.Check(zapcore.DebugLevel, "batch operation"); c != nil {
+		c.Write(zap.String("batch", rn.id), zap.String("op", op.id), zap.String("method", op.method),
+			zap.String("path", op.target), zap.Int("status", w.status), zap.Error(err))
+	}
+
+	switch {
+	case w.overflow:
+		return result{status: http.StatusBadGateway, err: fmt.Sprintf("response larger than max_response_size (%d bytes)", rn.h.MaxResponseSize)}
+	case parent.Err() != nil:
+		return rn.cutOff(parent)
+	case ctx.Err() != nil:
+		return result{status: http.StatusGatewayTimeout, err: "operation timed out after " + time.Duration(rn.h.OpTimeout).String()}
+	}
+	if err != nil {
+		return rn.failed(op, w, err)
+	}
+	status := w.status
+	if status == 0 {
+		status = http.StatusOK
+	}
+	return result{status: status, header: w.header, body: w.body, w: w, isJSON: jsonBody(w.header, w.body)}
+}
+
+// failed is the result of an operation whose handler returned err.
+func (rn *runner) failed(op *operation, w *opWriter, err error) result {
+	var p panicError
+	switch {
+	case errors.Is(err, errNestedBatch):
+		return result{status: http.StatusBadRequest, err: errNestedBatchMsg}
+	case errors.As(err, &p):
+		rn.h.logger.Error("panic in handler serving batch operation",
+			zap.String("batch", rn.id), zap.String("op", op.id), zap.Any("panic", p.value), zap.String("stack", p.stack))
+		return result{status: http.StatusInternalServerError, err: "handler panicked"}
+	case errors.Is(err, http.ErrAbortHandler):
+		return result{status: http.StatusBadGateway, err: "response was cut off"}
+	}
+	// Handlers often return an error instead of writing one; it decides
+	// the status, and what they wrote before (WWW-Authenticate, say) stays.
+	status := http.StatusInternalServerError
+	var he caddyhttp.HandlerError
+	if errors.As(err, &he) && he.StatusCode != 0 {
+		status = he.StatusCode
+	}
+	return result{status: status, header: w.header}
+}
+
+// newRequest builds the sub-request of op: a fresh request with its own
+// replacer, vars and route-group state, carrying the outer request's
+// connection facts and inherited headers under its own.
+func (rn *runner) newRequest(ctx context.Context, op *operation, w http.ResponseWriter, attempt int) *http.Request {
+	c := &rn.conn
+	// The first attempt takes the URL parsed for the operation alone.
+	// Handlers such as rewrite change r.URL in place: a retry parses the
+	// target again, which was validated and cannot fail.
+	u := op.url
+	if attempt > 1 {
+		u = new(url.URL)
+		_ = parseTargetInto(op.target, u)
+	}
+	// Built on the stack and copied once by WithContext: one Request on
+	// the heap. The header map is the request's own.
+	base := http.Request{
+		Method:     op.method,
+		URL:        u,
+		Proto:      c.proto,
+		ProtoMajor: c.protoMajor,
+		ProtoMinor: c.protoMinor,
+		Header:     make(http.Header, len(rn.inherited)+len(op.header)),
+		Body:       http.NoBody,
+		Host:       c.host,
+		RemoteAddr: c.remoteAddr, // before PrepareRequest: it derives the client IP from it
+		RequestURI: op.target,
+		TLS:        c.tls,
+	}
+	req := base.WithContext(ctx)
+	for k, v := range rn.inherited {
+		req.Header[k] = v[:len(v):len(v)] // appends copy: parallel ops share these slices
+	}
+	for k, v := range op.header {
+		req.Header[k] = v[:len(v):len(v)]
+	}
+	if op.body != nil {
+		body := op.body
+		req.ContentLength = int64(len(body))
+		req.Body = io.NopCloser(bytes.NewReader(body))
+		req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	}
+
+	repl := caddy.NewReplacer()
+	repl.Map(func(key string) (any, bool) {
+		switch key {
+		case "http.batch.id":
+			return rn.id, true
+		case "http.batch.index":
+			return strconv.Itoa(op.index), true
+		case "http.batch.op_id":
+			return op.id, true
+		}
+		return nil, false
+	})
+	return caddyhttp.PrepareRequest(req, repl, w, rn.srv)
+}
+
+// Outer headers an operation never inherits: they describe the outer
+// message or connection, or ask something of the batch as a whole.
+var notInherited = map[string]bool{
+	"Connection": true, "Keep-Alive": true, "Te": true, "Trailer": true,
+	"Transfer-Encoding": true, "Upgrade": true, "Accept-Encoding": true,
+	"Expect": true, "Prefer": true, "Idempotency-Key": true,
+}
+
+func notInheritable(name string) bool {
+	return notInherited[name] ||
+		len(name) > 6 && (name[:6] == "Proxy-") ||
+		len(name) > 8 && name[:8] == "Content-"
+}
+
+// inheritedHeaders returns the outer headers each operation starts from.
+func (h *Handler) inheritedHeaders(outer http.Header) http.Header {
+	hdr := make(http.Header, len(outer))
+	if h.inherit != nil {
+		for _, name := range h.inherit {
+			if v, ok := outer[name]; ok && !notInheritable(name) {
+				hdr[name] = v
+			}
+		}
+		return hdr
+	}
+	for name, v := range outer {
+		if !notInheritable(name) {
+			hdr[name] = v
+		}
+	}
+	// Headers the Connection header names are hop-by-hop too.
+	for _, v := range outer["Connection"] {
+		for _, name := range splitComma(v) {
+			delete(hdr, http.CanonicalHeaderKey(name))
+		}
+	}
+	return hdr
+}
+
+// serve runs next, turning a panic into an error so that it fails one
+// operation, not the batch or the server.
+func serve(next caddyhttp.Handler, w http.ResponseWriter, r *http.Request) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			if v == http.ErrAbortHandler { //nolint:errorlint // sentinel compared as Go's server does
+				err = http.ErrAbortHandler
+				return
+			}
+			err = panicError{value: v, stack: stack()}
+		}
+	}()
+	return next.ServeHTTP(w, r)
+}
+
+type panicError struct {
+	value any
+	stack string
+}
+
+func (p panicError) Error() string { return fmt.Sprintf("panic: %v", p.value) }
+
+// opWriter captures one operation's answer. It never touches the client's
+// writer: sub-responses must not leak headers into the batch response.
+type opWriter struct {
+	header   http.Header
+	status   int
+	body     []byte
+	size     int64 // of the headers
+	limit    int64
+	overflow bool
+}
+
+var errResponseTooLarge = errors.New("operation response larger than max_response_size")
+
+func (w *opWriter) Header() http.Header { return w.header }
+
+func (w *opWriter) WriteHeader(code int) {
+	if w.status != 0 || code < 200 { // informational answers are not the result
+		return
+	}
+	w.status = code
+	// The headers count against max_response_size too.
+	n := int64(0)
+	for k, vs := range w.header {
+		for _, v := range vs {
+			n += int64(len(k) + len(v) + 4)
+		}
+	}
+	w.size = n
+	if n > w.limit {
+		w.overflow = true
+	}
+}
+
+func (w *opWriter) Write(p []byte) (int, error) {
+	if w.status == 0 {
+		w.WriteHeader(http.StatusOK)
+	}
+	if w.overflow || w.size+int64(len(w.body)+len(p)) > w.limit {
+		w.overflow = true
+		return 0, errResponseTooLarge
+	}
+	w.body = append(w.body, p...)
+	return len(p), nil
+}
+
+// Flush is a no-op: the answer is complete only when the handler returns.
+func (w *opWriter) Flush() {}
+
+func stack() string { return string(debug.Stack()) }

@@ -1,0 +1,258 @@
+package batch
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/tidwall/gjson"
+	"golang.org/x/net/http/httpguts"
+)
+
+// pathAllowed matches an operation's path against the configured paths.
+func (h *Handler) pathAllowed(u *url.URL) bool {
+	// MatchPath reads the replacer for patterns with placeholders; an empty
+	// one leaves them blank, so such patterns match no client-chosen path.
+	r := &http.Request{URL: u}
+	r = r.WithContext(context.WithValue(context.Background(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+	ok, err := h.paths.MatchWithError(r)
+	return ok && err == nil
+}
+
+func (p *parser) checkMethod(op *operation) {
+	// A method is a token, so ASCII: checked before upper-casing, which
+	// would fold "poſt" into "POST".
+	if !httpguts.ValidHeaderFieldName(op.method) {
+		p.opFault(op, "method %q is not a valid HTTP method", short(op.method))
+		return
+	}
+	op.method = strings.ToUpper(op.method)
+	if _, ok := p.lim.methods[op.method]; !ok {
+		p.opFault(op, "method %s is not allowed here", short(op.method))
+	}
+}
+
+// checkTarget validates an operation's target and returns it parsed.
+func (p *parser) checkTarget(op *operation, target string) *url.URL {
+	u := p.newURL()
+	msg := parseTargetInto(target, u)
+	if msg == "" && p.lim.pathAllow != nil && !p.lim.pathAllow(u) {
+		msg = fmt.Sprintf("path %q is not allowed here", short(u.Path))
+	}
+	if msg != "" {
+		p.opFault(op, "%s", msg)
+		return nil
+	}
+	return u
+}
+
+// parseTarget checks that t is an origin-form request target that cannot
+// be read as another host or escape its path, and parses it. It returns a
+// message for the client when t is refused.
+func parseTarget(t string) (*url.URL, string) {
+	u := new(url.URL)
+	if msg := parseTargetInto(t, u); msg != "" {
+		return nil, msg
+	}
+	return u, ""
+}
+
+// parseTargetInto is parseTarget writing the parsed target to u, so that
+// a batch can parse its operations' targets into one allocation.
+func parseTargetInto(t string, u *url.URL) string {
+	if t == "" {
+		return "path is required"
+	}
+	if t[0] != '/' || len(t) > 1 && t[1] == '/' {
+		return fmt.Sprintf("path must be origin-form, got %q", short(t))
+	}
+	for i := 0; i < len(t); i++ {
+		switch c := t[i]; {
+		case c <= ' ' || c == 0x7f:
+			return fmt.Sprintf("path must not hold control characters or spaces, got %q", short(t))
+		case c == '\\':
+			return fmt.Sprintf("path must not hold '\\', got %q", short(t))
+		case c == '#':
+			return fmt.Sprintf("path must not hold a fragment, got %q", short(t))
+		}
+	}
+	p, query, hasQuery := strings.Cut(t, "?")
+	escaped := strings.IndexByte(p, '%') >= 0
+	if escaped {
+		d, err := url.PathUnescape(p)
+		if err != nil {
+			return fmt.Sprintf("path has an invalid percent-escape, got %q", short(t))
+		}
+		// Decode again until stable, so that multiply encoded dot-segments
+		// or separators ("%252e%252e") are seen as what a backend that
+		// decodes more than once may make of them. Past the first decode a
+		// '%' may be plain data ("50%25off" is "50%off"): only valid
+		// escapes are decoded. Each round costs the path's length, so a
+		// path still changing after maxDecodes rounds is refused: nesting
+		// "%2525…" deeper would make validation quadratic.
+		rounds := 1
+		for p = d; ; rounds++ {
+			if d = unescapeValid(p); d == p {
+				break
+			}
+			if rounds == maxDecodes {
+				return fmt.Sprintf("path is percent-encoded more than %d times, got %q", maxDecodes, short(t))
+			}
+			p = d
+		}
+		for i := 0; i < len(p); i++ {
+			if c := p[i]; c < ' ' || c == 0x7f || c == '\\' {
+				return fmt.Sprintf("path must not encode control characters or '\\', got %q", short(t))
+			}
+		}
+	}
+	if strings.IndexByte(p, '.') >= 0 {
+		for seg := range strings.SplitSeq(p, "/") {
+			// "..;x" is ".." to servers that take path parameters (Tomcat, Jetty).
+			if seg, _, _ = strings.Cut(seg, ";"); seg == "." || seg == ".." {
+				return fmt.Sprintf("path must not hold dot-segments, got %q", short(t))
+			}
+		}
+	}
+	if escaped || !plainPath(p) {
+		parsed, err := url.ParseRequestURI(t)
+		if err != nil {
+			return fmt.Sprintf("path %q does not parse", short(t))
+		}
+		*u = *parsed
+		return ""
+	}
+	// What url.ParseRequestURI makes of a path that needs no escaping,
+	// without its allocation.
+	*u = url.URL{Path: p, RawQuery: query, ForceQuery: hasQuery && query == ""}
+	return ""
+}
+
+// maxDecodes bounds the rounds of percent-decoding a target is checked
+// through: "%25252e" is "." after three.
+const maxDecodes = 4
+
+// plainPath reports whether p is a path that URL encoding leaves as it is,
+// so that its URL has no RawPath.
+func plainPath(p string) bool {
+	for i := 0; i < len(p); i++ {
+		switch c := p[i]; {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		case strings.IndexByte("-_.~$&+,/:;=@", c) >= 0:
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// unescapeValid decodes the valid %XX escapes of s and leaves the rest.
+func unescapeValid(s string) string {
+	if !strings.Contains(s, "%") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '%' && i+2 < len(s) && isHex(s[i+1]) && isHex(s[i+2]) {
+			b.WriteByte(unhex(s[i+1])<<4 | unhex(s[i+2]))
+			i += 2
+			continue
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+func isHex(c byte) bool {
+	return c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F'
+}
+
+func unhex(c byte) byte {
+	switch {
+	case c >= 'a':
+		return c - 'a' + 10
+	case c >= 'A':
+		return c - 'A' + 10
+	}
+	return c - '0'
+}
+
+// Headers an operation may not set: they frame the message or the
+// connection, and a batch must not be a way to smuggle them.
+var refusedHeaders = map[string]bool{
+	"Host": true, "Content-Length": true, "Transfer-Encoding": true,
+	"Connection": true, "Upgrade": true, "Keep-Alive": true, "Te": true,
+	"Trailer": true,
+}
+
+// Headers some frameworks read as the method: they would get past methods.
+var methodOverride = map[string]bool{
+	"X-Http-Method-Override": true, "X-Http-Method": true, "X-Method-Override": true,
+}
+
+// isForwardedHeader reports whether name (canonical) claims a client
+// address; such headers are dropped unless allow_forwarded_headers lists them.
+func isForwardedHeader(name string) bool {
+	return name == "Forwarded" || name == "X-Real-Ip" || strings.HasPrefix(name, "X-Forwarded-")
+}
+
+func (p *parser) parseHeaders(op *operation, v gjson.Result) http.Header {
+	if !v.Exists() || v.Type == gjson.Null {
+		return nil
+	}
+	if !v.IsObject() {
+		p.opFault(op, "headers must be an object, got %s", short(v.Raw))
+		return nil
+	}
+	h := make(http.Header)
+	v.ForEach(func(k, val gjson.Result) bool {
+		name := k.String()
+		if !httpguts.ValidHeaderFieldName(name) {
+			p.opFault(op, "header name %q is not a valid token", short(name))
+			return true
+		}
+		name = http.CanonicalHeaderKey(name)
+		if refusedHeaders[name] || strings.HasPrefix(name, "Proxy-") || methodOverride[name] {
+			p.opFault(op, "header %s may not be set by an operation", short(name))
+			return true
+		}
+		if _, dup := h[name]; dup {
+			p.opFault(op, "header %s given twice", short(name))
+			return true
+		}
+		var values []string
+		switch {
+		case val.Type == gjson.String:
+			values = []string{val.Str}
+		case val.IsArray():
+			val.ForEach(func(_, s gjson.Result) bool {
+				if s.Type != gjson.String {
+					p.opFault(op, "header %s: values must be strings, got %s", short(name), short(s.Raw))
+					return false
+				}
+				values = append(values, s.Str)
+				return true
+			})
+		default:
+			p.opFault(op, "header %s must be a string or an array of strings, got %s", short(name), short(val.Raw))
+			return true
+		}
+		for _, s := range values {
+			if !httpguts.ValidHeaderFieldValue(s) {
+				p.opFault(op, "header %s has a value with control characters (CR, LF or NUL)", short(name))
+				return true
+			}
+		}
+		if isForwardedHeader(name) {
+			if _, ok := p.lim.forwarded[name]; !ok {
+				return true // dropped: a batch never speaks for another address
+			}
+		}
+		h[name] = values
+		return true
+	})
+	return h
+}
