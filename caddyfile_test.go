@@ -3,6 +3,7 @@ package batch
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -488,5 +489,31 @@ func TestAdaptBatchFirst(t *testing.T) {
 		if len(srv.Routes) < 2 || srv.Routes[0].Handle[0]["handler"] != "batch" {
 			t.Errorf("batch is not the first route: %s", out)
 		}
+	}
+}
+
+func TestJSONConfig(t *testing.T) {
+	be := newBackend(t)
+	port := freePort(t)
+	cfg := fmt.Sprintf(`{
+	"admin": {"disabled": true, "config": {"persist": false}},
+	"apps": {"http": {"servers": {"s": {
+		"listen": ["127.0.0.1:%d"],
+		"routes": [
+			{"match": [{"path": ["/batch"]}], "handle": [{"handler": "batch", "mode": "parallel", "concurrency": 4, "max_ops": 2, "op_timeout": "5s", "methods": ["GET"]}]},
+			{"handle": [{"handler": "reverse_proxy", "upstreams": [{"dial": %q}]}]}
+		]
+	}}}}
+}`, port, be.addr())
+	base := loadCaddy(t, []byte(cfg), port)
+	status, _, body := send(t, "POST", base+"/batch", `[{"path":"/health"},{"path":"/users"}]`)
+	if status != 200 || mustJSON(t, body).Get("1.body.data").Raw != "[]" {
+		t.Errorf("JSON config: %d %s", status, body)
+	}
+	if status, _, _ := send(t, "POST", base+"/batch", `[{"path":"/health"},{"path":"/health"},{"path":"/health"}]`); status != 413 {
+		t.Errorf("max_ops from JSON config: %d", status)
+	}
+	if status, _, _ := send(t, "POST", base+"/batch", `[{"method":"POST","path":"/users"}]`); status != 400 {
+		t.Errorf("methods from JSON config: %d", status)
 	}
 }

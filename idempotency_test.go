@@ -31,23 +31,23 @@ func TestIdempotencyKey(t *testing.T) {
 	base := startCaddy(t, asyncSite(be, ""))
 	batch := `[{"method":"POST","path":"/users","body":{"name":"Once"}}]`
 
-	status, _, first := post(t, base+"/batch", batch, alice, "Idempotency-Key: k1")
+	status, _, first := send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: k1")
 	if status != 200 {
 		t.Fatalf("%d %s", status, first)
 	}
-	status, hdr, again := post(t, base+"/batch", batch, alice, "Idempotency-Key: k1")
+	status, hdr, again := send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: k1")
 	if status != 200 || again != first || hdr.Get("Idempotent-Replayed") != "true" {
 		t.Errorf("replay: %d %q %s, want %s", status, hdr.Get("Idempotent-Replayed"), again, first)
 	}
 	if be.API.Len() != 1 {
 		t.Errorf("the batch ran %d times", be.API.Len())
 	}
-	status, _, body := post(t, base+"/batch", `[{"method":"POST","path":"/users","body":{"name":"Other"}}]`, alice, "Idempotency-Key: k1")
+	status, _, body := send(t, "POST", base+"/batch", `[{"method":"POST","path":"/users","body":{"name":"Other"}}]`, alice, "Idempotency-Key: k1")
 	if status != 422 {
 		t.Errorf("same key, other body: %d %s", status, body)
 	}
 	// Keys belong to their owner.
-	if status, hdr, _ := post(t, base+"/batch", batch, "Authorization: Bearer bob", "Idempotency-Key: k1"); status != 200 || hdr.Get("Idempotent-Replayed") != "" {
+	if status, hdr, _ := send(t, "POST", base+"/batch", batch, "Authorization: Bearer bob", "Idempotency-Key: k1"); status != 200 || hdr.Get("Idempotent-Replayed") != "" {
 		t.Errorf("another owner's key: %d replayed %q", status, hdr.Get("Idempotent-Replayed"))
 	}
 	if be.API.Len() != 2 {
@@ -55,8 +55,8 @@ func TestIdempotencyKey(t *testing.T) {
 	}
 
 	// Async: the repeat gets the same job.
-	status, hdr1, body1 := post(t, base+"/batch", `[{"path":"/health"}]`, alice, "Prefer: respond-async", "Idempotency-Key: k2")
-	status2, hdr2, body2 := post(t, base+"/batch", `[{"path":"/health"}]`, alice, "Prefer: respond-async", "Idempotency-Key: k2")
+	status, hdr1, body1 := send(t, "POST", base+"/batch", `[{"path":"/health"}]`, alice, "Prefer: respond-async", "Idempotency-Key: k2")
+	status2, hdr2, body2 := send(t, "POST", base+"/batch", `[{"path":"/health"}]`, alice, "Prefer: respond-async", "Idempotency-Key: k2")
 	id := mustJSON(t, body1).Get("id").String()
 	if status != 202 || status2 != 202 || mustJSON(t, body2).Get("id").String() != id || hdr1.Get("Location") != hdr2.Get("Location") || hdr2.Get("Location") == "" {
 		t.Errorf("async replay: %d %s / %d %s", status, body1, status2, body2)
@@ -75,7 +75,7 @@ func TestIdempotencyConcurrent(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			statuses[i], _, bodies[i] = post(t, base+"/batch", `[{"method":"POST","path":"/users","body":{"name":"Dup"}},{"path":"/slow?d=50ms"}]`, alice, "Idempotency-Key: same")
+			statuses[i], _, bodies[i] = send(t, "POST", base+"/batch", `[{"method":"POST","path":"/users","body":{"name":"Dup"}},{"path":"/slow?d=50ms"}]`, alice, "Idempotency-Key: same")
 		}()
 	}
 	wg.Wait()
@@ -100,8 +100,8 @@ func TestIdempotencyAcrossInstances(t *testing.T) {
 	a := loadCaddy(t, adapt(t, site(portA)), portA)
 	b := startChildCaddy(t, site(portB), portB)
 	batch := `[{"method":"POST","path":"/users","body":{"name":"Across"}}]`
-	_, _, first := post(t, a+"/batch", batch, alice, "Idempotency-Key: x")
-	status, hdr, again := post(t, b+"/batch", batch, alice, "Idempotency-Key: x")
+	_, _, first := send(t, "POST", a+"/batch", batch, alice, "Idempotency-Key: x")
+	status, hdr, again := send(t, "POST", b+"/batch", batch, alice, "Idempotency-Key: x")
 	if status != 200 || again != first || hdr.Get("Idempotent-Replayed") != "true" || be.API.Len() != 1 {
 		t.Errorf("replay on the other instance: %d %s (users %d)", status, again, be.API.Len())
 	}
@@ -142,13 +142,13 @@ func TestIdempotentAnswersExpire(t *testing.T) {
 	be := newBackend(t)
 	storage := t.TempDir()
 	site := proxySite(be, "")
-	base := startCaddyIn(t, storage, site)
+	base := startCaddy(t, site, inStorage(storage))
 	batch := `[{"method":"POST","path":"/users","body":{"name":"Kept"}}]`
-	if status, _, body := post(t, base+"/batch", batch, alice, "Idempotency-Key: old"); status != 200 {
+	if status, _, body := send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: old"); status != 200 {
 		t.Fatalf("%d %s", status, body)
 	}
 	ahead(23 * time.Hour)
-	if status, _, body := post(t, base+"/batch", batch, alice, "Idempotency-Key: young"); status != 200 {
+	if status, _, body := send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: young"); status != 200 {
 		t.Fatalf("%d %s", status, body)
 	}
 	if n := len(answerFiles(t, storage)); n != 2 {
@@ -156,12 +156,12 @@ func TestIdempotentAnswersExpire(t *testing.T) {
 	}
 
 	ahead(25 * time.Hour) // "old" expired an hour ago; "young" has 22 hours left
-	base = startCaddyIn(t, storage, site)
+	base = startCaddy(t, site, inStorage(storage))
 	eventually(t, 10*time.Second, "the expired answer to be swept", func() bool { return len(answerFiles(t, storage)) == 1 })
-	if _, hdr, _ := post(t, base+"/batch", batch, alice, "Idempotency-Key: young"); hdr.Get("Idempotent-Replayed") != "true" {
+	if _, hdr, _ := send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: young"); hdr.Get("Idempotent-Replayed") != "true" {
 		t.Error("the answer that has not expired is gone")
 	}
-	if _, hdr, _ := post(t, base+"/batch", batch, alice, "Idempotency-Key: old"); hdr.Get("Idempotent-Replayed") != "" || be.API.Len() != 3 {
+	if _, hdr, _ := send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: old"); hdr.Get("Idempotent-Replayed") != "" || be.API.Len() != 3 {
 		t.Errorf("an expired key replayed (%q), or did not run (%d users)", hdr.Get("Idempotent-Replayed"), be.API.Len())
 	}
 }
@@ -171,8 +171,8 @@ func TestIdempotentAnswersSweptPeriodically(t *testing.T) {
 	ahead := skewClock(t)
 	be := newBackend(t)
 	storage := t.TempDir()
-	base := startCaddyIn(t, storage, proxySite(be, "{\n\t\tasync {\n\t\t\tretention 1s\n\t\t}\n\t}"))
-	if status, _, body := post(t, base+"/batch", `[{"path":"/health"}]`, alice, "Idempotency-Key: k"); status != 200 {
+	base := startCaddy(t, proxySite(be, "{\n\t\tasync {\n\t\t\tretention 1s\n\t\t}\n\t}"), inStorage(storage))
+	if status, _, body := send(t, "POST", base+"/batch", `[{"path":"/health"}]`, alice, "Idempotency-Key: k"); status != 200 {
 		t.Fatalf("%d %s", status, body)
 	}
 	if n := len(answerFiles(t, storage)); n != 1 {
@@ -188,10 +188,10 @@ func TestIdempotentAnswersSweptPeriodically(t *testing.T) {
 func TestIdempotentAnswerTooLargeIsNotStored(t *testing.T) {
 	be := newBackend(t)
 	storage := t.TempDir()
-	base := startCaddyIn(t, storage, proxySite(be, ""))
+	base := startCaddy(t, proxySite(be, ""), inStorage(storage))
 	big := `[{"path":"/big?n=600000"},{"path":"/big?n=600000"}]`
 	for i := range 2 {
-		status, hdr, body := post(t, base+"/batch", big, alice, "Idempotency-Key: big")
+		status, hdr, body := send(t, "POST", base+"/batch", big, alice, "Idempotency-Key: big")
 		res := mustJSON(t, body).Array()
 		if status != 200 || len(res) != 2 || res[1].Get("status").Int() != 200 || len(res[1].Get("body").String()) != 600000 {
 			t.Fatalf("answer %d: %d, %d results, %d bytes", i, status, len(res), len(body))
@@ -213,17 +213,17 @@ func TestIdempotentAnswerTooLargeIsNotStored(t *testing.T) {
 		t.Errorf("the backend was asked %d times for /big, want 4", bigs)
 	}
 
-	status, hdr, first := post(t, base+"/batch", `[{"path":"/health"}]`, alice, "Idempotency-Key: small")
+	status, hdr, first := send(t, "POST", base+"/batch", `[{"path":"/health"}]`, alice, "Idempotency-Key: small")
 	if status != 200 || hdr.Get("Idempotent-Stored") != "true" || hdr.Get("Content-Length") != strconv.Itoa(len(first)) {
 		t.Errorf("small answer: %d, Idempotent-Stored %q, Content-Length %q of %d bytes", status, hdr.Get("Idempotent-Stored"), hdr.Get("Content-Length"), len(first))
 	}
-	if _, hdr, again := post(t, base+"/batch", `[{"path":"/health"}]`, alice, "Idempotency-Key: small"); again != first || hdr.Get("Idempotent-Replayed") != "true" {
+	if _, hdr, again := send(t, "POST", base+"/batch", `[{"path":"/health"}]`, alice, "Idempotency-Key: small"); again != first || hdr.Get("Idempotent-Replayed") != "true" {
 		t.Errorf("replay: %q %s, want %s", hdr.Get("Idempotent-Replayed"), again, first)
 	}
 
 	// The bound is configured.
-	base = startCaddyIn(t, storage, proxySite(be, "{\n\t\tmax_idempotent_size 16KiB\n\t}"))
-	if _, hdr, _ := post(t, base+"/batch", `[{"path":"/big?n=20000"}]`, alice, "Idempotency-Key: mid"); hdr.Get("Idempotent-Stored") != "false" {
+	base = startCaddy(t, proxySite(be, "{\n\t\tmax_idempotent_size 16KiB\n\t}"), inStorage(storage))
+	if _, hdr, _ := send(t, "POST", base+"/batch", `[{"path":"/big?n=20000"}]`, alice, "Idempotency-Key: mid"); hdr.Get("Idempotent-Stored") != "false" {
 		t.Errorf("20 kB answer over a 16 KiB bound: Idempotent-Stored %q", hdr.Get("Idempotent-Stored"))
 	}
 }
@@ -314,7 +314,7 @@ func TestIdempotencyCutBatchIsNotStored(t *testing.T) {
 	<-done
 
 	// The retry waits for the batch it cut off to end.
-	status, hdr, first := post(t, base+"/batch", batch, alice, "Idempotency-Key: cut")
+	status, hdr, first := send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: cut")
 	if status != 200 || hdr.Get("Idempotent-Replayed") != "" || hdr.Get("Idempotent-Stored") != "true" {
 		t.Fatalf("retry: %d, Idempotent-Replayed %q, Idempotent-Stored %q: %s", status, hdr.Get("Idempotent-Replayed"), hdr.Get("Idempotent-Stored"), first)
 	}
@@ -323,13 +323,13 @@ func TestIdempotencyCutBatchIsNotStored(t *testing.T) {
 			t.Errorf("retry: result %d: %s", i, r.Raw)
 		}
 	}
-	if _, hdr, again := post(t, base+"/batch", batch, alice, "Idempotency-Key: cut"); again != first || hdr.Get("Idempotent-Replayed") != "true" {
+	if _, hdr, again := send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: cut"); again != first || hdr.Get("Idempotent-Replayed") != "true" {
 		t.Errorf("the whole answer is not the one kept: %q %s", hdr.Get("Idempotent-Replayed"), again)
 	}
 
 	base = startCaddy(t, proxySite(be, "{\n\t\ttimeout 100ms\n\t}"))
 	for i := range 2 {
-		status, hdr, body := post(t, base+"/batch", `[{"path":"/slow?d=2s"}]`, alice, "Idempotency-Key: late")
+		status, hdr, body := send(t, "POST", base+"/batch", `[{"path":"/slow?d=2s"}]`, alice, "Idempotency-Key: late")
 		if status != 200 || mustJSON(t, body).Get("0.status").Int() != 504 || hdr.Get("Idempotent-Stored") != "false" || hdr.Get("Idempotent-Replayed") != "" {
 			t.Errorf("timed out batch, try %d: %d, Idempotent-Stored %q, Idempotent-Replayed %q: %s", i, status, hdr.Get("Idempotent-Stored"), hdr.Get("Idempotent-Replayed"), body)
 		}
@@ -342,18 +342,18 @@ func TestIdempotentReplayKeepsHeaders(t *testing.T) {
 	be := newBackend(t)
 	base := startCaddy(t, asyncSite(be, ""))
 	batch := `[{"path":"/health"},{"path":"/health"}]`
-	_, hdr, first := post(t, base+"/batch", batch, alice, "Accept: application/x-ndjson", "Idempotency-Key: nd")
+	_, hdr, first := send(t, "POST", base+"/batch", batch, alice, "Accept: application/x-ndjson", "Idempotency-Key: nd")
 	if hdr.Get("Content-Type") != "application/x-ndjson" || strings.Count(first, "\n") != 3 {
 		t.Fatalf("first answer: %q %s", hdr.Get("Content-Type"), first)
 	}
-	_, hdr, again := post(t, base+"/batch", batch, alice, "Accept: application/x-ndjson", "Idempotency-Key: nd")
+	_, hdr, again := send(t, "POST", base+"/batch", batch, alice, "Accept: application/x-ndjson", "Idempotency-Key: nd")
 	if hdr.Get("Content-Type") != "application/x-ndjson" || again != first || hdr.Get("Idempotent-Replayed") != "true" {
 		t.Errorf("replay: %q %q %s, want %s", hdr.Get("Content-Type"), hdr.Get("Idempotent-Replayed"), again, first)
 	}
 
 	var locations []string
 	for range 2 {
-		status, hdr, body := post(t, base+"/batch", `[{"path":"/health"}]`, alice, "Prefer: respond-async", "Idempotency-Key: as")
+		status, hdr, body := send(t, "POST", base+"/batch", `[{"path":"/health"}]`, alice, "Prefer: respond-async", "Idempotency-Key: as")
 		if status != 202 || hdr.Get("Preference-Applied") != "respond-async" || hdr.Get("Content-Type") != "application/json" {
 			t.Errorf("async: %d, Preference-Applied %q, Content-Type %q: %s", status, hdr.Get("Preference-Applied"), hdr.Get("Content-Type"), body)
 		}
@@ -370,9 +370,9 @@ func TestIdempotentReplayKeepsHeaders(t *testing.T) {
 func TestIdempotentRecordUndecodable(t *testing.T) {
 	be := newBackend(t)
 	storage := t.TempDir()
-	base := startCaddyIn(t, storage, proxySite(be, ""))
+	base := startCaddy(t, proxySite(be, ""), inStorage(storage))
 	batch := `[{"method":"POST","path":"/users","body":{"name":"Again"}}]`
-	post(t, base+"/batch", batch, alice, "Idempotency-Key: k")
+	send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: k")
 	files := answerFiles(t, storage)
 	if len(files) != 1 {
 		t.Fatalf("%d answers stored", len(files))
@@ -385,11 +385,11 @@ func TestIdempotentRecordUndecodable(t *testing.T) {
 		if err := os.WriteFile(files[0], []byte(broken), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		status, hdr, first := post(t, base+"/batch", batch, alice, "Idempotency-Key: k")
+		status, hdr, first := send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: k")
 		if status != 200 || hdr.Get("Idempotent-Replayed") != "" || be.API.Len() != i+2 {
 			t.Fatalf("over %s: %d %q (%d users): %s", broken, status, hdr.Get("Idempotent-Replayed"), be.API.Len(), first)
 		}
-		if _, hdr, again := post(t, base+"/batch", batch, alice, "Idempotency-Key: k"); again != first || hdr.Get("Idempotent-Replayed") != "true" {
+		if _, hdr, again := send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: k"); again != first || hdr.Get("Idempotent-Replayed") != "true" {
 			t.Errorf("replay: %q %s, want %s", hdr.Get("Idempotent-Replayed"), again, first)
 		}
 	}
@@ -511,9 +511,9 @@ func TestMaxIdempotentSizeConfig(t *testing.T) {
 func TestIdempotentReplaysEarlierRecords(t *testing.T) {
 	be := newBackend(t)
 	storage := t.TempDir()
-	base := startCaddyIn(t, storage, proxySite(be, ""))
+	base := startCaddy(t, proxySite(be, ""), inStorage(storage))
 	batch := `[{"path":"/health"}]`
-	post(t, base+"/batch", batch, alice, "Idempotency-Key: k")
+	send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: k")
 	files := answerFiles(t, storage)
 	if len(files) != 1 {
 		t.Fatalf("%d answers stored", len(files))
@@ -524,7 +524,7 @@ func TestIdempotentReplaysEarlierRecords(t *testing.T) {
 	if err := os.WriteFile(files[0], old, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	_, hdr, body := post(t, base+"/batch", batch, alice, "Idempotency-Key: k")
+	_, hdr, body := send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: k")
 	if body != `[{"id":"0","status":200}]` || hdr.Get("Content-Type") != "application/json" || hdr.Get("Idempotent-Replayed") != "true" {
 		t.Errorf("earlier record: %q %q %s", hdr.Get("Content-Type"), hdr.Get("Idempotent-Replayed"), body)
 	}

@@ -19,16 +19,16 @@ func TestMetricsEndpoint(t *testing.T) {
 	}
 	reverse_proxy `+be.addr())
 
-	if status, _, body := post(t, base+"/batch", `[{"path":"/health"},{"path":"/users/404"}]`); status != 200 {
+	if status, _, body := send(t, "POST", base+"/batch", `[{"path":"/health"},{"path":"/users/404"}]`); status != 200 {
 		t.Fatalf("%d %s", status, body)
 	}
-	if status, _, body := post(t, base+"/other", `{"batch":[{"path":"/health"}]}`); status != 200 {
+	if status, _, body := send(t, "POST", base+"/other", `{"batch":[{"path":"/health"}]}`); status != 200 {
 		t.Fatalf("%d %s", status, body)
 	}
-	_, _, body := post(t, base+"/batch", `[{"path":"/health"}]`, alice, "Prefer: respond-async")
+	_, _, body := send(t, "POST", base+"/batch", `[{"path":"/health"}]`, alice, "Prefer: respond-async")
 	waitJob(t, base+"/batch/"+mustJSON(t, body).Get("id").String(), alice, "completed")
 
-	_, _, m := get(t, base+"/metrics")
+	_, _, m := send(t, "GET", base+"/metrics", "")
 	for _, want := range []string{
 		`caddy_batch_batches_total{mode="sequential",outcome="completed_with_errors"} 1`,
 		`caddy_batch_batches_total{mode="parallel",outcome="completed"} 1`,

@@ -22,7 +22,7 @@ func TestEmptyOwnerRefused(t *testing.T) {
 		if headers == nil {
 			body = `{"async":true,"batch":` + batch + `}`
 		}
-		status, _, answer := post(t, base+"/batch", body, headers...)
+		status, _, answer := send(t, "POST", base+"/batch", body, headers...)
 		if status != 401 || !strings.Contains(answer, "{http.request.header.Authorization} is empty") {
 			t.Errorf("%s without credentials: %d %s", name, status, answer)
 		}
@@ -31,7 +31,7 @@ func TestEmptyOwnerRefused(t *testing.T) {
 		t.Errorf("refused batches reached the backend %d times", n)
 	}
 	// A plain sync batch needs no owner.
-	if status, _, body := post(t, base+"/batch", batch); status != 200 {
+	if status, _, body := send(t, "POST", base+"/batch", batch); status != 200 {
 		t.Errorf("sync batch without credentials: %d %s", status, body)
 	}
 }
@@ -52,7 +52,7 @@ func TestOwnerFromAuthAfterBatchRefused(t *testing.T) {
 		alice `+string(hash)+`
 	}
 	reverse_proxy `+be.addr())
-	status, _, body := post(t, base+"/batch", `[{"path":"/users"}]`, "Authorization: Basic YWxpY2U6cHc=", "Prefer: respond-async")
+	status, _, body := send(t, "POST", base+"/batch", `[{"path":"/users"}]`, "Authorization: Basic YWxpY2U6cHc=", "Prefer: respond-async")
 	if status != 401 || !strings.Contains(body, "{http.auth.user.id} is empty") || !strings.Contains(body, "route before batch") {
 		t.Errorf("submit: %d %s", status, body)
 	}
@@ -78,19 +78,19 @@ func TestOwnerFromAuthInRoute(t *testing.T) {
 	}
 	reverse_proxy `+be.addr())
 	const aliceAuth, bobAuth = "Authorization: Basic YWxpY2U6cHc=", "Authorization: Basic Ym9iOnB3"
-	status, hdr, body := post(t, base+"/batch", `[{"path":"/health"}]`, aliceAuth, "Prefer: respond-async")
+	status, hdr, body := send(t, "POST", base+"/batch", `[{"path":"/health"}]`, aliceAuth, "Prefer: respond-async")
 	if status != 202 {
 		t.Fatalf("submit: %d %s", status, body)
 	}
 	job := base + hdr.Get("Location")
 	waitJob(t, job, aliceAuth, "completed")
-	if status, _, body := get(t, job+"/results", aliceAuth); status != 200 || mustJSON(t, body).Get("results.0.status").Int() != 200 {
+	if status, _, body := send(t, "GET", job+"/results", "", aliceAuth); status != 200 || mustJSON(t, body).Get("results.0.status").Int() != 200 {
 		t.Errorf("alice's results: %d %s", status, body)
 	}
-	if status, _, body := get(t, job, bobAuth); status != 404 {
+	if status, _, body := send(t, "GET", job, "", bobAuth); status != 404 {
 		t.Errorf("bob reads alice's job: %d %s", status, body)
 	}
-	if status, _, _ := get(t, job); status != 401 {
+	if status, _, _ := send(t, "GET", job, ""); status != 401 {
 		t.Errorf("anonymous read: %d, want basic_auth's 401", status)
 	}
 }
@@ -105,25 +105,25 @@ func TestOwnerFromCookie(t *testing.T) {
 		}
 	}`))
 	const s1, s2 = "Cookie: session=one", "Cookie: session=two"
-	status, hdr, body := post(t, base+"/batch", `[{"path":"/health"}]`, s1, "Prefer: respond-async")
+	status, hdr, body := send(t, "POST", base+"/batch", `[{"path":"/health"}]`, s1, "Prefer: respond-async")
 	if status != 202 {
 		t.Fatalf("submit: %d %s", status, body)
 	}
 	job := base + hdr.Get("Location")
 	waitJob(t, job, s1, "completed")
-	if status, _, _ := get(t, job, s2); status != 404 {
+	if status, _, _ := send(t, "GET", job, "", s2); status != 404 {
 		t.Errorf("another session reads the job: %d", status)
 	}
-	if status, _, body := get(t, job); status != 401 || !strings.Contains(body, "{http.request.cookie.session}") {
+	if status, _, body := send(t, "GET", job, ""); status != 401 || !strings.Contains(body, "{http.request.cookie.session}") {
 		t.Errorf("no session: %d %s", status, body)
 	}
 	// Keys belong to sessions: one session's key never replays for another.
 	batch := `[{"method":"POST","path":"/users","body":{"name":"Kim"}}]`
-	post(t, base+"/batch", batch, s1, "Idempotency-Key: k")
-	if _, hdr, _ := post(t, base+"/batch", batch, s2, "Idempotency-Key: k"); hdr.Get("Idempotent-Replayed") != "" {
+	send(t, "POST", base+"/batch", batch, s1, "Idempotency-Key: k")
+	if _, hdr, _ := send(t, "POST", base+"/batch", batch, s2, "Idempotency-Key: k"); hdr.Get("Idempotent-Replayed") != "" {
 		t.Error("one session's Idempotency-Key replayed another's answer")
 	}
-	if _, hdr, _ := post(t, base+"/batch", batch, s1, "Idempotency-Key: k"); hdr.Get("Idempotent-Replayed") != "true" {
+	if _, hdr, _ := send(t, "POST", base+"/batch", batch, s1, "Idempotency-Key: k"); hdr.Get("Idempotent-Replayed") != "true" {
 		t.Error("the session's own key was not replayed")
 	}
 }

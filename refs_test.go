@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net/http"
 	"runtime"
-	"slices"
 	"strings"
 	"testing"
 
@@ -22,7 +21,7 @@ func TestReferences(t *testing.T) {
 		paths /users /users/* /echo /echo/*
 	}`))
 
-	status, _, body := post(t, base+"/batch", `[
+	status, _, body := send(t, "POST", base+"/batch", `[
 		{"id":"create","method":"POST","path":"/users","body":{"name":"Alice","balance":7}},
 		{"id":"read","path":"/users/{{create.body.id}}"},
 		{"id":"follow","path":"{{create.headers.Location}}?from={{create.body.name}}"},
@@ -86,7 +85,7 @@ func TestReferenceFailures(t *testing.T) {
 	}`))
 
 	// A dot-segment in the literal part of a path is caught before anything runs.
-	status, _, body := post(t, base+"/batch", `[{"id":"ok","method":"POST","path":"/users","body":{"name":"Zed"}},
+	status, _, body := send(t, "POST", base+"/batch", `[{"id":"ok","method":"POST","path":"/users","body":{"name":"Zed"}},
 		{"id":"dots","path":"/users/{{ok.body.name}}/../x"}]`)
 	if status != 400 || !strings.Contains(body, "dot-segments") {
 		t.Fatalf("a literal dot-segment must fail validation: %d %s", status, body)
@@ -102,7 +101,7 @@ func TestReferenceFailures(t *testing.T) {
 		{201, ""},
 		{424, `no "nope" in the answer of operation ok`},
 	}
-	_, _, body = post(t, base+"/batch", `[
+	_, _, body = send(t, "POST", base+"/batch", `[
 		{"id":"missing","path":"/users/999"},
 		{"id":"needs","path":"/users/{{missing.body.id}}"},
 		{"id":"chain","path":"/health","depends_on":["needs"]},
@@ -144,168 +143,6 @@ func TestReferenceFailures(t *testing.T) {
 	}
 	if healthCalls != 1 {
 		t.Errorf("the failed chain must not reach the backend: /health called %d times", healthCalls)
-	}
-}
-
-// A diamond a -> (b, c) -> d in parallel: each starts only after all it
-// depends on have finished; asserted on the backend's own event order.
-func TestParallelDAGOrder(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, `{
-		mode parallel
-		concurrency 2
-	}`))
-	status, _, body := post(t, base+"/batch", `[
-		{"id":"d","path":"/slow?id=d&d=1ms","depends_on":["b","c"]},
-		{"id":"b","path":"/slow?id=b&d=30ms","depends_on":["a"]},
-		{"id":"c","path":"/slow?id=c&d=10ms","dependsOn":["a"]},
-		{"id":"a","path":"/slow?id=a&d=10ms"},
-		{"id":"x1","path":"/slow?id=x1&d=20ms"},
-		{"id":"x2","path":"/slow?id=x2&d=20ms"},
-		{"id":"x3","path":"/slow?id=x3&d=20ms"}]`)
-	if status != 200 {
-		t.Fatalf("%d %s", status, body)
-	}
-	res := mustJSON(t, body).Array()
-	for i, id := range []string{"d", "b", "c", "a", "x1", "x2", "x3"} {
-		if res[i].Get("id").String() != id || res[i].Get("status").Int() != 200 {
-			t.Errorf("result %d: %s, want id %s status 200", i, res[i].Raw, id)
-		}
-	}
-	ev := be.eventLog()
-	pos := func(e string) int {
-		i := slices.Index(ev, e)
-		if i < 0 {
-			t.Fatalf("no %q in %v", e, ev)
-		}
-		return i
-	}
-	for _, edge := range [][2]string{{"a", "b"}, {"a", "c"}, {"b", "d"}, {"c", "d"}} {
-		if pos("end "+edge[0]) > pos("start "+edge[1]) {
-			t.Errorf("%s started before %s ended: %v", edge[1], edge[0], ev)
-		}
-	}
-	be.mu.Lock()
-	maxIn := be.maxInFlight
-	be.mu.Unlock()
-	if maxIn > 2 {
-		t.Errorf("%d operations in flight, concurrency is 2", maxIn)
-	}
-}
-
-func TestStopOnError(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, ""))
-	_, _, body := post(t, base+"/batch", `{"atomicity":"stop_on_error","mode":"parallel","batch":[
-		{"id":"one","method":"POST","path":"/users","body":{"name":"A"}},
-		{"id":"bad","method":"POST","path":"/users","body":{}},
-		{"id":"three","method":"POST","path":"/users","body":{"name":"C"}}]}`)
-	res := mustJSON(t, body)
-	if res.Get("status").String() != "aborted" || res.Get("skipped").Int() != 1 || res.Get("failed").Int() != 1 {
-		t.Errorf("envelope: %s", body)
-	}
-	if r := res.Get("results.2"); r.Get("status").Int() != 424 || r.Get("error").String() != "skipped: batch stopped at op bad" {
-		t.Errorf("skipped op: %s", r.Raw)
-	}
-	if n := len(be.requests()); n != 2 || be.API.Len() != 1 {
-		t.Errorf("backend saw %d requests and holds %d users; the op after the failure must not be sent", n, be.API.Len())
-	}
-}
-
-func TestAllOrNothing(t *testing.T) {
-	be := newBackend(t)
-	be.seed("Ann") // id 1, balance 0
-	base := startCaddy(t, proxySite(be, `{
-		atomicity all_or_nothing
-	}`))
-	_, _, body := post(t, base+"/batch", `{"batch":[
-		{"id":"before","path":"/users/1"},
-		{"id":"credit","method":"PUT","path":"/users/1","body":{"name":"Ann","balance":50},
-		 "rollback":{"method":"PUT","path":"/users/1","body":"{{before.body}}"}},
-		{"id":"create","method":"POST","path":"/users","body":{"name":"New"},
-		 "rollback":{"method":"DELETE","path":"/users/{{create.body.id}}"}},
-		{"id":"note","method":"POST","path":"/echo","body":"no rollback here"},
-		{"id":"fail","method":"POST","path":"/users","body":{"name":""}},
-		{"id":"later","method":"POST","path":"/users","body":{"name":"Never"}}]}`)
-	res := mustJSON(t, body)
-	if res.Get("status").String() != "rolled_back" {
-		t.Errorf("status: %s", body)
-	}
-	if u, _ := be.API.Get(1); u.Balance != 0 || u.Name != "Ann" {
-		t.Errorf("credit not undone: %+v", u)
-	}
-	if be.API.Len() != 1 {
-		t.Errorf("created user not undone: %d users", be.API.Len())
-	}
-	for i, want := range []string{`"undone":true`, `"undone":true`, `"undone":false`} {
-		r := res.Get(fmt.Sprintf("results.%d", i+1))
-		if !strings.Contains(r.Raw, want) {
-			t.Errorf("result %d: %s, want %s", i+1, r.Raw, want)
-		}
-	}
-	if res.Get("results.1.rollback.status").Int() != 200 || res.Get("results.2.rollback.status").Int() != 204 {
-		t.Errorf("rollback results: %s", body)
-	}
-	if res.Get("results.5.status").Int() != 424 {
-		t.Errorf("op after the failure: %s", res.Get("results.5").Raw)
-	}
-	// Rollbacks ran in reverse order: the DELETE before the PUT.
-	reqs := be.requests()
-	var tail []string
-	for _, r := range reqs[len(reqs)-2:] {
-		tail = append(tail, r.Method+" "+r.Path)
-	}
-	if strings.Join(tail, ",") != "DELETE /users/2,PUT /users/1" {
-		t.Errorf("rollback order: %v", tail)
-	}
-	// "body":"{{before.body}}" sends that JSON answer as JSON.
-	if put := reqs[len(reqs)-1]; put.Header.Get("Content-Type") != "application/json" ||
-		strings.TrimSpace(string(put.Body)) != `{"id":1,"name":"Ann","balance":0}` {
-		t.Errorf("whole-reference body: %s %q", put.Header.Get("Content-Type"), put.Body)
-	}
-
-	// A rollback that fails makes the batch rollback_failed.
-	_, _, body = post(t, base+"/batch", `[
-		{"id":"mk","method":"POST","path":"/users","body":{"name":"Tmp"},"rollback":{"method":"DELETE","path":"/users/999"}},
-		{"path":"/users/12345"}]`)
-	if !strings.Contains(body, `"undone":false`) || mustJSON(t, body).Get("0.rollback.status").Int() != 404 {
-		t.Errorf("failed rollback: %s", body)
-	}
-	_, _, body = post(t, base+"/batch", `{"batch":[
-		{"id":"mk","method":"POST","path":"/users","body":{"name":"Tmp"},"rollback":{"method":"DELETE","path":"/users/999"}},
-		{"path":"/users/12345"}]}`)
-	if mustJSON(t, body).Get("status").String() != "rollback_failed" {
-		t.Errorf("want rollback_failed: %s", body)
-	}
-}
-
-func TestDependencyValidation(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, ""))
-	cases := map[string]struct{ body, want string }{
-		"forward in sequential": {`[{"id":"a","path":"/users/{{b.body.id}}"},{"id":"b","path":"/users"}]`, `depends on "b", which comes later`},
-		"unknown reference":     {`[{"id":"a","path":"/users/{{zz.body.id}}"}]`, `names unknown operation "zz"`},
-		"self reference":        {`[{"id":"a","path":"/users","headers":{"X":"{{a.status}}"}}]`, "its own answer"},
-		"malformed reference":   {`[{"id":"a","path":"/users"},{"path":"/users/{{a.bogus}}"}]`, "must be {{ID.status}}"},
-		"self dependency":       {`[{"id":"a","path":"/users","depends_on":["a"]}]`, "cannot depend on itself"},
-		"cycle via reference":   {`{"mode":"parallel","batch":[{"id":"a","path":"/users/{{c.body.id}}"},{"id":"b","path":"/users/{{a.body.id}}"},{"id":"c","path":"/users","depends_on":["b"]}]}`, "dependency cycle: a -> c -> b -> a"},
-		"rollback with id":      {`[{"path":"/users","rollback":{"id":"x","path":"/users"}}]`, `rollback: field "id" has no place`},
-		"rollback bad path":     {`[{"path":"/users","rollback":{"path":"//evil/"}}]`, "rollback: path must be origin-form"},
-	}
-	for name, tc := range cases {
-		t.Run(name, func(t *testing.T) {
-			status, _, body := post(t, base+"/batch", tc.body)
-			var msgs []string
-			for _, m := range mustJSON(t, body).Get("errors.#.message").Array() {
-				msgs = append(msgs, m.String())
-			}
-			if status != 400 || !strings.Contains(strings.Join(msgs, "\n"), tc.want) {
-				t.Errorf("status %d: %s, want 400 with %q", status, body, tc.want)
-			}
-		})
-	}
-	if n := len(be.requests()); n != 0 {
-		t.Errorf("backend saw %d requests", n)
 	}
 }
 
@@ -383,7 +220,7 @@ func TestReferenceBytesBounded(t *testing.T) {
 	}`))
 	// 1 MB of text, inserted twice (2 MB: within the default bound of
 	// max_body_size), then once more (past it).
-	status, _, body := post(t, base+"/batch", `[{"id":"a","path":"/big?n=1000000"},
+	status, _, body := send(t, "POST", base+"/batch", `[{"id":"a","path":"/big?n=1000000"},
 		{"id":"twice","method":"POST","path":"/echo","body":"{{a.body}}{{a.body}}"},
 		{"id":"again","method":"POST","path":"/echo","body":"{{a.body}}"}]`)
 	if status != 200 {
@@ -406,7 +243,7 @@ func TestReferenceBytesBounded(t *testing.T) {
 	base = startCaddy(t, proxySite(be, `{
 		max_reference_size 1500KB
 	}`))
-	_, _, body = post(t, base+"/batch", `[{"id":"a","path":"/big?n=600000"},
+	_, _, body = send(t, "POST", base+"/batch", `[{"id":"a","path":"/big?n=600000"},
 		{"method":"POST","path":"/echo","body":{"v":"{{a.body}}"}},
 		{"method":"POST","path":"/echo","headers":{"X-V":"{{a.body}}"}},
 		{"method":"POST","path":"/echo?q={{a.body}}"}]`)
@@ -448,10 +285,10 @@ func TestReferenceMemoryBounded(t *testing.T) {
 	base := startCaddy(t, proxySite(be, "")) // max_reference_size: max_body_size, 10 MiB
 	batch := `[{"id":"a","path":"/big?n=1000000"},{"method":"POST","path":"/echo","body":"` +
 		strings.Repeat("{{a.body}}", 1000) + `"}]`
-	post(t, base+"/batch", `[{"path":"/big?n=1000000"}]`) // warm-up
+	send(t, "POST", base+"/batch", `[{"path":"/big?n=1000000"}]`) // warm-up
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
-	status, _, body := post(t, base+"/batch", batch)
+	status, _, body := send(t, "POST", base+"/batch", batch)
 	runtime.ReadMemStats(&after)
 	if r := mustJSON(t, body).Get("1"); status != 200 || r.Get("status").Int() != 424 {
 		t.Fatalf("status %d: %.300s", status, r.Raw)

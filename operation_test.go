@@ -3,25 +3,19 @@ package batch
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"math/rand"
 	"net/http"
-	"net/url"
 	"reflect"
-	"runtime/debug"
 	"strings"
 	"testing"
-	"unicode/utf8"
 
 	"github.com/caddyserver/caddy/v2"
 )
 
-// Unit tests of the pure parser: parseBatch, parseTarget and appendString.
-// The same ground is walked end to end through a real Caddy in
-// handler_test.go and hardening_test.go; here each rule is pinned down
-// on its own, with the exact index and id of each fault.
+// Unit tests of the parser: each rule of an operation pinned down on its
+// own, with the exact index and id of each fault. The forms are in
+// format_native_test.go, targets and headers in target_test.go.
 
 // ptLimits provisions and validates h (a zero Handler if nil) as Caddy
 // would, and returns the limits parseBatch is given.
@@ -128,59 +122,6 @@ func ptChain(n int, forward bool) string {
 	}
 	sb.WriteString(`]}`)
 	return sb.String()
-}
-
-func TestParseForms(t *testing.T) {
-	lim := ptLimits(t, nil)
-	cases := []struct {
-		name, body      string
-		form, ops       int
-		mode, atomicity string
-		async, dryRun   bool
-		lean            leanOptions
-	}{
-		{"bare array", `[{"path":"/a"},{"path":"/b"}]`, formArray, 2, modeSequential, atomicNone, false, false, leanOptions{}},
-		{"envelope batch", `{"batch":[{"path":"/a"}],"mode":"parallel"}`, formEnvelope, 1, modeParallel, atomicNone, false, false, leanOptions{}},
-		{"envelope requests", `{"requests":[{"path":"/a"},{"path":"/b"},{"path":"/c"}],"async":true}`, formEnvelope, 3, modeSequential, atomicNone, true, false, leanOptions{}},
-		{"envelope options", `{"batch":[{"path":"/a"}],"dry_run":true,"omit_response_on_success":true,"include_headers":false,"async":false}`,
-			formEnvelope, 1, modeSequential, atomicNone, false, true, leanOptions{omitSuccess: true, noHeaders: true}},
-		{"atomicity forces sequential", `{"batch":[{"path":"/a"}],"mode":"parallel","atomicity":"stop_on_error"}`, formEnvelope, 1, modeSequential, atomicStopOnError, false, false, leanOptions{}},
-		{"all_or_nothing", `{"atomicity":"all_or_nothing","batch":[{"path":"/a"}]}`, formEnvelope, 1, modeSequential, atomicAllOrNothing, false, false, leanOptions{}},
-		{"bulk", `{"operation":{"method":"POST","path":"/users"},"items":[{"name":"A"},{"name":"B"}],"mode":"parallel"}`, formBulk, 2, modeParallel, atomicNone, false, false, leanOptions{}},
-		{"bulk keys in any order", `{"items":[1],"async":true,"operation":{"method":"POST","path":"/users"}}`, formBulk, 1, modeSequential, atomicNone, true, false, leanOptions{}},
-		{"whitespace around", " \n\t[{\"path\":\"/a\"}]\r\n ", formArray, 1, modeSequential, atomicNone, false, false, leanOptions{}},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			b := ptParse(t, lim, tc.body)
-			if b.form != tc.form || len(b.ops) != tc.ops || b.mode != tc.mode || b.atomicity != tc.atomicity ||
-				b.async != tc.async || b.dryRun != tc.dryRun || b.lean != tc.lean {
-				t.Errorf("got form %d, %d ops, mode %q, atomicity %q, async %v, dry run %v, lean %+v",
-					b.form, len(b.ops), b.mode, b.atomicity, b.async, b.dryRun, b.lean)
-			}
-			for i, op := range b.ops {
-				if op.index != i {
-					t.Errorf("op %d has index %d", i, op.index)
-				}
-			}
-		})
-	}
-
-	// The configured defaults apply when a batch does not say.
-	par := ptLimits(t, &Handler{Mode: "parallel", Atomicity: "none"})
-	if b := ptParse(t, par, `[{"path":"/a"}]`); b.mode != modeParallel {
-		t.Errorf("configured parallel: mode %q", b.mode)
-	}
-	if b := ptParse(t, par, `{"batch":[{"path":"/a"}],"mode":"sequential"}`); b.mode != modeSequential {
-		t.Errorf("batch overrides configured mode: mode %q", b.mode)
-	}
-	stop := ptLimits(t, &Handler{Mode: "parallel", Atomicity: "stop_on_error"})
-	if b := ptParse(t, stop, `[{"path":"/a"}]`); b.mode != modeSequential || b.atomicity != atomicStopOnError {
-		t.Errorf("configured stop_on_error: mode %q, atomicity %q", b.mode, b.atomicity)
-	}
-	if b := ptParse(t, stop, `{"batch":[{"path":"/a"}],"atomicity":"none","mode":"parallel"}`); b.mode != modeParallel || b.atomicity != atomicNone {
-		t.Errorf("batch overrides configured atomicity: mode %q, atomicity %q", b.mode, b.atomicity)
-	}
 }
 
 func TestParseOperation(t *testing.T) {
@@ -313,96 +254,6 @@ func TestParseOperation(t *testing.T) {
 			tc.check(t, b.ops)
 		})
 	}
-}
-
-func TestParseBulk(t *testing.T) {
-	lim := ptLimits(t, nil)
-	body := `{"operation":{"method":"post","path":"/users?src=crm","headers":{"X-Source":"crm"}},
-		"items":[{"name":"A"},"plain text",42,null,[1,2],{"name":"B"},true]}`
-	b := ptParse(t, lim, body)
-	want := []struct {
-		body  string
-		ctype string
-	}{
-		{`{"name":"A"}`, "application/json"},
-		{"plain text", "text/plain; charset=utf-8"},
-		{"42", "application/json"},
-		{"", ""},
-		{"[1,2]", "application/json"},
-		{`{"name":"B"}`, "application/json"},
-		{"true", "application/json"},
-	}
-	if len(b.ops) != len(want) {
-		t.Fatalf("%d ops, want %d", len(b.ops), len(want))
-	}
-	for i, op := range b.ops {
-		w := want[i]
-		if op.id != fmt.Sprint(i) || op.index != i || op.method != "POST" || op.target != "/users?src=crm" || op.url == nil || op.url.Path != "/users" {
-			t.Errorf("op %d: id %q index %d method %q target %q url %v", i, op.id, op.index, op.method, op.target, op.url)
-		}
-		if string(op.body) != w.body || (w.body == "") != (op.body == nil) {
-			t.Errorf("op %d: body %q, want %q", i, op.body, w.body)
-		}
-		if got := op.header.Get("Content-Type"); got != w.ctype || len(op.header.Values("Content-Type")) > 1 {
-			t.Errorf("op %d: Content-Type %q, want %q", i, op.header.Values("Content-Type"), w.ctype)
-		}
-		if got := op.header.Values("X-Source"); !reflect.DeepEqual(got, []string{"crm"}) {
-			t.Errorf("op %d: X-Source %q", i, got)
-		}
-		if len(op.deps) != 0 || op.rollback != nil || op.tmpl != nil {
-			t.Errorf("op %d: deps %v rollback %v tmpl %v", i, op.deps, op.rollback, op.tmpl)
-		}
-	}
-	// The operation of the null item has the template's headers as they
-	// were written: no item's default Content-Type leaked into them.
-	tmplHeader := b.ops[3].header
-	if !reflect.DeepEqual(tmplHeader, http.Header{"X-Source": {"crm"}}) {
-		t.Errorf("template headers changed by the items: %v", tmplHeader)
-	}
-	// Items of different types have header maps of their own.
-	if reflect.ValueOf(b.ops[0].header).UnsafePointer() == reflect.ValueOf(b.ops[1].header).UnsafePointer() {
-		t.Error("a JSON item and a text item share one header map")
-	}
-	for _, i := range []int{0, 1, 2} {
-		if reflect.ValueOf(b.ops[i].header).UnsafePointer() == reflect.ValueOf(tmplHeader).UnsafePointer() {
-			t.Errorf("op %d shares the template's header map but needs its own Content-Type", i)
-		}
-	}
-
-	t.Run("no template headers", func(t *testing.T) {
-		b := ptParse(t, lim, `{"operation":{"method":"PUT","path":"/x"},"items":["t",{"a":1},null]}`)
-		for i, want := range []string{"text/plain; charset=utf-8", "application/json", ""} {
-			if got := b.ops[i].header.Get("Content-Type"); got != want {
-				t.Errorf("op %d: Content-Type %q, want %q", i, got, want)
-			}
-		}
-		if len(b.ops[2].header) != 0 {
-			t.Errorf("null item has headers %v", b.ops[2].header)
-		}
-	})
-	t.Run("template Content-Type wins", func(t *testing.T) {
-		b := ptParse(t, lim, `{"operation":{"method":"POST","path":"/x","headers":{"Content-Type":"application/x-ndjson"}},"items":["t",{"a":1},7]}`)
-		for i, op := range b.ops {
-			if got := op.header.Values("Content-Type"); !reflect.DeepEqual(got, []string{"application/x-ndjson"}) {
-				t.Errorf("op %d: Content-Type %q", i, got)
-			}
-		}
-	})
-	t.Run("base64 items", func(t *testing.T) {
-		b := ptParse(t, lim, `{"operation":{"method":"POST","path":"/x","body_encoding":"base64"},"items":["AAE=","/w=="]}`)
-		if !bytes.Equal(b.ops[0].body, []byte{0, 1}) || !bytes.Equal(b.ops[1].body, []byte{0xff}) {
-			t.Errorf("bodies %q %q", b.ops[0].body, b.ops[1].body)
-		}
-		if got := b.ops[1].header.Get("Content-Type"); got != "application/octet-stream" {
-			t.Errorf("Content-Type %q", got)
-		}
-	})
-	t.Run("forwarded header in template", func(t *testing.T) {
-		b := ptParse(t, lim, `{"operation":{"method":"POST","path":"/x","headers":{"X-Forwarded-For":"1.2.3.4","X-A":"a"}},"items":[1]}`)
-		if _, ok := b.ops[0].header["X-Forwarded-For"]; ok || b.ops[0].header.Get("X-A") != "a" {
-			t.Errorf("headers %v", b.ops[0].header)
-		}
-	})
 }
 
 func TestParseFaults(t *testing.T) {
@@ -718,271 +569,6 @@ func TestParseNesting(t *testing.T) {
 	ptParse(t, lim, `[{"path":"/a","body":"\"[[[[\\\"`+strings.Repeat("[", 100)+`"}]`)
 }
 
-// A chain of 10,000 operations, each depending on the one before or after
-// it, is accepted without recursion as deep as the chain.
-func TestParseLongChain(t *testing.T) {
-	const n = 10000
-	lim := ptLimits(t, &Handler{MaxOps: n, Mode: "parallel"})
-	// A recursive walk needs well over 100 bytes of stack per operation;
-	// an iterative one stays far below this.
-	defer debug.SetMaxStack(debug.SetMaxStack(1 << 20))
-	for _, forward := range []bool{false, true} {
-		b := ptParse(t, lim, ptChain(n, forward))
-		for i, op := range b.ops {
-			want := i - 1
-			if forward {
-				want = i + 1
-			}
-			if want < 0 || want >= n {
-				if len(op.deps) != 0 {
-					t.Fatalf("op %d: deps %v", i, op.deps)
-				}
-			} else if len(op.deps) != 1 || op.deps[0] != want {
-				t.Fatalf("op %d: deps %v, want [%d]", i, op.deps, want)
-			}
-		}
-	}
-	// Closing the chain into a cycle is one fault naming its start and
-	// its length: naming all of it would make the answer as long as the
-	// batch.
-	body := strings.Replace(ptChain(n, true), `"path":"/items/9999"`, `"path":"/items/9999","depends_on":["op0"]`, 1)
-	faults := ptFaults(t, lim, body)
-	if len(faults) != 1 || faults[0].Message != "dependency cycle: op0 -> op1 -> op2 -> op3 -> op4 -> op5 -> op6 -> op7 -> … (10000 operations) -> op0" ||
-		faults[0].Index != 0 {
-		t.Errorf("faults %.300s", ptDump(faults))
-	}
-}
-
-func TestParseForwardedHeaders(t *testing.T) {
-	body := `[{"path":"/a","headers":{"X-Forwarded-For":"6.6.6.6","x-real-ip":"6.6.6.6","Forwarded":"for=6.6.6.6",
-		"X-Forwarded-Proto":"https","X-Forwarded-Host":"evil","X-Keep":"yes","X-Forwarded":"not a forwarded-* header"}}]`
-	cases := []struct {
-		name  string
-		allow []string
-		want  http.Header
-	}{
-		{"dropped by default", nil, http.Header{"X-Keep": {"yes"}, "X-Forwarded": {"not a forwarded-* header"}}},
-		{"some allowed", []string{"x-forwarded-proto", "Forwarded"}, http.Header{
-			"X-Keep": {"yes"}, "X-Forwarded": {"not a forwarded-* header"}, "X-Forwarded-Proto": {"https"}, "Forwarded": {"for=6.6.6.6"}}},
-		{"all allowed", []string{"X-Forwarded-For", "X-Real-IP", "Forwarded", "X-Forwarded-Proto", "X-Forwarded-Host"}, http.Header{
-			"X-Keep": {"yes"}, "X-Forwarded": {"not a forwarded-* header"}, "X-Forwarded-Proto": {"https"}, "Forwarded": {"for=6.6.6.6"},
-			"X-Forwarded-For": {"6.6.6.6"}, "X-Real-Ip": {"6.6.6.6"}, "X-Forwarded-Host": {"evil"}}},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			lim := ptLimits(t, &Handler{AllowForwardedHeaders: tc.allow})
-			b := ptParse(t, lim, body)
-			if !reflect.DeepEqual(b.ops[0].header, tc.want) {
-				t.Errorf("headers %v\nwant %v", b.ops[0].header, tc.want)
-			}
-			// In a rollback too.
-			rb := ptParse(t, lim, `[{"path":"/a","rollback":{"path":"/b","headers":{"X-Forwarded-For":"1.1.1.1","X-Keep":"1"}}}]`).ops[0].rollback
-			_, kept := rb.header["X-Forwarded-For"]
-			if kept != (len(tc.allow) == 5) || rb.header.Get("X-Keep") != "1" {
-				t.Errorf("rollback headers %v", rb.header)
-			}
-		})
-	}
-	// A dropped header is still checked.
-	lim := ptLimits(t, nil)
-	bad := `[{"path":"/a","headers":{"X-Forwarded-For":"1\r\n2"}}]`
-	ptMatchFaults(t, bad, ptFaults(t, lim, bad), []ptFault{{0, "0", "header X-Forwarded-For has a value with control characters"}})
-}
-
-func TestParseTarget(t *testing.T) {
-	good := []struct{ target, path, query string }{
-		{"/", "/", ""},
-		{"/users", "/users", ""},
-		{"/users/42/", "/users/42/", ""},
-		{"/users?", "/users", ""},
-		{"/users?limit=5&sort=-name", "/users", "limit=5&sort=-name"},
-		{"/search?q=a%20b&x=%2e%2e%2f", "/search", "q=a%20b&x=%2e%2e%2f"},
-		{"/files/a%20b", "/files/a b", ""},
-		{"/caf%C3%A9/%E2%82%AC", "/café/€", ""},
-		{"/café", "/café", ""},
-		{"/a%2Fb", "/a/b", ""},
-		{"/a%3Bb", "/a;b", ""},
-		{"/a;b=c/d", "/a;b=c/d", ""},
-		{"/.well-known/openid-configuration", "/.well-known/openid-configuration", ""},
-		{"/a..b/...", "/a..b/...", ""},
-		{"/a/.b/..c/c..", "/a/.b/..c/c..", ""},
-		{"/a/%2e%2ex", "/a/..x", ""},
-		{"/users/{{a.body.id}}", "/users/{{a.body.id}}", ""},
-		{"/~user/a-b_c.d!$&'()*+,=:@", "/~user/a-b_c.d!$&'()*+,=:@", ""},
-		{"/a?x=\xc3\xa9&y=\x80", "/a", "x=\xc3\xa9&y=\x80"},
-		// A percent sign, encoded as it should be, is no escape of its own.
-		{"/files/50%25off", "/files/50%off", ""},
-		{"/discount/100%25", "/discount/100%", ""},
-	}
-	for _, tc := range good {
-		u, msg := parseTarget(tc.target)
-		if msg != "" || u == nil {
-			t.Errorf("%q refused: %s", tc.target, msg)
-			continue
-		}
-		if u.Path != tc.path || u.RawQuery != tc.query || u.Host != "" || u.Scheme != "" || u.Fragment != "" {
-			t.Errorf("%q: path %q query %q host %q scheme %q, want path %q query %q", tc.target, u.Path, u.RawQuery, u.Host, u.Scheme, tc.path, tc.query)
-		}
-	}
-
-	bad := map[string]string{
-		"empty":                "path is required",
-		"users":                "origin-form",
-		"*":                    "origin-form",
-		"http://x/":            "origin-form",
-		"HTTPS://x/a":          "origin-form",
-		"x.example:443":        "origin-form",
-		"//x/a":                "origin-form",
-		"//":                   "origin-form",
-		"///a":                 "origin-form",
-		"/a\\b":                `'\'`,
-		"\\\\x\\a":             "origin-form",
-		"/a%5cb":               "control characters or '\\'",
-		"/a%5Cb":               "control characters or '\\'",
-		"/a%255cb":             "control characters or '\\'",
-		"/a\rb":                "control characters",
-		"/a\nb":                "control characters",
-		"/a\x00b":              "control characters",
-		"/a\tb":                "control characters",
-		"/a\x7fb":              "control characters",
-		"/a b":                 "spaces",
-		"/a?q=a b":             "spaces",
-		"/a?q=\n":              "control characters",
-		"/a%00b":               "encode control characters",
-		"/a%0db":               "encode control characters",
-		"/a%0Ab":               "encode control characters",
-		"/a%0D%0AHost:%20x":    "encode control characters",
-		"/a%7f":                "encode control characters",
-		"/a%2500":              "encode control characters",
-		"/a/../b":              "dot-segments",
-		"/a/./b":               "dot-segments",
-		"/..":                  "dot-segments",
-		"/.":                   "dot-segments",
-		"/a/..":                "dot-segments",
-		"/a/.":                 "dot-segments",
-		"/a/..?x=1":            "dot-segments",
-		"/a/%2e%2e/b":          "dot-segments",
-		"/a/%2E%2E/b":          "dot-segments",
-		"/a/%2e/b":             "dot-segments",
-		"/a/.%2e/b":            "dot-segments",
-		"/a/%2e./b":            "dot-segments",
-		"/a%2f..%2fb":          "dot-segments",
-		"/a%2F%2e%2e%2Fb":      "dot-segments",
-		"/a/%252e%252e/b":      "dot-segments",
-		"/a/%252E%252E":        "dot-segments",
-		"/a/%25252e%25252e/b":  "dot-segments",
-		"/a/..;/b":             "dot-segments",
-		"/a/..;jsessionid=1/b": "dot-segments",
-		"/a/%2e%2e%3bx/b":      "dot-segments",
-		"/a#frag":              "fragment",
-		"/a?b#frag":            "fragment",
-		"/a%":                  "invalid percent-escape",
-		"/a%zz":                "invalid percent-escape",
-		"/a%2":                 "invalid percent-escape",
-		"/a?x=%zz\x01":         "control characters",
-		// However the fix for "/files/50%25off" goes, this must stay refused:
-		// a backend that decodes twice, leniently, sees "/a/../%zz".
-		"/a/%252e%252e/%25zz":       "",
-		"/a/%2e%2e%2f%2e%2e/etc":    "dot-segments",
-		"/static/..%5c..%5cwindows": "control characters or '\\'",
-	}
-	for target, want := range bad {
-		if target == "empty" {
-			target = ""
-		}
-		u, msg := parseTarget(target)
-		if msg == "" || u != nil {
-			t.Errorf("%q accepted as %v", target, u)
-			continue
-		}
-		if !strings.Contains(msg, want) {
-			t.Errorf("%q: message %q, want %q in it", target, msg, want)
-		}
-	}
-}
-
-// appendString must write valid JSON that reads back as json.Marshal's
-// string would: invalid UTF-8 becomes U+FFFD, byte for byte.
-func TestAppendString(t *testing.T) {
-	check := func(s string) {
-		t.Helper()
-		prefix := []byte(`{"k":`)
-		out := appendString(append([]byte(nil), prefix...), s)
-		if !bytes.HasPrefix(out, prefix) {
-			t.Fatalf("%q: prefix lost: %q", s, out)
-		}
-		out = out[len(prefix):]
-		if !json.Valid(out) {
-			t.Fatalf("%q: not valid JSON: %q", s, out)
-		}
-		if !utf8.Valid(out) {
-			t.Fatalf("%q: output is not valid UTF-8: %q", s, out)
-		}
-		var got, want string
-		if err := json.Unmarshal(out, &got); err != nil {
-			t.Fatalf("%q: %v", s, err)
-		}
-		std, _ := json.Marshal(s)
-		if err := json.Unmarshal(std, &want); err != nil {
-			t.Fatal(err)
-		}
-		if got != want {
-			t.Fatalf("%q: reads back as %q, json.Marshal's as %q", s, got, want)
-		}
-	}
-	fixed := []string{
-		"", "plain", `"quoted"`, `back\slash`, "\x00\x01\x1f\x7f", "\n\r\t\b\f", "</script>&<>",
-		"é€😀", "\u2028\u2029", "\ufffd", "\xff", "a\xffb", "\xc3", "\xc3(", "\xe2\x82", "\xed\xa0\x80", "\xed\xbf\xbf",
-		"\xc0\xaf", "\xf4\x8f\xbf\xbf", "\xf4\x90\x80\x80", "\xf8\x88\x80\x80\x80", "\x80\x80", "€\xe2\x82",
-		strings.Repeat("\\\"", 100), strings.Repeat("\xff", 100),
-	}
-	for _, s := range fixed {
-		check(s)
-	}
-	// Random strings, weighted towards the bytes that need care.
-	rng := rand.New(rand.NewSource(1))
-	special := []byte{0, 1, 0x1f, 0x20, '"', '\\', '/', '<', '>', '&', 0x7f, 0x80, 0xbf, 0xc0, 0xc2, 0xdf, 0xe0, 0xe2, 0xed, 0xef, 0xf0, 0xf4, 0xf5, 0xff}
-	for range 20000 {
-		b := make([]byte, rng.Intn(24))
-		for i := range b {
-			if rng.Intn(3) == 0 {
-				b[i] = special[rng.Intn(len(special))]
-			} else {
-				b[i] = byte(rng.Intn(256))
-			}
-		}
-		check(string(b))
-	}
-	// Valid UTF-8 is written as is, but for the escapes JSON needs.
-	if got := string(appendString(nil, "é€😀 </>&\u2028")); got != `"é€😀 </>&`+"\u2028"+`"` {
-		t.Errorf("valid UTF-8 changed: %s", got)
-	}
-	if got := string(appendString(nil, "a\"b\\c\nd\x01")); got != `"a\"b\\c\nd\u0001"` {
-		t.Errorf("escapes: %s", got)
-	}
-}
-
-// Every printable byte, in the path and in the query: an accepted target
-// parses as url.ParseRequestURI parses it (the parser builds plain paths'
-// URLs itself).
-func TestParseTargetAgreesWithNetURL(t *testing.T) {
-	for c := byte(0x21); c < 0x7f; c++ {
-		for _, target := range []string{
-			"/a" + string(c) + "b", "/a" + string(c), "/" + string(c), "/a/b?x" + string(c) + "y",
-			"/a" + string(c) + "b?", "/a?" + string(c), "/a" + string(c) + "?q=1&r",
-		} {
-			u, msg := parseTarget(target)
-			if msg != "" {
-				continue
-			}
-			want, err := url.ParseRequestURI(target)
-			if err != nil || !reflect.DeepEqual(u, want) {
-				t.Errorf("%q parsed as %#v, url.ParseRequestURI makes %#v (%v)", target, u, want, err)
-			}
-		}
-	}
-}
-
 // Validation is linear in the body: nested percent-encodings are decoded a
 // bounded number of rounds (each costs the path's length), and a run of
 // "{{" is looked at a bounded distance ahead.
@@ -1035,5 +621,87 @@ func TestParseStopsWhenClientGoes(t *testing.T) {
 	body := "[" + strings.Repeat(`{"path":"/a"},`, 99_999) + `{"path":"/a"}]`
 	if b, err := parseBatch(ctx, []byte(body), lim); !errors.Is(err, context.Canceled) || b != nil {
 		t.Errorf("parse after the client left: %v", err)
+	}
+}
+
+// Validation happens before anything runs: every fault is listed, and the
+// backend sees nothing.
+func TestValidationLeavesBackendUntouched(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		max_ops 3
+		max_body_size 2KB
+		methods GET POST
+		paths /users /users/*
+	}`))
+
+	cases := []struct {
+		name, body string
+		status     int
+		want       []string // substrings of the faults, in order
+	}{
+		{"not json", `[{"path":"/users"`, 400, []string{"not valid JSON"}},
+		{"empty", `[]`, 400, []string{"no operations"}},
+		{"scalar", `"hi"`, 400, []string{"array of operations or an object"}},
+		{"absolute", `[{"path":"http://x/"}]`, 400, []string{`origin-form, got "http://x/"`}},
+		{"authority", `[{"path":"//x/users"}]`, 400, []string{"origin-form"}},
+		{"backslash", `[{"path":"/users\\..\\admin"}]`, 400, []string{`'\'`}},
+		{"crlf", `[{"path":"/users\r\nHost: evil"}]`, 400, []string{"control characters"}},
+		{"nul", `[{"path":"/users\u0000"}]`, 400, []string{"control characters"}},
+		{"dotdot", `[{"path":"/users/../admin"}]`, 400, []string{"dot-segments"}},
+		{"encoded dotdot", `[{"path":"/users/%2e%2E/admin"}]`, 400, []string{"dot-segments"}},
+		{"double-encoded dotdot", `[{"path":"/users/%252e%252e/admin"}]`, 400, []string{"dot-segments"}},
+		{"outside paths", `[{"path":"/admin"}]`, 400, []string{`"/admin" is not allowed`}},
+		{"method not allowed", `[{"method":"DELETE","path":"/users/1"}]`, 400, []string{"DELETE is not allowed"}},
+		{"method not token", `[{"method":"GE T","path":"/users"}]`, 400, []string{"not a valid HTTP method"}},
+		{"host header", `[{"path":"/users","headers":{"Host":"evil"}}]`, 400, []string{"Host may not be set"}},
+		{"te header", `[{"path":"/users","headers":{"transfer-encoding":"chunked"}}]`, 400, []string{"Transfer-Encoding may not be set"}},
+		{"proxy header", `[{"path":"/users","headers":{"Proxy-Authorization":"x"}}]`, 400, []string{"Proxy-Authorization may not be set"}},
+		{"bad header name", `[{"path":"/users","headers":{"X Bad":"x"}}]`, 400, []string{"not a valid token"}},
+		{"header crlf", `[{"path":"/users","headers":{"X-A":"a\r\nX-B: b"}}]`, 400, []string{"control characters"}},
+		{"dup id", `[{"id":"a","path":"/users"},{"id":"a","path":"/users"}]`, 400, []string{`id "a" is already used`}},
+		{"unknown dep", `[{"path":"/users","depends_on":["nope"]}]`, 400, []string{`unknown operation "nope"`}},
+		{"cycle", `{"mode":"parallel","batch":[{"id":"a","path":"/users","depends_on":["b"]},{"id":"b","path":"/users","depends_on":["a"]}]}`, 400, []string{"dependency cycle: a -> b -> a"}},
+		{"unknown field", `[{"path":"/users","heders":{}}]`, 400, []string{`unknown field "heders"`}},
+		{"bad mode", `{"mode":"fast","batch":[{"path":"/users"}]}`, 400, []string{"mode must be"}},
+		{"bad base64", `[{"method":"POST","path":"/users","body":"!!","body_encoding":"base64"}]`, 400, []string{"not valid base64"}},
+		{"all faults", `[{"path":"http://x/"},{"method":"PATCH","path":"/users"},{"path":"/users/../x"}]`, 400,
+			[]string{"origin-form", "PATCH is not allowed", "dot-segments"}},
+		{"too many", `[{"path":"/users"},{"path":"/users"},{"path":"/users"},{"path":"/users"}]`, 413, nil},
+		{"too big", `[{"path":"/users","body":"` + strings.Repeat("x", 3000) + `"}]`, 413, nil},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			status, hdr, body := send(t, "POST", base+"/batch", tc.body)
+			if status != tc.status {
+				t.Fatalf("status %d, want %d: %s", status, tc.status, body)
+			}
+			if hdr.Get("Content-Type") != "application/json" {
+				t.Errorf("Content-Type %q", hdr.Get("Content-Type"))
+			}
+			res := mustJSON(t, body)
+			if res.Get("error").String() == "" {
+				t.Errorf("no error message: %s", body)
+			}
+			faults := res.Get("errors").Array()
+			if tc.want != nil && len(faults) != len(tc.want) {
+				t.Fatalf("want %d faults, got %s", len(tc.want), body)
+			}
+			for i, want := range tc.want {
+				if msg := faults[i].Get("message").String(); !strings.Contains(msg, want) {
+					t.Errorf("fault %d = %q, want it to say %q", i, msg, want)
+				}
+			}
+		})
+	}
+	if n := len(be.requests()); n != 0 {
+		t.Errorf("backend saw %d requests from invalid batches: %+v", n, be.requests())
+	}
+
+	// The fault names the operation's index and id.
+	_, _, body := send(t, "POST", base+"/batch", `[{"path":"/users"},{"id":"x","path":"/a/../b"}]`)
+	f := mustJSON(t, body).Get("errors.0")
+	if f.Get("index").Int() != 1 || f.Get("id").String() != "x" {
+		t.Errorf("fault must name index and id: %s", f.Raw)
 	}
 }

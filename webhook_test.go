@@ -1,0 +1,171 @@
+package batch
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/tidwall/gjson"
+)
+
+// Webhook deliveries, backoff waits included, end with the config: a
+// grace at Destruct, then they are canceled.
+func TestAsyncWebhookDeliveriesEndWithConfig(t *testing.T) {
+	setVar(t, &webhookBackoff, time.Hour)
+	setVar(t, &webhookGrace, 50*time.Millisecond)
+	attempts := make(chan struct{}, 10)
+	recv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		attempts <- struct{}{}
+		w.WriteHeader(500)
+	}))
+	t.Cleanup(recv.Close)
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, "webhook "+recv.URL+" {\n\tsecret s\n}"))
+	waitJob(t, base+"/batch/"+submitJob(t, base+"/batch", `[{"path":"/health"}]`), alice, "completed")
+	select {
+	case <-attempts:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no delivery")
+	}
+	if n := goroutinesIn("(*Webhook).deliver"); n != 1 {
+		t.Fatalf("%d deliveries in flight, want 1", n)
+	}
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "delivery ended with the config", func() bool { return goroutinesIn("(*Webhook).deliver") == 0 })
+}
+
+// Deliveries in flight at once are bounded: a receiver that never answers
+// does not make every ended job hold a goroutine.
+func TestAsyncWebhookDeliveriesBounded(t *testing.T) {
+	setVar(t, &maxDeliveries, 2)
+	setVar(t, &webhookGrace, 50*time.Millisecond)
+	var mu sync.Mutex
+	inFlight, most := 0, 0
+	hang := make(chan struct{})
+	recv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		inFlight++
+		most = max(most, inFlight)
+		mu.Unlock()
+		select {
+		case <-hang:
+		case <-r.Context().Done():
+		}
+		mu.Lock()
+		inFlight--
+		mu.Unlock()
+	}))
+	t.Cleanup(recv.Close)
+	t.Cleanup(func() { close(hang) })
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, "webhook "+recv.URL+" {\n\tsecret s\n}"))
+	for range 5 {
+		waitJob(t, base+"/batch/"+submitJob(t, base+"/batch", `[{"path":"/health"}]`), alice, "completed")
+	}
+	eventually(t, 5*time.Second, "two deliveries waiting", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return inFlight == 2
+	})
+	if n := goroutinesIn("(*Webhook).deliver"); n != 2 {
+		t.Errorf("%d deliveries in flight, want 2", n)
+	}
+}
+
+func TestAsyncWebhookSignedAndRetried(t *testing.T) {
+	defer func(d time.Duration) { webhookBackoff = d }(webhookBackoff)
+	webhookBackoff = 10 * time.Millisecond
+
+	var mu sync.Mutex
+	var deliveries []string
+	var bad []string
+	recv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		defer mu.Unlock()
+		if err := verifySignature("s3cret", r.Header.Get("Batch-Signature"), body, 5*time.Minute); err != nil {
+			bad = append(bad, err.Error())
+		}
+		deliveries = append(deliveries, string(body))
+		if len(deliveries) == 1 {
+			w.WriteHeader(500) // the first attempt fails: it must be retried
+		}
+	}))
+	defer recv.Close()
+
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, `
+			webhook `+recv.URL+` {
+				secret s3cret
+			}`))
+	_, _, body := send(t, "POST", base+"/batch", `[{"path":"/health"},{"path":"/users/404"}]`, alice, "Prefer: respond-async")
+	id := mustJSON(t, body).Get("id").String()
+	waitJob(t, base+"/batch/"+id, alice, "completed")
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		mu.Lock()
+		n := len(deliveries)
+		mu.Unlock()
+		if n >= 2 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(deliveries) != 2 || len(bad) != 0 {
+		t.Fatalf("deliveries %d, bad signatures %v", len(deliveries), bad)
+	}
+	ev := gjson.Parse(deliveries[1])
+	if ev.Get("type").String() != "batch.completed" || ev.Get("batch.id").String() != id ||
+		ev.Get("batch.succeeded").Int() != 1 || ev.Get("batch.failed").Int() != 1 {
+		t.Errorf("event: %s", deliveries[1])
+	}
+	if err := verifySignature("wrong", sign("s3cret", time.Now().Unix(), []byte("x")), []byte("x"), time.Minute); err == nil {
+		t.Error("a wrong secret must not verify")
+	}
+	if err := verifySignature("s3cret", sign("s3cret", time.Now().Add(-time.Hour).Unix(), []byte("x")), []byte("x"), 5*time.Minute); err == nil {
+		t.Error("an old timestamp must not verify")
+	}
+}
+
+// verifySignature is what a receiver does; the README shows the same code.
+func verifySignature(secret, header string, body []byte, tolerance time.Duration) error {
+	var ts, sig string
+	for _, part := range strings.Split(header, ",") {
+		k, v, _ := strings.Cut(part, "=")
+		switch k {
+		case "t":
+			ts = v
+		case "v1":
+			sig = v
+		}
+	}
+	t, err := strconv.ParseInt(ts, 10, 64)
+	if err != nil {
+		return fmt.Errorf("no timestamp in %q", header)
+	}
+	if age := time.Since(time.Unix(t, 0)); age > tolerance || age < -tolerance {
+		return fmt.Errorf("timestamp too old: %s", age)
+	}
+	mac := hmac.New(sha256.New, []byte(secret))
+	mac.Write([]byte(ts + "."))
+	mac.Write(body)
+	want, _ := hex.DecodeString(sig)
+	if !hmac.Equal(mac.Sum(nil), want) {
+		return fmt.Errorf("signature mismatch")
+	}
+	return nil
+}
