@@ -1,6 +1,39 @@
 package batch
 
-import "strings"
+import (
+	"context"
+	"net/http"
+	"strings"
+)
+
+// format is a wire format of batches: it decodes a request body into the
+// validated operations the engine runs, and answers with their results,
+// the summary and whole-batch errors in its own shape.
+type format interface {
+	// name identifies the format in logs and in stored jobs.
+	name() string
+	// decode parses and validates body; the error is a badBatchError, a
+	// tooManyOpsError, or ctx's once the client has gone.
+	decode(ctx context.Context, body []byte, lim *limits) (*batch, error)
+	// sink writes the results of b to w, as r asked for them.
+	sink(w http.ResponseWriter, r *http.Request, b *batch) sink
+	// refuse answers the whole batch with status, msg and, for a batch
+	// that is not valid, its faults.
+	refuse(w http.ResponseWriter, status int, msg string, faults badBatchError) error
+}
+
+// batchMediaType reports whether a Content-Type is one a batch may be sent
+// with. None of them is CORS-safelisted: a browser sends none of them
+// cross-site without a preflight, so no page can make a visitor's browser
+// run operations.
+func batchMediaType(ct string) bool {
+	return isJSONType(ct)
+}
+
+// formatOf picks the format of a batch by its Content-Type and shape.
+func formatOf(ct string, body []byte) format {
+	return native
+}
 
 // isJSONType reports whether a Content-Type is application/json or
 // application/*+json.

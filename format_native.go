@@ -21,6 +21,34 @@ const (
 	formBulk            // {"operation": {...}, "items": [...], ...}
 )
 
+// nativeFormat is caddy-batch's own: a bare array of operations, an
+// envelope, or one operation with many items; answered in the same form.
+type nativeFormat struct{}
+
+var native format = nativeFormat{}
+
+func (nativeFormat) name() string { return "native" }
+
+func (nativeFormat) decode(ctx context.Context, body []byte, lim *limits) (*batch, error) {
+	return parseBatch(ctx, body, lim)
+}
+
+// sink streams results as JSON, or as NDJSON when r asks for it.
+func (nativeFormat) sink(w http.ResponseWriter, r *http.Request, b *batch) sink {
+	if wantsNDJSON(r) {
+		b.lean.oneLine = true
+		return &ndjsonSink{w: w, rc: http.NewResponseController(w), lean: b.lean}
+	}
+	return &httpSink{w: w, form: b.form, lean: b.lean}
+}
+
+func (nativeFormat) refuse(w http.ResponseWriter, status int, msg string, faults badBatchError) error {
+	if len(faults) > 0 {
+		return writeFaults(w, faults)
+	}
+	return writeError(w, status, msg)
+}
+
 // parseBatch parses and validates a whole batch body. The error is a
 // badBatchError, a tooManyOpsError, or ctx's error once the client is gone;
 // nothing may run unless it is nil.
@@ -219,6 +247,7 @@ func (p *parser) parseBulk(b *batch, template, items gjson.Result) {
 type httpSink struct {
 	w       http.ResponseWriter
 	form    int
+	lean    leanOptions
 	started bool // the envelope is opened
 	sent    bool // the status line and headers are written
 	buf     []byte
@@ -229,13 +258,13 @@ const sinkChunk = 32 << 10
 // sinkBufs holds chunk buffers between batches.
 var sinkBufs = sync.Pool{New: func() any { return new([]byte) }}
 
-func (s *httpSink) put(_ int, _ *result, enc []byte) {
+func (s *httpSink) put(_ int, op *operation, res *result) {
 	if !s.started {
 		s.start()
 	} else {
 		s.buf = append(s.buf, ',')
 	}
-	s.buf = append(s.buf, enc...)
+	s.buf = appendResult(s.buf, -1, op.id, res, s.lean)
 	if len(s.buf) >= sinkChunk {
 		s.write()
 	}
@@ -302,8 +331,16 @@ func appendSummary(dst []byte, s summary) []byte {
 }
 
 // appendResult appends the JSON of one result.
-func appendResult(dst []byte, id string, res *result, lean leanOptions) []byte {
-	dst = append(dst, `{"id":`...)
+// appendResult appends the JSON of one result, the form in which jobs
+// store results too; index, unless negative, goes first (NDJSON).
+func appendResult(dst []byte, index int, id string, res *result, lean leanOptions) []byte {
+	dst = append(dst, '{')
+	if index >= 0 {
+		dst = append(dst, `"index":`...)
+		dst = strconv.AppendInt(dst, int64(index), 10)
+		dst = append(dst, ',')
+	}
+	dst = append(dst, `"id":`...)
 	dst = appendString(dst, id)
 	dst = append(dst, `,"status":`...)
 	dst = strconv.AppendInt(dst, int64(res.status), 10)
@@ -345,7 +382,7 @@ func appendResult(dst []byte, id string, res *result, lean leanOptions) []byte {
 	}
 	if res.rollback != nil {
 		dst = append(dst, `,"rollback":`...)
-		dst = appendResult(dst, id, res.rollback, lean)
+		dst = appendResult(dst, -1, id, res.rollback, lean)
 	}
 	return append(dst, '}')
 }

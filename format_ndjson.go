@@ -2,7 +2,6 @@ package batch
 
 import (
 	"net/http"
-	"strconv"
 	"strings"
 )
 
@@ -11,21 +10,18 @@ import (
 type ndjsonSink struct {
 	w       http.ResponseWriter
 	rc      *http.ResponseController
+	lean    leanOptions // oneLine set
 	started bool
 	buf     []byte
 }
 
-func (s *ndjsonSink) put(index int, _ *result, enc []byte) {
+func (s *ndjsonSink) put(index int, op *operation, res *result) {
 	if !s.started {
 		s.started = true
 		s.w.Header().Set("Content-Type", "application/x-ndjson")
 		s.w.WriteHeader(http.StatusOK)
 	}
-	s.buf = append(s.buf[:0], `{"index":`...)
-	s.buf = strconv.AppendInt(s.buf, int64(index), 10)
-	s.buf = append(s.buf, ',')
-	s.buf = append(s.buf, enc[1:]...) // enc is {"id":...}
-	s.buf = append(s.buf, '\n')
+	s.buf = append(appendResult(s.buf[:0], index, op.id, res, s.lean), '\n')
 	_, _ = s.w.Write(s.buf)
 	_ = s.rc.Flush()
 }

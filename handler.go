@@ -341,51 +341,68 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		w.Header().Set("Allow", http.MethodPost)
 		return writeError(w, http.StatusMethodNotAllowed, "batch requests must be POST")
 	}
-	// A Content-Type a browser may send cross-site without a preflight
-	// (none, text/plain, forms) would let any page make a logged-in
-	// visitor's browser run operations: only JSON is taken.
-	if !isJSONType(r.Header.Get("Content-Type")) {
+	ct := r.Header.Get("Content-Type")
+	if !batchMediaType(ct) {
 		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent with Content-Type: application/json")
 	}
-	if r.ContentLength > h.MaxBodySize {
-		return writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("batch body is larger than %d bytes", h.MaxBodySize))
+	body, status, msg := h.readBody(w, r)
+	if status != 0 {
+		return writeError(w, status, msg)
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, h.MaxBodySize))
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			return writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("batch body is larger than %d bytes", h.MaxBodySize))
-		}
-		var netErr net.Error
-		if errors.As(err, &netErr) && netErr.Timeout() {
-			// The server's read timeouts cut off a body that never ends.
-			return writeError(w, http.StatusRequestTimeout, "timed out reading the batch body")
-		}
-		return writeError(w, http.StatusBadRequest, "reading the batch body: "+err.Error())
-	}
-
-	b, err := parseBatch(r.Context(), body, &h.limits)
+	f := formatOf(ct, body)
+	b, err := f.decode(r.Context(), body, &h.limits)
 	if err != nil {
 		var faults badBatchError
 		switch {
 		case errors.As(err, &faults):
-			return writeFaults(w, faults)
+			return f.refuse(w, http.StatusBadRequest, "invalid batch", faults)
 		case r.Context().Err() != nil:
 			return nil // the client is gone: nobody reads an answer
 		}
-		return writeError(w, http.StatusRequestEntityTooLarge, err.Error())
+		return f.refuse(w, http.StatusRequestEntityTooLarge, err.Error(), nil)
 	}
-	switch {
+	b.format = f
+	b.async = b.async || h.Async != nil && wantsAsync(r)
+	return h.route(w, r, next, b, body)
+}
+
+// readBody reads a batch body of at most max_body_size; a status and a
+// message say why it could not be.
+func (h *Handler) readBody(w http.ResponseWriter, r *http.Request) ([]byte, int, string) {
+	tooBig := fmt.Sprintf("batch body is larger than %d bytes", h.MaxBodySize)
+	if r.ContentLength > h.MaxBodySize {
+		return nil, http.StatusRequestEntityTooLarge, tooBig
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, h.MaxBodySize))
+	if err != nil {
+		var maxErr *http.MaxBytesError
+		var netErr net.Error
+		switch {
+		case errors.As(err, &maxErr):
+			return nil, http.StatusRequestEntityTooLarge, tooBig
+		case errors.As(err, &netErr) && netErr.Timeout():
+			// The server's read timeouts cut off a body that never ends.
+			return nil, http.StatusRequestTimeout, "timed out reading the batch body"
+		}
+		return nil, http.StatusBadRequest, "reading the batch body: " + err.Error()
+	}
+	return body, 0, ""
+}
+
+// route decides how a valid batch is answered: a dry run, once per
+// Idempotency-Key (which wraps the rest), as an async job, or at once.
+func (h *Handler) route(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch, body []byte) error {
+	switch key := r.Header.Get("Idempotency-Key"); {
 	case b.dryRun:
 		return h.writeDryRun(w, r, b)
 	case b.async && h.Async == nil:
-		return writeFaults(w, badBatchError{{Index: -1, Message: "async batches are not enabled here"}})
-	case r.Header.Get("Idempotency-Key") != "":
-		return writeRefusal(w, h.serveIdempotent(w, r, next, b, r.Header.Get("Idempotency-Key"), body))
-	case h.Async != nil && (b.async || wantsAsync(r)):
-		return writeRefusal(w, h.submit(w, r, next, b))
+		return b.format.refuse(w, http.StatusBadRequest, "invalid batch", badBatchError{{Index: -1, Message: "async batches are not enabled here"}})
+	case key != "":
+		return writeRefusal(w, b, h.serveIdempotent(w, r, next, b, key, body))
+	case b.async:
+		return writeRefusal(w, b, h.submit(w, r, next, b))
 	}
-	_, err = h.run(w, r, next, b)
+	_, err := h.run(w, r, next, b)
 	return err
 }
 
@@ -406,9 +423,5 @@ func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Han
 	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.Timeout))
 	defer cancel()
 	rn := h.newRunner(ctx, time.Duration(h.Timeout), r, next, srv, b)
-	if wantsNDJSON(r) {
-		b.lean.oneLine = true
-		return rn.execute(&ndjsonSink{w: w, rc: http.NewResponseController(w)}), nil
-	}
-	return rn.execute(&httpSink{w: w, form: b.form}), nil
+	return rn.execute(b.format.sink(w, r, b)), nil
 }

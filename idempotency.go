@@ -95,7 +95,7 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 	}
 	owner, ok := h.ownerHash(r)
 	if !ok {
-		return h.writeNoOwner(w)
+		return h.refuseNoOwner(w, b.format)
 	}
 	id := sha256.Sum256([]byte(owner + "\x00" + key))
 	name := path.Join(idempotencyPrefix, hex.EncodeToString(id[:]))
@@ -142,7 +142,7 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 	// timeout, shutdown) cut off. Any other leaves the key free for a retry
 	// to run the batch whole.
 	var ran bool
-	if b.async || h.Async != nil && wantsAsync(r) {
+	if b.async {
 		err = h.submit(iw, r, next, b)
 		ran = iw.status == http.StatusAccepted
 	} else {

@@ -32,10 +32,10 @@ func wantsAsync(r *http.Request) bool {
 // writeRefusal answers a job the pool would not take (503); other errors
 // it returns. It runs outside submit so that an Idempotency-Key does not
 // keep the refusal as its answer.
-func writeRefusal(w http.ResponseWriter, err error) error {
+func writeRefusal(w http.ResponseWriter, b *batch, err error) error {
 	if errors.Is(err, errQueueFull) || errors.Is(err, errPoolClosed) {
 		w.Header().Set("Retry-After", strconv.Itoa(queueRetryAfter))
-		return writeError(w, http.StatusServiceUnavailable, err.Error())
+		return b.format.refuse(w, http.StatusServiceUnavailable, err.Error(), nil)
 	}
 	return err
 }
@@ -45,7 +45,7 @@ func writeRefusal(w http.ResponseWriter, err error) error {
 func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
 	owner, ok := h.ownerHash(r)
 	if !ok {
-		return h.writeNoOwner(w)
+		return h.refuseNoOwner(w, b.format)
 	}
 	srv, err := serverOf(r)
 	if err != nil {
@@ -113,7 +113,7 @@ func (h *Handler) serveJob(w http.ResponseWriter, r *http.Request, id, sub strin
 	}
 	owner, ok := h.ownerHash(r)
 	if !ok {
-		return h.writeNoOwner(w)
+		return h.refuseNoOwner(w, native)
 	}
 	j := h.pool.lookup(id)
 	var rec jobRecord

@@ -582,11 +582,14 @@ type storeSink struct {
 	part   int // of the chunk, the next to store
 	stored int // results in storage
 	err    error
+	enc    []byte // the result being put
 
 	lastProgress time.Time
 }
 
-func (s *storeSink) put(_ int, res *result, enc []byte) {
+func (s *storeSink) put(_ int, op *operation, res *result) {
+	s.enc = appendResult(s.enc[:0], -1, op.id, res, s.rn.b.lean)
+	enc := s.enc
 	s.j.mu.Lock()
 	s.j.rec.Completed++
 	switch outcomeOf(res) {

@@ -28,6 +28,7 @@ const maxIDLength = 128
 
 // batch is a parsed and validated batch request.
 type batch struct {
+	format    format // it came in, and is answered, in
 	form      int
 	ops       []*operation
 	mode      string // "" when the request does not say

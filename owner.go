@@ -27,10 +27,10 @@ func (h *Handler) ownerHash(r *http.Request) (hash string, ok bool) {
 	return hex.EncodeToString(sum[:]), true
 }
 
-// writeNoOwner refuses a request whose owner value is empty.
-func (h *Handler) writeNoOwner(w http.ResponseWriter) error {
-	return writeError(w, http.StatusUnauthorized, fmt.Sprintf("async batches and Idempotency-Key need an owner, "+
+// refuseNoOwner refuses, in format f, a request whose owner value is empty.
+func (h *Handler) refuseNoOwner(w http.ResponseWriter, f format) error {
+	return f.refuse(w, http.StatusUnauthorized, fmt.Sprintf("async batches and Idempotency-Key need an owner, "+
 		"and %s is empty for this request: send the credentials it reads, or set the async block's owner "+
 		"to a placeholder known when batch runs (authentication in a route before batch, "+
-		"or {http.request.cookie.NAME} for cookie sessions)", h.owner))
+		"or {http.request.cookie.NAME} for cookie sessions)", h.owner), nil)
 }

@@ -112,9 +112,10 @@ func (rn *runner) summary() summary {
 	return s
 }
 
-// sink takes a batch's encoded results in request order, then its summary.
+// sink takes a batch's results in request order, then its summary, and
+// encodes them in its format.
 type sink interface {
-	put(index int, res *result, enc []byte)
+	put(index int, op *operation, res *result)
 	close(s summary)
 }
 
@@ -129,16 +130,14 @@ type emitter struct {
 	// writing the results after the next one to be written.
 	done []bool
 	next int // first index not yet written
-	buf  []byte
 	// hold keeps every result until finish.
 	hold bool
-	lean leanOptions
 	// retryAfter is the longest Retry-After of the 429 answers, in seconds.
 	retryAfter int
 }
 
 func newEmitter(out sink, b *batch, results []result) *emitter {
-	return &emitter{out: out, ops: b.ops, results: results, done: make([]bool, len(results)), lean: b.lean}
+	return &emitter{out: out, ops: b.ops, results: results, done: make([]bool, len(results))}
 }
 
 // ready marks result i final and writes what can be written.
@@ -153,13 +152,12 @@ func (e *emitter) ready(i int) {
 func (e *emitter) flush() {
 	for e.next < len(e.results) && e.done[e.next] {
 		res := &e.results[e.next]
-		e.buf = appendResult(e.buf[:0], e.ops[e.next].id, res, e.lean)
 		if res.status == http.StatusTooManyRequests {
 			if wait, ok := retryAfter(res.header); ok {
 				e.retryAfter = max(e.retryAfter, int((wait+time.Second-1)/time.Second))
 			}
 		}
-		e.out.put(e.next, res, e.buf)
+		e.out.put(e.next, e.ops[e.next], res)
 		// Written: free what no reference reads.
 		if op := e.ops[e.next]; !op.keepHeader || !op.keepBody {
 			res.w = nil
