@@ -76,6 +76,7 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //		inherit_headers   <name...>
 //		allow_forwarded_headers <name...>
 //		retry_429         <n>
+//		service_root      <path>
 //		async {
 //			retention <duration>
 //			workers   <n>
@@ -124,6 +125,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return listArg(d, &h.InheritHeaders)
 		case "allow_forwarded_headers":
 			return listArg(d, &h.AllowForwardedHeaders)
+		case "service_root":
+			return oneArg(d, &h.ServiceRoot)
 		case "retry_429":
 			return intArg(d, &h.Retry429, 0)
 		case "async":

@@ -46,15 +46,34 @@ func (p *parser) resolveDeps(b *batch) {
 	// added[j] is i+1 once operation i depends on j: each dependency is
 	// added once, in time linear in the lists however long they are.
 	added := make([]int, len(b.ops))
-	addDep := func(op *operation, j int) {
+	add := func(op *operation, j int) {
 		if added[j] != op.index+1 {
 			added[j] = op.index + 1
 			op.deps = append(op.deps, j)
 		}
 	}
+	groups := p.resolveGroups(b, byID, add)
+	// Depending on (or reading) an operation of another atomicity group
+	// waits for the whole group: it may yet fail and be rolled back.
+	addDep := func(op *operation, j int) {
+		if g := b.ops[j].group; g != 0 && g != op.group {
+			for _, k := range b.groups[g-1].ops {
+				add(op, k)
+			}
+			return
+		}
+		add(op, j)
+	}
 	for _, op := range b.ops {
 		for _, id := range op.depIDs {
 			j, ok := byID[id]
+			if g, isGroup := groups[id]; !ok && isGroup {
+				if g+1 == op.group {
+					p.opFault(op, "operation cannot depend on its own atomicity group")
+					continue
+				}
+				j, ok = b.groups[g].ops[0], true
+			}
 			switch {
 			case !ok:
 				p.opFault(op, "depends_on names unknown operation %q", short(id))
@@ -108,10 +127,49 @@ func (p *parser) resolveDeps(b *batch) {
 	}
 }
 
+// resolveGroups gathers the atomicity groups: adjacent operations with the
+// same group name, which no operation may have as its id. Each operation
+// of a group depends on the one before it, so a group runs in order.
+func (p *parser) resolveGroups(b *batch, byID map[string]int, add func(op *operation, j int)) map[string]int {
+	var byName map[string]int
+	prev := ""
+	for _, op := range b.ops {
+		name := op.groupName
+		if name == "" {
+			prev = ""
+			continue
+		}
+		g, seen := byName[name]
+		switch {
+		case !seen:
+			if _, clash := byID[name]; clash {
+				p.opFault(op, "atomicityGroup %q is also the id of an operation", short(name))
+				continue
+			}
+			if byName == nil {
+				byName = map[string]int{}
+			}
+			b.groups = append(b.groups, group{name: name})
+			g = len(b.groups) - 1
+			byName[name] = g
+		case prev != name:
+			p.opFault(op, "the operations of atomicityGroup %q must be adjacent", short(name))
+			continue
+		}
+		op.group = g + 1
+		if n := len(b.groups[g].ops); n > 0 {
+			add(op, b.groups[g].ops[n-1])
+		}
+		b.groups[g].ops = append(b.groups[g].ops, op.index)
+		prev = name
+	}
+	return byName
+}
+
 // keep marks what of op's answer reference r reads.
 func (op *operation) keep(r *ref) {
 	switch r.kind {
-	case refHeader:
+	case refHeader, refLocation:
 		op.keepHeader = true
 	case refBody:
 		op.keepBody = true

@@ -1,7 +1,6 @@
 package batch
 
 import (
-	"context"
 	"net/http"
 	"strings"
 )
@@ -12,14 +11,25 @@ import (
 type format interface {
 	// name identifies the format in logs and in stored jobs.
 	name() string
-	// decode parses and validates body; the error is a badBatchError, a
-	// tooManyOpsError, or ctx's once the client has gone.
-	decode(ctx context.Context, body []byte, lim *limits) (*batch, error)
+	// decode parses and validates body, sent in r; the error is a
+	// badBatchError, a tooManyOpsError, or the context's once the client
+	// has gone.
+	decode(r *http.Request, body []byte, lim *limits) (*batch, error)
 	// sink writes the results of b to w, as r asked for them.
 	sink(w http.ResponseWriter, r *http.Request, b *batch) sink
 	// refuse answers the whole batch with status, msg and, for a batch
 	// that is not valid, its faults.
 	refuse(w http.ResponseWriter, status int, msg string, faults badBatchError) error
+}
+
+// formatNamed returns the format of that name ("" is native), nil if none.
+func formatNamed(name string) format {
+	for _, f := range []format{native, jsonBatch} {
+		if f.name() == name || name == "" && f == native {
+			return f
+		}
+	}
+	return nil
 }
 
 // batchMediaType reports whether a Content-Type is one a batch may be sent
@@ -32,6 +42,9 @@ func batchMediaType(ct string) bool {
 
 // formatOf picks the format of a batch by its Content-Type and shape.
 func formatOf(ct string, body []byte) format {
+	if isJSONBatch(body) {
+		return jsonBatch
+	}
 	return native
 }
 

@@ -6,9 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"net/http"
-	"net/url"
 	"strconv"
-	"sync"
 	"unicode/utf8"
 
 	"github.com/tidwall/gjson"
@@ -29,8 +27,8 @@ var native format = nativeFormat{}
 
 func (nativeFormat) name() string { return "native" }
 
-func (nativeFormat) decode(ctx context.Context, body []byte, lim *limits) (*batch, error) {
-	return parseBatch(ctx, body, lim)
+func (nativeFormat) decode(r *http.Request, body []byte, lim *limits) (*batch, error) {
+	return parseBatch(r.Context(), body, lim)
 }
 
 // sink streams results as JSON, or as NDJSON when r asks for it.
@@ -72,20 +70,16 @@ func parseBatch(ctx context.Context, body []byte, lim *limits) (*batch, error) {
 		seen := map[string]bool{}
 		root.ForEach(func(k, v gjson.Result) bool {
 			key := k.String()
-			name := key
-			if key == "requests" {
-				name = "batch"
-			}
-			if seen[name] {
+			if seen[key] {
 				p.batchFault("field %q given twice", short(key))
 				return true
 			}
-			seen[name] = true
+			seen[key] = true
 			switch key {
-			case "batch", "requests":
+			case "batch":
 				opsJSON = v
 				if !v.IsArray() {
-					p.batchFault("%q must be an array of operations", key)
+					p.batchFault(`"batch" must be an array of operations`)
 				}
 			case "operation":
 				template = v
@@ -156,13 +150,9 @@ func parseBatch(ctx context.Context, body []byte, lim *limits) (*batch, error) {
 	} else {
 		n = countElements(list)
 	}
-	if n == 0 {
-		return nil, badBatchError{{Index: -1, Message: "batch has no operations"}}
+	if err := p.counted(n); err != nil {
+		return nil, err
 	}
-	if n > lim.maxOps {
-		return nil, tooManyOpsError{n: n, max: lim.maxOps}
-	}
-
 	if b.mode == "" {
 		b.mode = lim.mode
 	}
@@ -173,28 +163,13 @@ func parseBatch(ctx context.Context, body []byte, lim *limits) (*batch, error) {
 		b.mode = modeSequential // a failure must stop what comes after it
 	}
 
-	b.ops = make([]*operation, 0, n)
-	p.ops = make([]operation, n+1) // and a bulk batch's template
-	p.urls = make([]url.URL, n+1)
-	if n > 100 {
-		p.ids = indexIDs(n)
-	}
+	p.alloc(b, n)
 	if b.form == formBulk {
 		p.parseBulk(b, template, items)
 	} else {
-		list.ForEach(func(_, v gjson.Result) bool {
-			b.ops = append(b.ops, p.parseOperation(len(b.ops), v, kindOp))
-			return p.goOn(len(b.ops))
-		})
+		p.parseEach(b, list, nil)
 	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	p.resolveDeps(b)
-	if err := p.errFaults(); err != nil {
-		return nil, err
-	}
-	return b, nil
+	return p.finish(b)
 }
 
 // parseBulk expands {"operation": ..., "items": [...]} into one operation
@@ -239,76 +214,42 @@ func (p *parser) parseBulk(b *batch, template, items gjson.Result) {
 	})
 }
 
-// httpSink writes a batch's answer to the client as results come, in
-// chunks of about sinkChunk bytes: one write per result would cost a pass
-// through every response writer wrapper (Caddy's idle timeout resets the
-// connection's deadline on each) for ~200 bytes. An answer that ends
-// within its first chunk goes out whole, with a Content-Length.
+// httpSink writes a batch's native answer to the client as results come.
 type httpSink struct {
-	w       http.ResponseWriter
-	form    int
-	lean    leanOptions
-	started bool // the envelope is opened
-	sent    bool // the status line and headers are written
-	buf     []byte
+	w    http.ResponseWriter
+	form int
+	lean leanOptions
+	out  chunkWriter
 }
 
-const sinkChunk = 32 << 10
-
-// sinkBufs holds chunk buffers between batches.
-var sinkBufs = sync.Pool{New: func() any { return new([]byte) }}
-
 func (s *httpSink) put(_ int, op *operation, res *result) {
-	if !s.started {
+	if !s.out.started() {
 		s.start()
 	} else {
-		s.buf = append(s.buf, ',')
+		s.out.buf = append(s.out.buf, ',')
 	}
-	s.buf = appendResult(s.buf, -1, op.id, res, s.lean)
-	if len(s.buf) >= sinkChunk {
-		s.write()
-	}
+	s.out.buf = appendResult(s.out.buf, -1, op, res, s.lean)
+	s.out.maybeWrite()
 }
 
 func (s *httpSink) start() {
-	s.started = true
-	s.buf = (*sinkBufs.Get().(*[]byte))[:0]
 	if s.form == formArray {
-		s.buf = append(s.buf, '[')
+		s.out.start(s.w, "application/json", "[")
 	} else {
-		s.buf = append(s.buf, `{"results":[`...)
+		s.out.start(s.w, "application/json", `{"results":[`)
 	}
-}
-
-// write sends what is buffered, after the status line the first time.
-func (s *httpSink) write() {
-	if !s.sent {
-		s.sent = true
-		s.w.Header().Set("Content-Type", "application/json")
-		s.w.WriteHeader(http.StatusOK)
-	}
-	_, _ = s.w.Write(s.buf)
-	s.buf = s.buf[:0]
 }
 
 func (s *httpSink) close(sum summary) {
-	if !s.started {
+	if !s.out.started() {
 		s.start()
 	}
-	s.buf = append(s.buf, ']')
+	s.out.buf = append(s.out.buf, ']')
 	if s.form != formArray {
-		s.buf = appendSummary(s.buf, sum)
-		s.buf = append(s.buf, '}')
+		s.out.buf = appendSummary(s.out.buf, sum)
+		s.out.buf = append(s.out.buf, '}')
 	}
-	if !s.sent {
-		s.w.Header().Set("Content-Length", strconv.Itoa(len(s.buf)))
-	}
-	s.write()
-	if cap(s.buf) <= 4*sinkChunk { // one huge answer does not stay in the pool
-		buf := s.buf[:0]
-		sinkBufs.Put(&buf)
-	}
-	s.buf = nil
+	s.out.finish()
 }
 
 // appendSummary appends the envelope fields after "results".
@@ -327,13 +268,23 @@ func appendSummary(dst []byte, s summary) []byte {
 		dst = append(dst, `,"retry_after":`...)
 		dst = strconv.AppendInt(dst, int64(s.retryAfter), 10)
 	}
+	if s.page != nil {
+		dst = append(dst, `,"offset":`...)
+		dst = strconv.AppendInt(dst, int64(s.page.offset), 10)
+		dst = append(dst, `,"limit":`...)
+		dst = strconv.AppendInt(dst, int64(s.page.limit), 10)
+	}
+	if s.err != "" {
+		dst = append(dst, `,"error":`...)
+		dst = appendString(dst, s.err)
+	}
 	return dst
 }
 
 // appendResult appends the JSON of one result.
 // appendResult appends the JSON of one result, the form in which jobs
 // store results too; index, unless negative, goes first (NDJSON).
-func appendResult(dst []byte, index int, id string, res *result, lean leanOptions) []byte {
+func appendResult(dst []byte, index int, op *operation, res *result, lean leanOptions) []byte {
 	dst = append(dst, '{')
 	if index >= 0 {
 		dst = append(dst, `"index":`...)
@@ -341,7 +292,11 @@ func appendResult(dst []byte, index int, id string, res *result, lean leanOption
 		dst = append(dst, ',')
 	}
 	dst = append(dst, `"id":`...)
-	dst = appendString(dst, id)
+	dst = appendString(dst, op.id)
+	if op.groupName != "" { // an operation of a JSON or multipart batch
+		dst = append(dst, `,"atomicityGroup":`...)
+		dst = appendString(dst, op.groupName)
+	}
 	dst = append(dst, `,"status":`...)
 	dst = strconv.AppendInt(dst, int64(res.status), 10)
 	if res.attempts > 1 {
@@ -382,7 +337,7 @@ func appendResult(dst []byte, index int, id string, res *result, lean leanOption
 	}
 	if res.rollback != nil {
 		dst = append(dst, `,"rollback":`...)
-		dst = appendResult(dst, -1, id, res.rollback, lean)
+		dst = appendResult(dst, -1, &operation{id: op.id}, res.rollback, lean)
 	}
 	return append(dst, '}')
 }

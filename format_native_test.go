@@ -109,7 +109,6 @@ func TestParseForms(t *testing.T) {
 	}{
 		{"bare array", `[{"path":"/a"},{"path":"/b"}]`, formArray, 2, modeSequential, atomicNone, false, false, leanOptions{}},
 		{"envelope batch", `{"batch":[{"path":"/a"}],"mode":"parallel"}`, formEnvelope, 1, modeParallel, atomicNone, false, false, leanOptions{}},
-		{"envelope requests", `{"requests":[{"path":"/a"},{"path":"/b"},{"path":"/c"}],"async":true}`, formEnvelope, 3, modeSequential, atomicNone, true, false, leanOptions{}},
 		{"envelope options", `{"batch":[{"path":"/a"}],"dry_run":true,"omit_response_on_success":true,"include_headers":false,"async":false}`,
 			formEnvelope, 1, modeSequential, atomicNone, false, true, leanOptions{omitSuccess: true, noHeaders: true}},
 		{"atomicity forces sequential", `{"batch":[{"path":"/a"}],"mode":"parallel","atomicity":"stop_on_error"}`, formEnvelope, 1, modeSequential, atomicStopOnError, false, false, leanOptions{}},
@@ -294,7 +293,7 @@ func TestEnvelopeAliasesAndCounts(t *testing.T) {
 	be := newBackend(t)
 	base := startCaddy(t, proxySite(be, ""))
 
-	status, _, body := send(t, "POST", base+"/batch", `{"requests":[
+	status, _, body := send(t, "POST", base+"/batch", `{"batch":[
 		{"name":"mk","method":"post","url":"/users","body":{"name":"Bob"}},
 		{"id":"list","relative_url":"/users"},
 		{"id":"missing","path":"/users/999"}]}`, "Content-Type: application/vnd.api+json")

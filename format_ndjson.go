@@ -21,7 +21,7 @@ func (s *ndjsonSink) put(index int, op *operation, res *result) {
 		s.w.Header().Set("Content-Type", "application/x-ndjson")
 		s.w.WriteHeader(http.StatusOK)
 	}
-	s.buf = append(appendResult(s.buf[:0], index, op.id, res, s.lean), '\n')
+	s.buf = append(appendResult(s.buf[:0], index, op, res, s.lean), '\n')
 	_, _ = s.w.Write(s.buf)
 	_ = s.rc.Flush()
 }

@@ -302,7 +302,7 @@ func FuzzEmbedAnswer(f *testing.F) {
 		}
 		res := result{status: 200, header: header, body: body, isJSON: jsonBody(header, body)}
 		for _, lean := range []leanOptions{{}, {oneLine: true}} {
-			enc := appendResult(nil, -1, "op", &res, lean)
+			enc := appendResult(nil, -1, &operation{id: "op"}, &res, lean)
 			if !utf8.Valid(enc) || !json.Valid(enc) {
 				t.Fatalf("encoded result is not valid UTF-8 JSON: %q", enc)
 			}

@@ -102,6 +102,14 @@ type Handler struct {
 	// the batch again. Must be positive. Default: 1 MiB.
 	MaxIdempotentSize int64 `json:"max_idempotent_size,omitempty"`
 
+	// The path that the absolute urls of JSON batch (Graph, OData) and
+	// multipart requests are under: "/me" sent to /v1.0/$batch is /v1.0/me,
+	// as Graph has it; a url already under it is left as it is, as OData
+	// has it. "/" leaves every absolute path as it is. Relative urls
+	// resolve against the batch URL. Default: the directory of the batch
+	// path ("" at /batch or /$batch).
+	ServiceRoot string `json:"service_root,omitempty"`
+
 	// Enables asynchronous batches. Default: off.
 	Async *AsyncConfig `json:"async,omitempty"`
 
@@ -180,11 +188,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		methods = defaultMethods
 	}
 	h.limits = limits{
-		mode:      h.Mode,
-		atomicity: h.Atomicity,
-		maxOps:    h.MaxOps,
-		methods:   make(map[string]struct{}, len(methods)),
-		forwarded: make(map[string]struct{}, len(h.AllowForwardedHeaders)),
+		mode:        h.Mode,
+		atomicity:   h.Atomicity,
+		maxOps:      h.MaxOps,
+		methods:     make(map[string]struct{}, len(methods)),
+		forwarded:   make(map[string]struct{}, len(h.AllowForwardedHeaders)),
+		serviceRoot: h.ServiceRoot,
 	}
 	for _, m := range methods {
 		h.limits.methods[strings.ToUpper(m)] = struct{}{}
@@ -312,6 +321,9 @@ func (h *Handler) Validate() error {
 			return fmt.Errorf("invalid method %q", m)
 		}
 	}
+	if r := h.ServiceRoot; r != "" && (r[0] != '/' || strings.ContainsAny(r, "?#") || strings.Contains(r, "//")) {
+		return fmt.Errorf("service_root must be a path that starts with '/', got %q", r)
+	}
 	for _, name := range h.AllowForwardedHeaders {
 		if !isForwardedHeader(http.CanonicalHeaderKey(name)) {
 			return fmt.Errorf("allow_forwarded_headers: %q is not an X-Forwarded-*, Forwarded or X-Real-IP header", name)
@@ -350,7 +362,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return writeError(w, status, msg)
 	}
 	f := formatOf(ct, body)
-	b, err := f.decode(r.Context(), body, &h.limits)
+	b, err := f.decode(r, body, &h.limits)
 	if err != nil {
 		var faults badBatchError
 		switch {

@@ -115,7 +115,6 @@ func TestHostileBatchesRefused(t *testing.T) {
 
 		// Duplicate JSON keys: parsers disagree on which one wins.
 		{"envelope batch twice", `{"batch":[{"path":"/users"}],"batch":[{"path":"/admin"}]}`, 400, []string{`field "batch" given twice`}},
-		{"envelope batch and requests", `{"batch":[{"path":"/users"}],"requests":[{"path":"/admin"}]}`, 400, []string{`field "requests" given twice`}},
 		{"envelope mode twice", `{"mode":"sequential","mode":"parallel","batch":[{"path":"/users"}]}`, 400, []string{`field "mode" given twice`}},
 		{"envelope atomicity twice", `{"atomicity":"all_or_nothing","atomicity":"none","batch":[{"path":"/users"}]}`, 400, []string{`field "atomicity" given twice`}},
 		{"op path twice", `[{"path":"/users","path":"/admin"}]`, 400, []string{`field "path" given twice`}},

@@ -3,6 +3,7 @@ package batch
 import (
 	"context"
 	"crypto/subtle"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/tidwall/gjson"
 	"go.uber.org/zap"
 )
 
@@ -65,6 +67,9 @@ func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.
 		Owner:     owner,
 		ExpiresAt: t.Add(time.Duration(h.Async.Retention)),
 	}}
+	if b.format != native {
+		j.rec.Format = b.format.name()
+	}
 	if err := j.save(r.Context()); err != nil {
 		h.pool.unreserve()
 		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err))
@@ -218,6 +223,53 @@ func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRe
 		end = offset + limit
 	}
 
+	f := formatNamed(rec.Format)
+	if f == nil {
+		return caddyhttp.Error(http.StatusInternalServerError, fmt.Errorf("batch job %s: unknown format %q", rec.ID, rec.Format))
+	}
+	sum := summary{status: rec.Outcome, total: rec.Total, succeeded: rec.Succeeded, failed: rec.Failed,
+		skipped: rec.Skipped, page: &page{offset: offset, limit: limit}}
+	if rec.Status == jobError {
+		sum.err = rec.Error
+	}
+	if f == native {
+		return h.eachStored(w, r, rec, offset, end, func(_ int, item []byte, first bool) {
+			if first {
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusOK)
+				_, _ = w.Write([]byte(`{"results":[`))
+			} else {
+				_, _ = w.Write([]byte{','})
+			}
+			_, _ = w.Write(item) // results are stored as the native format has them
+		}, func(any bool) {
+			out := []byte(nil)
+			if !any {
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusOK)
+				out = append(out, `{"results":[`...)
+			}
+			out = appendSummary(append(out, ']'), sum)
+			_, _ = w.Write(append(out, '}'))
+		})
+	}
+	// Another format: each result decoded from its stored form, and
+	// encoded as a batch of the format answers it.
+	b := &batch{format: f, form: formEnvelope}
+	s := f.sink(w, r, b)
+	return h.eachStored(w, r, rec, offset, end, func(i int, item []byte, _ bool) {
+		op, res := decodeStored(item)
+		s.put(i, op, &res)
+	}, func(bool) { s.close(sum) })
+}
+
+// eachStored calls put with each stored result of rec from offset up to
+// end, loading one part at a time, then done. Storage failing before
+// anything is written is a 503; after, the answer is cut off rather than
+// sent wrong.
+func (h *Handler) eachStored(w http.ResponseWriter, r *http.Request, rec jobRecord, offset, end int,
+	put func(i int, item []byte, first bool), done func(any bool)) error {
+	stored := rec.Completed - rec.Unstored
 	started, first := false, true
 	for c := offset / resultsPerChunk; c*resultsPerChunk < end; c++ {
 		i := c * resultsPerChunk // index of the next result read
@@ -232,47 +284,57 @@ func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRe
 				if !started {
 					return caddyhttp.Error(http.StatusServiceUnavailable, err)
 				}
-				// The answer has begun: abort it rather than send a wrong one.
 				h.logger.Error("loading batch job results", zap.String("id", rec.ID), zap.Error(err))
 				panic(http.ErrAbortHandler)
 			}
-			if !started {
-				started = true
-				w.Header().Set("Content-Type", "application/json")
-				w.WriteHeader(http.StatusOK)
-				_, _ = w.Write([]byte(`{"results":[`))
-			}
+			started = true
 			for _, item := range splitResults(buf) {
 				if i >= offset && i < end {
-					if !first {
-						_, _ = w.Write([]byte{','})
-					}
+					put(i, item, first)
 					first = false
-					_, _ = w.Write(item)
 				}
 				i++
 			}
 		}
 	}
-	out := []byte(nil)
-	if !started {
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(http.StatusOK)
-		out = append(out, `{"results":[`...)
-	}
-	out = appendSummary(append(out, ']'), summary{
-		status: rec.Outcome, total: rec.Total, succeeded: rec.Succeeded, failed: rec.Failed, skipped: rec.Skipped,
-	})
-	out = append(out, `,"offset":`...)
-	out = strconv.AppendInt(out, int64(offset), 10)
-	out = append(out, `,"limit":`...)
-	out = strconv.AppendInt(out, int64(limit), 10)
-	if rec.Status == jobError && rec.Error != "" {
-		out = append(out, `,"error":`...)
-		out = appendString(out, rec.Error)
-	}
-	_, _ = w.Write(append(out, '}'))
+	done(!first)
 	return nil
+}
+
+// decodeStored reads back a result stored as appendResult wrote it.
+func decodeStored(item []byte) (*operation, result) {
+	v := gjson.ParseBytes(item)
+	op := &operation{id: v.Get("id").String(), groupName: v.Get("atomicityGroup").String()}
+	return op, storedResult(v)
+}
+
+func storedResult(v gjson.Result) result {
+	res := result{status: int(v.Get("status").Int()), err: v.Get("error").String(), attempts: int(v.Get("attempts").Int())}
+	if h := v.Get("headers"); h.IsObject() {
+		res.header = http.Header{}
+		h.ForEach(func(k, val gjson.Result) bool {
+			res.header[k.String()] = []string{val.String()}
+			return true
+		})
+	}
+	switch body := v.Get("body"); {
+	case !body.Exists():
+	case v.Get("body_encoding").String() == "base64":
+		res.body, _ = base64.StdEncoding.DecodeString(body.Str)
+	case body.Type == gjson.String && !isJSONType(contentType(res.header)):
+		res.body = []byte(body.Str)
+	default:
+		res.body, res.isJSON = []byte(body.Raw), true
+	}
+	if u := v.Get("undone"); u.Exists() {
+		undone := u.Bool()
+		res.undone = &undone
+	}
+	if rb := v.Get("rollback"); rb.IsObject() {
+		rr := storedResult(rb)
+		res.rollback = &rr
+	}
+	return res
 }
 
 // splitResults splits a stored chunk (results joined by commas) into its

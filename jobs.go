@@ -97,8 +97,11 @@ type progress struct {
 // jobRecord is what storage holds of a job besides its results.
 type jobRecord struct {
 	progress
-	Outcome   string    `json:"outcome,omitempty"` // the envelope status, once ended
-	Owner     string    `json:"owner"`             // hash of the owner's credentials
+	Outcome string `json:"outcome,omitempty"` // the envelope status, once ended
+	// Format is the wire format the job was submitted in, which its
+	// results are served in; "" for native.
+	Format    string    `json:"format,omitempty"`
+	Owner     string    `json:"owner"` // hash of the owner's credentials
 	ExpiresAt time.Time `json:"expires_at"`
 	// Unstored counts the last results that storage did not take; the
 	// first Completed-Unstored are stored.
@@ -588,7 +591,7 @@ type storeSink struct {
 }
 
 func (s *storeSink) put(_ int, op *operation, res *result) {
-	s.enc = appendResult(s.enc[:0], -1, op.id, res, s.rn.b.lean)
+	s.enc = appendResult(s.enc[:0], -1, op, res, s.rn.b.lean)
 	enc := s.enc
 	s.j.mu.Lock()
 	s.j.rec.Completed++

@@ -36,6 +36,18 @@ type batch struct {
 	async     bool
 	dryRun    bool
 	lean      leanOptions
+	// groups are the atomicity groups of a JSON or multipart batch: each
+	// runs in order, and a failure in it fails and rolls back all of it.
+	groups []group
+	// urls resolves the urls of a JSON or multipart batch, Locations
+	// referenced ("$1") among them; nil for native batches.
+	urls *urlResolver
+}
+
+// group is an atomicity group: the indexes of its operations, in order.
+type group struct {
+	name string
+	ops  []int
 }
 
 // leanOptions shape the results: no headers, or nothing but id and status
@@ -68,6 +80,10 @@ type operation struct {
 	// kept until the batch ends.
 	keepHeader, keepBody bool
 	isRollback           bool
+	// group is the operation's atomicity group, 1 + its index in
+	// batch.groups; 0 for none. groupName is the group as written.
+	group     int
+	groupName string
 }
 
 // fault is one problem found while validating a batch. Index is -1 for a
@@ -104,6 +120,9 @@ type limits struct {
 	methods   map[string]struct{}
 	pathAllow func(*url.URL) bool // nil allows every path
 	forwarded map[string]struct{} // forwarded headers an operation may set
+	// serviceRoot is what absolute paths of JSON and multipart batches
+	// resolve against: "" for the directory of the batch path.
+	serviceRoot string
 }
 
 // maxFaults bounds the faults listed, so that a small batch cannot make a
@@ -113,6 +132,7 @@ const maxFaults = 100
 // parser collects faults while it walks a batch.
 type parser struct {
 	lim     *limits
+	d       *dialect        // the format's operation objects; nil for native ones
 	ctx     context.Context // ends when the client goes away
 	faults  badBatchError
 	dropped int // faults past maxFaults
@@ -125,6 +145,54 @@ type parser struct {
 	ops  []operation
 	urls []url.URL
 	ids  []string
+}
+
+// counted refuses a batch of n operations when there are none or too many,
+// before any is parsed, so that an oversized batch costs nothing.
+func (p *parser) counted(n int) error {
+	if n == 0 {
+		return badBatchError{{Index: -1, Message: "batch has no operations"}}
+	}
+	if n > p.lim.maxOps {
+		return tooManyOpsError{n: n, max: p.lim.maxOps}
+	}
+	return nil
+}
+
+// alloc makes room in b for n operations, taken from one allocation each
+// for operations, URLs and default ids (and one more: a bulk template).
+func (p *parser) alloc(b *batch, n int) {
+	b.ops = make([]*operation, 0, n)
+	p.ops = make([]operation, n+1)
+	p.urls = make([]url.URL, n+1)
+	if n > 100 {
+		p.ids = indexIDs(n)
+	}
+}
+
+// parseEach parses the operation objects of list into b; check, when set,
+// looks at each object and its operation for what its format requires.
+func (p *parser) parseEach(b *batch, list gjson.Result, check func(v gjson.Result, op *operation)) {
+	list.ForEach(func(_, v gjson.Result) bool {
+		op := p.parseOperation(len(b.ops), v, kindOp)
+		if check != nil {
+			check(v, op)
+		}
+		b.ops = append(b.ops, op)
+		return p.goOn(len(b.ops))
+	})
+}
+
+// finish checks what holds between operations, once all are parsed.
+func (p *parser) finish(b *batch) (*batch, error) {
+	if err := p.ctx.Err(); err != nil {
+		return nil, err
+	}
+	p.resolveDeps(b)
+	if err := p.errFaults(); err != nil {
+		return nil, err
+	}
+	return b, nil
 }
 
 // goOn reports whether parsing goes on after n operations: not once the
@@ -261,7 +329,30 @@ const (
 	fieldBodyEncoding
 	fieldDependsOn
 	fieldRollback
+	fieldGroup // JSON batch: atomicityGroup
+	fieldIf    // JSON batch: if, refused
 )
+
+// dialect is how a format writes operation objects where it differs from
+// the native one: the fields it takes, how a url becomes an origin-form
+// target, how a body becomes bytes, what an id may be.
+type dialect struct {
+	field  func(key string) int
+	target func(p *parser, op *operation, url string) string
+	// body sets op.body from v, knowing op's headers, and returns the
+	// Content-Type to add unless op has one, and whether the body may
+	// hold references.
+	body    func(p *parser, op *operation, v gjson.Result) (ctype string, refs bool)
+	validID func(id string) bool
+	idRule  string // what validID asks, for faults
+}
+
+func (p *parser) field(key string) int {
+	if p.d != nil {
+		return p.d.field(key)
+	}
+	return opField(key)
+}
 
 // opField returns the bit of an operation field, 0 for an unknown one.
 func opField(key string) int {
@@ -313,7 +404,7 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 	var body, encoding, headers, deps, rollback gjson.Result
 	v.ForEach(func(k, val gjson.Result) bool {
 		key := k.String()
-		bit := opField(key)
+		bit := p.field(key)
 		switch {
 		case bit == 0:
 			p.opFault(op, "unknown field %q", short(key))
@@ -345,6 +436,18 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 				return true
 			}
 			op.target = val.Str
+			if p.d != nil {
+				op.target = p.d.target(p, op, val.Str)
+			}
+		case fieldIf:
+			p.opFault(op, `the "if" member is not supported: use dependsOn`)
+		case fieldGroup:
+			if val.Type != gjson.String || !p.d.validID(val.Str) {
+				p.opFault(op, "%s must be a %s, got %s", key, p.d.idRule, short(val.Raw))
+				return true
+			}
+			op.groupName = val.Str
+			p.linked = true
 		case fieldHeaders:
 			headers = val
 		case fieldBody:
@@ -365,7 +468,15 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 	p.checkMethod(op)
 	op.header = p.parseHeaders(op, headers)
 	if kind != kindBulk {
-		ctype := p.parseBody(op, body, encoding)
+		ctype, refs := "", true
+		if p.d != nil {
+			ctype, refs = p.d.body(p, op, body)
+		} else {
+			ctype = p.parseBody(op, body, encoding)
+		}
+		if !refs {
+			body = gjson.Result{}
+		}
 		p.parseTemplate(op, body)
 		if t := op.tmpl; t != nil && t.body != nil && !t.textBody && body.Type == gjson.String {
 			ctype = "application/json" // "{{a.body}}": a JSON value, not text
@@ -403,7 +514,10 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 }
 
 func (p *parser) checkID(op *operation) {
-	if !validID(op.id) {
+	switch {
+	case p.d != nil && !p.d.validID(op.id):
+		p.opFault(op, "id %q must be %s", short(op.id), p.d.idRule)
+	case p.d == nil && !validID(op.id):
 		p.opFault(op, "id %q must be 1 to %d letters, digits, '_' or '-'", short(op.id), maxIDLength)
 	}
 }

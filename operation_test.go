@@ -286,17 +286,17 @@ func TestParseFaults(t *testing.T) {
 		// Empty batches.
 		{"empty array", `[]`, whole("batch has no operations"), nil},
 		{"empty envelope", `{"batch":[]}`, whole("batch has no operations"), nil},
-		{"empty requests", `{"requests":[ ]}`, whole("batch has no operations"), nil},
+		{"empty batch field", `{"batch":[ ]}`, whole("batch has no operations"), nil},
 		{"no items", `{"operation":{"path":"/a"},"items":[]}`, whole("batch has no operations"), nil},
 
 		// The envelope.
 		{"empty object", `{}`, whole(`missing "batch"`), nil},
 		{"missing batch", `{"mode":"parallel"}`, whole(`missing "batch"`), nil},
 		{"batch not an array", `{"batch":{"path":"/a"}}`, whole(`"batch" must be an array of operations`), nil},
-		{"requests not an array", `{"requests":"/a"}`, whole(`"requests" must be an array of operations`), nil},
+		{"requests is not native", `{"requests":[{"path":"/a"}]}`, whole(`unknown field "requests"`), nil},
 		{"batch null", `{"batch":null}`, whole(`"batch" must be an array of operations`), nil},
 		{"batch twice", `{"batch":[{"path":"/a"}],"batch":[{"path":"/b"}]}`, whole(`field "batch" given twice`), nil},
-		{"batch and requests", `{"batch":[{"path":"/a"}],"requests":[{"path":"/b"}]}`, whole(`field "requests" given twice`), nil},
+		{"batch twice", `{"batch":[{"path":"/a"}],"batch":[{"path":"/b"}]}`, whole(`field "batch" given twice`), nil},
 		{"mode twice", `{"batch":[{"path":"/a"}],"mode":"parallel","mode":"parallel"}`, whole(`field "mode" given twice`), nil},
 		{"unknown envelope field", `{"batch":[{"path":"/a"}],"transactional":true}`, whole(`unknown field "transactional"`), nil},
 		{"bad mode", `{"batch":[{"path":"/a"}],"mode":"fast"}`, whole(`mode must be "sequential" or "parallel", got "fast"`), nil},

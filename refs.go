@@ -22,6 +22,7 @@ const (
 	refStatus = iota
 	refHeader
 	refBody
+	refLocation // the Location of the answer, as an origin-form target
 )
 
 // ref is one reference, as written and resolved to an operation index.
@@ -135,6 +136,8 @@ func parsePieces(s string) ([]piece, string) {
 		switch part := window[:e]; {
 		case part == "status":
 			r.kind = refStatus
+		case part == "location":
+			r.kind = refLocation
 		case part == "body":
 			r.kind = refBody
 		case strings.HasPrefix(part, "body."):
@@ -146,7 +149,7 @@ func parsePieces(s string) ([]piece, string) {
 		case strings.HasPrefix(part, "headers.") && httpguts.ValidHeaderFieldName(part[len("headers."):]):
 			r.kind, r.arg = refHeader, http.CanonicalHeaderKey(part[len("headers."):])
 		default:
-			return nil, fmt.Sprintf("reference %s must be {{ID.status}}, {{ID.headers.NAME}}, {{ID.body}} or {{ID.body.PATH}}", short(r.raw))
+			return nil, fmt.Sprintf("reference %s must be {{ID.status}}, {{ID.location}}, {{ID.headers.NAME}}, {{ID.body}} or {{ID.body.PATH}}", short(r.raw))
 		}
 		if i > lit {
 			out = append(out, piece{lit: s[lit:i]})
@@ -506,6 +509,40 @@ func (v refValue) text() string {
 	return string(v.raw)
 }
 
+// location returns the Location of the answer res to the operation r
+// names, as an origin-form target: resolved against that operation's
+// target when relative, stripped of scheme and host when they are the
+// batch request's own.
+func (rn *runner) location(r *ref, res *result) (string, error) {
+	vs := res.header["Location"]
+	if len(vs) == 0 {
+		return "", unresolved("reference %s: operation %s answered no Location", r.raw, r.id)
+	}
+	loc, err := url.Parse(vs[0])
+	if err != nil {
+		return "", unresolved("reference %s: operation %s answered a Location that does not parse", r.raw, r.id)
+	}
+	abs := loc.IsAbs() || loc.Host != ""
+	switch {
+	case abs && !strings.EqualFold(loc.Host, rn.conn.host):
+		return "", unresolved("reference %s: operation %s answered a Location on another host", r.raw, r.id)
+	case !abs && !strings.HasPrefix(loc.Path, "/"):
+		if base := rn.b.ops[r.op].url; base != nil {
+			loc = base.ResolveReference(loc)
+		}
+	}
+	target := loc.EscapedPath()
+	if loc.RawQuery != "" {
+		target += "?" + loc.RawQuery
+	}
+	if rn.b.urls != nil && strings.HasPrefix(target, "/") {
+		// The API's paths, as a url of the batch's own would be: under
+		// the service root.
+		target = rn.b.urls.resolve(target)
+	}
+	return target, nil
+}
+
 // value looks up what r points at in the answer it refers to.
 func (rn *runner) value(r *ref) (refValue, error) {
 	res := &rn.results[r.op]
@@ -524,6 +561,9 @@ func (rn *runner) value(r *ref) (refValue, error) {
 			return refValue{}, unresolved("reference %s: operation %s has no header %s", r.raw, r.id, r.arg)
 		}
 		return refValue{raw: []byte(strings.Join(vs, ", ")), isText: true}, nil
+	case refLocation:
+		target, err := rn.location(r, res)
+		return refValue{raw: []byte(target), isText: true}, err
 	}
 	if r.arg == "" {
 		return refValue{raw: res.body, isText: !res.isJSON}, nil

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -52,7 +53,14 @@ type summary struct {
 	// cut counts operations the batch's end kept from finishing: a batch
 	// with any did not run to its end.
 	cut int
+	// page and err are set on the results of a job: which of them, and
+	// why the job ended in error.
+	page *page
+	err  string
 }
+
+// page is which results of a job an answer holds.
+type page struct{ offset, limit int }
 
 // Envelope statuses.
 const (
@@ -98,7 +106,7 @@ func (rn *runner) summary() summary {
 		}
 	}
 	switch {
-	case rn.rollbackFailed:
+	case rn.rollbackFailed.Load():
 		s.status = statusRollbackFailed
 	case rn.stoppedAt >= 0 && rn.b.atomicity == atomicAllOrNothing:
 		s.status = statusRolledBack
@@ -211,12 +219,7 @@ func appendHeaders(dst []byte, h http.Header) []byte {
 		return append(dst, '}')
 	}
 	var arr [16]string
-	names := arr[:0]
-	for name := range h {
-		names = append(names, name)
-	}
-	slices.Sort(names)
-	for i, name := range names {
+	for i, name := range sortedNames(arr[:0], h) {
 		if i > 0 {
 			dst = append(dst, ',')
 		}
@@ -225,6 +228,71 @@ func appendHeaders(dst []byte, h http.Header) []byte {
 		dst = appendString(dst, strings.Join(h[name], ", "))
 	}
 	return append(dst, '}')
+}
+
+// chunkWriter writes an answer as it is made, in chunks of about
+// sinkChunk bytes: one write per result would cost a pass through every
+// response writer wrapper (Caddy's idle timeout resets the connection's
+// deadline on each) for ~200 bytes. An answer that ends within its first
+// chunk goes out whole, with a Content-Length.
+type chunkWriter struct {
+	w     http.ResponseWriter
+	ctype string
+	buf   []byte
+	sent  bool // the status line and headers are written
+}
+
+const sinkChunk = 32 << 10
+
+// sinkBufs holds chunk buffers between batches.
+var sinkBufs = sync.Pool{New: func() any { return new([]byte) }}
+
+func (c *chunkWriter) started() bool { return c.w != nil }
+
+// start opens the answer with head.
+func (c *chunkWriter) start(w http.ResponseWriter, ctype, head string) {
+	c.w, c.ctype = w, ctype
+	c.buf = append((*sinkBufs.Get().(*[]byte))[:0], head...)
+}
+
+// maybeWrite writes what is buffered once it fills a chunk.
+func (c *chunkWriter) maybeWrite() {
+	if len(c.buf) >= sinkChunk {
+		c.write()
+	}
+}
+
+// write sends what is buffered, after the status line the first time.
+func (c *chunkWriter) write() {
+	if !c.sent {
+		c.sent = true
+		c.w.Header().Set("Content-Type", c.ctype)
+		c.w.WriteHeader(http.StatusOK)
+	}
+	_, _ = c.w.Write(c.buf)
+	c.buf = c.buf[:0]
+}
+
+// finish writes the rest of the answer.
+func (c *chunkWriter) finish() {
+	if !c.sent {
+		c.w.Header().Set("Content-Length", strconv.Itoa(len(c.buf)))
+	}
+	c.write()
+	if cap(c.buf) <= 4*sinkChunk { // one huge answer does not stay in the pool
+		buf := c.buf[:0]
+		sinkBufs.Put(&buf)
+	}
+	c.buf = nil
+}
+
+// sortedNames appends the names of h to names, in order.
+func sortedNames(names []string, h http.Header) []string {
+	for name := range h {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	return names
 }
 
 func writeJSON(w http.ResponseWriter, status int, body []byte) {

@@ -37,8 +37,16 @@ type runner struct {
 	results   []result
 	out       *emitter
 	stoppedAt int // index of the op that stopped the batch, or -1
-	// rollbackFailed is set when a rollback of all_or_nothing failed.
-	rollbackFailed bool
+	// rollbackFailed is set when a rollback failed.
+	rollbackFailed atomic.Bool
+	// groupFailed holds, for each atomicity group, the index of the
+	// operation that failed it, or -1.
+	groupFailed []int
+	// rollbacks bounds all rollbacks of the batch together, from the
+	// first: the handler's timeout, once more.
+	rollbacks     context.Context
+	rollbacksOnce sync.Once
+	stopRollbacks context.CancelFunc
 	// canceled stops an async job at the next operation it would start.
 	canceled atomic.Bool
 	// unrecorded, once set, stops an async job whose results storage no
@@ -63,6 +71,12 @@ func (h *Handler) newRunner(ctx context.Context, timeout time.Duration, r *http.
 		stoppedAt: -1,
 	}
 	rn.refs.reset(h.MaxReferenceSize)
+	if len(b.groups) > 0 {
+		rn.groupFailed = make([]int, len(b.groups))
+		for g := range rn.groupFailed {
+			rn.groupFailed[g] = -1
+		}
+	}
 	return rn
 }
 
@@ -71,8 +85,9 @@ func (rn *runner) execute(out sink) summary {
 	start := time.Now()
 	b := rn.b
 	rn.out = newEmitter(out, b, rn.results)
-	// Under all_or_nothing a later failure changes earlier results.
-	rn.out.hold = b.atomicity == atomicAllOrNothing
+	// Under all_or_nothing, and in an atomicity group, a later failure
+	// changes earlier results.
+	rn.out.hold = b.atomicity == atomicAllOrNothing || len(b.groups) > 0
 
 	if b.mode == modeParallel && len(b.ops) > 1 {
 		rn.runParallel()
@@ -81,6 +96,9 @@ func (rn *runner) execute(out sink) summary {
 	}
 	if b.atomicity == atomicAllOrNothing && rn.stoppedAt >= 0 {
 		rn.rollBack()
+	}
+	if rn.stopRollbacks != nil {
+		rn.stopRollbacks()
 	}
 	sum := rn.out.finish(rn.summary())
 	rn.record(sum, time.Since(start))
@@ -214,6 +232,12 @@ func (rn *runner) runOne(op *operation, clk *opClock) result {
 	if rn.b.atomicity != atomicNone && rn.stoppedAt < 0 && failed(&res) {
 		rn.stoppedAt = op.index
 	}
+	if op.group != 0 && failed(&res) && rn.groupFailed[op.group-1] < 0 {
+		// The group's operations run in order (each depends on the one
+		// before), so those before op are final.
+		rn.results[op.index] = res
+		rn.failGroup(op)
+	}
 	return res
 }
 
@@ -231,9 +255,16 @@ func (rn *runner) decide(op *operation, clk *opClock) result {
 	if rn.stoppedAt >= 0 {
 		return result{status: statusSkipped, err: "skipped: batch stopped at op " + rn.b.ops[rn.stoppedAt].id}
 	}
+	if g := op.group - 1; g >= 0 && rn.groupFailed[g] >= 0 {
+		return result{status: statusSkipped, err: fmt.Sprintf("skipped: atomicity group %s failed at op %s", rn.b.groups[g].name, rn.b.ops[rn.groupFailed[g]].id)}
+	}
 	for _, d := range op.deps {
 		if dep := &rn.results[d]; failed(dep) {
 			return result{status: statusSkipped, err: fmt.Sprintf("dependency %s failed with status %d", rn.b.ops[d].id, dep.status)}
+		}
+		if g := rn.b.ops[d].group - 1; g >= 0 && g != op.group-1 && rn.groupFailed[g] >= 0 {
+			return result{status: statusSkipped, err: fmt.Sprintf("dependency %s failed: atomicity group %s failed at op %s",
+				rn.b.ops[d].id, rn.b.groups[g].name, rn.b.ops[rn.groupFailed[g]].id)}
 		}
 	}
 	return rn.resolveAndExec(op, clk)
@@ -246,14 +277,21 @@ var errRollbackTimeout = errors.New("rollbacks timed out")
 // rollBack runs, in reverse order, the rollback of every operation that
 // succeeded before an all_or_nothing batch failed.
 func (rn *runner) rollBack() {
-	// Compensation must run even if the batch timed out or the client
-	// left, within a budget of its own: the handler's timeout, once more.
-	budget := time.Duration(rn.h.Timeout)
-	ctx, cancel := context.WithTimeoutCause(context.WithoutCancel(rn.ctx), budget, errRollbackTimeout)
-	defer cancel()
+	rn.rollBackOps(0, rn.stoppedAt)
+}
+
+// rollBackOps runs, in reverse order, the rollback of every operation
+// from index from up to before index to that succeeded. Compensation runs
+// even if the batch timed out or the client left, within the budget all
+// rollbacks of the batch share.
+func (rn *runner) rollBackOps(from, to int) {
+	rn.rollbacksOnce.Do(func() {
+		rn.rollbacks, rn.stopRollbacks = context.WithTimeoutCause(context.WithoutCancel(rn.ctx), time.Duration(rn.h.Timeout), errRollbackTimeout)
+	})
+	ctx := rn.rollbacks
 	clk := rn.newClock(ctx)
 	defer clk.stop()
-	for i := rn.stoppedAt - 1; i >= 0; i-- {
+	for i := to - 1; i >= from; i-- {
 		res := &rn.results[i]
 		if failed(res) {
 			continue
@@ -268,10 +306,20 @@ func (rn *runner) rollBack() {
 			}
 			res.rollback = &rr
 			undone = !failed(&rr)
-			rn.rollbackFailed = rn.rollbackFailed || !undone
+			if !undone {
+				rn.rollbackFailed.Store(true)
+			}
 		}
 		res.undone = &undone
 	}
+}
+
+// failGroup fails the atomicity group of op, which failed: what of it
+// has not run is skipped, and what succeeded before op is rolled back.
+func (rn *runner) failGroup(op *operation) {
+	g := op.group - 1
+	rn.groupFailed[g] = op.index
+	rn.rollBackOps(rn.b.groups[g].ops[0], op.index)
 }
 
 // errInterrupted is the cause with which a shutdown cancels async jobs.
