@@ -165,7 +165,8 @@ def main():
     ada = ok(r, "ada", 200, c)
     expect(ada.get("name") == "Ada", "ada: body", ada)
 
-    print("google: %d checks passed against %s" % (checks, batch_uri))
+    print("google: every callback from %s as expected" % batch_uri)
+    print("google: %d passed, 0 failed" % checks)
 
 
 if __name__ == "__main__":
