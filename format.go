@@ -24,7 +24,7 @@ type format interface {
 
 // formatNamed returns the format of that name ("" is native), nil if none.
 func formatNamed(name string) format {
-	for _, f := range []format{native, jsonBatch} {
+	for _, f := range []format{native, jsonBatch, multipartMixed} {
 		if f.name() == name || name == "" && f == native {
 			return f
 		}
@@ -37,11 +37,14 @@ func formatNamed(name string) format {
 // cross-site without a preflight, so no page can make a visitor's browser
 // run operations.
 func batchMediaType(ct string) bool {
-	return isJSONType(ct)
+	return isJSONType(ct) || multipartBoundary(ct) != ""
 }
 
 // formatOf picks the format of a batch by its Content-Type and shape.
 func formatOf(ct string, body []byte) format {
+	if !isJSONType(ct) {
+		return multipartMixed
+	}
 	if isJSONBatch(body) {
 		return jsonBatch
 	}

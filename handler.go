@@ -355,7 +355,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	ct := r.Header.Get("Content-Type")
 	if !batchMediaType(ct) {
-		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent with Content-Type: application/json")
+		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent with Content-Type: application/json, or multipart/mixed with a boundary")
 	}
 	body, status, msg := h.readBody(w, r)
 	if status != 0 {

@@ -490,15 +490,7 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 	} else if body.Exists() {
 		p.opFault(op, "the operation of a bulk batch takes its bodies from \"items\"")
 	}
-	switch {
-	case op.tmpl == nil || op.tmpl.target == nil:
-		op.url = p.checkTarget(op, op.target)
-	case op.tmpl.target[0].ref == nil:
-		p.checkTarget(op, probeTarget(op.tmpl.target)) // and again once resolved
-	default:
-		// A path that starts with a reference ({{a.headers.Location}}) is
-		// all checked once resolved.
-	}
+	p.checkOpTarget(op)
 	p.parseDeps(op, deps)
 	if rollback.Exists() && rollback.Type != gjson.Null {
 		switch {
@@ -511,6 +503,19 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 		}
 	}
 	return op
+}
+
+// checkOpTarget checks op's target, once its references are known.
+func (p *parser) checkOpTarget(op *operation) {
+	switch {
+	case op.tmpl == nil || op.tmpl.target == nil:
+		op.url = p.checkTarget(op, op.target)
+	case op.tmpl.target[0].ref == nil:
+		p.checkTarget(op, probeTarget(op.tmpl.target)) // and again once resolved
+	default:
+		// A path that starts with a reference ({{a.headers.Location}}) is
+		// all checked once resolved.
+	}
 }
 
 func (p *parser) checkID(op *operation) {

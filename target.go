@@ -214,13 +214,8 @@ func (p *parser) parseHeaders(op *operation, v gjson.Result) http.Header {
 			p.opFault(op, "header name %q is not a valid token", short(name))
 			return true
 		}
-		name = http.CanonicalHeaderKey(name)
-		if refusedHeaders[name] || strings.HasPrefix(name, "Proxy-") || methodOverride[name] {
-			p.opFault(op, "header %s may not be set by an operation", short(name))
-			return true
-		}
-		if _, dup := h[name]; dup {
-			p.opFault(op, "header %s given twice", short(name))
+		if _, dup := h[http.CanonicalHeaderKey(name)]; dup {
+			p.opFault(op, "header %s given twice", short(http.CanonicalHeaderKey(name)))
 			return true
 		}
 		var values []string
@@ -240,19 +235,36 @@ func (p *parser) parseHeaders(op *operation, v gjson.Result) http.Header {
 			p.opFault(op, "header %s must be a string or an array of strings, got %s", short(name), short(val.Raw))
 			return true
 		}
-		for _, s := range values {
-			if !httpguts.ValidHeaderFieldValue(s) {
-				p.opFault(op, "header %s has a value with control characters (CR, LF or NUL)", short(name))
-				return true
-			}
-		}
-		if isForwardedHeader(name) {
-			if _, ok := p.lim.forwarded[name]; !ok {
-				return true // dropped: a batch never speaks for another address
-			}
-		}
-		h[name] = values
+		p.addHeader(op, h, name, values)
 		return true
 	})
 	return h
+}
+
+// addHeader adds a header an operation sets to h, by the rules every
+// format shares: a token name, no value with CR, LF or NUL, none of the
+// headers that frame the message or would get past methods, and no
+// forwarded header unless allow_forwarded_headers lists it.
+func (p *parser) addHeader(op *operation, h http.Header, name string, values []string) {
+	if !httpguts.ValidHeaderFieldName(name) {
+		p.opFault(op, "header name %q is not a valid token", short(name))
+		return
+	}
+	name = http.CanonicalHeaderKey(name)
+	if refusedHeaders[name] || strings.HasPrefix(name, "Proxy-") || methodOverride[name] {
+		p.opFault(op, "header %s may not be set by an operation", short(name))
+		return
+	}
+	for _, s := range values {
+		if !httpguts.ValidHeaderFieldValue(s) {
+			p.opFault(op, "header %s has a value with control characters (CR, LF or NUL)", short(name))
+			return
+		}
+	}
+	if isForwardedHeader(name) {
+		if _, ok := p.lim.forwarded[name]; !ok {
+			return // dropped: a batch never speaks for another address
+		}
+	}
+	h[name] = values
 }

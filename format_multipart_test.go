@@ -1,0 +1,256 @@
+package batch
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"mime"
+	"mime/multipart"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/tidwall/gjson"
+)
+
+// part is one part of a multipart answer, as Go's own reader reads it.
+type part struct {
+	header http.Header // the part's
+	resp   *http.Response
+	body   string
+	inner  []part // a changeset's parts
+}
+
+// readParts reads a multipart/mixed answer with the standard library.
+func readParts(t *testing.T, ct string, body []byte) []part {
+	t.Helper()
+	mt, params, err := mime.ParseMediaType(ct)
+	if err != nil || mt != "multipart/mixed" {
+		t.Fatalf("Content-Type %q: %v", ct, err)
+	}
+	if bytes.Count(body, []byte("\n--")) != bytes.Count(body, []byte("\r\n--")) {
+		t.Errorf("answer has delimiter lines not ended by CRLF")
+	}
+	r := multipart.NewReader(bytes.NewReader(body), params["boundary"])
+	var parts []part
+	for {
+		p, err := r.NextPart()
+		if errors.Is(err, io.EOF) {
+			return parts
+		}
+		if err != nil {
+			t.Fatalf("reading parts: %v", err)
+		}
+		raw, _ := io.ReadAll(p)
+		pt := part{header: http.Header(p.Header)}
+		if ct := p.Header.Get("Content-Type"); strings.HasPrefix(ct, "multipart/mixed") {
+			pt.inner = readParts(t, ct, raw)
+		} else {
+			resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(raw)), nil)
+			if err != nil {
+				t.Fatalf("part is no HTTP response: %v\n%s", err, raw)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			pt.resp, pt.body = resp, string(b)
+		}
+		parts = append(parts, pt)
+	}
+}
+
+func sendMultipart(t *testing.T, url, boundary, body string, headers ...string) (int, http.Header, []byte) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(body))
+	req.Header.Set("Content-Type", `multipart/mixed; boundary="`+boundary+`"`)
+	for _, h := range headers {
+		name, value, _ := strings.Cut(h, ":")
+		req.Header.Set(name, strings.TrimSpace(value))
+	}
+	status, hdr, resp := do(t, req)
+	return status, hdr, []byte(resp)
+}
+
+// As Google's client writes a batch: LF line endings, a quoted boundary,
+// Content-IDs "<base + n>", a Host and a Content-Length in each request.
+func TestMultipartAsGoogle(t *testing.T) {
+	be := newBackend(t)
+	be.seed("Ann")
+	base := startCaddy(t, proxySite(be, ""))
+	host := strings.TrimPrefix(base, "http://")
+	const b = "===============7153=="
+	body := "--" + b + "\n" +
+		"Content-Type: application/http\nMIME-Version: 1.0\nContent-Transfer-Encoding: binary\nContent-ID: <4e0c + 1>\n\n" +
+		"GET /users/1?alt=json HTTP/1.1\nContent-Type: application/json\nMIME-Version: 1.0\naccept: application/json\naccept-encoding: gzip, deflate\nHost: " + host + "\n\n\n" +
+		"--" + b + "\n" +
+		"Content-Type: application/http\nMIME-Version: 1.0\nContent-Transfer-Encoding: binary\nContent-ID: <4e0c + 2>\n\n" +
+		"POST /users?alt=json HTTP/1.1\nContent-Type: application/json\nHost: " + host + "\ncontent-length: 13\n\n{\"name\":\"Bo\"}\n" +
+		"--" + b + "\n" +
+		"Content-Type: application/http\nContent-ID: <4e0c + 3>\n\n" +
+		"DELETE /users/999 HTTP/1.1\nHost: " + host + "\n\n\n" +
+		"--" + b + "--\n"
+	status, hdr, answer := sendMultipart(t, base+"/batch", b, body)
+	if status != 200 {
+		t.Fatalf("status %d: %s", status, answer)
+	}
+	parts := readParts(t, hdr.Get("Content-Type"), answer)
+	if len(parts) != 3 {
+		t.Fatalf("%d parts: %s", len(parts), answer)
+	}
+	for i, want := range []struct {
+		id     string
+		status int
+		body   string
+	}{{"<response-4e0c + 1>", 200, `"name":"Ann"`}, {"<response-4e0c + 2>", 201, `"name":"Bo"`}, {"<response-4e0c + 3>", 404, "no such user"}} {
+		p := parts[i]
+		if p.header.Get("Content-Type") != "application/http" || p.header.Get("Content-ID") != want.id ||
+			p.resp.StatusCode != want.status || !strings.Contains(p.body, want.body) || p.resp.Status == "" {
+			t.Errorf("part %d: %v %s %q", i, p.header, p.resp.Status, p.body)
+		}
+	}
+	if got := parts[1].resp.Header.Get("Location"); got != "/users/2" {
+		t.Errorf("headers of the answer: Location %q", got)
+	}
+	for _, r := range be.requests() {
+		if r.Header.Get("Accept-Encoding") == "gzip, deflate" || strings.Contains(r.Path, "batch") {
+			t.Errorf("a part's request reached the API as %s %s %v", r.Method, r.Path, r.Header)
+		}
+	}
+}
+
+// An OData changeset is an atomicity group: "$1" is the Location of the
+// changeset's first answer; it is answered nested, and when it fails, by
+// its failure alone, what ran of it rolled back.
+func TestMultipartChangesets(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, ""))
+	changeset := func(cs string, parts ...string) string {
+		s := "--batch\r\nContent-Type: multipart/mixed; boundary=" + cs + "\r\n\r\n"
+		for _, p := range parts {
+			s += "--" + cs + "\r\nContent-Type: application/http\r\n" + p
+		}
+		return s + "--" + cs + "--\r\n"
+	}
+	body := changeset("cs1",
+		"Content-ID: 1\r\n\r\nPOST /users HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{\"name\":\"Cy\"}\r\n",
+		"Content-ID: 2\r\n\r\nPATCH $1 HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{\"balance\":3}\r\n") +
+		changeset("cs2",
+			"Content-ID: 3\r\n\r\nPOST /users HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{\"name\":\"Dee\",\"rb\":1}\r\n",
+			"Content-ID: 4\r\n\r\nPOST /users HTTP/1.1\r\nContent-Type: application/json\r\n\r\n{}\r\n") +
+		"--batch\r\nContent-Type: application/http\r\nContent-ID: 5\r\n\r\nGET /users HTTP/1.1\r\n\r\n\r\n--batch--\r\n"
+	status, hdr, answer := sendMultipart(t, base+"/batch", "batch", body)
+	if status != 200 {
+		t.Fatalf("status %d: %s", status, answer)
+	}
+	parts := readParts(t, hdr.Get("Content-Type"), answer)
+	if len(parts) != 3 || len(parts[0].inner) != 2 || parts[1].inner != nil {
+		t.Fatalf("want a nested changeset, a lone failure and a part: %s", answer)
+	}
+	if p := parts[0].inner[1]; p.header.Get("Content-ID") != "2" || p.resp.StatusCode != 200 || !strings.Contains(p.body, `"balance":3`) {
+		t.Errorf("$1 in the changeset: %v %q %v", p.resp.Status, p.body, be.requests())
+	}
+	if p := parts[1]; p.header.Get("Content-ID") != "4" || p.resp.StatusCode != 422 {
+		t.Errorf("a failed changeset is its failure alone: %v %v %q", p.header, p.resp.Status, p.body)
+	}
+	if p := parts[2]; p.resp.StatusCode != 200 {
+		t.Errorf("the part after: %v", p.resp.Status)
+	}
+}
+
+// What the native rules refuse stays refused, and the reader is bounded:
+// all refused whole, with a JSON error, and nothing reaches the backend.
+func TestMultipartRefused(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		max_ops 3
+	}`))
+	host := strings.TrimPrefix(base, "http://")
+	req := func(lines ...string) string {
+		return "--b\r\nContent-Type: application/http\r\n\r\n" + strings.Join(lines, "\r\n") + "\r\n--b--\r\n"
+	}
+	for name, c := range map[string]struct {
+		body, want string
+		status     int
+	}{
+		"other host":           {req("GET /users HTTP/1.1", "Host: evil.example", "", ""), "is not the batch request's", 400},
+		"absolute, elsewhere":  {req("GET http://evil.example/users HTTP/1.1", "", ""), "on another host", 400},
+		"length mismatch":      {req("POST /users HTTP/1.1", "Content-Length: 99", "", "{}"), "does not match", 400},
+		"framing header":       {req("POST /users HTTP/1.1", "Transfer-Encoding: chunked", "", "{}"), "may not be set", 400},
+		"dot-segments":         {req("GET /users/../admin HTTP/1.1", "", ""), "dot-segments", 400},
+		"no request line":      {req("hello", "", ""), "request line", 400},
+		"not application/http": {"--b\r\nContent-Type: text/plain\r\n\r\nGET /users HTTP/1.1\r\n\r\n\r\n--b--\r\n", "application/http", 400},
+		"unterminated":         {"--b\r\nContent-Type: application/http\r\n\r\nGET /users HTTP/1.1\r\n\r\n", "close delimiter", 400},
+		"no part":              {"hello", "no part", 400},
+		"huge headers":         {req("GET /users HTTP/1.1", "X-Big: "+strings.Repeat("x", 70<<10), "", ""), "headers longer than", 400},
+		"nested changesets": {"--b\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n--c\r\nContent-Type: multipart/mixed; boundary=d\r\n\r\n--d--\r\n--c--\r\n--b--\r\n",
+			"do not nest", 400},
+		"too many": {strings.Repeat("--b\r\nContent-Type: application/http\r\n\r\nGET /users HTTP/1.1\r\n\r\n\r\n", 4) + "--b--\r\n", "more than the 3 allowed", 413},
+	} {
+		status, _, answer := sendMultipart(t, base+"/batch", "b", c.body)
+		if status != c.status || !strings.Contains(string(answer), c.want) || !gjson.ValidBytes(answer) {
+			t.Errorf("%s: %d %s", name, status, answer)
+		}
+	}
+	req0 := req("GET /users HTTP/1.1", "Host: "+host, "", "")
+	if status, _, answer := sendMultipart(t, base+"/batch", "b", req0); status != 200 {
+		t.Errorf("the batch's own Host: %d %s", status, answer)
+	}
+	if n := len(be.requests()); n != 1 {
+		t.Errorf("the backend saw %d requests, want the 1 valid one", n)
+	}
+}
+
+func TestSplitMultipart(t *testing.T) {
+	for _, c := range []struct {
+		body  string
+		parts []string
+		msg   string
+	}{
+		{"--b\r\nA\r\n--b\r\nB\r\n--b--", []string{"A", "B"}, ""},
+		{"preamble\r\n--b\nA\n--b--\nepilogue", []string{"A"}, ""},
+		{"--b  \r\nA\r\n--b--", []string{"A"}, ""},
+		{"--b\r\nA --b\r\n--b--", []string{"A --b"}, ""}, // a boundary mid-line is data
+		{"--b\r\n\r\n--b--", []string{""}, ""},
+		{"--bx\r\nA\r\n--b--", nil, "more than the boundary"},
+		{"--b\r\nA", nil, "close delimiter"},
+		{"A", nil, "no part"},
+	} {
+		parts, msg := splitMultipart([]byte(c.body), "b")
+		var got []string
+		for _, p := range parts {
+			got = append(got, string(p))
+		}
+		if strings.Join(got, "|") != strings.Join(c.parts, "|") || !strings.Contains(msg, c.msg) || (msg == "") != (c.msg == "") {
+			t.Errorf("%q: parts %q, message %q", c.body, got, msg)
+		}
+	}
+	if _, msg := splitMultipart([]byte("--x"), strings.Repeat("b", 71)); msg == "" {
+		t.Error("a boundary of 71 characters")
+	}
+}
+
+// FuzzParseMultipart feeds bodies to the multipart decoder: it refuses
+// them with faults or accepts them with operations whose targets are
+// checked, and never panics.
+func FuzzParseMultipart(f *testing.F) {
+	for _, s := range []string{
+		"--b\r\nContent-Type: application/http\r\nContent-ID: 1\r\n\r\nGET /users HTTP/1.1\r\n\r\n\r\n--b--\r\n",
+		"--b\nContent-Type: multipart/mixed; boundary=c\n\n--c\nContent-Type: application/http\n\nPOST $1/x HTTP/1.1\nContent-Length: 2\n\n{}\n--c--\n--b--\n",
+		"--b\r\nContent-Type: application/http\r\n\r\nGET http://h/a b?c=d HTTP/1.1\r\nHost: h\r\n\r\n\r\n--b--",
+		"--b\r\n" + strings.Repeat("X: y\r\n", 200) + "\r\n--b--", "--b--", "",
+	} {
+		f.Add(s)
+	}
+	lim := ptLimits(f, &Handler{MaxOps: 20})
+	f.Fuzz(func(t *testing.T, body string) {
+		r := httptest.NewRequest(http.MethodPost, "http://h/batch", strings.NewReader(body)).WithContext(context.Background())
+		r.Header.Set("Content-Type", "multipart/mixed; boundary=b")
+		b, err := multipartMixed.decode(r, []byte(body), lim)
+		if err != nil {
+			fzCheckRefusal(t, b, err, lim)
+			return
+		}
+		fzCheckBatch(t, b, lim)
+	})
+}
