@@ -254,3 +254,27 @@ func FuzzParseMultipart(f *testing.F) {
 		fzCheckBatch(t, b, lim)
 	})
 }
+
+// A multipart batch sent async serves its results as multipart, and an
+// Idempotency-Key replays the multipart answer.
+func TestMultipartAsyncAndIdempotent(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, ""))
+	const body = "--b\r\nContent-Type: application/http\r\nContent-ID: <x + 1>\r\n\r\nGET /health HTTP/1.1\r\n\r\n\r\n--b--\r\n"
+	status, hdr, answer := sendMultipart(t, base+"/batch", "b", body, alice, "Prefer: respond-async")
+	if status != 202 {
+		t.Fatalf("submit: %d %s", status, answer)
+	}
+	job := base + hdr.Get("Location")
+	waitJob(t, job, alice, "completed")
+	status, hdr, res := send(t, "GET", job+"/results", "", alice)
+	if parts := readParts(t, hdr.Get("Content-Type"), []byte(res)); status != 200 || len(parts) != 1 ||
+		parts[0].header.Get("Content-ID") != "<response-x + 1>" || parts[0].resp.StatusCode != 200 || !strings.Contains(parts[0].body, "ok") {
+		t.Errorf("results of a multipart job: %d %s", status, res)
+	}
+	_, hdr1, first := sendMultipart(t, base+"/batch", "b", body, alice, "Idempotency-Key: m1")
+	_, hdr2, again := sendMultipart(t, base+"/batch", "b", body, alice, "Idempotency-Key: m1")
+	if hdr2.Get("Idempotent-Replayed") != "true" || !bytes.Equal(first, again) || hdr2.Get("Content-Type") != hdr1.Get("Content-Type") {
+		t.Errorf("replay: %v %q", hdr2, again)
+	}
+}

@@ -103,8 +103,13 @@ func (rn *runner) execute(out sink) summary {
 	sum := rn.out.finish(rn.summary())
 	rn.record(sum, time.Since(start))
 
+	format := "native"
+	if b.format != nil {
+		format = b.format.name()
+	}
 	rn.h.logger.Info("batch",
 		zap.String("id", rn.id),
+		zap.String("format", format),
 		zap.Int("operations", len(b.ops)),
 		zap.String("mode", b.mode),
 		zap.String("atomicity", b.atomicity),
