@@ -1,6 +1,8 @@
 package batch
 
 import (
+	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -10,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/dustin/go-humanize"
+	"golang.org/x/net/http/httpguts"
 )
 
 func init() {
@@ -98,9 +101,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return eachSubdirective(d, "batch", func(name string) error {
 		switch name {
 		case "mode":
-			return oneArg(d, &h.Mode)
+			return choiceArg(d, name, &h.Mode, modeSequential, modeParallel)
 		case "atomicity":
-			return oneArg(d, &h.Atomicity)
+			return choiceArg(d, name, &h.Atomicity, atomicNone, atomicStopOnError, atomicAllOrNothing)
 		case "concurrency":
 			return intArg(d, &h.Concurrency, 1)
 		case "max_ops":
@@ -118,15 +121,43 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "op_timeout":
 			return durationArg(d, &h.OpTimeout)
 		case "methods":
-			return listArg(d, &h.Methods)
+			return checkedListArg(d, &h.Methods, func(m string) string {
+				if !httpguts.ValidHeaderFieldName(m) {
+					return "is not an HTTP method"
+				}
+				return ""
+			})
 		case "paths":
-			return listArg(d, &h.Paths)
+			// A path matcher pattern that starts with neither '/' nor '*'
+			// matches no request path: every operation would be refused.
+			return checkedListArg(d, &h.Paths, func(p string) string {
+				if !strings.HasPrefix(p, "/") && !strings.HasPrefix(p, "*") {
+					return "never matches: operation paths start with '/'"
+				}
+				return ""
+			})
 		case "inherit_headers":
-			return listArg(d, &h.InheritHeaders)
+			return checkedListArg(d, &h.InheritHeaders, func(name string) string {
+				if !httpguts.ValidHeaderFieldName(name) {
+					return "is not a header name"
+				}
+				return ""
+			})
 		case "allow_forwarded_headers":
-			return listArg(d, &h.AllowForwardedHeaders)
+			return checkedListArg(d, &h.AllowForwardedHeaders, func(name string) string {
+				if !isForwardedHeader(http.CanonicalHeaderKey(name)) {
+					return "is not an X-Forwarded-*, Forwarded or X-Real-IP header"
+				}
+				return ""
+			})
 		case "service_root":
-			return oneArg(d, &h.ServiceRoot)
+			if err := oneArg(d, &h.ServiceRoot); err != nil {
+				return err
+			}
+			if !strings.HasPrefix(h.ServiceRoot, "/") {
+				return d.Errf("service_root %q must be a path that starts with '/'", h.ServiceRoot)
+			}
+			return nil
 		case "retry_429":
 			return intArg(d, &h.Retry429, 0)
 		case "async":
@@ -150,7 +181,13 @@ func (a *AsyncConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "max_queued":
 			return intArg(d, &a.MaxQueued, 1)
 		case "owner":
-			return oneArg(d, &a.Owner)
+			if err := oneArg(d, &a.Owner); err != nil {
+				return err
+			}
+			if !strings.Contains(a.Owner, "{") {
+				return d.Errf("owner %q is the same for every request: give a placeholder, such as {http.request.header.X-Api-Key}", a.Owner)
+			}
+			return nil
 		case "webhook":
 			a.Webhook = new(Webhook)
 			return a.Webhook.unmarshalCaddyfile(d)
@@ -167,12 +204,18 @@ func (wh *Webhook) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
-	return eachSubdirective(d, "webhook", func(name string) error {
+	noSecret := d.Errf("webhook %s needs a secret: receivers must be able to verify deliveries", wh.URL)
+	err := eachSubdirective(d, "webhook", func(name string) error {
 		switch name {
 		case "secret":
 			return oneArg(d, &wh.Secret)
 		case "events":
-			return listArg(d, &wh.Events)
+			return checkedListArg(d, &wh.Events, func(e string) string {
+				if !slices.Contains(webhookEvents, e) {
+					return "is not an event: completed, error, canceled or progress"
+				}
+				return ""
+			})
 		case "progress_interval":
 			return durationArg(d, &wh.ProgressInterval)
 		case "max_attempts":
@@ -180,6 +223,10 @@ func (wh *Webhook) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 		return d.Errf("unrecognized webhook subdirective '%s'", name)
 	})
+	if err == nil && wh.Secret == "" {
+		return noSecret
+	}
+	return err
 }
 
 // eachSubdirective calls fn for each subdirective of the block at d,
@@ -242,6 +289,31 @@ func durationArg(d *caddyfile.Dispenser, dst *caddy.Duration) error {
 		return d.Errf("invalid duration %q: must be positive", s)
 	}
 	*dst = caddy.Duration(dur)
+	return nil
+}
+
+// choiceArg reads one argument that must be one of choices.
+func choiceArg(d *caddyfile.Dispenser, name string, dst *string, choices ...string) error {
+	if err := oneArg(d, dst); err != nil {
+		return err
+	}
+	if !slices.Contains(choices, *dst) {
+		return d.Errf("%s must be %s, got %q", name, strings.Join(choices, " or "), *dst)
+	}
+	return nil
+}
+
+// checkedListArg reads a list whose every value bad finds nothing wrong
+// with.
+func checkedListArg(d *caddyfile.Dispenser, dst *[]string, bad func(string) string) error {
+	if err := listArg(d, dst); err != nil {
+		return err
+	}
+	for _, v := range *dst {
+		if msg := bad(v); msg != "" {
+			return d.Errf("%q %s", v, msg)
+		}
+	}
 	return nil
 }
 

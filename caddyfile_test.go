@@ -76,13 +76,10 @@ func TestCaddyfileSubdirectives(t *testing.T) {
 		{"async empty block", "batch {\n async {\n }\n}", `{"async":{}}`},
 		{"async", "batch {\n async {\n  retention 1h\n  workers 2\n  owner {http.request.header.X-Api-Key}\n }\n}",
 			`{"async":{"retention":3600000000000,"workers":2,"owner":"{http.request.header.X-Api-Key}"}}`},
-		{"webhook bare", "batch {\n async {\n  webhook https://h.example/x\n }\n}", `{"async":{"webhook":{"url":"https://h.example/x"}}}`},
 		{"webhook", "batch {\n async {\n  webhook https://h.example/x {\n   secret \"two words\"\n   events completed error canceled progress\n   progress_interval 30s\n   max_attempts 1\n  }\n }\n}",
 			`{"async":{"webhook":{"url":"https://h.example/x","secret":"two words","events":["completed","error","canceled","progress"],"progress_interval":30000000000,"max_attempts":1}}}`},
 		{"comments and order", "batch {\n # defaults for the API\n max_ops 5 # five\n mode parallel\n}", `{"mode":"parallel","max_ops":5}`},
 		{"quoted values", "batch {\n mode \"parallel\"\n methods `GET` \"POST\"\n}", `{"mode":"parallel","methods":["GET","POST"]}`},
-		// The values are checked by Validate, not here.
-		{"mode not checked here", "batch {\n mode fast\n}", `{"mode":"fast"}`},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -197,6 +194,19 @@ func TestCaddyfileRefused(t *testing.T) {
 		"webhook twice":                 async("webhook https://a", "webhook https://b"),
 		"secret twice":                  webhook("secret a", "secret b"),
 		"events twice":                  webhook("events completed", "events error"),
+
+		// Values that are typos, or can never work.
+		"mode typo":          block("mode paralel"),
+		"atomicity typo":     block("atomicity all"),
+		"forwarded typo":     block("allow_forwarded_headers X-Forwarded-Fro X-Fowarded-Proto"),
+		"not forwarded":      block("allow_forwarded_headers Authorization"),
+		"path without slash": block("paths users/*"),
+		"method with space":  block(`methods "GE T"`),
+		"header name":        block("inherit_headers X(Y)"),
+		"service_root":       block("service_root v1.0"),
+		"literal owner":      async("owner everyone"),
+		"webhook no secret":  async("webhook https://h.example/x"),
+		"webhook event typo": webhook("secret s", "events complete"),
 
 		// Blocks where none belong, and unknown nested subdirectives.
 		"block on mode":            block("mode parallel {", "x", "}"),
@@ -515,5 +525,23 @@ func TestJSONConfig(t *testing.T) {
 	}
 	if status, _, _ := send(t, "POST", base+"/batch", `[{"method":"POST","path":"/users"}]`); status != 400 {
 		t.Errorf("methods from JSON config: %d", status)
+	}
+}
+
+// caddy adapt refuses each typo of a batch block and names its file and
+// line, instead of failing at run time with none.
+func TestAdaptTyposWithLines(t *testing.T) {
+	for line, c := range map[string]struct{ lines, want string }{
+		"4": {"\tmax_ops 5\n\tmode paralel", `mode must be sequential or parallel, got "paralel"`},
+		"3": {"\tatomicity all", `atomicity must be none or stop_on_error or all_or_nothing`},
+		"5": {"\tmax_ops 5\n\ttimeout 1s\n\tallow_forwarded_headers X-Fowarded-For", `"X-Fowarded-For" is not an X-Forwarded-*`},
+		"6": {"\n\n\tasync {\n\t\twebhook https://h.example/x {\n\t\t\tevents completed\n\t\t}\n\t}", "needs a secret"},
+		"7": {"\n\n\n\n\tpaths users/*", `"users/*" never matches`},
+	} {
+		cfg := "example.com {\n\tbatch /batch {\n" + c.lines + "\n\t}\n}\n"
+		_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), map[string]any{"filename": "Caddyfile"})
+		if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "Caddyfile:"+line) {
+			t.Errorf("line %s: %v\n%s", line, err, cfg)
+		}
 	}
 }
