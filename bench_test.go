@@ -49,12 +49,7 @@ func (w *discard) WriteHeader(code int)        { w.status = code }
 
 func benchHandler(b *testing.B, mode string) *Handler {
 	b.Helper()
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	b.Cleanup(cancel)
-	h := &Handler{Mode: mode, MaxOps: 20000, MaxBodySize: 64 << 20}
-	if err := h.Provision(ctx); err != nil {
-		b.Fatal(err)
-	}
+	h := provision(b, &Handler{Mode: mode, MaxOps: 20000, MaxBodySize: 64 << 20})
 	h.logger = zap.NewNop()
 	return h
 }
@@ -294,9 +289,7 @@ func adversarialBodies(size int) map[string][]byte {
 // ratio to a plain batch of the same size parsed in the same run.
 func BenchmarkAdversarial(b *testing.B) {
 	h := &Handler{MaxOps: 1_000_000, MaxBodySize: defaultMaxSize}
-	if err := h.Provision(caddy.Context{Context: context.Background()}); err != nil {
-		b.Fatal(err)
-	}
+	provision(b, h)
 	bodies := adversarialBodies(defaultMaxSize)
 	parse := func(body []byte) time.Duration {
 		start := time.Now()

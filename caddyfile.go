@@ -80,6 +80,7 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //		allow_forwarded_headers <name...>
 //		retry_429         <n>
 //		service_root      <path>
+//		encode            <encoding...>|off
 //		async {
 //			retention <duration>
 //			workers   <n>
@@ -147,6 +148,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return checkedListArg(d, &h.AllowForwardedHeaders, func(name string) string {
 				if !isForwardedHeader(http.CanonicalHeaderKey(name)) {
 					return "is not an X-Forwarded-*, Forwarded or X-Real-IP header"
+				}
+				return ""
+			})
+		case "encode":
+			return checkedListArg(d, &h.Encode, func(e string) string {
+				if e == "off" && len(h.Encode) > 1 {
+					return "stands alone"
 				}
 				return ""
 			})

@@ -19,6 +19,10 @@ func (s *ndjsonSink) put(index int, op *operation, res *result) {
 	if !s.started {
 		s.started = true
 		s.w.Header().Set("Content-Type", "application/x-ndjson")
+		// Each line is for the client the moment it is written: for
+		// intermediaries (RFC 10036), and for Caddy's encoder, which then
+		// compresses and flushes line by line however short they are.
+		s.w.Header().Set("Incremental", "?1")
 		s.w.WriteHeader(http.StatusOK)
 	}
 	s.buf = append(appendResult(s.buf[:0], index, op, res, s.lean), '\n')

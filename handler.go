@@ -6,6 +6,7 @@ package batch
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,9 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp/encode"
+	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/encode/gzip" // the default encodings
+	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/encode/zstd"
 	"github.com/caddyserver/certmagic"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
@@ -110,10 +114,19 @@ type Handler struct {
 	// path ("" at /batch or /$batch).
 	ServiceRoot string `json:"service_root,omitempty"`
 
+	// Encodings the batch answer may be compressed in, in order of
+	// preference, as the batch request's Accept-Encoding allows: modules
+	// of Caddy's encode handler (http.encoders.*, such as zstd and gzip).
+	// "off" alone sends answers as they are. The site's encode directive
+	// does not reach the batch answer: batch is ordered before it, and
+	// operations never inherit Accept-Encoding. Default: zstd gzip.
+	Encode []string `json:"encode,omitempty"`
+
 	// Enables asynchronous batches. Default: off.
 	Async *AsyncConfig `json:"async,omitempty"`
 
 	limits   limits
+	enc      *encode.Encode // compresses answers; nil when off
 	paths    caddyhttp.MatchPath
 	inherit  []string // canonical; nil inherits all but the excluded ones
 	ctx      caddy.Context
@@ -214,6 +227,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.ctx = ctx
 	h.owner = "{http.request.header.Authorization}"
 	h.keyLocks = new(keyLocks)
+	if err := h.provisionEncode(ctx); err != nil {
+		return fmt.Errorf("encode: %w", err)
+	}
 	var reg prometheus.Registerer
 	if r := ctx.GetMetricsRegistry(); r != nil {
 		reg = r
@@ -270,6 +286,35 @@ func (h *Handler) provisionAsync(ctx caddy.Context) error {
 	h.pool.setLimits(a.Workers, a.MaxQueued)
 	go h.sweepJobs(ctx)
 	return nil
+}
+
+// defaultEncodings compress batch answers unless the config says otherwise.
+var defaultEncodings = []string{"zstd", "gzip"}
+
+// provisionEncode sets up Caddy's own encode handler for the answers, on
+// the content types of every format.
+func (h *Handler) provisionEncode(ctx caddy.Context) error {
+	names := h.Encode
+	if len(names) == 0 {
+		names = defaultEncodings
+	}
+	if len(names) == 1 && names[0] == "off" {
+		return nil
+	}
+	mods := caddy.ModuleMap{}
+	for _, name := range names {
+		if name == "off" {
+			return errors.New(`"off" stands alone`)
+		}
+		mods[name] = json.RawMessage("{}")
+	}
+	h.enc = &encode.Encode{
+		EncodingsRaw: mods,
+		Prefer:       names,
+		Matcher: &caddyhttp.ResponseMatcher{Headers: http.Header{"Content-Type": {
+			"application/json*", "application/x-ndjson*", "multipart/mixed*"}}},
+	}
+	return h.enc.Provision(ctx)
 }
 
 // Cleanup stops the sweep of idempotent answers and releases this config's
@@ -344,6 +389,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		// Reached from one of our own sub-requests: that operation fails.
 		return caddyhttp.Error(http.StatusBadRequest, errNestedBatch)
 	}
+	if h.enc != nil {
+		return h.enc.ServeHTTP(w, r, caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+			return h.serve(w, r, next)
+		}))
+	}
+	return h.serve(w, r, next)
+}
+
+// serve answers a batch request, or a request for a job.
+func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	if h.Async != nil {
 		if id, sub, ok := jobPath(r.URL.Path); ok {
 			return h.serveJob(w, r, id, sub)

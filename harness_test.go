@@ -180,6 +180,18 @@ func freePort(t *testing.T) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
+// provision provisions h as Caddy would, in a context that ends with the
+// test, for tests of the handler's parts without a running Caddy.
+func provision(tb testing.TB, h *Handler) *Handler {
+	tb.Helper()
+	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
+	tb.Cleanup(cancel)
+	if err := h.Provision(ctx); err != nil {
+		tb.Fatal(err)
+	}
+	return h
+}
+
 // caddyConfig is what the Caddy of a test may differ in.
 type caddyConfig struct {
 	storage string // root of the file system storage; default: a temporary directory

@@ -116,6 +116,7 @@ func TestSequentialBatchMemoryBounded(t *testing.T) {
 		t.Helper()
 		req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(ops))
 		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("Accept-Encoding", "identity") // what the batch holds, not a compressor's
 		resp, err := client.Do(req)
 		if err != nil {
 			t.Fatal(err)

@@ -9,8 +9,6 @@ import (
 	"reflect"
 	"strings"
 	"testing"
-
-	"github.com/caddyserver/caddy/v2"
 )
 
 // Unit tests of the parser: each rule of an operation pinned down on its
@@ -24,11 +22,7 @@ func ptLimits(t testing.TB, h *Handler) *limits {
 	if h == nil {
 		h = &Handler{}
 	}
-	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
-	t.Cleanup(cancel)
-	if err := h.Provision(ctx); err != nil {
-		t.Fatal(err)
-	}
+	provision(t, h)
 	if err := h.Validate(); err != nil {
 		t.Fatal(err)
 	}

@@ -10,7 +10,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/tidwall/gjson"
 	"golang.org/x/net/http/httpguts"
 )
@@ -156,9 +155,7 @@ func FuzzReferences(f *testing.F) {
 	f.Add(`{"mode":"parallel","batch":[{"id":"a","path":"/x/{{b.body}}"},{"id":"b","path":"/y"}]}`, `"../.."`)
 	f.Add(`[{"id":"a","path":"/x","rollback":{"method":"DELETE","path":"/x/{{a.body.id}}"}}]`, `{"id":"%2e%2e"}`)
 	h := &Handler{}
-	if err := h.Provision(caddy.Context{Context: context.Background()}); err != nil {
-		f.Fatal(err)
-	}
+	provision(f, h)
 	f.Fuzz(func(t *testing.T, batchJSON, answer string) {
 		b, err := parseBatch(context.Background(), []byte(batchJSON), &h.limits)
 		if err != nil {

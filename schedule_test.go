@@ -7,8 +7,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/caddyserver/caddy/v2"
 )
 
 // Under atomicity any end of the batch after a success stops it there and
@@ -16,9 +14,7 @@ import (
 // between two operations, not only a failed operation.
 func TestAtomicityStopsAtEveryEnd(t *testing.T) {
 	h := &Handler{Atomicity: atomicAllOrNothing}
-	if err := h.Provision(caddy.Context{Context: context.Background()}); err != nil {
-		t.Fatal(err)
-	}
+	provision(t, h)
 	b, err := parseBatch(context.Background(), []byte(`[{"path":"/a"},{"path":"/b"}]`), &h.limits)
 	if err != nil {
 		t.Fatal(err)

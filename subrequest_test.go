@@ -235,7 +235,7 @@ func TestSubRequestShape(t *testing.T) {
 		{"id":"bin","method":"POST","path":"/echo","body":"AP8=","body_encoding":"base64"},
 		{"id":"typed","method":"POST","path":"/echo","headers":{"Content-Type":"application/xml"},"body":"<a/>"},
 		{"id":"fwd","path":"/echo","headers":{"X-Forwarded-For":"6.6.6.6","X-Real-IP":"6.6.6.6","Forwarded":"for=6.6.6.6","X-Forwarded-Proto":"https"}},
-		{"id":"inherit","path":"/inherit"}]`, "Accept: text/html", "Accept-Encoding: gzip", "Idempotency-Key: k1", "X-Tenant: acme", "Prefer: respond-async", "Authorization: Bearer t0k")
+		{"id":"inherit","path":"/inherit"}]`, "Accept: text/html", "Accept-Encoding: br", "Idempotency-Key: k1", "X-Tenant: acme", "Prefer: respond-async", "Authorization: Bearer t0k")
 	if status != 200 {
 		t.Fatalf("status %d: %s", status, body)
 	}
