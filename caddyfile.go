@@ -81,6 +81,7 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //		retry_429         <n>
 //		service_root      <path>
 //		encode            <encoding...>|off
+//		log_operations    on|off
 //		async {
 //			retention <duration>
 //			workers   <n>
@@ -151,6 +152,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 				return ""
 			})
+		case "log_operations":
+			var v string
+			if err := choiceArg(d, name, &v, "on", "off"); err != nil {
+				return err
+			}
+			h.SkipOperationLogs = v == "off"
+			return nil
 		case "encode":
 			return checkedListArg(d, &h.Encode, func(e string) string {
 				if e == "off" && len(h.Encode) > 1 {

@@ -213,7 +213,7 @@ func contentType(h http.Header) string {
 // appendHeaders appends "headers":{...}, names sorted, values joined.
 func appendHeaders(dst []byte, h http.Header) []byte {
 	dst = append(dst, `"headers":{`...)
-	if v, ok := h["Content-Type"]; ok && len(h) == 1 { // the usual answer: no sorting
+	if v, ok := h["Content-Type"]; ok && len(h) == 1 && len(v) > 0 { // the usual answer: no sorting
 		dst = append(dst, `"Content-Type":`...)
 		dst = appendString(dst, strings.Join(v, ", "))
 		return append(dst, '}')
@@ -286,10 +286,14 @@ func (c *chunkWriter) finish() {
 	c.buf = nil
 }
 
-// sortedNames appends the names of h to names, in order.
+// sortedNames appends the names of h to names, in order. A name without
+// values is left out, as Go's server leaves it off the wire: handlers set
+// one so (Content-Type: nil) to keep Go from adding it.
 func sortedNames(names []string, h http.Header) []string {
-	for name := range h {
-		names = append(names, name)
+	for name, vs := range h {
+		if len(vs) > 0 {
+			names = append(names, name)
+		}
 	}
 	slices.Sort(names)
 	return names

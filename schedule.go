@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 )
@@ -52,6 +53,8 @@ type runner struct {
 	// unrecorded, once set, stops an async job whose results storage no
 	// longer takes at the next operation it would start; it says why.
 	unrecorded atomic.Pointer[string]
+	// logs are the access loggers operations are logged to; nil for none.
+	logs []*zap.Logger
 	// refs is what filling in references may still cost.
 	refs refBudget
 }
@@ -71,6 +74,13 @@ func (h *Handler) newRunner(ctx context.Context, timeout time.Duration, r *http.
 		stoppedAt: -1,
 	}
 	rn.refs.reset(h.MaxReferenceSize)
+	if srv != nil {
+		rn.logs = rn.accessLoggers()
+	}
+	// The batch request's own log entry may name the batch (log_append).
+	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
+		repl.Set("http.batch.id", rn.id)
+	}
 	if len(b.groups) > 0 {
 		rn.groupFailed = make([]int, len(b.groups))
 		for g := range rn.groupFailed {

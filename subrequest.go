@@ -151,7 +151,18 @@ func (rn *runner) attempt(ctx context.Context, clk *opClock, op *operation, atte
 	}
 	w.limit = rn.h.MaxResponseSize
 	req := rn.newRequest(ctx, op, w, attempt)
+	var logged *http.Request
+	start := time.Now()
+	if rn.logs != nil {
+		logged = req.Clone(req.Context()) // as it entered the chain, as the server logs it
+	}
 	err := serve(rn.next, w, req)
+	if err != nil && rn.srv.Errors != nil && len(rn.srv.Errors.Routes) > 0 && routable(err) {
+		err = rn.handleError(w, req, err)
+	}
+	if logged != nil {
+		rn.logOperation(logged, req, op, w, time.Since(start))
+	}
 
 	if c := rn.h.logger.Check(zapcore.DebugLevel, "batch operation"); c != nil {
 		c.Write(zap.String("batch", rn.id), zap.String("op", op.id), zap.String("method", op.method),
@@ -176,6 +187,56 @@ func (rn *runner) attempt(ctx context.Context, clk *opClock, op *operation, atte
 	return result{status: status, header: w.header, body: w.body, w: w, isJSON: jsonBody(w.header, w.body)}
 }
 
+// routable reports whether the server's error routes answer err: those of
+// the batch layer (a nested batch, a panic, an answer cut off) it answers
+// itself.
+func routable(err error) bool {
+	var p panicError
+	return !errors.Is(err, errNestedBatch) && !errors.As(err, &p) && !errors.Is(err, http.ErrAbortHandler)
+}
+
+// handleError runs the server's error routes for an operation whose
+// handler returned err, as caddyhttp.Server.ServeHTTP does for a lone
+// request, so that the operation's result is the lone answer: the error
+// page of handle_errors, its status and headers, {err.*} set.
+func (rn *runner) handleError(w *opWriter, req *http.Request, err error) error {
+	// The original request, as the server restores it (issue #3717).
+	if orig, ok := req.Context().Value(caddyhttp.OriginalRequestCtxKey).(http.Request); ok {
+		req.Method, req.RemoteAddr, req.RequestURI = orig.Method, orig.RemoteAddr, orig.RequestURI
+		u := *orig.URL
+		req.URL = &u
+	}
+	req = rn.srv.Errors.WithError(req, err)
+	if err2 := serve(rn.h.errorChain(rn.srv), w, req); err2 != nil {
+		w.WriteHeader(errorStatus(err))
+	}
+	return nil
+}
+
+// errorStatus is the status of a handler's error, 500 unless it says.
+func errorStatus(err error) int {
+	var he caddyhttp.HandlerError
+	if errors.As(err, &he) && he.StatusCode != 0 {
+		return he.StatusCode
+	}
+	return http.StatusInternalServerError
+}
+
+// errorChain returns the server's error routes compiled, as the server
+// compiles them: ending in a handler that writes the error's status.
+func (h *Handler) errorChain(srv *caddyhttp.Server) caddyhttp.Handler {
+	if c, ok := h.errorChains.Load(srv); ok {
+		return c.(caddyhttp.Handler)
+	}
+	c := srv.Errors.Routes.Compile(caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		err, _ := r.Context().Value(caddyhttp.ErrorCtxKey).(error)
+		w.WriteHeader(errorStatus(err))
+		return nil
+	}))
+	h.errorChains.Store(srv, c)
+	return c
+}
+
 // failed is the result of an operation whose handler returned err.
 func (rn *runner) failed(op *operation, w *opWriter, err error) result {
 	var p panicError
@@ -191,12 +252,7 @@ func (rn *runner) failed(op *operation, w *opWriter, err error) result {
 	}
 	// Handlers often return an error instead of writing one; it decides
 	// the status, and what they wrote before (WWW-Authenticate, say) stays.
-	status := http.StatusInternalServerError
-	var he caddyhttp.HandlerError
-	if errors.As(err, &he) && he.StatusCode != 0 {
-		status = he.StatusCode
-	}
-	return result{status: status, header: w.header}
+	return result{status: errorStatus(err), header: w.header}
 }
 
 // newRequest builds the sub-request of op: a fresh request with its own

@@ -786,3 +786,64 @@ func TestUpstreamRequestCapPerOperation(t *testing.T) {
 		t.Errorf("batch B after the cap freed: %s", body)
 	}
 }
+
+// An operation whose handlers return an error goes through the server's
+// error routes as a lone request does: its result is the lone answer,
+// status, headers and body, {err.*} placeholders included.
+func TestErrorRoutesPerOperation(t *testing.T) {
+	dead := freePort(t) // nothing listens there
+	base := startCaddy(t, fmt.Sprintf(`
+	batch /batch
+	handle /forbidden {
+		error "no entry here" 403
+	}
+	handle /dead {
+		reverse_proxy 127.0.0.1:%d
+	}
+	handle /fine {
+		respond "fine"
+	}
+	handle_errors {
+		header X-Error-Page yes
+		respond "error {err.status_code} {err.status_text}: {err.message} ({http.request.uri})" {err.status_code}
+	}`, dead))
+	res := mustJSON(t, mustSend(t, base, `[{"path":"/forbidden"},{"path":"/dead"},{"path":"/fine"}]`))
+	for i, path := range []string{"/forbidden", "/dead", "/fine"} {
+		status, hdr, lone := send(t, "GET", base+path, "")
+		r := res.Get(fmt.Sprint(i))
+		if r.Get("status").Int() != int64(status) || r.Get("body").String() != lone ||
+			r.Get("headers.X-Error-Page").String() != hdr.Get("X-Error-Page") {
+			t.Errorf("%s: lone %d %v %q; as an operation %s", path, status, hdr, lone, r.Raw)
+		}
+	}
+	if !strings.HasPrefix(res.Get("0.body").String(), "error 403 Forbidden: no entry here (/forbidden)") {
+		t.Errorf("the error page: %s", res.Get("0").Raw)
+	}
+}
+
+// mustSend posts a batch and returns its answer, failing unless it is 200.
+func mustSend(t *testing.T, base, batch string) string {
+	t.Helper()
+	status, _, body := send(t, "POST", base+"/batch", batch)
+	if status != 200 {
+		t.Fatalf("status %d: %s", status, body)
+	}
+	return body
+}
+
+// A header a handler sets without a value (as respond does with
+// Content-Type, to keep Go from sniffing one) is on the wire of no lone
+// answer, and in no result.
+func TestHeaderWithoutValueLeftOut(t *testing.T) {
+	base := startCaddy(t, `
+	batch /batch
+	respond /empty 204`)
+	_, hdr, _ := send(t, "GET", base+"/empty", "")
+	if _, ok := hdr["Content-Type"]; ok {
+		t.Fatalf("the lone answer has a Content-Type: %v", hdr)
+	}
+	res := mustJSON(t, mustSend(t, base, `[{"path":"/empty"}]`)).Get("0")
+	if res.Get("status").Int() != 204 || res.Get("headers.Content-Type").Exists() {
+		t.Errorf("the result: %s", res.Raw)
+	}
+}
