@@ -127,3 +127,41 @@ func TestOwnerFromCookie(t *testing.T) {
 		t.Error("the session's own key was not replayed")
 	}
 }
+
+// The README's route pattern: the batch path and its job paths in one
+// route that authenticates and puts headers on the batch answer; polling
+// a job stays inside it, and operations pass the route by.
+func TestRouteWrappedBatch(t *testing.T) {
+	be := newBackend(t)
+	hash, _ := bcrypt.GenerateFromPassword([]byte("pw"), bcrypt.MinCost)
+	base := startCaddy(t, `
+	@batch path /batch /batch/*
+	route @batch {
+		header X-Content-Type-Options nosniff
+		basic_auth {
+			alice `+string(hash)+`
+		}
+		batch {
+			async
+		}
+	}
+	reverse_proxy `+be.addr())
+	const auth = "Authorization: Basic YWxpY2U6cHc="
+	status, hdr, body := send(t, "POST", base+"/batch", `[{"path":"/users"}]`, auth, "Prefer: respond-async")
+	if status != 202 || hdr.Get("X-Content-Type-Options") != "nosniff" {
+		t.Fatalf("submit: %d %v %s", status, hdr, body)
+	}
+	job := base + hdr.Get("Location")
+	waitJob(t, job, auth, "completed")
+	status, hdr, body = send(t, "GET", job+"/results", "", auth)
+	res := mustJSON(t, body)
+	if status != 200 || hdr.Get("X-Content-Type-Options") != "nosniff" || res.Get("results.0.status").Int() != 200 ||
+		res.Get("results.0.headers.X-Content-Type-Options").Exists() {
+		t.Errorf("results: %d %v %s", status, hdr, body)
+	}
+	for _, r := range be.requests() {
+		if strings.HasPrefix(r.Path, "/batch") {
+			t.Errorf("a job path reached the backend: %s", r.Path)
+		}
+	}
+}
