@@ -417,7 +417,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	if h.Async != nil {
 		if id, sub, ok := jobPath(r.URL.Path); ok {
-			return h.serveJob(w, r, id, sub)
+			return h.serveJob(w, r, next, id, sub)
 		}
 	}
 	if r.Method != http.MethodPost {

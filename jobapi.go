@@ -62,7 +62,9 @@ func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	rn := h.newRunner(context.Background(), time.Duration(h.Async.Retention), r, next, srv, b)
 	rn.results = nil
 	t := now()
-	j := &job{h: h, rn: rn, rec: jobRecord{
+	key := endpointKey(srv, r, strings.TrimSuffix(r.URL.Path, "/"))
+	h.pool.serveAt(key, endpoint{h: h, next: next, srv: srv})
+	j := &job{h: h, rn: rn, endpoint: key, rec: jobRecord{
 		progress:  progress{ID: rn.id, Status: jobQueued, Total: len(b.ops), CreatedAt: t},
 		Owner:     owner,
 		ExpiresAt: t.Add(time.Duration(h.Async.Retention)),
@@ -107,7 +109,12 @@ func jobPath(p string) (id, sub string, ok bool) {
 }
 
 // serveJob answers the job endpoints: progress, results and cancel.
-func (h *Handler) serveJob(w http.ResponseWriter, r *http.Request, id, sub string) error {
+func (h *Handler) serveJob(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, id, sub string) error {
+	// This handler serves the batch path: jobs queued there start on it.
+	if srv, err := serverOf(r); err == nil {
+		batchPath := r.URL.Path[:strings.LastIndex(r.URL.Path, id)-1]
+		h.pool.serveAt(endpointKey(srv, r, batchPath), endpoint{h: h, next: next, srv: srv})
+	}
 	allow := "GET, DELETE"
 	if sub == "results" {
 		allow = "GET"

@@ -6,13 +6,17 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
+	"net/http"
 	"path"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 )
@@ -133,6 +137,10 @@ var now = time.Now
 // not yet recorded as ended.
 type job struct {
 	h *Handler
+	// endpoint is where the job was submitted: once it starts, it runs
+	// through the handler serving there then, of a newer config if one
+	// has been loaded since.
+	endpoint string
 
 	mu  sync.Mutex
 	rn  *runner // nil once the job has ended: its batch and credentials go
@@ -189,6 +197,11 @@ type jobPool struct {
 	jobs   map[string]*job
 	closed bool
 	wg     sync.WaitGroup // running jobs and the retries of their records
+
+	// endpoints are where handlers have served async batches, by
+	// server, host and batch path: what a job submitted there runs
+	// through once it starts.
+	endpoints map[string]endpoint
 
 	deliveries  int  // webhook deliveries in flight
 	hooksClosed bool // no more deliveries start
@@ -314,6 +327,41 @@ func (p *jobPool) sweepQueue() {
 	}
 }
 
+// endpoint is a handler serving async batches, and what it serves them
+// with.
+type endpoint struct {
+	h    *Handler
+	next caddyhttp.Handler
+	srv  *caddyhttp.Server
+}
+
+// endpointKey names where r, a request for batches at batchPath, is
+// served: server, host and path stay the same across config reloads.
+func endpointKey(srv *caddyhttp.Server, r *http.Request, batchPath string) string {
+	host, _, err := net.SplitHostPort(r.Host)
+	if err != nil {
+		host = r.Host
+	}
+	return srv.Name() + "\x00" + strings.ToLower(host) + "\x00" + batchPath
+}
+
+// serveAt records that ep serves at key, as of now.
+func (p *jobPool) serveAt(key string, ep endpoint) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.endpoints == nil {
+		p.endpoints = map[string]endpoint{}
+	}
+	p.endpoints[key] = ep
+}
+
+func (p *jobPool) endpointAt(key string) (endpoint, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ep, ok := p.endpoints[key]
+	return ep, ok
+}
+
 // lookup returns the job if this process queues, runs or holds it.
 func (p *jobPool) lookup(id string) *job {
 	p.mu.Lock()
@@ -437,6 +485,13 @@ func (p *jobPool) run(j *job) {
 		// Its id already answers 404: it must not run either.
 		p.expire(j)
 		return
+	}
+	if ep, ok := p.endpointAt(j.endpoint); ok && ep.h != rn.h {
+		// Reloaded while the job waited: it runs through the new config
+		// (its record stays where it was submitted).
+		rn.h, rn.next, rn.srv = ep.h, ep.next, ep.srv
+		rn.logs = rn.accessLoggers()
+		rn.refs.reset(ep.h.MaxReferenceSize)
 	}
 	ctx, cancel := context.WithDeadline(p.ctx, j.rec.ExpiresAt)
 	defer cancel()

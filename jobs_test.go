@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -474,5 +475,38 @@ func TestAsyncLargeJobMemory(t *testing.T) {
 	_, _, body = send(t, "GET", base+"/batch/"+id+"/results?offset=9990", "", alice)
 	if r := mustJSON(t, body).Get("results"); len(r.Array()) != 10 || r.Get("9.id").String() != "9999" {
 		t.Errorf("last page: %.300s", body)
+	}
+}
+
+// A job queued before a config reload runs, once it starts, through the
+// new config; one already running finishes on its own.
+func TestQueuedJobRunsOnNewConfig(t *testing.T) {
+	before, after := newBackend(t), newBackend(t)
+	storage := t.TempDir()
+	port := freePort(t)
+	cfg := func(be *backend) []byte {
+		return adapt(t, testCaddyfile(storage, port, "", proxySite(be, "{\n\t\tasync {\n\t\t\tworkers 1\n\t\t}\n\t}")))
+	}
+	base := loadCaddy(t, cfg(before), port)
+	running := submitJob(t, base+"/batch", `[{"path":"/slow?id=run&d=600ms"},{"path":"/health"}]`)
+	queued := submitJob(t, base+"/batch", `[{"path":"/health"}]`)
+	eventually(t, 10*time.Second, "the first job to start", func() bool { return slices.Contains(before.eventLog(), "start run") })
+	if err := caddy.Load(cfg(after), true); err != nil {
+		t.Fatal(err)
+	}
+	// A poll reaches the new config's handler.
+	waitJob(t, base+"/batch/"+queued, alice, "completed")
+	waitJob(t, base+"/batch/"+running, alice, "completed")
+	seen := func(be *backend) (paths []string) {
+		for _, r := range be.requests() {
+			paths = append(paths, r.Path)
+		}
+		return paths
+	}
+	if got := seen(before); !slices.Equal(got, []string{"/slow?id=run&d=600ms", "/health"}) {
+		t.Errorf("the old config's backend saw %v: the running job's operations only", got)
+	}
+	if got := seen(after); !slices.Equal(got, []string{"/health"}) {
+		t.Errorf("the new config's backend saw %v: the queued job's operation", got)
 	}
 }
