@@ -275,24 +275,26 @@ const maxEcho = maxIDLength
 // maxFaultMessage bounds one fault's message, whatever it quotes.
 const maxFaultMessage = 4 * maxEcho
 
-// short returns s cut to maxEcho bytes at a rune boundary, marked "…" when
-// it was cut.
-func short(s string) string {
-	if len(s) <= maxEcho {
+// short returns s cut to maxEcho bytes.
+func short(s string) string { return cut(s, maxEcho) }
+
+// cut returns s cut to n bytes at a rune boundary, marked "…" when it was
+// cut.
+func cut(s string, n int) string {
+	if len(s) <= n {
 		return s
 	}
-	i := maxEcho
-	for i > 0 && !utf8.RuneStart(s[i]) {
-		i--
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
 	}
-	return s[:i] + "…"
+	return s[:n] + "…"
 }
 
 func (p *parser) batchFault(format string, args ...any) {
 	if p.full() {
 		return
 	}
-	p.faults = append(p.faults, fault{Index: -1, Message: capMessage(fmt.Sprintf(format, args...))})
+	p.faults = append(p.faults, fault{Index: -1, Message: cut(fmt.Sprintf(format, args...), maxFaultMessage)})
 }
 
 func (p *parser) opFault(op *operation, format string, args ...any) {
@@ -303,19 +305,7 @@ func (p *parser) opFault(op *operation, format string, args ...any) {
 	if op.isRollback && !strings.HasPrefix(msg, "rollback: ") {
 		msg = "rollback: " + msg
 	}
-	p.faults = append(p.faults, fault{Index: op.index, ID: short(op.id), Message: capMessage(msg)})
-}
-
-// capMessage cuts msg to maxFaultMessage bytes.
-func capMessage(msg string) string {
-	if len(msg) <= maxFaultMessage {
-		return msg
-	}
-	i := maxFaultMessage
-	for i > 0 && !utf8.RuneStart(msg[i]) {
-		i--
-	}
-	return msg[:i] + "…"
+	p.faults = append(p.faults, fault{Index: op.index, ID: short(op.id), Message: cut(msg, maxFaultMessage)})
 }
 
 // Operation fields. Aliases map onto the same bit, so that giving both
