@@ -87,6 +87,11 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //			workers   <n>
 //			max_queued <n>
 //			owner     <placeholder>
+//			max_ops   <n>
+//			max_body_size <size>
+//			lease     <duration>
+//			credentials_key <key> [<old key>...]
+//			op_idempotency_header <name>|off
 //			webhook   <url> {
 //				secret            <string>
 //				events            completed|error|canceled|progress...
@@ -202,6 +207,27 @@ func (a *AsyncConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			if !strings.Contains(a.Owner, "{") {
 				return d.Errf("owner %q is the same for every request: give a placeholder, such as {http.request.header.X-Api-Key}", a.Owner)
+			}
+			return nil
+		case "max_ops":
+			return intArg(d, &a.MaxOps, 1)
+		case "max_body_size":
+			return sizeArg(d, &a.MaxBodySize)
+		case "lease":
+			return durationArg(d, &a.Lease)
+		case "credentials_key":
+			keys := d.RemainingArgs()
+			if len(keys) == 0 {
+				return d.ArgErr()
+			}
+			a.CredentialsKey, a.OldCredentialsKeys = keys[0], keys[1:]
+			return nil
+		case "op_idempotency_header":
+			if err := oneArg(d, &a.OpIdempotencyHeader); err != nil {
+				return err
+			}
+			if a.OpIdempotencyHeader != "off" && !httpguts.ValidHeaderFieldName(a.OpIdempotencyHeader) {
+				return d.Errf("op_idempotency_header %q is not a header name, nor off", a.OpIdempotencyHeader)
 			}
 			return nil
 		case "webhook":

@@ -150,6 +150,17 @@ type Handler struct {
 	// stopSweeping ends the sweep of expired idempotent answers.
 	stopSweeping func()
 
+	// sealer encrypts what jobs store of credentials; nil without a key.
+	sealer *sealer
+	// opKey is the header that carries each job operation's idempotency
+	// key; "" for none.
+	opKey string
+	// selfEP is where this handler is in the running config, found once
+	// it runs; identity names that place and the handler's config.
+	selfMu   sync.Mutex
+	selfEP   endpoint
+	identity string
+
 	// storage holds async jobs and idempotent answers; it is looked up on
 	// first use, as a context without a config (unit tests) has none.
 	storage     certmagic.Storage
@@ -277,16 +288,45 @@ func (h *Handler) provisionAsync(ctx caddy.Context) error {
 	}
 	h.owner = a.Owner
 	if a.MaxQueued == 0 {
-		a.MaxQueued = 1
-		if c := queuedCost(h.MaxBodySize, h.MaxOps); c > 0 { // invalid sizes fail Validate
-			a.MaxQueued = int(max(1, queueBudget/c))
-		}
+		a.MaxQueued = defaultMaxQueued
+	}
+	if a.MaxOps == 0 {
+		a.MaxOps = defaultAsyncMaxOps
+	}
+	if a.MaxBodySize == 0 {
+		a.MaxBodySize = defaultAsyncMaxBody
+	}
+	if a.Lease == 0 {
+		a.Lease = caddy.Duration(defaultLease)
+	}
+	switch a.OpIdempotencyHeader {
+	case "":
+		h.opKey = "Idempotency-Key"
+	case "off":
+	default:
+		h.opKey = http.CanonicalHeaderKey(a.OpIdempotencyHeader)
 	}
 	if a.Retention < caddy.Duration(time.Second) || a.Workers < 0 {
 		return errors.New("retention must be at least 1s and workers positive")
 	}
-	if a.MaxQueued < 0 {
-		return fmt.Errorf("max_queued must be positive, got %d", a.MaxQueued)
+	if a.MaxQueued < 0 || a.MaxOps < 0 || a.MaxBodySize < 0 {
+		return fmt.Errorf("max_queued, max_ops and max_body_size must be positive")
+	}
+	if a.Lease < caddy.Duration(100*time.Millisecond) {
+		return fmt.Errorf("lease must be at least 100ms, got %s", time.Duration(a.Lease))
+	}
+	if a.CredentialsKey != "" {
+		repl := caddy.NewReplacer()
+		keys := []string{repl.ReplaceKnown(a.CredentialsKey, "")}
+		for _, k := range a.OldCredentialsKeys {
+			keys = append(keys, repl.ReplaceKnown(k, ""))
+		}
+		var err error
+		if h.sealer, err = newSealer(keys); err != nil {
+			return fmt.Errorf("credentials_key: %w", err)
+		}
+	} else if len(a.OldCredentialsKeys) > 0 {
+		return errors.New("old_credentials_keys needs credentials_key")
 	}
 	if a.Webhook != nil {
 		if err := a.Webhook.provision(); err != nil {
@@ -301,6 +341,7 @@ func (h *Handler) provisionAsync(ctx caddy.Context) error {
 	h.pool = val.(*jobPool)
 	h.pool.setLimits(a.Workers, a.MaxQueued)
 	go h.sweepJobs(ctx)
+	go h.adoptJobs(ctx)
 	return nil
 }
 
@@ -483,7 +524,7 @@ func (h *Handler) route(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	case key != "":
 		return writeRefusal(w, b, h.serveIdempotent(w, r, next, b, key, body))
 	case b.async:
-		return writeRefusal(w, b, h.submit(w, r, next, b))
+		return writeRefusal(w, b, h.submit(w, r, next, b, body))
 	}
 	_, err := h.run(w, r, next, b)
 	return err

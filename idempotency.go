@@ -143,7 +143,7 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 	// to run the batch whole.
 	var ran bool
 	if b.async {
-		err = h.submit(iw, r, next, b)
+		err = h.submit(iw, r, next, b, body)
 		ran = iw.status == http.StatusAccepted
 	} else {
 		var sum summary

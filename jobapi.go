@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -42,12 +43,25 @@ func writeRefusal(w http.ResponseWriter, b *batch, err error) error {
 	return err
 }
 
-// submit stores a validated batch as a job, queues it and answers 202.
-// When the queue is full it returns errQueueFull, for writeRefusal.
-func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) error {
+// submit stores a validated batch taken whole as a job, queues it and
+// answers 202. When the queue is full it returns errQueueFull, for
+// writeRefusal.
+func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch, body []byte) error {
+	return h.enqueue(w, r, next, b.format, func(ctx context.Context, id string, spec *jobSpec) (int, error) {
+		spec.Shape, spec.Starts = shapeBody, []int{0}
+		return len(b.ops), h.storeChunk(ctx, spec, id, 0, body)
+	})
+}
+
+// enqueue makes a job of a batch request: store stores its operations, as
+// spec says, under id and returns how many there are; then the job is
+// stored, queued and answered 202. Nothing of it stays stored unless it is
+// queued.
+func (h *Handler) enqueue(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, f format,
+	store func(ctx context.Context, id string, spec *jobSpec) (int, error)) error {
 	owner, ok := h.ownerHash(r)
 	if !ok {
-		return h.refuseNoOwner(w, b.format)
+		return h.refuseNoOwner(w, f)
 	}
 	srv, err := serverOf(r)
 	if err != nil {
@@ -56,42 +70,87 @@ func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	if err := h.pool.reserve(); err != nil {
 		return err
 	}
-	// The job's context is set when it starts; the runner keeps only the
-	// request's connection facts and inherited headers, in memory, and its
-	// results are allocated when it starts.
-	rn := h.newRunner(context.Background(), time.Duration(h.Async.Retention), r, next, srv, b)
-	rn.results = nil
-	t := now()
-	key := endpointKey(srv, r, strings.TrimSuffix(r.URL.Path, "/"))
-	h.pool.serveAt(key, endpoint{h: h, next: next, srv: srv})
-	j := &job{h: h, rn: rn, endpoint: key, rec: jobRecord{
-		progress:  progress{ID: rn.id, Status: jobQueued, Total: len(b.ops), CreatedAt: t},
-		Owner:     owner,
-		ExpiresAt: t.Add(time.Duration(h.Async.Retention)),
-	}}
-	if b.format != native {
-		j.rec.Format = b.format.name()
+	batchPath := strings.TrimSuffix(r.URL.Path, "/")
+	key := endpointKey(srv, r, batchPath)
+	ep := endpoint{h: h, next: next, srv: srv}
+	h.pool.serveAt(key, ep)
+	id := newBatchID()
+	conn := connFactsOf(r)
+	inherited := h.inheritedHeaders(r.Header)
+	spec := &jobSpec{ContentType: r.Header.Get("Content-Type"), Path: r.URL.Path, Conn: storeConn(conn),
+		Endpoint: key, SealedOps: h.sealer != nil}
+	_, spec.Handler, _ = h.self()
+	rec := jobRecord{progress: progress{ID: id, Status: jobQueued, CreatedAt: now()}, Owner: owner}
+	rec.ExpiresAt = rec.CreatedAt.Add(time.Duration(h.Async.Retention))
+	if f != native {
+		rec.Format = f.name()
 	}
-	if err := j.save(r.Context()); err != nil {
+	j := &job{h: h, endpoint: key, spec: spec, rec: rec, rn: h.jobRunner(ep, id, conn, inherited)}
+
+	ctx := context.WithoutCancel(r.Context())
+	fail := func(err error) error {
 		h.pool.unreserve()
-		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err))
+		if j.lease != nil {
+			j.lease.release(ctx)
+		}
+		if err := deleteTree(ctx, h.storage, jobKey(id)); err != nil {
+			h.logger.Warn("deleting refused batch job", zap.String("id", id), zap.Error(err))
+		}
+		h.deactivate(id)
+		return err
+	}
+	n, err := store(r.Context(), id, spec)
+	if err != nil {
+		return fail(err)
+	}
+	j.rec.Total = n
+	err = h.keepHeaders(spec, id, inherited)
+	if err == nil {
+		err = h.storeSpec(ctx, id, spec)
+	}
+	if err == nil {
+		err = j.save(ctx)
+	}
+	if err == nil {
+		err = h.activate(ctx, id)
+	}
+	if err == nil {
+		j.lease, err = h.takeLease(ctx, id, true)
+	}
+	if err != nil {
+		return fail(caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err)))
 	}
 	queued := j.snapshot().progress
 	if err := h.pool.submit(j); err != nil {
-		// The pool ended while the record was stored: nothing would run it.
-		if err := deleteTree(context.WithoutCancel(r.Context()), h.storage, jobKey(rn.id)); err != nil {
-			h.logger.Warn("deleting refused batch job", zap.String("id", rn.id), zap.Error(err))
-		}
-		return err
+		// The pool ended while the job was stored: nothing would run it.
+		return fail(err)
 	}
 	h.metrics.jobs.WithLabelValues(jobQueued).Inc()
-	h.logger.Info("async batch queued", zap.String("id", rn.id), zap.Int("operations", len(b.ops)))
+	h.logger.Info("async batch queued", zap.String("id", id), zap.Int("operations", n), zap.Bool("resumable", j.resumable()))
 
-	w.Header().Set("Location", strings.TrimSuffix(r.URL.Path, "/")+"/"+rn.id)
+	w.Header().Set("Location", batchPath+"/"+id)
 	if wantsAsync(r) {
 		w.Header().Set("Preference-Applied", "respond-async")
 	}
 	return writeProgress(w, http.StatusAccepted, queued)
+}
+
+func (h *Handler) storeSpec(ctx context.Context, id string, spec *jobSpec) error {
+	buf, err := json.Marshal(spec)
+	if err != nil {
+		return err
+	}
+	return h.storage.Store(ctx, jobKey(id, "spec"), buf)
+}
+
+// jobRunner returns the runner of a job, which runs through ep; its
+// operations are loaded as it runs.
+func (h *Handler) jobRunner(ep endpoint, id string, conn connFacts, inherited http.Header) *runner {
+	rn := &runner{h: ep.h, id: id, next: ep.next, srv: ep.srv, conn: conn, base: context.Background(),
+		timeout: time.Duration(h.Async.Retention), inherited: inherited, stoppedAt: -1, opKey: ep.h.opKey}
+	rn.refs.reset(ep.h.MaxReferenceSize)
+	rn.logs = rn.accessLoggers()
+	return rn
 }
 
 // jobPath splits a request path into a job id and what of the job it asks
@@ -276,36 +335,64 @@ func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRe
 // sent wrong.
 func (h *Handler) eachStored(w http.ResponseWriter, r *http.Request, rec jobRecord, offset, end int,
 	put func(i int, item []byte, first bool), done func(any bool)) error {
+	first := true
+	started, err := h.storedRange(r.Context(), rec, offset, end, func(i int, item []byte) {
+		put(i, item, first)
+		first = false
+	})
+	switch {
+	case err != nil && !started:
+		return caddyhttp.Error(http.StatusServiceUnavailable, err)
+	case err != nil:
+		h.logger.Error("loading batch job results", zap.String("id", rec.ID), zap.Error(err))
+		panic(http.ErrAbortHandler)
+	}
+	done(!first)
+	return nil
+}
+
+// storedRange calls put with each stored result of rec from offset up to
+// end, loading one part at a time; started says whether any part loaded.
+func (h *Handler) storedRange(ctx context.Context, rec jobRecord, offset, end int, put func(i int, item []byte)) (started bool, err error) {
 	stored := rec.Completed - rec.Unstored
-	started, first := false, true
 	for c := offset / resultsPerChunk; c*resultsPerChunk < end; c++ {
 		i := c * resultsPerChunk // index of the next result read
 		last := min(i+resultsPerChunk, stored)
 		for part := 0; i < last && i < end; part++ {
-			buf, err := h.storage.Load(r.Context(), partKey(rec.ID, c, part))
+			buf, err := h.storage.Load(ctx, partKey(rec.ID, c, part))
 			if err == nil && len(buf) == 0 {
 				err = errors.New("empty part")
 			}
 			if err != nil {
-				err = fmt.Errorf("loading batch job results: chunk %d part %d: %w", c, part, err)
-				if !started {
-					return caddyhttp.Error(http.StatusServiceUnavailable, err)
-				}
-				h.logger.Error("loading batch job results", zap.String("id", rec.ID), zap.Error(err))
-				panic(http.ErrAbortHandler)
+				return started, fmt.Errorf("loading batch job results: chunk %d part %d: %w", c, part, err)
 			}
 			started = true
 			for _, item := range splitResults(buf) {
 				if i >= offset && i < end {
-					put(i, item, first)
-					first = false
+					put(i, item)
 				}
 				i++
 			}
 		}
 	}
-	done(!first)
-	return nil
+	return started, nil
+}
+
+// loadEarlier reads back the stored results of the first n operations of
+// the batch rn runs, whose first is operation first of the job, when what
+// comes after depends on them or refers to them.
+func (h *Handler) loadEarlier(ctx context.Context, rec jobRecord, rn *runner, first, n int) error {
+	if !slices.ContainsFunc(rn.b.ops[n:], func(op *operation) bool { return len(op.deps) > 0 || op.tmpl != nil }) {
+		return nil
+	}
+	_, err := h.storedRange(ctx, rec, first, first+n, func(i int, item []byte) {
+		_, res := decodeStored(item)
+		if res.body != nil && !res.isJSON {
+			res.isJSON = jsonBody(res.header, res.body)
+		}
+		rn.results[i-first] = res
+	})
+	return err
 }
 
 // decodeStored reads back a result stored as appendResult wrote it.

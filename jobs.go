@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -39,10 +40,9 @@ type AsyncConfig struct {
 	// How many jobs may wait for a worker in this process, at least 1; a
 	// batch sent when as many wait is answered 503 with Retry-After, and
 	// nothing of it is stored. Like workers, the limit is the process's:
-	// the config loaded last sets it. Default: as many as fit in 256 MiB,
-	// at least 1, a queued job holding its body and the batch parsed from
-	// it, up to 2 × max_body_size + 512 bytes × max_ops (12 jobs with the
-	// default limits).
+	// the config loaded last sets it. A queued job holds in memory only
+	// the headers its operations inherit; its operations wait in storage.
+	// Default: 1000.
 	MaxQueued int `json:"max_queued,omitempty"`
 
 	// What identifies the owner of a job: a placeholder evaluated on the
@@ -51,6 +51,42 @@ type AsyncConfig struct {
 	// of it is stored. Idempotency keys belong to owners the same way.
 	// Default: {http.request.header.Authorization}.
 	Owner string `json:"owner,omitempty"`
+
+	// The most operations one async job may hold. A job of more than the
+	// handler's max_ops, or with a body over its max_body_size, is
+	// streamed into storage as it is read, and its operations must stand
+	// alone: no depends_on, references, rollbacks or all_or_nothing.
+	// Default: 1000000.
+	MaxOps int `json:"max_ops,omitempty"`
+
+	// The largest async job body accepted, in bytes, streamed into
+	// storage; larger is answered 413 and nothing of it is kept.
+	// Default: 1 GiB.
+	MaxBodySize int64 `json:"max_body_size,omitempty"`
+
+	// How long the lease an instance holds on a job it runs lasts
+	// unrenewed: how long after an instance dies another one takes its
+	// jobs over. It is renewed every third of it. Default: 30s.
+	Lease caddy.Duration `json:"lease,omitempty"`
+
+	// The key, 32 bytes in hex or base64 (such as {env.BATCH_KEY}), with
+	// which what a job's operations inherit from the request that
+	// submitted it (Authorization, Cookie, ...) is stored encrypted
+	// (AES-256-GCM), with its operations: any instance can then resume
+	// the job. Without it, a job inheriting any header but a few that
+	// never carry credentials (Accept, User-Agent, ...) keeps them in the
+	// memory of the instance that took it, which alone can run it.
+	CredentialsKey string `json:"credentials_key,omitempty"`
+
+	// Keys that jobs may still be encrypted with, after credentials_key
+	// has been changed: they decrypt, credentials_key encrypts.
+	OldCredentialsKeys []string `json:"old_credentials_keys,omitempty"`
+
+	// The header each operation of a job is sent with, valued
+	// "<job id>.<op id>", so that the API can tell an operation sent again
+	// after a crash from a new one; an operation's own header wins. "off"
+	// sends none. Default: Idempotency-Key.
+	OpIdempotencyHeader string `json:"op_idempotency_header,omitempty"`
 
 	// Where to tell that a job has ended (or progressed).
 	Webhook *Webhook `json:"webhook,omitempty"`
@@ -75,13 +111,14 @@ const (
 	resultsPerChunk = 100
 	partSize        = 1 << 20
 
-	// queueBudget is what the queued jobs may hold by default.
-	queueBudget = 256 << 20
-)
+	// A queued job holds in memory only what its operations inherit:
+	// its operations wait in storage.
+	defaultMaxQueued = 1000
 
-// queuedCost bounds what a queued job holds: its body and the batch parsed
-// from it, measured at twice the body and ~340 bytes per operation.
-func queuedCost(maxBody int64, maxOps int) int64 { return 2*maxBody + 512*int64(maxOps) }
+	defaultAsyncMaxOps  = 1_000_000
+	defaultAsyncMaxBody = 1 << 30
+	defaultLease        = 30 * time.Second
+)
 
 // progress is what a client sees of a job.
 type progress struct {
@@ -93,9 +130,14 @@ type progress struct {
 	Failed      int        `json:"failed"`
 	Skipped     int        `json:"skipped"`
 	CreatedAt   time.Time  `json:"created_at"`
+	StartedAt   *time.Time `json:"started_at,omitempty"`
 	UpdatedAt   *time.Time `json:"updated_at,omitempty"`
 	CompletedAt *time.Time `json:"completed_at,omitempty"`
-	Error       string     `json:"error,omitempty"`
+	// Rate is how many operations a second the job completed over the
+	// last minute; EstimatedCompletionAt when, at that rate, it ends.
+	Rate                  float64    `json:"operations_per_second,omitempty"`
+	EstimatedCompletionAt *time.Time `json:"estimated_completion_at,omitempty"`
+	Error                 string     `json:"error,omitempty"`
 }
 
 // jobRecord is what storage holds of a job besides its results.
@@ -108,8 +150,12 @@ type jobRecord struct {
 	Owner     string    `json:"owner"` // hash of the owner's credentials
 	ExpiresAt time.Time `json:"expires_at"`
 	// Unstored counts the last results that storage did not take; the
-	// first Completed-Unstored are stored.
+	// first Completed-Unstored are stored. While the job runs, none are
+	// unstored: the record is stored with each part of results, and
+	// counts those stored so far, where a resumed job goes on.
 	Unstored int `json:"unstored,omitempty"`
+	// Stopped is the operation at which stop_on_error stopped the job.
+	Stopped string `json:"stopped,omitempty"`
 }
 
 func (p *progress) final() bool {
@@ -141,6 +187,10 @@ type job struct {
 	// through the handler serving there then, of a newer config if one
 	// has been loaded since.
 	endpoint string
+	spec     *jobSpec
+	// lease is this instance's hold on the job in storage, renewed until
+	// the job ends or is handed over.
+	lease *lease
 
 	mu  sync.Mutex
 	rn  *runner // nil once the job has ended: its batch and credentials go
@@ -172,6 +222,10 @@ func (j *job) requestCancel() {
 		j.rn.canceled.Store(true)
 	}
 }
+
+// resumable reports whether another instance can take the job over: what
+// its operations inherit is stored, or nothing.
+func (j *job) resumable() bool { return !j.spec.Local }
 
 // jobPool runs the async jobs of the process, at most limit at once, with
 // at most maxQueued waiting. It is kept in a UsagePool, so that config
@@ -206,6 +260,17 @@ type jobPool struct {
 	deliveries  int  // webhook deliveries in flight
 	hooksClosed bool // no more deliveries start
 	hookWG      sync.WaitGroup
+
+	// instance names this process in the leases it holds.
+	instance string
+	// leases ends the renewal of every lease, once the jobs are done.
+	leases     context.Context
+	stopLeases context.CancelFunc
+	// draining is set at shutdown: jobs that another instance can resume
+	// start no more operations, and are handed over once those in flight
+	// have finished.
+	draining atomic.Bool
+	grace    time.Duration // how long those in flight may take
 }
 
 var pools = caddy.NewUsagePool()
@@ -244,7 +309,9 @@ const (
 func newJobPool() *jobPool {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	hooks, stopHooks := context.WithCancel(context.Background())
+	leases, stopLeases := context.WithCancel(context.Background())
 	p := &jobPool{ctx: ctx, cancel: cancel, hooks: hooks, stopHooks: stopHooks,
+		leases: leases, stopLeases: stopLeases, instance: newBatchID(), grace: jobsGrace,
 		limit: 1, maxQueued: 1, jobs: map[string]*job{}}
 	p.cond = sync.NewCond(&p.mu)
 	go p.loop()
@@ -257,6 +324,35 @@ func (p *jobPool) setLimits(workers, queued int) {
 	p.limit, p.maxQueued = workers, queued
 	p.mu.Unlock()
 	p.cond.Broadcast()
+}
+
+// setGrace sets how long a shutdown lets operations in flight finish.
+func (p *jobPool) setGrace(d time.Duration) {
+	p.mu.Lock()
+	p.grace = d
+	p.mu.Unlock()
+}
+
+// hasRoom reports whether a job taken over would start at once: jobs
+// that would wait stay in storage for an instance with a worker free.
+func (p *jobPool) hasRoom() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return !p.closed && p.running+len(p.queue)+p.reserved < p.limit
+}
+
+// adopt queues a job taken over from another instance.
+func (p *jobPool) adopt(j *job) bool {
+	p.mu.Lock()
+	if p.closed || p.jobs[j.rec.ID] != nil {
+		p.mu.Unlock()
+		return false
+	}
+	p.queue = append(p.queue, j)
+	p.jobs[j.rec.ID] = j
+	p.mu.Unlock()
+	p.cond.Signal()
+	return true
 }
 
 // reserve holds a place in the queue for a job while its record is
@@ -283,14 +379,15 @@ func (p *jobPool) unreserve() {
 	p.mu.Unlock()
 }
 
-// submit queues a job whose place was reserved.
+// submit queues a job whose place was reserved; when it cannot, the
+// place stays reserved for the caller to give back.
 func (p *jobPool) submit(j *job) error {
 	p.mu.Lock()
-	p.reserved--
 	if p.closed {
 		p.mu.Unlock()
 		return errPoolClosed
 	}
+	p.reserved--
 	p.queue = append(p.queue, j)
 	p.jobs[j.rec.ID] = j
 	p.mu.Unlock()
@@ -421,9 +518,12 @@ func (p *jobPool) release() {
 	p.cond.Signal()
 }
 
-// Destruct interrupts the jobs that run and ends those that wait: their
-// submitters' credentials live only in this process. Webhook deliveries
-// get a grace after the jobs have ended, then are canceled.
+// Destruct hands over the jobs another instance can resume: those queued
+// at once, those running once the operations they have in flight finish,
+// within the grace period; operations still in flight then are cut off,
+// and run again where the job resumes. Jobs whose credentials live only in
+// this process run on during the grace, then end interrupted. Webhook
+// deliveries get a grace after the jobs have ended, then are canceled.
 func (p *jobPool) Destruct() error {
 	p.mu.Lock()
 	p.closed = true
@@ -431,13 +531,29 @@ func (p *jobPool) Destruct() error {
 	p.queue = nil
 	p.running += len(queued)
 	p.wg.Add(len(queued))
+	grace := p.grace
 	p.mu.Unlock()
 	p.cond.Broadcast()
-	p.cancel(errInterrupted)
+	p.draining.Store(true)
+	var local []*job
 	for _, j := range queued {
+		if !j.resumable() {
+			local = append(local, j)
+			continue
+		}
+		go func() {
+			defer p.wg.Done()
+			defer p.release()
+			p.handOff(j, context.Background())
+		}()
+	}
+	waitFor(&p.wg, grace)
+	p.cancel(errInterrupted)
+	for _, j := range local {
 		go p.run(j) // with the pool canceled, every operation is cut off at once
 	}
 	waitFor(&p.wg, jobsGrace)
+	p.stopLeases()
 
 	p.mu.Lock()
 	p.hooksClosed = true
@@ -476,7 +592,8 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 	}
 }
 
-// run runs one job to its end and records it.
+// run runs one job to its end, or until it is handed over, and records
+// it.
 func (p *jobPool) run(j *job) {
 	defer p.wg.Done()
 	defer p.release()
@@ -495,33 +612,70 @@ func (p *jobPool) run(j *job) {
 	}
 	ctx, cancel := context.WithDeadline(p.ctx, j.rec.ExpiresAt)
 	defer cancel()
+	if j.lease != nil {
+		// Another instance took the job over: this one stops at once.
+		ctx = j.lease.watch(ctx)
+	}
 	started := now()
-	rn.ctx = context.WithValue(ctx, batchCtxKey, rn.b)
-	rn.results = make([]result, len(rn.b.ops))
+	rn.base = ctx
+	if j.resumable() {
+		rn.handover = &p.draining
+	}
+	if rn.b == nil { // until its operations are loaded
+		rn.b = &batch{format: formatNamed(j.rec.Format), mode: j.spec.Mode, atomicity: j.spec.Atomicity}
+	}
+	if h.storage.Exists(ctx, jobKey(j.rec.ID, "cancel")) {
+		rn.canceled.Store(true) // while it waited for an instance
+	}
 	// Storage writes outlive a shutdown's cancel: the record must say how
 	// the job ended.
 	store := context.WithoutCancel(ctx)
 
 	j.mu.Lock()
 	j.rec.Status, j.rec.UpdatedAt = jobRunning, &started
+	if j.rec.StartedAt == nil {
+		j.rec.StartedAt = &started
+	}
+	resumed := j.rec.Completed > 0
 	j.mu.Unlock()
 	if err := j.save(store); err != nil {
 		h.logger.Error("storing async batch", zap.String("id", j.rec.ID), zap.Error(err))
 	}
 	h.metrics.jobs.WithLabelValues(jobRunning).Inc()
-	h.logger.Info("async batch started", zap.String("id", j.rec.ID), zap.Int("operations", len(rn.b.ops)))
+	h.logger.Info("async batch started", zap.String("id", j.rec.ID), zap.Int("operations", j.rec.Total),
+		zap.Bool("resumed", resumed), zap.Int("from", j.rec.Completed))
 
 	stopWatch := j.watchCancel(ctx, rn)
 	sink := &storeSink{j: j, rn: rn, ctx: store, stop: ctx}
-	sum := rn.execute(sink)
+	err := sink.resume()
+	if err == nil {
+		err = j.runChunks(ctx, rn, sink)
+	}
+	sink.close(summary{})
 	stopWatch()
+
+	switch {
+	case j.lease != nil && j.lease.lost():
+		// Another instance runs it now, and records it: nothing more is
+		// this one's to say.
+		h.logger.Warn("async batch taken over by another instance", zap.String("id", j.rec.ID))
+		p.forget(j)
+		return
+	case j.resumable() && p.draining.Load() && sink.err == nil && sink.stored < j.rec.Total &&
+		!rn.canceled.Load() && (err == nil || ctx.Err() != nil):
+		p.handOff(j, store)
+		return
+	}
 
 	// A new variable: readers hold pointers to the last one.
 	ended := now()
 	j.mu.Lock()
-	j.rec.Outcome, j.rec.UpdatedAt, j.rec.CompletedAt = sum.status, &ended, &ended
+	j.rec.UpdatedAt, j.rec.CompletedAt = &ended, &ended
+	j.rec.Rate, j.rec.EstimatedCompletionAt = 0, nil
 	j.rec.Unstored = j.rec.Completed - sink.stored
 	switch {
+	case err != nil:
+		j.rec.Status, j.rec.Error = jobError, cut(err.Error(), maxEcho*4)
 	case sink.err != nil:
 		j.rec.Status, j.rec.Error = jobError, "storing results: "+sink.err.Error()
 	case errors.Is(context.Cause(ctx), errInterrupted):
@@ -531,21 +685,120 @@ func (p *jobPool) run(j *job) {
 	default:
 		j.rec.Status = jobCompleted
 	}
+	sum := j.summary(rn)
+	j.rec.Outcome = sum.status
 	// Counted before any reader can see the job ended.
 	h.metrics.jobs.WithLabelValues(j.rec.Status).Inc()
 	rec := j.rec
 	j.rn = nil
 	j.mu.Unlock()
+	rn.recordBatch(sum, ended.Sub(*rec.StartedAt))
+	rn.logBatch(sum, ended.Sub(*rec.StartedAt))
 	if err := j.save(store); err != nil {
 		h.logger.Error("storing the end of an async batch; retrying", zap.String("id", rec.ID), zap.Error(err))
 		p.wg.Add(1)
 		go p.saveLater(j)
 	} else {
-		p.forget(j)
+		p.ended(j)
 	}
 	h.logger.Info("async batch ended", zap.String("id", rec.ID), zap.String("status", rec.Status),
 		zap.String("outcome", rec.Outcome), zap.String("error", rec.Error))
 	h.notify(p, rec.Status, rec.progress)
+}
+
+// runChunks runs the job's operations chunk by chunk, from the first
+// without a stored result, until all have run or the job is handed over.
+func (j *job) runChunks(ctx context.Context, rn *runner, sink *storeSink) error {
+	spec := j.spec
+	done := sink.stored
+	for c := chunkOf(spec.Starts, done); c < len(spec.Starts); c++ {
+		first := spec.Starts[c]
+		b, err := j.h.loadChunk(ctx, spec, j.rec.ID, j.rec.Format, c, first)
+		if err != nil {
+			return err
+		}
+		rn.start(b)
+		from := max(done-first, 0)
+		if from > 0 {
+			if err := j.h.loadEarlier(ctx, j.rec, rn, first, from); err != nil {
+				return err
+			}
+		}
+		if j.rec.Stopped != "" && rn.stoppedBy == "" {
+			rn.stoppedBy = j.rec.Stopped
+			for i, op := range b.ops[:from] {
+				if op.id == j.rec.Stopped {
+					rn.stoppedAt = i
+				}
+			}
+		}
+		rn.runFrom(sink, from)
+		if rn.out.hold && rn.handedOver() {
+			// Held results may still change: where the job resumes, these
+			// operations run again, and nothing of them is stored here.
+			return nil
+		}
+		rn.out.flush()
+		rn.recordOps(from)
+		if sink.halted || sink.err != nil || rn.out.next < len(b.ops) {
+			return nil // handed over, or cut off: what has run is stored
+		}
+	}
+	return nil
+}
+
+// chunkOf returns the chunk that holds operation i.
+func chunkOf(starts []int, i int) int {
+	c, _ := slices.BinarySearch(starts, i+1)
+	return max(c-1, 0)
+}
+
+// summary is what the job's operations came to, counted as stored.
+func (j *job) summary(rn *runner) summary {
+	r := &j.rec
+	s := summary{total: r.Total, succeeded: r.Succeeded, failed: r.Failed, skipped: r.Skipped}
+	switch {
+	case rn.rollbackFailed.Load():
+		s.status = statusRollbackFailed
+	case rn.stoppedBy != "" && rn.b.atomicity == atomicAllOrNothing:
+		s.status = statusRolledBack
+	case rn.stoppedBy != "":
+		s.status = statusAborted
+	case r.Completed == r.Succeeded && r.Completed == r.Total:
+		s.status = statusCompleted
+	default:
+		s.status = statusCompletedWithErrors
+	}
+	return s
+}
+
+// handOff leaves a job that has not ended to the instance that resumes it:
+// its record says how far it is, and its lease is released at once.
+func (p *jobPool) handOff(j *job, ctx context.Context) {
+	t := now()
+	j.mu.Lock()
+	j.rec.Status, j.rec.UpdatedAt = jobQueued, &t
+	j.rec.Rate, j.rec.EstimatedCompletionAt = 0, nil
+	j.mu.Unlock()
+	if err := j.save(ctx); err != nil {
+		// The lease then expires, and the job resumes from the last part
+		// of results the record counts.
+		j.h.logger.Error("storing an async batch handed over", zap.String("id", j.rec.ID), zap.Error(err))
+	}
+	if j.lease != nil {
+		j.lease.release(ctx)
+	}
+	p.forget(j)
+	j.h.logger.Info("async batch handed over", zap.String("id", j.rec.ID), zap.Int("completed", j.rec.Completed))
+}
+
+// ended drops a job whose end is stored.
+func (p *jobPool) ended(j *job) {
+	if j.lease != nil {
+		j.lease.release(context.Background())
+	}
+	j.h.deactivate(j.rec.ID)
+	p.forget(j)
 }
 
 // expire ends a job that expired before it started: it does not run, and
@@ -558,9 +811,9 @@ func (p *jobPool) expire(j *job) {
 	rec := j.rec
 	j.rn = nil
 	j.mu.Unlock()
-	p.forget(j)
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
+	p.ended(j)
 	if err := deleteTree(ctx, h.storage, jobKey(rec.ID)); err != nil {
 		h.logger.Warn("deleting expired batch job", zap.String("id", rec.ID), zap.Error(err))
 	}
@@ -574,12 +827,12 @@ func (p *jobPool) expire(j *job) {
 // stays in memory till then.
 func (p *jobPool) saveLater(j *job) {
 	defer p.wg.Done()
-	defer p.forget(j)
 	wait := storeRetry
 	for {
 		left := j.rec.ExpiresAt.Sub(now())
 		if left <= 0 {
 			j.h.logger.Error("async batch expired before its end could be stored", zap.String("id", j.rec.ID))
+			p.ended(j)
 			return
 		}
 		last := !sleepCtx(p.ctx, min(wait, left))
@@ -588,10 +841,14 @@ func (p *jobPool) saveLater(j *job) {
 		cancel()
 		if err == nil {
 			j.h.logger.Info("stored the end of an async batch", zap.String("id", j.rec.ID))
+			p.ended(j)
 			return
 		}
 		if last {
+			// Its lease then expires, and the instance that takes it over
+			// finds it where its last stored record says.
 			j.h.logger.Error("storing the end of an async batch: giving up at shutdown", zap.String("id", j.rec.ID), zap.Error(err))
+			p.forget(j)
 			return
 		}
 		wait = min(2*wait, time.Minute)
@@ -622,119 +879,6 @@ func (j *job) watchCancel(ctx context.Context, rn *runner) (stop func()) {
 
 // cancelPoll is how often a running job looks for a cancel request.
 var cancelPoll = time.Second
-
-// storeSink writes a job's results to storage in parts, and its progress
-// after each. Once storage refuses a part, it stores nothing more, and the
-// job skips the operations it has not started: their results could not be
-// recorded.
-type storeSink struct {
-	j    *job
-	rn   *runner
-	ctx  context.Context // of writes: outlives the job's end
-	stop context.Context // the job's: ends retries
-	buf  []byte
-
-	inBuf  int // results in buf
-	n      int // results of the chunk so far, in its stored parts and buf
-	chunk  int
-	part   int // of the chunk, the next to store
-	stored int // results in storage
-	err    error
-	enc    []byte // the result being put
-
-	lastProgress time.Time
-}
-
-func (s *storeSink) put(_ int, op *operation, res *result) {
-	s.enc = appendResult(s.enc[:0], -1, op, res, s.rn.b.lean)
-	enc := s.enc
-	s.j.mu.Lock()
-	s.j.rec.Completed++
-	switch outcomeOf(res) {
-	case outcomeSucceeded:
-		s.j.rec.Succeeded++
-	case outcomeSkipped:
-		s.j.rec.Skipped++
-	default:
-		s.j.rec.Failed++
-	}
-	s.j.mu.Unlock()
-	if s.err != nil {
-		return
-	}
-	if s.inBuf > 0 && len(s.buf)+1+len(enc) > partSize {
-		if s.flush(false); s.err != nil {
-			return
-		}
-	}
-	if s.inBuf > 0 {
-		s.buf = append(s.buf, ',')
-	}
-	s.buf = append(s.buf, enc...)
-	s.inBuf++
-	s.n++
-	if s.n == resultsPerChunk {
-		s.flush(true)
-	} else if len(s.buf) >= partSize {
-		s.flush(false)
-	}
-}
-
-// flush stores the buffered results as the chunk's next part; end moves
-// on to the next chunk.
-func (s *storeSink) flush(end bool) {
-	if s.inBuf > 0 && s.err == nil {
-		if err := s.store(partKey(s.j.rec.ID, s.chunk, s.part), s.buf); err != nil {
-			s.err = err
-			why := "skipped: results could not be stored: " + err.Error()
-			s.rn.unrecorded.Store(&why)
-			s.buf = nil
-			return
-		}
-		s.stored += s.inBuf
-		s.inBuf = 0
-		s.part++
-		if cap(s.buf) > 2*partSize {
-			s.buf = nil // one large answer does not keep its buffer for the job's life
-		} else {
-			s.buf = s.buf[:0]
-		}
-		s.progress()
-	}
-	if end {
-		s.chunk, s.part, s.n = s.chunk+1, 0, 0
-	}
-}
-
-// store writes a part, trying again while the job goes on.
-func (s *storeSink) store(key string, val []byte) error {
-	wait := storeRetry
-	for attempt := 1; ; attempt++ {
-		err := s.j.h.storage.Store(s.ctx, key, val)
-		if err == nil || attempt == storeAttempts || !sleepCtx(s.stop, wait) {
-			return err
-		}
-		wait *= 2
-	}
-}
-
-// progress records how far the job is, and tells the webhook if asked.
-func (s *storeSink) progress() {
-	t := now()
-	s.j.mu.Lock()
-	s.j.rec.UpdatedAt = &t
-	s.j.mu.Unlock()
-	if err := s.j.save(s.ctx); err != nil {
-		// Not fatal: the results are stored, and the end is retried.
-		s.j.h.logger.Warn("storing async batch progress", zap.String("id", s.j.rec.ID), zap.Error(err))
-	}
-	if wh := s.j.h.Async.Webhook; wh != nil && wh.wants("progress") && t.Sub(s.lastProgress) >= time.Duration(wh.ProgressInterval) {
-		s.lastProgress = t
-		s.j.h.notify(s.j.h.pool, "progress", s.j.snapshot().progress)
-	}
-}
-
-func (s *storeSink) close(summary) { s.flush(true) }
 
 // errBadRecord marks a stored record (a job's, an idempotent answer's)
 // that cannot be read: it is replaced or swept, never trusted.

@@ -227,7 +227,7 @@ func TestAsyncJobDeadlineIsExpiry(t *testing.T) {
 	j.mu.Lock()
 	rn := j.rn
 	j.mu.Unlock()
-	if d, ok := rn.ctx.Deadline(); !ok || !d.Equal(j.snapshot().ExpiresAt) {
+	if d, ok := rn.base.Deadline(); !ok || !d.Equal(j.snapshot().ExpiresAt) {
 		t.Errorf("job's deadline %v, its expiry %v", d, j.snapshot().ExpiresAt)
 	}
 }
@@ -384,9 +384,12 @@ func TestAsyncSurvivesReload(t *testing.T) {
 	}
 }
 
-// Shutdown interrupts a running job: it ends "error"/"interrupted", keeps
-// the results it has, and a restarted instance serves them.
+// A job whose operations inherit credentials, with no credentials_key to
+// store them, runs only where it was taken: a shutdown lets it run on for
+// the grace, then ends it "error"/"interrupted" with the results it has,
+// which a restarted instance serves.
 func TestAsyncInterruptedByShutdown(t *testing.T) {
+	setVar(t, &jobsGrace, 200*time.Millisecond)
 	be := newBackend(t)
 	storage := t.TempDir()
 	port := freePort(t)
@@ -394,7 +397,7 @@ func TestAsyncInterruptedByShutdown(t *testing.T) {
 	base := loadCaddy(t, cfgJSON, port)
 	var ops []string
 	for i := range 20 {
-		ops = append(ops, fmt.Sprintf(`{"path":"/slow?id=s%d&d=30ms"}`, i))
+		ops = append(ops, fmt.Sprintf(`{"path":"/slow?id=s%d&d=50ms"}`, i))
 	}
 	_, _, body := send(t, "POST", base+"/batch", "["+strings.Join(ops, ",")+"]", alice, "Prefer: respond-async")
 	id := mustJSON(t, body).Get("id").String()
@@ -413,6 +416,64 @@ func TestAsyncInterruptedByShutdown(t *testing.T) {
 	res := mustJSON(t, body)
 	if res.Get("results.0.status").Int() != 200 || res.Get("results.19.status").Int() != 503 {
 		t.Errorf("results kept after interruption: %.400s", body)
+	}
+}
+
+// testKey is a credentials_key for tests.
+const testKey = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=" // base64 of 32 bytes
+
+// A graceful restart of a lone instance hands its jobs over to itself: the
+// job resumes where it was, each operation runs once, and those after the
+// restart still carry the submitter's credentials and their idempotency
+// key.
+func TestAsyncResumesAfterRestart(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	port := freePort(t)
+	cfgJSON := adapt(t, testCaddyfile(storage, port, "", proxySite(be, `{
+		async {
+			credentials_key `+testKey+`
+			lease 1s
+		}
+	}`)))
+	base := loadCaddy(t, cfgJSON, port)
+	var ops []string
+	for i := range 30 {
+		ops = append(ops, fmt.Sprintf(`{"id":"r%d","path":"/slow?id=r%d&d=30ms"}`, i, i))
+	}
+	id := submitJob(t, base+"/batch", "["+strings.Join(ops, ",")+"]")
+	eventually(t, 10*time.Second, "a few operations run", func() bool { return len(be.eventLog()) >= 8 })
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	stoppedAt := len(be.requests())
+	base = loadCaddy(t, cfgJSON, port)
+	p := waitJob(t, base+"/batch/"+id, alice, "completed", "error")
+	if p.Get("status").String() != "completed" || p.Get("succeeded").Int() != 30 {
+		t.Fatalf("job after a restart: %s", p.Raw)
+	}
+	counts := map[string]int{}
+	for _, e := range be.eventLog() {
+		counts[e]++
+	}
+	for i := range 30 {
+		if n := counts[fmt.Sprintf("start r%d", i)]; n != 1 {
+			t.Errorf("operation r%d ran %d times across a graceful restart", i, n)
+		}
+	}
+	reqs := be.requests()
+	if stoppedAt == 0 || stoppedAt >= len(reqs) {
+		t.Fatalf("%d operations before the restart, %d in all: the restart did not fall mid-job", stoppedAt, len(reqs))
+	}
+	for _, r := range reqs[stoppedAt:] {
+		opID := strings.TrimPrefix(strings.SplitN(r.Path, "&", 2)[0], "/slow?id=")
+		if r.Header.Get("Authorization") != strings.TrimPrefix(alice, "Authorization: ") || r.Header.Get("Idempotency-Key") != id+"."+opID {
+			t.Errorf("resumed operation %s sent with Authorization %q, Idempotency-Key %q", r.Path, r.Header.Get("Authorization"), r.Header.Get("Idempotency-Key"))
+		}
+	}
+	_, _, body := send(t, "GET", base+"/batch/"+id+"/results", "", alice)
+	if res := mustJSON(t, body).Get("results"); len(res.Array()) != 30 || res.Get("29.id").String() != "r29" || res.Get("29.status").Int() != 200 {
+		t.Errorf("results across a restart: %.300s", body)
 	}
 }
 

@@ -90,17 +90,29 @@ func statusClass(status int) string {
 
 // record counts the batch in the metrics.
 func (rn *runner) record(sum summary, took time.Duration) {
+	rn.recordOps(0)
+	rn.recordBatch(sum, took)
+}
+
+// recordBatch counts a batch, or a job, once it has ended.
+func (rn *runner) recordBatch(sum summary, took time.Duration) {
 	m := rn.h.metrics
 	m.batches.WithLabelValues(rn.b.mode, sum.status).Inc()
-	m.size.Observe(float64(len(rn.results)))
+	m.size.Observe(float64(sum.total))
 	m.duration.WithLabelValues(rn.b.mode).Observe(took.Seconds())
+}
+
+// recordOps counts the operations rn ran, from index from on.
+func (rn *runner) recordOps(from int) {
 	var classes [6]int
-	for i := range rn.results {
-		classes[min(rn.results[i].status/100, 5)]++
+	for i := from; i < len(rn.results); i++ {
+		if s := rn.results[i].status; s != 0 { // 0: not run, handed over
+			classes[min(s/100, 5)]++
+		}
 	}
 	for c, n := range classes {
 		if n > 0 {
-			m.operations.WithLabelValues(statusClass(c * 100)).Add(float64(n))
+			rn.h.metrics.operations.WithLabelValues(statusClass(c * 100)).Add(float64(n))
 		}
 	}
 }

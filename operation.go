@@ -123,6 +123,9 @@ type limits struct {
 	// serviceRoot is what absolute paths of JSON and multipart batches
 	// resolve against: "" for the directory of the batch path.
 	serviceRoot string
+	// firstID is the default id of the first operation: a chunk of a
+	// streamed job numbers its operations on from those before it.
+	firstID int
 }
 
 // maxFaults bounds the faults listed, so that a small batch cannot make a
@@ -165,7 +168,7 @@ func (p *parser) alloc(b *batch, n int) {
 	b.ops = make([]*operation, 0, n)
 	p.ops = make([]operation, n+1)
 	p.urls = make([]url.URL, n+1)
-	if n > 100 {
+	if n > 100 && p.lim.firstID == 0 {
 		p.ids = indexIDs(n)
 	}
 }
@@ -223,6 +226,9 @@ func (p *parser) newURL() *url.URL {
 
 // defaultID returns the id of the operation at index i that gives none.
 func (p *parser) defaultID(i int) string {
+	if p.lim.firstID > 0 {
+		return strconv.Itoa(p.lim.firstID + i)
+	}
 	if i >= 0 && i < len(p.ids) {
 		return p.ids[i]
 	}

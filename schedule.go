@@ -33,11 +33,20 @@ type runner struct {
 	srv       *caddyhttp.Server
 	conn      connFacts
 	ctx       context.Context // ends with the batch: timeout, client gone, shutdown
+	base      context.Context // ctx without the batch it runs
 	timeout   time.Duration   // what bounds ctx, for messages
 	inherited http.Header     // headers every operation starts from
 	results   []result
 	out       *emitter
 	stoppedAt int // index of the op that stopped the batch, or -1
+	// stoppedBy is the id of the operation that stopped the batch; a job
+	// carries it from the part of its operations that stopped into those
+	// after.
+	stoppedBy string
+	// handover, set for a job that another instance can resume, stops it
+	// at the next operation it would start once true: the instance is
+	// shutting down, and hands the rest over.
+	handover *atomic.Bool
 	// rollbackFailed is set when a rollback failed.
 	rollbackFailed atomic.Bool
 	// groupFailed holds, for each atomicity group, the index of the
@@ -57,6 +66,9 @@ type runner struct {
 	logs []*zap.Logger
 	// refs is what filling in references may still cost.
 	refs refBudget
+	// opKey is the header that carries each operation's idempotency key,
+	// "<batch id>.<op id>", unless the operation has its own; "" for none.
+	opKey string
 }
 
 func (h *Handler) newRunner(ctx context.Context, timeout time.Duration, r *http.Request, next caddyhttp.Handler, srv *caddyhttp.Server, b *batch) *runner {
@@ -67,12 +79,11 @@ func (h *Handler) newRunner(ctx context.Context, timeout time.Duration, r *http.
 		next:      next,
 		srv:       srv,
 		conn:      connFactsOf(r),
-		ctx:       context.WithValue(ctx, batchCtxKey, b),
+		base:      ctx,
 		timeout:   timeout,
 		inherited: h.inheritedHeaders(r.Header),
-		results:   make([]result, len(b.ops)),
-		stoppedAt: -1,
 	}
+	rn.start(b)
 	rn.refs.reset(h.MaxReferenceSize)
 	if srv != nil {
 		rn.logs = rn.accessLoggers()
@@ -81,38 +92,38 @@ func (h *Handler) newRunner(ctx context.Context, timeout time.Duration, r *http.
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
 		repl.Set("http.batch.id", rn.id)
 	}
+	return rn
+}
+
+// start makes b the operations the runner runs next: a whole batch, or a
+// part of a job's operations.
+func (rn *runner) start(b *batch) {
+	rn.b = b
+	rn.ctx = context.WithValue(rn.base, batchCtxKey, b)
+	rn.results = make([]result, len(b.ops))
+	rn.stoppedAt = -1
+	rn.groupFailed = nil
 	if len(b.groups) > 0 {
 		rn.groupFailed = make([]int, len(b.groups))
 		for g := range rn.groupFailed {
 			rn.groupFailed[g] = -1
 		}
 	}
-	return rn
 }
 
 // execute runs the batch, writing its results to out, and logs it.
 func (rn *runner) execute(out sink) summary {
 	start := time.Now()
-	b := rn.b
-	rn.out = newEmitter(out, b, rn.results)
-	// Under all_or_nothing, and in an atomicity group, a later failure
-	// changes earlier results.
-	rn.out.hold = b.atomicity == atomicAllOrNothing || len(b.groups) > 0
-
-	if b.mode == modeParallel && len(b.ops) > 1 {
-		rn.runParallel()
-	} else {
-		rn.runSequential()
-	}
-	if b.atomicity == atomicAllOrNothing && rn.stoppedAt >= 0 {
-		rn.rollBack()
-	}
-	if rn.stopRollbacks != nil {
-		rn.stopRollbacks()
-	}
+	rn.runFrom(out, 0)
 	sum := rn.out.finish(rn.summary())
 	rn.record(sum, time.Since(start))
+	rn.logBatch(sum, time.Since(start))
+	return sum
+}
 
+// logBatch writes the line of a batch, or a job, that has ended.
+func (rn *runner) logBatch(sum summary, took time.Duration) {
+	b := rn.b
 	format := "native"
 	if b.format != nil {
 		format = b.format.name()
@@ -120,24 +131,65 @@ func (rn *runner) execute(out sink) summary {
 	rn.h.logger.Info("batch",
 		zap.String("id", rn.id),
 		zap.String("format", format),
-		zap.Int("operations", len(b.ops)),
+		zap.Int("operations", sum.total),
 		zap.String("mode", b.mode),
 		zap.String("atomicity", b.atomicity),
-		zap.Duration("duration", time.Since(start)),
+		zap.Duration("duration", took),
 		zap.String("status", sum.status),
 		zap.Int("succeeded", sum.succeeded),
 		zap.Int("failed", sum.failed),
 		zap.Int("skipped", sum.skipped),
 	)
-	return sum
+}
+
+// runFrom runs the operations of rn.b from index from, those before it
+// having their results already, and passes the results to out as they are
+// final; it does not close out.
+func (rn *runner) runFrom(out sink, from int) {
+	b := rn.b
+	rn.out = newEmitter(out, b, rn.results)
+	rn.out.next = from
+	for i := range from {
+		rn.out.done[i] = true
+	}
+	// Under all_or_nothing, and in an atomicity group, a later failure
+	// changes earlier results.
+	rn.out.hold = b.atomicity == atomicAllOrNothing || len(b.groups) > 0
+
+	if b.mode == modeParallel && len(b.ops)-from > 1 {
+		rn.runParallel(from)
+	} else {
+		rn.runSequential(from)
+	}
+	if b.atomicity == atomicAllOrNothing && rn.stoppedAt >= 0 {
+		rn.rollBack()
+	}
+	if rn.stopRollbacks != nil {
+		rn.stopRollbacks()
+	}
+}
+
+// handingOver reports whether no more operations start, as the job is
+// handed over. Held results are not handed over: what they would undo
+// lives only here, so such operations run on to the end or the grace.
+func (rn *runner) handingOver() bool {
+	return rn.handover != nil && rn.handover.Load() && !rn.out.hold
+}
+
+// handedOver reports whether a shutdown cut off a job another instance
+// resumes: what its operations were cut off from is theirs to finish,
+// and nothing is rolled back.
+func (rn *runner) handedOver() bool {
+	return rn.handover != nil && errors.Is(context.Cause(rn.ctx), errInterrupted)
 }
 
 // runSequential runs the operations in array order in the request's own
 // goroutine.
-func (rn *runner) runSequential() {
+func (rn *runner) runSequential(from int) {
 	clk := rn.newClock(rn.ctx)
 	defer clk.stop()
-	for i, op := range rn.b.ops {
+	for i := from; i < len(rn.b.ops) && !rn.handingOver(); i++ {
+		op := rn.b.ops[i]
 		rn.results[i] = rn.runOne(op, clk)
 		w := rn.results[i].w
 		rn.results[i].w = nil
@@ -147,28 +199,28 @@ func (rn *runner) runSequential() {
 }
 
 // runParallel runs operations on a pool of concurrency workers.
-func (rn *runner) runParallel() {
-	n := len(rn.b.ops)
-	workers := min(rn.h.Concurrency, n)
+func (rn *runner) runParallel(from int) {
+	workers := min(rn.h.Concurrency, len(rn.b.ops)-from)
 	if !slices.ContainsFunc(rn.b.ops, func(op *operation) bool { return len(op.deps) > 0 }) {
-		rn.runIndependent(workers)
+		rn.runIndependent(workers, from)
 		return
 	}
-	rn.runGraph(workers)
+	rn.runGraph(workers, from)
 }
 
 // runIndependent runs operations that wait for none: each worker takes the
 // next index, in array order, and passes its result to the emitter itself,
 // under a lock, so that an operation costs no hand-off between goroutines.
-func (rn *runner) runIndependent(workers int) {
+func (rn *runner) runIndependent(workers, from int) {
 	var next atomic.Int64
+	next.Store(int64(from))
 	var mu sync.Mutex // the emitter's, and the results'
 	var wg sync.WaitGroup
 	for range workers {
 		wg.Go(func() {
 			clk := rn.newClock(rn.ctx)
 			defer clk.stop()
-			for {
+			for !rn.handingOver() {
 				i := int(next.Add(1) - 1)
 				if i >= len(rn.b.ops) {
 					return
@@ -189,7 +241,7 @@ func (rn *runner) runIndependent(workers int) {
 
 // runGraph runs operations with dependencies on a pool of workers; this
 // goroutine alone schedules and emits, so results need no lock.
-func (rn *runner) runGraph(workers int) {
+func (rn *runner) runGraph(workers, from int) {
 	n := len(rn.b.ops)
 	jobs := make(chan int)
 	done := make(chan int, workers) // never blocks a worker: at most workers in flight
@@ -207,24 +259,30 @@ func (rn *runner) runGraph(workers int) {
 
 	// pending counts unfinished dependencies; ready holds runnable indexes
 	// in array order, so that with no dependencies ops start in order.
+	// Operations before from have finished.
 	pending := make([]int, n)
 	dependents := make([][]int, n)
 	ready := make([]int, 0, n)
-	for i, op := range rn.b.ops {
-		pending[i] = len(op.deps)
-		for _, d := range op.deps {
-			dependents[d] = append(dependents[d], i)
+	for i := from; i < n; i++ {
+		for _, d := range rn.b.ops[i].deps {
+			if d >= from {
+				pending[i]++
+				dependents[d] = append(dependents[d], i)
+			}
 		}
 		if pending[i] == 0 {
 			ready = append(ready, i)
 		}
 	}
-	inFlight, finished := 0, 0
+	inFlight, finished := 0, from
 	for finished < n {
-		for inFlight < workers && len(ready) > 0 {
+		for inFlight < workers && len(ready) > 0 && !rn.handingOver() {
 			jobs <- ready[0]
 			ready = ready[1:]
 			inFlight++
+		}
+		if inFlight == 0 {
+			return // handed over
 		}
 		i := <-done
 		inFlight--
@@ -245,7 +303,7 @@ func (rn *runner) runGraph(workers int) {
 func (rn *runner) runOne(op *operation, clk *opClock) result {
 	res := rn.decide(op, clk)
 	if rn.b.atomicity != atomicNone && rn.stoppedAt < 0 && failed(&res) {
-		rn.stoppedAt = op.index
+		rn.stoppedAt, rn.stoppedBy = op.index, op.id
 	}
 	if op.group != 0 && failed(&res) && rn.groupFailed[op.group-1] < 0 {
 		// The group's operations run in order (each depends on the one
@@ -267,8 +325,8 @@ func (rn *runner) decide(op *operation, clk *opClock) result {
 	if why := rn.unrecorded.Load(); why != nil {
 		return result{status: statusSkipped, err: *why}
 	}
-	if rn.stoppedAt >= 0 {
-		return result{status: statusSkipped, err: "skipped: batch stopped at op " + rn.b.ops[rn.stoppedAt].id}
+	if rn.stoppedBy != "" {
+		return result{status: statusSkipped, err: "skipped: batch stopped at op " + rn.stoppedBy}
 	}
 	if g := op.group - 1; g >= 0 && rn.groupFailed[g] >= 0 {
 		return result{status: statusSkipped, err: fmt.Sprintf("skipped: atomicity group %s failed at op %s", rn.b.groups[g].name, rn.b.ops[rn.groupFailed[g]].id)}
@@ -300,6 +358,9 @@ func (rn *runner) rollBack() {
 // even if the batch timed out or the client left, within the budget all
 // rollbacks of the batch share.
 func (rn *runner) rollBackOps(from, to int) {
+	if rn.handedOver() {
+		return
+	}
 	rn.rollbacksOnce.Do(func() {
 		rn.rollbacks, rn.stopRollbacks = context.WithTimeoutCause(context.WithoutCancel(rn.ctx), time.Duration(rn.h.Timeout), errRollbackTimeout)
 	})

@@ -290,6 +290,11 @@ func (rn *runner) newRequest(ctx context.Context, op *operation, w http.Response
 	for k, v := range op.header {
 		req.Header[k] = v[:len(v):len(v)]
 	}
+	if rn.opKey != "" {
+		if _, own := op.header[rn.opKey]; !own {
+			req.Header[rn.opKey] = []string{rn.id + "." + op.id}
+		}
+	}
 	if op.body != nil {
 		body := op.body
 		req.ContentLength = int64(len(body))

@@ -1,0 +1,231 @@
+package batch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// checkpointEvery is how long results may wait in memory before they are
+// stored with the part they belong to: what a crash makes an instance send
+// again is what was in flight and what finished this long before it.
+// A variable, so that tests may shorten it.
+var checkpointEvery = time.Second
+
+// storeSink writes a job's results to storage in parts, and its record
+// after each write: the record counts the results stored, which is where
+// a resumed job goes on. Once storage refuses a part, it stores nothing
+// more, and the job skips the operations it has not started: their results
+// could not be recorded.
+type storeSink struct {
+	j    *job
+	rn   *runner
+	ctx  context.Context // of writes: outlives the job's end
+	stop context.Context // the job's: ends retries
+	buf  []byte          // the results of the current part
+
+	inBuf   int // results in buf
+	written int // of them, those stored
+	n       int // results of the chunk so far, in its stored parts and buf
+	chunk   int
+	part    int // of the chunk, the one buf holds
+	stored  int // results in storage
+	err     error
+	enc     []byte // the result being put
+	// halted is set at the first result a shutdown cut off, of a job that
+	// is handed over: that operation runs again where the job resumes,
+	// and what follows it too.
+	halted bool
+
+	lastWrite    time.Time
+	lastProgress time.Time
+	rate         rateMeter
+}
+
+// resume takes up where the stored record says the job is: the results it
+// counts are stored, and those of the chunk they end in are read back into
+// the part they end in.
+func (s *storeSink) resume() error {
+	rec := s.j.snapshot()
+	s.stored = rec.Completed - rec.Unstored
+	s.chunk, s.n = s.stored/resultsPerChunk, s.stored%resultsPerChunk
+	s.lastWrite = now()
+	s.rate.add(s.lastWrite, s.stored)
+	for need := s.n; need > 0; s.part++ {
+		buf, err := s.j.h.storage.Load(s.stop, partKey(rec.ID, s.chunk, s.part))
+		if err != nil {
+			return fmt.Errorf("loading the results to resume from: chunk %d part %d: %w", s.chunk, s.part, err)
+		}
+		items := splitResults(buf)
+		if len(items) < need {
+			need -= len(items)
+			continue
+		}
+		// The last part the record counts: it goes on in buf.
+		for _, item := range items[:need] {
+			if s.inBuf > 0 {
+				s.buf = append(s.buf, ',')
+			}
+			s.buf = append(s.buf, item...)
+			s.inBuf++
+		}
+		s.written = s.inBuf
+		return nil
+	}
+	return nil
+}
+
+func (s *storeSink) put(_ int, op *operation, res *result) {
+	if s.halted || res.cut && s.j.resumable() && errors.Is(context.Cause(s.stop), errInterrupted) {
+		s.halted = true
+		return
+	}
+	s.enc = appendResult(s.enc[:0], -1, op, res, s.rn.b.lean)
+	enc := s.enc
+	s.j.mu.Lock()
+	s.j.rec.Completed++
+	switch outcomeOf(res) {
+	case outcomeSucceeded:
+		s.j.rec.Succeeded++
+	case outcomeSkipped:
+		s.j.rec.Skipped++
+	default:
+		s.j.rec.Failed++
+	}
+	s.j.rec.Stopped = s.rn.stoppedBy
+	s.j.mu.Unlock()
+	if s.err != nil {
+		return
+	}
+	if s.inBuf > 0 && len(s.buf)+1+len(enc) > partSize {
+		if s.write(true); s.err != nil {
+			return
+		}
+	}
+	if s.inBuf > 0 {
+		s.buf = append(s.buf, ',')
+	}
+	s.buf = append(s.buf, enc...)
+	s.inBuf++
+	s.n++
+	switch {
+	case s.n == resultsPerChunk:
+		s.write(true)
+		s.chunk, s.part, s.n = s.chunk+1, 0, 0
+	case len(s.buf) >= partSize:
+		s.write(true)
+	case now().Sub(s.lastWrite) >= checkpointEvery:
+		s.write(false)
+	}
+}
+
+// write stores the results of buf not yet stored, as the current part;
+// next then starts the next part.
+func (s *storeSink) write(next bool) {
+	if s.err == nil && s.inBuf > s.written {
+		if err := s.store(partKey(s.j.rec.ID, s.chunk, s.part), s.buf); err != nil {
+			s.err = err
+			why := "skipped: results could not be stored: " + err.Error()
+			s.rn.unrecorded.Store(&why)
+			s.buf = nil
+			return
+		}
+		s.stored += s.inBuf - s.written
+		s.written = s.inBuf
+		s.lastWrite = now()
+		s.progress()
+	}
+	if next && s.inBuf > 0 {
+		s.part++
+		s.inBuf, s.written = 0, 0
+		if cap(s.buf) > 2*partSize {
+			s.buf = nil // one large answer does not keep its buffer for the job's life
+		} else {
+			s.buf = s.buf[:0]
+		}
+	}
+}
+
+// store writes a part, trying again while the job goes on.
+func (s *storeSink) store(key string, val []byte) error {
+	wait := storeRetry
+	for attempt := 1; ; attempt++ {
+		err := s.j.h.storage.Store(s.ctx, key, val)
+		if err == nil || attempt == storeAttempts || !sleepCtx(s.stop, wait) {
+			return err
+		}
+		wait *= 2
+	}
+}
+
+// progress records how far the job is, and tells the webhook if asked.
+func (s *storeSink) progress() {
+	t := now()
+	s.rate.add(t, s.stored)
+	s.j.mu.Lock()
+	s.j.rec.UpdatedAt = &t
+	if r := s.rate.perSecond(); r > 0 {
+		eta := t.Add(time.Duration(float64(s.j.rec.Total-s.stored) / r * float64(time.Second)))
+		s.j.rec.Rate, s.j.rec.EstimatedCompletionAt = r, &eta
+	}
+	s.j.mu.Unlock()
+	if err := s.j.save(s.ctx); err != nil {
+		// Not fatal: the results are stored, and the end is retried.
+		s.j.h.logger.Warn("storing async batch progress", zap.String("id", s.j.rec.ID), zap.Error(err))
+	}
+	if wh := s.j.h.Async.Webhook; wh != nil && wh.wants("progress") && t.Sub(s.lastProgress) >= time.Duration(wh.ProgressInterval) {
+		s.lastProgress = t
+		s.j.h.notify(s.j.h.pool, "progress", s.j.snapshot().progress)
+	}
+}
+
+func (s *storeSink) close(summary) { s.write(true) }
+
+// rateMeter measures a rate over the last minute from samples of a count.
+type rateMeter struct {
+	samples [16]struct {
+		t time.Time
+		n int
+	}
+	next, len int
+}
+
+const rateWindow = time.Minute
+
+// add samples count n at t; samples closer than a sixteenth of the window
+// to the last replace it.
+func (m *rateMeter) add(t time.Time, n int) {
+	if m.len > 1 {
+		last := &m.samples[(m.next+len(m.samples)-1)%len(m.samples)]
+		prev := m.samples[(m.next+len(m.samples)-2)%len(m.samples)]
+		if t.Sub(prev.t) < rateWindow/time.Duration(len(m.samples)) {
+			last.t, last.n = t, n
+			return
+		}
+	}
+	m.samples[m.next].t, m.samples[m.next].n = t, n
+	m.next = (m.next + 1) % len(m.samples)
+	m.len = min(m.len+1, len(m.samples))
+}
+
+// perSecond is the rate between the oldest sample of the last minute and
+// the newest; 0 until they are a second apart.
+func (m *rateMeter) perSecond() float64 {
+	if m.len < 2 {
+		return 0
+	}
+	newest := m.samples[(m.next+len(m.samples)-1)%len(m.samples)]
+	for i := m.len; i > 1; i-- {
+		old := m.samples[(m.next+len(m.samples)-i)%len(m.samples)]
+		if d := newest.t.Sub(old.t); d <= rateWindow+rateWindow/8 {
+			if d < time.Second {
+				return 0
+			}
+			return float64(newest.n-old.n) / d.Seconds()
+		}
+	}
+	return 0
+}
