@@ -51,6 +51,13 @@ func formatOf(ct string, body []byte) format {
 	return native
 }
 
+// isNDJSON reports whether a Content-Type is application/x-ndjson: one
+// operation per line, for async jobs.
+func isNDJSON(ct string) bool {
+	mt, _, _ := strings.Cut(ct, ";")
+	return strings.EqualFold(strings.TrimSpace(mt), "application/x-ndjson")
+}
+
 // isJSONType reports whether a Content-Type is application/json or
 // application/*+json.
 func isJSONType(ct string) bool {

@@ -5,6 +5,7 @@
 package batch
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -23,6 +24,7 @@ import (
 	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/encode/zstd"
 	"github.com/caddyserver/certmagic"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/tidwall/gjson"
 	"go.uber.org/zap"
 )
 
@@ -466,22 +468,36 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		return writeError(w, http.StatusMethodNotAllowed, "batch requests must be POST")
 	}
 	ct := r.Header.Get("Content-Type")
-	if !batchMediaType(ct) {
-		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent with Content-Type: application/json, or multipart/mixed with a boundary")
+	if isNDJSON(ct) {
+		return h.serveStreamed(w, r, next, nil, r.Body, true)
 	}
-	body, status, msg := h.readBody(w, r)
+	if !batchMediaType(ct) {
+		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent with Content-Type: application/json, application/x-ndjson (async), or multipart/mixed with a boundary")
+	}
+	// An async batch over max_body_size is streamed into storage.
+	streamable := h.Async != nil && wantsAsync(r) && isJSONType(ct)
+	body, rest, status, msg := h.readBody(w, r, streamable)
 	if status != 0 {
 		return writeError(w, status, msg)
 	}
 	f := formatOf(ct, body)
+	if rest != nil {
+		if f != native {
+			return f.refuse(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("batch body is larger than %d bytes (only native batches are streamed)", h.MaxBodySize), nil)
+		}
+		return h.serveStreamed(w, r, next, body, rest, false)
+	}
 	b, err := f.decode(r, body, &h.limits)
 	if err != nil {
 		var faults badBatchError
+		var tooMany tooManyOpsError
 		switch {
 		case errors.As(err, &faults):
 			return f.refuse(w, http.StatusBadRequest, "invalid batch", faults)
 		case r.Context().Err() != nil:
 			return nil // the client is gone: nobody reads an answer
+		case errors.As(err, &tooMany) && f == native && h.Async != nil && (wantsAsync(r) || gjson.GetBytes(body, "async").Bool()):
+			return h.serveStreamed(w, r, next, body, http.NoBody, false)
 		}
 		return f.refuse(w, http.StatusRequestEntityTooLarge, err.Error(), nil)
 	}
@@ -491,26 +507,40 @@ func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 }
 
 // readBody reads a batch body of at most max_body_size; a status and a
-// message say why it could not be.
-func (h *Handler) readBody(w http.ResponseWriter, r *http.Request) ([]byte, int, string) {
+// message say why it could not be. When the body may be streamed and is
+// larger, what was read comes back with the rest to read.
+func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, streamable bool) (body []byte, rest io.Reader, status int, msg string) {
 	tooBig := fmt.Sprintf("batch body is larger than %d bytes", h.MaxBodySize)
-	if r.ContentLength > h.MaxBodySize {
-		return nil, http.StatusRequestEntityTooLarge, tooBig
+	switch {
+	case streamable && r.ContentLength > h.MaxBodySize:
+		// Only enough to tell the format is read before streaming.
+		br := bufio.NewReaderSize(r.Body, 512)
+		head, _ := br.Peek(512)
+		return head, br, 0, ""
+	case r.ContentLength > h.MaxBodySize:
+		return nil, nil, http.StatusRequestEntityTooLarge, tooBig
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, h.MaxBodySize))
+	var err error
+	if streamable {
+		if body, err = io.ReadAll(io.LimitReader(r.Body, h.MaxBodySize+1)); err == nil && int64(len(body)) > h.MaxBodySize {
+			return body, r.Body, 0, ""
+		}
+	} else {
+		body, err = io.ReadAll(http.MaxBytesReader(w, r.Body, h.MaxBodySize))
+	}
 	if err != nil {
 		var maxErr *http.MaxBytesError
 		var netErr net.Error
 		switch {
 		case errors.As(err, &maxErr):
-			return nil, http.StatusRequestEntityTooLarge, tooBig
+			return nil, nil, http.StatusRequestEntityTooLarge, tooBig
 		case errors.As(err, &netErr) && netErr.Timeout():
 			// The server's read timeouts cut off a body that never ends.
-			return nil, http.StatusRequestTimeout, "timed out reading the batch body"
+			return nil, nil, http.StatusRequestTimeout, "timed out reading the batch body"
 		}
-		return nil, http.StatusBadRequest, "reading the batch body: " + err.Error()
+		return nil, nil, http.StatusBadRequest, "reading the batch body: " + err.Error()
 	}
-	return body, 0, ""
+	return body, nil, 0, ""
 }
 
 // route decides how a valid batch is answered: a dry run, once per

@@ -14,11 +14,13 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"os/signal"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -43,6 +45,7 @@ type seen struct {
 	Path   string
 	Header http.Header
 	Body   []byte
+	At     time.Time
 }
 
 // backend is the legacy users API with a few endpoints for fault tests, and a
@@ -73,7 +76,7 @@ func newBackend(t *testing.T) *backend {
 func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
 	b.mu.Lock()
-	b.reqs = append(b.reqs, seen{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body})
+	b.reqs = append(b.reqs, seen{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body, At: time.Now()})
 	b.mu.Unlock()
 	r.Body = io.NopCloser(bytes.NewReader(body))
 
@@ -242,7 +245,7 @@ func testCaddyfile(storage string, port int, global, site string) string {
 	storage file_system %s
 	http_port %d
 	log {
-		level ERROR
+		level {$BATCH_TEST_LOG:ERROR}
 	}
 	%s
 }
@@ -499,7 +502,12 @@ func TestMain(m *testing.M) {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
-		select {}
+		// SIGTERM stops it gracefully, as Caddy's own command does.
+		stop := make(chan os.Signal, 1)
+		signal.Notify(stop, syscall.SIGTERM)
+		<-stop
+		_ = caddy.Stop()
+		os.Exit(0)
 	}
 	os.Exit(m.Run())
 }
@@ -507,6 +515,13 @@ func TestMain(m *testing.M) {
 // startChildCaddy runs a second Caddy instance in a child process with the
 // given full Caddyfile and waits until it listens on port.
 func startChildCaddy(t *testing.T, cfg string, port int) string {
+	t.Helper()
+	base, _ := startChild(t, cfg, port)
+	return base
+}
+
+// startChild is startChildCaddy, with the child's process to stop.
+func startChild(t *testing.T, cfg string, port int) (string, *exec.Cmd) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "BATCH_TEST_CHILD="+cfg)
@@ -519,7 +534,7 @@ func startChildCaddy(t *testing.T, cfg string, port int) string {
 	for i := 0; ; i++ {
 		if resp, err := http.Get(base + "/"); err == nil {
 			resp.Body.Close()
-			return base
+			return base, cmd
 		}
 		if i == 200 {
 			t.Fatalf("child caddy is not listening on %d", port)

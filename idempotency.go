@@ -90,17 +90,32 @@ func decodeAnswer(buf []byte) (idempotentAnswer, error) {
 
 // serveIdempotent runs a valid batch sent with an Idempotency-Key once.
 func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch, key string, body []byte) error {
+	sum := sha256.Sum256(body)
+	return h.serveOnce(w, r, b.format, key, hex.EncodeToString(sum[:]), func(w http.ResponseWriter, status func() int) (bool, error) {
+		if b.async {
+			err := h.submit(w, r, next, b, body)
+			return status() == http.StatusAccepted, err
+		}
+		sum, err := h.run(w, r, next, b)
+		return status() == http.StatusOK && sum.cut == 0, err
+	})
+}
+
+// serveOnce answers a batch request sent with an Idempotency-Key key, whose
+// body hashes to bodyHash: with the answer stored for the key, or by
+// serve, whose answer is stored when it says it should be (given the
+// status it wrote).
+func (h *Handler) serveOnce(w http.ResponseWriter, r *http.Request, f format, key, bodyHash string,
+	serve func(w http.ResponseWriter, status func() int) (keep bool, err error)) error {
 	if len(key) > maxIdempotencyKey {
 		return writeError(w, http.StatusBadRequest, fmt.Sprintf("Idempotency-Key must be at most %d characters", maxIdempotencyKey))
 	}
 	owner, ok := h.ownerHash(r)
 	if !ok {
-		return h.refuseNoOwner(w, b.format)
+		return h.refuseNoOwner(w, f)
 	}
 	id := sha256.Sum256([]byte(owner + "\x00" + key))
 	name := path.Join(idempotencyPrefix, hex.EncodeToString(id[:]))
-	sum := sha256.Sum256(body)
-	bodyHash := hex.EncodeToString(sum[:])
 
 	// The locks make concurrent repeats wait for the first: in this process
 	// on a lock that wakes at once, and across instances on storage's.
@@ -141,15 +156,7 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 	// queued, or a batch none of whose operations its end (client gone,
 	// timeout, shutdown) cut off. Any other leaves the key free for a retry
 	// to run the batch whole.
-	var ran bool
-	if b.async {
-		err = h.submit(iw, r, next, b, body)
-		ran = iw.status == http.StatusAccepted
-	} else {
-		var sum summary
-		sum, err = h.run(iw, r, next, b)
-		ran = iw.status == http.StatusOK && sum.cut == 0
-	}
+	ran, err := serve(iw, func() int { return iw.status })
 	if iw.passed {
 		return err
 	}

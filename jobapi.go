@@ -47,36 +47,37 @@ func writeRefusal(w http.ResponseWriter, b *batch, err error) error {
 // answers 202. When the queue is full it returns errQueueFull, for
 // writeRefusal.
 func (h *Handler) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch, body []byte) error {
-	return h.enqueue(w, r, next, b.format, func(ctx context.Context, id string, spec *jobSpec) (int, error) {
-		spec.Shape, spec.Starts = shapeBody, []int{0}
-		return len(b.ops), h.storeChunk(ctx, spec, id, 0, body)
-	})
+	j, err := h.newJob(w, r, next, b.format)
+	if j == nil {
+		return err
+	}
+	j.spec.Shape, j.spec.Starts = shapeBody, []int{0}
+	if err := h.storeChunk(r.Context(), j.spec, j.rec.ID, 0, body); err != nil {
+		return j.drop(caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err)))
+	}
+	return h.queueJob(w, r, j, len(b.ops))
 }
 
-// enqueue makes a job of a batch request: store stores its operations, as
-// spec says, under id and returns how many there are; then the job is
-// stored, queued and answered 202. Nothing of it stays stored unless it is
-// queued.
-func (h *Handler) enqueue(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, f format,
-	store func(ctx context.Context, id string, spec *jobSpec) (int, error)) error {
+// newJob holds a place in the queue for a job of the batch request r and
+// returns the job, whose operations are to be stored next; nil when the
+// request was answered (or err says why not).
+func (h *Handler) newJob(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, f format) (*job, error) {
 	owner, ok := h.ownerHash(r)
 	if !ok {
-		return h.refuseNoOwner(w, f)
+		return nil, h.refuseNoOwner(w, f)
 	}
 	srv, err := serverOf(r)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := h.pool.reserve(); err != nil {
-		return err
+		return nil, err
 	}
-	batchPath := strings.TrimSuffix(r.URL.Path, "/")
-	key := endpointKey(srv, r, batchPath)
+	key := endpointKey(srv, r, strings.TrimSuffix(r.URL.Path, "/"))
 	ep := endpoint{h: h, next: next, srv: srv}
 	h.pool.serveAt(key, ep)
 	id := newBatchID()
 	conn := connFactsOf(r)
-	inherited := h.inheritedHeaders(r.Header)
 	spec := &jobSpec{ContentType: r.Header.Get("Content-Type"), Path: r.URL.Path, Conn: storeConn(conn),
 		Endpoint: key, SealedOps: h.sealer != nil}
 	_, spec.Handler, _ = h.self()
@@ -85,26 +86,32 @@ func (h *Handler) enqueue(w http.ResponseWriter, r *http.Request, next caddyhttp
 	if f != native {
 		rec.Format = f.name()
 	}
-	j := &job{h: h, endpoint: key, spec: spec, rec: rec, rn: h.jobRunner(ep, id, conn, inherited)}
+	return &job{h: h, endpoint: key, spec: spec, rec: rec, rn: h.jobRunner(ep, id, conn, h.inheritedHeaders(r.Header))}, nil
+}
 
+// drop gives up a job that was not queued: its place, and what it stored.
+func (j *job) drop(err error) error {
+	h, id := j.h, j.rec.ID
+	h.pool.unreserve()
+	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	if j.lease != nil {
+		j.lease.release(ctx)
+	}
+	if err := deleteTree(ctx, h.storage, jobKey(id)); err != nil {
+		h.logger.Warn("deleting refused batch job", zap.String("id", id), zap.Error(err))
+	}
+	h.deactivate(id)
+	return err
+}
+
+// queueJob stores a job of n operations, which are stored, queues it and
+// answers 202.
+func (h *Handler) queueJob(w http.ResponseWriter, r *http.Request, j *job, n int) error {
+	id, spec := j.rec.ID, j.spec
 	ctx := context.WithoutCancel(r.Context())
-	fail := func(err error) error {
-		h.pool.unreserve()
-		if j.lease != nil {
-			j.lease.release(ctx)
-		}
-		if err := deleteTree(ctx, h.storage, jobKey(id)); err != nil {
-			h.logger.Warn("deleting refused batch job", zap.String("id", id), zap.Error(err))
-		}
-		h.deactivate(id)
-		return err
-	}
-	n, err := store(r.Context(), id, spec)
-	if err != nil {
-		return fail(err)
-	}
 	j.rec.Total = n
-	err = h.keepHeaders(spec, id, inherited)
+	err := h.keepHeaders(spec, id, j.rn.inherited)
 	if err == nil {
 		err = h.storeSpec(ctx, id, spec)
 	}
@@ -118,17 +125,17 @@ func (h *Handler) enqueue(w http.ResponseWriter, r *http.Request, next caddyhttp
 		j.lease, err = h.takeLease(ctx, id, true)
 	}
 	if err != nil {
-		return fail(caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err)))
+		return j.drop(caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err)))
 	}
 	queued := j.snapshot().progress
 	if err := h.pool.submit(j); err != nil {
 		// The pool ended while the job was stored: nothing would run it.
-		return fail(err)
+		return j.drop(err)
 	}
 	h.metrics.jobs.WithLabelValues(jobQueued).Inc()
 	h.logger.Info("async batch queued", zap.String("id", id), zap.Int("operations", n), zap.Bool("resumable", j.resumable()))
 
-	w.Header().Set("Location", batchPath+"/"+id)
+	w.Header().Set("Location", strings.TrimSuffix(r.URL.Path, "/")+"/"+id)
 	if wantsAsync(r) {
 		w.Header().Set("Preference-Applied", "respond-async")
 	}

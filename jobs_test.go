@@ -157,6 +157,7 @@ func TestAsyncResultsFlushedBySize(t *testing.T) {
 // memory until its record is stored.
 func TestAsyncStorageFailsMidJob(t *testing.T) {
 	setVar(t, &storeRetry, 5*time.Millisecond)
+	setVar(t, &checkpointEvery, time.Hour) // results are stored by the hundred
 	t.Cleanup(func() { flakyBroken.Store(false) })
 	var calls atomic.Int64
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

@@ -10,10 +10,11 @@ import (
 )
 
 // checkpointEvery is how long results may wait in memory before they are
-// stored with the part they belong to: what a crash makes an instance send
-// again is what was in flight and what finished this long before it.
-// A variable, so that tests may shorten it.
-var checkpointEvery = time.Second
+// stored with the part they belong to: what a crash makes another instance
+// send again is what was in flight and what finished this long before it.
+// It bounds a job's writes to twenty a second besides one per hundred
+// results. A variable, so that tests may change it.
+var checkpointEvery = 50 * time.Millisecond
 
 // storeSink writes a job's results to storage in parts, and its record
 // after each write: the record counts the results stored, which is where

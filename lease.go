@@ -44,6 +44,7 @@ type lease struct {
 	stop     context.CancelFunc
 	done     chan struct{}
 	gone     atomic.Bool // taken over by another instance
+	expires  time.Time   // of the last renewal stored; the renewer's
 	lostCh   chan struct{}
 	lostOnce sync.Once
 }
@@ -68,11 +69,13 @@ func (h *Handler) takeLease(ctx context.Context, id string, fresh bool) (*lease,
 			return nil, err
 		}
 	}
+	t := now()
 	if err := h.storeLease(ctx, id, p.instance); err != nil {
 		return nil, err
 	}
 	lctx, stop := context.WithCancel(p.leases)
-	l := &lease{h: h, id: id, instance: p.instance, stop: stop, done: make(chan struct{}), lostCh: make(chan struct{})}
+	l := &lease{h: h, id: id, instance: p.instance, stop: stop, done: make(chan struct{}), lostCh: make(chan struct{}),
+		expires: t.Add(h.leaseLength() * 4 / 5)}
 	go l.renew(lctx)
 	return l, nil
 }
@@ -83,8 +86,11 @@ func (h *Handler) unlock(name string) {
 	}
 }
 
+// A lease is renewed every quarter of its length, and each renewal lasts
+// four fifths of it, so that a dead instance's jobs are free within the
+// lease, found by a look for them every tenth of it.
 func (h *Handler) storeLease(ctx context.Context, id, instance string) error {
-	buf, _ := json.Marshal(leaseRecord{Instance: instance, ExpiresAt: now().Add(h.leaseLength())})
+	buf, _ := json.Marshal(leaseRecord{Instance: instance, ExpiresAt: now().Add(h.leaseLength() * 4 / 5)})
 	return h.storage.Store(ctx, leaseKey(id), buf)
 }
 
@@ -100,11 +106,15 @@ func (h *Handler) loadLease(ctx context.Context, id string) (leaseRecord, error)
 	return l, nil
 }
 
-// renew renews the lease a third of its length before it expires, until
-// it is released or lost.
+// renew renews the lease until it is released or lost. It takes no lock:
+// an instance takes over only a lease that has expired, and this one
+// writes only while its lease has a fifth of its length left; a lease it
+// could not renew by then it gives up, and stops the job, before another
+// instance can take it.
 func (l *lease) renew(ctx context.Context) {
 	defer close(l.done)
-	tick := time.NewTicker(max(l.h.leaseLength()/3, 10*time.Millisecond))
+	length := l.h.leaseLength()
+	tick := time.NewTicker(max(length/4, 10*time.Millisecond))
 	defer tick.Stop()
 	for {
 		select {
@@ -112,24 +122,24 @@ func (l *lease) renew(ctx context.Context) {
 			return
 		case <-tick.C:
 		}
-		if err := l.renewOnce(ctx); err != nil {
-			if errors.Is(err, errLeaseLost) {
-				l.lose()
-				return
-			}
-			if ctx.Err() == nil {
-				l.h.logger.Warn("renewing the lease of an async batch", zap.String("id", l.id), zap.Error(err))
-			}
+		if l.expires.Sub(now()) < length/5 {
+			l.h.logger.Error("the lease of an async batch could not be renewed in time: giving it up", zap.String("id", l.id))
+			l.lose()
+			return
+		}
+		err := l.renewOnce(ctx)
+		switch {
+		case errors.Is(err, errLeaseLost):
+			l.lose()
+			return
+		case err != nil && ctx.Err() == nil:
+			l.h.logger.Warn("renewing the lease of an async batch", zap.String("id", l.id), zap.Error(err))
 		}
 	}
 }
 
 func (l *lease) renewOnce(ctx context.Context) error {
 	h := l.h
-	if err := h.storage.Lock(ctx, leaseKey(l.id)); err != nil {
-		return err
-	}
-	defer h.unlock(leaseKey(l.id))
 	cur, err := h.loadLease(ctx, l.id)
 	switch {
 	case err == nil && cur.Instance != l.instance:
@@ -137,7 +147,12 @@ func (l *lease) renewOnce(ctx context.Context) error {
 	case err != nil && !errors.Is(err, fs.ErrNotExist):
 		return err
 	}
-	return h.storeLease(ctx, l.id, l.instance)
+	t := now()
+	if err := h.storeLease(ctx, l.id, l.instance); err != nil {
+		return err
+	}
+	l.expires = t.Add(h.leaseLength() * 4 / 5)
+	return nil
 }
 
 func (l *lease) lose() {
@@ -161,7 +176,8 @@ func (l *lease) watch(ctx context.Context) context.Context {
 }
 
 // release stops renewing the lease and deletes it, if it is still this
-// instance's, so that another instance takes the job over at once.
+// instance's, so that another instance takes the job over at once. A
+// lease that has not expired is this instance's to delete.
 func (l *lease) release(ctx context.Context) {
 	l.stop()
 	<-l.done
@@ -171,11 +187,6 @@ func (l *lease) release(ctx context.Context) {
 	h := l.h
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storeTimeout)
 	defer cancel()
-	if err := h.storage.Lock(ctx, leaseKey(l.id)); err != nil {
-		h.logger.Warn("releasing the lease of an async batch", zap.String("id", l.id), zap.Error(err))
-		return
-	}
-	defer h.unlock(leaseKey(l.id))
 	if cur, err := h.loadLease(ctx, l.id); err == nil && cur.Instance == l.instance {
 		if err := h.storage.Delete(ctx, leaseKey(l.id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			h.logger.Warn("releasing the lease of an async batch", zap.String("id", l.id), zap.Error(err))
@@ -198,9 +209,9 @@ func (h *Handler) deactivate(id string) {
 }
 
 // adoptEvery is how often an instance looks for jobs to take over: a
-// third of the lease, within bounds.
+// tenth of the lease, within bounds.
 func (h *Handler) adoptEvery() time.Duration {
-	return min(max(h.leaseLength()/3, 50*time.Millisecond), 10*time.Second)
+	return min(max(h.leaseLength()/10, 50*time.Millisecond), 5*time.Second)
 }
 
 // adoptJobs takes over, while ctx lasts, the jobs whose lease has expired

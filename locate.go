@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
@@ -18,15 +19,17 @@ import (
 // brought it.
 
 // self finds the handler in the HTTP app's routes: the server it serves in
-// and the chain after it. It is found once the app has started, and names
-// the handler's identity.
+// and the chain after it. It is found once its config runs, and names the
+// handler's identity.
 func (h *Handler) self() (ep endpoint, identity string, ok bool) {
 	h.selfMu.Lock()
 	defer h.selfMu.Unlock()
 	if h.selfEP.h != nil {
 		return h.selfEP, h.identity, true
 	}
-	app, err := h.ctx.AppIfConfigured("http")
+	// The running config's app: this handler's once its config has
+	// started, and not provisioning any more.
+	app, err := caddy.ActiveContext().AppIfConfigured("http")
 	if err != nil {
 		return endpoint{}, "", false
 	}

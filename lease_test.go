@@ -1,0 +1,138 @@
+package batch
+
+import (
+	"fmt"
+	"net/url"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// clusterJob runs a 2,000-operation job on a child instance sharing its
+// storage with this one, stops the child with sig mid-job, and checks
+// that this instance resumes the job within the lease and completes it,
+// every operation with one result. It returns how long the job waited
+// between the stop and its next operation, and the operations the backend
+// saw more than once; each of those must have come again with the same
+// idempotency key.
+func clusterJob(t *testing.T, sig syscall.Signal, lease time.Duration) (gap time.Duration, again []string) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	site := func(port int) string {
+		return testCaddyfile(storage, port, "", proxySite(be, `{
+		mode parallel
+		async {
+			credentials_key `+testKey+`
+			lease `+lease.String()+`
+		}
+	}`))
+	}
+	portA, portB := freePort(t), freePort(t)
+	a := loadCaddy(t, adapt(t, site(portA)), portA)
+	b, child := startChild(t, site(portB), portB)
+
+	const n = 2000
+	var sb strings.Builder
+	for i := range n {
+		if i > 0 {
+			sb.WriteByte(',')
+		}
+		fmt.Fprintf(&sb, `{"id":"k%d","path":"/slow?id=k%d&d=10ms"}`, i, i)
+	}
+	id := submitJob(t, b+"/batch", "["+sb.String()+"]")
+	eventually(t, 20*time.Second, "the child well into the job", func() bool { return len(be.requests()) >= 400 })
+	if err := child.Process.Signal(sig); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	_ = child.Wait()
+	before := len(be.requests())
+
+	p := waitJob(t, a+"/batch/"+id, alice, "completed", "error")
+	if p.Get("status").String() != "completed" || p.Get("succeeded").Int() != n || p.Get("completed").Int() != n {
+		t.Fatalf("job after the child stopped: %s", p.Raw)
+	}
+	reqs := be.requests()
+	if len(reqs) <= before {
+		t.Fatalf("nothing ran after the child stopped")
+	}
+	for _, r := range reqs[before:] {
+		if r.At.After(stopped) && strings.HasPrefix(r.Path, "/slow") {
+			gap = r.At.Sub(stopped)
+			break
+		}
+	}
+	if gap > lease+lease/2 {
+		t.Errorf("the job waited %v after its instance stopped; the lease is %v", gap, lease)
+	}
+
+	// Every operation reached the backend; those that came twice came with
+	// the same key, and the submitter's credentials.
+	keys := map[string][]string{}
+	for _, r := range reqs {
+		u, _ := url.Parse(r.Path)
+		op := u.Query().Get("id")
+		if u.Path != "/slow" {
+			continue // the harness's own probes
+		}
+		keys[op] = append(keys[op], r.Header.Get("Idempotency-Key"))
+		if r.Header.Get("Authorization") != "Bearer alice" {
+			t.Fatalf("operation %s sent with Authorization %q", op, r.Header.Get("Authorization"))
+		}
+	}
+	for i := range n {
+		op := fmt.Sprintf("k%d", i)
+		ks := keys[op]
+		if len(ks) == 0 {
+			t.Fatalf("operation %s never reached the backend", op)
+		}
+		for _, k := range ks {
+			if k != id+"."+op {
+				t.Errorf("operation %s sent with Idempotency-Key %q", op, k)
+			}
+		}
+		if len(ks) > 1 {
+			again = append(again, op)
+		}
+	}
+
+	// One result per operation, in order.
+	_, _, body := send(t, "GET", a+"/batch/"+id+"/results?limit=10000", "", alice)
+	res := mustJSON(t, body).Get("results").Array()
+	if len(res) != n {
+		t.Fatalf("%d results of %d operations", len(res), n)
+	}
+	for i, r := range res {
+		if r.Get("id").String() != fmt.Sprintf("k%d", i) || r.Get("status").Int() != 200 {
+			t.Fatalf("result %d: %s", i, r.Raw)
+		}
+	}
+	return gap, again
+}
+
+// An instance killed mid-job: another sharing its storage resumes the job
+// once the lease expires; what runs twice is what the dead one had in
+// flight or had not yet recorded (at most 50 ms of it).
+func TestAsyncResumedAfterKill(t *testing.T) {
+	gap, again := clusterJob(t, syscall.SIGKILL, 2*time.Second)
+	t.Logf("resumed %v after the kill; %d operations sent twice: %v", gap, len(again), again)
+	// Concurrency 10 in flight, and what finished within checkpointEvery.
+	if len(again) > 150 {
+		t.Errorf("%d operations sent twice after a kill", len(again))
+	}
+}
+
+// An instance stopped gracefully hands its job over at once: no operation
+// is sent twice.
+func TestAsyncHandedOverAtGracefulStop(t *testing.T) {
+	// Left to expire, the lease would keep the job waiting 5.5 s at least.
+	gap, again := clusterJob(t, syscall.SIGTERM, 10*time.Second)
+	t.Logf("resumed %v after the stop", gap)
+	if len(again) > 0 {
+		t.Errorf("a graceful hand-over sent %d operations twice: %v", len(again), again)
+	}
+	if gap > 3*time.Second {
+		t.Errorf("the job waited %v after a graceful stop: its lease was not released", gap)
+	}
+}
