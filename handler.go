@@ -5,7 +5,6 @@
 package batch
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -514,9 +513,12 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, streamable bo
 	switch {
 	case streamable && r.ContentLength > h.MaxBodySize:
 		// Only enough to tell the format is read before streaming.
-		br := bufio.NewReaderSize(r.Body, 512)
-		head, _ := br.Peek(512)
-		return head, br, 0, ""
+		head := make([]byte, 512)
+		n, err := io.ReadFull(r.Body, head)
+		if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil, nil, http.StatusBadRequest, "reading the batch body: " + err.Error()
+		}
+		return head[:n], r.Body, 0, ""
 	case r.ContentLength > h.MaxBodySize:
 		return nil, nil, http.StatusRequestEntityTooLarge, tooBig
 	}

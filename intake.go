@@ -105,8 +105,8 @@ type intake struct {
 }
 
 type idAt struct {
-	hash  uint64
-	index int
+	hash        uint64
+	index, line int32 // line of NDJSON, 0 for JSON
 }
 
 func newIntake(h *Handler, j *job, r *http.Request) *intake {
@@ -282,13 +282,13 @@ func (in *intake) addOp(raw []byte) {
 	if op.id != strconv.Itoa(i) {
 		in.fnv.Reset()
 		_, _ = io.WriteString(in.fnv, op.id)
-		in.ids = append(in.ids, idAt{in.fnv.Sum64(), i})
+		in.ids = append(in.ids, idAt{in.fnv.Sum64(), int32(i), int32(in.line)})
 		for len(in.named) <= i/64 {
 			in.named = append(in.named, 0)
 		}
 		in.named[i/64] |= 1 << (i % 64)
 		if k, err := strconv.Atoi(op.id); err == nil && k >= 0 && strconv.Itoa(k) == op.id {
-			in.numeric = append(in.numeric, idAt{uint64(k), i})
+			in.numeric = append(in.numeric, idAt{uint64(k), int32(i), int32(in.line)})
 		}
 	}
 	in.append(raw)
@@ -395,19 +395,23 @@ func (in *intake) duplicates() {
 		if a.hash != b.hash {
 			return cmpUint(a.hash, b.hash)
 		}
-		return a.index - b.index
+		return int(a.index - b.index)
 	})
+	at := func(a idAt, msg string) fault {
+		if a.line > 0 {
+			msg = fmt.Sprintf("line %d: %s", a.line, msg)
+		}
+		return fault{Index: int(a.index), Message: msg}
+	}
 	for k := 1; k < len(in.ids) && !in.p.full(); k++ {
-		if in.ids[k].hash == in.ids[k-1].hash {
-			in.p.faults = append(in.p.faults, fault{Index: in.ids[k].index,
-				Message: fmt.Sprintf("id is already used by operation %d", in.ids[k-1].index)})
+		if prev := in.ids[k-1]; in.ids[k].hash == prev.hash {
+			in.p.faults = append(in.p.faults, at(in.ids[k], fmt.Sprintf("id is already used by operation %d", prev.index)))
 		}
 	}
 	for _, num := range in.numeric {
 		k := int(num.hash)
-		if k < in.n && k != num.index && (k/64 >= len(in.named) || in.named[k/64]&(1<<(k%64)) == 0) && !in.p.full() {
-			in.p.faults = append(in.p.faults, fault{Index: num.index,
-				Message: fmt.Sprintf("id %d is the default id of operation %d, which gives none", k, k)})
+		if k < in.n && k != int(num.index) && (k/64 >= len(in.named) || in.named[k/64]&(1<<(k%64)) == 0) && !in.p.full() {
+			in.p.faults = append(in.p.faults, at(num, fmt.Sprintf("id %d is the default id of operation %d, which gives none", k, k)))
 		}
 	}
 }

@@ -305,6 +305,10 @@ func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRe
 	if rec.Status == jobError {
 		sum.err = rec.Error
 	}
+	if wantsNDJSON(r) {
+		sum.page = nil
+		return h.writeResultLines(w, r, rec, offset, sum)
+	}
 	if f == native {
 		return h.eachStored(w, r, rec, offset, end, func(_ int, item []byte, first bool) {
 			if first {
@@ -334,6 +338,37 @@ func (h *Handler) writeResults(w http.ResponseWriter, r *http.Request, rec jobRe
 		op, res := decodeStored(item)
 		s.put(i, op, &res)
 	}, func(bool) { s.close(sum) })
+}
+
+// writeResultLines streams every stored result of rec from offset on,
+// one NDJSON line each with its index, then the summary line, as a batch
+// streamed with Accept: application/x-ndjson answers: one part of results
+// is in memory at a time, whatever the job's size.
+func (h *Handler) writeResultLines(w http.ResponseWriter, r *http.Request, rec jobRecord, offset int, sum summary) error {
+	rc := http.NewResponseController(w)
+	var out []byte
+	start := func() {
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		w.WriteHeader(http.StatusOK)
+	}
+	return h.eachStored(w, r, rec, offset, rec.Completed-rec.Unstored, func(i int, item []byte, first bool) {
+		if first {
+			start()
+		}
+		out = strconv.AppendInt(append(out, `{"index":`...), int64(i), 10)
+		out = append(append(append(out, ','), item[1:]...), '\n')
+		if len(out) >= 32<<10 {
+			_, _ = w.Write(out)
+			_ = rc.Flush()
+			out = out[:0]
+		}
+	}, func(any bool) {
+		if !any {
+			start()
+		}
+		out = appendSummary(append(out, `{"summary":true`...), sum)
+		_, _ = w.Write(append(out, "}\n"...))
+	})
 }
 
 // eachStored calls put with each stored result of rec from offset up to
