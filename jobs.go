@@ -192,6 +192,9 @@ type job struct {
 	// the job ends or is handed over.
 	lease *lease
 
+	// event is what the webhook is to be told of the job's end.
+	event *webhookEvent
+
 	mu  sync.Mutex
 	rn  *runner // nil once the job has ended: its batch and credentials go
 	rec jobRecord
@@ -694,6 +697,13 @@ func (p *jobPool) run(j *job) {
 	j.mu.Unlock()
 	rn.recordBatch(sum, ended.Sub(*rec.StartedAt))
 	rn.logBatch(sum, ended.Sub(*rec.StartedAt))
+	// Stored before the end is: an instance that finds the job ended finds
+	// the event it owes too.
+	if j.event = h.endEvent(rec); j.event != nil {
+		if err := h.storeEvent(store, rec.ID, j.event); err != nil {
+			h.logger.Error("storing the webhook event of an async batch", zap.String("id", rec.ID), zap.Error(err))
+		}
+	}
 	if err := j.save(store); err != nil {
 		h.logger.Error("storing the end of an async batch; retrying", zap.String("id", rec.ID), zap.Error(err))
 		p.wg.Add(1)
@@ -703,7 +713,6 @@ func (p *jobPool) run(j *job) {
 	}
 	h.logger.Info("async batch ended", zap.String("id", rec.ID), zap.String("status", rec.Status),
 		zap.String("outcome", rec.Outcome), zap.String("error", rec.Error))
-	h.notify(p, rec.Status, rec.progress)
 }
 
 // runChunks runs the job's operations chunk by chunk, from the first
@@ -792,13 +801,17 @@ func (p *jobPool) handOff(j *job, ctx context.Context) {
 	j.h.logger.Info("async batch handed over", zap.String("id", j.rec.ID), zap.Int("completed", j.rec.Completed))
 }
 
-// ended drops a job whose end is stored.
+// ended drops a job whose end is stored, once the webhook has been told.
 func (p *jobPool) ended(j *job) {
+	p.forget(j)
+	if j.event != nil {
+		j.h.sendEnd(p, j.rec.ID, j.lease, j.event)
+		return
+	}
 	if j.lease != nil {
 		j.lease.release(context.Background())
 	}
 	j.h.deactivate(j.rec.ID)
-	p.forget(j)
 }
 
 // expire ends a job that expired before it started: it does not run, and
@@ -819,7 +832,9 @@ func (p *jobPool) expire(j *job) {
 	}
 	h.metrics.jobs.WithLabelValues(jobError).Inc()
 	h.logger.Warn("async batch expired before it started", zap.String("id", rec.ID))
-	h.notify(p, jobError, rec.progress)
+	if ev := h.endEvent(rec); ev != nil {
+		h.sendEnd(p, rec.ID, nil, ev) // at most once: nothing of the job is kept
+	}
 }
 
 // saveLater stores the record of an ended job that storage refused, with

@@ -272,13 +272,12 @@ func (h *Handler) adoptOne(ctx context.Context, id string, self endpoint, identi
 	case err != nil:
 		return err
 	case rec.final():
-		h.deactivate(id)
-		return nil
+		return h.adoptEvent(ctx, id, self, identity)
 	case !now().Before(rec.ExpiresAt):
 		return nil // the sweep deletes it
 	}
-	if cur, err := h.loadLease(ctx, id); err == nil && cur.Instance != h.pool.instance && now().Before(cur.ExpiresAt) {
-		return nil // cheap look before the lock
+	if h.leased(ctx, id) {
+		return nil
 	}
 	spec, err := h.loadSpec(ctx, id)
 	if err != nil {
@@ -312,6 +311,13 @@ func (h *Handler) adoptOne(ctx context.Context, id string, self endpoint, identi
 	return nil
 }
 
+// leased reports whether another instance holds the lease of job id: a
+// cheap look before the lock.
+func (h *Handler) leased(ctx context.Context, id string) bool {
+	cur, err := h.loadLease(ctx, id)
+	return err == nil && cur.Instance != h.pool.instance && now().Before(cur.ExpiresAt)
+}
+
 // servesJob reports whether the job stored with spec runs through this
 // handler, and the endpoint it runs through: the one that serves its
 // endpoint now, or, until one has served a request, the handler at the
@@ -329,16 +335,54 @@ func (h *Handler) failJob(j *job, why string) {
 	j.rec.Status, j.rec.Error, j.rec.UpdatedAt, j.rec.CompletedAt = jobError, why, &t, &t
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
+	if j.event = h.endEvent(j.rec); j.event != nil {
+		if err := h.storeEvent(ctx, j.rec.ID, j.event); err != nil {
+			h.logger.Error("storing the webhook event of an async batch", zap.String("id", j.rec.ID), zap.Error(err))
+		}
+	}
 	if err := j.save(ctx); err != nil {
 		h.logger.Error("storing the end of an async batch", zap.String("id", j.rec.ID), zap.Error(err))
 	}
-	if j.lease != nil {
-		j.lease.release(ctx)
-	}
-	h.deactivate(j.rec.ID)
 	h.metrics.jobs.WithLabelValues(jobError).Inc()
 	h.logger.Error("async batch ended", zap.String("id", j.rec.ID), zap.String("status", jobError), zap.String("error", why))
-	h.notify(h.pool, jobError, j.rec.progress)
+	h.pool.ended(j)
+}
+
+// adoptEvent takes over an ended job whose webhook event was not
+// delivered, and delivers it.
+func (h *Handler) adoptEvent(ctx context.Context, id string, self endpoint, identity string) error {
+	if _, err := h.loadEvent(ctx, id); errors.Is(err, fs.ErrNotExist) {
+		h.deactivate(id)
+		return nil
+	} else if err != nil {
+		return err
+	}
+	if h.Async.Webhook == nil || h.leased(ctx, id) {
+		return nil
+	}
+	spec, err := h.loadSpec(ctx, id)
+	if err != nil {
+		return err
+	}
+	if _, ok := h.servesJob(spec, self, identity); !ok {
+		return nil
+	}
+	l, err := h.takeLease(ctx, id, false)
+	if err != nil || l == nil {
+		return err
+	}
+	ev, err := h.loadEvent(ctx, id) // again, under the lease
+	if err != nil {
+		l.release(ctx)
+		if errors.Is(err, fs.ErrNotExist) {
+			h.deactivate(id)
+			return nil
+		}
+		return err
+	}
+	h.logger.Info("delivering the webhook event of an async batch taken over", zap.String("id", id), zap.String("event", ev.ID))
+	h.sendEnd(h.pool, id, l, ev)
+	return nil
 }
 
 func (h *Handler) loadSpec(ctx context.Context, id string) (*jobSpec, error) {

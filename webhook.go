@@ -7,7 +7,9 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"math/rand/v2"
 	"net/http"
 	"slices"
@@ -78,30 +80,112 @@ func (wh *Webhook) wants(event string) bool { return slices.Contains(wh.Events, 
 // webhookBackoff is the wait before the first retry; each retry doubles it.
 var webhookBackoff = time.Second
 
-// notify delivers event in the background: delivery never holds up a job.
-// Deliveries end with the pool: Destruct gives them a grace, then cancels
-// them.
+// notify delivers a progress event in the background, at most once:
+// delivery never holds up a job. Deliveries end with the pool: Destruct
+// gives them a grace, then cancels them.
 func (h *Handler) notify(p *jobPool, event string, prog progress) {
+	ev := h.event(event, prog, fmt.Sprintf("%s.%s.%d", prog.ID, event, prog.Completed))
+	if ev == nil {
+		return
+	}
+	if why := p.startDelivery(); why != "" {
+		h.dropped(ev, why)
+		return
+	}
+	go func() {
+		defer p.deliveryDone()
+		h.Async.Webhook.deliver(p.hooks, h, ev)
+	}()
+}
+
+// webhookEvent is an event for the webhook. The event a job's end is to
+// deliver is stored with the job until it is delivered or given up: if
+// this instance cannot deliver it, the one that takes the job over does.
+type webhookEvent struct {
+	// ID names the event, in the Batch-Event-Id header: a receiver
+	// dedupes by it, as an event may be delivered more than once.
+	ID   string          `json:"id"`
+	Body json.RawMessage `json:"body"`
+}
+
+func eventKey(id string) string { return jobKey(id, "event") }
+
+// event returns the event to deliver, nil if the webhook does not want it.
+func (h *Handler) event(event string, prog progress, id string) *webhookEvent {
 	wh := h.Async.Webhook
 	if wh == nil || !wh.wants(event) {
-		return
+		return nil
 	}
 	body, err := json.Marshal(struct {
 		Type  string   `json:"type"`
 		Batch progress `json:"batch"`
 	}{"batch." + event, prog})
 	if err != nil {
-		return
+		return nil
+	}
+	return &webhookEvent{ID: id, Body: body}
+}
+
+// endEvent returns the event that the end of a job delivers, if wanted.
+func (h *Handler) endEvent(rec jobRecord) *webhookEvent {
+	return h.event(rec.Status, rec.progress, rec.ID+"."+rec.Status)
+}
+
+func (h *Handler) storeEvent(ctx context.Context, jobID string, ev *webhookEvent) error {
+	buf, err := json.Marshal(ev)
+	if err != nil {
+		return err
+	}
+	return h.storage.Store(ctx, eventKey(jobID), buf)
+}
+
+func (h *Handler) loadEvent(ctx context.Context, jobID string) (*webhookEvent, error) {
+	buf, err := h.storage.Load(ctx, eventKey(jobID))
+	if err != nil {
+		return nil, err
+	}
+	ev := new(webhookEvent)
+	if err := json.Unmarshal(buf, ev); err != nil {
+		return nil, fmt.Errorf("%w: event of %s: %w", errBadRecord, jobID, err)
+	}
+	return ev, nil
+}
+
+// sendEnd delivers the stored event of an ended job, under its lease; once
+// it is delivered or given up, the event goes and the job is done with.
+// When no delivery can start, or a shutdown cuts it off, the event stays
+// stored for the instance that takes the job over.
+func (h *Handler) sendEnd(p *jobPool, jobID string, l *lease, ev *webhookEvent) {
+	finish := func() {
+		ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+		defer cancel()
+		if err := h.storage.Delete(ctx, eventKey(jobID)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			h.logger.Warn("deleting a delivered webhook event", zap.String("id", jobID), zap.Error(err))
+		}
+		if l != nil {
+			l.release(ctx)
+		}
+		h.deactivate(jobID)
 	}
 	if why := p.startDelivery(); why != "" {
-		h.metrics.webhooks.WithLabelValues("given_up").Inc()
-		h.logger.Warn("webhook delivery dropped", zap.String("id", prog.ID), zap.String("event", event), zap.String("reason", why))
+		h.dropped(ev, why+"; left stored for the next look")
+		if l != nil {
+			l.release(context.Background())
+		}
 		return
 	}
 	go func() {
 		defer p.deliveryDone()
-		wh.deliver(p.hooks, h, body, prog.ID)
+		if !h.Async.Webhook.deliver(p.hooks, h, ev) && p.hooks.Err() != nil {
+			return // cut off by a shutdown: its lease expires, and another instance sends it
+		}
+		finish()
 	}()
+}
+
+func (h *Handler) dropped(ev *webhookEvent, why string) {
+	h.metrics.webhooks.WithLabelValues("given_up").Inc()
+	h.logger.Warn("webhook delivery not started", zap.String("event", ev.ID), zap.String("reason", why))
 }
 
 // startDelivery counts a delivery in; it returns why not when it may not
@@ -127,34 +211,37 @@ func (p *jobPool) deliveryDone() {
 	p.hookWG.Done()
 }
 
-func (wh *Webhook) deliver(ctx context.Context, h *Handler, body []byte, id string) {
+// deliver posts ev until it is delivered, attempts run out or ctx ends;
+// it reports whether ev was delivered.
+func (wh *Webhook) deliver(ctx context.Context, h *Handler, ev *webhookEvent) bool {
 	wait := webhookBackoff
 	for attempt := 1; ; attempt++ {
-		status, err := wh.post(ctx, body)
+		status, err := wh.post(ctx, ev)
 		if err == nil && status >= 200 && status < 300 {
 			h.metrics.webhooks.WithLabelValues("delivered").Inc()
-			h.logger.Debug("webhook delivered", zap.String("id", id), zap.Int("attempt", attempt))
-			return
+			h.logger.Debug("webhook delivered", zap.String("event", ev.ID), zap.Int("attempt", attempt))
+			return true
 		}
 		h.metrics.webhooks.WithLabelValues("failed").Inc()
 		// Full jitter keeps many failed deliveries from retrying in step.
 		if attempt == wh.MaxAttempts || ctx.Err() != nil || !sleepCtx(ctx, wait/2+rand.N(wait/2+1)) {
 			h.metrics.webhooks.WithLabelValues("given_up").Inc()
-			h.logger.Error("webhook delivery given up", zap.String("id", id), zap.Int("attempts", attempt),
+			h.logger.Error("webhook delivery given up", zap.String("event", ev.ID), zap.Int("attempts", attempt),
 				zap.Int("status", status), zap.Error(err), zap.Bool("canceled", ctx.Err() != nil))
-			return
+			return false
 		}
 		wait = min(wait*2, 5*time.Minute)
 	}
 }
 
-func (wh *Webhook) post(ctx context.Context, body []byte) (int, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, wh.URL, bytes.NewReader(body))
+func (wh *Webhook) post(ctx context.Context, ev *webhookEvent) (int, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, wh.URL, bytes.NewReader(ev.Body))
 	if err != nil {
 		return 0, err
 	}
 	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Batch-Signature", sign(wh.Secret, now().Unix(), body))
+	req.Header.Set("Batch-Signature", sign(wh.Secret, now().Unix(), ev.Body))
+	req.Header.Set("Batch-Event-Id", ev.ID)
 	resp, err := wh.client.Do(req)
 	if err != nil {
 		return 0, err

@@ -8,6 +8,8 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -168,4 +170,72 @@ func verifySignature(secret, header string, body []byte, tolerance time.Duration
 		return fmt.Errorf("signature mismatch")
 	}
 	return nil
+}
+
+// The event of a job's end outlives the instance that owes it: stored
+// with the job until delivered, it is sent by the instance that takes the
+// job over, with the same Batch-Event-Id.
+func TestAsyncWebhookEventOutlivesInstance(t *testing.T) {
+	var mu sync.Mutex
+	var ok, failed []string
+	accept := make(chan struct{})
+	recv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		select {
+		case <-accept:
+			ok = append(ok, r.Header.Get("Batch-Event-Id"))
+		default:
+			failed = append(failed, r.Header.Get("Batch-Event-Id"))
+			w.WriteHeader(503)
+		}
+	}))
+	t.Cleanup(recv.Close)
+	be := newBackend(t)
+	storage := t.TempDir()
+	site := func(port int) string {
+		return testCaddyfile(storage, port, "", proxySite(be, `{
+		inherit_headers User-Agent
+		async {
+			owner {http.request.header.X-Api-Key}
+			lease 1s
+			webhook `+recv.URL+` {
+				secret s
+				max_attempts 100
+			}
+		}
+	}`))
+	}
+	portA, portB := freePort(t), freePort(t)
+	loadCaddy(t, adapt(t, site(portA)), portA)
+	b, child := startChild(t, site(portB), portB)
+	// No credential is inherited: without a key, the job is resumable.
+	status, _, body := send(t, "POST", b+"/batch", `[{"path":"/health"}]`, "X-Api-Key: k", "Prefer: respond-async")
+	if status != 202 {
+		t.Fatalf("%d %s", status, body)
+	}
+	id := mustJSON(t, body).Get("id").String()
+	eventually(t, 10*time.Second, "a failed delivery", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(failed) > 0
+	})
+	_ = child.Process.Kill()
+	_ = child.Wait()
+	close(accept)
+	eventually(t, 10*time.Second, "the event delivered by the instance left", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(ok) > 0
+	})
+	mu.Lock()
+	if ok[0] != id+".completed" || failed[0] != id+".completed" {
+		t.Errorf("Batch-Event-Id %q after %q, want %s.completed", ok[0], failed[0], id)
+	}
+	mu.Unlock()
+	eventually(t, 5*time.Second, "the delivered event and the job's listing gone", func() bool {
+		_, err1 := os.Stat(filepath.Join(storage, "batch", "jobs", id, "event"))
+		_, err2 := os.Stat(filepath.Join(storage, "batch", "active", id))
+		return os.IsNotExist(err1) && os.IsNotExist(err2)
+	})
 }
