@@ -208,8 +208,10 @@ func (j *job) snapshot() jobRecord {
 }
 
 // save stores the job's record.
-func (j *job) save(ctx context.Context) error {
-	rec := j.snapshot()
+func (j *job) save(ctx context.Context) error { return j.saveRecord(ctx, j.snapshot()) }
+
+// saveRecord stores rec as the job's record.
+func (j *job) saveRecord(ctx context.Context, rec jobRecord) error {
 	buf, err := json.Marshal(rec)
 	if err != nil {
 		return err

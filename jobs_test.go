@@ -156,7 +156,7 @@ func TestAsyncResultsFlushedBySize(t *testing.T) {
 // cannot record, ends "error", and this instance answers for it from
 // memory until its record is stored.
 func TestAsyncStorageFailsMidJob(t *testing.T) {
-	setVar(t, &storeRetry, 5*time.Millisecond)
+	setVar(t, &storeRetry, 100*time.Microsecond)
 	setVar(t, &checkpointEvery, time.Hour) // results are stored by the hundred
 	t.Cleanup(func() { flakyBroken.Store(false) })
 	var calls atomic.Int64
@@ -187,8 +187,10 @@ func TestAsyncStorageFailsMidJob(t *testing.T) {
 	if p.Get("status").String() != "error" || !strings.Contains(p.Get("error").String(), errFlaky.Error()) {
 		t.Fatalf("progress with storage down: %s", p.Raw)
 	}
-	if p.Get("skipped").Int() != 100 || calls.Load() != 200 {
-		t.Errorf("ran %d operations with storage down, skipped %d: %s", calls.Load(), p.Get("skipped").Int(), p.Raw)
+	// Results are stored beside the operations: those that ran while the
+	// write of 100-199 was being refused ran, and the rest was skipped.
+	if skipped := p.Get("skipped").Int(); skipped == 0 || calls.Load() < 200 || calls.Load()+skipped != 300 {
+		t.Errorf("ran %d operations with storage down, skipped %d: %s", calls.Load(), skipped, p.Raw)
 	}
 	if status, _, body := send(t, "DELETE", job, "", alice); status != 409 {
 		t.Errorf("cancel of the ended job: %d %s", status, body)
@@ -207,7 +209,7 @@ func TestAsyncStorageFailsMidJob(t *testing.T) {
 		return gjson.GetBytes(b, "status").String() == "error"
 	})
 	eventually(t, 10*time.Second, "job dropped from memory", func() bool { return thePool(t).lookup(id) == nil })
-	if p := waitJob(t, job, alice, "error"); p.Get("skipped").Int() != 100 {
+	if p := waitJob(t, job, alice, "error"); p.Get("skipped").Int() == 0 || p.Get("completed").Int() != 300 {
 		t.Errorf("progress from storage: %s", p.Raw)
 	}
 	if _, _, body := send(t, "GET", job+"/results?offset=98", "", alice); len(mustJSON(t, body).Get("results").Array()) != 2 {

@@ -18,9 +18,10 @@ var checkpointEvery = 50 * time.Millisecond
 
 // storeSink writes a job's results to storage in parts, and its record
 // after each write: the record counts the results stored, which is where
-// a resumed job goes on. Once storage refuses a part, it stores nothing
-// more, and the job skips the operations it has not started: their results
-// could not be recorded.
+// a resumed job goes on. Writes run beside the operations, one at a time:
+// a job waits for storage only when storage falls behind. Once storage
+// refuses a part, it stores nothing more, and the job skips the operations
+// it has not started: their results could not be recorded.
 type storeSink struct {
 	j    *job
 	rn   *runner
@@ -29,11 +30,11 @@ type storeSink struct {
 	buf  []byte          // the results of the current part
 
 	inBuf   int // results in buf
-	written int // of them, those stored
+	written int // of them, those handed to a write
 	n       int // results of the chunk so far, in its stored parts and buf
 	chunk   int
 	part    int // of the chunk, the one buf holds
-	stored  int // results in storage
+	stored  int // results in storage, as of the last write waited for
 	err     error
 	enc     []byte // the result being put
 	// halted is set at the first result a shutdown cut off, of a job that
@@ -41,9 +42,20 @@ type storeSink struct {
 	// and what follows it too.
 	halted bool
 
+	// writing is the write in flight, if any, of flying: it reports the
+	// results stored, or its error.
+	writing chan written
+	flying  []byte
+	spare   []byte // a buffer for the next part
+
 	lastWrite    time.Time
 	lastProgress time.Time
 	rate         rateMeter
+}
+
+type written struct {
+	stored int
+	err    error
 }
 
 // resume takes up where the stored record says the job is: the results it
@@ -98,6 +110,9 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 	}
 	s.j.rec.Stopped = s.rn.stoppedBy
 	s.j.mu.Unlock()
+	if len(s.writing) > 0 {
+		s.wait() // done: a failure stops the job at once
+	}
 	if s.err != nil {
 		return
 	}
@@ -123,18 +138,33 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 	}
 }
 
-// write stores the results of buf not yet stored, as the current part;
-// next then starts the next part.
+// write hands the results of buf not yet stored to a write of the current
+// part, with the record as it stands; next then starts the next part.
 func (s *storeSink) write(next bool) {
-	if s.err == nil && s.inBuf > s.written {
-		if err := s.store(partKey(s.j.rec.ID, s.chunk, s.part), s.buf); err != nil {
-			s.err = err
-			why := "skipped: results could not be stored: " + err.Error()
-			s.rn.unrecorded.Store(&why)
-			s.buf = nil
-			return
+	if s.wait(); s.err != nil {
+		return
+	}
+	if s.inBuf > s.written {
+		data := s.buf
+		if next {
+			s.buf = nil // the write holds it
+		} else {
+			data = append(s.spare[:0], s.buf...) // buf goes on filling
+			s.spare = nil
 		}
-		s.stored += s.inBuf - s.written
+		key := partKey(s.j.rec.ID, s.chunk, s.part)
+		rec := s.j.snapshot()
+		s.writing, s.flying = make(chan written, 1), data
+		go func(done chan<- written) {
+			err := s.store(key, data)
+			if err == nil {
+				if err := s.j.saveRecord(s.ctx, rec); err != nil {
+					// Not fatal: the results are stored, and the end is retried.
+					s.j.h.logger.Warn("storing async batch progress", zap.String("id", rec.ID), zap.Error(err))
+				}
+			}
+			done <- written{stored: rec.Completed, err: err}
+		}(s.writing)
 		s.written = s.inBuf
 		s.lastWrite = now()
 		s.progress()
@@ -142,12 +172,36 @@ func (s *storeSink) write(next bool) {
 	if next && s.inBuf > 0 {
 		s.part++
 		s.inBuf, s.written = 0, 0
-		if cap(s.buf) > 2*partSize {
-			s.buf = nil // one large answer does not keep its buffer for the job's life
+		if s.buf == nil {
+			s.buf, s.spare = s.spare[:0], nil
 		} else {
 			s.buf = s.buf[:0]
 		}
 	}
+}
+
+// wait waits for the write in flight, if any, and takes its buffer back.
+func (s *storeSink) wait() {
+	if s.writing == nil {
+		return
+	}
+	w := <-s.writing
+	if b := s.flying; cap(b) <= 2*partSize { // one large answer does not keep its buffer for the job's life
+		if s.buf == nil {
+			s.buf = b[:0]
+		} else if s.spare == nil {
+			s.spare = b[:0]
+		}
+	}
+	s.writing, s.flying = nil, nil
+	if w.err != nil {
+		s.err = w.err
+		why := "skipped: results could not be stored: " + w.err.Error()
+		s.rn.unrecorded.Store(&why)
+		s.buf = nil
+		return
+	}
+	s.stored = w.stored
 }
 
 // store writes a part, trying again while the job goes on.
@@ -162,28 +216,29 @@ func (s *storeSink) store(key string, val []byte) error {
 	}
 }
 
-// progress records how far the job is, and tells the webhook if asked.
+// progress measures how far the job is, and tells the webhook if asked.
 func (s *storeSink) progress() {
 	t := now()
-	s.rate.add(t, s.stored)
 	s.j.mu.Lock()
+	completed := s.j.rec.Completed
+	s.rate.add(t, completed)
 	s.j.rec.UpdatedAt = &t
 	if r := s.rate.perSecond(); r > 0 {
-		eta := t.Add(time.Duration(float64(s.j.rec.Total-s.stored) / r * float64(time.Second)))
+		eta := t.Add(time.Duration(float64(s.j.rec.Total-completed) / r * float64(time.Second)))
 		s.j.rec.Rate, s.j.rec.EstimatedCompletionAt = r, &eta
 	}
 	s.j.mu.Unlock()
-	if err := s.j.save(s.ctx); err != nil {
-		// Not fatal: the results are stored, and the end is retried.
-		s.j.h.logger.Warn("storing async batch progress", zap.String("id", s.j.rec.ID), zap.Error(err))
-	}
 	if wh := s.j.h.Async.Webhook; wh != nil && wh.wants("progress") && t.Sub(s.lastProgress) >= time.Duration(wh.ProgressInterval) {
 		s.lastProgress = t
 		s.j.h.notify(s.j.h.pool, "progress", s.j.snapshot().progress)
 	}
 }
 
-func (s *storeSink) close(summary) { s.write(true) }
+// close stores what is left, and waits for it.
+func (s *storeSink) close(summary) {
+	s.write(true)
+	s.wait()
+}
 
 // rateMeter measures a rate over the last minute from samples of a count.
 type rateMeter struct {

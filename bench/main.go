@@ -6,6 +6,8 @@
 //	go run ./bench             # 5 s per scenario
 //	go run ./bench -short      # 1 s per scenario, as CI runs it
 //	go run ./bench -soak 3m    # a mixed sync/async soak instead
+//	go run ./bench -job 1000000  # one NDJSON job of a million operations, RSS sampled
+//	go run ./bench -kill       # an instance killed (then stopped) mid-job, resumed by another
 //	go run ./bench -only c -cpuprofile /tmp/caddy.pprof
 //	                           # one scenario, profiling the Caddy process
 //
@@ -30,12 +32,14 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -56,9 +60,26 @@ func main() {
 	soakFor := flag.Duration("soak", 0, "instead of the scenarios, hold a mixed sync/async load this long")
 	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the Caddy process to this file, and the harness's to it.harness")
 	only := flag.String("only", "", "run only these scenarios, comma-separated (a,b,c,c1,d)")
+	jobOps := flag.Int("job", 0, "instead of the scenarios, run one NDJSON job of this many operations, sampling Caddy's RSS")
+	maxGrowth := flag.Int64("max-growth", 64, "with -job: fail when Caddy's RSS grows more MiB than this over idle")
+	kill := flag.Bool("kill", false, "instead of the scenarios, kill (then stop) an instance mid-job and time its resumption on another")
 	flag.Parse()
 	if *serve != "" {
 		runCaddy(*serve)
+		return
+	}
+	if *jobOps > 0 {
+		if err := bigJob(*jobOps, *maxGrowth<<20); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
+	if *kill {
+		for _, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGTERM} {
+			if err := killJob(sig, 2*time.Second); err != nil {
+				log.Fatal(err)
+			}
+		}
 		return
 	}
 	if *soakFor > 0 {
@@ -108,7 +129,13 @@ func runCaddy(cfg string) {
 		}
 		defer func() { pprof.StopCPUProfile(); f.Close() }()
 	}
-	_, _ = io.Copy(io.Discard, os.Stdin)
+	// Stopped gracefully when the parent closes stdin, or on SIGTERM.
+	stop := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(io.Discard, os.Stdin); stop <- struct{}{} }()
+	term := make(chan os.Signal, 1)
+	signal.Notify(term, syscall.SIGTERM)
+	go func() { <-term; stop <- struct{}{} }()
+	<-stop
 	_ = caddy.Stop()
 }
 
