@@ -260,3 +260,33 @@ func TestJobProgressRate(t *testing.T) {
 		t.Errorf("an ended job still estimates: %s", p.Raw)
 	}
 }
+
+// A streamed job sent with an Idempotency-Key is queued once: the same key
+// and body replay its answer, another body is refused, and neither leaves
+// anything stored.
+func TestStreamedIdempotent(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddy(t, ndjsonSite(be, ""), inStorage(storage))
+	body := strings.Repeat(`{"path":"/echo"}`+"\n", 150)
+	status, first := sendNDJSON(t, base+"/batch", body, "Idempotency-Key: import-1")
+	if status != 202 {
+		t.Fatalf("%d %s", status, first)
+	}
+	id := mustJSON(t, first).Get("id").String()
+	waitJob(t, base+"/batch/"+id, alice, "completed")
+	jobs := len(storedJobs(t, storage))
+	status, again := sendNDJSON(t, base+"/batch", body, "Idempotency-Key: import-1")
+	if status != 202 || mustJSON(t, again).Get("id").String() != id {
+		t.Errorf("the same key and body: %d %s, want the first answer (job %s)", status, again, id)
+	}
+	if status, resp := sendNDJSON(t, base+"/batch", body+`{"path":"/echo"}`+"\n", "Idempotency-Key: import-1"); status != 422 {
+		t.Errorf("the same key, another body: %d %s", status, resp)
+	}
+	if n := len(storedJobs(t, storage)); n != jobs {
+		t.Errorf("replays left %d more stored", n-jobs)
+	}
+	if n := len(be.requests()); n != 150 {
+		t.Errorf("the backend saw %d operations for one job of 150", n)
+	}
+}
