@@ -66,7 +66,7 @@ type AsyncConfig struct {
 
 	// How long the lease an instance holds on a job it runs lasts
 	// unrenewed: how long after an instance dies another one takes its
-	// jobs over. It is renewed every third of it. Default: 30s.
+	// jobs over. It is renewed every quarter of it. Default: 30s.
 	Lease caddy.Duration `json:"lease,omitempty"`
 
 	// The key, 32 bytes in hex or base64 (such as {env.BATCH_KEY}), with
