@@ -258,45 +258,34 @@ func (in *intake) option(name string, v gjson.Result) {
 
 // addOp validates an operation and stores it with the next chunk.
 func (in *intake) addOp(raw []byte) {
-	i := in.n
-	if in.n++; in.n > in.lim.maxOps {
-		in.tooMany = true
-		return
-	}
-	before := len(in.p.faults)
-	defer in.locate(before)
-	stub := &operation{index: i, id: strconv.Itoa(i)}
-	if msg, _ := checkJSON(raw); msg != "" {
-		in.p.opFault(stub, "%s", strings.Replace(msg, "batch", "operation", 1))
-		return
-	}
-	op := in.p.parseOperation(i, gjson.ParseBytes(raw), kindOp)
-	switch {
-	case len(op.depIDs) > 0:
-		in.p.opFault(op, "depends_on needs the whole batch in memory: a streamed job takes operations that stand alone")
-	case op.tmpl != nil:
-		in.p.opFault(op, "references need the whole batch in memory: a streamed job takes operations that stand alone")
-	case op.rollback != nil:
-		in.p.opFault(op, "rollback needs atomicity all_or_nothing, which a streamed job does not take")
-	}
-	if op.id != strconv.Itoa(i) {
-		in.fnv.Reset()
-		_, _ = io.WriteString(in.fnv, op.id)
-		in.ids = append(in.ids, idAt{in.fnv.Sum64(), int32(i), int32(in.line)})
-		for len(in.named) <= i/64 {
-			in.named = append(in.named, 0)
+	in.add(raw, "operation", "", func(i int, v gjson.Result) {
+		op := in.p.parseOperation(i, v, kindOp)
+		switch {
+		case len(op.depIDs) > 0:
+			in.p.opFault(op, "depends_on needs the whole batch in memory: a streamed job takes operations that stand alone")
+		case op.tmpl != nil:
+			in.p.opFault(op, "references need the whole batch in memory: a streamed job takes operations that stand alone")
+		case op.rollback != nil:
+			in.p.opFault(op, "rollback needs atomicity all_or_nothing, which a streamed job does not take")
 		}
-		in.named[i/64] |= 1 << (i % 64)
-		if k, err := strconv.Atoi(op.id); err == nil && k >= 0 && strconv.Itoa(k) == op.id {
-			in.numeric = append(in.numeric, idAt{uint64(k), int32(i), int32(in.line)})
+		if op.id != strconv.Itoa(i) {
+			in.noteID(i, op.id)
 		}
-	}
-	in.append(raw)
+	})
 }
 
 // addItem validates an item of a bulk batch and stores it with the next
 // chunk.
 func (in *intake) addItem(raw []byte) {
+	in.add(raw, "item", "item: ", func(i int, v gjson.Result) {
+		in.p.parseBody(&operation{index: i, id: strconv.Itoa(i)}, v, in.encoding)
+	})
+}
+
+// add counts raw as operation in.n, checks it is JSON that fits the
+// limits (its faults named for what, after prefix), validates it with
+// parse, and stores it with the next chunk.
+func (in *intake) add(raw []byte, what, prefix string, parse func(i int, v gjson.Result)) {
 	i := in.n
 	if in.n++; in.n > in.lim.maxOps {
 		in.tooMany = true
@@ -304,13 +293,28 @@ func (in *intake) addItem(raw []byte) {
 	}
 	before := len(in.p.faults)
 	defer in.locate(before)
-	op := &operation{index: i, id: strconv.Itoa(i)}
 	if msg, _ := checkJSON(raw); msg != "" {
-		in.p.opFault(op, "item: %s", strings.Replace(msg, "batch", "item", 1))
+		in.p.opFault(&operation{index: i, id: strconv.Itoa(i)}, "%s%s", prefix, strings.Replace(msg, "batch", what, 1))
 		return
 	}
-	in.p.parseBody(op, gjson.ParseBytes(raw), in.encoding)
+	parse(i, gjson.ParseBytes(raw))
 	in.append(raw)
+}
+
+// noteID records the id of operation i, which is not its default one, to
+// find duplicates once the body is read: a hash, not the id, so that
+// memory grows by 16 bytes per operation whatever the ids' size.
+func (in *intake) noteID(i int, id string) {
+	in.fnv.Reset()
+	_, _ = io.WriteString(in.fnv, id)
+	in.ids = append(in.ids, idAt{in.fnv.Sum64(), int32(i), int32(in.line)})
+	for len(in.named) <= i/64 {
+		in.named = append(in.named, 0)
+	}
+	in.named[i/64] |= 1 << (i % 64)
+	if k, err := strconv.Atoi(id); err == nil && k >= 0 && strconv.Itoa(k) == id {
+		in.numeric = append(in.numeric, idAt{uint64(k), int32(i), int32(in.line)})
+	}
 }
 
 // locate puts the line of NDJSON in front of the faults found since
