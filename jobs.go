@@ -917,16 +917,23 @@ func (h *Handler) sweepJobs(ctx context.Context) {
 	}
 }
 
-func (h *Handler) deleteExpired(ctx context.Context) {
-	keys, err := h.storage.List(ctx, jobsPrefix, false)
+// jobIDs lists the job ids under prefix; none, logged, if storage fails.
+func (h *Handler) jobIDs(ctx context.Context, prefix string) []string {
+	keys, err := h.storage.List(ctx, prefix, false)
 	if err != nil {
 		if !errors.Is(err, fs.ErrNotExist) {
-			h.logger.Warn("listing batch jobs", zap.Error(err))
+			h.logger.Warn("listing async batches", zap.String("prefix", prefix), zap.Error(err))
 		}
-		return
+		return nil
 	}
-	for _, k := range keys {
-		id := path.Base(k)
+	for i, k := range keys {
+		keys[i] = path.Base(k)
+	}
+	return keys
+}
+
+func (h *Handler) deleteExpired(ctx context.Context) {
+	for _, id := range h.jobIDs(ctx, jobsPrefix) {
 		rec, err := h.loadJob(ctx, id)
 		switch {
 		case err == nil:

@@ -238,18 +238,10 @@ func (h *Handler) adopt(ctx context.Context) {
 	if !ok {
 		return // not serving yet
 	}
-	keys, err := h.storage.List(ctx, activePrefix, false)
-	if err != nil {
-		if !errors.Is(err, fs.ErrNotExist) {
-			h.logger.Warn("listing async batches", zap.Error(err))
-		}
-		return
-	}
-	for _, k := range keys {
+	for _, id := range h.jobIDs(ctx, activePrefix) {
 		if ctx.Err() != nil || !p.hasRoom() {
 			return
 		}
-		id := path.Base(k)
 		if p.lookup(id) != nil {
 			continue
 		}
