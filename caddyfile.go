@@ -79,6 +79,9 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //		inherit_headers   <name...>
 //		allow_forwarded_headers <name...>
 //		retry_429         <n>
+//		max_inflight      <n>
+//		rate              <n> <interval>|<n>/<interval> [<key placeholder>]
+//		pacing            adaptive|off
 //		service_root      <path>
 //		encode            <encoding...>|off
 //		log_operations    on|off
@@ -181,12 +184,52 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return nil
 		case "retry_429":
 			return intArg(d, &h.Retry429, 0)
+		case "max_inflight":
+			return intArg(d, &h.MaxInflight, 1)
+		case "rate":
+			h.Rate = new(RateConfig)
+			return h.Rate.unmarshalCaddyfile(d)
+		case "pacing":
+			return choiceArg(d, name, &h.Pacing, pacingAdaptive, pacingOff)
 		case "async":
 			h.Async = new(AsyncConfig)
 			return h.Async.unmarshalCaddyfile(d)
 		}
 		return d.Errf("unrecognized subdirective '%s'", name)
 	})
+}
+
+// unmarshalCaddyfile reads "rate <n> <interval> [<key>]", or the same
+// with "<n>/<interval>".
+func (rc *RateConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) > 0 {
+		if n, per, ok := strings.Cut(args[0], "/"); ok {
+			args = append([]string{n, per}, args[1:]...)
+		}
+	}
+	if len(args) < 2 || len(args) > 3 {
+		return d.Errf("rate takes <n> <interval> [<key placeholder>], got %d arguments", len(args))
+	}
+	n, err := strconv.Atoi(args[0])
+	if err != nil || n < 1 {
+		return d.Errf("rate: expected a whole number of at least 1, got %q", args[0])
+	}
+	dur, err := caddy.ParseDuration(args[1])
+	if err != nil || dur <= 0 {
+		return d.Errf("rate: invalid interval %q: must be positive", args[1])
+	}
+	rc.Requests, rc.Interval = n, caddy.Duration(dur)
+	if len(args) == 3 {
+		rc.Key = args[2]
+		if !strings.Contains(rc.Key, "{") {
+			return d.Errf("rate key %q is the same for every request: give a placeholder, such as {http.request.header.X-Tenant}", rc.Key)
+		}
+	}
+	if d.NextBlock(d.Nesting()) {
+		return d.Errf("rate takes no block")
+	}
+	return nil
 }
 
 func (a *AsyncConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {

@@ -72,6 +72,15 @@ func TestCaddyfileSubdirectives(t *testing.T) {
 			`{"allow_forwarded_headers":["X-Forwarded-Proto","X-Real-IP","Forwarded"]}`},
 		{"retry_429 zero", "batch {\n retry_429 0\n}", `{}`},
 		{"retry_429", "batch {\n retry_429 3\n}", `{"retry_429":3}`},
+		{"max_inflight", "batch {\n max_inflight 4\n}", `{"max_inflight":4}`},
+		{"rate", "batch {\n rate 100 1s\n}", `{"rate":{"requests":100,"interval":1000000000}}`},
+		{"rate slash", "batch {\n rate 5/1m\n}", `{"rate":{"requests":5,"interval":60000000000}}`},
+		{"rate keyed", "batch {\n rate 10 2s {http.request.header.X-Tenant}\n}",
+			`{"rate":{"requests":10,"interval":2000000000,"key":"{http.request.header.X-Tenant}"}}`},
+		{"rate slash keyed", "batch {\n rate 10/500ms {remote_host}\n}",
+			`{"rate":{"requests":10,"interval":500000000,"key":"{remote_host}"}}`},
+		{"pacing adaptive", "batch {\n pacing adaptive\n}", `{"pacing":"adaptive"}`},
+		{"pacing off", "batch {\n pacing off\n}", `{"pacing":"off"}`},
 		{"async bare", "batch {\n async\n}", `{"async":{}}`},
 		{"async empty block", "batch {\n async {\n }\n}", `{"async":{}}`},
 		{"async", "batch {\n async {\n  retention 1h\n  workers 2\n  owner {http.request.header.X-Api-Key}\n }\n}",
@@ -121,6 +130,11 @@ func TestCaddyfileRefused(t *testing.T) {
 		"inherit_headers missing":         block("inherit_headers"),
 		"allow_forwarded_headers missing": block("allow_forwarded_headers"),
 		"retry_429 missing":               block("retry_429"),
+		"max_inflight missing":            block("max_inflight"),
+		"rate missing":                    block("rate"),
+		"rate interval missing":           block("rate 10"),
+		"rate slash interval missing":     block("rate 10/"),
+		"pacing missing":                  block("pacing"),
 		"retention missing":               async("retention"),
 		"workers missing":                 async("workers"),
 		"owner missing":                   async("owner"),
@@ -140,6 +154,10 @@ func TestCaddyfileRefused(t *testing.T) {
 		"timeout extra":            block("timeout 1s 2s"),
 		"op_timeout extra":         block("op_timeout 1 s"),
 		"retry_429 extra":          block("retry_429 1 2"),
+		"max_inflight extra":       block("max_inflight 1 2"),
+		"rate extra":               block("rate 1 1s {a} {b}"),
+		"rate slash extra":         block("rate 1/1s {a} {b}"),
+		"pacing extra":             block("pacing adaptive off"),
 		"async argument":           block("async on"),
 		"async argument and block": block("async on {", "}"),
 		"retention extra":          async("retention 1h 2h"),
@@ -158,6 +176,14 @@ func TestCaddyfileRefused(t *testing.T) {
 		"max_ops zero":          block("max_ops 0"),
 		"max_ops huge":          block("max_ops 99999999999999999999"),
 		"retry_429 negative":    block("retry_429 -1"),
+		"max_inflight zero":     block("max_inflight 0"),
+		"max_inflight negative": block("max_inflight -2"),
+		"rate zero":             block("rate 0 1s"),
+		"rate negative":         block("rate -1 1s"),
+		"rate word":             block("rate many 1s"),
+		"rate zero interval":    block("rate 5 0s"),
+		"rate bad interval":     block("rate 5 soon"),
+		"rate slash word":       block("rate 5/soon"),
 		"workers zero":          async("workers 0"),
 		"max_attempts zero":     webhook("max_attempts 0"),
 		"max_attempts negative": webhook("max_attempts -3"),
@@ -190,6 +216,8 @@ func TestCaddyfileRefused(t *testing.T) {
 		"paths twice":                   block("paths /a", "paths /b"),
 		"allow_forwarded_headers twice": block("allow_forwarded_headers Forwarded", "allow_forwarded_headers X-Real-IP"),
 		"async twice":                   block("async", "async"),
+		"rate twice":                    block("rate 1 1s", "rate 2 1s"),
+		"max_inflight twice":            block("max_inflight 1", "max_inflight 2"),
 		"retention twice":               async("retention 1h", "retention 2h"),
 		"webhook twice":                 async("webhook https://a", "webhook https://b"),
 		"secret twice":                  webhook("secret a", "secret b"),
@@ -205,11 +233,14 @@ func TestCaddyfileRefused(t *testing.T) {
 		"header name":        block("inherit_headers X(Y)"),
 		"service_root":       block("service_root v1.0"),
 		"literal owner":      async("owner everyone"),
+		"pacing typo":        block("pacing adaptative"),
+		"literal rate key":   block("rate 5 1s tenant"),
 		"webhook no secret":  async("webhook https://h.example/x"),
 		"webhook event typo": webhook("secret s", "events complete"),
 
 		// Blocks where none belong, and unknown nested subdirectives.
 		"block on mode":            block("mode parallel {", "x", "}"),
+		"block on rate":            block("rate 5 1s {", "x", "}"),
 		"async unknown":            async("bogus 1"),
 		"async batch subdirective": async("mode parallel"),
 		"webhook unknown":          webhook("url https://x"),
@@ -243,7 +274,8 @@ func TestProvisionDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := `{"mode":"sequential","concurrency":10,"atomicity":"none","max_ops":100,"max_body_size":10485760,
-		"max_response_size":10485760,"max_reference_size":10485760,"max_idempotent_size":1048576,"timeout":60000000000,"op_timeout":30000000000}`
+		"max_response_size":10485760,"max_reference_size":10485760,"max_idempotent_size":1048576,"timeout":60000000000,"op_timeout":30000000000,
+		"max_inflight":32,"pacing":"off"}`
 	if got := cfJSON(t, &h); !cfSameJSON(t, got, want) {
 		t.Errorf("defaults:\ngot  %s\nwant %s", got, want)
 	}
@@ -306,6 +338,11 @@ func TestProvisionRefusesBadJSONConfig(t *testing.T) {
 		"timeout negative":           `{"timeout":"-1s"}`,
 		"op_timeout negative":        `{"op_timeout":-5}`,
 		"retry_429 negative":         `{"retry_429":-1}`,
+		"max_inflight negative":      `{"max_inflight":-1}`,
+		"pacing":                     `{"pacing":"fast"}`,
+		"rate without requests":      `{"rate":{"interval":"1s"}}`,
+		"rate without interval":      `{"rate":{"requests":5}}`,
+		"rate negative interval":     `{"rate":{"requests":5,"interval":"-1s"}}`,
 		"method with a space":        `{"methods":["GE T"]}`,
 		"empty method":               `{"methods":[""]}`,
 		"method with a newline":      `{"methods":["GET\n"]}`,
@@ -532,11 +569,15 @@ func TestJSONConfig(t *testing.T) {
 // line, instead of failing at run time with none.
 func TestAdaptTyposWithLines(t *testing.T) {
 	for line, c := range map[string]struct{ lines, want string }{
-		"4": {"\tmax_ops 5\n\tmode paralel", `mode must be sequential or parallel, got "paralel"`},
-		"3": {"\tatomicity all", `atomicity must be none or stop_on_error or all_or_nothing`},
-		"5": {"\tmax_ops 5\n\ttimeout 1s\n\tallow_forwarded_headers X-Fowarded-For", `"X-Fowarded-For" is not an X-Forwarded-*`},
-		"6": {"\n\n\tasync {\n\t\twebhook https://h.example/x {\n\t\t\tevents completed\n\t\t}\n\t}", "needs a secret"},
-		"7": {"\n\n\n\n\tpaths users/*", `"users/*" never matches`},
+		"4":  {"\tmax_ops 5\n\tmode paralel", `mode must be sequential or parallel, got "paralel"`},
+		"3":  {"\tatomicity all", `atomicity must be none or stop_on_error or all_or_nothing`},
+		"5":  {"\tmax_ops 5\n\ttimeout 1s\n\tallow_forwarded_headers X-Fowarded-For", `"X-Fowarded-For" is not an X-Forwarded-*`},
+		"6":  {"\n\n\tasync {\n\t\twebhook https://h.example/x {\n\t\t\tevents completed\n\t\t}\n\t}", "needs a secret"},
+		"7":  {"\n\n\n\n\tpaths users/*", `"users/*" never matches`},
+		"8":  {"\tmax_ops 5\n\n\n\n\n\tpacing adptive", `pacing must be adaptive or off, got "adptive"`},
+		"9":  {"\n\n\n\n\n\n\trate 5 1s tenant", `rate key "tenant" is the same for every request`},
+		"10": {"\n\n\n\n\n\n\n\tmax_inflight 0", `expected a whole number of at least 1, got "0"`},
+		"11": {"\n\n\n\n\n\n\n\n\trate ten/1s", `rate: expected a whole number of at least 1, got "ten"`},
 	} {
 		cfg := "example.com {\n\tbatch /batch {\n" + c.lines + "\n\t}\n}\n"
 		_, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), map[string]any{"filename": "Caddyfile"})

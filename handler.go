@@ -100,6 +100,28 @@ type Handler struct {
 	// Default: 0.
 	Retry429 int `json:"retry_429,omitempty"`
 
+	// The most operations in flight downstream at once, across all
+	// batches and async jobs of this handler; more wait for a turn (within
+	// their op_timeout, then 504), taken round-robin between batches so
+	// that a large job does not starve a small batch. The budget belongs to
+	// this handler instance: a reloaded config starts a new one. Must not
+	// be negative; 0 means the default. Default: 32.
+	MaxInflight int `json:"max_inflight,omitempty"`
+
+	// A rate operations wait for (within their op_timeout), for all
+	// batches and jobs of this handler, or per key. Default: none.
+	Rate *RateConfig `json:"rate,omitempty"`
+
+	// How the operations of sync batches react to the API's rate limits:
+	// "adaptive" pauses all adaptive operations of the handler for a 429's
+	// Retry-After (1s if none, at most 60s), halves how many may be in
+	// flight and grows it back as answers succeed, spreads the quota left
+	// that RateLimit and X-RateLimit headers advertise over their reset,
+	// and retries operations answered 429 of any method until op_timeout
+	// (retry_429 is then unused); "off" does none of it. Async jobs are
+	// always adaptive. Default: off.
+	Pacing string `json:"pacing,omitempty"`
+
 	// The largest answer kept, in bytes, for a batch sent with an
 	// Idempotency-Key. The answer is held in memory up to this size and
 	// stored before it is sent; a larger one is sent as it comes, with
@@ -146,6 +168,9 @@ type Handler struct {
 	pool      *jobPool
 	keyLocks  *keyLocks
 	metrics   *metrics
+	// gate orders the operations sent downstream: max_inflight, rate
+	// and pacing.
+	gate *gate
 	// errorChains holds the error routes of each server, compiled.
 	errorChains sync.Map
 	// stopSweeping ends the sweep of expired idempotent answers.
@@ -224,6 +249,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxIdempotentSize == 0 {
 		h.MaxIdempotentSize = defaultMaxIdempotentSize
 	}
+	if h.MaxInflight == 0 {
+		h.MaxInflight = defaultMaxInflight
+	}
+	if h.Pacing == "" {
+		h.Pacing = pacingOff
+	}
+	h.gate = newGate(h.MaxInflight, h.Rate)
 	methods := h.Methods
 	if len(methods) == 0 {
 		methods = defaultMethods
@@ -418,6 +450,15 @@ func (h *Handler) Validate() error {
 		return errors.New("timeout and op_timeout must be positive")
 	case h.Retry429 < 0:
 		return fmt.Errorf("retry_429 must not be negative, got %d", h.Retry429)
+	case h.MaxInflight < 0:
+		return fmt.Errorf("max_inflight must not be negative, got %d", h.MaxInflight)
+	case h.Pacing != pacingAdaptive && h.Pacing != pacingOff:
+		return fmt.Errorf("pacing must be %q or %q, got %q", pacingAdaptive, pacingOff, h.Pacing)
+	}
+	if h.Rate != nil {
+		if err := h.Rate.validate(); err != nil {
+			return err
+		}
 	}
 	for m := range h.limits.methods {
 		if m == "" || strings.ContainsAny(m, " \t\r\n") {

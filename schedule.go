@@ -69,6 +69,10 @@ type runner struct {
 	// opKey is the header that carries each operation's idempotency key,
 	// "<batch id>.<op id>", unless the operation has its own; "" for none.
 	opKey string
+	// pace is who the operations wait as for a turn downstream; a job's
+	// is made at its first operation.
+	pace     *paceOwner
+	paceOnce sync.Once
 }
 
 func (h *Handler) newRunner(ctx context.Context, timeout time.Duration, r *http.Request, next caddyhttp.Handler, srv *caddyhttp.Server, b *batch) *runner {
@@ -82,6 +86,7 @@ func (h *Handler) newRunner(ctx context.Context, timeout time.Duration, r *http.
 		base:      ctx,
 		timeout:   timeout,
 		inherited: h.inheritedHeaders(r.Header),
+		pace:      h.batchPaceOwner(r),
 	}
 	rn.start(b)
 	rn.refs.reset(h.MaxReferenceSize)

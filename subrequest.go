@@ -71,23 +71,44 @@ func (rn *runner) resolveAndExec(op *operation, clk *opClock) result {
 	return rn.exec(op, clk)
 }
 
-// exec serves one operation through the rest of the handler chain. An
-// idempotent operation answered 429 is tried again after its Retry-After,
-// up to retry_429 times within op_timeout.
+// exec serves one operation through the rest of the handler chain, each
+// try after a turn from the handler's gate (max_inflight, rate, pacing).
+// An operation answered 429 is tried again: under adaptive pacing, of any
+// method, after the pause the pacer keeps, until op_timeout; otherwise
+// when idempotent, after its Retry-After, up to retry_429 times within
+// op_timeout.
 func (rn *runner) exec(op *operation, clk *opClock) result {
 	ctx, deadline := clk.arm()
 	defer clk.disarm()
+	o := rn.paceOwner()
+	g := rn.h.gate
 	for attempt := 1; ; attempt++ {
-		res := rn.attempt(ctx, clk, op, attempt)
-		if res.status != http.StatusTooManyRequests || attempt > rn.h.Retry429 || !idempotent(op.method) {
+		var res result
+		if t, err := g.acquire(ctx, o); err != nil {
+			res = rn.waitedOut(clk.parent)
+		} else {
+			res = rn.attempt(ctx, clk, op, attempt)
+			g.release(t, res.status, res.header)
+		}
+		retry := res.status == http.StatusTooManyRequests
+		var wait time.Duration
+		if o.adaptive {
+			// A 429 says the request was refused for its rate, not
+			// processed: any method is sent again.
+			retry = retry && attempt < maxAdaptiveAttempts
+			wait = max(g.pausedFor(), adaptiveBackoff(attempt))
+		} else {
+			retry = retry && attempt <= rn.h.Retry429 && idempotent(op.method)
+			var ok bool
+			if wait, ok = retryAfter(res.header); !ok {
+				wait = time.Second // when the answer does not say, or not readably
+			}
+		}
+		if !retry {
 			if attempt > 1 {
 				res.attempts = attempt
 			}
 			return res
-		}
-		wait, ok := retryAfter(res.header)
-		if !ok {
-			wait = time.Second // when the answer does not say, or not readably
 		}
 		if time.Until(deadline) < wait {
 			res.attempts = attempt

@@ -1,0 +1,494 @@
+package batch
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"net/http"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// stamped is a backend that logs when each request arrived and answers
+// with answer.
+type stamped struct {
+	*httptest.Server
+	mu   sync.Mutex
+	reqs []seen
+}
+
+func newStamped(t *testing.T, answer func(w http.ResponseWriter, r *http.Request, n int)) *stamped {
+	t.Helper()
+	s := &stamped{}
+	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.mu.Lock()
+		s.reqs = append(s.reqs, seen{Method: r.Method, Path: r.URL.RequestURI(), At: time.Now()})
+		n := len(s.reqs)
+		s.mu.Unlock()
+		answer(w, r, n)
+	}))
+	t.Cleanup(s.Close)
+	return s
+}
+
+func (s *stamped) requests() []seen {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]seen(nil), s.reqs...)
+}
+
+func (s *stamped) addr() string { return s.Listener.Addr().String() }
+
+// max_inflight bounds the operations in flight downstream across all the
+// batches of a handler, and every operation still succeeds: they wait.
+func TestMaxInflightBoundsAllBatches(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		mode parallel
+		concurrency 10
+		max_inflight 4
+	}`))
+	var ops []string
+	for i := range 20 {
+		ops = append(ops, fmt.Sprintf(`{"path":"/slow?id=op%d&d=10ms"}`, i))
+	}
+	body := `{"batch":[` + strings.Join(ops, ",") + `]}`
+	var wg sync.WaitGroup
+	var ok atomic.Int64
+	for range 16 {
+		wg.Go(func() {
+			status, _, resp := send(t, "POST", base+"/batch", body)
+			if status != 200 {
+				t.Errorf("batch: %d %s", status, resp)
+				return
+			}
+			for _, r := range mustJSON(t, resp).Get("results").Array() {
+				if r.Get("status").Int() == 200 {
+					ok.Add(1)
+				} else {
+					t.Errorf("operation: %s", r.Raw)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	be.mu.Lock()
+	maxIn := be.maxInFlight
+	be.mu.Unlock()
+	if ok.Load() != 16*20 {
+		t.Errorf("%d of %d operations succeeded", ok.Load(), 16*20)
+	}
+	if maxIn > 4 {
+		t.Errorf("%d operations in flight at once, max_inflight 4", maxIn)
+	}
+}
+
+// The budget's turns go round-robin between batches: a small batch that
+// comes while a large one waits is not served after all of it.
+func TestGateFairBetweenOwners(t *testing.T) {
+	g := newGate(1, nil)
+	big, small := &paceOwner{}, &paceOwner{}
+	ctx := context.Background()
+	hold, err := g.acquire(ctx, big)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var order []string
+	var wg sync.WaitGroup
+	wait := func(o *paceOwner, name string, n int) {
+		for range n {
+			wg.Go(func() {
+				tk, err := g.acquire(ctx, o)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				mu.Lock()
+				order = append(order, name)
+				mu.Unlock()
+				g.release(tk, 0, nil)
+			})
+		}
+		eventually(t, 5*time.Second, "waiters queued", func() bool {
+			g.mu.Lock()
+			defer g.mu.Unlock()
+			return len(o.waiters) == n
+		})
+	}
+	wait(big, "big", 10)
+	wait(small, "small", 2)
+	g.release(hold, 0, nil)
+	wg.Wait()
+	if len(order) != 12 {
+		t.Fatalf("order %v", order)
+	}
+	// Turns alternate while both wait: small's two are among the first four.
+	n := 0
+	for _, o := range order[:4] {
+		if o == "small" {
+			n++
+		}
+	}
+	if n != 2 {
+		t.Errorf("small batch waited behind the large one: %v", order)
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.used != 0 || len(g.ring) != 0 {
+		t.Errorf("after all: used %d, ring %d", g.used, len(g.ring))
+	}
+}
+
+// A waiter whose time runs out leaves the queue and takes no turn.
+func TestGateWaitTimesOut(t *testing.T) {
+	g := newGate(1, nil)
+	o := &paceOwner{}
+	hold, err := g.acquire(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := g.acquire(ctx, o); err != errNoTurn {
+		t.Fatalf("acquire with the budget spent: %v", err)
+	}
+	g.release(hold, 0, nil)
+	g.mu.Lock()
+	used, ring := g.used, len(g.ring)
+	g.mu.Unlock()
+	if used != 0 || ring != 0 {
+		t.Errorf("after a timed-out waiter: used %d, ring %d", used, ring)
+	}
+	if tk, err := g.acquire(context.Background(), o); err != nil {
+		t.Errorf("budget not given back: %v", err)
+	} else {
+		g.release(tk, 0, nil)
+	}
+}
+
+// A 429 halves the window of adaptive operations once for all the
+// operations sent before it, and pauses them; successes grow it back by
+// about one per window.
+func TestPacerAIMD(t *testing.T) {
+	g := newGate(8, nil)
+	o := &paceOwner{adaptive: true}
+	ctx := context.Background()
+	var turns []turn
+	for range 3 {
+		tk, err := g.acquire(ctx, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		turns = append(turns, tk)
+	}
+	limited := http.Header{"Retry-After": {"0"}}
+	g.release(turns[0], 429, limited)
+	g.release(turns[1], 429, limited) // sent before the first 429 came back
+	if g.window != 4 {
+		t.Errorf("window after two 429s of one flight: %v, want 4", g.window)
+	}
+	tk, err := g.acquire(ctx, o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.release(tk, 429, limited) // sent after: halves again
+	if g.window != 2 {
+		t.Errorf("window after a later 429: %v, want 2", g.window)
+	}
+	g.release(turns[2], 200, nil)
+	if g.window != 2.5 {
+		t.Errorf("window after a success: %v, want 2.5", g.window)
+	}
+	for range 100 {
+		tk, err := g.acquire(ctx, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		g.release(tk, 200, nil)
+	}
+	if g.window != 8 {
+		t.Errorf("window after 100 successes: %v, want max_inflight 8", g.window)
+	}
+	g.release(turns[0], 429, http.Header{})
+	if left := g.pausedFor(); left < 900*time.Millisecond || left > time.Second {
+		t.Errorf("a 429 without Retry-After pauses %s, want 1s", left)
+	}
+	g.release(turns[0], 429, http.Header{"Retry-After": {"3600"}})
+	if left := g.pausedFor(); left > maxPause {
+		t.Errorf("a pause of %s, above the cap", left)
+	}
+	g.used, g.adaptiveUsed = 0, 0 // the releases above of turns taken once
+}
+
+// An async job's operations, of any method, answered 429 with
+// Retry-After: all operations pause for it, the refused one is sent again
+// after it, and the job ends with every operation 200.
+func TestPacingPausesOnRetryAfter(t *testing.T) {
+	for _, c := range []struct{ name, block, header string }{
+		{"async job", "async {\n\t\t\tretention 1h\n\t\t}", "Prefer: respond-async"},
+		{"sync adaptive", "pacing adaptive", ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var limitedAt atomic.Int64 // UnixNano of the 429
+			be := newStamped(t, func(w http.ResponseWriter, r *http.Request, n int) {
+				if n == 1 {
+					w.Header().Set("Retry-After", "1")
+					w.WriteHeader(http.StatusTooManyRequests)
+					limitedAt.Store(time.Now().UnixNano())
+					return
+				}
+				if n <= 3 {
+					// Those sent with it answer once the 429 is known.
+					time.Sleep(300 * time.Millisecond)
+				}
+				w.Header().Set("Content-Type", "application/json")
+				fmt.Fprintf(w, `{"n":%d}`, n)
+			})
+			base := startCaddy(t, fmt.Sprintf(`
+	batch /batch /batch/* {
+		mode parallel
+		concurrency 3
+		op_timeout 10s
+		%s
+	}
+	reverse_proxy %s`, c.block, be.addr()))
+			var ops []string
+			for i := range 6 {
+				ops = append(ops, fmt.Sprintf(`{"id":"p%d","method":"POST","path":"/items","body":{"i":%d}}`, i, i))
+			}
+			body := `{"batch":[` + strings.Join(ops, ",") + `]}`
+			var results string
+			if c.header != "" {
+				id := submitJob(t, base+"/batch", body)
+				waitJob(t, base+"/batch/"+id, alice, "completed", "error")
+				_, _, results = send(t, "GET", base+"/batch/"+id+"/results", "", alice)
+			} else {
+				_, _, results = send(t, "POST", base+"/batch", body)
+			}
+			res := mustJSON(t, results).Get("results").Array()
+			retried := 0
+			for _, r := range res {
+				if r.Get("status").Int() != 200 {
+					t.Errorf("operation: %s", r.Raw)
+				}
+				if r.Get("attempts").Int() == 2 {
+					retried++
+				}
+			}
+			if len(res) != 6 || retried != 1 {
+				t.Errorf("%d results, %d retried once, want 6 and 1: %s", len(res), retried, results)
+			}
+			reqs := be.requests()
+			if len(reqs) != 7 {
+				t.Fatalf("backend saw %d requests, want 7 (6 and a retry)", len(reqs))
+			}
+			pauseEnd := time.Unix(0, limitedAt.Load()).Add(time.Second)
+			// The first three went out together; none after them before
+			// the pause ended.
+			for i, r := range reqs[3:] {
+				if r.At.Before(pauseEnd) {
+					t.Errorf("request %d arrived %s before the pause ended", i+3, pauseEnd.Sub(r.At))
+				}
+			}
+		})
+	}
+}
+
+// A backend that advertises its quota in RateLimit headers is paced
+// within it: the quota left is spread over the time to its reset, and
+// none of the operations is refused.
+func TestPacingSpreadsAdvertisedQuota(t *testing.T) {
+	for _, form := range []string{"structured", "legacy", "x-ratelimit"} {
+		t.Run(form, func(t *testing.T) {
+			const quota, window = 5, time.Second
+			var mu sync.Mutex
+			var start time.Time
+			used := map[int]int{}
+			var refused atomic.Int64
+			be := newStamped(t, func(w http.ResponseWriter, r *http.Request, n int) {
+				now := time.Now()
+				mu.Lock()
+				if start.IsZero() {
+					start = now
+				}
+				k := int(now.Sub(start) / window)
+				used[k]++
+				left := quota - used[k]
+				mu.Unlock()
+				end := start.Add(time.Duration(k+1) * window)
+				reset := max(1, int(math.Ceil(end.Sub(now).Seconds())))
+				if left < 0 {
+					refused.Add(1)
+					w.Header().Set("Retry-After", strconv.Itoa(reset))
+					w.WriteHeader(http.StatusTooManyRequests)
+					return
+				}
+				switch form {
+				case "structured":
+					w.Header().Set("RateLimit", fmt.Sprintf(`"default";r=%d;t=%d`, left, reset))
+					w.Header().Set("RateLimit-Policy", fmt.Sprintf(`"default";q=%d;w=1`, quota))
+				case "legacy":
+					w.Header().Set("RateLimit-Limit", strconv.Itoa(quota))
+					w.Header().Set("RateLimit-Remaining", strconv.Itoa(left))
+					w.Header().Set("RateLimit-Reset", strconv.Itoa(reset))
+				default:
+					w.Header().Set("X-RateLimit-Limit", strconv.Itoa(quota))
+					w.Header().Set("X-RateLimit-Remaining", strconv.Itoa(left))
+					w.Header().Set("X-RateLimit-Reset", strconv.FormatInt(end.Unix()+1, 10)) // a Unix time, rounded up
+				}
+				w.Header().Set("Content-Type", "application/json")
+				fmt.Fprintf(w, `{"n":%d}`, n)
+			})
+			base := startCaddy(t, fmt.Sprintf(`
+	batch /batch {
+		op_timeout 10s
+		pacing adaptive
+	}
+	reverse_proxy %s`, be.addr()))
+			var ops []string
+			for i := range 15 {
+				ops = append(ops, fmt.Sprintf(`{"path":"/items/%d"}`, i))
+			}
+			began := time.Now()
+			_, _, body := send(t, "POST", base+"/batch", `{"batch":[`+strings.Join(ops, ",")+`]}`)
+			took := time.Since(began)
+			for _, r := range mustJSON(t, body).Get("results").Array() {
+				if r.Get("status").Int() != 200 {
+					t.Errorf("operation: %s", r.Raw)
+				}
+			}
+			if n := refused.Load(); n != 0 {
+				t.Errorf("%d operations were refused 429: the quota was not paced", n)
+			}
+			if reqs := be.requests(); len(reqs) != 15 {
+				t.Errorf("backend saw %d requests, want 15", len(reqs))
+			}
+			// 15 operations at 5 per window need three windows.
+			if took < 2*window {
+				t.Errorf("15 operations in %s, at 5 per %s", took, window)
+			}
+		})
+	}
+}
+
+// rate makes operations wait for their tokens; one whose token comes
+// after its op_timeout is answered 504, saying why.
+func TestRateWaits(t *testing.T) {
+	be := newStamped(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		w.WriteHeader(http.StatusNoContent)
+	})
+	base := startCaddy(t, fmt.Sprintf(`
+	batch /batch {
+		mode parallel
+		rate 5 500ms
+	}
+	reverse_proxy %s`, be.addr()))
+	ops := strings.TrimSuffix(strings.Repeat(`{"path":"/x"},`, 10), ",")
+	began := time.Now()
+	_, _, body := send(t, "POST", base+"/batch", `{"batch":[`+ops+`]}`)
+	took := time.Since(began)
+	for _, r := range mustJSON(t, body).Get("results").Array() {
+		if r.Get("status").Int() != 204 {
+			t.Errorf("operation: %s", r.Raw)
+		}
+	}
+	// A burst of 5, then 5 more at one per 100ms.
+	if took < 450*time.Millisecond {
+		t.Errorf("10 operations in %s at rate 5 per 500ms", took)
+	}
+
+	base = startCaddy(t, fmt.Sprintf(`
+	batch /batch {
+		op_timeout 300ms
+		rate 1 1h
+	}
+	reverse_proxy %s`, be.addr()))
+	_, _, body = send(t, "POST", base+"/batch", `{"batch":[{"path":"/x"},{"path":"/x"}]}`)
+	res := mustJSON(t, body)
+	if res.Get("results.0.status").Int() != 204 || res.Get("results.1.status").Int() != 504 ||
+		!strings.Contains(res.Get("results.1.error").String(), "waiting to be sent downstream") {
+		t.Errorf("second operation of rate 1 per hour: %s", body)
+	}
+}
+
+// A keyed rate keeps at most its bound of buckets, whatever keys come:
+// idle ones are dropped, and keys beyond the bound share one bucket, so
+// that new keys gain no quota.
+func TestRateKeysBounded(t *testing.T) {
+	r := newRateKeys(2, time.Second, 100)
+	now := time.Unix(1000, 0)
+	for i := range 10000 {
+		key := "tenant-" + strconv.Itoa(i)
+		if ok, _ := r.allows(key, now); ok {
+			r.take(key, now)
+		}
+	}
+	if len(r.buckets) != 100 {
+		t.Fatalf("%d buckets, want the bound 100", len(r.buckets))
+	}
+	// Keys 100 on shared the overflow: its 2 tokens, then none.
+	if ok, at := r.allows("tenant-new", now); ok || !at.After(now) {
+		t.Errorf("an overflow key has quota left: %v %v", ok, at)
+	}
+	// A key with its own bucket keeps it.
+	if ok, _ := r.allows("tenant-0", now); !ok {
+		t.Error("tenant-0 lost its token")
+	}
+	// Idle buckets are dropped once full again: new keys get their own.
+	later := now.Add(2 * time.Second)
+	if ok, _ := r.allows("tenant-new", later); !ok {
+		t.Error("no room for a new key after the others went idle")
+	}
+	if len(r.buckets) > 100 {
+		t.Errorf("%d buckets", len(r.buckets))
+	}
+	r.take("tenant-new", later)
+	// A long key is kept hashed.
+	long := strings.Repeat("k", 1<<16)
+	r.allows(long, later)
+	for k := range r.buckets {
+		if len(k) > maxRateKeyLen {
+			t.Errorf("a key of %d bytes kept", len(k))
+		}
+	}
+	// Refill: a bucket emptied gets a token back after interval/n.
+	b := newRateKeys(2, time.Second, 10)
+	b.take("a", now)
+	b.take("a", now)
+	if ok, at := b.allows("a", now); ok || at != now.Add(500*time.Millisecond) {
+		t.Errorf("empty bucket: %v, next token at %v", ok, at.Sub(now))
+	}
+	if ok, _ := b.allows("a", now.Add(500*time.Millisecond)); !ok {
+		t.Error("no token after interval/n")
+	}
+}
+
+// A keyed rate gives each key its own bucket, resolved from the batch
+// request: one tenant's batch does not spend another's tokens.
+func TestRateKeyedByPlaceholder(t *testing.T) {
+	be := newStamped(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		w.WriteHeader(http.StatusNoContent)
+	})
+	base := startCaddy(t, fmt.Sprintf(`
+	batch /batch {
+		op_timeout 300ms
+		rate 2 1h {http.request.header.X-Tenant}
+	}
+	reverse_proxy %s`, be.addr()))
+	ops := `{"batch":[{"path":"/x"},{"path":"/x"},{"path":"/x"}]}`
+	want := []int64{204, 204, 504}
+	for _, tenant := range []string{"a", "b"} {
+		_, _, body := send(t, "POST", base+"/batch", ops, "X-Tenant: "+tenant)
+		for i, r := range mustJSON(t, body).Get("results").Array() {
+			if r.Get("status").Int() != want[i] {
+				t.Errorf("tenant %s op %d: %s", tenant, i, r.Raw)
+			}
+		}
+	}
+}
