@@ -422,6 +422,22 @@ func TestAsyncInterruptedByShutdown(t *testing.T) {
 	}
 }
 
+// restartableCaddy starts Caddy in front of be with jobs that any
+// instance can resume (sealed credentials, lease 1s); restart starts it
+// again on the same storage and port once it has been stopped.
+func restartableCaddy(t *testing.T, be *backend) (base string, restart func() string) {
+	t.Helper()
+	storage := t.TempDir()
+	port := freePort(t)
+	cfgJSON := adapt(t, testCaddyfile(storage, port, "", proxySite(be, `{
+		async {
+			credentials_key `+testKey+`
+			lease 1s
+		}
+	}`)))
+	return loadCaddy(t, cfgJSON, port), func() string { return loadCaddy(t, cfgJSON, port) }
+}
+
 // testKey is a credentials_key for tests.
 const testKey = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=" // base64 of 32 bytes
 
@@ -431,15 +447,7 @@ const testKey = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=" // base64 of 32 b
 // key.
 func TestAsyncResumesAfterRestart(t *testing.T) {
 	be := newBackend(t)
-	storage := t.TempDir()
-	port := freePort(t)
-	cfgJSON := adapt(t, testCaddyfile(storage, port, "", proxySite(be, `{
-		async {
-			credentials_key `+testKey+`
-			lease 1s
-		}
-	}`)))
-	base := loadCaddy(t, cfgJSON, port)
+	base, restart := restartableCaddy(t, be)
 	var ops []string
 	for i := range 30 {
 		ops = append(ops, fmt.Sprintf(`{"id":"r%d","path":"/slow?id=r%d&d=30ms"}`, i, i))
@@ -450,7 +458,7 @@ func TestAsyncResumesAfterRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	stoppedAt := len(be.requests())
-	base = loadCaddy(t, cfgJSON, port)
+	base = restart()
 	p := waitJob(t, base+"/batch/"+id, alice, "completed", "error")
 	if p.Get("status").String() != "completed" || p.Get("succeeded").Int() != 30 {
 		t.Fatalf("job after a restart: %s", p.Raw)

@@ -146,15 +146,7 @@ func TestAsyncHandedOverAtGracefulStop(t *testing.T) {
 func TestAllOrNothingJobResumes(t *testing.T) {
 	setVar(t, &jobsGrace, 100*time.Millisecond)
 	be := newBackend(t)
-	storage := t.TempDir()
-	port := freePort(t)
-	cfgJSON := adapt(t, testCaddyfile(storage, port, "", proxySite(be, `{
-		async {
-			credentials_key `+testKey+`
-			lease 1s
-		}
-	}`)))
-	base := loadCaddy(t, cfgJSON, port)
+	base, restart := restartableCaddy(t, be)
 	var ops []string
 	for i := range 10 {
 		ops = append(ops, fmt.Sprintf(`{"id":"a%d","path":"/slow?id=a%d&d=40ms","rollback":{"path":"/slow?id=undo%d"}}`, i, i, i))
@@ -171,7 +163,7 @@ func TestAllOrNothingJobResumes(t *testing.T) {
 		}
 	}
 	first := len(be.requests())
-	base = loadCaddy(t, cfgJSON, port)
+	base = restart()
 	p := waitJob(t, base+"/batch/"+id, alice, "completed", "error")
 	_, _, body := send(t, "GET", base+"/batch/"+id+"/results", "", alice)
 	res := mustJSON(t, body)
