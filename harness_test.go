@@ -430,9 +430,16 @@ func (s *flakyStorage) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 type flakyStore struct{ *certmagic.FileStorage }
 
+// flakyBeforeStore, when set, sees each key test_flaky is about to store,
+// and the storage as it is before the write.
+var flakyBeforeStore atomic.Pointer[func(s *certmagic.FileStorage, key string)]
+
 func (s flakyStore) Store(ctx context.Context, key string, value []byte) error {
 	if flakyBroken.Load() {
 		return errFlaky
+	}
+	if f := flakyBeforeStore.Load(); f != nil {
+		(*f)(s.FileStorage, key)
 	}
 	return s.FileStorage.Store(ctx, key, value)
 }

@@ -118,11 +118,13 @@ func (h *Handler) queueJob(w http.ResponseWriter, r *http.Request, j *job, n int
 	if err == nil {
 		err = j.save(ctx)
 	}
-	if err == nil {
-		err = h.activate(ctx, id)
-	}
+	// Leased before it is listed: an instance looking for jobs to take
+	// over must never find it without its lease.
 	if err == nil {
 		j.lease, err = h.takeLease(ctx, id, true)
+	}
+	if err == nil {
+		err = h.activate(ctx, id)
 	}
 	if err != nil {
 		return j.drop(caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err)))

@@ -1,14 +1,17 @@
 package batch
 
 import (
+	"context"
 	"fmt"
 	"net/url"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
 )
 
 // clusterJob runs a 2,000-operation job on a child instance sharing its
@@ -185,5 +188,38 @@ func TestAllOrNothingJobResumes(t *testing.T) {
 		if strings.Contains(r.Path, "undo") && i < first {
 			t.Errorf("rolled back before the restart: %s", r.Path)
 		}
+	}
+}
+
+// A job is leased before it is listed among the jobs to take over: an
+// instance that found it listed without a lease would take it and run it
+// beside the instance that accepted it, until the next renewal.
+func TestJobLeasedBeforeListed(t *testing.T) {
+	var mu sync.Mutex
+	var listed, unleased []string
+	hook := func(s *certmagic.FileStorage, key string) {
+		id, ok := strings.CutPrefix(key, activePrefix+"/")
+		if !ok {
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		listed = append(listed, id)
+		if !s.Exists(context.Background(), leaseKey(id)) {
+			unleased = append(unleased, id)
+		}
+	}
+	flakyBeforeStore.Store(&hook)
+	t.Cleanup(func() { flakyBeforeStore.Store(nil) })
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, "{\n\t\tasync\n\t}"), onFlakyStorage)
+	for range 3 {
+		id := submitJob(t, base+"/batch", `[{"path":"/a"},{"path":"/b"}]`)
+		waitJob(t, base+"/batch/"+id, alice, "completed")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(listed) != 3 || len(unleased) != 0 {
+		t.Errorf("jobs listed as active: %v; of them listed before their lease was stored: %v", listed, unleased)
 	}
 }
