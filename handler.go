@@ -113,13 +113,16 @@ type Handler struct {
 	Rate *RateConfig `json:"rate,omitempty"`
 
 	// How the operations of sync batches react to the API's rate limits:
-	// "adaptive" pauses all adaptive operations of the handler for a 429's
-	// Retry-After (1s if none, at most 60s), halves how many may be in
-	// flight and grows it back as answers succeed, spreads the quota left
-	// that RateLimit and X-RateLimit headers advertise over their reset,
-	// and retries operations answered 429 of any method until op_timeout
-	// (retry_429 is then unused); "off" does none of it. Async jobs are
-	// always adaptive. Default: off.
+	// "adaptive" shares one pacer between all adaptive operations of the
+	// handler: a first 429 pauses them for its Retry-After (1s if none,
+	// at most 60s), then they start at a rate learned from the API's
+	// answers, lowered on each later 429 and grown back as answers
+	// succeed (a Retry-After over 1s pauses them all again); the quota
+	// left that RateLimit and X-RateLimit headers advertise is spread
+	// over their reset; operations answered 429, of any method, are sent
+	// again after their Retry-After until op_timeout (retry_429 is then
+	// unused). "off" does none of it. Async jobs are always adaptive.
+	// Default: off.
 	Pacing string `json:"pacing,omitempty"`
 
 	// The largest answer kept, in bytes, for a batch sent with an

@@ -22,8 +22,8 @@ import (
 //   - the budget, max_inflight operations in flight at once;
 //   - the rate, a token bucket per key that operations wait for;
 //   - the pacer, for adaptive operations (async jobs always; sync batches
-//     with "pacing adaptive"): a pause that a 429 asks for, an AIMD window
-//     of adaptive operations in flight, and the quota that RateLimit
+//     with "pacing adaptive", see pacer.go): the rate it learns from the
+//     API's 429s, the pauses they ask for, and the quota that RateLimit
 //     headers advertise, spread over its reset window.
 //
 // Operations wait for their turn within their op_timeout; the gate answers
@@ -119,19 +119,11 @@ type gate struct {
 	timer *time.Timer  // wakes waiters that wait for a time
 	armed time.Time    // when timer fires; zero when it does not
 
-	// The pacer.
-	adaptiveUsed int       // adaptive operations in flight
-	window       float64   // adaptive operations allowed in flight
-	pausedUntil  time.Time // no adaptive operation starts before
-	decreasedAt  time.Time // of the window's last halving
-	quotaLeft    int64     // starts the advertised quota still allows
-	quotaLimit   int64     // the quota of a window, 0 if unknown
-	quotaReset   time.Time // when the quota renews; none known after
-	nextStart    time.Time // no adaptive operation starts before, as a low quota is spread
+	pacer pacer // of adaptive operations
 }
 
 func newGate(maxInflight int, rc *RateConfig) *gate {
-	g := &gate{max: maxInflight, window: float64(maxInflight)}
+	g := &gate{max: maxInflight}
 	if rc != nil {
 		g.rate = newRateKeys(rc.Requests, time.Duration(rc.Interval), maxRateKeys)
 	}
@@ -192,58 +184,9 @@ func (g *gate) release(t turn, status int, h http.Header) {
 	defer g.mu.Unlock()
 	g.used--
 	if t.owner.adaptive {
-		g.adaptiveUsed--
-		if status != 0 {
-			g.learn(t, status, h, now)
-		}
+		g.pacer.learn(t.grantedAt, status, h, now)
 	}
 	g.dispatch(now)
-}
-
-// learn adapts the pacer to an answer: a 429 pauses every adaptive
-// operation and halves the window, once for all the operations sent before
-// it; any other answer grows the window by about one per window answered;
-// RateLimit headers tell what quota is left.
-func (g *gate) learn(t turn, status int, h http.Header, now time.Time) {
-	q, ok := parseQuota(h, now)
-	if ok {
-		renews := q.reset
-		if !q.hasReset {
-			renews = q.window
-		}
-		g.quotaLeft = q.remaining - int64(g.adaptiveUsed) // those in flight may not be counted yet
-		g.quotaLimit = q.limit
-		g.quotaReset = time.Time{} // no telling when it renews: not paced on
-		if renews > 0 {
-			g.quotaReset = now.Add(min(renews, maxPause))
-		}
-	}
-	if status != http.StatusTooManyRequests {
-		g.window = min(g.window+1/g.window, float64(g.max))
-		return
-	}
-	pause, ok := retryAfter(h)
-	switch {
-	case ok:
-	case q.hasRemaining && q.remaining == 0 && q.hasReset:
-		pause = q.reset
-	default:
-		pause = defaultPause
-	}
-	if until := now.Add(min(pause, maxPause)); until.After(g.pausedUntil) {
-		g.pausedUntil = until
-	}
-	if !t.grantedAt.Before(g.decreasedAt) {
-		g.window = max(1, g.window/2)
-		g.decreasedAt = now
-	}
-}
-
-// pausedFor is how long adaptive operations are paused from now.
-func (g *gate) pausedFor() time.Duration {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return time.Until(g.pausedUntil)
 }
 
 // admissible reports whether an operation of o may start now; if not
@@ -253,15 +196,8 @@ func (g *gate) admissible(o *paceOwner, now time.Time) (ok bool, at time.Time) {
 		return false, time.Time{}
 	}
 	if o.adaptive {
-		switch {
-		case now.Before(g.pausedUntil):
-			return false, g.pausedUntil
-		case g.adaptiveUsed >= int(g.window):
-			return false, time.Time{}
-		case now.Before(g.quotaReset) && g.quotaLeft <= 0:
-			return false, g.quotaReset
-		case now.Before(g.quotaReset) && g.quotaLow() && now.Before(g.nextStart):
-			return false, g.nextStart
+		if ok, at := g.pacer.admit(now, g.max); !ok {
+			return false, at
 		}
 	}
 	if g.rate != nil {
@@ -272,24 +208,11 @@ func (g *gate) admissible(o *paceOwner, now time.Time) (ok bool, at time.Time) {
 	return true, time.Time{}
 }
 
-// quotaLow reports whether the quota left is low enough to be spread over
-// the time to its reset rather than used at once: no more than the window
-// would send, or a tenth of the limit.
-func (g *gate) quotaLow() bool {
-	return g.quotaLeft <= int64(g.window) || g.quotaLeft*10 <= g.quotaLimit
-}
-
 // take gives o a turn that admissible allowed.
 func (g *gate) take(o *paceOwner, now time.Time) {
 	g.used++
 	if o.adaptive {
-		g.adaptiveUsed++
-		if now.Before(g.quotaReset) {
-			if g.quotaLow() {
-				g.nextStart = now.Add(g.quotaReset.Sub(now) / time.Duration(g.quotaLeft))
-			}
-			g.quotaLeft--
-		}
+		g.pacer.start(now, g.max)
 	}
 	if g.rate != nil {
 		g.rate.take(o.key, now)

@@ -172,60 +172,6 @@ func TestGateWaitTimesOut(t *testing.T) {
 	}
 }
 
-// A 429 halves the window of adaptive operations once for all the
-// operations sent before it, and pauses them; successes grow it back by
-// about one per window.
-func TestPacerAIMD(t *testing.T) {
-	g := newGate(8, nil)
-	o := &paceOwner{adaptive: true}
-	ctx := context.Background()
-	var turns []turn
-	for range 3 {
-		tk, err := g.acquire(ctx, o)
-		if err != nil {
-			t.Fatal(err)
-		}
-		turns = append(turns, tk)
-	}
-	limited := http.Header{"Retry-After": {"0"}}
-	g.release(turns[0], 429, limited)
-	g.release(turns[1], 429, limited) // sent before the first 429 came back
-	if g.window != 4 {
-		t.Errorf("window after two 429s of one flight: %v, want 4", g.window)
-	}
-	tk, err := g.acquire(ctx, o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g.release(tk, 429, limited) // sent after: halves again
-	if g.window != 2 {
-		t.Errorf("window after a later 429: %v, want 2", g.window)
-	}
-	g.release(turns[2], 200, nil)
-	if g.window != 2.5 {
-		t.Errorf("window after a success: %v, want 2.5", g.window)
-	}
-	for range 100 {
-		tk, err := g.acquire(ctx, o)
-		if err != nil {
-			t.Fatal(err)
-		}
-		g.release(tk, 200, nil)
-	}
-	if g.window != 8 {
-		t.Errorf("window after 100 successes: %v, want max_inflight 8", g.window)
-	}
-	g.release(turns[0], 429, http.Header{})
-	if left := g.pausedFor(); left < 900*time.Millisecond || left > time.Second {
-		t.Errorf("a 429 without Retry-After pauses %s, want 1s", left)
-	}
-	g.release(turns[0], 429, http.Header{"Retry-After": {"3600"}})
-	if left := g.pausedFor(); left > maxPause {
-		t.Errorf("a pause of %s, above the cap", left)
-	}
-	g.used, g.adaptiveUsed = 0, 0 // the releases above of turns taken once
-}
-
 // An async job's operations, of any method, answered 429 with
 // Retry-After: all operations pause for it, the refused one is sent again
 // after it, and the job ends with every operation 200.

@@ -1,0 +1,282 @@
+package batch
+
+import (
+	"math"
+	"net/http"
+	"time"
+)
+
+// The pacer is the gate's for adaptive operations: it learns the rate the
+// API takes from its answers and spaces their starts at it.
+//
+// Until a first 429 it does not pace. That 429 pauses every adaptive
+// operation for its Retry-After (the pacer knows nothing of the limit
+// yet), and the pacer then ramps a rate up from what the API took in the
+// last second, by half again every 100 ms, until the next 429: the rate
+// the API took over the last half second, just before it, is the limit.
+// From then on it paces a little below that, climbs back to the last
+// limit within about a second of a 429, and probes beyond it, slowly at
+// first. A 429
+// while it paces lowers the rate by a twentieth; only the refused
+// operation waits its Retry-After, unless it asks for more than a second,
+// which pauses all of them again: the API's quota is spent. Either way,
+// the 429s of operations sent before the last one was answered change
+// nothing more: they report the same excess.
+//
+// A token bucket of the API, with whole-second Retry-After, is the case
+// this is built for: pausing for every 429 would lose a second each time
+// the rate is probed.
+const (
+	rampEvery    = 100 * time.Millisecond
+	rampFactor   = 2.0
+	paceBelow    = 0.95 // of the limit found
+	regainPerSec = 0.05 // of the last limit, per second, below it
+	probePerSec  = 0.02 // of the last limit, per second, beyond it, doubling each second
+	minRate      = 0.1  // starts per second
+	// pauseAllOver is the longest Retry-After that does not pause every
+	// operation once a rate is learned.
+	pauseAllOver = time.Second
+	// paceBurst is how much of a second's starts may go at once.
+	paceBurst = 20 * time.Millisecond
+	slot      = 100 * time.Millisecond
+)
+
+// pacer is the state of adaptive pacing, under the gate's lock.
+type pacer struct {
+	inflight    int       // adaptive operations in flight
+	pausedUntil time.Time // no adaptive operation starts before
+	decreasedAt time.Time // of the last 429 that changed the rate
+
+	rate      float64 // starts per second; 0 until a 429
+	limit     float64 // the rate at the last 429
+	ramping   bool    // looking for the limit, after the first 429
+	tokens    float64 // starts the rate allows now
+	filledAt  time.Time
+	grownAt   time.Time
+	probeFrom time.Time // when the rate passed the last limit
+	boundAt   time.Time // when a start last waited for the rate
+
+	accepted [10]int   // answers other than 429, per slot
+	refused  [10]int   // 429s, per slot
+	slotAt   time.Time // start of the newest slot
+
+	quotaLeft  int64     // starts the advertised quota still allows
+	quotaLimit int64     // the quota of a window, 0 if unknown
+	quotaReset time.Time // when the quota renews; none known after
+	nextStart  time.Time // no adaptive operation starts before, as a low quota is spread
+}
+
+// admit reports whether an adaptive operation may start now; if not
+// until some time, at says when. maxInflight bounds what a low quota is
+// measured against.
+func (p *pacer) admit(now time.Time, maxInflight int) (ok bool, at time.Time) {
+	switch {
+	case now.Before(p.pausedUntil):
+		return false, p.pausedUntil
+	case now.Before(p.quotaReset) && p.quotaLeft <= 0:
+		return false, p.quotaReset
+	case now.Before(p.quotaReset) && p.quotaLow(maxInflight) && now.Before(p.nextStart):
+		return false, p.nextStart
+	}
+	if p.rate > 0 {
+		p.fill(now)
+		if p.tokens < 1 {
+			p.boundAt = now
+			wait := time.Duration((1 - p.tokens) / p.rate * float64(time.Second))
+			return false, now.Add(max(wait, time.Millisecond))
+		}
+	}
+	return true, time.Time{}
+}
+
+// quotaLow reports whether the quota left is low enough to be spread over
+// the time to its reset rather than used at once: no more than one flight
+// of operations, or a tenth of the limit.
+func (p *pacer) quotaLow(maxInflight int) bool {
+	return p.quotaLeft <= int64(maxInflight) || p.quotaLeft*10 <= p.quotaLimit
+}
+
+// start counts an adaptive operation that admit let start.
+func (p *pacer) start(now time.Time, maxInflight int) {
+	p.inflight++
+	if now.Before(p.quotaReset) {
+		if p.quotaLow(maxInflight) {
+			p.nextStart = now.Add(p.quotaReset.Sub(now) / time.Duration(max(p.quotaLeft, 1)))
+		}
+		p.quotaLeft--
+	}
+	if p.rate > 0 {
+		p.tokens--
+	}
+}
+
+// fill brings the rate's tokens to now: at most paceBurst's worth, and
+// at least one, so that a rate below one a second still starts.
+func (p *pacer) fill(now time.Time) {
+	if d := now.Sub(p.filledAt); d > 0 {
+		p.tokens = min(max(1, p.rate*paceBurst.Seconds()), p.tokens+p.rate*d.Seconds())
+		p.filledAt = now
+	}
+}
+
+// learn adapts the pacer to the answer of an operation started at
+// grantedAt (status 0: none came).
+func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.Time) {
+	p.inflight--
+	if status == 0 {
+		return
+	}
+	q, ok := parseQuota(h, now)
+	if ok {
+		renews := q.reset
+		if !q.hasReset {
+			renews = q.window
+		}
+		p.quotaLeft = q.remaining - int64(p.inflight) // those in flight may not be counted yet
+		p.quotaLimit = q.limit
+		p.quotaReset = time.Time{} // no telling when it renews: not paced on
+		if renews > 0 {
+			p.quotaReset = now.Add(min(renews, maxPause))
+		}
+	}
+	refused := status == http.StatusTooManyRequests
+	p.count(now, refused)
+	if !refused {
+		p.grow(now)
+		return
+	}
+	if grantedAt.Before(p.decreasedAt) {
+		return // sent before the last 429 was answered
+	}
+	p.decreasedAt = now
+	pause, ok := retryAfter(h)
+	switch {
+	case ok:
+	case q.hasRemaining && q.remaining == 0 && q.hasReset:
+		pause = q.reset
+	default:
+		pause = defaultPause
+	}
+	pause = min(pause, maxPause)
+	switch {
+	case p.rate == 0:
+		// What the API took in the last second, or one a second: the
+		// ramp starts there once the pause ends.
+		p.rate = max(1, p.acceptedRate(now, len(p.accepted)))
+		p.ramping = true
+	default:
+		// Down to what the API took of the last slots' starts: all
+		// of it beyond its limit was refused.
+		if p.ramping {
+			p.rate = min(p.rate, p.acceptedRate(now, 2))
+		}
+		p.limit = max(minRate, p.rate)
+		p.rate = max(minRate, p.rate*min(paceBelow, max(0.5, p.tookShare(now))))
+		p.ramping = false
+	}
+	p.tokens = min(p.tokens, 0)
+	p.filledAt, p.grownAt, p.probeFrom = now, now, time.Time{}
+	if p.limit == 0 || pause > pauseAllOver {
+		if until := now.Add(pause); until.After(p.pausedUntil) {
+			// One starts as the pause ends, the next at the rate.
+			p.pausedUntil = until
+			p.filledAt, p.tokens = until, 1
+		}
+	}
+}
+
+// grow raises the rate as answers succeed, while starts wait for it.
+func (p *pacer) grow(now time.Time) {
+	if p.rate == 0 || now.Before(p.pausedUntil) {
+		return
+	}
+	from := p.grownAt
+	if p.pausedUntil.After(from) {
+		from = p.pausedUntil // no answer came in a pause
+	}
+	d := min(now.Sub(from), time.Second)
+	if d < time.Millisecond {
+		return
+	}
+	p.grownAt = now
+	if now.Sub(p.boundAt) > time.Second {
+		return // the rate is not what holds operations back
+	}
+	switch {
+	case p.ramping:
+		// Doubling at most at each answer: from a low rate, answers
+		// are far apart.
+		p.rate *= math.Pow(rampFactor, float64(min(d, rampEvery))/float64(rampEvery))
+	case p.rate < p.limit:
+		// Halving the gap every third of a second, and a twentieth of
+		// the limit a second at least, to meet it.
+		gain := max(regainPerSec*p.limit, 2*(p.limit-p.rate)) * d.Seconds()
+		p.rate = min(p.limit, p.rate+gain)
+	default:
+		// Beyond the last limit, faster the longer it holds: the
+		// limit found may be below the API's.
+		if p.probeFrom.IsZero() {
+			p.probeFrom = now
+		}
+		held := min(now.Sub(p.probeFrom), 10*time.Second)
+		p.rate += probePerSec * math.Exp2(held.Seconds()) * p.limit * d.Seconds()
+	}
+}
+
+// count records an answer: refused, or taken.
+func (p *pacer) count(now time.Time, refused bool) {
+	p.advance(now)
+	if refused {
+		p.refused[0]++
+	} else {
+		p.accepted[0]++
+	}
+}
+
+// tookShare is the share of the last two slots' answers the API took.
+func (p *pacer) tookShare(now time.Time) float64 {
+	p.advance(now)
+	took := p.accepted[0] + p.accepted[1]
+	return float64(took) / float64(took+p.refused[0]+p.refused[1])
+}
+
+// advance moves the slots to now: slot 0 is the one now is in.
+func (p *pacer) advance(now time.Time) {
+	if p.slotAt.IsZero() {
+		p.slotAt = now
+		return
+	}
+	n := int(now.Sub(p.slotAt) / slot)
+	if n <= 0 {
+		return
+	}
+	n = min(n, len(p.accepted))
+	for _, s := range []*[10]int{&p.accepted, &p.refused} {
+		copy(s[n:], s[:len(s)-n])
+		clear(s[:n])
+	}
+	p.slotAt = p.slotAt.Add(time.Duration(int(now.Sub(p.slotAt)/slot)) * slot)
+}
+
+// acceptedRate is the answers the API took per second over the last n
+// slots, the newest of which has only begun.
+func (p *pacer) acceptedRate(now time.Time, n int) float64 {
+	p.advance(now)
+	n = min(n, len(p.accepted))
+	c := 0
+	for _, a := range p.accepted[:n] {
+		c += a
+	}
+	over := time.Duration(n-1)*slot + now.Sub(p.slotAt)
+	if p.pausedUntil.After(now.Add(-over)) {
+		over = now.Sub(p.pausedUntil) // nothing was sent in a pause
+	}
+	return float64(c) / max(over, 10*time.Millisecond).Seconds()
+}
+
+// pausedFor is how long adaptive operations are paused from now.
+func (g *gate) pausedFor() time.Duration {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return time.Until(g.pacer.pausedUntil)
+}

@@ -1,0 +1,226 @@
+package batch
+
+import (
+	"math"
+	"net/http"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// tokenBucketAPI is an API limited to rate requests a second with a
+// burst of burst, answering 429 with a whole-second Retry-After beyond.
+type tokenBucketAPI struct {
+	rate, burst, tokens float64
+	at                  time.Time
+}
+
+func (a *tokenBucketAPI) answer(now time.Time) (int, http.Header) {
+	if a.at.IsZero() {
+		a.tokens, a.at = a.burst, now
+	}
+	a.tokens = min(a.burst, a.tokens+a.rate*now.Sub(a.at).Seconds())
+	a.at = now
+	if a.tokens >= 1 {
+		a.tokens--
+		return http.StatusOK, nil
+	}
+	wait := math.Ceil((1 - a.tokens) / a.rate)
+	return http.StatusTooManyRequests, http.Header{"Retry-After": {strconv.Itoa(int(max(wait, 1)))}}
+}
+
+// simulatePacer runs n operations through a pacer in simulated time,
+// 1 ms steps, each answered by api after latency, at most maxInflight at
+// once, each 429 sent again as exec does. It returns the time the last
+// answer took to come and the answers of each status.
+func simulatePacer(t *testing.T, api *tokenBucketAPI, n, maxInflight int, latency time.Duration) (time.Duration, map[int]int) {
+	t.Helper()
+	type flight struct {
+		grantedAt, due time.Time
+		attempt        int
+	}
+	var p pacer
+	start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	now := start
+	ready := make([]time.Time, 0, n) // when each waiting operation may start
+	attempts := make([]int, 0, n)
+	for range n {
+		ready, attempts = append(ready, start), append(attempts, 1)
+	}
+	var inflight []flight
+	statuses := map[int]int{}
+	done := 0
+	for done < n {
+		if now.Sub(start) > time.Hour {
+			t.Fatalf("%d of %d operations done after an hour", done, n)
+		}
+		kept := inflight[:0]
+		for _, f := range inflight {
+			if f.due.After(now) {
+				kept = append(kept, f)
+				continue
+			}
+			status, h := api.answer(now)
+			statuses[status]++
+			p.learn(f.grantedAt, status, h, now)
+			if status != http.StatusTooManyRequests {
+				done++
+				continue
+			}
+			ra, _ := retryAfter(h)
+			wait := max(p.pausedUntil.Sub(now), ra, adaptiveBackoff(f.attempt))
+			ready, attempts = append(ready, now.Add(wait)), append(attempts, f.attempt+1)
+		}
+		inflight = kept
+		for i := 0; i < len(ready) && len(inflight) < maxInflight; {
+			if ready[i].After(now) {
+				i++
+				continue
+			}
+			if ok, _ := p.admit(now, maxInflight); !ok {
+				break
+			}
+			p.start(now, maxInflight)
+			inflight = append(inflight, flight{grantedAt: now, due: now.Add(latency), attempt: attempts[i]})
+			ready, attempts = append(ready[:i], ready[i+1:]...), append(attempts[:i], attempts[i+1:]...)
+		}
+		now = now.Add(time.Millisecond)
+	}
+	return now.Sub(start), statuses
+}
+
+// Against a token bucket that answers 429 with Retry-After in whole
+// seconds, the pacer finds the rate within the first seconds and holds
+// it: N operations take little more than N/R, and few are refused.
+func TestPacerFindsTokenBucketRate(t *testing.T) {
+	for _, c := range []struct {
+		rate, burst float64
+		n           int
+		latency     time.Duration
+	}{
+		{200, 20, 5000, time.Millisecond},
+		{200, 200, 5000, 20 * time.Millisecond},
+		{50, 5, 1500, 5 * time.Millisecond},
+		{1000, 50, 20000, time.Millisecond},
+	} {
+		took, statuses := simulatePacer(t, &tokenBucketAPI{rate: c.rate, burst: c.burst}, c.n, 32, c.latency)
+		ideal := time.Duration(float64(c.n) / c.rate * float64(time.Second))
+		answers := statuses[200] + statuses[429]
+		t.Logf("R=%v burst %v, %d ops, latency %v: %v (%.3f× N/R), %d of %d answers 429 (%.1f%%)",
+			c.rate, c.burst, c.n, c.latency, took, float64(took)/float64(ideal), statuses[429], answers, 100*float64(statuses[429])/float64(answers))
+		if float64(took) > 1.1*float64(ideal) {
+			t.Errorf("R=%v: %v, over 1.1 × N/R = %v", c.rate, took, time.Duration(1.1*float64(ideal)))
+		}
+		if statuses[429]*20 > answers {
+			t.Errorf("R=%v: %d of %d answers were 429, over 5%%", c.rate, statuses[429], answers)
+		}
+	}
+}
+
+// The pacer's rules, answer by answer, in simulated time.
+func TestPacerRules(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	retry := func(s string) http.Header { return http.Header{"Retry-After": {s}} }
+	var p pacer
+	send := func(ms int) bool {
+		if ok, _ := p.admit(at(ms), 32); !ok {
+			return false
+		}
+		p.start(at(ms), 32)
+		return true
+	}
+
+	// Unpaced until a 429: then all pause for its Retry-After, and the
+	// rate starts from what the API took in the last second.
+	for range 22 {
+		if !send(0) {
+			t.Fatal("an operation held back before any 429")
+		}
+	}
+	for range 20 {
+		p.learn(at(0), 200, nil, at(10))
+	}
+	p.learn(at(0), 429, retry("2"), at(10))
+	if ok, until := p.admit(at(11), 32); ok || !until.Equal(at(2010)) {
+		t.Errorf("after a first 429 with Retry-After 2: admitted %v, paused until %v", ok, until)
+	}
+	if !p.ramping || p.rate < 20 || p.rate > 25 {
+		t.Errorf("rate after the first 429: %.1f (ramping %v), want what the API took: about 20/s", p.rate, p.ramping)
+	}
+	// The 429s of operations sent with it report the same excess.
+	rate := p.rate
+	p.learn(at(0), 429, retry("30"), at(12))
+	if p.rate != rate || !p.pausedUntil.Equal(at(2010)) {
+		t.Errorf("a 429 of the same flight changed the rate to %.1f, the pause to %v", p.rate, p.pausedUntil)
+	}
+
+	// After the pause, starts are spaced at the rate, which ramps up
+	// while the API takes them.
+	starts := 0
+	for ms := 2010; ms < 3010; ms++ {
+		for send(ms) {
+			starts++
+			p.learn(at(ms), 200, nil, at(ms))
+		}
+	}
+	if starts < 100 || p.rate < 500 {
+		t.Errorf("in the second after the pause: %d starts, rate %.1f; the ramp should double it every 100 ms", starts, p.rate)
+	}
+
+	// A later 429 lowers the rate, by the share the API refused of
+	// the last answers and at least a twentieth; nothing pauses.
+	before := p.rate
+	for range 3 {
+		p.start(at(3010), 32)
+	}
+	p.learn(at(3010), 200, nil, at(3011))
+	p.learn(at(3010), 429, retry("1"), at(3011))
+	p.learn(at(3010), 429, retry("1"), at(3011)) // of the same flight
+	if p.ramping || p.pausedUntil.After(at(3011)) || p.limit > before || math.Abs(p.rate-p.limit*paceBelow) > 1 {
+		t.Errorf("after a 429 while pacing at %.1f: ramping %v, paused until %v, limit %.1f, rate %.1f",
+			before, p.ramping, p.pausedUntil, p.limit, p.rate)
+	}
+	// Once the last answers are mostly 429s, by half.
+	for range 10 {
+		p.start(at(3300), 32)
+	}
+	p.learn(at(3300), 200, nil, at(3301))
+	for range 9 {
+		p.learn(at(3300), 429, retry("1"), at(3301))
+	}
+	if p.rate != p.limit*0.5 {
+		t.Errorf("after a 429 for one answer taken: rate %.1f, want half the limit %.1f", p.rate, p.limit)
+	}
+	// Below the limit the rate climbs back near it within about a second.
+	limit := p.limit
+	for ms := 3012; ms < 4500; ms++ {
+		for send(ms) {
+			p.learn(at(ms), 200, nil, at(ms))
+		}
+	}
+	if p.rate < 0.9*p.limit || p.limit != limit {
+		t.Errorf("rate %.1f 1.2 s after a 429, below 0.9 × the limit %.1f (was %.1f)", p.rate, p.limit, limit)
+	}
+
+	// A Retry-After longer than a second pauses all again, at most
+	// maxPause; a 429 without one, while pacing, does not.
+	p.start(at(4500), 32)
+	p.learn(at(4500), 429, http.Header{}, at(4501))
+	if p.pausedUntil.After(at(4501)) {
+		t.Errorf("a 429 without Retry-After while pacing paused until %v", p.pausedUntil)
+	}
+	p.start(at(4502), 32)
+	p.learn(at(4502), 429, retry("5"), at(4503))
+	if !p.pausedUntil.Equal(at(9503)) {
+		t.Errorf("Retry-After 5 paused until %v, want %v", p.pausedUntil, at(9503))
+	}
+	p.start(at(9503), 32)
+	p.learn(at(9503), 429, retry("3600"), at(9504))
+	if got := p.pausedUntil.Sub(at(9504)); got != maxPause {
+		t.Errorf("Retry-After 3600 paused for %v, want the cap %v", got, maxPause)
+	}
+	if p.inflight != 0 {
+		t.Errorf("%d operations in flight after all answered", p.inflight)
+	}
+}
