@@ -138,7 +138,11 @@ http://127.0.0.1:%d {
 		}},
 		{"d", fmt.Sprintf("one async job of %d", n), h1Client, func(c *http.Client) (string, error) {
 			polls, err := jobCreations(c, far, n)
-			return fmt.Sprintf("submit, %d polls every %s, NDJSON results", polls, netPoll), err
+			plural := "s"
+			if polls == 1 {
+				plural = ""
+			}
+			return fmt.Sprintf("submit, %d poll%s every %s, NDJSON results", polls, plural, netPoll), err
 		}},
 	}
 	fmt.Printf("%-38s %9s %14s %6s %10s\n", "scenario", "wall", "vs separate", "conns", "caddy CPU")
