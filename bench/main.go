@@ -8,6 +8,8 @@
 //	go run ./bench -soak 3m    # a mixed sync/async soak instead
 //	go run ./bench -job 1000000  # one NDJSON job of a million operations, RSS sampled
 //	go run ./bench -kill       # an instance killed (then stopped) mid-job, resumed by another
+//	go run ./bench -network    # 10,000 creations behind a 50 ms RTT: separate, batched (h1, h2c), one async job
+//	go run ./bench -network -rtt 20ms -users 1000
 //	go run ./bench -only c -cpuprofile /tmp/caddy.pprof
 //	                           # one scenario, profiling the Caddy process
 //
@@ -63,6 +65,9 @@ func main() {
 	jobOps := flag.Int("job", 0, "instead of the scenarios, run one NDJSON job of this many operations, sampling Caddy's RSS")
 	maxGrowth := flag.Int64("max-growth", 64, "with -job: fail when Caddy's RSS grows more MiB than this over idle")
 	kill := flag.Bool("kill", false, "instead of the scenarios, kill (then stop) an instance mid-job and time its resumption on another")
+	networkRun := flag.Bool("network", false, "instead of the scenarios, time creations behind a latency proxy: separate, batched, one async job")
+	rtt := flag.Duration("rtt", 50*time.Millisecond, "with -network: the round-trip time the proxy adds")
+	users := flag.Int("users", 10000, "with -network: how many users each scenario creates")
 	flag.Parse()
 	if *serve != "" {
 		runCaddy(*serve)
@@ -70,6 +75,12 @@ func main() {
 	}
 	if *jobOps > 0 {
 		if err := bigJob(*jobOps, *maxGrowth<<20); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
+	if *networkRun {
+		if err := network(*users, *rtt); err != nil {
 			log.Fatal(err)
 		}
 		return
