@@ -60,10 +60,11 @@ type pacer struct {
 	refused  [10]int   // 429s, per slot
 	slotAt   time.Time // start of the newest slot
 
-	quotaLeft  int64     // starts the advertised quota still allows
-	quotaLimit int64     // the quota of a window, 0 if unknown
-	quotaReset time.Time // when the quota renews; none known after
-	nextStart  time.Time // no adaptive operation starts before, as a low quota is spread
+	quotaLeft  int64         // starts the advertised quota still allows
+	quotaLimit int64         // the quota of a window, 0 if unknown
+	quotaEvery time.Duration // the policy's window over its quota, 0 if unknown
+	quotaReset time.Time     // when the quota renews; none known after
+	nextStart  time.Time     // no adaptive operation starts before, as a low quota is spread
 }
 
 // admit reports whether an adaptive operation may start now; if not
@@ -101,7 +102,14 @@ func (p *pacer) start(now time.Time, maxInflight int) {
 	p.inflight++
 	if now.Before(p.quotaReset) {
 		if p.quotaLow(maxInflight) {
-			p.nextStart = now.Add(p.quotaReset.Sub(now) / time.Duration(max(p.quotaLeft, 1)))
+			// Spread over the time to the reset, but no slower than the
+			// policy's own rate: a token bucket's reset is when it is
+			// full again, though it refills all along.
+			every := p.quotaReset.Sub(now) / time.Duration(max(p.quotaLeft, 1))
+			if p.quotaEvery > 0 {
+				every = min(every, p.quotaEvery)
+			}
+			p.nextStart = now.Add(every)
 		}
 		p.quotaLeft--
 	}
@@ -134,6 +142,10 @@ func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.T
 		}
 		p.quotaLeft = q.remaining - int64(p.inflight) // those in flight may not be counted yet
 		p.quotaLimit = q.limit
+		p.quotaEvery = 0
+		if q.limit > 0 && q.window > 0 {
+			p.quotaEvery = q.window / time.Duration(q.limit)
+		}
 		p.quotaReset = time.Time{} // no telling when it renews: not paced on
 		if renews > 0 {
 			p.quotaReset = now.Add(min(renews, maxPause))

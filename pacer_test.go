@@ -1,6 +1,7 @@
 package batch
 
 import (
+	"fmt"
 	"math"
 	"net/http"
 	"strconv"
@@ -13,6 +14,10 @@ import (
 type tokenBucketAPI struct {
 	rate, burst, tokens float64
 	at                  time.Time
+	// headers: every answer tells the quota, as RateLimit-Policy q=rate
+	// per w=1 second, and RateLimit r=the tokens left, t=the whole
+	// seconds until the bucket is full.
+	headers bool
 }
 
 func (a *tokenBucketAPI) answer(now time.Time) (int, http.Header) {
@@ -21,12 +26,19 @@ func (a *tokenBucketAPI) answer(now time.Time) (int, http.Header) {
 	}
 	a.tokens = min(a.burst, a.tokens+a.rate*now.Sub(a.at).Seconds())
 	a.at = now
+	status, h := http.StatusOK, http.Header{}
 	if a.tokens >= 1 {
 		a.tokens--
-		return http.StatusOK, nil
+	} else {
+		wait := math.Ceil((1 - a.tokens) / a.rate)
+		status = http.StatusTooManyRequests
+		h.Set("Retry-After", strconv.Itoa(int(max(wait, 1))))
 	}
-	wait := math.Ceil((1 - a.tokens) / a.rate)
-	return http.StatusTooManyRequests, http.Header{"Retry-After": {strconv.Itoa(int(max(wait, 1)))}}
+	if a.headers {
+		h.Set("RateLimit-Policy", fmt.Sprintf(`"bucket";q=%d;w=1`, int(a.rate)))
+		h.Set("RateLimit", fmt.Sprintf(`"bucket";r=%d;t=%d`, int(a.tokens), int(math.Ceil((a.burst-a.tokens)/a.rate))))
+	}
+	return status, h
 }
 
 // simulatePacer runs n operations through a pacer in simulated time,
@@ -222,5 +234,26 @@ func TestPacerRules(t *testing.T) {
 	}
 	if p.inflight != 0 {
 		t.Errorf("%d operations in flight after all answered", p.inflight)
+	}
+}
+
+// Against a token bucket that tells its quota in RateLimit headers, the
+// pacer spends what is left no slower than the policy's rate: no 429,
+// and N operations in about N/R, though the headers' reset is whole
+// seconds away whenever the bucket is not full. (Nothing is known before
+// the first answer: a first flight larger than the burst is refused in
+// part; 16 is a job's concurrency in the bench.)
+func TestPacerFollowsRateLimitHeaders(t *testing.T) {
+	for _, c := range []struct {
+		rate, burst float64
+		n           int
+	}{{200, 20, 5000}, {50, 50, 1000}} {
+		took, statuses := simulatePacer(t, &tokenBucketAPI{rate: c.rate, burst: c.burst, headers: true}, c.n, 16, time.Millisecond)
+		ideal := time.Duration(float64(c.n) / c.rate * float64(time.Second))
+		t.Logf("R=%v burst %v with RateLimit headers, %d ops: %v (%.3f× N/R), %d answers 429",
+			c.rate, c.burst, c.n, took, float64(took)/float64(ideal), statuses[429])
+		if statuses[429] != 0 || float64(took) > 1.1*float64(ideal) {
+			t.Errorf("R=%v: %v (N/R %v), %d answers 429", c.rate, took, ideal, statuses[429])
+		}
 	}
 }
