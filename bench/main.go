@@ -63,9 +63,26 @@ func main() {
 	jobOps := flag.Int("job", 0, "instead of the scenarios, run one NDJSON job of this many operations, sampling Caddy's RSS")
 	maxGrowth := flag.Int64("max-growth", 64, "with -job: fail when Caddy's RSS grows more MiB than this over idle")
 	kill := flag.Bool("kill", false, "instead of the scenarios, kill (then stop) an instance mid-job and time its resumption on another")
+	budgetRun := flag.Bool("budget", false, "instead of the scenarios, check max_inflight against a backend counting what it holds at once")
+	pacingRun := flag.Bool("pacing", false, "instead of the scenarios, run async jobs against a rate-limited backend (with -n, -rate)")
+	paceOps := flag.Int("n", 5000, "with -pacing: operations per job")
+	paceRate := flag.Int("rate", 200, "with -pacing: requests a second the backend allows")
+	informational := flag.Bool("informational", false, "with -pacing: print the targets missed, but exit 0")
 	flag.Parse()
 	if *serve != "" {
 		runCaddy(*serve)
+		return
+	}
+	if *budgetRun {
+		if err := budget(); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
+	if *pacingRun {
+		if err := pacing(*paceOps, *paceRate, *informational); err != nil {
+			log.Fatal(err)
+		}
 		return
 	}
 	if *jobOps > 0 {
@@ -224,12 +241,6 @@ http://127.0.0.1:%d {
 	}
 	proxied, responded := batchOf("/users", nops), batchOf("/respond", nops)
 
-	verdict := func(ok bool) string {
-		if ok {
-			return "PASS"
-		}
-		return "MISS"
-	}
 	scenarios := []struct {
 		name, title string
 		ops         int

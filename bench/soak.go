@@ -336,7 +336,7 @@ func launch(cfg string, port, concurrency int, probe string) (*exec.Cmd, string,
 // startBackend serves a fast JSON API: 404 for /missing, a 10 ms wait for
 // /slow, 200 for anything else.
 func startBackend() (*http.Server, string, error) {
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return serve(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body)
 		w.Header().Set("Content-Type", "application/json")
 		switch {
@@ -348,7 +348,12 @@ func startBackend() (*http.Server, string, error) {
 			time.Sleep(10 * time.Millisecond)
 		}
 		_, _ = w.Write(bytes.Clone(answer))
-	})}
+	}))
+}
+
+// serve serves h on a loopback port, until the server is closed.
+func serve(h http.Handler) (*http.Server, string, error) {
+	srv := &http.Server{Handler: h}
 	ln, err := listen()
 	if err != nil {
 		return nil, "", err
