@@ -8,6 +8,10 @@
 //	go run ./bench -soak 3m    # a mixed sync/async soak instead
 //	go run ./bench -job 1000000  # one NDJSON job of a million operations, RSS sampled
 //	go run ./bench -kill       # an instance killed (then stopped) mid-job, resumed by another
+//	go run ./bench -budget     # 16 sync batches at once: max_inflight 32 holds, against an unbound baseline
+//	go run ./bench -pacing -n 5000 -rate 200 [-informational]
+//	                           # async jobs against a backend allowing 200 requests/s (429 +
+//	                           # Retry-After; RateLimit headers), and sync batches without pacing
 //	go run ./bench -only c -cpuprofile /tmp/caddy.pprof
 //	                           # one scenario, profiling the Caddy process
 //

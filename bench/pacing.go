@@ -53,7 +53,7 @@ func pacing(n, rate int, informational bool) error {
 		{"job, RateLimit headers", true, true},
 		{"baseline: sync batches, pacing off", false, false},
 	}
-	fmt.Printf("%-36s %9s %6s %8s %17s %11s %7s\n", "scenario", "wall", "×N/R", "answers", "429s (% answers)", "results 429", "other")
+	fmt.Printf("%-36s %9s %6s %8s %18s %11s %13s\n", "scenario", "wall", "×N/R", "answers", "429s (% answers)", "results 429", "other non-2xx")
 	var missed []string
 	for _, sc := range scenarios {
 		m, err := paceScenario(n, rate, sc.headers, sc.job, 15*ideal+30*time.Second)
@@ -65,7 +65,7 @@ func pacing(n, rate int, informational bool) error {
 			share = float64(m.refused) / float64(m.answers)
 		}
 		ratio := m.wall.Seconds() / ideal.Seconds()
-		fmt.Printf("%-36s %8.1fs %6.2f %8d %9d (%5.1f%%) %11d %7d\n", sc.title, m.wall.Seconds(), ratio, m.answers, m.refused, 100*share, m.results429, m.other)
+		fmt.Printf("%-36s %8.1fs %6.2f %8d %9d (%5.1f%%) %11d %13d\n", sc.title, m.wall.Seconds(), ratio, m.answers, m.refused, 100*share, m.results429, m.other)
 		type target struct {
 			name string
 			ok   bool
@@ -103,7 +103,7 @@ func pacing(n, rate int, informational bool) error {
 
 // paceMeasure is what one scenario of pacing measured.
 type paceMeasure struct {
-	wall             time.Duration // from the first request sent to the last answer
+	wall             time.Duration // from the first batch sent, or the job's submission, to its end (seen polling every 100 ms)
 	answers, refused int64         // by the backend: all, and 429
 	results429       int           // results that ended 429
 	other            int           // results neither 2xx nor 429
