@@ -79,7 +79,7 @@ func pacing(n, rate int, informational bool) error {
 				{"at most 5% of answers 429", share <= 0.05},
 			}
 		case sc.job:
-			targets = []target{{"no 429 answered", m.refused == 0}}
+			targets = []target{{"no 429 answered", m.ended && m.refused == 0}}
 		}
 		var verdicts []string
 		for _, t := range targets {
