@@ -118,17 +118,9 @@ http://127.0.0.1:%d {
 	end()
 
 	end = phase("run")
-	var last gjson.Result
-	for {
-		time.Sleep(500 * time.Millisecond)
-		out, status, _, err := send(client, http.MethodGet, base+"/batch/"+id, "", "Bearer bench", "")
-		if err != nil || status != 200 {
-			return fmt.Errorf("progress: %d %v %s", status, err, out)
-		}
-		last = gjson.Parse(out)
-		if s := last.Get("status").String(); s != "queued" && s != "running" {
-			break
-		}
+	last, err := awaitJob(client, base, id, "Bearer bench", 500*time.Millisecond, 0)
+	if err != nil {
+		return err
 	}
 	end()
 	if last.Get("status").String() != "completed" || last.Get("succeeded").Int() != int64(n) {
@@ -302,6 +294,30 @@ http://127.0.0.1:%d {
 		return fmt.Errorf("%d of %d operations ran, %d keys wrong", len(seen), n, badKeys)
 	}
 	return nil
+}
+
+// errJobTimeout is awaitJob's when the job is still going at its limit.
+var errJobTimeout = errors.New("the job did not end in time")
+
+// awaitJob polls the progress of job id every interval until the job ends
+// (neither queued nor running), and returns its last progress. With a limit
+// (0: none), a job still going after it is errJobTimeout, with its progress.
+func awaitJob(client *http.Client, base, id, auth string, every, limit time.Duration) (gjson.Result, error) {
+	start := time.Now()
+	for {
+		time.Sleep(every)
+		out, status, _, err := send(client, http.MethodGet, base+"/batch/"+id, "", auth, "")
+		if err != nil || status != http.StatusOK {
+			return gjson.Result{}, fmt.Errorf("progress: %d %v %s", status, err, out)
+		}
+		p := gjson.Parse(out)
+		if s := p.Get("status").String(); s != "queued" && s != "running" {
+			return p, nil
+		}
+		if limit > 0 && time.Since(start) >= limit {
+			return p, errJobTimeout
+		}
+	}
 }
 
 // vmRSS is a process's resident memory now, in bytes, from /proc.

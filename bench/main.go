@@ -10,6 +10,10 @@
 //	go run ./bench -kill       # an instance killed (then stopped) mid-job, resumed by another
 //	go run ./bench -network    # 10,000 creations behind a 50 ms RTT: separate, batched (h1, h2c), one async job
 //	go run ./bench -network -rtt 20ms -users 1000
+//	go run ./bench -budget     # 16 sync batches at once: max_inflight 32 holds, against an unbound baseline
+//	go run ./bench -pacing -n 5000 -rate 200 [-informational]
+//	                           # async jobs against a backend allowing 200 requests/s (429 +
+//	                           # Retry-After; RateLimit headers), and sync batches without pacing
 //	go run ./bench -only c -cpuprofile /tmp/caddy.pprof
 //	                           # one scenario, profiling the Caddy process
 //
@@ -68,9 +72,26 @@ func main() {
 	networkRun := flag.Bool("network", false, "instead of the scenarios, time creations behind a latency proxy: separate, batched, one async job")
 	rtt := flag.Duration("rtt", 50*time.Millisecond, "with -network: the round-trip time the proxy adds")
 	users := flag.Int("users", 10000, "with -network: how many users each scenario creates")
+	budgetRun := flag.Bool("budget", false, "instead of the scenarios, check max_inflight against a backend counting what it holds at once")
+	pacingRun := flag.Bool("pacing", false, "instead of the scenarios, run async jobs against a rate-limited backend (with -n, -rate)")
+	paceOps := flag.Int("n", 5000, "with -pacing: operations per job")
+	paceRate := flag.Int("rate", 200, "with -pacing: requests a second the backend allows")
+	informational := flag.Bool("informational", false, "with -pacing: print the targets missed, but exit 0")
 	flag.Parse()
 	if *serve != "" {
 		runCaddy(*serve)
+		return
+	}
+	if *budgetRun {
+		if err := budget(); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
+	if *pacingRun {
+		if err := pacing(*paceOps, *paceRate, *informational); err != nil {
+			log.Fatal(err)
+		}
 		return
 	}
 	if *jobOps > 0 {
@@ -235,12 +256,6 @@ http://127.0.0.1:%d {
 	}
 	proxied, responded := batchOf("/users", nops), batchOf("/respond", nops)
 
-	verdict := func(ok bool) string {
-		if ok {
-			return "PASS"
-		}
-		return "MISS"
-	}
 	scenarios := []struct {
 		name, title string
 		ops         int
