@@ -109,7 +109,13 @@ func (p *pacer) start(now time.Time, maxInflight int) {
 			if p.quotaEvery > 0 {
 				every = min(every, p.quotaEvery)
 			}
-			p.nextStart = now.Add(every)
+			// From the last start's slot, so that timers firing late do
+			// not add up; an idle spell gives no credit beyond one start.
+			from := p.nextStart
+			if from.Before(now.Add(-every)) {
+				from = now
+			}
+			p.nextStart = from.Add(every)
 		}
 		p.quotaLeft--
 	}
@@ -286,9 +292,18 @@ func (p *pacer) acceptedRate(now time.Time, n int) float64 {
 	return float64(c) / max(over, 10*time.Millisecond).Seconds()
 }
 
-// pausedFor is how long adaptive operations are paused from now.
-func (g *gate) pausedFor() time.Duration {
+// retryWait is how long an adaptive operation answered 429 waits before
+// try attempt+1: to the end of any pause, and adaptiveBackoff at least.
+// Its own Retry-After, if a second or less, is not waited out beyond
+// that: it says to slow down, which the rate now does, and the operation
+// goes again at its turn; a longer one paused all (learn).
+func (p *pacer) retryWait(now time.Time, attempt int) time.Duration {
+	return max(p.pausedUntil.Sub(now), adaptiveBackoff(attempt))
+}
+
+// retryWait is the pacer's, now.
+func (g *gate) retryWait(attempt int) time.Duration {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return time.Until(g.pacer.pausedUntil)
+	return g.pacer.retryWait(time.Now(), attempt)
 }

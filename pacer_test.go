@@ -79,8 +79,7 @@ func simulatePacer(t *testing.T, api *tokenBucketAPI, n, maxInflight int, latenc
 				done++
 				continue
 			}
-			ra, _ := retryAfter(h)
-			wait := max(p.pausedUntil.Sub(now), ra, adaptiveBackoff(f.attempt))
+			wait := p.retryWait(now, f.attempt)
 			ready, attempts = append(ready, now.Add(wait)), append(attempts, f.attempt+1)
 		}
 		inflight = kept

@@ -74,8 +74,7 @@ func (rn *runner) resolveAndExec(op *operation, clk *opClock) result {
 // exec serves one operation through the rest of the handler chain, each
 // try after a turn from the handler's gate (max_inflight, rate, pacing).
 // An operation answered 429 is tried again: under adaptive pacing, of any
-// method, after its Retry-After and any pause the pacer keeps, until
-// op_timeout; otherwise
+// method, when the pacer says (see pacer.go), until op_timeout; otherwise
 // when idempotent, after its Retry-After, up to retry_429 times within
 // op_timeout.
 func (rn *runner) exec(op *operation, clk *opClock) result {
@@ -97,10 +96,7 @@ func (rn *runner) exec(op *operation, clk *opClock) result {
 			// A 429 says the request was refused for its rate, not
 			// processed: any method is sent again.
 			retry = retry && attempt < maxAdaptiveAttempts
-			wait = max(g.pausedFor(), adaptiveBackoff(attempt))
-			if ra, ok := retryAfter(res.header); ok {
-				wait = max(wait, min(ra, maxPause))
-			}
+			wait = g.retryWait(attempt)
 		} else {
 			retry = retry && attempt <= rn.h.Retry429 && idempotent(op.method)
 			var ok bool
