@@ -42,7 +42,7 @@ func (a *tokenBucketAPI) answer(now time.Time) (int, http.Header) {
 }
 
 // simulatePacer runs n operations through a pacer in simulated time,
-// 1 ms steps, each answered by api after latency, at most maxInflight at
+// steps of simStep (a timer fires up to a step late), each answered by api after latency, at most maxInflight at
 // once, each 429 sent again as exec does. It returns the time the last
 // answer took to come and the answers of each status.
 func simulatePacer(t *testing.T, api *tokenBucketAPI, n, maxInflight int, latency time.Duration) (time.Duration, map[int]int) {
@@ -95,10 +95,13 @@ func simulatePacer(t *testing.T, api *tokenBucketAPI, n, maxInflight int, latenc
 			inflight = append(inflight, flight{grantedAt: now, due: now.Add(latency), attempt: attempts[i]})
 			ready, attempts = append(ready[:i], ready[i+1:]...), append(attempts[:i], attempts[i+1:]...)
 		}
-		now = now.Add(time.Millisecond)
+		now = now.Add(simStep)
 	}
 	return now.Sub(start), statuses
 }
+
+// simStep is simulatePacer's step.
+var simStep = time.Millisecond
 
 // Against a token bucket that answers 429 with Retry-After in whole
 // seconds, the pacer finds the rate within the first seconds and holds
@@ -159,6 +162,9 @@ func TestPacerRules(t *testing.T) {
 	if !p.ramping || p.rate < 20 || p.rate > 25 {
 		t.Errorf("rate after the first 429: %.1f (ramping %v), want what the API took: about 20/s", p.rate, p.ramping)
 	}
+	if w := p.retryWait(at(10), 1); w != 2*time.Second {
+		t.Errorf("a refused operation waits %v after the first 429, want its pause, 2s", w)
+	}
 	// The 429s of operations sent with it report the same excess.
 	rate := p.rate
 	p.learn(at(0), 429, retry("30"), at(12))
@@ -191,6 +197,11 @@ func TestPacerRules(t *testing.T) {
 	if p.ramping || p.pausedUntil.After(at(3011)) || p.limit > before || math.Abs(p.rate-p.limit*paceBelow) > 1 {
 		t.Errorf("after a 429 while pacing at %.1f: ramping %v, paused until %v, limit %.1f, rate %.1f",
 			before, p.ramping, p.pausedUntil, p.limit, p.rate)
+	}
+	// The refused operation goes again at its turn after a backoff, not
+	// after its Retry-After of a second.
+	if w := p.retryWait(at(3011), 1); w != adaptiveBackoff(1) {
+		t.Errorf("a refused operation waits %v while the pacer paces by rate, want the backoff %v", w, adaptiveBackoff(1))
 	}
 	// Once the last answers are mostly 429s, by half.
 	for range 10 {
@@ -243,14 +254,17 @@ func TestPacerRules(t *testing.T) {
 // the first answer: a first flight larger than the burst is refused in
 // part; 16 is a job's concurrency in the bench.)
 func TestPacerFollowsRateLimitHeaders(t *testing.T) {
+	defer func() { simStep = time.Millisecond }()
 	for _, c := range []struct {
 		rate, burst float64
 		n           int
-	}{{200, 20, 5000}, {50, 50, 1000}} {
+		step        time.Duration
+	}{{200, 20, 5000, time.Millisecond}, {50, 50, 1000, time.Millisecond}, {200, 20, 5000, 2100 * time.Microsecond}} {
+		simStep = c.step
 		took, statuses := simulatePacer(t, &tokenBucketAPI{rate: c.rate, burst: c.burst, headers: true}, c.n, 16, time.Millisecond)
 		ideal := time.Duration(float64(c.n) / c.rate * float64(time.Second))
-		t.Logf("R=%v burst %v with RateLimit headers, %d ops: %v (%.3f× N/R), %d answers 429",
-			c.rate, c.burst, c.n, took, float64(took)/float64(ideal), statuses[429])
+		t.Logf("R=%v burst %v with RateLimit headers, %d ops, steps of %v: %v (%.3f× N/R), %d answers 429",
+			c.rate, c.burst, c.n, c.step, took, float64(took)/float64(ideal), statuses[429])
 		if statuses[429] != 0 || float64(took) > 1.1*float64(ideal) {
 			t.Errorf("R=%v: %v (N/R %v), %d answers 429", c.rate, took, ideal, statuses[429])
 		}
