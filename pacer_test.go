@@ -270,3 +270,14 @@ func TestPacerFollowsRateLimitHeaders(t *testing.T) {
 		}
 	}
 }
+
+// A first 429 that says nothing of when to come back pauses for a second.
+func TestPacerDefaultPause(t *testing.T) {
+	var p pacer
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	p.start(now, 8)
+	p.learn(now, http.StatusTooManyRequests, http.Header{"Retry-After": {"soon"}}, now)
+	if got := p.pausedUntil.Sub(now); got != defaultPause {
+		t.Errorf("a 429 with an unreadable Retry-After paused for %v, want %v", got, defaultPause)
+	}
+}
