@@ -41,36 +41,24 @@ func budget() error {
 		return err
 	}
 	defer backend.Close()
-	port, err := freePort()
-	if err != nil {
-		return err
-	}
-	cfg := fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	log {
-		level ERROR
-	}
-}
-http://127.0.0.1:%[1]d {
+	r, cleanup, err := startRig("", "", fmt.Sprintf(`
 	batch /budget {
 		mode parallel
-		concurrency %[2]d
-		max_inflight %[3]d
+		concurrency %[1]d
+		max_inflight %[2]d
 	}
 	batch /unbound {
 		mode parallel
-		concurrency %[2]d
-		max_inflight %[4]d
+		concurrency %[1]d
+		max_inflight %[3]d
 	}
-	reverse_proxy %[5]s
-}`, port, concurrency, limit, unbound, addr)
-	_, base, client, stop, err := launch(cfg, port, batches, "/")
+	reverse_proxy %[4]s
+`, concurrency, limit, unbound, addr), batches, "/")
 	if err != nil {
 		return err
 	}
-	defer stop()
+	defer cleanup()
+	base, client := r.base, r.client
 
 	var sb strings.Builder
 	sb.WriteByte('[')

@@ -28,25 +28,7 @@ func bigJob(n int, maxGrowth int64) error {
 		return err
 	}
 	defer backend.Close()
-	storage, err := os.MkdirTemp("", "batch-job")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(storage)
-	port, err := freePort()
-	if err != nil {
-		return err
-	}
-	cfg := fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	storage file_system %s
-	log {
-		level ERROR
-	}
-}
-http://127.0.0.1:%d {
+	r, cleanup, err := startRig("batch-job", "", fmt.Sprintf(`
 	batch /batch /batch/* {
 		mode parallel
 		concurrency 16
@@ -55,13 +37,12 @@ http://127.0.0.1:%d {
 		}
 	}
 	reverse_proxy %s
-}`, storage, port, addr)
-	child, base, client, stop, err := launch(cfg, port, 4, "/batch/00000000000000000000000000000000")
+`, addr), 4, "/batch/00000000000000000000000000000000")
 	if err != nil {
 		return err
 	}
-	defer stop()
-	pid := child.Process.Pid
+	defer cleanup()
+	base, client, pid := r.base, r.client, r.child.Process.Pid
 	time.Sleep(time.Second) // settled
 	idle := vmRSS(pid)
 	var peak atomic.Int64
@@ -150,7 +131,7 @@ http://127.0.0.1:%d {
 	}
 	growth := peak.Load() - idle
 	fmt.Printf("  RSS: idle %.1f MiB, peak %.1f MiB, growth %.1f MiB (limit %.0f MiB); storage %s\n",
-		mib(idle), mib(peak.Load()), mib(growth), mib(maxGrowth), du(storage))
+		mib(idle), mib(peak.Load()), mib(growth), mib(maxGrowth), du(r.storage))
 	if growth > maxGrowth {
 		return fmt.Errorf("caddy's RSS grew %.1f MiB over idle running a %d-operation job", mib(growth), n)
 	}
@@ -187,17 +168,7 @@ func killJob(sig syscall.Signal, lease time.Duration) error {
 		return err
 	}
 	defer os.RemoveAll(storage)
-	cfg := func(port int) string {
-		return fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	storage file_system %s
-	log {
-		level ERROR
-	}
-}
-http://127.0.0.1:%d {
+	site := fmt.Sprintf(`
 	batch /batch /batch/* {
 		mode parallel
 		async {
@@ -206,8 +177,7 @@ http://127.0.0.1:%d {
 		}
 	}
 	reverse_proxy %s
-}`, storage, port, lease, ln.Addr())
-	}
+`, lease, ln.Addr())
 	var bases []string
 	var children []*exec.Cmd
 	var client *http.Client
@@ -216,7 +186,7 @@ http://127.0.0.1:%d {
 		if err != nil {
 			return err
 		}
-		child, base, c, stop, err := launch(cfg(port), port, 4, "/batch/00000000000000000000000000000000")
+		child, base, c, stop, err := launch(caddyfile(storage, port, "", site), port, 4, "/batch/00000000000000000000000000000000")
 		if err != nil {
 			return err
 		}

@@ -202,19 +202,7 @@ func run(duration time.Duration, concurrency, nops int) error {
 	}
 	defer backend.Close()
 
-	port, err := freePort()
-	if err != nil {
-		return err
-	}
-	cfg := fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	log {
-		level ERROR
-	}
-}
-http://127.0.0.1:%d {
+	r, cleanup, err := startRig("", "", fmt.Sprintf(`
 	batch /batch {
 		max_ops 1000
 	}
@@ -232,13 +220,13 @@ http://127.0.0.1:%d {
 			keepalive_idle_conns_per_host 256
 		}
 	}
-}`, port, answer, baddr)
-	child, base, client, stop, err := launch(cfg, port, concurrency, "/respond/0")
+`, answer, baddr), concurrency, "/respond/0")
 	if err != nil {
 		return err
 	}
-	defer stop()
-	rss := func() string { return vmHWM(child.Process.Pid) }
+	defer cleanup()
+	base, client := r.base, r.client
+	rss := func() string { return vmHWM(r.child.Process.Pid) }
 	fmt.Printf("caddy-batch load harness: %d client goroutines, %d operations per batch, %s per scenario\n", concurrency, nops, duration)
 	fmt.Printf("caddy RSS at start: %s\n\n", rss())
 

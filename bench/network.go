@@ -53,30 +53,13 @@ func network(n int, rtt time.Duration) error {
 		return err
 	}
 	defer backend.Close()
-	storage, err := os.MkdirTemp("", "batch-network")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(storage)
-	port, err := freePort()
-	if err != nil {
-		return err
-	}
 	// h2c beside h1, so that (c) can multiplex one connection; concurrency
 	// and max_inflight stay at their defaults (10 and 32).
-	cfg := fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	storage file_system %s
+	r, cleanup, err := startRig("batch-network", `
 	servers {
 		protocols h1 h2c
 	}
-	log {
-		level ERROR
-	}
-}
-http://127.0.0.1:%d {
+`, fmt.Sprintf(`
 	batch /batch /batch/* {
 		mode parallel
 		async {
@@ -85,19 +68,19 @@ http://127.0.0.1:%d {
 	}
 	respond /ping "pong" 200
 	reverse_proxy %s
-}`, storage, port, addr)
-	child, base, direct, stop, err := launch(cfg, port, netClients, "/ping")
+`, addr), netClients, "/ping")
 	if err != nil {
 		return err
 	}
-	defer stop()
-	proxy, err := startLatencyProxy(fmt.Sprintf("127.0.0.1:%d", port), rtt)
+	defer cleanup()
+	base, direct := r.base, r.client
+	proxy, err := startLatencyProxy(strings.TrimPrefix(base, "http://"), rtt)
 	if err != nil {
 		return err
 	}
 	defer proxy.Close() // before stop: its connections end first
 	far := "http://" + proxy.Addr()
-	pid := child.Process.Pid
+	pid := r.child.Process.Pid
 
 	fmt.Printf("network: %d user creations (POST /users) through Caddy (batch, parallel, concurrency 10, max_inflight 32 → reverse_proxy → backend),\n"+
 		"the client %d goroutines behind a latency proxy adding %s of RTT; %d CPUs, all on loopback\n", n, netClients, rtt, runtime.NumCPU())

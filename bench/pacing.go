@@ -6,7 +6,6 @@ import (
 	"io"
 	"math"
 	"net/http"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -122,27 +121,9 @@ func paceScenario(n, rate int, headers, job bool, limit time.Duration) (paceMeas
 		return paceMeasure{}, err
 	}
 	defer backend.Close()
-	storage, err := os.MkdirTemp("", "batch-pacing")
-	if err != nil {
-		return paceMeasure{}, err
-	}
-	defer os.RemoveAll(storage)
-	port, err := freePort()
-	if err != nil {
-		return paceMeasure{}, err
-	}
 	// "pacing off" is the default, and applies to sync batches only: jobs
 	// are always adaptive.
-	cfg := fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	storage file_system %s
-	log {
-		level ERROR
-	}
-}
-http://127.0.0.1:%d {
+	r, cleanup, err := startRig("batch-pacing", "", fmt.Sprintf(`
 	batch /batch /batch/* {
 		mode parallel
 		concurrency 16
@@ -152,12 +133,12 @@ http://127.0.0.1:%d {
 		}
 	}
 	reverse_proxy %s
-}`, storage, port, addr)
-	_, base, client, stop, err := launch(cfg, port, 4, "/batch/00000000000000000000000000000000")
+`, addr), 4, "/batch/00000000000000000000000000000000")
 	if err != nil {
 		return paceMeasure{}, err
 	}
-	defer stop()
+	defer cleanup()
+	base, client := r.base, r.client
 	ops := func(from, to int) string {
 		var sb strings.Builder
 		sb.WriteByte('[')

@@ -31,25 +31,7 @@ func soak(d time.Duration, concurrency int) error {
 		return err
 	}
 	defer backend.Close()
-	storage, err := os.MkdirTemp("", "batch-soak")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(storage)
-	port, err := freePort()
-	if err != nil {
-		return err
-	}
-	cfg := fmt.Sprintf(`{
-	admin off
-	auto_https off
-	persist_config off
-	storage file_system %s
-	log {
-		level ERROR
-	}
-}
-http://127.0.0.1:%d {
+	r, cleanup, err := startRig("batch-soak", "", fmt.Sprintf(`
 	metrics /metrics
 	batch /batch /batch/* {
 		mode parallel
@@ -61,12 +43,12 @@ http://127.0.0.1:%d {
 		}
 	}
 	reverse_proxy %s
-}`, storage, port, addr)
-	child, base, client, stop, err := launch(cfg, port, concurrency, "/metrics")
+`, addr), concurrency, "/metrics")
 	if err != nil {
 		return err
 	}
-	defer stop()
+	defer cleanup()
+	child, base, client := r.child, r.base, r.client
 	startGo, startRSS := caddyGauges(client, base)
 	fmt.Printf("soak: %s, %d client goroutines, mixed sync/async/idempotent batches\n", d, concurrency)
 	fmt.Printf("caddy at start: %s RSS (peak %s), %s goroutines\n", startRSS, vmHWM(child.Process.Pid), startGo)
