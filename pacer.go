@@ -33,6 +33,7 @@ const (
 	regainPerSec = 0.05 // of the last limit, per second, below it
 	probePerSec  = 0.02 // of the last limit, per second, beyond it, doubling each second
 	minRate      = 0.1  // starts per second
+	maxRate      = 1e6  // starts per second: beyond, the rate binds nothing
 	// pauseAllOver is the longest Retry-After that does not pause every
 	// operation once a rate is learned.
 	pauseAllOver = time.Second
@@ -180,7 +181,7 @@ func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.T
 	case p.rate == 0:
 		// What the API took in the last second, or one a second: the
 		// ramp starts there once the pause ends.
-		p.rate = max(1, p.acceptedRate(now, len(p.accepted)))
+		p.rate = min(maxRate, max(1, p.acceptedRate(now, len(p.accepted))))
 		p.ramping = true
 	default:
 		// Down to what the API took of the last slots' starts: all
@@ -239,6 +240,7 @@ func (p *pacer) grow(now time.Time) {
 		held := min(now.Sub(p.probeFrom), 10*time.Second)
 		p.rate += probePerSec * math.Exp2(held.Seconds()) * p.limit * d.Seconds()
 	}
+	p.rate = min(p.rate, maxRate)
 }
 
 // count records an answer: refused, or taken.

@@ -3,6 +3,7 @@ package batch
 import (
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"net/http"
 	"strconv"
 	"testing"
@@ -279,5 +280,43 @@ func TestPacerDefaultPause(t *testing.T) {
 	p.learn(now, http.StatusTooManyRequests, http.Header{"Retry-After": {"soon"}}, now)
 	if got := p.pausedUntil.Sub(now); got != defaultPause {
 		t.Errorf("a 429 with an unreadable Retry-After paused for %v, want %v", got, defaultPause)
+	}
+}
+
+// Whatever the answers, the pacer's state stays finite and within its
+// bounds: a backend cannot make it pace at NaN, or pause past maxPause.
+func TestPacerStaysBounded(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	var p pacer
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	headers := []http.Header{
+		nil,
+		{"Retry-After": {"0"}},
+		{"Retry-After": {"1"}},
+		{"Retry-After": {"99999999999"}},
+		{"Ratelimit": {`"a";r=0;t=86400`}, "Ratelimit-Policy": {`"a";q=1;w=86400`}},
+		{"Ratelimit": {`"a";r=1000000000;t=0`}, "Ratelimit-Policy": {`"a";q=9223372036854775807;w=1`}},
+		{"X-Ratelimit-Remaining": {"-5"}, "X-Ratelimit-Reset": {"1e308"}},
+	}
+	var inflight []time.Time
+	for range 200000 {
+		now = now.Add(time.Duration(rng.IntN(2000)) * time.Microsecond)
+		if ok, _ := p.admit(now, 32); ok && len(inflight) < 32 {
+			p.start(now, 32)
+			inflight = append(inflight, now)
+		}
+		if len(inflight) > 0 && rng.IntN(2) == 0 {
+			status := http.StatusOK
+			if rng.IntN(3) == 0 {
+				status = http.StatusTooManyRequests
+			}
+			p.learn(inflight[0], status, headers[rng.IntN(len(headers))], now)
+			inflight = inflight[1:]
+		}
+		if math.IsNaN(p.rate) || math.IsNaN(p.limit) || math.IsNaN(p.tokens) || p.rate < 0 || p.rate > maxRate ||
+			p.pausedUntil.Sub(now) > maxPause || p.inflight != len(inflight) {
+			t.Fatalf("pacer out of bounds: rate %v limit %v tokens %v, paused for %v, %d in flight (%d)",
+				p.rate, p.limit, p.tokens, p.pausedUntil.Sub(now), p.inflight, len(inflight))
+		}
 	}
 }
