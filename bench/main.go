@@ -213,6 +213,7 @@ func run(duration time.Duration, concurrency, nops int) error {
 	batch /batch100 {
 		mode parallel
 		concurrency 100
+		max_inflight 100 # its parallelism is measured here, the budget by -budget
 	}
 	respond /respond/* `+"`%s`"+` 200
 	reverse_proxy %s {
