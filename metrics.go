@@ -17,6 +17,8 @@ type metrics struct {
 	duration   *prometheus.HistogramVec // by mode
 	jobs       *prometheus.CounterVec   // async job transitions, by state
 	webhooks   *prometheus.CounterVec   // deliveries, by outcome
+	pacing     *prometheus.CounterVec   // what the API's 429s made the pacer do
+	turnWait   prometheus.Histogram     // waits for a turn downstream
 }
 
 const metricsNamespace, metricsSubsystem = "caddy", "batch"
@@ -34,6 +36,13 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		operations: counter("operations_total", "Operations of batches, by status class (2xx, 4xx, ...).", "class"),
 		jobs:       counter("async_jobs_total", "Async batch jobs entering a state (queued, running, completed, error, canceled).", "state"),
 		webhooks:   counter("webhook_deliveries_total", "Webhook delivery attempts, by outcome (delivered, failed, given_up).", "outcome"),
+		pacing: counter("pacing_events_total",
+			"What 429s made adaptive pacing do: paused (every adaptive operation, for a Retry-After) or slowed (the learned rate lowered).", "event"),
+		turnWait: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "turn_wait_seconds",
+			Help:    "Time operations waited for a turn downstream (max_inflight, rate, pacing).",
+			Buckets: []float64{0.001, 0.01, 0.1, 0.5, 1, 5, 10, 30, 60},
+		}),
 		size: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "size_operations",
 			Help:    "Operations per batch.",
@@ -61,6 +70,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	if err == nil {
 		m.duration, err = register(reg, m.duration)
+	}
+	if err == nil {
+		m.pacing, err = register(reg, m.pacing)
+	}
+	if err == nil {
+		m.turnWait, err = register(reg, m.turnWait)
 	}
 	return m, err
 }

@@ -134,12 +134,19 @@ func (p *pacer) fill(now time.Time) {
 	}
 }
 
+// What an answer changed of the pacer, for the metrics and the log.
+const (
+	pacePaused = "paused" // every adaptive operation, for a Retry-After
+	paceSlowed = "slowed" // the rate was lowered
+)
+
 // learn adapts the pacer to the answer of an operation started at
-// grantedAt (status 0: none came).
-func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.Time) {
+// grantedAt (status 0: none came), and says what it changed: "" for
+// nothing the metrics count.
+func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.Time) (event string) {
 	p.inflight--
 	if status == 0 {
-		return
+		return ""
 	}
 	q, ok := parseQuota(h, now)
 	if ok {
@@ -162,10 +169,10 @@ func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.T
 	p.count(now, refused)
 	if !refused {
 		p.grow(now)
-		return
+		return ""
 	}
 	if grantedAt.Before(p.decreasedAt) {
-		return // sent before the last 429 was answered
+		return "" // sent before the last 429 was answered
 	}
 	p.decreasedAt = now
 	pause, ok := retryAfter(h)
@@ -201,7 +208,9 @@ func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.T
 			p.pausedUntil = until
 			p.filledAt, p.tokens = until, 1
 		}
+		return pacePaused
 	}
+	return paceSlowed
 }
 
 // grow raises the rate as answers succeed, while starts wait for it.

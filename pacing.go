@@ -176,17 +176,28 @@ func (g *gate) acquire(ctx context.Context, o *paceOwner) (turn, error) {
 	return turn{}, errNoTurn
 }
 
+// paceReport is what an answer changed of the pacer: event (see learn),
+// and the rate and pause after it.
+type paceReport struct {
+	event  string
+	rate   float64
+	paused time.Duration
+}
+
 // release ends t. For an adaptive operation, the status and headers of
-// its answer (status 0 for none) feed the pacer.
-func (g *gate) release(t turn, status int, h http.Header) {
+// its answer (status 0 for none) feed the pacer, and what that changed is
+// reported.
+func (g *gate) release(t turn, status int, h http.Header) (r paceReport) {
 	now := time.Now()
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.used--
 	if t.owner.adaptive {
-		g.pacer.learn(t.grantedAt, status, h, now)
+		r.event = g.pacer.learn(t.grantedAt, status, h, now)
+		r.rate, r.paused = g.pacer.rate, max(g.pacer.pausedUntil.Sub(now), 0)
 	}
 	g.dispatch(now)
+	return r
 }
 
 // admissible reports whether an operation of o may start now; if not
@@ -421,5 +432,5 @@ func (rn *runner) waitedOut(parent context.Context) result {
 // operation answered 429, whatever the pause: an API that answers 429
 // with Retry-After: 0 is not asked again at once.
 func adaptiveBackoff(attempt int) time.Duration {
-	return min(100*time.Millisecond<<min(attempt-1, 10), maxPause)
+	return min(100*time.Millisecond<<min(max(attempt-1, 0), 10), maxPause)
 }

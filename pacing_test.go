@@ -197,6 +197,7 @@ func TestPacingPausesOnRetryAfter(t *testing.T) {
 				fmt.Fprintf(w, `{"n":%d}`, n)
 			})
 			base := startCaddy(t, fmt.Sprintf(`
+	metrics /metrics
 	batch /batch /batch/* {
 		mode parallel
 		concurrency 3
@@ -233,6 +234,13 @@ func TestPacingPausesOnRetryAfter(t *testing.T) {
 			reqs := be.requests()
 			if len(reqs) != 7 {
 				t.Fatalf("backend saw %d requests, want 7 (6 and a retry)", len(reqs))
+			}
+			// Counted: one pause, and a wait for a turn per try.
+			_, _, m := send(t, "GET", base+"/metrics", "")
+			for _, want := range []string{`caddy_batch_pacing_events_total{event="paused"} 1`, `caddy_batch_turn_wait_seconds_count 7`} {
+				if !strings.Contains(m, want+"\n") {
+					t.Errorf("metrics lack %q", want)
+				}
 			}
 			pauseEnd := time.Unix(0, limitedAt.Load()).Add(time.Second)
 			// The first three went out together; none after them before

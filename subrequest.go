@@ -84,11 +84,18 @@ func (rn *runner) exec(op *operation, clk *opClock) result {
 	g := rn.h.gate
 	for attempt := 1; ; attempt++ {
 		var res result
-		if t, err := g.acquire(ctx, o); err != nil {
+		asked := time.Now()
+		t, err := g.acquire(ctx, o)
+		rn.h.metrics.turnWait.Observe(time.Since(asked).Seconds())
+		if err != nil {
 			res = rn.waitedOut(clk.parent)
 		} else {
 			res = rn.attempt(ctx, clk, op, attempt)
-			g.release(t, res.status, res.header)
+			if r := g.release(t, res.status, res.header); r.event != "" {
+				rn.h.metrics.pacing.WithLabelValues(r.event).Inc()
+				rn.h.logger.Debug("pacing", zap.String("event", r.event), zap.Float64("rate", r.rate),
+					zap.Duration("paused_for", r.paused), zap.String("batch", rn.id), zap.String("op", op.id))
+			}
 		}
 		retry := res.status == http.StatusTooManyRequests
 		var wait time.Duration
