@@ -41,9 +41,10 @@ const (
 // away is ignored. Garbage is ignored; ok is false when nothing was read.
 func parseQuota(h http.Header, now time.Time) (q quota, ok bool) {
 	if v := quotaHeader(h, "Ratelimit"); v != "" {
-		q = parseStructured(v, now)
+		var name string
+		q, name = parseStructured(v, now)
 		if pv := quotaHeader(h, "Ratelimit-Policy"); pv != "" {
-			q.limit, q.window = parsePolicy(pv)
+			q.limit, q.window = parsePolicy(pv, name)
 		}
 		if q.hasRemaining {
 			return q, true
@@ -105,9 +106,8 @@ func parseCount(s string) (int64, bool) {
 
 // parseStructured reads a RateLimit field: a list of policies with r
 // and t parameters (draft 08 on), or a dictionary of limit, remaining
-// and reset (drafts 06–07).
-func parseStructured(v string, now time.Time) quota {
-	var q quota
+// and reset (drafts 06–07); name is the policy read of a list.
+func parseStructured(v string, now time.Time) (q quota, name string) {
 	for _, m := range members(v) {
 		item, params, _ := strings.Cut(m, ";")
 		item = strings.TrimSpace(item)
@@ -146,16 +146,18 @@ func parseStructured(v string, now time.Time) quota {
 		}
 		if p.hasRemaining && (!q.hasRemaining || p.remaining < q.remaining) {
 			q.remaining, q.hasRemaining, q.reset, q.hasReset = p.remaining, true, p.reset, p.hasReset
+			name = item
 		}
 	}
-	return q
+	return q, name
 }
 
 // parsePolicy reads a RateLimit-Policy field: of its policies, the one
-// with the fewest requests (q) per window (w).
-func parsePolicy(v string) (limit int64, window time.Duration) {
+// named name (the one RateLimit tells the quota left of), or else the
+// one with the fewest requests (q) per window (w).
+func parsePolicy(v, name string) (limit int64, window time.Duration) {
 	for _, m := range members(v) {
-		_, params, _ := strings.Cut(m, ";")
+		item, params, _ := strings.Cut(m, ";")
 		var q int64
 		var w time.Duration
 		for param := range strings.SplitSeq(params, ";") {
@@ -168,6 +170,9 @@ func parsePolicy(v string) (limit int64, window time.Duration) {
 					w = time.Duration(n) * time.Second
 				}
 			}
+		}
+		if q > 0 && name != "" && strings.TrimSpace(item) == name {
+			return q, w
 		}
 		if q > 0 && (limit == 0 || q < limit) {
 			limit, window = q, w
