@@ -51,8 +51,7 @@ type pacer struct {
 	rate      float64 // starts per second; 0 until a 429
 	limit     float64 // the rate at the last 429
 	ramping   bool    // looking for the limit, after the first 429
-	tokens    float64 // starts the rate allows now
-	filledAt  time.Time
+	starts    bucket  // the tokens of the rate
 	grownAt   time.Time
 	probeFrom time.Time // when the rate passed the last limit
 	boundAt   time.Time // when a start last waited for the rate
@@ -82,10 +81,9 @@ func (p *pacer) admit(now time.Time, maxInflight int) (ok bool, at time.Time) {
 	}
 	if p.rate > 0 {
 		p.fill(now)
-		if p.tokens < 1 {
+		if p.starts.tokens < 1 {
 			p.boundAt = now
-			wait := time.Duration((1 - p.tokens) / p.rate * float64(time.Second))
-			return false, now.Add(max(wait, time.Millisecond))
+			return false, p.starts.next(now, p.rate)
 		}
 	}
 	return true, time.Time{}
@@ -121,17 +119,14 @@ func (p *pacer) start(now time.Time, maxInflight int) {
 		p.quotaLeft--
 	}
 	if p.rate > 0 {
-		p.tokens--
+		p.starts.tokens--
 	}
 }
 
 // fill brings the rate's tokens to now: at most paceBurst's worth, and
 // at least one, so that a rate below one a second still starts.
 func (p *pacer) fill(now time.Time) {
-	if d := now.Sub(p.filledAt); d > 0 {
-		p.tokens = min(max(1, p.rate*paceBurst.Seconds()), p.tokens+p.rate*d.Seconds())
-		p.filledAt = now
-	}
+	p.starts.refill(now, p.rate, max(1, p.rate*paceBurst.Seconds()))
 }
 
 // What an answer changed of the pacer, for the metrics and the log.
@@ -200,13 +195,13 @@ func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.T
 		p.rate = max(minRate, p.rate*min(paceBelow, max(0.5, p.tookShare(now))))
 		p.ramping = false
 	}
-	p.tokens = min(p.tokens, 0)
-	p.filledAt, p.grownAt, p.probeFrom = now, now, time.Time{}
+	p.starts = bucket{tokens: min(p.starts.tokens, 0), at: now}
+	p.grownAt, p.probeFrom = now, time.Time{}
 	if p.limit == 0 || pause > pauseAllOver {
 		if until := now.Add(pause); until.After(p.pausedUntil) {
 			// One starts as the pause ends, the next at the rate.
 			p.pausedUntil = until
-			p.filledAt, p.tokens = until, 1
+			p.starts = bucket{tokens: 1, at: until}
 		}
 		return pacePaused
 	}

@@ -313,10 +313,10 @@ func TestPacerStaysBounded(t *testing.T) {
 			p.learn(inflight[0], status, headers[rng.IntN(len(headers))], now)
 			inflight = inflight[1:]
 		}
-		if math.IsNaN(p.rate) || math.IsNaN(p.limit) || math.IsNaN(p.tokens) || p.rate < 0 || p.rate > maxRate ||
+		if math.IsNaN(p.rate) || math.IsNaN(p.limit) || math.IsNaN(p.starts.tokens) || p.rate < 0 || p.rate > maxRate ||
 			p.pausedUntil.Sub(now) > maxPause || p.inflight != len(inflight) {
 			t.Fatalf("pacer out of bounds: rate %v limit %v tokens %v, paused for %v, %d in flight (%d)",
-				p.rate, p.limit, p.tokens, p.pausedUntil.Sub(now), p.inflight, len(inflight))
+				p.rate, p.limit, p.starts.tokens, p.pausedUntil.Sub(now), p.inflight, len(inflight))
 		}
 	}
 }

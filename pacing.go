@@ -319,16 +319,31 @@ func newRateKeys(n int, interval time.Duration, maxKeys int) *rateKeys {
 	return &rateKeys{n: float64(n), interval: interval, max: maxKeys, buckets: make(map[string]*bucket)}
 }
 
-// fill brings b's count of tokens to now.
+// refill brings b's tokens to now, perSec more a second, up to capacity.
+func (b *bucket) refill(now time.Time, perSec, capacity float64) {
+	if d := now.Sub(b.at); d > 0 {
+		b.tokens = min(capacity, b.tokens+perSec*d.Seconds())
+		b.at = now
+	}
+}
+
+// next is when b, refilled at perSec a second, has a token: a
+// millisecond from now at least.
+func (b *bucket) next(now time.Time, perSec float64) time.Time {
+	wait := time.Duration((1 - b.tokens) / perSec * float64(time.Second))
+	return now.Add(max(wait, time.Millisecond))
+}
+
+// perSec is the refill of the rate's buckets.
+func (r *rateKeys) perSec() float64 { return r.n / r.interval.Seconds() }
+
+// fill brings b's count of tokens to now; a new bucket is full.
 func (r *rateKeys) fill(b *bucket, now time.Time) {
 	if b.at.IsZero() {
 		b.tokens, b.at = r.n, now
 		return
 	}
-	if d := now.Sub(b.at); d > 0 {
-		b.tokens = min(r.n, b.tokens+r.n*float64(d)/float64(r.interval))
-		b.at = now
-	}
+	b.refill(now, r.perSec(), r.n)
 }
 
 // bucket returns the bucket of key, making one if there is room: a full
@@ -365,8 +380,7 @@ func (r *rateKeys) allows(key string, now time.Time) (bool, time.Time) {
 	if b.tokens >= 1 {
 		return true, time.Time{}
 	}
-	wait := time.Duration((1 - b.tokens) * float64(r.interval) / r.n)
-	return false, now.Add(max(wait, time.Millisecond))
+	return false, b.next(now, r.perSec())
 }
 
 // take spends a token of key, which allows said it has.
