@@ -120,9 +120,8 @@ type Handler struct {
 	// succeed (a Retry-After over 1s pauses them all again); the quota
 	// left that RateLimit and X-RateLimit headers advertise is spread
 	// over their reset; operations answered 429, of any method, are sent
-	// again after their Retry-After until op_timeout (retry_429 is then
-	// unused). "off" does none of it. Async jobs are always adaptive.
-	// Default: off.
+	// again at their turn until op_timeout (retry_429 is then unused).
+	// "off" does none of it. Async jobs are always adaptive. Default: off.
 	Pacing string `json:"pacing,omitempty"`
 
 	// The largest answer kept, in bytes, for a batch sent with an
