@@ -99,7 +99,7 @@ func bigJob(n int, maxGrowth int64) error {
 	end()
 
 	end = phase("run")
-	last, err := awaitJob(client, base, id, "Bearer bench", 500*time.Millisecond, 0)
+	last, _, err := awaitJob(client, base, id, "Bearer bench", 500*time.Millisecond, 0)
 	if err != nil {
 		return err
 	}
@@ -270,22 +270,23 @@ func killJob(sig syscall.Signal, lease time.Duration) error {
 var errJobTimeout = errors.New("the job did not end in time")
 
 // awaitJob polls the progress of job id every interval until the job ends
-// (neither queued nor running), and returns its last progress. With a limit
-// (0: none), a job still going after it is errJobTimeout, with its progress.
-func awaitJob(client *http.Client, base, id, auth string, every, limit time.Duration) (gjson.Result, error) {
+// (neither queued nor running), and returns its last progress and how many
+// polls it made. With a limit (0: none), a job still going after it is
+// errJobTimeout, with its progress.
+func awaitJob(client *http.Client, base, id, auth string, every, limit time.Duration) (gjson.Result, int, error) {
 	start := time.Now()
-	for {
+	for polls := 1; ; polls++ {
 		time.Sleep(every)
 		out, status, _, err := send(client, http.MethodGet, base+"/batch/"+id, "", auth, "")
 		if err != nil || status != http.StatusOK {
-			return gjson.Result{}, fmt.Errorf("progress: %d %v %s", status, err, out)
+			return gjson.Result{}, polls, fmt.Errorf("progress: %d %v %s", status, err, out)
 		}
 		p := gjson.Parse(out)
 		if s := p.Get("status").String(); s != "queued" && s != "running" {
-			return p, nil
+			return p, polls, nil
 		}
 		if limit > 0 && time.Since(start) >= limit {
-			return p, errJobTimeout
+			return p, polls, errJobTimeout
 		}
 	}
 }

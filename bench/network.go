@@ -310,25 +310,12 @@ func jobCreations(c *http.Client, base string, n int) (int, error) {
 	if status != http.StatusAccepted || loc == "" {
 		return 0, fmt.Errorf("submit answered %d: %.200s", status, out)
 	}
-	polls := 0
-	for {
-		time.Sleep(netPoll)
-		polls++
-		out, status, _, err := send(c, http.MethodGet, base+loc, "", auth, "")
-		if err != nil {
-			return polls, err
-		}
-		if status != http.StatusOK {
-			return polls, fmt.Errorf("progress answered %d: %.200s", status, out)
-		}
-		if s := gjson.Get(out, "status").String(); s == "completed" {
-			if gjson.Get(out, "succeeded").Int() != int64(n) {
-				return polls, fmt.Errorf("job completed with %.300s", out)
-			}
-			break
-		} else if s != "queued" && s != "running" {
-			return polls, fmt.Errorf("job ended %s: %.300s", s, out)
-		}
+	last, polls, err := awaitJob(c, base, gjson.Get(out, "id").String(), auth, netPoll, 0)
+	if err != nil {
+		return polls, err
+	}
+	if last.Get("status").String() != "completed" || last.Get("succeeded").Int() != int64(n) {
+		return polls, fmt.Errorf("job ended with %.300s", last.Raw)
 	}
 	req, err := http.NewRequest(http.MethodGet, base+loc+"/results", nil)
 	if err != nil {

@@ -191,7 +191,7 @@ func paceScenario(n, rate int, headers, job bool, limit time.Duration) (paceMeas
 		return m, fmt.Errorf("submit: %d %v %.200s", status, err, out)
 	}
 	id := gjson.Get(out, "id").String()
-	last, err := awaitJob(client, base, id, auth, 100*time.Millisecond, limit)
+	last, _, err := awaitJob(client, base, id, auth, 100*time.Millisecond, limit)
 	m.wall = time.Since(start)
 	if errors.Is(err, errJobTimeout) {
 		// Bounded: what has not started is skipped, and the rest counted.
@@ -199,7 +199,7 @@ func paceScenario(n, rate int, headers, job bool, limit time.Duration) (paceMeas
 		if out, status, _, err := send(client, http.MethodDelete, base+"/batch/"+id, "", auth, ""); err != nil || status != http.StatusAccepted && status != http.StatusOK {
 			return m, fmt.Errorf("cancel: %d %v %.200s", status, err, out)
 		}
-		last, err = awaitJob(client, base, id, auth, 100*time.Millisecond, time.Minute)
+		last, _, err = awaitJob(client, base, id, auth, 100*time.Millisecond, time.Minute)
 	}
 	if err != nil {
 		return m, err
