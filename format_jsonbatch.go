@@ -10,6 +10,7 @@ import (
 	"strings"
 	"unicode/utf8"
 
+	"github.com/caddy-batch/batch/internal/jsontext"
 	"github.com/tidwall/gjson"
 )
 
@@ -189,8 +190,8 @@ func isTextType(ct string) bool {
 }
 
 func (jsonBatchFormat) decode(r *http.Request, body []byte, lim *limits) (*batch, error) {
-	if msg, _ := checkJSON(body); msg != "" {
-		return nil, badBatchError{{Index: -1, Message: msg}}
+	if problem, _ := jsontext.Check(body, maxJSONDepth); problem != "" {
+		return nil, badBatchError{{Index: -1, Message: "batch " + problem}}
 	}
 	p := parser{lim: lim, ctx: r.Context()}
 	resolver := newURLResolver(r.URL.Path, lim.serviceRoot)
@@ -218,14 +219,14 @@ func (jsonBatchFormat) decode(r *http.Request, body []byte, lim *limits) (*batch
 	if err := p.errFaults(); err != nil {
 		return nil, err
 	}
-	if err := p.counted(countElements(requests)); err != nil {
+	if err := p.counted(jsontext.Count(requests)); err != nil {
 		return nil, err
 	}
 	b := &batch{mode: lim.mode, atomicity: lim.atomicity, urls: &resolver}
 	if b.atomicity != atomicNone {
 		b.mode = modeSequential // a failure must stop what comes after it
 	}
-	p.alloc(b, countElements(requests))
+	p.alloc(b, jsontext.Count(requests))
 	p.parseEach(b, requests, func(v gjson.Result, op *operation) {
 		if !v.Get("id").Exists() {
 			p.opFault(op, "id is required")
@@ -275,10 +276,10 @@ func appendJSONBatchResponse(dst []byte, op *operation, res *result) []byte {
 		status, msg = statusSkipped, "rolled back: its atomicity group failed"
 	}
 	dst = append(dst, `{"id":`...)
-	dst = appendString(dst, op.id)
+	dst = jsontext.AppendString(dst, op.id)
 	if op.groupName != "" {
 		dst = append(dst, `,"atomicityGroup":`...)
-		dst = appendString(dst, op.groupName)
+		dst = jsontext.AppendString(dst, op.groupName)
 	}
 	dst = append(dst, `,"status":`...)
 	dst = strconv.AppendInt(dst, int64(status), 10)
@@ -294,9 +295,9 @@ func appendJSONBatchResponse(dst []byte, op *operation, res *result) []byte {
 			if i > 0 {
 				dst = append(dst, ',')
 			}
-			dst = appendString(dst, name)
+			dst = jsontext.AppendString(dst, name)
 			dst = append(dst, ':')
-			dst = appendString(dst, strings.Join(res.header[name], ", "))
+			dst = jsontext.AppendString(dst, strings.Join(res.header[name], ", "))
 		}
 		dst = append(dst, '}')
 	}
@@ -306,7 +307,7 @@ func appendJSONBatchResponse(dst []byte, op *operation, res *result) []byte {
 		case res.isJSON && isMediaType(ct, "application/json"):
 			dst = append(dst, bytes.TrimSpace(res.body)...)
 		case (isTextType(ct) || isJSONType(ct)) && utf8.Valid(res.body):
-			dst = appendString(dst, string(res.body))
+			dst = jsontext.AppendString(dst, string(res.body))
 		default:
 			dst = append(dst, '"')
 			dst = base64.RawURLEncoding.AppendEncode(dst, res.body)
@@ -320,9 +321,9 @@ func appendJSONBatchResponse(dst []byte, op *operation, res *result) []byte {
 // error shape of Graph and OData, for status.
 func appendErrorObject(dst []byte, status int, msg string, faults badBatchError) []byte {
 	dst = append(dst, `{"error":{"code":`...)
-	dst = appendString(dst, strings.ReplaceAll(http.StatusText(status), " ", ""))
+	dst = jsontext.AppendString(dst, strings.ReplaceAll(http.StatusText(status), " ", ""))
 	dst = append(dst, `,"message":`...)
-	dst = appendString(dst, msg)
+	dst = jsontext.AppendString(dst, msg)
 	if len(faults) > 0 {
 		dst = append(dst, `,"details":[`...)
 		for i, f := range faults {
@@ -330,10 +331,10 @@ func appendErrorObject(dst []byte, status int, msg string, faults badBatchError)
 				dst = append(dst, ',')
 			}
 			dst = append(dst, `{"code":"InvalidRequest","message":`...)
-			dst = appendString(dst, f.Message)
+			dst = jsontext.AppendString(dst, f.Message)
 			if f.Index >= 0 {
 				dst = append(dst, `,"target":`...)
-				dst = appendString(dst, f.ID)
+				dst = jsontext.AppendString(dst, f.ID)
 			}
 			dst = append(dst, '}')
 		}

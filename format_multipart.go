@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/caddy-batch/batch/internal/jsontext"
 	"github.com/tidwall/gjson"
 )
 
@@ -297,10 +298,10 @@ func (p *parser) parseHTTPPart(op *operation, partHeaders []header, msg []byte, 
 		op.body = body
 		// References stand in JSON and text bodies, as in native ones.
 		switch ct := h.Get("Content-Type"); {
-		case isJSONType(ct) && validJSON(body, maxJSONDepth):
+		case isJSONType(ct) && jsontext.Valid(body, maxJSONDepth):
 			p.parseTemplate(op, gjson.ParseBytes(body))
 		case ct == "" || isTextType(ct):
-			p.parseTemplate(op, gjson.Result{Type: gjson.String, Str: string(body), Raw: string(appendString(nil, string(body)))})
+			p.parseTemplate(op, gjson.Result{Type: gjson.String, Str: string(body), Raw: string(jsontext.AppendString(nil, string(body)))})
 			if op.tmpl != nil && op.tmpl.body != nil {
 				op.tmpl.textBody = true // text stays text, even one reference alone
 			}

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"unicode/utf8"
 
+	"github.com/caddy-batch/batch/internal/jsontext"
 	"github.com/tidwall/gjson"
 )
 
@@ -51,9 +52,9 @@ func (nativeFormat) refuse(w http.ResponseWriter, status int, msg string, faults
 // badBatchError, a tooManyOpsError, or ctx's error once the client is gone;
 // nothing may run unless it is nil.
 func parseBatch(ctx context.Context, body []byte, lim *limits) (*batch, error) {
-	msg, topCommas := checkJSON(body)
-	if msg != "" {
-		return nil, badBatchError{{Index: -1, Message: msg}}
+	problem, topCommas := jsontext.Check(body, maxJSONDepth)
+	if problem != "" {
+		return nil, badBatchError{{Index: -1, Message: "batch " + problem}}
 	}
 	root := gjson.ParseBytes(body)
 	p := parser{lim: lim, ctx: ctx}
@@ -148,7 +149,7 @@ func parseBatch(ctx context.Context, body []byte, lim *limits) (*batch, error) {
 	if b.form == formArray && topCommas > 0 {
 		n = topCommas + 1 // counted on the way: no second pass
 	} else {
-		n = countElements(list)
+		n = jsontext.Count(list)
 	}
 	if err := p.counted(n); err != nil {
 		return nil, err
@@ -255,7 +256,7 @@ func (s *httpSink) close(sum summary) {
 // appendSummary appends the envelope fields after "results".
 func appendSummary(dst []byte, s summary) []byte {
 	dst = append(dst, `,"status":`...)
-	dst = appendString(dst, s.status)
+	dst = jsontext.AppendString(dst, s.status)
 	dst = append(dst, `,"total":`...)
 	dst = strconv.AppendInt(dst, int64(s.total), 10)
 	dst = append(dst, `,"succeeded":`...)
@@ -276,7 +277,7 @@ func appendSummary(dst []byte, s summary) []byte {
 	}
 	if s.err != "" {
 		dst = append(dst, `,"error":`...)
-		dst = appendString(dst, s.err)
+		dst = jsontext.AppendString(dst, s.err)
 	}
 	return dst
 }
@@ -292,10 +293,10 @@ func appendResult(dst []byte, index int, op *operation, res *result, lean leanOp
 		dst = append(dst, ',')
 	}
 	dst = append(dst, `"id":`...)
-	dst = appendString(dst, op.id)
+	dst = jsontext.AppendString(dst, op.id)
 	if op.groupName != "" { // an operation of a JSON or multipart batch
 		dst = append(dst, `,"atomicityGroup":`...)
-		dst = appendString(dst, op.groupName)
+		dst = jsontext.AppendString(dst, op.groupName)
 	}
 	dst = append(dst, `,"status":`...)
 	dst = strconv.AppendInt(dst, int64(res.status), 10)
@@ -320,7 +321,7 @@ func appendResult(dst []byte, index int, op *operation, res *result, lean leanOp
 			}
 			dst = append(dst, body...)
 		case utf8.Valid(res.body):
-			dst = appendString(dst, string(res.body))
+			dst = jsontext.AppendString(dst, string(res.body))
 		default:
 			dst = append(dst, '"')
 			dst = base64.StdEncoding.AppendEncode(dst, res.body)
@@ -329,7 +330,7 @@ func appendResult(dst []byte, index int, op *operation, res *result, lean leanOp
 	}
 	if res.err != "" {
 		dst = append(dst, `,"error":`...)
-		dst = appendString(dst, res.err)
+		dst = jsontext.AppendString(dst, res.err)
 	}
 	if res.undone != nil {
 		dst = append(dst, `,"undone":`...)
@@ -344,7 +345,7 @@ func appendResult(dst []byte, index int, op *operation, res *result, lean leanOp
 
 // writeError answers the whole batch with {"error": msg}.
 func writeError(w http.ResponseWriter, status int, msg string) error {
-	buf := append([]byte(`{"error":`), appendString(nil, msg)...)
+	buf := append([]byte(`{"error":`), jsontext.AppendString(nil, msg)...)
 	writeJSON(w, status, append(buf, '}'))
 	return nil
 }
@@ -361,11 +362,11 @@ func writeFaults(w http.ResponseWriter, faults badBatchError) error {
 			buf = append(buf, `"index":`...)
 			buf = strconv.AppendInt(buf, int64(f.Index), 10)
 			buf = append(buf, `,"id":`...)
-			buf = appendString(buf, f.ID)
+			buf = jsontext.AppendString(buf, f.ID)
 			buf = append(buf, ',')
 		}
 		buf = append(buf, `"message":`...)
-		buf = appendString(buf, f.Message)
+		buf = jsontext.AppendString(buf, f.Message)
 		buf = append(buf, '}')
 	}
 	writeJSON(w, http.StatusBadRequest, append(buf, "]}"...))
@@ -383,9 +384,9 @@ func (h *Handler) writeDryRun(w http.ResponseWriter, r *http.Request, b *batch) 
 	buf := []byte(`{"dry_run":true,"total":`)
 	buf = strconv.AppendInt(buf, int64(len(b.ops)), 10)
 	buf = append(buf, `,"mode":`...)
-	buf = appendString(buf, b.mode)
+	buf = jsontext.AppendString(buf, b.mode)
 	buf = append(buf, `,"atomicity":`...)
-	buf = appendString(buf, b.atomicity)
+	buf = jsontext.AppendString(buf, b.atomicity)
 	buf = append(buf, `,"operations":[`...)
 	for i, op := range b.ops {
 		if i > 0 {
@@ -396,11 +397,11 @@ func (h *Handler) writeDryRun(w http.ResponseWriter, r *http.Request, b *batch) 
 			header[k] = v
 		}
 		buf = append(buf, `{"id":`...)
-		buf = appendString(buf, op.id)
+		buf = jsontext.AppendString(buf, op.id)
 		buf = append(buf, `,"method":`...)
-		buf = appendString(buf, op.method)
+		buf = jsontext.AppendString(buf, op.method)
 		buf = append(buf, `,"path":`...)
-		buf = appendString(buf, op.target)
+		buf = jsontext.AppendString(buf, op.target)
 		buf = appendHeaders(append(buf, ','), header)
 		buf = append(buf, `,"body_size":`...)
 		buf = strconv.AppendInt(buf, int64(len(op.body)), 10)
@@ -410,7 +411,7 @@ func (h *Handler) writeDryRun(w http.ResponseWriter, r *http.Request, b *batch) 
 				if j > 0 {
 					buf = append(buf, ',')
 				}
-				buf = appendString(buf, b.ops[d].id)
+				buf = jsontext.AppendString(buf, b.ops[d].id)
 			}
 			buf = append(buf, ']')
 		}

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/caddy-batch/batch/internal/jsontext"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/tidwall/gjson"
 )
@@ -293,8 +294,8 @@ func (in *intake) add(raw []byte, what, prefix string, parse func(i int, v gjson
 	}
 	before := len(in.p.faults)
 	defer in.locate(before)
-	if msg, _ := checkJSON(raw); msg != "" {
-		in.p.opFault(&operation{index: i, id: strconv.Itoa(i)}, "%s%s", prefix, strings.Replace(msg, "batch", what, 1))
+	if problem, _ := jsontext.Check(raw, maxJSONDepth); problem != "" {
+		in.p.opFault(&operation{index: i, id: strconv.Itoa(i)}, "%s%s %s", prefix, what, problem)
 		return
 	}
 	parse(i, gjson.ParseBytes(raw))
@@ -580,8 +581,8 @@ func (in *intake) readArray(s *jsonStream, add func([]byte), keep bool) error {
 
 // template takes the operation of a bulk batch.
 func (in *intake) template(raw []byte) {
-	if msg, _ := checkJSON(raw); msg != "" {
-		in.fault("operation: %s", strings.Replace(msg, "batch", "operation", 1))
+	if problem, _ := jsontext.Check(raw, maxJSONDepth); problem != "" {
+		in.fault("operation: operation %s", problem)
 		return
 	}
 	spec := in.j.spec
@@ -626,7 +627,7 @@ func (in *intake) syntax(err error) error {
 
 // jsonStream reads JSON values one at a time, each at most max bytes, so
 // that no more than one is in memory; it checks only what it needs to
-// find where each ends. checkJSON and gjson validate each value.
+// find where each ends. jsontext.Check validates each value.
 type jsonStream struct {
 	r   *bufio.Reader
 	max int64

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddy-batch/batch/internal/jsontext"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/tidwall/gjson"
 	"go.uber.org/zap"
@@ -411,7 +412,7 @@ func (h *Handler) storedRange(ctx context.Context, rec jobRecord, offset, end in
 				return started, fmt.Errorf("loading batch job results: chunk %d part %d: %w", c, part, err)
 			}
 			started = true
-			for _, item := range splitResults(buf) {
+			for _, item := range jsontext.SplitTop(buf) {
 				if i >= offset && i < end {
 					put(i, item)
 				}
@@ -473,30 +474,6 @@ func storedResult(v gjson.Result) result {
 		res.rollback = &rr
 	}
 	return res
-}
-
-// splitResults splits a stored chunk (results joined by commas) into its
-// results.
-func splitResults(chunk []byte) [][]byte {
-	var items [][]byte
-	depth, start := 0, 0
-	eachStructural(chunk, func(i int, c byte) {
-		switch c {
-		case '{', '[':
-			depth++
-		case '}', ']':
-			depth--
-		case ',':
-			if depth == 0 {
-				items = append(items, chunk[start:i])
-				start = i + 1
-			}
-		}
-	})
-	if start < len(chunk) {
-		items = append(items, chunk[start:])
-	}
-	return items
 }
 
 func writeProgress(w http.ResponseWriter, status int, p progress) error {

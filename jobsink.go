@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/caddy-batch/batch/internal/jsontext"
 	"go.uber.org/zap"
 )
 
@@ -72,7 +73,7 @@ func (s *storeSink) resume() error {
 		if err != nil {
 			return fmt.Errorf("loading the results to resume from: chunk %d part %d: %w", s.chunk, s.part, err)
 		}
-		items := splitResults(buf)
+		items := jsontext.SplitTop(buf)
 		if len(items) < need {
 			need -= len(items)
 			continue

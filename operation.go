@@ -26,6 +26,10 @@ const (
 // maxIDLength bounds an operation id; ids appear in every result and log line.
 const maxIDLength = 128
 
+// maxJSONDepth bounds nesting in a batch body, so that no recursive walk
+// over it (ours or gjson's) can be driven into a stack blow-up.
+const maxJSONDepth = 64
+
 // batch is a parsed and validated batch request.
 type batch struct {
 	format    format // it came in, and is answered, in

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync/atomic"
 
+	"github.com/caddy-batch/batch/internal/jsontext"
 	"github.com/tidwall/gjson"
 	"golang.org/x/net/http/httpguts"
 )
@@ -417,7 +418,7 @@ func (rn *runner) resolve(op *operation) (*operation, error) {
 					return nil, err
 				}
 				n := len(body)
-				body = appendString(body, s)
+				body = jsontext.AppendString(body, s)
 				if err := rn.refs.add(len(body) - n - len(s)); err != nil {
 					return nil, err // quoted as a JSON string, it grew
 				}
@@ -494,7 +495,7 @@ type refValue struct {
 // appendJSON appends the value as JSON.
 func (v refValue) appendJSON(dst []byte) []byte {
 	if v.isText {
-		return appendString(dst, string(v.raw))
+		return jsontext.AppendString(dst, string(v.raw))
 	}
 	return append(dst, v.raw...)
 }

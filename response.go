@@ -7,6 +7,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/caddy-batch/batch/internal/jsontext"
 )
 
 // Statuses the batch layer gives operations it did not let the chain answer.
@@ -198,7 +200,7 @@ const maxAnswerDepth = 512
 // valid, in UTF-8 and at most maxAnswerDepth deep, so that it can stand in
 // the batch's JSON as a value: the batch answer must stay valid JSON text.
 func jsonBody(header http.Header, body []byte) bool {
-	return len(body) > 0 && isJSONType(contentType(header)) && validJSON(body, maxAnswerDepth)
+	return len(body) > 0 && isJSONType(contentType(header)) && jsontext.Valid(body, maxAnswerDepth)
 }
 
 // contentType is h.Get("Content-Type"), without canonicalizing a name
@@ -215,7 +217,7 @@ func appendHeaders(dst []byte, h http.Header) []byte {
 	dst = append(dst, `"headers":{`...)
 	if v, ok := h["Content-Type"]; ok && len(h) == 1 && len(v) > 0 { // the usual answer: no sorting
 		dst = append(dst, `"Content-Type":`...)
-		dst = appendString(dst, strings.Join(v, ", "))
+		dst = jsontext.AppendString(dst, strings.Join(v, ", "))
 		return append(dst, '}')
 	}
 	var arr [16]string
@@ -223,9 +225,9 @@ func appendHeaders(dst []byte, h http.Header) []byte {
 		if i > 0 {
 			dst = append(dst, ',')
 		}
-		dst = appendString(dst, name)
+		dst = jsontext.AppendString(dst, name)
 		dst = append(dst, ':')
-		dst = appendString(dst, strings.Join(h[name], ", "))
+		dst = jsontext.AppendString(dst, strings.Join(h[name], ", "))
 	}
 	return append(dst, '}')
 }

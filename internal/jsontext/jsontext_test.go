@@ -1,4 +1,4 @@
-package batch
+package jsontext
 
 import (
 	"bytes"
@@ -15,7 +15,7 @@ func TestAppendString(t *testing.T) {
 	check := func(s string) {
 		t.Helper()
 		prefix := []byte(`{"k":`)
-		out := appendString(append([]byte(nil), prefix...), s)
+		out := AppendString(append([]byte(nil), prefix...), s)
 		if !bytes.HasPrefix(out, prefix) {
 			t.Fatalf("%q: prefix lost: %q", s, out)
 		}
@@ -62,10 +62,72 @@ func TestAppendString(t *testing.T) {
 		check(string(b))
 	}
 	// Valid UTF-8 is written as is, but for the escapes JSON needs.
-	if got := string(appendString(nil, "é€😀 </>&\u2028")); got != `"é€😀 </>&`+"\u2028"+`"` {
+	if got := string(AppendString(nil, "é€😀 </>&\u2028")); got != `"é€😀 </>&`+"\u2028"+`"` {
 		t.Errorf("valid UTF-8 changed: %s", got)
 	}
-	if got := string(appendString(nil, "a\"b\\c\nd\x01")); got != `"a\"b\\c\nd\u0001"` {
+	if got := string(AppendString(nil, "a\"b\\c\nd\x01")); got != `"a\"b\\c\nd\u0001"` {
 		t.Errorf("escapes: %s", got)
+	}
+}
+
+func TestCheck(t *testing.T) {
+	deep := strings.Repeat("[", 65) + strings.Repeat("]", 65)
+	for _, c := range []struct {
+		in      string
+		problem string
+		commas  int
+	}{
+		{`[1,2,3]`, "", 2},
+		{`[[1,2],{"a":1,"b":[3,4]}]`, "", 1},
+		{`{"a":"x,y"}`, "", 0},
+		{`"[,,]"`, "", 0},
+		{`[1,2`, "is not valid JSON", 0},
+		{"[\"\xff\"]", "is not valid UTF-8", 0},
+		{deep, "nests JSON deeper than 64 levels", 0},
+		{strings.Repeat("[", 64) + strings.Repeat("]", 64), "", 0},
+	} {
+		problem, commas := Check([]byte(c.in), 64)
+		if problem != c.problem || commas != c.commas {
+			t.Errorf("Check(%.40q) = %q, %d; want %q, %d", c.in, problem, commas, c.problem, c.commas)
+		}
+	}
+}
+
+func TestSplitTop(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		want []string
+	}{
+		{``, nil},
+		{`{"a":1}`, []string{`{"a":1}`}},
+		{`{"a":[1,2]},{"b":"x,}"},3`, []string{`{"a":[1,2]}`, `{"b":"x,}"}`, `3`}},
+	} {
+		got := SplitTop([]byte(c.in))
+		if len(got) != len(c.want) {
+			t.Fatalf("SplitTop(%q) = %q, want %q", c.in, got, c.want)
+		}
+		for i := range got {
+			if string(got[i]) != c.want[i] {
+				t.Errorf("SplitTop(%q)[%d] = %q, want %q", c.in, i, got[i], c.want[i])
+			}
+		}
+	}
+}
+
+func TestDepthWithin(t *testing.T) {
+	for _, c := range []struct {
+		in    string
+		limit int
+		want  bool
+	}{
+		{`[[[]]]`, 3, true},
+		{`[[[]]]`, 2, false},
+		{`["[[[[[["]`, 1, true},
+		{`["\"[[[["]`, 1, true},
+		{`]]]][[`, 2, true},
+	} {
+		if got := DepthWithin([]byte(c.in), c.limit); got != c.want {
+			t.Errorf("DepthWithin(%q, %d) = %v", c.in, c.limit, got)
+		}
 	}
 }
