@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddy-batch/batch/internal/seal"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/encode"
@@ -179,7 +180,7 @@ type Handler struct {
 	stopSweeping func()
 
 	// sealer encrypts what jobs store of credentials; nil without a key.
-	sealer *sealer
+	sealer *seal.Sealer
 	// opKey is the header that carries each job operation's idempotency
 	// key; "" for none.
 	opKey string
@@ -357,7 +358,7 @@ func (h *Handler) provisionAsync(ctx caddy.Context) error {
 			keys = append(keys, repl.ReplaceKnown(k, ""))
 		}
 		var err error
-		if h.sealer, err = newSealer(keys); err != nil {
+		if h.sealer, err = seal.New(keys); err != nil {
 			return fmt.Errorf("credentials_key: %w", err)
 		}
 	} else if len(a.OldCredentialsKeys) > 0 {

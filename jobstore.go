@@ -2,19 +2,12 @@ package batch
 
 import (
 	"context"
-	"crypto/aes"
-	"crypto/cipher"
-	"crypto/rand"
-	"crypto/sha256"
 	"crypto/tls"
-	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
-	"strings"
 )
 
 // A job's operations are stored in one of two shapes. A batch taken whole
@@ -126,7 +119,7 @@ func (h *Handler) keepHeaders(spec *jobSpec, id string, inherited http.Header) e
 		if err != nil {
 			return err
 		}
-		spec.Sealed = h.sealer.seal(jobKey(id, "headers"), buf)
+		spec.Sealed = h.sealer.Seal(jobKey(id, "headers"), buf)
 		return nil
 	}
 	for name := range inherited {
@@ -147,7 +140,7 @@ func (h *Handler) openHeaders(spec *jobSpec, id string) (http.Header, error) {
 	case spec.Sealed == nil:
 		return spec.Headers, nil
 	}
-	buf, err := h.sealer.open(jobKey(id, "headers"), spec.Sealed)
+	buf, err := h.sealer.Open(jobKey(id, "headers"), spec.Sealed)
 	if err != nil {
 		return nil, err
 	}
@@ -167,7 +160,7 @@ func chunkKey(id string, n int) string { return jobKey(id, "ops", fmt.Sprintf("%
 func (h *Handler) storeChunk(ctx context.Context, spec *jobSpec, id string, n int, buf []byte) error {
 	key := chunkKey(id, n)
 	if spec.SealedOps {
-		buf = h.sealer.seal(key, buf)
+		buf = h.sealer.Seal(key, buf)
 	}
 	return h.storage.Store(ctx, key, buf)
 }
@@ -181,7 +174,7 @@ func (h *Handler) loadChunk(ctx context.Context, spec *jobSpec, id, format strin
 		return nil, fmt.Errorf("loading operations: %w", err)
 	}
 	if spec.SealedOps {
-		if buf, err = h.sealer.open(key, buf); err != nil {
+		if buf, err = h.sealer.Open(key, buf); err != nil {
 			return nil, err
 		}
 	}
@@ -229,96 +222,4 @@ func parseChunk(ctx context.Context, spec *jobSpec, chunk []byte, lim *limits) (
 	b.format = native
 	b.lean = leanOptions{omitSuccess: spec.OmitSuccess, noHeaders: spec.NoHeaders}
 	return b, nil
-}
-
-// sealer encrypts what a job stores that may hold a credential, with
-// AES-256-GCM under the configured key; it opens what any of the keys it
-// knows sealed, so that keys can be rotated.
-type sealer struct {
-	keys []sealKey // the first seals
-}
-
-type sealKey struct {
-	id   string
-	aead cipher.AEAD
-}
-
-const sealMagic = "bsk1"
-
-// newSealer takes keys of 32 bytes, in hex or base64.
-func newSealer(keys []string) (*sealer, error) {
-	s := new(sealer)
-	for i, k := range keys {
-		raw, err := decodeKey(k)
-		if err != nil {
-			return nil, fmt.Errorf("key %d: %w", i+1, err)
-		}
-		block, err := aes.NewCipher(raw)
-		if err != nil {
-			return nil, err
-		}
-		aead, err := cipher.NewGCM(block)
-		if err != nil {
-			return nil, err
-		}
-		sum := sha256.Sum256(raw)
-		s.keys = append(s.keys, sealKey{id: hex.EncodeToString(sum[:4]), aead: aead})
-	}
-	return s, nil
-}
-
-func decodeKey(k string) ([]byte, error) {
-	k = strings.TrimSpace(k)
-	if k == "" {
-		return nil, errors.New("empty (is its environment variable set?)")
-	}
-	if raw, err := hex.DecodeString(k); err == nil && len(raw) == 32 {
-		return raw, nil
-	}
-	for _, enc := range []*base64.Encoding{base64.StdEncoding, base64.RawStdEncoding, base64.URLEncoding, base64.RawURLEncoding} {
-		if raw, err := enc.DecodeString(k); err == nil && len(raw) == 32 {
-			return raw, nil
-		}
-	}
-	return nil, errors.New("must be 32 bytes, in hex (64 digits) or base64 (44 characters), such as `openssl rand -base64 32` prints")
-}
-
-// seal encrypts plain for the storage key slot: sealed bytes moved to
-// another key do not open.
-func (s *sealer) seal(slot string, plain []byte) []byte {
-	k := s.keys[0]
-	out := make([]byte, 0, len(sealMagic)+len(k.id)+k.aead.NonceSize()+len(plain)+k.aead.Overhead())
-	out = append(append(out, sealMagic...), k.id...)
-	nonce := out[len(out) : len(out)+k.aead.NonceSize()]
-	_, _ = rand.Read(nonce)
-	out = out[:len(out)+len(nonce)]
-	return k.aead.Seal(out, nonce, plain, []byte(slot))
-}
-
-// errSealed is what a job whose sealed parts cannot be opened fails with.
-var errSealed = errors.New("cannot decrypt what the job stored")
-
-func (s *sealer) open(slot string, sealed []byte) ([]byte, error) {
-	if s == nil {
-		return nil, fmt.Errorf("%w: it was encrypted, and no credentials_key is configured", errSealed)
-	}
-	if len(sealed) < len(sealMagic)+8 || string(sealed[:len(sealMagic)]) != sealMagic {
-		return nil, fmt.Errorf("%w: not sealed data", errSealed)
-	}
-	id := string(sealed[len(sealMagic) : len(sealMagic)+8])
-	for _, k := range s.keys {
-		if k.id != id {
-			continue
-		}
-		body := sealed[len(sealMagic)+8:]
-		if len(body) < k.aead.NonceSize() {
-			break
-		}
-		plain, err := k.aead.Open(nil, body[:k.aead.NonceSize()], body[k.aead.NonceSize():], []byte(slot))
-		if err != nil {
-			return nil, fmt.Errorf("%w: key %s does not open it (altered, or moved)", errSealed, id)
-		}
-		return plain, nil
-	}
-	return nil, fmt.Errorf("%w: sealed with key %s, which is not configured", errSealed, id)
 }

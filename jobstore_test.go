@@ -131,29 +131,3 @@ func TestCredentialsWrongKeyFailsJob(t *testing.T) {
 		t.Errorf("job resumed with the old key kept: %s", p.Raw)
 	}
 }
-
-func TestSealer(t *testing.T) {
-	s, err := newSealer([]string{testKey})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sealed := s.seal("batch/jobs/x/headers", []byte("secret"))
-	if bytes.Contains(sealed, []byte("secret")) {
-		t.Fatal("sealed data holds the plain text")
-	}
-	if plain, err := s.open("batch/jobs/x/headers", sealed); err != nil || string(plain) != "secret" {
-		t.Errorf("open: %q %v", plain, err)
-	}
-	if _, err := s.open("batch/jobs/y/headers", sealed); err == nil {
-		t.Error("sealed data moved to another key opens")
-	}
-	sealed[len(sealed)-1] ^= 1
-	if _, err := s.open("batch/jobs/x/headers", sealed); err == nil {
-		t.Error("altered sealed data opens")
-	}
-	for _, bad := range []string{"", "short", strings.Repeat("0", 63), "{env.NOT_SET}"} {
-		if _, err := newSealer([]string{bad}); err == nil {
-			t.Errorf("key %q accepted", bad)
-		}
-	}
-}
