@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddy-batch/batch/internal/pace"
 	"github.com/caddy-batch/batch/internal/seal"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -173,7 +174,7 @@ type Handler struct {
 	metrics   *metrics
 	// gate orders the operations sent downstream: max_inflight, rate
 	// and pacing.
-	gate *gate
+	gate *pace.Gate
 	// errorChains holds the error routes of each server, compiled.
 	errorChains sync.Map
 	// stopSweeping ends the sweep of expired idempotent answers.
@@ -211,6 +212,7 @@ const (
 	defaultMaxSize     = 10 << 20
 	defaultTimeout     = 60 * time.Second
 	defaultOpTimeout   = 30 * time.Second
+	defaultMaxInflight = 32
 )
 
 var defaultMethods = []string{"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"}
@@ -258,7 +260,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Pacing == "" {
 		h.Pacing = pacingOff
 	}
-	h.gate = newGate(h.MaxInflight, h.Rate)
+	h.gate = pace.NewGate(h.MaxInflight, h.Rate.paceRate())
 	methods := h.Methods
 	if len(methods) == 0 {
 		methods = defaultMethods

@@ -1,7 +1,6 @@
 package batch
 
 import (
-	"context"
 	"fmt"
 	"math"
 	"net/http"
@@ -85,90 +84,6 @@ func TestMaxInflightBoundsAllBatches(t *testing.T) {
 	}
 	if maxIn > 4 {
 		t.Errorf("%d operations in flight at once, max_inflight 4", maxIn)
-	}
-}
-
-// The budget's turns go round-robin between batches: a small batch that
-// comes while a large one waits is not served after all of it.
-func TestGateFairBetweenOwners(t *testing.T) {
-	g := newGate(1, nil)
-	big, small := &paceOwner{}, &paceOwner{}
-	ctx := context.Background()
-	hold, err := g.acquire(ctx, big)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var order []string
-	var wg sync.WaitGroup
-	wait := func(o *paceOwner, name string, n int) {
-		for range n {
-			wg.Go(func() {
-				tk, err := g.acquire(ctx, o)
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				mu.Lock()
-				order = append(order, name)
-				mu.Unlock()
-				g.release(tk, 0, nil)
-			})
-		}
-		eventually(t, 5*time.Second, "waiters queued", func() bool {
-			g.mu.Lock()
-			defer g.mu.Unlock()
-			return len(o.waiters) == n
-		})
-	}
-	wait(big, "big", 10)
-	wait(small, "small", 2)
-	g.release(hold, 0, nil)
-	wg.Wait()
-	if len(order) != 12 {
-		t.Fatalf("order %v", order)
-	}
-	// Turns alternate while both wait: small's two are among the first four.
-	n := 0
-	for _, o := range order[:4] {
-		if o == "small" {
-			n++
-		}
-	}
-	if n != 2 {
-		t.Errorf("small batch waited behind the large one: %v", order)
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.used != 0 || len(g.ring) != 0 {
-		t.Errorf("after all: used %d, ring %d", g.used, len(g.ring))
-	}
-}
-
-// A waiter whose time runs out leaves the queue and takes no turn.
-func TestGateWaitTimesOut(t *testing.T) {
-	g := newGate(1, nil)
-	o := &paceOwner{}
-	hold, err := g.acquire(context.Background(), o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
-	defer cancel()
-	if _, err := g.acquire(ctx, o); err != errNoTurn {
-		t.Fatalf("acquire with the budget spent: %v", err)
-	}
-	g.release(hold, 0, nil)
-	g.mu.Lock()
-	used, ring := g.used, len(g.ring)
-	g.mu.Unlock()
-	if used != 0 || ring != 0 {
-		t.Errorf("after a timed-out waiter: used %d, ring %d", used, ring)
-	}
-	if tk, err := g.acquire(context.Background(), o); err != nil {
-		t.Errorf("budget not given back: %v", err)
-	} else {
-		g.release(tk, 0, nil)
 	}
 }
 
@@ -368,58 +283,6 @@ func TestRateWaits(t *testing.T) {
 	if res.Get("results.0.status").Int() != 204 || res.Get("results.1.status").Int() != 504 ||
 		!strings.Contains(res.Get("results.1.error").String(), "waiting to be sent downstream") {
 		t.Errorf("second operation of rate 1 per hour: %s", body)
-	}
-}
-
-// A keyed rate keeps at most its bound of buckets, whatever keys come:
-// idle ones are dropped, and keys beyond the bound share one bucket, so
-// that new keys gain no quota.
-func TestRateKeysBounded(t *testing.T) {
-	r := newRateKeys(2, time.Second, 100)
-	now := time.Unix(1000, 0)
-	for i := range 10000 {
-		key := "tenant-" + strconv.Itoa(i)
-		if ok, _ := r.allows(key, now); ok {
-			r.take(key, now)
-		}
-	}
-	if len(r.buckets) != 100 {
-		t.Fatalf("%d buckets, want the bound 100", len(r.buckets))
-	}
-	// Keys 100 on shared the overflow: its 2 tokens, then none.
-	if ok, at := r.allows("tenant-new", now); ok || !at.After(now) {
-		t.Errorf("an overflow key has quota left: %v %v", ok, at)
-	}
-	// A key with its own bucket keeps it.
-	if ok, _ := r.allows("tenant-0", now); !ok {
-		t.Error("tenant-0 lost its token")
-	}
-	// Idle buckets are dropped once full again: new keys get their own.
-	later := now.Add(2 * time.Second)
-	if ok, _ := r.allows("tenant-new", later); !ok {
-		t.Error("no room for a new key after the others went idle")
-	}
-	if len(r.buckets) > 100 {
-		t.Errorf("%d buckets", len(r.buckets))
-	}
-	r.take("tenant-new", later)
-	// A long key is kept hashed.
-	long := strings.Repeat("k", 1<<16)
-	r.allows(long, later)
-	for k := range r.buckets {
-		if len(k) > maxRateKeyLen {
-			t.Errorf("a key of %d bytes kept", len(k))
-		}
-	}
-	// Refill: a bucket emptied gets a token back after interval/n.
-	b := newRateKeys(2, time.Second, 10)
-	b.take("a", now)
-	b.take("a", now)
-	if ok, at := b.allows("a", now); ok || at != now.Add(500*time.Millisecond) {
-		t.Errorf("empty bucket: %v, next token at %v", ok, at.Sub(now))
-	}
-	if ok, _ := b.allows("a", now.Add(500*time.Millisecond)); !ok {
-		t.Error("no token after interval/n")
 	}
 }
 

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/caddy-batch/batch/internal/jsontext"
+	"github.com/caddy-batch/batch/internal/pace"
 )
 
 // Statuses the batch layer gives operations it did not let the chain answer.
@@ -163,7 +164,7 @@ func (e *emitter) flush() {
 	for e.next < len(e.results) && e.done[e.next] {
 		res := &e.results[e.next]
 		if res.status == http.StatusTooManyRequests {
-			if wait, ok := retryAfter(res.header); ok {
+			if wait, ok := pace.RetryAfter(res.header); ok {
 				e.retryAfter = max(e.retryAfter, int((wait+time.Second-1)/time.Second))
 			}
 		}

@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddy-batch/batch/internal/pace"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
@@ -71,7 +72,7 @@ type runner struct {
 	opKey string
 	// pace is who the operations wait as for a turn downstream; a job's
 	// is made at its first operation.
-	pace     *paceOwner
+	pace     *pace.Owner
 	paceOnce sync.Once
 }
 

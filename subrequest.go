@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddy-batch/batch/internal/pace"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
@@ -85,29 +86,29 @@ func (rn *runner) exec(op *operation, clk *opClock) result {
 	for attempt := 1; ; attempt++ {
 		var res result
 		asked := time.Now()
-		t, err := g.acquire(ctx, o)
+		t, err := g.Acquire(ctx, o)
 		rn.h.metrics.turnWait.Observe(time.Since(asked).Seconds())
 		if err != nil {
 			res = rn.waitedOut(clk.parent)
 		} else {
 			res = rn.attempt(ctx, clk, op, attempt)
-			if r := g.release(t, res.status, res.header); r.event != "" {
-				rn.h.metrics.pacing.WithLabelValues(r.event).Inc()
-				rn.h.logger.Debug("pacing", zap.String("event", r.event), zap.Float64("rate", r.rate),
-					zap.Duration("paused_for", r.paused), zap.String("batch", rn.id), zap.String("op", op.id))
+			if r := g.Release(t, res.status, res.header); r.Event != "" {
+				rn.h.metrics.pacing.WithLabelValues(r.Event).Inc()
+				rn.h.logger.Debug("pacing", zap.String("event", r.Event), zap.Float64("rate", r.Rate),
+					zap.Duration("paused_for", r.Paused), zap.String("batch", rn.id), zap.String("op", op.id))
 			}
 		}
 		retry := res.status == http.StatusTooManyRequests
 		var wait time.Duration
-		if o.adaptive {
+		if o.Adaptive {
 			// A 429 says the request was refused for its rate, not
 			// processed: any method is sent again.
-			retry = retry && attempt < maxAdaptiveAttempts
-			wait = g.retryWait(attempt)
+			retry = retry && attempt < pace.MaxAdaptiveAttempts
+			wait = g.RetryWait(attempt)
 		} else {
 			retry = retry && attempt <= rn.h.Retry429 && idempotent(op.method)
 			var ok bool
-			if wait, ok = retryAfter(res.header); !ok {
+			if wait, ok = pace.RetryAfter(res.header); !ok {
 				wait = time.Second // when the answer does not say, or not readably
 			}
 		}
@@ -138,32 +139,6 @@ func idempotent(method string) bool {
 		return true
 	}
 	return false
-}
-
-// maxRetryAfter caps what a Retry-After may ask for: no answer is a reason
-// to wait longer, and more seconds than this could overflow a Duration.
-const maxRetryAfter = 24 * time.Hour
-
-// retryAfter reads a Retry-After header, delta-seconds or an HTTP-date, as
-// a wait from now of at most maxRetryAfter; ok is false when there is none
-// or it cannot be read.
-func retryAfter(h http.Header) (wait time.Duration, ok bool) {
-	v := strings.TrimSpace(h.Get("Retry-After"))
-	if v == "" {
-		return 0, false
-	}
-	if strings.Trim(v, "0123456789") == "" {
-		// Only digits: ParseUint fails by range alone, which is long.
-		n, err := strconv.ParseUint(v, 10, 64)
-		if err != nil || n > uint64(maxRetryAfter/time.Second) {
-			return maxRetryAfter, true
-		}
-		return time.Duration(n) * time.Second, true
-	}
-	if t, err := http.ParseTime(v); err == nil {
-		return min(max(time.Until(t), 0), maxRetryAfter), true
-	}
-	return 0, false
 }
 
 // attempt serves op once within ctx; attempt counts from 1.

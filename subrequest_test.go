@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-batch/batch/internal/pace"
 	"github.com/tidwall/gjson"
 	"golang.org/x/crypto/bcrypt"
 )
@@ -97,40 +98,8 @@ func TestRetryAfterOutOfRange(t *testing.T) {
 			t.Errorf("%s: sent %d times, want once: %s", id, n, body)
 		}
 	}
-	if got := res.Get("retry_after").Int(); got != int64(maxRetryAfter/time.Second) {
-		t.Errorf("envelope retry_after = %d, want the cap %d", got, int64(maxRetryAfter/time.Second))
-	}
-}
-
-func TestRetryAfterParse(t *testing.T) {
-	future := time.Now().Add(90 * time.Second).UTC().Format(http.TimeFormat)
-	cases := []struct {
-		value string
-		wait  time.Duration // 0 with ok false: none or unreadable
-		ok    bool
-	}{
-		{"", 0, false},
-		{"0", 0, true},
-		{" 7 ", 7 * time.Second, true},
-		{"86400", maxRetryAfter, true},
-		{"86401", maxRetryAfter, true},
-		{"9223372037", maxRetryAfter, true},
-		{"18446744074", maxRetryAfter, true},
-		{"99999999999999999999999", maxRetryAfter, true},
-		{"-5", 0, false},
-		{"1.5", 0, false},
-		{"soon", 0, false},
-		{"Wed, 21 Oct 2015 07:28:00 GMT", 0, true}, // past
-		{"Fri, 31 Dec 9999 23:59:59 GMT", maxRetryAfter, true},
-	}
-	for _, c := range cases {
-		wait, ok := retryAfter(http.Header{"Retry-After": {c.value}})
-		if wait != c.wait || ok != c.ok {
-			t.Errorf("Retry-After %q: %v %v, want %v %v", c.value, wait, ok, c.wait, c.ok)
-		}
-	}
-	if wait, ok := retryAfter(http.Header{"Retry-After": {future}}); !ok || wait < 80*time.Second || wait > 90*time.Second {
-		t.Errorf("an HTTP-date 90s ahead: %v %v", wait, ok)
+	if got := res.Get("retry_after").Int(); got != int64(pace.MaxRetryAfter/time.Second) {
+		t.Errorf("envelope retry_after = %d, want the cap %d", got, int64(pace.MaxRetryAfter/time.Second))
 	}
 }
 

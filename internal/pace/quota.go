@@ -1,4 +1,4 @@
-package batch
+package pace
 
 import (
 	"math"
@@ -166,7 +166,7 @@ func parsePolicy(v, name string) (limit int64, window time.Duration) {
 			case "q":
 				q, _ = parseCount(val)
 			case "w":
-				if n, ok := parseCount(val); ok && n <= int64(maxRetryAfter/time.Second) {
+				if n, ok := parseCount(val); ok && n <= int64(MaxRetryAfter/time.Second) {
 					w = time.Duration(n) * time.Second
 				}
 			}
@@ -199,8 +199,34 @@ func resetAfter(s string, now time.Time) (time.Duration, bool) {
 	case f >= 1e9:
 		secs = f - float64(now.UnixNano())/1e9
 	}
-	if secs > maxRetryAfter.Seconds() {
+	if secs > MaxRetryAfter.Seconds() {
 		return 0, false
 	}
 	return time.Duration(max(secs, 0) * float64(time.Second)), true
+}
+
+// MaxRetryAfter caps what a Retry-After may ask for: no answer is a reason
+// to wait longer, and more seconds than this could overflow a Duration.
+const MaxRetryAfter = 24 * time.Hour
+
+// retryAfter reads a Retry-After header, delta-seconds or an HTTP-date, as
+// a wait from now of at most MaxRetryAfter; ok is false when there is none
+// or it cannot be read.
+func RetryAfter(h http.Header) (wait time.Duration, ok bool) {
+	v := strings.TrimSpace(h.Get("Retry-After"))
+	if v == "" {
+		return 0, false
+	}
+	if strings.Trim(v, "0123456789") == "" {
+		// Only digits: ParseUint fails by range alone, which is long.
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil || n > uint64(MaxRetryAfter/time.Second) {
+			return MaxRetryAfter, true
+		}
+		return time.Duration(n) * time.Second, true
+	}
+	if t, err := http.ParseTime(v); err == nil {
+		return min(max(time.Until(t), 0), MaxRetryAfter), true
+	}
+	return 0, false
 }

@@ -1,4 +1,4 @@
-package batch
+package pace
 
 import (
 	"math"
@@ -131,8 +131,8 @@ func (p *pacer) fill(now time.Time) {
 
 // What an answer changed of the pacer, for the metrics and the log.
 const (
-	pacePaused = "paused" // every adaptive operation, for a Retry-After
-	paceSlowed = "slowed" // the rate was lowered
+	EventPaused = "paused" // every adaptive operation, for a Retry-After
+	EventSlowed = "slowed" // the rate was lowered
 )
 
 // learn adapts the pacer to the answer of an operation started at
@@ -170,7 +170,7 @@ func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.T
 		return "" // sent before the last 429 was answered
 	}
 	p.decreasedAt = now
-	pause, ok := retryAfter(h)
+	pause, ok := RetryAfter(h)
 	switch {
 	case ok:
 	case q.hasRemaining && q.remaining == 0 && q.hasReset:
@@ -203,9 +203,9 @@ func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.T
 			p.pausedUntil = until
 			p.starts = bucket{tokens: 1, at: until}
 		}
-		return pacePaused
+		return EventPaused
 	}
-	return paceSlowed
+	return EventSlowed
 }
 
 // grow raises the rate as answers succeed, while starts wait for it.
@@ -307,8 +307,9 @@ func (p *pacer) retryWait(now time.Time, attempt int) time.Duration {
 	return max(p.pausedUntil.Sub(now), adaptiveBackoff(attempt))
 }
 
-// retryWait is the pacer's, now.
-func (g *gate) retryWait(attempt int) time.Duration {
+// RetryWait is how long an adaptive operation answered 429 waits before
+// try attempt+1, now.
+func (g *Gate) RetryWait(attempt int) time.Duration {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return g.pacer.retryWait(time.Now(), attempt)

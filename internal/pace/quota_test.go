@@ -1,4 +1,4 @@
-package batch
+package pace
 
 import (
 	"math/rand/v2"
@@ -97,7 +97,7 @@ func TestParseQuotaGarbage(t *testing.T) {
 		if !ok {
 			continue
 		}
-		if q.remaining < 0 || q.reset < 0 || q.reset > maxRetryAfter || q.limit < 0 || q.window < 0 {
+		if q.remaining < 0 || q.reset < 0 || q.reset > MaxRetryAfter || q.limit < 0 || q.window < 0 {
 			t.Fatalf("%v read as %+v", h, q)
 		}
 	}
@@ -109,8 +109,40 @@ func FuzzParseQuota(f *testing.F) {
 	f.Fuzz(func(t *testing.T, rl, policy, remaining, reset string) {
 		h := http.Header{"Ratelimit": {rl}, "Ratelimit-Policy": {policy}, "X-Ratelimit-Remaining": {remaining}, "X-Ratelimit-Reset": {reset}}
 		q, ok := parseQuota(h, time.Now())
-		if ok && (q.remaining < 0 || q.reset < 0 || q.reset > maxRetryAfter) {
+		if ok && (q.remaining < 0 || q.reset < 0 || q.reset > MaxRetryAfter) {
 			t.Fatalf("%v read as %+v", h, q)
 		}
 	})
+}
+
+func TestRetryAfterParse(t *testing.T) {
+	future := time.Now().Add(90 * time.Second).UTC().Format(http.TimeFormat)
+	cases := []struct {
+		value string
+		wait  time.Duration // 0 with ok false: none or unreadable
+		ok    bool
+	}{
+		{"", 0, false},
+		{"0", 0, true},
+		{" 7 ", 7 * time.Second, true},
+		{"86400", MaxRetryAfter, true},
+		{"86401", MaxRetryAfter, true},
+		{"9223372037", MaxRetryAfter, true},
+		{"18446744074", MaxRetryAfter, true},
+		{"99999999999999999999999", MaxRetryAfter, true},
+		{"-5", 0, false},
+		{"1.5", 0, false},
+		{"soon", 0, false},
+		{"Wed, 21 Oct 2015 07:28:00 GMT", 0, true}, // past
+		{"Fri, 31 Dec 9999 23:59:59 GMT", MaxRetryAfter, true},
+	}
+	for _, c := range cases {
+		wait, ok := RetryAfter(http.Header{"Retry-After": {c.value}})
+		if wait != c.wait || ok != c.ok {
+			t.Errorf("Retry-After %q: %v %v, want %v %v", c.value, wait, ok, c.wait, c.ok)
+		}
+	}
+	if wait, ok := RetryAfter(http.Header{"Retry-After": {future}}); !ok || wait < 80*time.Second || wait > 90*time.Second {
+		t.Errorf("an HTTP-date 90s ahead: %v %v", wait, ok)
+	}
 }
