@@ -130,9 +130,9 @@ func (rn *runner) logOperation(logged, req *http.Request, op *operation, w *opWr
 	}
 }
 
-// logBatch puts the batch's id and counts on the batch request's own
+// setLogFields puts the batch's id and counts on the batch request's own
 // access log entry.
-func logBatch(r *http.Request, id string, sum summary) {
+func setLogFields(r *http.Request, id string, sum summary) {
 	extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields)
 	if !ok {
 		return

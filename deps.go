@@ -85,8 +85,8 @@ func (p *parser) resolveDeps(b *batch) {
 		}
 		op.depIDs = nil
 		// A reference implies a dependency.
-		if op.tmpl != nil {
-			for _, r := range op.tmpl.refs() {
+		if op.refs != nil {
+			for _, r := range op.refs.all() {
 				j, ok := byID[r.id]
 				switch {
 				case !ok:
@@ -102,8 +102,8 @@ func (p *parser) resolveDeps(b *batch) {
 		}
 		// A rollback runs after the batch, so it may read any answer,
 		// its own operation's too.
-		if rb := op.rollback; rb != nil && rb.tmpl != nil {
-			for _, r := range rb.tmpl.refs() {
+		if rb := op.rollback; rb != nil && rb.refs != nil {
+			for _, r := range rb.refs.all() {
 				j, ok := byID[r.id]
 				if !ok {
 					p.opFault(rb, "reference %s names unknown operation %q", short(r.raw), r.id)

@@ -14,7 +14,7 @@ type format interface {
 	// decode parses and validates body, sent in r; the error is a
 	// badBatchError, a tooManyOpsError, or the context's once the client
 	// has gone.
-	decode(r *http.Request, body []byte, lim *limits) (*batch, error)
+	decode(r *http.Request, body []byte, lim *rules) (*batch, error)
 	// sink writes the results of b to w, as r asked for them.
 	sink(w http.ResponseWriter, r *http.Request, b *batch) sink
 	// refuse answers the whole batch with status, msg and, for a batch

@@ -189,7 +189,7 @@ func isTextType(ct string) bool {
 	return len(ct) >= 5 && strings.EqualFold(ct[:5], "text/")
 }
 
-func (jsonBatchFormat) decode(r *http.Request, body []byte, lim *limits) (*batch, error) {
+func (jsonBatchFormat) decode(r *http.Request, body []byte, lim *rules) (*batch, error) {
 	if problem, _ := jsontext.Check(body, maxJSONDepth); problem != "" {
 		return nil, badBatchError{{Index: -1, Message: "batch " + problem}}
 	}

@@ -145,7 +145,7 @@ func validPartID(s string) bool {
 	return true
 }
 
-func (multipartFormat) decode(r *http.Request, body []byte, lim *limits) (*batch, error) {
+func (multipartFormat) decode(r *http.Request, body []byte, lim *rules) (*batch, error) {
 	parts, msg := splitMultipart(body, multipartBoundary(r.Header.Get("Content-Type")))
 	if msg != "" {
 		return nil, badBatchError{{Index: -1, Message: msg}}
@@ -302,8 +302,8 @@ func (p *parser) parseHTTPPart(op *operation, partHeaders []header, msg []byte, 
 			p.parseTemplate(op, gjson.ParseBytes(body))
 		case ct == "" || isTextType(ct):
 			p.parseTemplate(op, gjson.Result{Type: gjson.String, Str: string(body), Raw: string(jsontext.AppendString(nil, string(body)))})
-			if op.tmpl != nil && op.tmpl.body != nil {
-				op.tmpl.textBody = true // text stays text, even one reference alone
+			if op.refs != nil && op.refs.body != nil {
+				op.refs.textBody = true // text stays text, even one reference alone
 			}
 		}
 	} else {
@@ -371,9 +371,9 @@ func (s *multipartSink) put(_ int, op *operation, res *result) {
 		s.group, s.failedAt, s.firstFault = op.groupName, -1, -1
 	}
 	switch {
-	case failed(res) && res.err == "" && s.failedAt < 0:
+	case res.failed() && res.err == "" && s.failedAt < 0:
 		s.failedAt = len(s.parts) // what failed the group, not what was skipped for it
-	case (failed(res) || res.undone != nil && *res.undone) && s.firstFault < 0:
+	case (res.failed() || res.undone != nil && *res.undone) && s.firstFault < 0:
 		s.firstFault = len(s.parts)
 	}
 	s.parts = append(s.parts, appendHTTPPart(nil, op, res))

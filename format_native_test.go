@@ -184,8 +184,8 @@ func TestParseBulk(t *testing.T) {
 		if got := op.header.Values("X-Source"); !reflect.DeepEqual(got, []string{"crm"}) {
 			t.Errorf("op %d: X-Source %q", i, got)
 		}
-		if len(op.deps) != 0 || op.rollback != nil || op.tmpl != nil {
-			t.Errorf("op %d: deps %v rollback %v tmpl %v", i, op.deps, op.rollback, op.tmpl)
+		if len(op.deps) != 0 || op.rollback != nil || op.refs != nil {
+			t.Errorf("op %d: deps %v rollback %v tmpl %v", i, op.deps, op.rollback, op.refs)
 		}
 	}
 	// The operation of the null item has the template's headers as they

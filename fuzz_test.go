@@ -54,7 +54,7 @@ func FuzzParseBatch(f *testing.F) {
 	lim := ptLimits(f, &Handler{MaxOps: 50, AllowForwardedHeaders: []string{"X-Forwarded-Proto"}})
 	limPar := ptLimits(f, &Handler{MaxOps: 50, Mode: "parallel"})
 	f.Fuzz(func(t *testing.T, body string) {
-		for _, l := range []*limits{lim, limPar} {
+		for _, l := range []*rules{lim, limPar} {
 			b, err := parseBatch(context.Background(), []byte(body), l)
 			b2, err2 := parseBatch(context.Background(), []byte(body), l)
 			if (err == nil) != (err2 == nil) || err != nil && err.Error() != err2.Error() || (b == nil) != (b2 == nil) {
@@ -69,7 +69,7 @@ func FuzzParseBatch(f *testing.F) {
 	})
 }
 
-func fzCheckRefusal(t *testing.T, b *batch, err error, l *limits) {
+func fzCheckRefusal(t *testing.T, b *batch, err error, l *rules) {
 	t.Helper()
 	if b != nil {
 		t.Fatalf("refused (%v), yet a batch came back", err)
@@ -95,7 +95,7 @@ func fzCheckRefusal(t *testing.T, b *batch, err error, l *limits) {
 	}
 }
 
-func fzCheckBatch(t *testing.T, b *batch, l *limits) {
+func fzCheckBatch(t *testing.T, b *batch, l *rules) {
 	t.Helper()
 	if b == nil || len(b.ops) == 0 || len(b.ops) > l.maxOps {
 		t.Fatalf("accepted with %d ops", len(b.ops))
@@ -138,8 +138,8 @@ func fzCheckBatch(t *testing.T, b *batch, l *limits) {
 		if op.depIDs != nil {
 			t.Fatalf("op %d: depIDs left over", i)
 		}
-		if op.tmpl != nil {
-			for _, r := range op.tmpl.refs() {
+		if op.refs != nil {
+			for _, r := range op.refs.all() {
 				if r.op < 0 || r.op >= len(b.ops) || r.op == i || !seen[r.op] {
 					t.Fatalf("op %d: reference %s to %d, not among deps %v", i, r.raw, r.op, op.deps)
 				}
@@ -181,12 +181,12 @@ func fzCheckBatch(t *testing.T, b *batch, l *limits) {
 	}
 }
 
-func fzCheckOp(t *testing.T, op *operation, l *limits) {
+func fzCheckOp(t *testing.T, op *operation, l *rules) {
 	t.Helper()
 	if _, ok := l.methods[op.method]; !ok {
 		t.Fatalf("op %d: method %q not allowed", op.index, op.method)
 	}
-	templated := op.tmpl != nil && op.tmpl.target != nil
+	templated := op.refs != nil && op.refs.target != nil
 	if !templated {
 		if op.url == nil {
 			t.Fatalf("op %d: target %q has no URL", op.index, op.target)

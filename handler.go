@@ -12,6 +12,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -159,7 +160,7 @@ type Handler struct {
 	// Enables asynchronous batches. Default: off.
 	Async *AsyncConfig `json:"async,omitempty"`
 
-	limits  limits
+	limits  rules
 	enc     *encode.Encode // compresses answers; nil when off
 	paths   caddyhttp.MatchPath
 	inherit []string // canonical; nil inherits all but the excluded ones
@@ -265,7 +266,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if len(methods) == 0 {
 		methods = defaultMethods
 	}
-	h.limits = limits{
+	h.limits = rules{
 		mode:        h.Mode,
 		atomicity:   h.Atomicity,
 		maxOps:      h.MaxOps,
@@ -495,14 +496,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	if h.enc != nil {
 		return h.enc.ServeHTTP(w, r, caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
-			return h.serve(w, r, next)
+			return h.serveBatch(w, r, next)
 		}))
 	}
-	return h.serve(w, r, next)
+	return h.serveBatch(w, r, next)
 }
 
-// serve answers a batch request, or a request for a job.
-func (h *Handler) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+// serveBatch answers a batch request, or a request for a job.
+func (h *Handler) serveBatch(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	if h.Async != nil {
 		if id, sub, ok := jobPath(r.URL.Path); ok {
 			return h.serveJob(w, r, next, id, sub)
@@ -596,7 +597,7 @@ func (h *Handler) readBody(w http.ResponseWriter, r *http.Request, streamable bo
 func (h *Handler) route(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch, body []byte) error {
 	switch key := r.Header.Get("Idempotency-Key"); {
 	case b.dryRun:
-		return h.writeDryRun(w, r, b)
+		return writeDryRun(w, b, inheritedHeaders(r.Header, h.inherit))
 	case b.async && h.Async == nil:
 		return b.format.refuse(w, http.StatusBadRequest, "invalid batch", badBatchError{{Index: -1, Message: "async batches are not enabled here"}})
 	case key != "":
@@ -624,8 +625,18 @@ func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Han
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.Timeout))
 	defer cancel()
-	rn := h.newRunner(ctx, time.Duration(h.Timeout), r, next, srv, b)
+	rn := newRunner(h, ctx, time.Duration(h.Timeout), r, next, srv, b)
 	sum := rn.execute(b.format.sink(w, r, b))
-	logBatch(r, rn.id, sum)
+	setLogFields(r, rn.id, sum)
 	return sum, nil
+}
+
+// pathAllowed matches an operation's path against the configured paths.
+func (h *Handler) pathAllowed(u *url.URL) bool {
+	// MatchPath reads the replacer for patterns with placeholders; an empty
+	// one leaves them blank, so such patterns match no client-chosen path.
+	r := &http.Request{URL: u}
+	r = r.WithContext(context.WithValue(context.Background(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
+	ok, err := h.paths.MatchWithError(r)
+	return ok && err == nil
 }

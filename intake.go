@@ -81,7 +81,7 @@ type intake struct {
 	h   *Handler
 	j   *job
 	ctx context.Context
-	lim limits
+	lim rules
 	p   parser
 
 	chunk   []byte // a JSON array being filled
@@ -100,7 +100,7 @@ type intake struct {
 	fnv     hash.Hash64
 
 	shape    string
-	tmpl     *operation // the operation of a bulk batch
+	bulkOp   *operation // the operation of a bulk batch
 	encoding gjson.Result
 	line     int // of NDJSON
 }
@@ -264,7 +264,7 @@ func (in *intake) addOp(raw []byte) {
 		switch {
 		case len(op.depIDs) > 0:
 			in.p.opFault(op, "depends_on needs the whole batch in memory: a streamed job takes operations that stand alone")
-		case op.tmpl != nil:
+		case op.refs != nil:
 			in.p.opFault(op, "references need the whole batch in memory: a streamed job takes operations that stand alone")
 		case op.rollback != nil:
 			in.p.opFault(op, "rollback needs atomicity all_or_nothing, which a streamed job does not take")
@@ -507,7 +507,7 @@ func (in *intake) readJSON(s *jsonStream) error {
 			err = in.readArray(s, in.addItem, seen["operation"] && !seen["batch"])
 		case "operation":
 			if raw, err = s.value(); err == nil {
-				in.template(raw)
+				in.bulkOperation(raw)
 			}
 		case "mode", "atomicity", "async", "dry_run", "omit_response_on_success", "include_headers":
 			if raw, err = s.value(); err == nil {
@@ -579,8 +579,8 @@ func (in *intake) readArray(s *jsonStream, add func([]byte), keep bool) error {
 	}
 }
 
-// template takes the operation of a bulk batch.
-func (in *intake) template(raw []byte) {
+// bulkOperation takes the operation of a bulk batch.
+func (in *intake) bulkOperation(raw []byte) {
 	if problem, _ := jsontext.Check(raw, maxJSONDepth); problem != "" {
 		in.fault("operation: operation %s", problem)
 		return
@@ -588,12 +588,12 @@ func (in *intake) template(raw []byte) {
 	spec := in.j.spec
 	spec.Template = slices.Clone(raw)
 	in.shape = shapeItems
-	in.tmpl = in.p.parseOperation(-1, gjson.ParseBytes(spec.Template), kindBulk)
+	in.bulkOp = in.p.parseOperation(-1, gjson.ParseBytes(spec.Template), kindBulk)
 	switch {
-	case len(in.tmpl.depIDs) > 0:
-		in.p.opFault(in.tmpl, "the operation of a bulk batch cannot have depends_on")
-	case in.tmpl.tmpl != nil:
-		in.p.opFault(in.tmpl, "references need the whole batch in memory: a streamed job takes operations that stand alone")
+	case len(in.bulkOp.depIDs) > 0:
+		in.p.opFault(in.bulkOp, "the operation of a bulk batch cannot have depends_on")
+	case in.bulkOp.refs != nil:
+		in.p.opFault(in.bulkOp, "references need the whole batch in memory: a streamed job takes operations that stand alone")
 	}
 	in.encoding = gjson.GetBytes(spec.Template, "body_encoding")
 }

@@ -87,7 +87,7 @@ func (h *Handler) newJob(w http.ResponseWriter, r *http.Request, next caddyhttp.
 	if f != native {
 		rec.Format = f.name()
 	}
-	return &job{h: h, endpoint: key, spec: spec, rec: rec, rn: h.jobRunner(ep, id, conn, h.inheritedHeaders(r.Header))}, nil
+	return &job{h: h, endpoint: key, spec: spec, rec: rec, rn: h.jobRunner(ep, id, conn, inheritedHeaders(r.Header, h.inherit))}, nil
 }
 
 // drop gives up a job that was not queued: its place, and what it stored.
@@ -427,7 +427,7 @@ func (h *Handler) storedRange(ctx context.Context, rec jobRecord, offset, end in
 // the batch rn runs, whose first is operation first of the job, when what
 // comes after depends on them or refers to them.
 func (h *Handler) loadEarlier(ctx context.Context, rec jobRecord, rn *runner, first, n int) error {
-	if !slices.ContainsFunc(rn.b.ops[n:], func(op *operation) bool { return len(op.deps) > 0 || op.tmpl != nil }) {
+	if !slices.ContainsFunc(rn.b.ops[n:], func(op *operation) bool { return len(op.deps) > 0 || op.refs != nil }) {
 		return nil
 	}
 	_, err := h.storedRange(ctx, rec, first, first+n, func(i int, item []byte) {

@@ -698,7 +698,7 @@ func (p *jobPool) run(j *job) {
 	j.rn = nil
 	j.mu.Unlock()
 	rn.recordBatch(sum, ended.Sub(*rec.StartedAt))
-	rn.logBatch(sum, ended.Sub(*rec.StartedAt))
+	rn.logEnd(sum, ended.Sub(*rec.StartedAt))
 	// Stored before the end is: an instance that finds the job ended finds
 	// the event it owes too.
 	if j.event = h.endEvent(rec); j.event != nil {
@@ -728,7 +728,7 @@ func (j *job) runChunks(ctx context.Context, rn *runner, sink *storeSink) error 
 		if err != nil {
 			return err
 		}
-		rn.start(b)
+		rn.load(b)
 		from := max(done-first, 0)
 		if from > 0 {
 			if err := j.h.loadEarlier(ctx, j.rec, rn, first, from); err != nil {

@@ -207,7 +207,7 @@ func (h *Handler) loadChunk(ctx context.Context, spec *jobSpec, id, format strin
 
 // parseChunk decodes a chunk of a streamed job: the operations, or the
 // bulk items, of one batch with the job's options.
-func parseChunk(ctx context.Context, spec *jobSpec, chunk []byte, lim *limits) (*batch, error) {
+func parseChunk(ctx context.Context, spec *jobSpec, chunk []byte, lim *rules) (*batch, error) {
 	var body []byte
 	if spec.Shape == shapeItems {
 		body = append(append(append(append([]byte(`{"operation":`), spec.Template...), `,"items":`...), chunk...), '}')

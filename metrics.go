@@ -3,7 +3,6 @@ package batch
 import (
 	"errors"
 	"strconv"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -101,33 +100,4 @@ func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error)
 // statusClass is "2xx" for 204, and so on.
 func statusClass(status int) string {
 	return strconv.Itoa(status/100) + "xx"
-}
-
-// record counts the batch in the metrics.
-func (rn *runner) record(sum summary, took time.Duration) {
-	rn.recordOps(0)
-	rn.recordBatch(sum, took)
-}
-
-// recordBatch counts a batch, or a job, once it has ended.
-func (rn *runner) recordBatch(sum summary, took time.Duration) {
-	m := rn.h.metrics
-	m.batches.WithLabelValues(rn.b.mode, sum.status).Inc()
-	m.size.Observe(float64(sum.total))
-	m.duration.WithLabelValues(rn.b.mode).Observe(took.Seconds())
-}
-
-// recordOps counts the operations rn ran, from index from on.
-func (rn *runner) recordOps(from int) {
-	var classes [6]int
-	for i := from; i < len(rn.results); i++ {
-		if s := rn.results[i].status; s != 0 { // 0: not run, handed over
-			classes[min(s/100, 5)]++
-		}
-	}
-	for c, n := range classes {
-		if n > 0 {
-			rn.h.metrics.operations.WithLabelValues(statusClass(c * 100)).Add(float64(n))
-		}
-	}
 }

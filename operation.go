@@ -75,8 +75,8 @@ type operation struct {
 	// deps are the indexes of operations that must finish first.
 	deps   []int
 	depIDs []string // depends_on as written, until all ids are known
-	// tmpl holds the parts with references; nil when there are none.
-	tmpl *template
+	// refs holds the parts with references; nil when there are none.
+	refs *refTemplate
 	// rollback undoes the operation under all_or_nothing.
 	rollback *operation
 	// keepHeader and keepBody are set when a later operation or a rollback
@@ -116,8 +116,8 @@ func (e tooManyOpsError) Error() string {
 	return fmt.Sprintf("batch has %d operations, more than the %d allowed", e.n, e.max)
 }
 
-// limits are the parts of the handler's config that validation needs.
-type limits struct {
+// rules are the parts of the handler's config that validation needs.
+type rules struct {
 	mode      string // default mode
 	atomicity string // default atomicity
 	maxOps    int
@@ -138,7 +138,7 @@ const maxFaults = 100
 
 // parser collects faults while it walks a batch.
 type parser struct {
-	lim     *limits
+	lim     *rules
 	d       *dialect        // the format's operation objects; nil for native ones
 	ctx     context.Context // ends when the client goes away
 	faults  badBatchError
@@ -478,7 +478,7 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 			body = gjson.Result{}
 		}
 		p.parseTemplate(op, body)
-		if t := op.tmpl; t != nil && t.body != nil && !t.textBody && body.Type == gjson.String {
+		if t := op.refs; t != nil && t.body != nil && !t.textBody && body.Type == gjson.String {
 			ctype = "application/json" // "{{a.body}}": a JSON value, not text
 		}
 		if ctype != "" && op.header.Get("Content-Type") == "" {
@@ -508,10 +508,10 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 // checkOpTarget checks op's target, once its references are known.
 func (p *parser) checkOpTarget(op *operation) {
 	switch {
-	case op.tmpl == nil || op.tmpl.target == nil:
+	case op.refs == nil || op.refs.target == nil:
 		op.url = p.checkTarget(op, op.target)
-	case op.tmpl.target[0].ref == nil:
-		p.checkTarget(op, probeTarget(op.tmpl.target)) // and again once resolved
+	case op.refs.target[0].ref == nil:
+		p.checkTarget(op, probeTarget(op.refs.target)) // and again once resolved
 	default:
 		// A path that starts with a reference ({{a.headers.Location}}) is
 		// all checked once resolved.

@@ -17,7 +17,7 @@ import (
 
 // ptLimits provisions and validates h (a zero Handler if nil) as Caddy
 // would, and returns the limits parseBatch is given.
-func ptLimits(t testing.TB, h *Handler) *limits {
+func ptLimits(t testing.TB, h *Handler) *rules {
 	t.Helper()
 	if h == nil {
 		h = &Handler{}
@@ -30,7 +30,7 @@ func ptLimits(t testing.TB, h *Handler) *limits {
 }
 
 // ptParse parses a batch that must be accepted.
-func ptParse(t *testing.T, lim *limits, body string) *batch {
+func ptParse(t *testing.T, lim *rules, body string) *batch {
 	t.Helper()
 	b, err := parseBatch(context.Background(), []byte(body), lim)
 	if err != nil {
@@ -43,7 +43,7 @@ func ptParse(t *testing.T, lim *limits, body string) *batch {
 }
 
 // ptFaults parses a batch that must be refused with faults.
-func ptFaults(t *testing.T, lim *limits, body string) badBatchError {
+func ptFaults(t *testing.T, lim *rules, body string) badBatchError {
 	t.Helper()
 	b, err := parseBatch(context.Background(), []byte(body), lim)
 	var faults badBatchError
@@ -259,7 +259,7 @@ func TestParseFaults(t *testing.T) {
 	cases := []struct {
 		name, body string
 		want       []ptFault
-		lim        *limits
+		lim        *rules
 	}{
 		// Not a batch at all.
 		{"empty body", ``, whole("not valid JSON"), nil},

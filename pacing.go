@@ -60,18 +60,18 @@ func (rc *RateConfig) validate() error {
 func (rn *runner) paceOwner() *pace.Owner {
 	rn.paceOnce.Do(func() {
 		if rn.pace == nil {
-			rn.pace = &pace.Owner{Adaptive: true, Key: rn.h.jobRateKey(rn)}
+			rn.pace = &pace.Owner{Adaptive: true, Key: rn.jobRateKey()}
 		}
 	})
 	return rn.pace
 }
 
 // batchPaceOwner is who the operations of a batch sent in r wait as.
-func (h *Handler) batchPaceOwner(r *http.Request) *pace.Owner {
-	o := &pace.Owner{Adaptive: h.Pacing == pacingAdaptive}
-	if h.Rate != nil && h.Rate.Key != "" {
+func batchPaceOwner(r *http.Request, adaptive bool, rate *RateConfig) *pace.Owner {
+	o := &pace.Owner{Adaptive: adaptive}
+	if rate != nil && rate.Key != "" {
 		if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
-			o.Key = repl.ReplaceAll(h.Rate.Key, "")
+			o.Key = repl.ReplaceAll(rate.Key, "")
 		}
 	}
 	return o
@@ -79,7 +79,8 @@ func (h *Handler) batchPaceOwner(r *http.Request) *pace.Owner {
 
 // jobRateKey resolves the rate key for a job, which has no request: a
 // stand-in with the connection facts and inherited headers it keeps.
-func (h *Handler) jobRateKey(rn *runner) string {
+func (rn *runner) jobRateKey() string {
+	h := rn.h
 	if h.Rate == nil || h.Rate.Key == "" {
 		return ""
 	}

@@ -45,9 +45,9 @@ type piece struct {
 	ref *ref
 }
 
-// template holds the parts of an operation that have references. An
+// refTemplate holds the parts of an operation that have references. An
 // operation without any has none and is sent byte for byte as written.
-type template struct {
+type refTemplate struct {
 	target  []piece
 	headers []headerTemplate
 	body    []bodySegment
@@ -69,8 +69,8 @@ type bodySegment struct {
 	str []piece
 }
 
-// refs lists every reference of the template.
-func (t *template) refs() []*ref {
+// all lists every reference of the template.
+func (t *refTemplate) all() []*ref {
 	var out []*ref
 	add := func(ps []piece) {
 		for _, p := range ps {
@@ -218,7 +218,7 @@ func probeTarget(ps []piece) string {
 // parseTemplate finds the references of op. body is the operation's body
 // as written in the batch (raw JSON), or the zero Result.
 func (p *parser) parseTemplate(op *operation, body gjson.Result) {
-	var t template
+	var t refTemplate
 	var msg string
 	if t.target, msg = parsePieces(op.target); msg != "" {
 		p.opFault(op, "path: %s", msg)
@@ -252,7 +252,7 @@ func (p *parser) parseTemplate(op *operation, body gjson.Result) {
 	}
 	if t.target != nil || t.headers != nil || t.body != nil {
 		tt := t // only a template with references goes to the heap
-		op.tmpl = &tt
+		op.refs = &tt
 		p.linked = true
 	}
 }
@@ -353,7 +353,7 @@ func (b *refBudget) walk(n int64) error {
 // resolve returns op with its references filled in from results. op itself
 // is left as it is: a rollback may be resolved again.
 func (rn *runner) resolve(op *operation) (*operation, error) {
-	t := op.tmpl
+	t := op.refs
 	if t == nil {
 		return op, nil
 	}
@@ -550,7 +550,7 @@ func (rn *runner) value(r *ref) (refValue, error) {
 	if res.status == 0 {
 		return refValue{}, unresolved("reference %s: operation %s has not run", r.raw, r.id)
 	}
-	if failed(res) {
+	if res.failed() {
 		return refValue{}, unresolved("reference %s: operation %s failed with status %d", r.raw, r.id, res.status)
 	}
 	switch r.kind {

@@ -176,7 +176,7 @@ func FuzzReferences(f *testing.F) {
 			rn.results[i] = result{status: 200, header: hdr, body: []byte(answer), isJSON: jsonBody(hdr, []byte(answer))}
 		}
 		check := func(op *operation) {
-			if op == nil || op.tmpl == nil {
+			if op == nil || op.refs == nil {
 				return
 			}
 			got, err := rn.resolve(op)
@@ -189,7 +189,7 @@ func FuzzReferences(f *testing.F) {
 			if _, msg := parseTarget(got.target); msg != "" || got.url == nil {
 				t.Fatalf("resolved target %q is invalid: %s", got.target, msg)
 			}
-			if op.tmpl.body != nil && !op.tmpl.textBody && !gjson.ValidBytes(got.body) {
+			if op.refs.body != nil && !op.refs.textBody && !gjson.ValidBytes(got.body) {
 				t.Fatalf("resolved JSON body is invalid: %s", got.body)
 			}
 			for name, vs := range got.header {
@@ -268,7 +268,7 @@ func TestReferencePathsBounded(t *testing.T) {
 	for _, path := range []string{`\@odata\.nextLink`, `items.#(email=="a@example.com").id`, `data.0.id`} {
 		v, _ := json.Marshal("{{a.body." + path + "}}")
 		b := ptParse(t, lim, `[{"id":"a","path":"/a"},{"path":"/b","body":{"v":`+string(v)+`}}]`)
-		if r := b.ops[1].tmpl.refs(); len(r) != 1 || r[0].arg != path {
+		if r := b.ops[1].refs.all(); len(r) != 1 || r[0].arg != path {
 			t.Errorf("%s: refs %+v", path, r)
 		}
 	}

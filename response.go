@@ -1,12 +1,16 @@
 package batch
 
 import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
 	"net/http"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/caddy-batch/batch/internal/jsontext"
 	"github.com/caddy-batch/batch/internal/pace"
@@ -46,7 +50,7 @@ type result struct {
 
 // failed reports whether a finished operation counts as failed for those
 // depending on it.
-func failed(res *result) bool { return res.status >= 400 }
+func (res *result) failed() bool { return res.status >= 400 }
 
 // summary counts the outcome of a batch.
 type summary struct {
@@ -91,36 +95,6 @@ func outcomeOf(res *result) int {
 		return outcomeSkipped
 	}
 	return outcomeFailed
-}
-
-func (rn *runner) summary() summary {
-	s := summary{total: len(rn.results)}
-	for i := range rn.results {
-		if rn.results[i].cut {
-			s.cut++
-		}
-		switch outcomeOf(&rn.results[i]) {
-		case outcomeSucceeded:
-			s.succeeded++
-		case outcomeSkipped:
-			s.skipped++
-		default:
-			s.failed++
-		}
-	}
-	switch {
-	case rn.rollbackFailed.Load():
-		s.status = statusRollbackFailed
-	case rn.stoppedAt >= 0 && rn.b.atomicity == atomicAllOrNothing:
-		s.status = statusRolledBack
-	case rn.stoppedAt >= 0:
-		s.status = statusAborted
-	case s.failed+s.skipped == 0:
-		s.status = statusCompleted
-	default:
-		s.status = statusCompletedWithErrors
-	}
-	return s
 }
 
 // sink takes a batch's results in request order, then its summary, and
@@ -307,4 +281,185 @@ func writeJSON(w http.ResponseWriter, status int, body []byte) {
 	w.Header().Set("Content-Length", strconv.Itoa(len(body)))
 	w.WriteHeader(status)
 	_, _ = w.Write(body)
+}
+
+// appendSummary appends the envelope fields after "results".
+func appendSummary(dst []byte, s summary) []byte {
+	dst = append(dst, `,"status":`...)
+	dst = jsontext.AppendString(dst, s.status)
+	dst = append(dst, `,"total":`...)
+	dst = strconv.AppendInt(dst, int64(s.total), 10)
+	dst = append(dst, `,"succeeded":`...)
+	dst = strconv.AppendInt(dst, int64(s.succeeded), 10)
+	dst = append(dst, `,"failed":`...)
+	dst = strconv.AppendInt(dst, int64(s.failed), 10)
+	dst = append(dst, `,"skipped":`...)
+	dst = strconv.AppendInt(dst, int64(s.skipped), 10)
+	if s.retryAfter > 0 {
+		dst = append(dst, `,"retry_after":`...)
+		dst = strconv.AppendInt(dst, int64(s.retryAfter), 10)
+	}
+	if s.page != nil {
+		dst = append(dst, `,"offset":`...)
+		dst = strconv.AppendInt(dst, int64(s.page.offset), 10)
+		dst = append(dst, `,"limit":`...)
+		dst = strconv.AppendInt(dst, int64(s.page.limit), 10)
+	}
+	if s.err != "" {
+		dst = append(dst, `,"error":`...)
+		dst = jsontext.AppendString(dst, s.err)
+	}
+	return dst
+}
+
+// appendResult appends the JSON of one result.
+// appendResult appends the JSON of one result, the form in which jobs
+// store results too; index, unless negative, goes first (NDJSON).
+func appendResult(dst []byte, index int, op *operation, res *result, lean leanOptions) []byte {
+	dst = append(dst, '{')
+	if index >= 0 {
+		dst = append(dst, `"index":`...)
+		dst = strconv.AppendInt(dst, int64(index), 10)
+		dst = append(dst, ',')
+	}
+	dst = append(dst, `"id":`...)
+	dst = jsontext.AppendString(dst, op.id)
+	if op.groupName != "" { // an operation of a JSON or multipart batch
+		dst = append(dst, `,"atomicityGroup":`...)
+		dst = jsontext.AppendString(dst, op.groupName)
+	}
+	dst = append(dst, `,"status":`...)
+	dst = strconv.AppendInt(dst, int64(res.status), 10)
+	if res.attempts > 1 {
+		dst = append(dst, `,"attempts":`...)
+		dst = strconv.AppendInt(dst, int64(res.attempts), 10)
+	}
+	quiet := lean.omitSuccess && res.status >= 200 && res.status < 300
+	if len(res.header) > 0 && !quiet && !lean.noHeaders {
+		dst = appendHeaders(append(dst, ','), res.header)
+	}
+	if len(res.body) > 0 && !quiet {
+		dst = append(dst, `,"body":`...)
+		switch {
+		case res.isJSON:
+			// Space around a JSON value means nothing; APIs often end with "\n".
+			body := bytes.TrimSpace(res.body)
+			if lean.oneLine && bytes.ContainsAny(body, "\r\n") {
+				var buf bytes.Buffer
+				_ = json.Compact(&buf, body) // valid: checked above
+				body = buf.Bytes()
+			}
+			dst = append(dst, body...)
+		case utf8.Valid(res.body):
+			dst = jsontext.AppendString(dst, string(res.body))
+		default:
+			dst = append(dst, '"')
+			dst = base64.StdEncoding.AppendEncode(dst, res.body)
+			dst = append(dst, `","body_encoding":"base64"`...)
+		}
+	}
+	if res.err != "" {
+		dst = append(dst, `,"error":`...)
+		dst = jsontext.AppendString(dst, res.err)
+	}
+	if res.undone != nil {
+		dst = append(dst, `,"undone":`...)
+		dst = strconv.AppendBool(dst, *res.undone)
+	}
+	if res.rollback != nil {
+		dst = append(dst, `,"rollback":`...)
+		dst = appendResult(dst, -1, &operation{id: op.id}, res.rollback, lean)
+	}
+	return append(dst, '}')
+}
+
+// writeError answers the whole batch with {"error": msg}.
+func writeError(w http.ResponseWriter, status int, msg string) error {
+	buf := append([]byte(`{"error":`), jsontext.AppendString(nil, msg)...)
+	writeJSON(w, status, append(buf, '}'))
+	return nil
+}
+
+// writeFaults answers 400 with every fault found in a batch.
+func writeFaults(w http.ResponseWriter, faults badBatchError) error {
+	buf := []byte(`{"error":"invalid batch","errors":[`)
+	for i, f := range faults {
+		if i > 0 {
+			buf = append(buf, ',')
+		}
+		buf = append(buf, '{')
+		if f.Index >= 0 {
+			buf = append(buf, `"index":`...)
+			buf = strconv.AppendInt(buf, int64(f.Index), 10)
+			buf = append(buf, `,"id":`...)
+			buf = jsontext.AppendString(buf, f.ID)
+			buf = append(buf, ',')
+		}
+		buf = append(buf, `"message":`...)
+		buf = jsontext.AppendString(buf, f.Message)
+		buf = append(buf, '}')
+	}
+	writeJSON(w, http.StatusBadRequest, append(buf, "]}"...))
+	return nil
+}
+
+// writeDryRun answers a dry run: each operation as it would be sent, with
+// the headers it would carry after inheritance and dropping, running none.
+// The answer repeats the inherited headers for every operation, so it is
+// written as it is made, in chunks: a megabyte of headers and max_ops
+// operations must not become one buffer.
+func writeDryRun(w http.ResponseWriter, b *batch, inherited http.Header) error {
+	sent := false
+	buf := []byte(`{"dry_run":true,"total":`)
+	buf = strconv.AppendInt(buf, int64(len(b.ops)), 10)
+	buf = append(buf, `,"mode":`...)
+	buf = jsontext.AppendString(buf, b.mode)
+	buf = append(buf, `,"atomicity":`...)
+	buf = jsontext.AppendString(buf, b.atomicity)
+	buf = append(buf, `,"operations":[`...)
+	for i, op := range b.ops {
+		if i > 0 {
+			buf = append(buf, ',')
+		}
+		header := inherited.Clone()
+		for k, v := range op.header {
+			header[k] = v
+		}
+		buf = append(buf, `{"id":`...)
+		buf = jsontext.AppendString(buf, op.id)
+		buf = append(buf, `,"method":`...)
+		buf = jsontext.AppendString(buf, op.method)
+		buf = append(buf, `,"path":`...)
+		buf = jsontext.AppendString(buf, op.target)
+		buf = appendHeaders(append(buf, ','), header)
+		buf = append(buf, `,"body_size":`...)
+		buf = strconv.AppendInt(buf, int64(len(op.body)), 10)
+		if len(op.deps) > 0 {
+			buf = append(buf, `,"depends_on":[`...)
+			for j, d := range op.deps {
+				if j > 0 {
+					buf = append(buf, ',')
+				}
+				buf = jsontext.AppendString(buf, b.ops[d].id)
+			}
+			buf = append(buf, ']')
+		}
+		buf = append(buf, '}')
+		if len(buf) >= sinkChunk {
+			if !sent {
+				sent = true
+				w.Header().Set("Content-Type", "application/json")
+				w.WriteHeader(http.StatusOK)
+			}
+			_, _ = w.Write(buf)
+			buf = buf[:0]
+		}
+	}
+	buf = append(buf, "]}"...)
+	if !sent {
+		writeJSON(w, http.StatusOK, buf)
+		return nil
+	}
+	_, _ = w.Write(buf)
+	return nil
 }

@@ -31,7 +31,7 @@ func TestAtomicityStopsAtEveryEnd(t *testing.T) {
 		res := rn.runOne(b.ops[1], clk)
 		clk.stop()
 		cancel()
-		if !failed(&res) || rn.stoppedAt != 1 {
+		if !res.failed() || rn.stoppedAt != 1 {
 			t.Errorf("%s between operations: result %d %q, stopped at %d: the success before it would not be rolled back",
 				name, res.status, res.err, rn.stoppedAt)
 		}

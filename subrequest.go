@@ -11,14 +11,10 @@ import (
 	"net/url"
 	"runtime/debug"
 	"strconv"
-	"strings"
-	"time"
 
-	"github.com/caddy-batch/batch/internal/pace"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 )
 
 // batchCtxKey marks the context of a sub-request, so that a batch handler
@@ -58,138 +54,6 @@ func serverOf(r *http.Request) (*caddyhttp.Server, error) {
 	return srv, nil
 }
 
-// resolveAndExec fills in op's references and runs it.
-func (rn *runner) resolveAndExec(op *operation, clk *opClock) result {
-	op, err := rn.resolve(op)
-	if err != nil {
-		return result{status: statusSkipped, err: err.Error()}
-	}
-	if strings.EqualFold(op.url.Path, rn.conn.path) {
-		// The chain after batch would not bring it back here, but a client
-		// who sends it means a batch inside a batch.
-		return result{status: http.StatusBadRequest, err: errNestedBatchMsg}
-	}
-	return rn.exec(op, clk)
-}
-
-// exec serves one operation through the rest of the handler chain, each
-// try after a turn from the handler's gate (max_inflight, rate, pacing).
-// An operation answered 429 is tried again: under adaptive pacing, of any
-// method, when the pacer says (see pacer.go), until op_timeout; otherwise
-// when idempotent, after its Retry-After, up to retry_429 times within
-// op_timeout.
-func (rn *runner) exec(op *operation, clk *opClock) result {
-	ctx, deadline := clk.arm()
-	defer clk.disarm()
-	o := rn.paceOwner()
-	g := rn.h.gate
-	for attempt := 1; ; attempt++ {
-		var res result
-		asked := time.Now()
-		t, err := g.Acquire(ctx, o)
-		rn.h.metrics.turnWait.Observe(time.Since(asked).Seconds())
-		if err != nil {
-			res = rn.waitedOut(clk.parent)
-		} else {
-			res = rn.attempt(ctx, clk, op, attempt)
-			if r := g.Release(t, res.status, res.header); r.Event != "" {
-				rn.h.metrics.pacing.WithLabelValues(r.Event).Inc()
-				rn.h.logger.Debug("pacing", zap.String("event", r.Event), zap.Float64("rate", r.Rate),
-					zap.Duration("paused_for", r.Paused), zap.String("batch", rn.id), zap.String("op", op.id))
-			}
-		}
-		retry := res.status == http.StatusTooManyRequests
-		var wait time.Duration
-		if o.Adaptive {
-			// A 429 says the request was refused for its rate, not
-			// processed: any method is sent again.
-			retry = retry && attempt < pace.MaxAdaptiveAttempts
-			wait = g.RetryWait(attempt)
-		} else {
-			retry = retry && attempt <= rn.h.Retry429 && idempotent(op.method)
-			var ok bool
-			if wait, ok = pace.RetryAfter(res.header); !ok {
-				wait = time.Second // when the answer does not say, or not readably
-			}
-		}
-		if !retry {
-			if attempt > 1 {
-				res.attempts = attempt
-			}
-			return res
-		}
-		if time.Until(deadline) < wait {
-			res.attempts = attempt
-			return res
-		}
-		select {
-		case <-time.After(wait):
-		case <-ctx.Done():
-			res.attempts = attempt
-			return res
-		}
-	}
-}
-
-// idempotent reports whether a method may be repeated without changing
-// what one request would do (RFC 9110 §9.2.2).
-func idempotent(method string) bool {
-	switch method {
-	case http.MethodGet, http.MethodHead, http.MethodPut, http.MethodDelete, http.MethodOptions:
-		return true
-	}
-	return false
-}
-
-// attempt serves op once within ctx; attempt counts from 1.
-func (rn *runner) attempt(ctx context.Context, clk *opClock, op *operation, attempt int) result {
-	parent := clk.parent
-	w := clk.spare
-	if w != nil {
-		clk.spare = nil
-		clear(w.header)
-		*w = opWriter{header: w.header, body: w.body[:0]}
-	} else {
-		w = &opWriter{header: make(http.Header)}
-	}
-	w.limit = rn.h.MaxResponseSize
-	req := rn.newRequest(ctx, op, w, attempt)
-	var logged *http.Request
-	start := time.Now()
-	if rn.logs != nil {
-		logged = req.Clone(req.Context()) // as it entered the chain, as the server logs it
-	}
-	err := serve(rn.next, w, req)
-	if err != nil && rn.srv.Errors != nil && len(rn.srv.Errors.Routes) > 0 && routable(err) {
-		err = rn.handleError(w, req, err)
-	}
-	if logged != nil {
-		rn.logOperation(logged, req, op, w, time.Since(start))
-	}
-
-	if c := rn.h.logger.Check(zapcore.DebugLevel, "batch operation"); c != nil {
-		c.Write(zap.String("batch", rn.id), zap.String("op", op.id), zap.String("method", op.method),
-			zap.String("path", op.target), zap.Int("status", w.status), zap.Error(err))
-	}
-
-	switch {
-	case w.overflow:
-		return result{status: http.StatusBadGateway, err: fmt.Sprintf("response larger than max_response_size (%d bytes)", rn.h.MaxResponseSize)}
-	case parent.Err() != nil:
-		return rn.cutOff(parent)
-	case ctx.Err() != nil:
-		return result{status: http.StatusGatewayTimeout, err: "operation timed out after " + time.Duration(rn.h.OpTimeout).String()}
-	}
-	if err != nil {
-		return rn.failed(op, w, err)
-	}
-	status := w.status
-	if status == 0 {
-		status = http.StatusOK
-	}
-	return result{status: status, header: w.header, body: w.body, w: w, isJSON: jsonBody(w.header, w.body)}
-}
-
 // routable reports whether the server's error routes answer err: those of
 // the batch layer (a nested batch, a panic, an answer cut off) it answers
 // itself.
@@ -210,7 +74,7 @@ func (rn *runner) handleError(w *opWriter, req *http.Request, err error) error {
 		req.URL = &u
 	}
 	req = rn.srv.Errors.WithError(req, err)
-	if err2 := serve(rn.h.errorChain(rn.srv), w, req); err2 != nil {
+	if err2 := callNext(rn.errorChain(), w, req); err2 != nil {
 		w.WriteHeader(errorStatus(err))
 	}
 	return nil
@@ -227,7 +91,8 @@ func errorStatus(err error) int {
 
 // errorChain returns the server's error routes compiled, as the server
 // compiles them: ending in a handler that writes the error's status.
-func (h *Handler) errorChain(srv *caddyhttp.Server) caddyhttp.Handler {
+func (rn *runner) errorChain() caddyhttp.Handler {
+	h, srv := rn.h, rn.srv
 	if c, ok := h.errorChains.Load(srv); ok {
 		return c.(caddyhttp.Handler)
 	}
@@ -240,8 +105,8 @@ func (h *Handler) errorChain(srv *caddyhttp.Server) caddyhttp.Handler {
 	return c
 }
 
-// failed is the result of an operation whose handler returned err.
-func (rn *runner) failed(op *operation, w *opWriter, err error) result {
+// errorResult is the result of an operation whose handler returned err.
+func (rn *runner) errorResult(op *operation, w *opWriter, err error) result {
 	var p panicError
 	switch {
 	case errors.Is(err, errNestedBatch):
@@ -334,11 +199,12 @@ func notInheritable(name string) bool {
 		len(name) > 8 && name[:8] == "Content-"
 }
 
-// inheritedHeaders returns the outer headers each operation starts from.
-func (h *Handler) inheritedHeaders(outer http.Header) http.Header {
+// inheritedHeaders returns the outer headers each operation starts from:
+// those of only (canonical names) if not nil, else all but the excluded.
+func inheritedHeaders(outer http.Header, only []string) http.Header {
 	hdr := make(http.Header, len(outer))
-	if h.inherit != nil {
-		for _, name := range h.inherit {
+	if only != nil {
+		for _, name := range only {
 			if v, ok := outer[name]; ok && !notInheritable(name) {
 				hdr[name] = v
 			}
@@ -359,9 +225,9 @@ func (h *Handler) inheritedHeaders(outer http.Header) http.Header {
 	return hdr
 }
 
-// serve runs next, turning a panic into an error so that it fails one
+// callNext runs next, turning a panic into an error so that it fails one
 // operation, not the batch or the server.
-func serve(next caddyhttp.Handler, w http.ResponseWriter, r *http.Request) (err error) {
+func callNext(next caddyhttp.Handler, w http.ResponseWriter, r *http.Request) (err error) {
 	defer func() {
 		if v := recover(); v != nil {
 			if v == http.ErrAbortHandler { //nolint:errorlint // sentinel compared as Go's server does

@@ -1,26 +1,14 @@
 package batch
 
 import (
-	"context"
 	"fmt"
 	"net/http"
 	"net/url"
 	"strings"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/tidwall/gjson"
 	"golang.org/x/net/http/httpguts"
 )
-
-// pathAllowed matches an operation's path against the configured paths.
-func (h *Handler) pathAllowed(u *url.URL) bool {
-	// MatchPath reads the replacer for patterns with placeholders; an empty
-	// one leaves them blank, so such patterns match no client-chosen path.
-	r := &http.Request{URL: u}
-	r = r.WithContext(context.WithValue(context.Background(), caddy.ReplacerCtxKey, caddy.NewReplacer()))
-	ok, err := h.paths.MatchWithError(r)
-	return ok && err == nil
-}
 
 func (p *parser) checkMethod(op *operation) {
 	// A method is a token, so ASCII: checked before upper-casing, which

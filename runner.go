@@ -1,0 +1,446 @@
+package batch
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddy-batch/batch/internal/pace"
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// newBatchID returns 128 random bits in hex.
+func newBatchID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// runner runs one validated batch.
+type runner struct {
+	h         *Handler
+	b         *batch
+	id        string
+	next      caddyhttp.Handler
+	srv       *caddyhttp.Server
+	conn      connFacts
+	ctx       context.Context // ends with the batch: timeout, client gone, shutdown
+	base      context.Context // ctx without the batch it runs
+	timeout   time.Duration   // what bounds ctx, for messages
+	inherited http.Header     // headers every operation starts from
+	results   []result
+	out       *emitter
+	stoppedAt int // index of the op that stopped the batch, or -1
+	// stoppedBy is the id of the operation that stopped the batch; a job
+	// carries it from the part of its operations that stopped into those
+	// after.
+	stoppedBy string
+	// handover, set for a job that another instance can resume, stops it
+	// at the next operation it would start once true: the instance is
+	// shutting down, and hands the rest over.
+	handover *atomic.Bool
+	// rollbackFailed is set when a rollback failed.
+	rollbackFailed atomic.Bool
+	// groupFailed holds, for each atomicity group, the index of the
+	// operation that failed it, or -1.
+	groupFailed []int
+	// rollbacks bounds all rollbacks of the batch together, from the
+	// first: the handler's timeout, once more.
+	rollbacks     context.Context
+	rollbacksOnce sync.Once
+	stopRollbacks context.CancelFunc
+	// canceled stops an async job at the next operation it would start.
+	canceled atomic.Bool
+	// unrecorded, once set, stops an async job whose results storage no
+	// longer takes at the next operation it would start; it says why.
+	unrecorded atomic.Pointer[string]
+	// logs are the access loggers operations are logged to; nil for none.
+	logs []*zap.Logger
+	// refs is what filling in references may still cost.
+	refs refBudget
+	// opKey is the header that carries each operation's idempotency key,
+	// "<batch id>.<op id>", unless the operation has its own; "" for none.
+	opKey string
+	// pace is who the operations wait as for a turn downstream; a job's
+	// is made at its first operation.
+	pace     *pace.Owner
+	paceOnce sync.Once
+}
+
+func newRunner(h *Handler, ctx context.Context, timeout time.Duration, r *http.Request, next caddyhttp.Handler, srv *caddyhttp.Server, b *batch) *runner {
+	rn := &runner{
+		h:         h,
+		b:         b,
+		id:        newBatchID(),
+		next:      next,
+		srv:       srv,
+		conn:      connFactsOf(r),
+		base:      ctx,
+		timeout:   timeout,
+		inherited: inheritedHeaders(r.Header, h.inherit),
+		pace:      batchPaceOwner(r, h.Pacing == pacingAdaptive, h.Rate),
+	}
+	rn.load(b)
+	rn.refs.reset(h.MaxReferenceSize)
+	if srv != nil {
+		rn.logs = rn.accessLoggers()
+	}
+	// The batch request's own log entry may name the batch (log_append).
+	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
+		repl.Set("http.batch.id", rn.id)
+	}
+	return rn
+}
+
+// load makes b the operations the runner runs next: a whole batch, or a
+// part of a job's operations.
+func (rn *runner) load(b *batch) {
+	rn.b = b
+	rn.ctx = context.WithValue(rn.base, batchCtxKey, b)
+	rn.results = make([]result, len(b.ops))
+	rn.stoppedAt = -1
+	rn.groupFailed = nil
+	if len(b.groups) > 0 {
+		rn.groupFailed = make([]int, len(b.groups))
+		for g := range rn.groupFailed {
+			rn.groupFailed[g] = -1
+		}
+	}
+}
+
+// execute runs the batch, writing its results to out, and logs it.
+func (rn *runner) execute(out sink) summary {
+	start := time.Now()
+	rn.runFrom(out, 0)
+	sum := rn.out.finish(rn.summary())
+	rn.record(sum, time.Since(start))
+	rn.logEnd(sum, time.Since(start))
+	return sum
+}
+
+// logEnd writes the line of a batch, or a job, that has ended.
+func (rn *runner) logEnd(sum summary, took time.Duration) {
+	b := rn.b
+	format := "native"
+	if b.format != nil {
+		format = b.format.name()
+	}
+	rn.h.logger.Info("batch",
+		zap.String("id", rn.id),
+		zap.String("format", format),
+		zap.Int("operations", sum.total),
+		zap.String("mode", b.mode),
+		zap.String("atomicity", b.atomicity),
+		zap.Duration("duration", took),
+		zap.String("status", sum.status),
+		zap.Int("succeeded", sum.succeeded),
+		zap.Int("failed", sum.failed),
+		zap.Int("skipped", sum.skipped),
+	)
+}
+
+// runFrom runs the operations of rn.b from index from, those before it
+// having their results already, and passes the results to out as they are
+// final; it does not close out.
+func (rn *runner) runFrom(out sink, from int) {
+	b := rn.b
+	rn.out = newEmitter(out, b, rn.results)
+	rn.out.next = from
+	for i := range from {
+		rn.out.done[i] = true
+	}
+	// Under all_or_nothing, and in an atomicity group, a later failure
+	// changes earlier results.
+	rn.out.hold = b.atomicity == atomicAllOrNothing || len(b.groups) > 0
+
+	if b.mode == modeParallel && len(b.ops)-from > 1 {
+		rn.runParallel(from)
+	} else {
+		rn.runSequential(from)
+	}
+	if b.atomicity == atomicAllOrNothing && rn.stoppedAt >= 0 {
+		rn.rollBack()
+	}
+	if rn.stopRollbacks != nil {
+		rn.stopRollbacks()
+	}
+}
+
+// handingOver reports whether no more operations start, as the job is
+// handed over. Held results are not handed over: what they would undo
+// lives only here, so such operations run on to the end or the grace.
+func (rn *runner) handingOver() bool {
+	return rn.handover != nil && rn.handover.Load() && !rn.out.hold
+}
+
+// handedOver reports whether a shutdown cut off a job another instance
+// resumes: what its operations were cut off from is theirs to finish,
+// and nothing is rolled back.
+func (rn *runner) handedOver() bool {
+	return rn.handover != nil && errors.Is(context.Cause(rn.ctx), errInterrupted)
+}
+
+// runOne decides what becomes of one operation, and under atomicity
+// whether the batch stops there: whatever failed it, a timeout, the client
+// going away or a cancel included, the operations after it do not run and
+// those before it are rolled back.
+func (rn *runner) runOne(op *operation, clk *opClock) result {
+	res := rn.decide(op, clk)
+	if rn.b.atomicity != atomicNone && rn.stoppedAt < 0 && res.failed() {
+		rn.stoppedAt, rn.stoppedBy = op.index, op.id
+	}
+	if op.group != 0 && res.failed() && rn.groupFailed[op.group-1] < 0 {
+		// The group's operations run in order (each depends on the one
+		// before), so those before op are final.
+		rn.results[op.index] = res
+		rn.failGroup(op)
+	}
+	return res
+}
+
+// decide runs op, or answers for it.
+func (rn *runner) decide(op *operation, clk *opClock) result {
+	if rn.ctx.Err() != nil {
+		return rn.cutOff(rn.ctx)
+	}
+	if rn.canceled.Load() {
+		return result{status: statusSkipped, err: "skipped: batch canceled"}
+	}
+	if why := rn.unrecorded.Load(); why != nil {
+		return result{status: statusSkipped, err: *why}
+	}
+	if rn.stoppedBy != "" {
+		return result{status: statusSkipped, err: "skipped: batch stopped at op " + rn.stoppedBy}
+	}
+	if g := op.group - 1; g >= 0 && rn.groupFailed[g] >= 0 {
+		return result{status: statusSkipped, err: fmt.Sprintf("skipped: atomicity group %s failed at op %s", rn.b.groups[g].name, rn.b.ops[rn.groupFailed[g]].id)}
+	}
+	for _, d := range op.deps {
+		if dep := &rn.results[d]; dep.failed() {
+			return result{status: statusSkipped, err: fmt.Sprintf("dependency %s failed with status %d", rn.b.ops[d].id, dep.status)}
+		}
+		if g := rn.b.ops[d].group - 1; g >= 0 && g != op.group-1 && rn.groupFailed[g] >= 0 {
+			return result{status: statusSkipped, err: fmt.Sprintf("dependency %s failed: atomicity group %s failed at op %s",
+				rn.b.ops[d].id, rn.b.groups[g].name, rn.b.ops[rn.groupFailed[g]].id)}
+		}
+	}
+	return rn.resolveAndExec(op, clk)
+}
+
+// errInterrupted is the cause with which a shutdown cancels async jobs.
+var errInterrupted = errors.New("interrupted")
+
+// cutOff is the result of an operation that the end of ctx (the batch's,
+// or its rollbacks') kept from finishing.
+func (rn *runner) cutOff(ctx context.Context) result {
+	switch cause := context.Cause(ctx); {
+	case errors.Is(cause, errRollbackTimeout):
+		return result{status: http.StatusGatewayTimeout, err: "rollbacks timed out after " + time.Duration(rn.h.Timeout).String(), cut: true}
+	case errors.Is(cause, errInterrupted):
+		return result{status: http.StatusServiceUnavailable, err: "interrupted: the server shut down", cut: true}
+	case errors.Is(cause, context.DeadlineExceeded):
+		return result{status: http.StatusGatewayTimeout, err: "batch timed out after " + rn.timeout.String(), cut: true}
+	}
+	return result{status: statusClientGone, err: "client went away", cut: true}
+}
+
+// resolveAndExec fills in op's references and runs it.
+func (rn *runner) resolveAndExec(op *operation, clk *opClock) result {
+	op, err := rn.resolve(op)
+	if err != nil {
+		return result{status: statusSkipped, err: err.Error()}
+	}
+	if strings.EqualFold(op.url.Path, rn.conn.path) {
+		// The chain after batch would not bring it back here, but a client
+		// who sends it means a batch inside a batch.
+		return result{status: http.StatusBadRequest, err: errNestedBatchMsg}
+	}
+	return rn.exec(op, clk)
+}
+
+// exec serves one operation through the rest of the handler chain, each
+// try after a turn from the handler's gate (max_inflight, rate, pacing).
+// An operation answered 429 is tried again: under adaptive pacing, of any
+// method, when the pacer says (see pacer.go), until op_timeout; otherwise
+// when idempotent, after its Retry-After, up to retry_429 times within
+// op_timeout.
+func (rn *runner) exec(op *operation, clk *opClock) result {
+	ctx, deadline := clk.arm()
+	defer clk.disarm()
+	o := rn.paceOwner()
+	g := rn.h.gate
+	for attempt := 1; ; attempt++ {
+		var res result
+		asked := time.Now()
+		t, err := g.Acquire(ctx, o)
+		rn.h.metrics.turnWait.Observe(time.Since(asked).Seconds())
+		if err != nil {
+			res = rn.waitedOut(clk.parent)
+		} else {
+			res = rn.attempt(ctx, clk, op, attempt)
+			if r := g.Release(t, res.status, res.header); r.Event != "" {
+				rn.h.metrics.pacing.WithLabelValues(r.Event).Inc()
+				rn.h.logger.Debug("pacing", zap.String("event", r.Event), zap.Float64("rate", r.Rate),
+					zap.Duration("paused_for", r.Paused), zap.String("batch", rn.id), zap.String("op", op.id))
+			}
+		}
+		retry := res.status == http.StatusTooManyRequests
+		var wait time.Duration
+		if o.Adaptive {
+			// A 429 says the request was refused for its rate, not
+			// processed: any method is sent again.
+			retry = retry && attempt < pace.MaxAdaptiveAttempts
+			wait = g.RetryWait(attempt)
+		} else {
+			retry = retry && attempt <= rn.h.Retry429 && idempotent(op.method)
+			var ok bool
+			if wait, ok = pace.RetryAfter(res.header); !ok {
+				wait = time.Second // when the answer does not say, or not readably
+			}
+		}
+		if !retry {
+			if attempt > 1 {
+				res.attempts = attempt
+			}
+			return res
+		}
+		if time.Until(deadline) < wait {
+			res.attempts = attempt
+			return res
+		}
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			res.attempts = attempt
+			return res
+		}
+	}
+}
+
+// idempotent reports whether a method may be repeated without changing
+// what one request would do (RFC 9110 §9.2.2).
+func idempotent(method string) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodPut, http.MethodDelete, http.MethodOptions:
+		return true
+	}
+	return false
+}
+
+// attempt serves op once within ctx; attempt counts from 1.
+func (rn *runner) attempt(ctx context.Context, clk *opClock, op *operation, attempt int) result {
+	parent := clk.parent
+	w := clk.spare
+	if w != nil {
+		clk.spare = nil
+		clear(w.header)
+		*w = opWriter{header: w.header, body: w.body[:0]}
+	} else {
+		w = &opWriter{header: make(http.Header)}
+	}
+	w.limit = rn.h.MaxResponseSize
+	req := rn.newRequest(ctx, op, w, attempt)
+	var logged *http.Request
+	start := time.Now()
+	if rn.logs != nil {
+		logged = req.Clone(req.Context()) // as it entered the chain, as the server logs it
+	}
+	err := callNext(rn.next, w, req)
+	if err != nil && rn.srv.Errors != nil && len(rn.srv.Errors.Routes) > 0 && routable(err) {
+		err = rn.handleError(w, req, err)
+	}
+	if logged != nil {
+		rn.logOperation(logged, req, op, w, time.Since(start))
+	}
+
+	if c := rn.h.logger.Check(zapcore.DebugLevel, "batch operation"); c != nil {
+		c.Write(zap.String("batch", rn.id), zap.String("op", op.id), zap.String("method", op.method),
+			zap.String("path", op.target), zap.Int("status", w.status), zap.Error(err))
+	}
+
+	switch {
+	case w.overflow:
+		return result{status: http.StatusBadGateway, err: fmt.Sprintf("response larger than max_response_size (%d bytes)", rn.h.MaxResponseSize)}
+	case parent.Err() != nil:
+		return rn.cutOff(parent)
+	case ctx.Err() != nil:
+		return result{status: http.StatusGatewayTimeout, err: "operation timed out after " + time.Duration(rn.h.OpTimeout).String()}
+	}
+	if err != nil {
+		return rn.errorResult(op, w, err)
+	}
+	status := w.status
+	if status == 0 {
+		status = http.StatusOK
+	}
+	return result{status: status, header: w.header, body: w.body, w: w, isJSON: jsonBody(w.header, w.body)}
+}
+
+// record counts the batch in the metrics.
+func (rn *runner) record(sum summary, took time.Duration) {
+	rn.recordOps(0)
+	rn.recordBatch(sum, took)
+}
+
+// recordBatch counts a batch, or a job, once it has ended.
+func (rn *runner) recordBatch(sum summary, took time.Duration) {
+	m := rn.h.metrics
+	m.batches.WithLabelValues(rn.b.mode, sum.status).Inc()
+	m.size.Observe(float64(sum.total))
+	m.duration.WithLabelValues(rn.b.mode).Observe(took.Seconds())
+}
+
+// recordOps counts the operations rn ran, from index from on.
+func (rn *runner) recordOps(from int) {
+	var classes [6]int
+	for i := from; i < len(rn.results); i++ {
+		if s := rn.results[i].status; s != 0 { // 0: not run, handed over
+			classes[min(s/100, 5)]++
+		}
+	}
+	for c, n := range classes {
+		if n > 0 {
+			rn.h.metrics.operations.WithLabelValues(statusClass(c * 100)).Add(float64(n))
+		}
+	}
+}
+
+func (rn *runner) summary() summary {
+	s := summary{total: len(rn.results)}
+	for i := range rn.results {
+		if rn.results[i].cut {
+			s.cut++
+		}
+		switch outcomeOf(&rn.results[i]) {
+		case outcomeSucceeded:
+			s.succeeded++
+		case outcomeSkipped:
+			s.skipped++
+		default:
+			s.failed++
+		}
+	}
+	switch {
+	case rn.rollbackFailed.Load():
+		s.status = statusRollbackFailed
+	case rn.stoppedAt >= 0 && rn.b.atomicity == atomicAllOrNothing:
+		s.status = statusRolledBack
+	case rn.stoppedAt >= 0:
+		s.status = statusAborted
+	case s.failed+s.skipped == 0:
+		s.status = statusCompleted
+	default:
+		s.status = statusCompletedWithErrors
+	}
+	return s
+}
