@@ -196,7 +196,7 @@ func BenchmarkParse(b *testing.B) {
 			body := benchBatch(n)
 			b.ReportAllocs()
 			perItem(b, n, func() {
-				if _, err := parseBatch(context.Background(), body, &h.limits); err != nil {
+				if _, err := parseBatch(context.Background(), body, &h.rules); err != nil {
 					b.Fatal(err)
 				}
 			})
@@ -293,7 +293,7 @@ func BenchmarkAdversarial(b *testing.B) {
 	bodies := adversarialBodies(defaultMaxSize)
 	parse := func(body []byte) time.Duration {
 		start := time.Now()
-		_, _ = parseBatch(context.Background(), body, &h.limits)
+		_, _ = parseBatch(context.Background(), body, &h.rules)
 		return time.Since(start)
 	}
 	names := make([]string, 0, len(bodies))

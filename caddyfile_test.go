@@ -279,19 +279,19 @@ func TestProvisionDefaults(t *testing.T) {
 	if got := cfJSON(t, &h); !cfSameJSON(t, got, want) {
 		t.Errorf("defaults:\ngot  %s\nwant %s", got, want)
 	}
-	if h.limits.mode != "sequential" || h.limits.atomicity != "none" || h.limits.maxOps != 100 ||
-		h.limits.pathAllow != nil || len(h.limits.forwarded) != 0 || h.inherit != nil {
-		t.Errorf("limits %+v", h.limits)
+	if h.rules.mode != "sequential" || h.rules.atomicity != "none" || h.rules.maxOps != 100 ||
+		h.rules.pathAllow != nil || len(h.rules.forwarded) != 0 || h.inherit != nil {
+		t.Errorf("limits %+v", h.rules)
 	}
 	var methods []string
-	for m := range h.limits.methods {
+	for m := range h.rules.methods {
 		methods = append(methods, m)
 	}
 	if len(methods) != 6 {
 		t.Errorf("default methods %q", methods)
 	}
 	for _, m := range defaultMethods {
-		if _, ok := h.limits.methods[m]; !ok {
+		if _, ok := h.rules.methods[m]; !ok {
 			t.Errorf("default methods lack %s", m)
 		}
 	}
@@ -305,23 +305,23 @@ func TestProvisionDefaults(t *testing.T) {
 	if err := h2.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	if len(h2.limits.methods) != 3 || h2.limits.maxOps != 7 || h2.limits.mode != "parallel" || h2.Concurrency != 3 {
-		t.Errorf("limits %+v", h2.limits)
+	if len(h2.rules.methods) != 3 || h2.rules.maxOps != 7 || h2.rules.mode != "parallel" || h2.Concurrency != 3 {
+		t.Errorf("limits %+v", h2.rules)
 	}
 	for _, m := range []string{"GET", "POST", "PURGE"} {
-		if _, ok := h2.limits.methods[m]; !ok {
-			t.Errorf("methods lack %s: %v", m, h2.limits.methods)
+		if _, ok := h2.rules.methods[m]; !ok {
+			t.Errorf("methods lack %s: %v", m, h2.rules.methods)
 		}
 	}
 	for _, name := range []string{"X-Forwarded-Proto", "X-Real-Ip"} {
-		if _, ok := h2.limits.forwarded[name]; !ok {
-			t.Errorf("forwarded lacks %s: %v", name, h2.limits.forwarded)
+		if _, ok := h2.rules.forwarded[name]; !ok {
+			t.Errorf("forwarded lacks %s: %v", name, h2.rules.forwarded)
 		}
 	}
 	if !reflect.DeepEqual(h2.inherit, []string{"Authorization", "X-Request-Id"}) {
 		t.Errorf("inherit %q", h2.inherit)
 	}
-	if h2.limits.pathAllow == nil {
+	if h2.rules.pathAllow == nil {
 		t.Error("paths give no pathAllow")
 	}
 }

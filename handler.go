@@ -18,13 +18,11 @@ import (
 	"time"
 
 	"github.com/caddy-batch/batch/internal/pace"
-	"github.com/caddy-batch/batch/internal/seal"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/encode"
 	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/encode/gzip" // the default encodings
 	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/encode/zstd"
-	"github.com/caddyserver/certmagic"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/tidwall/gjson"
 	"go.uber.org/zap"
@@ -160,7 +158,7 @@ type Handler struct {
 	// Enables asynchronous batches. Default: off.
 	Async *AsyncConfig `json:"async,omitempty"`
 
-	limits  rules
+	rules   rules
 	enc     *encode.Encode // compresses answers; nil when off
 	paths   caddyhttp.MatchPath
 	inherit []string // canonical; nil inherits all but the excluded ones
@@ -170,7 +168,6 @@ type Handler struct {
 	// requests.
 	accessLog *zap.Logger
 	owner     string // placeholder identifying who owns a job or key
-	pool      *jobPool
 	keyLocks  *keyLocks
 	metrics   *metrics
 	// gate orders the operations sent downstream: max_inflight, rate
@@ -178,24 +175,13 @@ type Handler struct {
 	gate *pace.Gate
 	// errorChains holds the error routes of each server, compiled.
 	errorChains sync.Map
-	// stopSweeping ends the sweep of expired idempotent answers.
+	// storage holds async jobs and idempotent answers: Caddy's, nil in a
+	// context without a config (unit tests).
+	storage *store
+	// jobs runs async batches; nil when they are off.
+	jobs *asyncJobs
+	// stopSweeping ends the sweeps of what storage holds.
 	stopSweeping func()
-
-	// sealer encrypts what jobs store of credentials; nil without a key.
-	sealer *seal.Sealer
-	// opKey is the header that carries each job operation's idempotency
-	// key; "" for none.
-	opKey string
-	// selfEP is where this handler is in the running config, found once
-	// it runs; identity names that place and the handler's config.
-	selfMu   sync.Mutex
-	selfEP   endpoint
-	identity string
-
-	// storage holds async jobs and idempotent answers; it is looked up on
-	// first use, as a context without a config (unit tests) has none.
-	storage     certmagic.Storage
-	storageOnce sync.Once
 }
 
 // CaddyModule returns the Caddy module information.
@@ -266,7 +252,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if len(methods) == 0 {
 		methods = defaultMethods
 	}
-	h.limits = rules{
+	h.rules = rules{
 		mode:        h.Mode,
 		atomicity:   h.Atomicity,
 		maxOps:      h.MaxOps,
@@ -275,23 +261,23 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		serviceRoot: h.ServiceRoot,
 	}
 	for _, m := range methods {
-		h.limits.methods[strings.ToUpper(m)] = struct{}{}
+		h.rules.methods[strings.ToUpper(m)] = struct{}{}
 	}
 	for _, name := range h.AllowForwardedHeaders {
-		h.limits.forwarded[http.CanonicalHeaderKey(name)] = struct{}{}
+		h.rules.forwarded[http.CanonicalHeaderKey(name)] = struct{}{}
 	}
 	if len(h.Paths) > 0 {
 		h.paths = append(caddyhttp.MatchPath(nil), h.Paths...)
 		if err := h.paths.Provision(ctx); err != nil {
 			return fmt.Errorf("provisioning paths: %w", err)
 		}
-		h.limits.pathAllow = h.pathAllowed
+		h.rules.pathAllow = h.pathAllowed
 	}
 	for _, name := range h.InheritHeaders {
 		h.inherit = append(h.inherit, http.CanonicalHeaderKey(name))
 	}
 	h.ctx = ctx
-	h.owner = "{http.request.header.Authorization}"
+	h.owner = defaultOwner
 	h.keyLocks = new(keyLocks)
 	if err := h.provisionEncode(ctx); err != nil {
 		return fmt.Errorf("encode: %w", err)
@@ -304,83 +290,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.metrics, err = newMetrics(reg); err != nil {
 		return fmt.Errorf("registering metrics: %w", err)
 	}
+	if s := storageOf(ctx); s != nil {
+		h.storage = &store{Storage: s, logger: h.logger}
+	}
 	if h.Async != nil {
-		if err := h.provisionAsync(ctx); err != nil {
+		if h.jobs, err = newAsyncJobs(ctx, h); err != nil {
 			return fmt.Errorf("async: %w", err)
 		}
 	}
 	// Idempotent answers are kept with or without async.
 	h.startSweeping(ctx)
-	return nil
-}
-
-func (h *Handler) provisionAsync(ctx caddy.Context) error {
-	a := h.Async
-	if a.Retention == 0 {
-		a.Retention = caddy.Duration(defaultRetention)
-	}
-	if a.Workers == 0 {
-		a.Workers = 4
-	}
-	if a.Owner == "" {
-		a.Owner = h.owner
-	}
-	h.owner = a.Owner
-	if a.MaxQueued == 0 {
-		a.MaxQueued = defaultMaxQueued
-	}
-	if a.MaxOps == 0 {
-		a.MaxOps = defaultAsyncMaxOps
-	}
-	if a.MaxBodySize == 0 {
-		a.MaxBodySize = defaultAsyncMaxBody
-	}
-	if a.Lease == 0 {
-		a.Lease = caddy.Duration(defaultLease)
-	}
-	switch a.OpIdempotencyHeader {
-	case "":
-		h.opKey = "Idempotency-Key"
-	case "off":
-	default:
-		h.opKey = http.CanonicalHeaderKey(a.OpIdempotencyHeader)
-	}
-	if a.Retention < caddy.Duration(time.Second) || a.Workers < 0 {
-		return errors.New("retention must be at least 1s and workers positive")
-	}
-	if a.MaxQueued < 0 || a.MaxOps < 0 || a.MaxBodySize < 0 {
-		return fmt.Errorf("max_queued, max_ops and max_body_size must be positive")
-	}
-	if a.Lease < caddy.Duration(100*time.Millisecond) {
-		return fmt.Errorf("lease must be at least 100ms, got %s", time.Duration(a.Lease))
-	}
-	if a.CredentialsKey != "" {
-		repl := caddy.NewReplacer()
-		keys := []string{repl.ReplaceKnown(a.CredentialsKey, "")}
-		for _, k := range a.OldCredentialsKeys {
-			keys = append(keys, repl.ReplaceKnown(k, ""))
-		}
-		var err error
-		if h.sealer, err = seal.New(keys); err != nil {
-			return fmt.Errorf("credentials_key: %w", err)
-		}
-	} else if len(a.OldCredentialsKeys) > 0 {
-		return errors.New("old_credentials_keys needs credentials_key")
-	}
-	if a.Webhook != nil {
-		if err := a.Webhook.provision(); err != nil {
-			return err
-		}
-	}
-	h.store()
-	val, _, err := pools.LoadOrNew(poolKey, func() (caddy.Destructor, error) { return newJobPool(), nil })
-	if err != nil {
-		return err
-	}
-	h.pool = val.(*jobPool)
-	h.pool.setLimits(a.Workers, a.MaxQueued)
-	go h.sweepJobs(ctx)
-	go h.adoptJobs(ctx)
 	return nil
 }
 
@@ -420,9 +339,8 @@ func (h *Handler) Cleanup() error {
 	if h.stopSweeping != nil {
 		h.stopSweeping()
 	}
-	if h.pool != nil {
-		_, err := pools.Delete(poolKey)
-		return err
+	if h.jobs != nil {
+		return h.jobs.release()
 	}
 	return nil
 }
@@ -466,7 +384,7 @@ func (h *Handler) Validate() error {
 			return err
 		}
 	}
-	for m := range h.limits.methods {
+	for m := range h.rules.methods {
 		if m == "" || strings.ContainsAny(m, " \t\r\n") {
 			return fmt.Errorf("invalid method %q", m)
 		}
@@ -480,12 +398,6 @@ func (h *Handler) Validate() error {
 		}
 	}
 	return nil
-}
-
-// store returns the storage of the handler's config.
-func (h *Handler) store() certmagic.Storage {
-	h.storageOnce.Do(func() { h.storage = h.ctx.Storage() })
-	return h.storage
 }
 
 // ServeHTTP answers a batch request; other requests it refuses.
@@ -506,7 +418,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 func (h *Handler) serveBatch(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	if h.Async != nil {
 		if id, sub, ok := jobPath(r.URL.Path); ok {
-			return h.serveJob(w, r, next, id, sub)
+			return h.jobs.serve(w, r, next, id, sub)
 		}
 	}
 	if r.Method != http.MethodPost {
@@ -515,7 +427,10 @@ func (h *Handler) serveBatch(w http.ResponseWriter, r *http.Request, next caddyh
 	}
 	ct := r.Header.Get("Content-Type")
 	if isNDJSON(ct) {
-		return h.serveStreamed(w, r, next, nil, r.Body, true)
+		if h.jobs == nil {
+			return writeError(w, http.StatusBadRequest, "an NDJSON batch is an async job, and async batches are not enabled here")
+		}
+		return h.jobs.submitStreamed(w, r, next, nil, r.Body, true)
 	}
 	if !batchMediaType(ct) {
 		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent with Content-Type: application/json, application/x-ndjson (async), or multipart/mixed with a boundary")
@@ -531,9 +446,9 @@ func (h *Handler) serveBatch(w http.ResponseWriter, r *http.Request, next caddyh
 		if f != native {
 			return f.refuse(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("batch body is larger than %d bytes (only native batches are streamed)", h.MaxBodySize), nil)
 		}
-		return h.serveStreamed(w, r, next, body, rest, false)
+		return h.jobs.submitStreamed(w, r, next, body, rest, false)
 	}
-	b, err := f.decode(r, body, &h.limits)
+	b, err := f.decode(r, body, &h.rules)
 	if err != nil {
 		var faults badBatchError
 		var tooMany tooManyOpsError
@@ -543,7 +458,7 @@ func (h *Handler) serveBatch(w http.ResponseWriter, r *http.Request, next caddyh
 		case r.Context().Err() != nil:
 			return nil // the client is gone: nobody reads an answer
 		case errors.As(err, &tooMany) && f == native && h.Async != nil && (wantsAsync(r) || gjson.GetBytes(body, "async").Bool()):
-			return h.serveStreamed(w, r, next, body, http.NoBody, false)
+			return h.jobs.submitStreamed(w, r, next, body, http.NoBody, false)
 		}
 		return f.refuse(w, http.StatusRequestEntityTooLarge, err.Error(), nil)
 	}
@@ -603,7 +518,7 @@ func (h *Handler) route(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	case key != "":
 		return writeRefusal(w, b, h.serveIdempotent(w, r, next, b, key, body))
 	case b.async:
-		return writeRefusal(w, b, h.submit(w, r, next, b, body))
+		return writeRefusal(w, b, h.jobs.submit(w, r, next, b, body))
 	}
 	_, err := h.run(w, r, next, b)
 	return err

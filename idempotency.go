@@ -16,9 +16,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
-	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 )
 
@@ -93,7 +91,7 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 	sum := sha256.Sum256(body)
 	return h.serveOnce(w, r, b.format, key, hex.EncodeToString(sum[:]), func(w http.ResponseWriter, status func() int) (bool, error) {
 		if b.async {
-			err := h.submit(w, r, next, b, body)
+			err := h.jobs.submit(w, r, next, b, body)
 			return status() == http.StatusAccepted, err
 		}
 		sum, err := h.run(w, r, next, b)
@@ -184,7 +182,7 @@ func (h *Handler) storeAnswer(ctx context.Context, name string, ans idempotentAn
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
 	defer cancel()
-	if err := h.store().Store(ctx, name, buf); err != nil {
+	if err := h.storage.Store(ctx, name, buf); err != nil {
 		h.logger.Error("storing idempotent answer", zap.Error(err))
 		return false
 	}
@@ -192,109 +190,11 @@ func (h *Handler) storeAnswer(ctx context.Context, name string, ans idempotentAn
 }
 
 func (h *Handler) loadAnswer(ctx context.Context, name string) (idempotentAnswer, error) {
-	buf, err := h.store().Load(ctx, name)
+	buf, err := h.storage.Load(ctx, name)
 	if err != nil {
 		return idempotentAnswer{}, err
 	}
 	return decodeAnswer(buf)
-}
-
-// startSweeping deletes expired answers until ctx ends or Cleanup stops
-// it: at once, as configs may be reloaded more often than a sweep comes,
-// then every quarter of the retention (1s to 1h).
-func (h *Handler) startSweeping(ctx caddy.Context) {
-	sweepCtx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		s := configStorage(ctx)
-		if s == nil {
-			return
-		}
-		tick := time.NewTicker(min(max(h.retention()/4, time.Second), time.Hour))
-		defer tick.Stop()
-		for {
-			h.deleteExpiredAnswers(sweepCtx, s)
-			select {
-			case <-sweepCtx.Done():
-				return
-			case <-tick.C:
-			}
-		}
-	}()
-	// Caddy cleans up a handler that fails validation before it ends the
-	// context; the wait lets no sweep outlive its config.
-	h.stopSweeping = func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(storageTimeout):
-		}
-	}
-}
-
-// configStorage returns ctx's storage, or nil when ctx has no config (a
-// handler provisioned by hand in unit tests): Storage then panics, and
-// caddy.Context tells it no other way.
-func configStorage(ctx caddy.Context) (s certmagic.Storage) {
-	defer func() { _ = recover() }()
-	return ctx.Storage()
-}
-
-func (h *Handler) deleteExpiredAnswers(ctx context.Context, s certmagic.Storage) {
-	names, err := s.List(ctx, idempotencyPrefix, false)
-	if err != nil {
-		if !errors.Is(err, fs.ErrNotExist) {
-			h.logger.Warn("listing idempotent answers", zap.Error(err))
-		}
-		return
-	}
-	retention := h.retention()
-	for _, name := range names {
-		if ctx.Err() != nil {
-			return
-		}
-		// Stat spares loading what was written within the retention; one a
-		// shorter retention stored waits for a later sweep (it is not
-		// replayed once expired).
-		if info, err := s.Stat(ctx, name); err == nil && now().Sub(info.Modified) < retention {
-			continue
-		}
-		h.deleteIfExpired(ctx, s, name)
-	}
-}
-
-// deleteIfExpired deletes the answer at name if it has expired or cannot
-// be read. It holds the key's locks, as a request may be replacing the
-// answer; a key in use is left to a later sweep.
-func (h *Handler) deleteIfExpired(ctx context.Context, s certmagic.Storage, name string) {
-	unlock, ok := h.keyLocks.tryLock(name)
-	if !ok {
-		return
-	}
-	defer unlock()
-	lockCtx, cancel := context.WithTimeout(ctx, time.Second)
-	defer cancel()
-	if err := s.Lock(lockCtx, name); err != nil {
-		return
-	}
-	defer func() {
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
-		defer cancel()
-		if err := s.Unlock(ctx, name); err != nil {
-			h.logger.Error("unlocking idempotency key", zap.Error(err))
-		}
-	}()
-	buf, err := s.Load(ctx, name)
-	if err != nil {
-		return
-	}
-	if ans, err := decodeAnswer(buf); err == nil && now().Before(ans.ExpiresAt) {
-		return
-	}
-	if err := s.Delete(ctx, name); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		h.logger.Warn("deleting expired idempotent answer", zap.Error(err))
-	}
 }
 
 // retention is how long jobs and idempotent answers are kept.
@@ -304,8 +204,6 @@ func (h *Handler) retention() time.Duration {
 	}
 	return defaultRetention
 }
-
-const defaultRetention = 24 * time.Hour
 
 // idempotentWriter holds an answer of up to limit bytes, to be stored
 // before the client gets it. One that outgrows limit is passed on as it
@@ -400,14 +298,14 @@ func (h *Handler) holdKey(ctx context.Context, name string) (*keyHold, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := h.store().Lock(ctx, name); err != nil {
+	if err := h.storage.Lock(ctx, name); err != nil {
 		unlock()
 		return nil, err
 	}
 	return &keyHold{unlock: func() {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
 		defer cancel()
-		if err := h.store().Unlock(ctx, name); err != nil {
+		if err := h.storage.Unlock(ctx, name); err != nil {
 			h.logger.Error("unlocking idempotency key", zap.Error(err))
 		}
 		unlock()

@@ -33,21 +33,18 @@ import (
 
 // streamed answers a streamed async batch: prefix is what was read of
 // its body, and rest what remains to read.
-func (h *Handler) serveStreamed(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, prefix []byte, rest io.Reader, ndjson bool) error {
-	if h.Async == nil {
-		return writeError(w, http.StatusBadRequest, "an NDJSON batch is an async job, and async batches are not enabled here")
-	}
+func (a *asyncJobs) submitStreamed(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, prefix []byte, rest io.Reader, ndjson bool) error {
 	key := r.Header.Get("Idempotency-Key")
 	if len(key) > maxIdempotencyKey {
 		return writeError(w, http.StatusBadRequest, fmt.Sprintf("Idempotency-Key must be at most %d characters", maxIdempotencyKey))
 	}
-	j, err := h.newJob(w, r, next, native)
+	j, err := a.newJob(w, r, next, native)
 	if j == nil {
 		return writeRefusal(w, &batch{format: native}, err)
 	}
-	in := newIntake(h, j, r)
+	in := newIntake(a, j, r)
 	sum := sha256.New()
-	limit := h.Async.MaxBodySize - int64(len(prefix))
+	limit := a.cfg.MaxBodySize - int64(len(prefix))
 	body := io.MultiReader(bytes.NewReader(prefix), http.MaxBytesReader(w, io.NopCloser(rest), max(limit, 0)))
 	err = in.read(io.TeeReader(body, sum), ndjson)
 	if err == nil {
@@ -58,7 +55,7 @@ func (h *Handler) serveStreamed(w http.ResponseWriter, r *http.Request, next cad
 		return in.refuse(w, r, err)
 	}
 	queue := func(w http.ResponseWriter, status func() int) (bool, error) {
-		err := h.queueJob(w, r, j, in.n)
+		err := a.queueJob(w, r, j, in.n)
 		return status() == http.StatusAccepted, err
 	}
 	if key == "" {
@@ -66,7 +63,7 @@ func (h *Handler) serveStreamed(w http.ResponseWriter, r *http.Request, next cad
 		return writeRefusal(w, &batch{format: native}, err)
 	}
 	queued := false
-	err = h.serveOnce(w, r, native, key, hex.EncodeToString(sum.Sum(nil)), func(w http.ResponseWriter, status func() int) (bool, error) {
+	err = a.h.serveOnce(w, r, native, key, hex.EncodeToString(sum.Sum(nil)), func(w http.ResponseWriter, status func() int) (bool, error) {
 		queued = true
 		return queue(w, status)
 	})
@@ -78,7 +75,7 @@ func (h *Handler) serveStreamed(w http.ResponseWriter, r *http.Request, next cad
 
 // intake validates a streamed batch and stores its operations in chunks.
 type intake struct {
-	h   *Handler
+	a   *asyncJobs
 	j   *job
 	ctx context.Context
 	lim rules
@@ -110,9 +107,9 @@ type idAt struct {
 	index, line int32 // line of NDJSON, 0 for JSON
 }
 
-func newIntake(h *Handler, j *job, r *http.Request) *intake {
-	in := &intake{h: h, j: j, ctx: r.Context(), lim: h.limits, shape: shapeOps, fnv: fnv.New64a()}
-	in.lim.maxOps = h.Async.MaxOps
+func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
+	in := &intake{a: a, j: j, ctx: r.Context(), lim: a.h.rules, shape: shapeOps, fnv: fnv.New64a()}
+	in.lim.maxOps = a.cfg.MaxOps
 	in.p = parser{lim: &in.lim, ctx: r.Context()}
 	in.chunk = append(make([]byte, 0, 64<<10), '[')
 	q := r.URL.Query()
@@ -137,7 +134,7 @@ func (in *intake) read(body io.Reader, ndjson bool) error {
 	if ndjson {
 		return in.readLines(br)
 	}
-	return in.readJSON(&jsonStream{r: br, max: in.h.MaxBodySize})
+	return in.readJSON(&jsonStream{r: br, max: in.a.h.MaxBodySize})
 }
 
 // readLines reads NDJSON: one operation per line; the first line may hold
@@ -146,7 +143,7 @@ func (in *intake) readLines(br *bufio.Reader) error {
 	var line []byte
 	for in.line = 1; ; in.line++ {
 		var err error
-		line, err = readLine(br, line[:0], in.h.MaxBodySize)
+		line, err = readLine(br, line[:0], in.a.h.MaxBodySize)
 		if err != nil && !(errors.Is(err, io.EOF) && len(line) > 0) {
 			if errors.Is(err, io.EOF) {
 				return nil
@@ -249,7 +246,7 @@ func (in *intake) option(name string, v gjson.Result) {
 			spec.NoHeaders = !v.Bool()
 		case "dry_run":
 			if v.Bool() {
-				in.fault("dry_run takes a batch of at most max_ops operations (%d)", in.h.MaxOps)
+				in.fault("dry_run takes a batch of at most max_ops operations (%d)", in.a.h.MaxOps)
 			}
 		}
 	default:
@@ -354,7 +351,7 @@ func (in *intake) append(raw []byte) {
 func (in *intake) store() error {
 	spec := in.j.spec
 	spec.Starts = append(spec.Starts, in.first)
-	if err := in.h.storeChunk(in.ctx, spec, in.j.rec.ID, len(spec.Starts)-1, append(in.chunk, ']')); err != nil {
+	if err := in.a.store.storeChunk(in.ctx, spec, in.j.rec.ID, len(spec.Starts)-1, append(in.chunk, ']')); err != nil {
 		return err
 	}
 	in.chunk, in.inChunk = append(in.chunk[:0], '['), 0
@@ -379,10 +376,10 @@ func (in *intake) finish() error {
 	spec := in.j.spec
 	spec.Shape = in.shape
 	if spec.Mode == "" {
-		spec.Mode = in.h.Mode
+		spec.Mode = in.a.h.Mode
 	}
 	if spec.Atomicity == "" {
-		spec.Atomicity = in.h.Atomicity
+		spec.Atomicity = in.a.h.Atomicity
 		if spec.Atomicity == atomicAllOrNothing {
 			spec.Atomicity = atomicStopOnError // what a streamed job can do of it
 		}
@@ -444,10 +441,10 @@ func (in *intake) refuse(w http.ResponseWriter, r *http.Request, err error) erro
 	case errors.As(err, &tooMany):
 		return native.refuse(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("batch has more than the %d operations an async job may hold", tooMany.max), nil)
 	case errors.As(err, &maxErr):
-		return writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("batch body is larger than the %d bytes an async job may take", in.h.Async.MaxBodySize))
+		return writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("batch body is larger than the %d bytes an async job may take", in.a.cfg.MaxBodySize))
 	case errors.Is(err, errLineTooLong):
 		return native.refuse(w, http.StatusBadRequest, "invalid batch", badBatchError{{Index: -1,
-			Message: fmt.Sprintf("line %d: longer than max_body_size (%d bytes)", in.line, in.h.MaxBodySize)}})
+			Message: fmt.Sprintf("line %d: longer than max_body_size (%d bytes)", in.line, in.a.h.MaxBodySize)}})
 	case errors.As(err, &netErr) && netErr.Timeout():
 		return writeError(w, http.StatusRequestTimeout, "timed out reading the batch body")
 	case r.Context().Err() != nil:
@@ -502,7 +499,7 @@ func (in *intake) readJSON(s *jsonStream) error {
 			err = in.readArray(s, in.addOp, !seen["operation"])
 		case "items":
 			if !seen["operation"] {
-				in.fault("\"operation\" must come before \"items\" in a batch of more than max_ops (%d) operations", in.h.MaxOps)
+				in.fault("\"operation\" must come before \"items\" in a batch of more than max_ops (%d) operations", in.a.h.MaxOps)
 			}
 			err = in.readArray(s, in.addItem, seen["operation"] && !seen["batch"])
 		case "operation":
@@ -618,7 +615,7 @@ func (in *intake) syntax(err error) error {
 	case errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, io.EOF):
 		in.fault("batch is not valid JSON: it ends early")
 	case errors.Is(err, errValueTooLong):
-		in.fault("operation %d is larger than max_body_size (%d bytes)", in.n, in.h.MaxBodySize)
+		in.fault("operation %d is larger than max_body_size (%d bytes)", in.n, in.a.h.MaxBodySize)
 	default:
 		return err
 	}

@@ -69,7 +69,7 @@ func (s *storeSink) resume() error {
 	s.lastWrite = now()
 	s.rate.add(s.lastWrite, s.stored)
 	for need := s.n; need > 0; s.part++ {
-		buf, err := s.j.h.storage.Load(s.stop, partKey(rec.ID, s.chunk, s.part))
+		buf, err := s.j.a.store.Load(s.stop, partKey(rec.ID, s.chunk, s.part))
 		if err != nil {
 			return fmt.Errorf("loading the results to resume from: chunk %d part %d: %w", s.chunk, s.part, err)
 		}
@@ -161,7 +161,7 @@ func (s *storeSink) write(next bool) {
 			if err == nil {
 				if err := s.j.saveRecord(s.ctx, rec); err != nil {
 					// Not fatal: the results are stored, and the end is retried.
-					s.j.h.logger.Warn("storing async batch progress", zap.String("id", rec.ID), zap.Error(err))
+					s.j.a.logger.Warn("storing async batch progress", zap.String("id", rec.ID), zap.Error(err))
 				}
 			}
 			done <- written{stored: rec.Completed, err: err}
@@ -198,7 +198,7 @@ func (s *storeSink) wait() {
 	if w.err != nil {
 		s.err = w.err
 		why := "skipped: results could not be stored: " + w.err.Error()
-		s.rn.unrecorded.Store(&why)
+		s.j.unrecorded.Store(&why)
 		s.buf = nil
 		return
 	}
@@ -209,7 +209,7 @@ func (s *storeSink) wait() {
 func (s *storeSink) store(key string, val []byte) error {
 	wait := storeRetry
 	for attempt := 1; ; attempt++ {
-		err := s.j.h.storage.Store(s.ctx, key, val)
+		err := s.j.a.store.Store(s.ctx, key, val)
 		if err == nil || attempt == storeAttempts || !sleepCtx(s.stop, wait) {
 			return err
 		}
@@ -229,9 +229,9 @@ func (s *storeSink) progress() {
 		s.j.rec.Rate, s.j.rec.EstimatedCompletionAt = r, &eta
 	}
 	s.j.mu.Unlock()
-	if wh := s.j.h.Async.Webhook; wh != nil && wh.wants("progress") && t.Sub(s.lastProgress) >= time.Duration(wh.ProgressInterval) {
+	if wh := s.j.a.cfg.Webhook; wh != nil && wh.wants("progress") && t.Sub(s.lastProgress) >= time.Duration(wh.ProgressInterval) {
 		s.lastProgress = t
-		s.j.h.notify(s.j.h.pool, "progress", s.j.snapshot().progress)
+		s.j.a.notify(s.j.a.pool, "progress", s.j.snapshot().progress)
 	}
 }
 

@@ -26,7 +26,7 @@ func ptLimits(t testing.TB, h *Handler) *rules {
 	if err := h.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	return &h.limits
+	return &h.rules
 }
 
 // ptParse parses a batch that must be accepted.

@@ -367,7 +367,7 @@ func (rn *runner) resolve(op *operation) (*operation, error) {
 		if msg != "" {
 			return nil, unresolved("after references, %s", msg)
 		}
-		if rn.h.limits.pathAllow != nil && !rn.h.limits.pathAllow(u) {
+		if rn.h.rules.pathAllow != nil && !rn.h.rules.pathAllow(u) {
 			return nil, unresolved("after references, path %q is not allowed here", short(u.Path))
 		}
 		out.target, out.url = target, u

@@ -157,7 +157,7 @@ func FuzzReferences(f *testing.F) {
 	h := &Handler{}
 	provision(f, h)
 	f.Fuzz(func(t *testing.T, batchJSON, answer string) {
-		b, err := parseBatch(context.Background(), []byte(batchJSON), &h.limits)
+		b, err := parseBatch(context.Background(), []byte(batchJSON), &h.rules)
 		if err != nil {
 			var faults badBatchError
 			var tooMany tooManyOpsError

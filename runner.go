@@ -45,10 +45,8 @@ type runner struct {
 	// carries it from the part of its operations that stopped into those
 	// after.
 	stoppedBy string
-	// handover, set for a job that another instance can resume, stops it
-	// at the next operation it would start once true: the instance is
-	// shutting down, and hands the rest over.
-	handover *atomic.Bool
+	// job is the job the runner runs, nil for a batch.
+	job jobControl
 	// rollbackFailed is set when a rollback failed.
 	rollbackFailed atomic.Bool
 	// groupFailed holds, for each atomicity group, the index of the
@@ -59,11 +57,6 @@ type runner struct {
 	rollbacks     context.Context
 	rollbacksOnce sync.Once
 	stopRollbacks context.CancelFunc
-	// canceled stops an async job at the next operation it would start.
-	canceled atomic.Bool
-	// unrecorded, once set, stops an async job whose results storage no
-	// longer takes at the next operation it would start; it says why.
-	unrecorded atomic.Pointer[string]
 	// logs are the access loggers operations are logged to; nil for none.
 	logs []*zap.Logger
 	// refs is what filling in references may still cost.
@@ -180,14 +173,14 @@ func (rn *runner) runFrom(out sink, from int) {
 // handed over. Held results are not handed over: what they would undo
 // lives only here, so such operations run on to the end or the grace.
 func (rn *runner) handingOver() bool {
-	return rn.handover != nil && rn.handover.Load() && !rn.out.hold
+	return rn.job != nil && rn.job.handingOver() && !rn.out.hold
 }
 
 // handedOver reports whether a shutdown cut off a job another instance
 // resumes: what its operations were cut off from is theirs to finish,
 // and nothing is rolled back.
 func (rn *runner) handedOver() bool {
-	return rn.handover != nil && errors.Is(context.Cause(rn.ctx), errInterrupted)
+	return rn.job != nil && rn.job.resumable() && errors.Is(context.Cause(rn.ctx), errInterrupted)
 }
 
 // runOne decides what becomes of one operation, and under atomicity
@@ -213,11 +206,10 @@ func (rn *runner) decide(op *operation, clk *opClock) result {
 	if rn.ctx.Err() != nil {
 		return rn.cutOff(rn.ctx)
 	}
-	if rn.canceled.Load() {
-		return result{status: statusSkipped, err: "skipped: batch canceled"}
-	}
-	if why := rn.unrecorded.Load(); why != nil {
-		return result{status: statusSkipped, err: *why}
+	if rn.job != nil {
+		if why := rn.job.halted(); why != "" {
+			return result{status: statusSkipped, err: why}
+		}
 	}
 	if rn.stoppedBy != "" {
 		return result{status: statusSkipped, err: "skipped: batch stopped at op " + rn.stoppedBy}

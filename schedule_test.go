@@ -15,13 +15,13 @@ import (
 func TestAtomicityStopsAtEveryEnd(t *testing.T) {
 	h := &Handler{Atomicity: atomicAllOrNothing}
 	provision(t, h)
-	b, err := parseBatch(context.Background(), []byte(`[{"path":"/a"},{"path":"/b"}]`), &h.limits)
+	b, err := parseBatch(context.Background(), []byte(`[{"path":"/a"},{"path":"/b"}]`), &h.rules)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for name, end := range map[string]func(rn *runner, cancel context.CancelFunc){
 		"timeout or client gone": func(_ *runner, cancel context.CancelFunc) { cancel() },
-		"canceled job":           func(rn *runner, _ context.CancelFunc) { rn.canceled.Store(true) },
+		"canceled job":           func(rn *runner, _ context.CancelFunc) { rn.job = canceledJob{} },
 	} {
 		ctx, cancel := context.WithCancel(context.Background())
 		rn := &runner{h: h, b: b, ctx: ctx, results: make([]result, 2), stoppedAt: -1}
@@ -37,6 +37,13 @@ func TestAtomicityStopsAtEveryEnd(t *testing.T) {
 		}
 	}
 }
+
+// canceledJob is a job canceled between two operations.
+type canceledJob struct{}
+
+func (canceledJob) halted() string    { return "skipped: batch canceled" }
+func (canceledJob) handingOver() bool { return false }
+func (canceledJob) resumable() bool   { return true }
 
 // A job canceled under all_or_nothing rolls back what it ran.
 func TestAllOrNothingCanceledJobRollsBack(t *testing.T) {

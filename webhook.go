@@ -83,18 +83,18 @@ var webhookBackoff = time.Second
 // notify delivers a progress event in the background, at most once:
 // delivery never holds up a job. Deliveries end with the pool: Destruct
 // gives them a grace, then cancels them.
-func (h *Handler) notify(p *jobPool, event string, prog progress) {
-	ev := h.event(event, prog, fmt.Sprintf("%s.%s.%d", prog.ID, event, prog.Completed))
+func (a *asyncJobs) notify(p *jobPool, event string, prog progress) {
+	ev := a.event(event, prog, fmt.Sprintf("%s.%s.%d", prog.ID, event, prog.Completed))
 	if ev == nil {
 		return
 	}
 	if why := p.startDelivery(); why != "" {
-		h.dropped(ev, why)
+		a.dropped(ev, why)
 		return
 	}
 	go func() {
 		defer p.deliveryDone()
-		h.Async.Webhook.deliver(p.hooks, h, ev)
+		a.deliver(p.hooks, ev)
 	}()
 }
 
@@ -108,11 +108,9 @@ type webhookEvent struct {
 	Body json.RawMessage `json:"body"`
 }
 
-func eventKey(id string) string { return jobKey(id, "event") }
-
 // event returns the event to deliver, nil if the webhook does not want it.
-func (h *Handler) event(event string, prog progress, id string) *webhookEvent {
-	wh := h.Async.Webhook
+func (a *asyncJobs) event(event string, prog progress, id string) *webhookEvent {
+	wh := a.cfg.Webhook
 	if wh == nil || !wh.wants(event) {
 		return nil
 	}
@@ -127,48 +125,28 @@ func (h *Handler) event(event string, prog progress, id string) *webhookEvent {
 }
 
 // endEvent returns the event that the end of a job delivers, if wanted.
-func (h *Handler) endEvent(rec jobRecord) *webhookEvent {
-	return h.event(rec.Status, rec.progress, rec.ID+"."+rec.Status)
-}
-
-func (h *Handler) storeEvent(ctx context.Context, jobID string, ev *webhookEvent) error {
-	buf, err := json.Marshal(ev)
-	if err != nil {
-		return err
-	}
-	return h.storage.Store(ctx, eventKey(jobID), buf)
-}
-
-func (h *Handler) loadEvent(ctx context.Context, jobID string) (*webhookEvent, error) {
-	buf, err := h.storage.Load(ctx, eventKey(jobID))
-	if err != nil {
-		return nil, err
-	}
-	ev := new(webhookEvent)
-	if err := json.Unmarshal(buf, ev); err != nil {
-		return nil, fmt.Errorf("%w: event of %s: %w", errBadRecord, jobID, err)
-	}
-	return ev, nil
+func (a *asyncJobs) endEvent(rec jobRecord) *webhookEvent {
+	return a.event(rec.Status, rec.progress, rec.ID+"."+rec.Status)
 }
 
 // sendEnd delivers the stored event of an ended job, under its lease; once
 // it is delivered or given up, the event goes and the job is done with.
 // When no delivery can start, or a shutdown cuts it off, the event stays
 // stored for the instance that takes the job over.
-func (h *Handler) sendEnd(p *jobPool, jobID string, l *lease, ev *webhookEvent) {
+func (a *asyncJobs) sendEnd(p *jobPool, jobID string, l *lease, ev *webhookEvent) {
 	finish := func() {
 		ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 		defer cancel()
-		if err := h.storage.Delete(ctx, eventKey(jobID)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			h.logger.Warn("deleting a delivered webhook event", zap.String("id", jobID), zap.Error(err))
+		if err := a.store.Delete(ctx, eventKey(jobID)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			a.logger.Warn("deleting a delivered webhook event", zap.String("id", jobID), zap.Error(err))
 		}
 		if l != nil {
 			l.release(ctx)
 		}
-		h.deactivate(jobID)
+		a.store.deactivate(jobID)
 	}
 	if why := p.startDelivery(); why != "" {
-		h.dropped(ev, why+"; left stored for the next look")
+		a.dropped(ev, why+"; left stored for the next look")
 		if l != nil {
 			l.release(context.Background())
 		}
@@ -176,57 +154,35 @@ func (h *Handler) sendEnd(p *jobPool, jobID string, l *lease, ev *webhookEvent) 
 	}
 	go func() {
 		defer p.deliveryDone()
-		if !h.Async.Webhook.deliver(p.hooks, h, ev) && p.hooks.Err() != nil {
+		if !a.deliver(p.hooks, ev) && p.hooks.Err() != nil {
 			return // cut off by a shutdown: its lease expires, and another instance sends it
 		}
 		finish()
 	}()
 }
 
-func (h *Handler) dropped(ev *webhookEvent, why string) {
-	h.metrics.webhooks.WithLabelValues("given_up").Inc()
-	h.logger.Warn("webhook delivery not started", zap.String("event", ev.ID), zap.String("reason", why))
-}
-
-// startDelivery counts a delivery in; it returns why not when it may not
-// start.
-func (p *jobPool) startDelivery() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	switch {
-	case p.hooksClosed:
-		return "shutting down"
-	case p.deliveries >= maxDeliveries:
-		return "too many deliveries in flight"
-	}
-	p.deliveries++
-	p.hookWG.Add(1)
-	return ""
-}
-
-func (p *jobPool) deliveryDone() {
-	p.mu.Lock()
-	p.deliveries--
-	p.mu.Unlock()
-	p.hookWG.Done()
+func (a *asyncJobs) dropped(ev *webhookEvent, why string) {
+	a.metrics.webhooks.WithLabelValues("given_up").Inc()
+	a.logger.Warn("webhook delivery not started", zap.String("event", ev.ID), zap.String("reason", why))
 }
 
 // deliver posts ev until it is delivered, attempts run out or ctx ends;
 // it reports whether ev was delivered.
-func (wh *Webhook) deliver(ctx context.Context, h *Handler, ev *webhookEvent) bool {
+func (a *asyncJobs) deliver(ctx context.Context, ev *webhookEvent) bool {
+	wh := a.cfg.Webhook
 	wait := webhookBackoff
 	for attempt := 1; ; attempt++ {
 		status, err := wh.post(ctx, ev)
 		if err == nil && status >= 200 && status < 300 {
-			h.metrics.webhooks.WithLabelValues("delivered").Inc()
-			h.logger.Debug("webhook delivered", zap.String("event", ev.ID), zap.Int("attempt", attempt))
+			a.metrics.webhooks.WithLabelValues("delivered").Inc()
+			a.logger.Debug("webhook delivered", zap.String("event", ev.ID), zap.Int("attempt", attempt))
 			return true
 		}
-		h.metrics.webhooks.WithLabelValues("failed").Inc()
+		a.metrics.webhooks.WithLabelValues("failed").Inc()
 		// Full jitter keeps many failed deliveries from retrying in step.
 		if attempt == wh.MaxAttempts || ctx.Err() != nil || !sleepCtx(ctx, wait/2+rand.N(wait/2+1)) {
-			h.metrics.webhooks.WithLabelValues("given_up").Inc()
-			h.logger.Error("webhook delivery given up", zap.String("event", ev.ID), zap.Int("attempts", attempt),
+			a.metrics.webhooks.WithLabelValues("given_up").Inc()
+			a.logger.Error("webhook delivery given up", zap.String("event", ev.ID), zap.Int("attempts", attempt),
 				zap.Int("status", status), zap.Error(err), zap.Bool("canceled", ctx.Err() != nil))
 			return false
 		}

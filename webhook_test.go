@@ -39,13 +39,13 @@ func TestAsyncWebhookDeliveriesEndWithConfig(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("no delivery")
 	}
-	if n := goroutinesIn("(*Webhook).deliver"); n != 1 {
+	if n := goroutinesIn("(*asyncJobs).deliver"); n != 1 {
 		t.Fatalf("%d deliveries in flight, want 1", n)
 	}
 	if err := caddy.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "delivery ended with the config", func() bool { return goroutinesIn("(*Webhook).deliver") == 0 })
+	eventually(t, 5*time.Second, "delivery ended with the config", func() bool { return goroutinesIn("(*asyncJobs).deliver") == 0 })
 }
 
 // Deliveries in flight at once are bounded: a receiver that never answers
@@ -81,7 +81,7 @@ func TestAsyncWebhookDeliveriesBounded(t *testing.T) {
 		defer mu.Unlock()
 		return inFlight == 2
 	})
-	if n := goroutinesIn("(*Webhook).deliver"); n != 2 {
+	if n := goroutinesIn("(*asyncJobs).deliver"); n != 2 {
 		t.Errorf("%d deliveries in flight, want 2", n)
 	}
 }

@@ -4,8 +4,10 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -18,14 +20,49 @@ import (
 // config, and the chain that follows it there: what a request would have
 // brought it.
 
+// endpoint is a handler serving async batches, and what it serves them
+// with.
+type endpoint struct {
+	h    *Handler
+	next caddyhttp.Handler
+	srv  *caddyhttp.Server
+}
+
+// endpointKey names where r, a request for batches at batchPath, is
+// served: server, host and path stay the same across config reloads.
+func endpointKey(srv *caddyhttp.Server, r *http.Request, batchPath string) string {
+	host, _, err := net.SplitHostPort(r.Host)
+	if err != nil {
+		host = r.Host
+	}
+	return srv.Name() + "\x00" + strings.ToLower(host) + "\x00" + batchPath
+}
+
+// serveAt records that ep serves at key, as of now.
+func (p *jobPool) serveAt(key string, ep endpoint) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.endpoints == nil {
+		p.endpoints = map[string]endpoint{}
+	}
+	p.endpoints[key] = ep
+}
+
+func (p *jobPool) endpointAt(key string) (endpoint, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	ep, ok := p.endpoints[key]
+	return ep, ok
+}
+
 // self finds the handler in the HTTP app's routes: the server it serves in
 // and the chain after it. It is found once its config runs, and names the
 // handler's identity.
-func (h *Handler) self() (ep endpoint, identity string, ok bool) {
-	h.selfMu.Lock()
-	defer h.selfMu.Unlock()
-	if h.selfEP.h != nil {
-		return h.selfEP, h.identity, true
+func (a *asyncJobs) self() (ep endpoint, identity string, ok bool) {
+	a.selfMu.Lock()
+	defer a.selfMu.Unlock()
+	if a.selfEP.h != nil {
+		return a.selfEP, a.identity, true
 	}
 	// The running config's app: this handler's once its config has
 	// started, and not provisioning any more.
@@ -38,18 +75,18 @@ func (h *Handler) self() (ep endpoint, identity string, ok bool) {
 		return endpoint{}, "", false
 	}
 	for name, srv := range httpApp.Servers {
-		pos, next, found := findHandler(srv.Routes, h, caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { return nil }), "")
+		pos, next, found := findHandler(srv.Routes, a.h, caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { return nil }), "")
 		if !found {
 			continue
 		}
-		cfg, _ := json.Marshal(h)
+		cfg, _ := json.Marshal(a.h)
 		sum := sha256.Sum256([]byte(name + "\x00" + pos + "\x00" + string(cfg)))
-		h.identity = hex.EncodeToString(sum[:12])
-		h.selfEP = endpoint{h: h, next: next, srv: srv}
+		a.identity = hex.EncodeToString(sum[:12])
+		a.selfEP = endpoint{h: a.h, next: next, srv: srv}
 		if g := time.Duration(httpApp.GracePeriod); g > 0 {
-			h.pool.setGrace(g)
+			a.pool.setGrace(g)
 		}
-		return h.selfEP, h.identity, true
+		return a.selfEP, a.identity, true
 	}
 	return endpoint{}, "", false
 }

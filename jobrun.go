@@ -1,0 +1,490 @@
+package batch
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// now is the clock; tests may move it.
+var now = time.Now
+
+// job is an async batch this process has queued or runs, or has run and
+// not yet recorded as ended.
+type job struct {
+	a *asyncJobs
+	// endpoint is where the job was submitted: once it starts, it runs
+	// through the handler serving there then, of a newer config if one
+	// has been loaded since.
+	endpoint string
+	spec     *jobSpec
+	// lease is this instance's hold on the job in storage, renewed until
+	// the job ends or is handed over.
+	lease *lease
+
+	// event is what the webhook is to be told of the job's end.
+	event *webhookEvent
+
+	// canceled stops the job at the next operation it would start.
+	canceled atomic.Bool
+	// unrecorded, once set, stops the job, whose results storage no
+	// longer takes, at the next operation it would start; it says why.
+	unrecorded atomic.Pointer[string]
+
+	mu  sync.Mutex
+	rn  *runner // nil once the job has ended: its batch and credentials go
+	rec jobRecord
+}
+
+// jobControl is what the runner of a job learns of it; nil for a batch.
+type jobControl interface {
+	// halted says why no more operations start ("" while they may).
+	halted() string
+	// handingOver reports whether no more operations start because the
+	// instance is shutting down and another one resumes the job.
+	handingOver() bool
+	// resumable reports whether another instance can resume the job.
+	resumable() bool
+}
+
+func (j *job) halted() string {
+	if j.canceled.Load() {
+		return "skipped: batch canceled"
+	}
+	if why := j.unrecorded.Load(); why != nil {
+		return *why
+	}
+	return ""
+}
+
+func (j *job) handingOver() bool { return j.resumable() && j.a.pool.draining.Load() }
+
+// snapshot returns the job's record as it is now.
+func (j *job) snapshot() jobRecord {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.rec
+}
+
+// save stores the job's record.
+func (j *job) save(ctx context.Context) error { return j.saveRecord(ctx, j.snapshot()) }
+
+// saveRecord stores rec as the job's record.
+func (j *job) saveRecord(ctx context.Context, rec jobRecord) error {
+	buf, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	return j.a.store.Store(ctx, jobKey(rec.ID, "job"), buf)
+}
+
+// requestCancel stops the job at the next operation it would start.
+func (j *job) requestCancel() {
+	j.canceled.Store(true)
+}
+
+// resumable reports whether another instance can take the job over: what
+// its operations inherit is stored, or nothing.
+func (j *job) resumable() bool { return !j.spec.Local }
+
+// run runs one job to its end, or until it is handed over, and records
+// it.
+func (p *jobPool) run(j *job) {
+	defer p.wg.Done()
+	defer p.release()
+	a, rn := j.a, j.rn
+	if !now().Before(j.rec.ExpiresAt) {
+		// Its id already answers 404: it must not run either.
+		p.expire(j)
+		return
+	}
+	if ep, ok := p.endpointAt(j.endpoint); ok && ep.h != rn.h {
+		// Reloaded while the job waited: it runs through the new config
+		// (its record stays where it was submitted).
+		rn.h, rn.next, rn.srv = ep.h, ep.next, ep.srv
+		rn.logs = rn.accessLoggers()
+		rn.refs.reset(ep.h.MaxReferenceSize)
+	}
+	ctx, cancel := context.WithDeadline(p.ctx, j.rec.ExpiresAt)
+	defer cancel()
+	if j.lease != nil {
+		// Another instance took the job over: this one stops at once.
+		ctx = j.lease.watch(ctx)
+	}
+	started := now()
+	rn.base = ctx
+	rn.job = j
+	if rn.b == nil { // until its operations are loaded
+		rn.b = &batch{format: formatNamed(j.rec.Format), mode: j.spec.Mode, atomicity: j.spec.Atomicity}
+	}
+	if a.store.Exists(ctx, jobKey(j.rec.ID, "cancel")) {
+		j.canceled.Store(true) // while it waited for an instance
+	}
+	// Storage writes outlive a shutdown's cancel: the record must say how
+	// the job ended.
+	store := context.WithoutCancel(ctx)
+
+	j.mu.Lock()
+	j.rec.Status, j.rec.UpdatedAt = jobRunning, &started
+	if j.rec.StartedAt == nil {
+		j.rec.StartedAt = &started
+	}
+	resumed := j.rec.Completed > 0
+	j.mu.Unlock()
+	if err := j.save(store); err != nil {
+		a.logger.Error("storing async batch", zap.String("id", j.rec.ID), zap.Error(err))
+	}
+	a.metrics.jobs.WithLabelValues(jobRunning).Inc()
+	a.logger.Info("async batch started", zap.String("id", j.rec.ID), zap.Int("operations", j.rec.Total),
+		zap.Bool("resumed", resumed), zap.Int("from", j.rec.Completed))
+
+	stopWatch := j.watchCancel(ctx, rn)
+	sink := &storeSink{j: j, rn: rn, ctx: store, stop: ctx}
+	err := sink.resume()
+	if err == nil {
+		err = j.runChunks(ctx, rn, sink)
+	}
+	sink.close(summary{})
+	stopWatch()
+
+	switch {
+	case j.lease != nil && j.lease.lost():
+		// Another instance runs it now, and records it: nothing more is
+		// this one's to say.
+		a.logger.Warn("async batch taken over by another instance", zap.String("id", j.rec.ID))
+		p.forget(j)
+		return
+	case j.resumable() && p.draining.Load() && sink.err == nil && sink.stored < j.rec.Total &&
+		!j.canceled.Load() && (err == nil || ctx.Err() != nil):
+		p.handOff(j, store)
+		return
+	}
+
+	// A new variable: readers hold pointers to the last one.
+	ended := now()
+	j.mu.Lock()
+	j.rec.UpdatedAt, j.rec.CompletedAt = &ended, &ended
+	j.rec.Rate, j.rec.EstimatedCompletionAt = 0, nil
+	j.rec.Unstored = j.rec.Completed - sink.stored
+	switch {
+	case err != nil:
+		j.rec.Status, j.rec.Error = jobError, cut(err.Error(), maxEcho*4)
+	case sink.err != nil:
+		j.rec.Status, j.rec.Error = jobError, "storing results: "+sink.err.Error()
+	case errors.Is(context.Cause(ctx), errInterrupted):
+		j.rec.Status, j.rec.Error = jobError, "interrupted"
+	case j.canceled.Load():
+		j.rec.Status = jobCanceled
+	default:
+		j.rec.Status = jobCompleted
+	}
+	sum := j.summary(rn)
+	j.rec.Outcome = sum.status
+	// Counted before any reader can see the job ended.
+	a.metrics.jobs.WithLabelValues(j.rec.Status).Inc()
+	rec := j.rec
+	j.rn = nil
+	j.mu.Unlock()
+	rn.recordBatch(sum, ended.Sub(*rec.StartedAt))
+	rn.logEnd(sum, ended.Sub(*rec.StartedAt))
+	// Stored before the end is: an instance that finds the job ended finds
+	// the event it owes too.
+	if j.event = a.endEvent(rec); j.event != nil {
+		if err := a.store.storeEvent(store, rec.ID, j.event); err != nil {
+			a.logger.Error("storing the webhook event of an async batch", zap.String("id", rec.ID), zap.Error(err))
+		}
+	}
+	if err := j.save(store); err != nil {
+		a.logger.Error("storing the end of an async batch; retrying", zap.String("id", rec.ID), zap.Error(err))
+		p.wg.Add(1)
+		go p.saveLater(j)
+	} else {
+		p.ended(j)
+	}
+	a.logger.Info("async batch ended", zap.String("id", rec.ID), zap.String("status", rec.Status),
+		zap.String("outcome", rec.Outcome), zap.String("error", rec.Error))
+}
+
+// runChunks runs the job's operations chunk by chunk, from the first
+// without a stored result, until all have run or the job is handed over.
+func (j *job) runChunks(ctx context.Context, rn *runner, sink *storeSink) error {
+	spec := j.spec
+	done := sink.stored
+	for c := chunkOf(spec.Starts, done); c < len(spec.Starts); c++ {
+		first := spec.Starts[c]
+		b, err := j.a.loadChunk(ctx, spec, j.rec.ID, j.rec.Format, c, first)
+		if err != nil {
+			return err
+		}
+		rn.load(b)
+		from := max(done-first, 0)
+		if from > 0 {
+			if err := j.a.loadEarlier(ctx, j.rec, rn, first, from); err != nil {
+				return err
+			}
+		}
+		if j.rec.Stopped != "" && rn.stoppedBy == "" {
+			rn.stoppedBy = j.rec.Stopped
+			for i, op := range b.ops[:from] {
+				if op.id == j.rec.Stopped {
+					rn.stoppedAt = i
+				}
+			}
+		}
+		rn.runFrom(sink, from)
+		if rn.out.hold && rn.handedOver() {
+			// Held results may still change: where the job resumes, these
+			// operations run again, and nothing of them is stored here.
+			return nil
+		}
+		rn.out.flush()
+		rn.recordOps(from)
+		if sink.halted || sink.err != nil || rn.out.next < len(b.ops) {
+			return nil // handed over, or cut off: what has run is stored
+		}
+	}
+	return nil
+}
+
+// chunkOf returns the chunk that holds operation i.
+func chunkOf(starts []int, i int) int {
+	c, _ := slices.BinarySearch(starts, i+1)
+	return max(c-1, 0)
+}
+
+// summary is what the job's operations came to, counted as stored.
+func (j *job) summary(rn *runner) summary {
+	r := &j.rec
+	s := summary{total: r.Total, succeeded: r.Succeeded, failed: r.Failed, skipped: r.Skipped}
+	switch {
+	case rn.rollbackFailed.Load():
+		s.status = statusRollbackFailed
+	case rn.stoppedBy != "" && rn.b.atomicity == atomicAllOrNothing:
+		s.status = statusRolledBack
+	case rn.stoppedBy != "":
+		s.status = statusAborted
+	case r.Completed == r.Succeeded && r.Completed == r.Total:
+		s.status = statusCompleted
+	default:
+		s.status = statusCompletedWithErrors
+	}
+	return s
+}
+
+// handOff leaves a job that has not ended to the instance that resumes it:
+// its record says how far it is, and its lease is released at once.
+func (p *jobPool) handOff(j *job, ctx context.Context) {
+	t := now()
+	j.mu.Lock()
+	j.rec.Status, j.rec.UpdatedAt = jobQueued, &t
+	j.rec.Rate, j.rec.EstimatedCompletionAt = 0, nil
+	j.mu.Unlock()
+	if err := j.save(ctx); err != nil {
+		// The lease then expires, and the job resumes from the last part
+		// of results the record counts.
+		j.a.logger.Error("storing an async batch handed over", zap.String("id", j.rec.ID), zap.Error(err))
+	}
+	if j.lease != nil {
+		j.lease.release(ctx)
+	}
+	p.forget(j)
+	j.a.logger.Info("async batch handed over", zap.String("id", j.rec.ID), zap.Int("completed", j.rec.Completed))
+}
+
+// ended drops a job whose end is stored, once the webhook has been told.
+func (p *jobPool) ended(j *job) {
+	p.forget(j)
+	if j.event != nil {
+		j.a.sendEnd(p, j.rec.ID, j.lease, j.event)
+		return
+	}
+	if j.lease != nil {
+		j.lease.release(context.Background())
+	}
+	j.a.store.deactivate(j.rec.ID)
+}
+
+// expire ends a job that expired before it started: it does not run, and
+// what storage holds of it goes.
+func (p *jobPool) expire(j *job) {
+	a := j.a
+	t := now()
+	j.mu.Lock()
+	j.rec.Status, j.rec.Error, j.rec.UpdatedAt, j.rec.CompletedAt = jobError, "expired before it started", &t, &t
+	rec := j.rec
+	j.rn = nil
+	j.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	p.ended(j)
+	if err := deleteTree(ctx, a.store, jobKey(rec.ID)); err != nil {
+		a.logger.Warn("deleting expired batch job", zap.String("id", rec.ID), zap.Error(err))
+	}
+	a.metrics.jobs.WithLabelValues(jobError).Inc()
+	a.logger.Warn("async batch expired before it started", zap.String("id", rec.ID))
+	if ev := a.endEvent(rec); ev != nil {
+		a.sendEnd(p, rec.ID, nil, ev) // at most once: nothing of the job is kept
+	}
+}
+
+// saveLater stores the record of an ended job that storage refused, with
+// backoff, until it is stored, the job expires or the pool ends; the job
+// stays in memory till then.
+func (p *jobPool) saveLater(j *job) {
+	defer p.wg.Done()
+	wait := storeRetry
+	for {
+		left := j.rec.ExpiresAt.Sub(now())
+		if left <= 0 {
+			j.a.logger.Error("async batch expired before its end could be stored", zap.String("id", j.rec.ID))
+			p.ended(j)
+			return
+		}
+		last := !sleepCtx(p.ctx, min(wait, left))
+		ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+		err := j.save(ctx)
+		cancel()
+		if err == nil {
+			j.a.logger.Info("stored the end of an async batch", zap.String("id", j.rec.ID))
+			p.ended(j)
+			return
+		}
+		if last {
+			// Its lease then expires, and the instance that takes it over
+			// finds it where its last stored record says.
+			j.a.logger.Error("storing the end of an async batch: giving up at shutdown", zap.String("id", j.rec.ID), zap.Error(err))
+			p.forget(j)
+			return
+		}
+		wait = min(2*wait, time.Minute)
+	}
+}
+
+// watchCancel polls storage for a cancel request made through another
+// instance, until the returned func is called.
+func (j *job) watchCancel(ctx context.Context, rn *runner) (stop func()) {
+	ctx, stop = context.WithCancel(ctx)
+	go func() {
+		tick := time.NewTicker(cancelPoll)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				if j.a.store.Exists(ctx, jobKey(j.rec.ID, "cancel")) {
+					j.canceled.Store(true)
+					return
+				}
+			}
+		}
+	}()
+	return stop
+}
+
+// cancelPoll is how often a running job looks for a cancel request.
+var cancelPoll = time.Second
+
+// loadChunk loads chunk n of a job's operations and decodes it as the
+// batch it runs as, with its operations numbered from first.
+func (a *asyncJobs) loadChunk(ctx context.Context, spec *jobSpec, id, format string, n, first int) (*batch, error) {
+	key := chunkKey(id, n)
+	buf, err := a.store.Load(ctx, key)
+	if err != nil {
+		return nil, fmt.Errorf("loading operations: %w", err)
+	}
+	if spec.SealedOps {
+		if buf, err = a.store.sealer.Open(key, buf); err != nil {
+			return nil, err
+		}
+	}
+	lim := a.h.rules
+	lim.maxOps = max(lim.maxOps, opsPerChunk)
+	lim.firstID = first
+	req := (&http.Request{Method: http.MethodPost, URL: &url.URL{Path: spec.Path},
+		Header: http.Header{"Content-Type": {spec.ContentType}}}).WithContext(ctx)
+	var b *batch
+	switch spec.Shape {
+	case shapeBody:
+		f := formatNamed(format)
+		if f == nil {
+			return nil, fmt.Errorf("unknown format %q", format)
+		}
+		if b, err = f.decode(req, buf, &lim); err == nil {
+			b.format = f
+		}
+	case shapeOps, shapeItems:
+		b, err = parseChunk(ctx, spec, buf, &lim)
+	default:
+		err = fmt.Errorf("%w: shape %q", errBadRecord, spec.Shape)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("operations no longer valid: %w", err)
+	}
+	b.async = true
+	return b, nil
+}
+
+// parseChunk decodes a chunk of a streamed job: the operations, or the
+// bulk items, of one batch with the job's options.
+func parseChunk(ctx context.Context, spec *jobSpec, chunk []byte, lim *rules) (*batch, error) {
+	var body []byte
+	if spec.Shape == shapeItems {
+		body = append(append(append(append([]byte(`{"operation":`), spec.Template...), `,"items":`...), chunk...), '}')
+	} else {
+		body = append(append([]byte(`{"batch":`), chunk...), '}')
+	}
+	lim.mode, lim.atomicity = spec.Mode, spec.Atomicity
+	b, err := parseBatch(ctx, body, lim)
+	if err != nil {
+		return nil, err
+	}
+	b.format = native
+	b.lean = leanOptions{omitSuccess: spec.OmitSuccess, noHeaders: spec.NoHeaders}
+	return b, nil
+}
+
+// failJob ends a job that cannot run, and says why.
+func (a *asyncJobs) failJob(j *job, why string) {
+	t := now()
+	j.rec.Status, j.rec.Error, j.rec.UpdatedAt, j.rec.CompletedAt = jobError, why, &t, &t
+	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	if j.event = a.endEvent(j.rec); j.event != nil {
+		if err := a.store.storeEvent(ctx, j.rec.ID, j.event); err != nil {
+			a.logger.Error("storing the webhook event of an async batch", zap.String("id", j.rec.ID), zap.Error(err))
+		}
+	}
+	if err := j.save(ctx); err != nil {
+		a.logger.Error("storing the end of an async batch", zap.String("id", j.rec.ID), zap.Error(err))
+	}
+	a.metrics.jobs.WithLabelValues(jobError).Inc()
+	a.logger.Error("async batch ended", zap.String("id", j.rec.ID), zap.String("status", jobError), zap.String("error", why))
+	a.pool.ended(j)
+}
+
+// loadEarlier reads back the stored results of the first n operations of
+// the batch rn runs, whose first is operation first of the job, when what
+// comes after depends on them or refers to them.
+func (a *asyncJobs) loadEarlier(ctx context.Context, rec jobRecord, rn *runner, first, n int) error {
+	if !slices.ContainsFunc(rn.b.ops[n:], func(op *operation) bool { return len(op.deps) > 0 || op.refs != nil }) {
+		return nil
+	}
+	_, err := a.store.storedRange(ctx, rec, first, first+n, func(i int, item []byte) {
+		_, res := decodeStored(item)
+		if res.body != nil && !res.isJSON {
+			res.isJSON = jsonBody(res.header, res.body)
+		}
+		rn.results[i-first] = res
+	})
+	return err
+}

@@ -1,0 +1,436 @@
+package batch
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/http"
+	"path"
+	"strconv"
+	"time"
+
+	"github.com/caddy-batch/batch/internal/jsontext"
+	"github.com/caddy-batch/batch/internal/seal"
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+)
+
+// store is the one way jobs and idempotent answers reach Caddy's storage:
+// where each thing is kept, and how its record is written and read.
+type store struct {
+	certmagic.Storage
+	// sealer seals what may hold a credential; nil without a key.
+	sealer *seal.Sealer
+	logger *zap.Logger
+}
+
+// Where jobs live in storage.
+const (
+	jobsPrefix = "batch/jobs"
+	// resultsPerChunk results are stored together: a large job writes one
+	// key per chunk, never one growing blob. Offsets map to chunks by
+	// count; a chunk whose results exceed partSize is stored in parts
+	// (results/NNNNNN, then NNNNNN.1, NNNNNN.2 …), so that neither a job
+	// nor a reader of its results holds more than one part.
+	resultsPerChunk = 100
+	partSize        = 1 << 20
+)
+
+// progress is what a client sees of a job.
+type progress struct {
+	ID          string     `json:"id"`
+	Status      string     `json:"status"`
+	Total       int        `json:"total"`
+	Completed   int        `json:"completed"`
+	Succeeded   int        `json:"succeeded"`
+	Failed      int        `json:"failed"`
+	Skipped     int        `json:"skipped"`
+	CreatedAt   time.Time  `json:"created_at"`
+	StartedAt   *time.Time `json:"started_at,omitempty"`
+	UpdatedAt   *time.Time `json:"updated_at,omitempty"`
+	CompletedAt *time.Time `json:"completed_at,omitempty"`
+	// Rate is how many operations a second the job completed over the
+	// last minute; EstimatedCompletionAt when, at that rate, it ends.
+	Rate                  float64    `json:"operations_per_second,omitempty"`
+	EstimatedCompletionAt *time.Time `json:"estimated_completion_at,omitempty"`
+	Error                 string     `json:"error,omitempty"`
+}
+
+// jobRecord is what storage holds of a job besides its results.
+type jobRecord struct {
+	progress
+	Outcome string `json:"outcome,omitempty"` // the envelope status, once ended
+	// Format is the wire format the job was submitted in, which its
+	// results are served in; "" for native.
+	Format    string    `json:"format,omitempty"`
+	Owner     string    `json:"owner"` // hash of the owner's credentials
+	ExpiresAt time.Time `json:"expires_at"`
+	// Unstored counts the last results that storage did not take; the
+	// first Completed-Unstored are stored. While the job runs, none are
+	// unstored: the record is stored with each part of results, and
+	// counts those stored so far, where a resumed job goes on.
+	Unstored int `json:"unstored,omitempty"`
+	// Stopped is the operation at which stop_on_error stopped the job.
+	Stopped string `json:"stopped,omitempty"`
+}
+
+func (p *progress) final() bool {
+	return p.Status == jobCompleted || p.Status == jobError || p.Status == jobCanceled
+}
+
+func jobKey(id string, parts ...string) string {
+	return path.Join(append([]string{jobsPrefix, id}, parts...)...)
+}
+
+// partKey is where part of a chunk of results is stored; part 0 has the
+// chunk's own key, as chunks had before they were split.
+func partKey(id string, chunk, part int) string {
+	k := fmt.Sprintf("%06d", chunk)
+	if part > 0 {
+		k += "." + strconv.Itoa(part)
+	}
+	return jobKey(id, "results", k)
+}
+
+// errBadRecord marks a stored record (a job's, an idempotent answer's)
+// that cannot be read: it is replaced or swept, never trusted.
+var errBadRecord = errors.New("unreadable record")
+
+// jobIDs lists the job ids under prefix; none, logged, if storage fails.
+func (s *store) jobIDs(ctx context.Context, prefix string) []string {
+	keys, err := s.List(ctx, prefix, false)
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			s.logger.Warn("listing async batches", zap.String("prefix", prefix), zap.Error(err))
+		}
+		return nil
+	}
+	for i, k := range keys {
+		keys[i] = path.Base(k)
+	}
+	return keys
+}
+
+// idleFor reports whether nothing under prefix has been written for d.
+func (s *store) idleFor(ctx context.Context, prefix string, d time.Duration) bool {
+	keys, err := s.List(ctx, prefix, true)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return false
+	}
+	since := now().Add(-d)
+	for _, k := range append(keys, prefix) {
+		info, err := s.Stat(ctx, k)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			// Gone meanwhile, or a prefix that is no key of its own.
+		case err != nil || info.Modified.After(since):
+			return false
+		}
+	}
+	return true
+}
+
+// deleteTree deletes prefix and every key under it, key by key, as storage
+// modules other than the file system need.
+func deleteTree(ctx context.Context, s certmagic.Storage, prefix string) error {
+	keys, err := s.List(ctx, prefix, true)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	for i := len(keys) - 1; i >= 0; i-- {
+		if err := s.Delete(ctx, keys[i]); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	if err := s.Delete(ctx, prefix); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// A job's operations are stored in one of two shapes. A batch taken whole
+// (at most max_ops and max_body_size) is stored as it was sent, in one
+// chunk, and runs as one batch, with everything a batch may hold. A batch
+// streamed into storage (NDJSON, or more than a batch may hold) is stored
+// as JSON arrays of at most opsPerChunk independent operations (or bulk
+// items), each run as a batch of its own, one after the other: no more of
+// a job is in memory than one chunk.
+const (
+	shapeBody  = "body"
+	shapeOps   = "ops"
+	shapeItems = "items"
+
+	opsPerChunk  = 1000
+	opsChunkSize = 1 << 20
+)
+
+// jobSpec is what storage holds to run a job on any instance: written
+// once, when it is submitted.
+type jobSpec struct {
+	Shape string `json:"shape"`
+	// Starts holds the index of the first operation of each chunk.
+	Starts []int `json:"starts"`
+	// ContentType and Path are those of the batch request, which a body
+	// is decoded with again.
+	ContentType string `json:"content_type,omitempty"`
+	Path        string `json:"path"`
+	// Template is the operation of a bulk batch whose items are stored.
+	Template json.RawMessage `json:"template,omitempty"`
+	// Options of a streamed batch.
+	Mode        string `json:"mode,omitempty"`
+	Atomicity   string `json:"atomicity,omitempty"`
+	OmitSuccess bool   `json:"omit_response_on_success,omitempty"`
+	NoHeaders   bool   `json:"no_headers,omitempty"`
+
+	Conn storedConn `json:"conn"`
+	// Headers are the inherited headers when none can hold a credential;
+	// Sealed holds them encrypted instead when a credentials key is set.
+	// Local is set when they are neither: they stay in the memory of the
+	// process that took the job, which alone can run it.
+	Headers http.Header `json:"headers,omitempty"`
+	Sealed  []byte      `json:"sealed,omitempty"`
+	Local   bool        `json:"local,omitempty"`
+	// SealedOps is set when the chunks of operations are encrypted.
+	SealedOps bool `json:"sealed_ops,omitempty"`
+
+	// Endpoint is where the job was submitted (server, host, batch path);
+	// Handler identifies the handler that took it, in its config.
+	Endpoint string `json:"endpoint"`
+	Handler  string `json:"handler,omitempty"`
+}
+
+// storedConn is what a sub-request takes from the batch request's
+// connection. Of TLS, the facts matchers and placeholders read: client
+// certificates are not kept.
+type storedConn struct {
+	Host       string `json:"host"`
+	RemoteAddr string `json:"remote_addr"`
+	Proto      string `json:"proto"`
+	TLS        *struct {
+		Version     uint16 `json:"version"`
+		CipherSuite uint16 `json:"cipher_suite"`
+		ServerName  string `json:"server_name,omitempty"`
+		ALPN        string `json:"alpn,omitempty"`
+	} `json:"tls,omitempty"`
+}
+
+func storeConn(c connFacts) storedConn {
+	s := storedConn{Host: c.host, RemoteAddr: c.remoteAddr, Proto: c.proto}
+	if c.tls != nil {
+		s.TLS = &struct {
+			Version     uint16 `json:"version"`
+			CipherSuite uint16 `json:"cipher_suite"`
+			ServerName  string `json:"server_name,omitempty"`
+			ALPN        string `json:"alpn,omitempty"`
+		}{c.tls.Version, c.tls.CipherSuite, c.tls.ServerName, c.tls.NegotiatedProtocol}
+	}
+	return s
+}
+
+func (s storedConn) facts(path string) connFacts {
+	c := connFacts{host: s.Host, remoteAddr: s.RemoteAddr, path: path, proto: s.Proto, protoMajor: 1, protoMinor: 1}
+	if major, minor, ok := http.ParseHTTPVersion(s.Proto); ok {
+		c.protoMajor, c.protoMinor = major, minor
+	}
+	if t := s.TLS; t != nil {
+		c.tls = &tls.ConnectionState{Version: t.Version, CipherSuite: t.CipherSuite, ServerName: t.ServerName,
+			NegotiatedProtocol: t.ALPN, HandshakeComplete: true}
+	}
+	return c
+}
+
+// clearHeaders are inherited headers that carry no credential: a job
+// inheriting only these can be stored whole without a credentials key.
+var clearHeaders = map[string]bool{
+	"Accept": true, "Accept-Charset": true, "Accept-Language": true, "User-Agent": true,
+	"Cache-Control": true, "Pragma": true, "Origin": true, "X-Requested-With": true,
+	"X-Request-Id": true, "Traceparent": true, "Tracestate": true,
+}
+
+// keepHeaders decides how spec holds the inherited headers.
+func (s *store) keepHeaders(spec *jobSpec, id string, inherited http.Header) error {
+	if len(inherited) == 0 {
+		return nil
+	}
+	if s.sealer != nil {
+		buf, err := json.Marshal(inherited)
+		if err != nil {
+			return err
+		}
+		spec.Sealed = s.sealer.Seal(jobKey(id, "headers"), buf)
+		return nil
+	}
+	for name := range inherited {
+		if !clearHeaders[name] {
+			spec.Local = true
+			return nil
+		}
+	}
+	spec.Headers = inherited
+	return nil
+}
+
+// openHeaders returns the inherited headers of a stored job.
+func (s *store) openHeaders(spec *jobSpec, id string) (http.Header, error) {
+	switch {
+	case spec.Local:
+		return nil, errLocalCredentials
+	case spec.Sealed == nil:
+		return spec.Headers, nil
+	}
+	buf, err := s.sealer.Open(jobKey(id, "headers"), spec.Sealed)
+	if err != nil {
+		return nil, err
+	}
+	var hdr http.Header
+	if err := json.Unmarshal(buf, &hdr); err != nil {
+		return nil, fmt.Errorf("%w: inherited headers: %w", errBadRecord, err)
+	}
+	return hdr, nil
+}
+
+var errLocalCredentials = errors.New("its operations inherit credentials that were kept only in the memory of the instance that took it (set credentials_key to resume such jobs)")
+
+// chunkKey is where chunk n of a job's operations is stored.
+func chunkKey(id string, n int) string { return jobKey(id, "ops", fmt.Sprintf("%06d", n)) }
+
+// storeChunk stores a chunk of operations, sealed when the job's are.
+func (s *store) storeChunk(ctx context.Context, spec *jobSpec, id string, n int, buf []byte) error {
+	key := chunkKey(id, n)
+	if spec.SealedOps {
+		buf = s.sealer.Seal(key, buf)
+	}
+	return s.Store(ctx, key, buf)
+}
+
+// leaseRecord is what storage holds of a lease.
+type leaseRecord struct {
+	Instance  string    `json:"instance"`
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+// Where the jobs that have not ended are listed, one key each, so that
+// looking for jobs to take over reads those, not every job retained.
+const activePrefix = "batch/active"
+
+func leaseKey(id string) string { return jobKey(id, "lease") }
+
+func activeKey(id string) string { return path.Join(activePrefix, id) }
+
+// A lease is renewed every quarter of its length, and each renewal lasts
+// four fifths of it, so that a dead instance's jobs are free within the
+// lease, found by a look for them every tenth of it.
+func (s *store) storeLease(ctx context.Context, id, instance string, expires time.Time) error {
+	buf, _ := json.Marshal(leaseRecord{Instance: instance, ExpiresAt: expires})
+	return s.Store(ctx, leaseKey(id), buf)
+}
+
+func (s *store) loadLease(ctx context.Context, id string) (leaseRecord, error) {
+	var l leaseRecord
+	buf, err := s.Load(ctx, leaseKey(id))
+	if err != nil {
+		return l, err
+	}
+	if err := json.Unmarshal(buf, &l); err != nil {
+		return l, fmt.Errorf("%w: lease of %s: %w", errBadRecord, id, err)
+	}
+	return l, nil
+}
+
+// activate lists a job among those that have not ended.
+func (s *store) activate(ctx context.Context, id string) error {
+	return s.Store(ctx, activeKey(id), []byte(id))
+}
+
+// deactivate takes an ended job off the list.
+func (s *store) deactivate(id string) {
+	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	if err := s.Delete(ctx, activeKey(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.logger.Warn("deactivating an async batch", zap.String("id", id), zap.Error(err))
+	}
+}
+
+func (s *store) loadSpec(ctx context.Context, id string) (*jobSpec, error) {
+	buf, err := s.Load(ctx, jobKey(id, "spec"))
+	if err != nil {
+		return nil, err
+	}
+	spec := new(jobSpec)
+	if err := json.Unmarshal(buf, spec); err != nil || len(spec.Starts) == 0 {
+		return nil, fmt.Errorf("%w: spec of %s: %v", errBadRecord, id, err)
+	}
+	return spec, nil
+}
+
+func (s *store) storeSpec(ctx context.Context, id string, spec *jobSpec) error {
+	buf, err := json.Marshal(spec)
+	if err != nil {
+		return err
+	}
+	return s.Store(ctx, jobKey(id, "spec"), buf)
+}
+
+func (s *store) loadJob(ctx context.Context, id string) (jobRecord, error) {
+	var rec jobRecord
+	buf, err := s.Load(ctx, jobKey(id, "job"))
+	if err != nil {
+		return rec, err
+	}
+	if err := json.Unmarshal(buf, &rec); err != nil {
+		return rec, fmt.Errorf("%w: job %s: %w", errBadRecord, id, err)
+	}
+	return rec, nil
+}
+
+// storedRange calls put with each stored result of rec from offset up to
+// end, loading one part at a time; started says whether any part loaded.
+func (s *store) storedRange(ctx context.Context, rec jobRecord, offset, end int, put func(i int, item []byte)) (started bool, err error) {
+	stored := rec.Completed - rec.Unstored
+	for c := offset / resultsPerChunk; c*resultsPerChunk < end; c++ {
+		i := c * resultsPerChunk // index of the next result read
+		last := min(i+resultsPerChunk, stored)
+		for part := 0; i < last && i < end; part++ {
+			buf, err := s.Load(ctx, partKey(rec.ID, c, part))
+			if err == nil && len(buf) == 0 {
+				err = errors.New("empty part")
+			}
+			if err != nil {
+				return started, fmt.Errorf("loading batch job results: chunk %d part %d: %w", c, part, err)
+			}
+			started = true
+			for _, item := range jsontext.SplitTop(buf) {
+				if i >= offset && i < end {
+					put(i, item)
+				}
+				i++
+			}
+		}
+	}
+	return started, nil
+}
+
+func eventKey(id string) string { return jobKey(id, "event") }
+
+func (s *store) storeEvent(ctx context.Context, jobID string, ev *webhookEvent) error {
+	buf, err := json.Marshal(ev)
+	if err != nil {
+		return err
+	}
+	return s.Store(ctx, eventKey(jobID), buf)
+}
+
+func (s *store) loadEvent(ctx context.Context, jobID string) (*webhookEvent, error) {
+	buf, err := s.Load(ctx, eventKey(jobID))
+	if err != nil {
+		return nil, err
+	}
+	ev := new(webhookEvent)
+	if err := json.Unmarshal(buf, ev); err != nil {
+		return nil, fmt.Errorf("%w: event of %s: %w", errBadRecord, jobID, err)
+	}
+	return ev, nil
+}

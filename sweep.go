@@ -1,0 +1,148 @@
+package batch
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+)
+
+// Everything stored expires. One sweep, at provisioning (configs may be
+// reloaded more often than a sweep comes) and then every quarter of the
+// retention (1s to 1h), deletes what has: idempotent answers, and with
+// async batches the jobs, and the jobs whose time ran out in the queue.
+
+// startSweeping starts the sweep, until Cleanup stops it.
+func (h *Handler) startSweeping(ctx caddy.Context) {
+	h.stopSweeping = func() {}
+	if h.storage == nil {
+		return // a handler provisioned by hand, in unit tests
+	}
+	sweepCtx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(min(max(h.retention()/4, time.Second), time.Hour))
+		defer tick.Stop()
+		for {
+			h.sweepAnswers(sweepCtx)
+			if h.jobs != nil {
+				h.jobs.sweep(sweepCtx)
+			}
+			select {
+			case <-sweepCtx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	// Caddy cleans up a handler that fails validation before it ends the
+	// context; the wait lets no sweep outlive its config.
+	h.stopSweeping = func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(storageTimeout):
+		}
+	}
+}
+
+// sweep deletes the jobs that have expired, and ends those whose time ran
+// out in the queue.
+func (a *asyncJobs) sweep(ctx context.Context) {
+	a.deleteExpired(ctx)
+	a.pool.sweepQueue()
+}
+
+func (a *asyncJobs) deleteExpired(ctx context.Context) {
+	for _, id := range a.store.jobIDs(ctx, jobsPrefix) {
+		rec, err := a.store.loadJob(ctx, id)
+		switch {
+		case err == nil:
+			if !now().After(rec.ExpiresAt) {
+				continue
+			}
+		case errors.Is(err, fs.ErrNotExist) || errors.Is(err, errBadRecord):
+			// No record says when it expires, but no job lives longer
+			// than retention: keys older than that belong to none.
+			if !a.store.idleFor(ctx, jobKey(id), time.Duration(a.cfg.Retention)) {
+				continue
+			}
+		default:
+			continue // storage trouble: next time
+		}
+		if err := deleteTree(ctx, a.store, jobKey(id)); err != nil {
+			a.logger.Warn("deleting expired batch job", zap.String("id", id), zap.Error(err))
+		}
+	}
+}
+
+// storageOf returns ctx's storage, or nil when ctx has no config (a
+// handler provisioned by hand in unit tests): Storage then panics, and
+// caddy.Context tells it no other way.
+func storageOf(ctx caddy.Context) (s certmagic.Storage) {
+	defer func() { _ = recover() }()
+	return ctx.Storage()
+}
+
+// sweepAnswers deletes the idempotent answers that have expired.
+func (h *Handler) sweepAnswers(ctx context.Context) {
+	s := h.storage
+	names, err := s.List(ctx, idempotencyPrefix, false)
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			h.logger.Warn("listing idempotent answers", zap.Error(err))
+		}
+		return
+	}
+	retention := h.retention()
+	for _, name := range names {
+		if ctx.Err() != nil {
+			return
+		}
+		// Stat spares loading what was written within the retention; one a
+		// shorter retention stored waits for a later sweep (it is not
+		// replayed once expired).
+		if info, err := s.Stat(ctx, name); err == nil && now().Sub(info.Modified) < retention {
+			continue
+		}
+		h.deleteIfExpired(ctx, s, name)
+	}
+}
+
+// deleteIfExpired deletes the answer at name if it has expired or cannot
+// be read. It holds the key's locks, as a request may be replacing the
+// answer; a key in use is left to a later sweep.
+func (h *Handler) deleteIfExpired(ctx context.Context, s *store, name string) {
+	unlock, ok := h.keyLocks.tryLock(name)
+	if !ok {
+		return
+	}
+	defer unlock()
+	lockCtx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	if err := s.Lock(lockCtx, name); err != nil {
+		return
+	}
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), storageTimeout)
+		defer cancel()
+		if err := s.Unlock(ctx, name); err != nil {
+			h.logger.Error("unlocking idempotency key", zap.Error(err))
+		}
+	}()
+	buf, err := s.Load(ctx, name)
+	if err != nil {
+		return
+	}
+	if ans, err := decodeAnswer(buf); err == nil && now().Before(ans.ExpiresAt) {
+		return
+	}
+	if err := s.Delete(ctx, name); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		h.logger.Warn("deleting expired idempotent answer", zap.Error(err))
+	}
+}
