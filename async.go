@@ -212,11 +212,11 @@ func (cfg *AsyncConfig) provision() error {
 
 // Job states.
 const (
-	jobQueued    = "queued"
-	jobRunning   = "running"
-	jobCompleted = "completed"
-	jobError     = "error"
-	jobCanceled  = "canceled"
+	stateQueued    = "queued"
+	stateRunning   = "running"
+	stateCompleted = "completed"
+	stateError     = "error"
+	stateCanceled  = "canceled"
 )
 
 // wantsAsync reports whether the client asked for an async answer with
@@ -281,7 +281,7 @@ func (a *asyncJobs) newJob(w http.ResponseWriter, r *http.Request, next caddyhtt
 	spec := &jobSpec{ContentType: r.Header.Get("Content-Type"), Path: r.URL.Path, Conn: storeConn(conn),
 		Endpoint: key, SealedOps: a.store.sealer != nil}
 	_, spec.Handler, _ = a.self()
-	rec := jobRecord{progress: progress{ID: id, Status: jobQueued, CreatedAt: now()}, Owner: owner}
+	rec := jobRecord{progress: progress{ID: id, Status: stateQueued, CreatedAt: now()}, Owner: owner}
 	rec.ExpiresAt = rec.CreatedAt.Add(time.Duration(a.cfg.Retention))
 	if f != native {
 		rec.Format = f.name()
@@ -334,7 +334,7 @@ func (a *asyncJobs) queueJob(w http.ResponseWriter, r *http.Request, j *job, n i
 		// The pool ended while the job was stored: nothing would run it.
 		return j.drop(err)
 	}
-	a.metrics.jobs.WithLabelValues(jobQueued).Inc()
+	a.metrics.jobs.WithLabelValues(stateQueued).Inc()
 	a.logger.Info("async batch queued", zap.String("id", id), zap.Int("operations", n), zap.Bool("resumable", j.resumable()))
 
 	w.Header().Set("Location", strings.TrimSuffix(r.URL.Path, "/")+"/"+id)

@@ -84,7 +84,7 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //		pacing            adaptive|off
 //		service_root      <path>
 //		encode            <encoding...>|off
-//		log_operations    on|off
+//		skip_operation_logs
 //		async {
 //			retention <duration>
 //			workers   <n>
@@ -160,7 +160,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 				return ""
 			})
-		case "log_operations":
+		case "skip_operation_logs":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.SkipOperationLogs = true
+			return nil
+		case "log_operations": // the older name: "log_operations off"
 			var v string
 			if err := choiceArg(d, name, &v, "on", "off"); err != nil {
 				return err

@@ -46,6 +46,9 @@ func TestCaddyfileSubdirectives(t *testing.T) {
 		{"bare", `batch`, `{}`},
 		{"empty block", "batch {\n}", `{}`},
 		{"mode sequential", "batch {\n mode sequential\n}", `{"mode":"sequential"}`},
+		{"skip_operation_logs", "batch {\n skip_operation_logs\n}", `{"skip_operation_logs":true}`},
+		{"log_operations off, its older name", "batch {\n log_operations off\n}", `{"skip_operation_logs":true}`},
+		{"log_operations on", "batch {\n log_operations on\n}", `{}`},
 		{"mode parallel", "batch {\n\tmode parallel\n}", `{"mode":"parallel"}`},
 		{"atomicity", "batch {\n atomicity all_or_nothing\n}", `{"atomicity":"all_or_nothing"}`},
 		{"concurrency", "batch {\n concurrency 1\n}", `{"concurrency":1}`},
@@ -110,11 +113,12 @@ func TestCaddyfileRefused(t *testing.T) {
 		return async(append(append([]string{"webhook https://h.example/x {"}, lines...), "}")...)
 	}
 	bad := map[string]string{
-		"argument":       `batch /x`,
-		"two arguments":  `batch a b`,
-		"unknown":        block("bogus"),
-		"unknown cased":  block("Mode parallel"),
-		"camelCase name": block("maxOps 5"),
+		"argument":                             `batch /x`,
+		"two arguments":                        `batch a b`,
+		"unknown":                              block("bogus"),
+		"unknown cased":                        block("Mode parallel"),
+		"camelCase name":                       block("maxOps 5"),
+		"skip_operation_logs with an argument": block("skip_operation_logs yes"),
 
 		// Missing values.
 		"mode missing":                    block("mode"),

@@ -555,3 +555,6 @@ func (h *Handler) pathAllowed(u *url.URL) bool {
 	ok, err := h.paths.MatchWithError(r)
 	return ok && err == nil
 }
+
+// now is the clock; tests may move it.
+var now = time.Now

@@ -147,7 +147,7 @@ func (a *asyncJobs) writeResults(w http.ResponseWriter, r *http.Request, rec job
 	}
 	sum := summary{status: rec.Outcome, total: rec.Total, succeeded: rec.Succeeded, failed: rec.Failed,
 		skipped: rec.Skipped, page: &page{offset: offset, limit: limit}}
-	if rec.Status == jobError {
+	if rec.Status == stateError {
 		sum.err = rec.Error
 	}
 	if wantsNDJSON(r) {

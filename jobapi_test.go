@@ -28,7 +28,7 @@ func TestAsyncResultsOfSinglePartChunks(t *testing.T) {
 	sum := sha256.Sum256([]byte("caddy-batch owner\x00Bearer alice"))
 	created := time.Now()
 	rec, _ := json.Marshal(jobRecord{
-		progress: progress{ID: id, Status: jobCompleted, Total: 150, Completed: 150, Succeeded: 150,
+		progress: progress{ID: id, Status: stateCompleted, Total: 150, Completed: 150, Succeeded: 150,
 			CreatedAt: created, CompletedAt: &created},
 		Outcome: "completed", Owner: hex.EncodeToString(sum[:]), ExpiresAt: created.Add(time.Hour),
 	})

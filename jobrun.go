@@ -15,8 +15,6 @@ import (
 	"go.uber.org/zap"
 )
 
-// now is the clock; tests may move it.
-var now = time.Now
 
 // job is an async batch this process has queued or runs, or has run and
 // not yet recorded as ended.
@@ -134,7 +132,7 @@ func (p *jobPool) run(j *job) {
 	store := context.WithoutCancel(ctx)
 
 	j.mu.Lock()
-	j.rec.Status, j.rec.UpdatedAt = jobRunning, &started
+	j.rec.Status, j.rec.UpdatedAt = stateRunning, &started
 	if j.rec.StartedAt == nil {
 		j.rec.StartedAt = &started
 	}
@@ -143,7 +141,7 @@ func (p *jobPool) run(j *job) {
 	if err := j.save(store); err != nil {
 		a.logger.Error("storing async batch", zap.String("id", j.rec.ID), zap.Error(err))
 	}
-	a.metrics.jobs.WithLabelValues(jobRunning).Inc()
+	a.metrics.jobs.WithLabelValues(stateRunning).Inc()
 	a.logger.Info("async batch started", zap.String("id", j.rec.ID), zap.Int("operations", j.rec.Total),
 		zap.Bool("resumed", resumed), zap.Int("from", j.rec.Completed))
 
@@ -177,15 +175,15 @@ func (p *jobPool) run(j *job) {
 	j.rec.Unstored = j.rec.Completed - sink.stored
 	switch {
 	case err != nil:
-		j.rec.Status, j.rec.Error = jobError, cut(err.Error(), maxEcho*4)
+		j.rec.Status, j.rec.Error = stateError, cut(err.Error(), maxEcho*4)
 	case sink.err != nil:
-		j.rec.Status, j.rec.Error = jobError, "storing results: "+sink.err.Error()
+		j.rec.Status, j.rec.Error = stateError, "storing results: "+sink.err.Error()
 	case errors.Is(context.Cause(ctx), errInterrupted):
-		j.rec.Status, j.rec.Error = jobError, "interrupted"
+		j.rec.Status, j.rec.Error = stateError, "interrupted"
 	case j.canceled.Load():
-		j.rec.Status = jobCanceled
+		j.rec.Status = stateCanceled
 	default:
-		j.rec.Status = jobCompleted
+		j.rec.Status = stateCompleted
 	}
 	sum := j.summary(rn)
 	j.rec.Outcome = sum.status
@@ -285,7 +283,7 @@ func (j *job) summary(rn *runner) summary {
 func (p *jobPool) handOff(j *job, ctx context.Context) {
 	t := now()
 	j.mu.Lock()
-	j.rec.Status, j.rec.UpdatedAt = jobQueued, &t
+	j.rec.Status, j.rec.UpdatedAt = stateQueued, &t
 	j.rec.Rate, j.rec.EstimatedCompletionAt = 0, nil
 	j.mu.Unlock()
 	if err := j.save(ctx); err != nil {
@@ -319,7 +317,7 @@ func (p *jobPool) expire(j *job) {
 	a := j.a
 	t := now()
 	j.mu.Lock()
-	j.rec.Status, j.rec.Error, j.rec.UpdatedAt, j.rec.CompletedAt = jobError, "expired before it started", &t, &t
+	j.rec.Status, j.rec.Error, j.rec.UpdatedAt, j.rec.CompletedAt = stateError, "expired before it started", &t, &t
 	rec := j.rec
 	j.rn = nil
 	j.mu.Unlock()
@@ -329,7 +327,7 @@ func (p *jobPool) expire(j *job) {
 	if err := deleteTree(ctx, a.store, jobKey(rec.ID)); err != nil {
 		a.logger.Warn("deleting expired batch job", zap.String("id", rec.ID), zap.Error(err))
 	}
-	a.metrics.jobs.WithLabelValues(jobError).Inc()
+	a.metrics.jobs.WithLabelValues(stateError).Inc()
 	a.logger.Warn("async batch expired before it started", zap.String("id", rec.ID))
 	if ev := a.endEvent(rec); ev != nil {
 		a.sendEnd(p, rec.ID, nil, ev) // at most once: nothing of the job is kept
@@ -456,7 +454,7 @@ func parseChunk(ctx context.Context, spec *jobSpec, chunk []byte, lim *rules) (*
 // failJob ends a job that cannot run, and says why.
 func (a *asyncJobs) failJob(j *job, why string) {
 	t := now()
-	j.rec.Status, j.rec.Error, j.rec.UpdatedAt, j.rec.CompletedAt = jobError, why, &t, &t
+	j.rec.Status, j.rec.Error, j.rec.UpdatedAt, j.rec.CompletedAt = stateError, why, &t, &t
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
 	if j.event = a.endEvent(j.rec); j.event != nil {
@@ -467,8 +465,8 @@ func (a *asyncJobs) failJob(j *job, why string) {
 	if err := j.save(ctx); err != nil {
 		a.logger.Error("storing the end of an async batch", zap.String("id", j.rec.ID), zap.Error(err))
 	}
-	a.metrics.jobs.WithLabelValues(jobError).Inc()
-	a.logger.Error("async batch ended", zap.String("id", j.rec.ID), zap.String("status", jobError), zap.String("error", why))
+	a.metrics.jobs.WithLabelValues(stateError).Inc()
+	a.logger.Error("async batch ended", zap.String("id", j.rec.ID), zap.String("status", stateError), zap.String("error", why))
 	a.pool.ended(j)
 }
 

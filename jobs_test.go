@@ -225,7 +225,7 @@ func TestAsyncJobDeadlineIsExpiry(t *testing.T) {
 	var j *job
 	eventually(t, 10*time.Second, "job running", func() bool {
 		j = thePool(t).lookup(id)
-		return j != nil && j.snapshot().Status == jobRunning
+		return j != nil && j.snapshot().Status == stateRunning
 	})
 	j.mu.Lock()
 	rn := j.rn

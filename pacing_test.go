@@ -181,17 +181,17 @@ func TestPacingSpreadsAdvertisedQuota(t *testing.T) {
 			used := map[int]int{}
 			var refused atomic.Int64
 			be := newStamped(t, func(w http.ResponseWriter, r *http.Request, n int) {
-				now := time.Now()
+				at := time.Now()
 				mu.Lock()
 				if start.IsZero() {
-					start = now
+					start = at
 				}
-				k := int(now.Sub(start) / window)
+				k := int(at.Sub(start) / window)
 				used[k]++
 				left := quota - used[k]
 				mu.Unlock()
 				end := start.Add(time.Duration(k+1) * window)
-				reset := max(1, int(math.Ceil(end.Sub(now).Seconds())))
+				reset := max(1, int(math.Ceil(end.Sub(at).Seconds())))
 				if left < 0 {
 					refused.Add(1)
 					w.Header().Set("Retry-After", strconv.Itoa(reset))

@@ -78,7 +78,7 @@ type jobRecord struct {
 }
 
 func (p *progress) final() bool {
-	return p.Status == jobCompleted || p.Status == jobError || p.Status == jobCanceled
+	return p.Status == stateCompleted || p.Status == stateError || p.Status == stateCanceled
 }
 
 func jobKey(id string, parts ...string) string {
