@@ -15,7 +15,6 @@ import (
 	"go.uber.org/zap"
 )
 
-
 // job is an async batch this process has queued or runs, or has run and
 // not yet recorded as ended.
 type job struct {
