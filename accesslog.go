@@ -129,14 +129,3 @@ func (rn *runner) logOperation(logged, req *http.Request, op *operation, w *opWr
 		c.Write(fields...)
 	}
 }
-
-// setLogFields puts the batch's id and counts on the batch request's own
-// access log entry.
-func setLogFields(r *http.Request, id string, sum summary) {
-	extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields)
-	if !ok {
-		return
-	}
-	extra.Set(zap.Dict("batch", zap.String("id", id), zap.Int("operations", sum.total),
-		zap.Int("succeeded", sum.succeeded), zap.Int("failed", sum.failed), zap.Int("skipped", sum.skipped)))
-}

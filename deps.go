@@ -3,31 +3,7 @@ package batch
 import (
 	"fmt"
 	"strings"
-
-	"github.com/tidwall/gjson"
 )
-
-func (p *parser) parseDeps(op *operation, v gjson.Result) {
-	var ids []string
-	switch {
-	case !v.Exists() || v.Type == gjson.Null:
-	case v.Type == gjson.String:
-		ids = []string{v.Str}
-	case v.IsArray():
-		v.ForEach(func(_, s gjson.Result) bool {
-			if s.Type != gjson.String {
-				p.opFault(op, "depends_on must hold operation ids (strings), got %s", short(s.Raw))
-				return false
-			}
-			ids = append(ids, s.Str)
-			return true
-		})
-	default:
-		p.opFault(op, "depends_on must be an array of operation ids, got %s", short(v.Raw))
-	}
-	op.depIDs = ids
-	p.linked = p.linked || len(ids) > 0
-}
 
 // resolveDeps checks that ids are unique and turns depends_on ids into
 // operation indexes.
@@ -166,17 +142,6 @@ func (p *parser) resolveGroups(b *batch, byID map[string]int, add func(op *opera
 	return byName
 }
 
-// keep marks what of op's answer reference r reads.
-func (op *operation) keep(r *ref) {
-	switch r.kind {
-	case refHeader, refLocation:
-		op.keepHeader = true
-	case refBody:
-		op.keepBody = true
-		op.keepHeader = true // the body is read by its Content-Type
-	}
-}
-
 // checkCycles reports each dependency cycle once, naming its operations.
 func (p *parser) checkCycles(b *batch) {
 	const (
@@ -242,4 +207,16 @@ func cycleText(b *batch, cycle []int) string {
 	sb.WriteString(" -> ")
 	sb.WriteString(short(b.ops[cycle[0]].id))
 	return sb.String()
+}
+
+// finish checks what holds between operations, once all are parsed.
+func (p *parser) finish(b *batch) (*batch, error) {
+	if err := p.ctx.Err(); err != nil {
+		return nil, err
+	}
+	p.resolveDeps(b)
+	if err := p.errFaults(); err != nil {
+		return nil, err
+	}
+	return b, nil
 }

@@ -3,6 +3,8 @@ package batch
 import (
 	"net/http"
 	"strings"
+
+	"github.com/tidwall/gjson"
 )
 
 // format is a wire format of batches: it decodes a request body into the
@@ -32,23 +34,21 @@ func formatNamed(name string) format {
 	return nil
 }
 
-// batchMediaType reports whether a Content-Type is one a batch may be sent
-// with. None of them is CORS-safelisted: a browser sends none of them
-// cross-site without a preflight, so no page can make a visitor's browser
-// run operations.
-func batchMediaType(ct string) bool {
-	return isJSONType(ct) || multipartBoundary(ct) != ""
-}
-
-// formatOf picks the format of a batch by its Content-Type and shape.
+// formatOf picks the format of a batch by its Content-Type and the shape
+// of its body (nil: before it is read); nil when no batch is sent with
+// that Content-Type. None of those is CORS-safelisted: a browser sends
+// none of them cross-site without a preflight, so no page can make a
+// visitor's browser run operations.
 func formatOf(ct string, body []byte) format {
-	if !isJSONType(ct) {
+	switch {
+	case isJSONType(ct) && isJSONBatch(body):
+		return jsonBatch
+	case isJSONType(ct):
+		return native
+	case multipartBoundary(ct) != "":
 		return multipartMixed
 	}
-	if isJSONBatch(body) {
-		return jsonBatch
-	}
-	return native
+	return nil
 }
 
 // isNDJSON reports whether a Content-Type is application/x-ndjson: one
@@ -81,4 +81,19 @@ func splitComma(v string) []string {
 		}
 	}
 	return parts
+}
+
+// isJSONBatch reports whether a JSON body is a JSON batch: an object with
+// "requests". The lookup walks the top level only, without recursion.
+func isJSONBatch(body []byte) bool {
+	for _, c := range body {
+		switch c {
+		case ' ', '\t', '\r', '\n':
+			continue
+		case '{':
+			return gjson.GetBytes(body, "requests").Exists()
+		}
+		return false
+	}
+	return false
 }

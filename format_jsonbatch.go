@@ -27,21 +27,6 @@ var jsonBatch format = jsonBatchFormat{}
 
 func (jsonBatchFormat) name() string { return "jsonbatch" }
 
-// isJSONBatch reports whether a JSON body is a JSON batch: an object with
-// "requests". The lookup walks the top level only, without recursion.
-func isJSONBatch(body []byte) bool {
-	for _, c := range body {
-		switch c {
-		case ' ', '\t', '\r', '\n':
-			continue
-		case '{':
-			return gjson.GetBytes(body, "requests").Exists()
-		}
-		return false
-	}
-	return false
-}
-
 // jsonBatchFields are the members of a JSON batch request object; rollback
 // is caddy-batch's own, as in the native format.
 func jsonBatchField(key string) int {

@@ -309,7 +309,7 @@ func (p *parser) parseHTTPPart(op *operation, partHeaders []header, msg []byte, 
 	} else {
 		p.parseTemplate(op, gjson.Result{})
 	}
-	p.checkOpTarget(op)
+	p.checkTemplatedTarget(op)
 }
 
 // parseRequestLine splits "METHOD TARGET HTTP/1.x". OData's examples

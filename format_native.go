@@ -3,6 +3,7 @@ package batch
 import (
 	"context"
 	"net/http"
+	"strings"
 
 	"github.com/caddy-batch/batch/internal/jsontext"
 	"github.com/tidwall/gjson"
@@ -131,10 +132,6 @@ func parseBatch(ctx context.Context, body []byte, lim *rules) (*batch, error) {
 	default:
 		return nil, badBatchError{{Index: -1, Message: "batch must be a JSON array of operations or an object"}}
 	}
-	if err := p.errFaults(); err != nil {
-		return nil, err
-	}
-
 	// Count before parsing any operation, so an oversized batch costs nothing.
 	list := opsJSON
 	if b.form == formBulk {
@@ -145,6 +142,9 @@ func parseBatch(ctx context.Context, body []byte, lim *rules) (*batch, error) {
 		n = topCommas + 1 // counted on the way: no second pass
 	} else {
 		n = jsontext.Count(list)
+	}
+	if err := p.errFaults(); err != nil {
+		return nil, err
 	}
 	if err := p.counted(n); err != nil {
 		return nil, err
@@ -211,40 +211,15 @@ func (p *parser) parseBulk(b *batch, bulkJSON, items gjson.Result) {
 	})
 }
 
-// httpSink writes a batch's native answer to the client as results come.
-type httpSink struct {
-	w    http.ResponseWriter
-	form int
-	lean leanOptions
-	out  chunkWriter
-}
-
-func (s *httpSink) put(_ int, op *operation, res *result) {
-	if !s.out.started() {
-		s.start()
-	} else {
-		s.out.buf = append(s.out.buf, ',')
+// wantsNDJSON reports whether the client asked for results as NDJSON.
+func wantsNDJSON(r *http.Request) bool {
+	for _, v := range r.Header.Values("Accept") {
+		for _, part := range splitComma(v) {
+			mt, _, _ := strings.Cut(part, ";")
+			if strings.EqualFold(strings.TrimSpace(mt), "application/x-ndjson") {
+				return true
+			}
+		}
 	}
-	s.out.buf = appendResult(s.out.buf, -1, op, res, s.lean)
-	s.out.maybeWrite()
-}
-
-func (s *httpSink) start() {
-	if s.form == formArray {
-		s.out.start(s.w, "application/json", "[")
-	} else {
-		s.out.start(s.w, "application/json", `{"results":[`)
-	}
-}
-
-func (s *httpSink) close(sum summary) {
-	if !s.out.started() {
-		s.start()
-	}
-	s.out.buf = append(s.out.buf, ']')
-	if s.form != formArray {
-		s.out.buf = appendSummary(s.out.buf, sum)
-		s.out.buf = append(s.out.buf, '}')
-	}
-	s.out.finish()
+	return false
 }

@@ -432,7 +432,7 @@ func (h *Handler) serveBatch(w http.ResponseWriter, r *http.Request, next caddyh
 		}
 		return h.jobs.submitStreamed(w, r, next, nil, r.Body, true)
 	}
-	if !batchMediaType(ct) {
+	if formatOf(ct, nil) == nil {
 		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent with Content-Type: application/json, application/x-ndjson (async), or multipart/mixed with a boundary")
 	}
 	// An async batch over max_body_size is streamed into storage.
@@ -534,13 +534,12 @@ var (
 
 // run runs a batch for the client and answers it.
 func (h *Handler) run(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch) (summary, error) {
-	srv, err := serverOf(r)
+	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.Timeout))
+	defer cancel()
+	rn, err := newRunner(h, ctx, r, next, b)
 	if err != nil {
 		return summary{}, err
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), time.Duration(h.Timeout))
-	defer cancel()
-	rn := newRunner(h, ctx, time.Duration(h.Timeout), r, next, srv, b)
 	sum := rn.execute(b.format.sink(w, r, b))
 	setLogFields(r, rn.id, sum)
 	return sum, nil
@@ -558,3 +557,46 @@ func (h *Handler) pathAllowed(u *url.URL) bool {
 
 // now is the clock; tests may move it.
 var now = time.Now
+
+// Values of the pacing option.
+const (
+	pacingAdaptive = "adaptive"
+	pacingOff      = "off"
+)
+
+// RateConfig is a rate that operations wait for: a token bucket of
+// requests tokens, refilled at requests per interval.
+type RateConfig struct {
+	// How many operations may start per interval; also the burst allowed
+	// after a quiet spell. Required, at least 1.
+	Requests int `json:"requests,omitempty"`
+
+	// The interval requests are counted over. Required, positive.
+	Interval caddy.Duration `json:"interval,omitempty"`
+
+	// A placeholder that gives each value its own bucket, resolved with
+	// the batch request (for async jobs, with the connection facts and
+	// inherited headers they keep), such as
+	// {http.request.header.X-Tenant}. At most 10,000 keys are kept; idle
+	// ones are dropped, and keys beyond the bound share one bucket.
+	// Default: one bucket for all.
+	Key string `json:"key,omitempty"`
+}
+
+// paceRate is the rate for the gate, nil for none.
+func (rc *RateConfig) paceRate() *pace.Rate {
+	if rc == nil {
+		return nil
+	}
+	return &pace.Rate{Requests: rc.Requests, Interval: time.Duration(rc.Interval)}
+}
+
+func (rc *RateConfig) validate() error {
+	switch {
+	case rc.Requests < 1:
+		return fmt.Errorf("rate: requests must be at least 1, got %d", rc.Requests)
+	case rc.Interval <= 0:
+		return fmt.Errorf("rate: interval must be positive, got %s", time.Duration(rc.Interval))
+	}
+	return nil
+}

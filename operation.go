@@ -2,7 +2,6 @@ package batch
 
 import (
 	"context"
-	"encoding/base64"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -190,18 +189,6 @@ func (p *parser) parseEach(b *batch, list gjson.Result, check func(v gjson.Resul
 	})
 }
 
-// finish checks what holds between operations, once all are parsed.
-func (p *parser) finish(b *batch) (*batch, error) {
-	if err := p.ctx.Err(); err != nil {
-		return nil, err
-	}
-	p.resolveDeps(b)
-	if err := p.errFaults(); err != nil {
-		return nil, err
-	}
-	return b, nil
-}
-
 // goOn reports whether parsing goes on after n operations: not once the
 // client is gone, looked at every so often.
 func (p *parser) goOn(n int) bool {
@@ -216,16 +203,6 @@ func (p *parser) newOp() *operation {
 	op := &p.ops[0]
 	p.ops = p.ops[1:]
 	return op
-}
-
-// newURL returns a zeroed URL, from the batch's slab while it lasts.
-func (p *parser) newURL() *url.URL {
-	if len(p.urls) == 0 {
-		return new(url.URL)
-	}
-	u := &p.urls[0]
-	p.urls = p.urls[1:]
-	return u
 }
 
 // defaultID returns the id of the operation at index i that gives none.
@@ -347,36 +324,6 @@ type dialect struct {
 	idRule  string // what validID asks, for faults
 }
 
-func (p *parser) field(key string) int {
-	if p.d != nil {
-		return p.d.field(key)
-	}
-	return opField(key)
-}
-
-// opField returns the bit of an operation field, 0 for an unknown one.
-func opField(key string) int {
-	switch key {
-	case "id", "name":
-		return fieldID
-	case "method":
-		return fieldMethod
-	case "path", "url", "relative_url":
-		return fieldPath
-	case "headers":
-		return fieldHeaders
-	case "body":
-		return fieldBody
-	case "body_encoding":
-		return fieldBodyEncoding
-	case "depends_on", "dependsOn":
-		return fieldDependsOn
-	case "rollback":
-		return fieldRollback
-	}
-	return 0
-}
-
 // rollbackFields are the fields a rollback operation may have.
 const rollbackFields = fieldMethod | fieldPath | fieldHeaders | fieldBody | fieldBodyEncoding
 
@@ -467,31 +414,41 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 	}
 	p.checkMethod(op)
 	op.header = p.parseHeaders(op, headers)
+	ctype, refs := "", kind != kindBulk
+	switch {
+	case kind == kindBulk && body.Exists():
+		p.opFault(op, "the operation of a bulk batch takes its bodies from \"items\"")
+	case kind == kindBulk:
+	case p.d != nil:
+		ctype, refs = p.d.body(p, op, body)
+	default:
+		ctype = p.parseBody(op, body, encoding)
+	}
+	// A target with references is checked with them, as far as it can be
+	// before they are resolved.
+	templated := kind != kindBulk && strings.Contains(op.target, "{{")
+	if !templated {
+		op.url = p.checkTarget(op, op.target)
+	}
+	p.parseDeps(op, deps)
 	if kind != kindBulk {
-		ctype, refs := "", true
-		if p.d != nil {
-			ctype, refs = p.d.body(p, op, body)
-		} else {
-			ctype = p.parseBody(op, body, encoding)
-		}
 		if !refs {
 			body = gjson.Result{}
 		}
 		p.parseTemplate(op, body)
+		if templated {
+			p.checkTemplatedTarget(op)
+		}
 		if t := op.refs; t != nil && t.body != nil && !t.textBody && body.Type == gjson.String {
 			ctype = "application/json" // "{{a.body}}": a JSON value, not text
 		}
-		if ctype != "" && op.header.Get("Content-Type") == "" {
-			if op.header == nil {
-				op.header = make(http.Header, 1)
-			}
-			op.header["Content-Type"] = []string{ctype}
-		}
-	} else if body.Exists() {
-		p.opFault(op, "the operation of a bulk batch takes its bodies from \"items\"")
 	}
-	p.checkOpTarget(op)
-	p.parseDeps(op, deps)
+	if ctype != "" && op.header.Get("Content-Type") == "" {
+		if op.header == nil {
+			op.header = make(http.Header, 1)
+		}
+		op.header["Content-Type"] = []string{ctype}
+	}
 	if rollback.Exists() && rollback.Type != gjson.Null {
 		switch {
 		case kind == kindBulk:
@@ -503,77 +460,4 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 		}
 	}
 	return op
-}
-
-// checkOpTarget checks op's target, once its references are known.
-func (p *parser) checkOpTarget(op *operation) {
-	switch {
-	case op.refs == nil || op.refs.target == nil:
-		op.url = p.checkTarget(op, op.target)
-	case op.refs.target[0].ref == nil:
-		p.checkTarget(op, probeTarget(op.refs.target)) // and again once resolved
-	default:
-		// A path that starts with a reference ({{a.headers.Location}}) is
-		// all checked once resolved.
-	}
-}
-
-func (p *parser) checkID(op *operation) {
-	switch {
-	case p.d != nil && !p.d.validID(op.id):
-		p.opFault(op, "id %q must be %s", short(op.id), p.d.idRule)
-	case p.d == nil && !validID(op.id):
-		p.opFault(op, "id %q must be 1 to %d letters, digits, '_' or '-'", short(op.id), maxIDLength)
-	}
-}
-
-// validID reports whether id can name an operation. Ids stand in
-// references ({{ID.body}}), so they hold no '.', '{' or '}'.
-func validID(id string) bool {
-	if id == "" || len(id) > maxIDLength {
-		return false
-	}
-	for i := 0; i < len(id); i++ {
-		if !idByte(id[i]) {
-			return false
-		}
-	}
-	return true
-}
-
-// parseBody turns an operation's "body" into the bytes to send, and returns
-// the Content-Type that goes with them unless the operation sets one.
-func (p *parser) parseBody(op *operation, v, encoding gjson.Result) (ctype string) {
-	if encoding.Exists() && (encoding.Type != gjson.String || encoding.Str != "base64") {
-		p.opFault(op, "body_encoding must be \"base64\", got %s", short(encoding.Raw))
-		return ""
-	}
-	switch {
-	case !v.Exists() || v.Type == gjson.Null:
-		if encoding.Exists() && op.index >= 0 {
-			p.opFault(op, "body_encoding needs a body")
-		}
-		return ""
-	case v.Type == gjson.String:
-		if encoding.Exists() {
-			b, err := base64.StdEncoding.DecodeString(v.Str)
-			if err != nil {
-				p.opFault(op, "body is not valid base64: %v", err)
-				return ""
-			}
-			op.body = b
-			ctype = "application/octet-stream"
-		} else {
-			op.body = []byte(v.Str)
-			ctype = "text/plain; charset=utf-8"
-		}
-	default:
-		if encoding.Exists() {
-			p.opFault(op, "body_encoding \"base64\" needs a string body")
-			return ""
-		}
-		op.body = []byte(v.Raw)
-		ctype = "application/json"
-	}
-	return ctype
 }

@@ -581,3 +581,27 @@ func (rn *runner) value(r *ref) (refValue, error) {
 	}
 	return refValue{raw: []byte(v.Raw)}, nil
 }
+
+// keep marks what of op's answer reference r reads.
+func (op *operation) keep(r *ref) {
+	switch r.kind {
+	case refHeader, refLocation:
+		op.keepHeader = true
+	case refBody:
+		op.keepBody = true
+		op.keepHeader = true // the body is read by its Content-Type
+	}
+}
+
+// checkTemplatedTarget checks op's target, once its references are known.
+func (p *parser) checkTemplatedTarget(op *operation) {
+	switch {
+	case op.refs == nil || op.refs.target == nil:
+		op.url = p.checkTarget(op, op.target)
+	case op.refs.target[0].ref == nil:
+		p.checkTarget(op, probeTarget(op.refs.target)) // and again once resolved
+	default:
+		// A path that starts with a reference ({{a.headers.Location}}) is
+		// all checked once resolved.
+	}
+}

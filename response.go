@@ -165,28 +165,6 @@ func (e *emitter) finish(s summary) summary {
 	return s
 }
 
-// maxAnswerDepth bounds the nesting of an answer embedded as JSON. The JSON
-// check recurses once per level, and an answer nested deeper (a client can
-// have an API store any blob and return it) would overflow the stack, which
-// no recover catches; such an answer goes in as text.
-const maxAnswerDepth = 512
-
-// jsonBody reports whether an answer's body is JSON by its Content-Type,
-// valid, in UTF-8 and at most maxAnswerDepth deep, so that it can stand in
-// the batch's JSON as a value: the batch answer must stay valid JSON text.
-func jsonBody(header http.Header, body []byte) bool {
-	return len(body) > 0 && isJSONType(contentType(header)) && jsontext.Valid(body, maxAnswerDepth)
-}
-
-// contentType is h.Get("Content-Type"), without canonicalizing a name
-// that already is: it is read for every result.
-func contentType(h http.Header) string {
-	if v := h["Content-Type"]; len(v) > 0 {
-		return v[0]
-	}
-	return ""
-}
-
 // appendHeaders appends "headers":{...}, names sorted, values joined.
 func appendHeaders(dst []byte, h http.Header) []byte {
 	dst = append(dst, `"headers":{`...)
@@ -462,4 +440,104 @@ func writeDryRun(w http.ResponseWriter, b *batch, inherited http.Header) error {
 	}
 	_, _ = w.Write(buf)
 	return nil
+}
+
+// httpSink writes a batch's native answer to the client as results come.
+type httpSink struct {
+	w    http.ResponseWriter
+	form int
+	lean leanOptions
+	out  chunkWriter
+}
+
+func (s *httpSink) put(_ int, op *operation, res *result) {
+	if !s.out.started() {
+		s.start()
+	} else {
+		s.out.buf = append(s.out.buf, ',')
+	}
+	s.out.buf = appendResult(s.out.buf, -1, op, res, s.lean)
+	s.out.maybeWrite()
+}
+
+func (s *httpSink) start() {
+	if s.form == formArray {
+		s.out.start(s.w, "application/json", "[")
+	} else {
+		s.out.start(s.w, "application/json", `{"results":[`)
+	}
+}
+
+func (s *httpSink) close(sum summary) {
+	if !s.out.started() {
+		s.start()
+	}
+	s.out.buf = append(s.out.buf, ']')
+	if s.form != formArray {
+		s.out.buf = appendSummary(s.out.buf, sum)
+		s.out.buf = append(s.out.buf, '}')
+	}
+	s.out.finish()
+}
+
+// ndjsonSink writes one result per line, each with its index, the moment it
+// is final, then a line with the summary (Accept: application/x-ndjson).
+type ndjsonSink struct {
+	w       http.ResponseWriter
+	rc      *http.ResponseController
+	lean    leanOptions // oneLine set
+	started bool
+	buf     []byte
+}
+
+func (s *ndjsonSink) put(index int, op *operation, res *result) {
+	if !s.started {
+		s.started = true
+		s.w.Header().Set("Content-Type", "application/x-ndjson")
+		// Each line is for the client the moment it is written: for
+		// intermediaries (RFC 10036), and for Caddy's encoder, which then
+		// compresses and flushes line by line however short they are.
+		s.w.Header().Set("Incremental", "?1")
+		s.w.WriteHeader(http.StatusOK)
+	}
+	s.buf = append(appendResult(s.buf[:0], index, op, res, s.lean), '\n')
+	_, _ = s.w.Write(s.buf)
+	_ = s.rc.Flush()
+}
+
+func (s *ndjsonSink) close(sum summary) {
+	s.buf = appendSummary(append(s.buf[:0], `{"summary":true`...), sum)
+	s.buf = append(s.buf, "}\n"...)
+	_, _ = s.w.Write(s.buf)
+	_ = s.rc.Flush()
+}
+
+func (rn *runner) summary() summary {
+	s := summary{total: len(rn.results)}
+	for i := range rn.results {
+		if rn.results[i].cut {
+			s.cut++
+		}
+		switch outcomeOf(&rn.results[i]) {
+		case outcomeSucceeded:
+			s.succeeded++
+		case outcomeSkipped:
+			s.skipped++
+		default:
+			s.failed++
+		}
+	}
+	switch {
+	case rn.rollbackFailed.Load():
+		s.status = statusRollbackFailed
+	case rn.stoppedAt >= 0 && rn.b.atomicity == atomicAllOrNothing:
+		s.status = statusRolledBack
+	case rn.stoppedAt >= 0:
+		s.status = statusAborted
+	case s.failed+s.skipped == 0:
+		s.status = statusCompleted
+	default:
+		s.status = statusCompletedWithErrors
+	}
+	return s
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -16,7 +17,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 )
 
 // newBatchID returns 128 random bits in hex.
@@ -70,29 +70,25 @@ type runner struct {
 	paceOnce sync.Once
 }
 
-func newRunner(h *Handler, ctx context.Context, timeout time.Duration, r *http.Request, next caddyhttp.Handler, srv *caddyhttp.Server, b *batch) *runner {
-	rn := &runner{
-		h:         h,
-		b:         b,
-		id:        newBatchID(),
-		next:      next,
-		srv:       srv,
-		conn:      connFactsOf(r),
-		base:      ctx,
-		timeout:   timeout,
-		inherited: inheritedHeaders(r.Header, h.inherit),
-		pace:      batchPaceOwner(r, h.Pacing == pacingAdaptive, h.Rate),
-	}
+// newRunner returns the runner of b, a batch sent in r, bounded by ctx,
+// whose operations go on to next.
+func newRunner(h *Handler, ctx context.Context, r *http.Request, next caddyhttp.Handler, b *batch) (*runner, error) {
+	rn := &runner{h: h, id: newBatchID(), next: next, base: ctx, timeout: time.Duration(h.Timeout)}
 	rn.load(b)
 	rn.refs.reset(h.MaxReferenceSize)
-	if srv != nil {
-		rn.logs = rn.accessLoggers()
+	rn.pace = batchPaceOwner(r, h.Pacing == pacingAdaptive, h.Rate)
+	var err error
+	if rn.srv, err = serverOf(r); err != nil {
+		return nil, err
 	}
+	rn.conn = connFactsOf(r)
+	rn.inherited = inheritedHeaders(r.Header, h.inherit)
+	rn.logs = rn.accessLoggers()
 	// The batch request's own log entry may name the batch (log_append).
 	if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
 		repl.Set("http.batch.id", rn.id)
 	}
-	return rn
+	return rn, nil
 }
 
 // load makes b the operations the runner runs next: a whole batch, or a
@@ -248,9 +244,11 @@ func (rn *runner) cutOff(ctx context.Context) result {
 
 // resolveAndExec fills in op's references and runs it.
 func (rn *runner) resolveAndExec(op *operation, clk *opClock) result {
-	op, err := rn.resolve(op)
-	if err != nil {
-		return result{status: statusSkipped, err: err.Error()}
+	if op.refs != nil {
+		var err error
+		if op, err = rn.resolve(op); err != nil {
+			return result{status: statusSkipped, err: err.Error()}
+		}
 	}
 	if strings.EqualFold(op.url.Path, rn.conn.path) {
 		// The chain after batch would not bring it back here, but a client
@@ -267,10 +265,9 @@ func (rn *runner) resolveAndExec(op *operation, clk *opClock) result {
 // when idempotent, after its Retry-After, up to retry_429 times within
 // op_timeout.
 func (rn *runner) exec(op *operation, clk *opClock) result {
+	o, g := rn.paceOwner(), rn.h.gate
 	ctx, deadline := clk.arm()
 	defer clk.disarm()
-	o := rn.paceOwner()
-	g := rn.h.gate
 	for attempt := 1; ; attempt++ {
 		var res result
 		asked := time.Now()
@@ -287,24 +284,25 @@ func (rn *runner) exec(op *operation, clk *opClock) result {
 			}
 		}
 		retry := res.status == http.StatusTooManyRequests
-		var wait time.Duration
 		if o.Adaptive {
 			// A 429 says the request was refused for its rate, not
 			// processed: any method is sent again.
 			retry = retry && attempt < pace.MaxAdaptiveAttempts
-			wait = g.RetryWait(attempt)
 		} else {
 			retry = retry && attempt <= rn.h.Retry429 && idempotent(op.method)
-			var ok bool
-			if wait, ok = pace.RetryAfter(res.header); !ok {
-				wait = time.Second // when the answer does not say, or not readably
-			}
 		}
 		if !retry {
 			if attempt > 1 {
 				res.attempts = attempt
 			}
 			return res
+		}
+		wait := g.RetryWait(attempt)
+		if !o.Adaptive {
+			var ok bool
+			if wait, ok = pace.RetryAfter(res.header); !ok {
+				wait = time.Second // when the answer does not say, or not readably
+			}
 		}
 		if time.Until(deadline) < wait {
 			res.attempts = attempt
@@ -327,55 +325,6 @@ func idempotent(method string) bool {
 		return true
 	}
 	return false
-}
-
-// attempt serves op once within ctx; attempt counts from 1.
-func (rn *runner) attempt(ctx context.Context, clk *opClock, op *operation, attempt int) result {
-	parent := clk.parent
-	w := clk.spare
-	if w != nil {
-		clk.spare = nil
-		clear(w.header)
-		*w = opWriter{header: w.header, body: w.body[:0]}
-	} else {
-		w = &opWriter{header: make(http.Header)}
-	}
-	w.limit = rn.h.MaxResponseSize
-	req := rn.newRequest(ctx, op, w, attempt)
-	var logged *http.Request
-	start := time.Now()
-	if rn.logs != nil {
-		logged = req.Clone(req.Context()) // as it entered the chain, as the server logs it
-	}
-	err := callNext(rn.next, w, req)
-	if err != nil && rn.srv.Errors != nil && len(rn.srv.Errors.Routes) > 0 && routable(err) {
-		err = rn.handleError(w, req, err)
-	}
-	if logged != nil {
-		rn.logOperation(logged, req, op, w, time.Since(start))
-	}
-
-	if c := rn.h.logger.Check(zapcore.DebugLevel, "batch operation"); c != nil {
-		c.Write(zap.String("batch", rn.id), zap.String("op", op.id), zap.String("method", op.method),
-			zap.String("path", op.target), zap.Int("status", w.status), zap.Error(err))
-	}
-
-	switch {
-	case w.overflow:
-		return result{status: http.StatusBadGateway, err: fmt.Sprintf("response larger than max_response_size (%d bytes)", rn.h.MaxResponseSize)}
-	case parent.Err() != nil:
-		return rn.cutOff(parent)
-	case ctx.Err() != nil:
-		return result{status: http.StatusGatewayTimeout, err: "operation timed out after " + time.Duration(rn.h.OpTimeout).String()}
-	}
-	if err != nil {
-		return rn.errorResult(op, w, err)
-	}
-	status := w.status
-	if status == 0 {
-		status = http.StatusOK
-	}
-	return result{status: status, header: w.header, body: w.body, w: w, isJSON: jsonBody(w.header, w.body)}
 }
 
 // record counts the batch in the metrics.
@@ -407,32 +356,66 @@ func (rn *runner) recordOps(from int) {
 	}
 }
 
-func (rn *runner) summary() summary {
-	s := summary{total: len(rn.results)}
-	for i := range rn.results {
-		if rn.results[i].cut {
-			s.cut++
+// paceOwner returns who the runner's operations wait as. A batch's is set
+// as it starts; a job's is made at its first operation, adaptive.
+func (rn *runner) paceOwner() *pace.Owner {
+	rn.paceOnce.Do(func() {
+		if rn.pace == nil {
+			rn.pace = &pace.Owner{Adaptive: true, Key: rn.jobRateKey()}
 		}
-		switch outcomeOf(&rn.results[i]) {
-		case outcomeSucceeded:
-			s.succeeded++
-		case outcomeSkipped:
-			s.skipped++
-		default:
-			s.failed++
+	})
+	return rn.pace
+}
+
+// batchPaceOwner is who the operations of a batch sent in r wait as.
+func batchPaceOwner(r *http.Request, adaptive bool, rate *RateConfig) *pace.Owner {
+	o := &pace.Owner{Adaptive: adaptive}
+	if rate != nil && rate.Key != "" {
+		if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
+			o.Key = repl.ReplaceAll(rate.Key, "")
 		}
 	}
-	switch {
-	case rn.rollbackFailed.Load():
-		s.status = statusRollbackFailed
-	case rn.stoppedAt >= 0 && rn.b.atomicity == atomicAllOrNothing:
-		s.status = statusRolledBack
-	case rn.stoppedAt >= 0:
-		s.status = statusAborted
-	case s.failed+s.skipped == 0:
-		s.status = statusCompleted
-	default:
-		s.status = statusCompletedWithErrors
+	return o
+}
+
+// jobRateKey resolves the rate key for a job, which has no request: a
+// stand-in with the connection facts and inherited headers it keeps.
+func (rn *runner) jobRateKey() string {
+	h := rn.h
+	if h.Rate == nil || h.Rate.Key == "" {
+		return ""
 	}
-	return s
+	c := &rn.conn
+	req := &http.Request{
+		Method: http.MethodPost, URL: &url.URL{Path: c.path}, Proto: c.proto,
+		ProtoMajor: c.protoMajor, ProtoMinor: c.protoMinor, Header: rn.inherited.Clone(),
+		Body: http.NoBody, Host: c.host, RemoteAddr: c.remoteAddr, RequestURI: c.path, TLS: c.tls,
+	}
+	if req.Header == nil {
+		req.Header = http.Header{} // placeholders of headers read it
+	}
+	repl := caddy.NewReplacer()
+	caddyhttp.PrepareRequest(req.WithContext(context.Background()), repl, &opWriter{header: http.Header{}}, rn.srv)
+	return repl.ReplaceAll(h.Rate.Key, "")
+}
+
+// waitedOut is the result of an operation whose time ran out waiting
+// for a turn downstream.
+func (rn *runner) waitedOut(parent context.Context) result {
+	if parent.Err() != nil {
+		return rn.cutOff(parent)
+	}
+	return result{status: http.StatusGatewayTimeout, err: fmt.Sprintf(
+		"operation timed out after %s waiting to be sent downstream (max_inflight, rate or pacing)", time.Duration(rn.h.OpTimeout))}
+}
+
+// setLogFields puts the batch's id and counts on the batch request's own
+// access log entry.
+func setLogFields(r *http.Request, id string, sum summary) {
+	extra, ok := r.Context().Value(caddyhttp.ExtraLogFieldsCtxKey).(*caddyhttp.ExtraLogFields)
+	if !ok {
+		return
+	}
+	extra.Set(zap.Dict("batch", zap.String("id", id), zap.Int("operations", sum.total),
+		zap.Int("succeeded", sum.succeeded), zap.Int("failed", sum.failed), zap.Int("skipped", sum.skipped)))
 }

@@ -11,10 +11,13 @@ import (
 	"net/url"
 	"runtime/debug"
 	"strconv"
+	"time"
 
+	"github.com/caddy-batch/batch/internal/jsontext"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 // batchCtxKey marks the context of a sub-request, so that a batch handler
@@ -296,3 +299,74 @@ func (w *opWriter) Write(p []byte) (int, error) {
 func (w *opWriter) Flush() {}
 
 func stack() string { return string(debug.Stack()) }
+
+// attempt serves op once within ctx; attempt counts from 1.
+func (rn *runner) attempt(ctx context.Context, clk *opClock, op *operation, attempt int) result {
+	parent := clk.parent
+	w := clk.spare
+	if w != nil {
+		clk.spare = nil
+		clear(w.header)
+		*w = opWriter{header: w.header, body: w.body[:0]}
+	} else {
+		w = &opWriter{header: make(http.Header)}
+	}
+	w.limit = rn.h.MaxResponseSize
+	req := rn.newRequest(ctx, op, w, attempt)
+	var logged *http.Request
+	start := time.Now()
+	if rn.logs != nil {
+		logged = req.Clone(req.Context()) // as it entered the chain, as the server logs it
+	}
+	err := callNext(rn.next, w, req)
+	if err != nil && rn.srv.Errors != nil && len(rn.srv.Errors.Routes) > 0 && routable(err) {
+		err = rn.handleError(w, req, err)
+	}
+	if logged != nil {
+		rn.logOperation(logged, req, op, w, time.Since(start))
+	}
+
+	if c := rn.h.logger.Check(zapcore.DebugLevel, "batch operation"); c != nil {
+		c.Write(zap.String("batch", rn.id), zap.String("op", op.id), zap.String("method", op.method),
+			zap.String("path", op.target), zap.Int("status", w.status), zap.Error(err))
+	}
+
+	switch {
+	case w.overflow:
+		return result{status: http.StatusBadGateway, err: fmt.Sprintf("response larger than max_response_size (%d bytes)", rn.h.MaxResponseSize)}
+	case parent.Err() != nil:
+		return rn.cutOff(parent)
+	case ctx.Err() != nil:
+		return result{status: http.StatusGatewayTimeout, err: "operation timed out after " + time.Duration(rn.h.OpTimeout).String()}
+	}
+	if err != nil {
+		return rn.errorResult(op, w, err)
+	}
+	status := w.status
+	if status == 0 {
+		status = http.StatusOK
+	}
+	return result{status: status, header: w.header, body: w.body, w: w, isJSON: jsonBody(w.header, w.body)}
+}
+
+// maxAnswerDepth bounds the nesting of an answer embedded as JSON. The JSON
+// check recurses once per level, and an answer nested deeper (a client can
+// have an API store any blob and return it) would overflow the stack, which
+// no recover catches; such an answer goes in as text.
+const maxAnswerDepth = 512
+
+// jsonBody reports whether an answer's body is JSON by its Content-Type,
+// valid, in UTF-8 and at most maxAnswerDepth deep, so that it can stand in
+// the batch's JSON as a value: the batch answer must stay valid JSON text.
+func jsonBody(header http.Header, body []byte) bool {
+	return len(body) > 0 && isJSONType(contentType(header)) && jsontext.Valid(body, maxAnswerDepth)
+}
+
+// contentType is h.Get("Content-Type"), without canonicalizing a name
+// that already is: it is read for every result.
+func contentType(h http.Header) string {
+	if v := h["Content-Type"]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
