@@ -29,7 +29,7 @@ func (multipartFormat) name() string { return "multipart" }
 // Bounds of the multipart reader, beyond max_body_size and max_ops.
 const (
 	maxBoundary        = 70       // RFC 2046
-	maxPartHeaderBytes = 64 << 10 // the headers of one part, or of its request
+	maxPartHeaderBytes = 64 << 10 // the headers of a part or of its request, and its request line
 	maxPartHeaders     = 100
 )
 
@@ -301,6 +301,11 @@ func (p *parser) parseHTTPPart(op *operation, partHeaders []header, msg []byte, 
 		p.linked = true
 	}
 	line, rest, _ := bytes.Cut(msg, []byte("\n"))
+	if len(line) > maxPartHeaderBytes {
+		// Spaces in it become "%20": an 8 MB line allocated 117 MB.
+		p.opFault(op, "request line longer than %d bytes", maxPartHeaderBytes)
+		return
+	}
 	method, target, ok := parseRequestLine(string(bytes.TrimSuffix(line, []byte("\r"))))
 	if !ok {
 		p.opFault(op, "request line %q is not METHOD TARGET HTTP/1.x", short(string(line)))

@@ -314,3 +314,29 @@ func TestMultipartPartsCounted(t *testing.T) {
 		}
 	}
 }
+
+// A part's request line is bounded as its headers are: its spaces become
+// "%20", and an 8 MB line of them allocated 117 MB and was sent on.
+func TestMultipartRequestLineBounded(t *testing.T) {
+	lim := ptLimits(t, &Handler{MaxBodySize: 16 << 20})
+	for _, c := range []struct {
+		pairs int // of " a" in the path
+		fault bool
+	}{{1000, false}, {4 << 20, true}} {
+		body := []byte("--b\r\nContent-Type: application/http\r\n\r\nGET /" + strings.Repeat(" a", c.pairs) + " HTTP/1.1\r\n\r\n\r\n--b--\r\n")
+		r := httptest.NewRequest(http.MethodPost, "http://h/batch", nil)
+		r.Header.Set("Content-Type", "multipart/mixed; boundary=b")
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		_, err := multipartMixed.decode(r, body, lim)
+		runtime.ReadMemStats(&after)
+		alloc := after.TotalAlloc - before.TotalAlloc
+		if c.fault != (err != nil) || c.fault && !strings.Contains(err.Error(), "request line longer than 65536 bytes") {
+			t.Errorf("a request line of %d bytes: %v", len(body), err)
+		}
+		if c.fault && alloc > 1<<20 {
+			t.Errorf("refusing a request line of %d bytes allocated %d", len(body), alloc)
+		}
+	}
+}
