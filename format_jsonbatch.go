@@ -41,8 +41,8 @@ func isJSONBatch(body []byte) bool {
 	return false
 }
 
-// jsonBatchFields are the members of a JSON batch request object; rollback
-// is caddy-batch's own, as in the native format.
+// jsonBatchField returns the bit of a member of a JSON batch request
+// object; rollback is caddy-batch's own, as in the native format.
 func jsonBatchField(key string) int {
 	switch key {
 	case "id":
@@ -55,7 +55,7 @@ func jsonBatchField(key string) int {
 		return fieldHeaders
 	case "body":
 		return fieldBody
-	case "dependsOn":
+	case "dependsOn", "depends_on": // Graph's Python SDK writes depends_on, [] for none
 		return fieldDependsOn
 	case "atomicityGroup":
 		return fieldGroup
