@@ -316,6 +316,16 @@ func (p *parser) parseHTTPPart(op *operation, partHeaders []header, msg []byte, 
 		p.opFault(op, "request: %s", errMsg)
 		return
 	}
+	// The body ends where its Content-Length says, blank lines after it
+	// aside; without one, blank lines alone are no body: OData clients
+	// put them after GET and DELETE parts, and the API read them as one.
+	if cl := headerValue(hs, "Content-Length"); cl != "" {
+		if n, err := strconv.Atoi(cl); err == nil && n >= 0 && n <= len(body) && onlyLineEnds(body[n:]) {
+			body = body[:n]
+		}
+	} else if onlyLineEnds(body) {
+		body = nil
+	}
 	op.method = method
 	p.checkMethod(op)
 
@@ -379,6 +389,11 @@ func (p *parser) parseHTTPPart(op *operation, partHeaders []header, msg []byte, 
 	p.checkOpTarget(op)
 }
 
+// onlyLineEnds reports whether b holds nothing but CR and LF.
+func onlyLineEnds(b []byte) bool {
+	return len(bytes.Trim(b, "\r\n")) == 0
+}
+
 // parseRequestLine splits "METHOD TARGET HTTP/1.x". OData's examples
 // write spaces in targets unencoded ("$filter=Building eq 1"): they are
 // taken as %20.
@@ -397,7 +412,6 @@ func parseRequestLine(line string) (method, target string, ok bool) {
 func (multipartFormat) sink(w http.ResponseWriter, _ *http.Request, _ *batch) sink {
 	return &multipartSink{w: w, boundary: "batch_" + randomHex()}
 }
-
 func randomHex() string {
 	var b [12]byte
 	_, _ = rand.Read(b[:])

@@ -340,3 +340,49 @@ func TestMultipartRequestLineBounded(t *testing.T) {
 		}
 	}
 }
+
+// OData clients put blank lines after GET and DELETE parts: such a part
+// has no body, and the API gets none, nor a Content-Length. A body ends
+// where its Content-Length says, blank lines after it aside.
+func TestMultipartBlankLineBodies(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, ""))
+	be.seed("Ann", "Bo")
+	part := func(id, request string) string {
+		return "--batch_1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: " + id + "\r\n\r\n" + request
+	}
+	for _, c := range []struct {
+		name, body string
+		want       []string // method, path and body the API saw
+	}{
+		{"blank lines", part("1", "GET /users/1 HTTP/1.1\r\nAccept: application/json\r\n\r\n\r\n\r\n") +
+			part("2", "DELETE /users/2 HTTP/1.1\r\n\r\n\n\r\n\r\n") +
+			part("3", "GET /users HTTP/1.1\r\n\r\n\r\n") + "--batch_1--\r\n",
+			[]string{"GET /users/1 ", "DELETE /users/2 ", "GET /users "}},
+		{"Content-Length", part("4", "POST /users HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{\"name\":\"C\"}\r\n\r\n\r\n") +
+			part("5", "GET /users/1 HTTP/1.1\r\nContent-Length: 0\r\n\r\n\r\n\r\n") + "--batch_1--\r\n",
+			[]string{`POST /users {"name":"C"}`, "GET /users/1 "}},
+	} {
+		before := len(be.requests())
+		status, hdr, answer := sendMultipart(t, base+"/batch", "batch_1", c.body)
+		if status != 200 {
+			t.Errorf("%s: status %d: %s", c.name, status, answer)
+			continue
+		}
+		for i, p := range readParts(t, hdr.Get("Content-Type"), answer) {
+			if p.resp.StatusCode >= 300 {
+				t.Errorf("%s: part %d: %s %q", c.name, i, p.resp.Status, p.body)
+			}
+		}
+		var got []string
+		for _, r := range be.requests()[before:] {
+			got = append(got, r.Method+" "+r.Path+" "+string(r.Body))
+			if cl := r.Header.Get("Content-Length"); r.Method != "POST" && cl != "" {
+				t.Errorf("%s: %s %s came with Content-Length %s", c.name, r.Method, r.Path, cl)
+			}
+		}
+		if strings.Join(got, "|") != strings.Join(c.want, "|") {
+			t.Errorf("%s: the API saw %q, want %q", c.name, got, c.want)
+		}
+	}
+}
