@@ -409,9 +409,18 @@ func parseRequestLine(line string) (method, target string, ok bool) {
 	return method, strings.ReplaceAll(rest[:i], " ", "%20"), true
 }
 
-func (multipartFormat) sink(w http.ResponseWriter, _ *http.Request, _ *batch) sink {
-	return &multipartSink{w: w, boundary: "batch_" + randomHex()}
+func (multipartFormat) sink(w http.ResponseWriter, r *http.Request, _ *batch) sink {
+	s := &multipartSink{w: w, boundary: "batch_" + randomHex()}
+	// Only OData V1 to V3 clients send these headers (V4 has
+	// OData-Version), and V2 ones (SAP's) fail on a batch answered other
+	// than 202, which [MS-ODATA] 2.2.7.6.6 asks for, in batch format 1.0.
+	if r.Method == http.MethodPost && (r.Header.Get("DataServiceVersion") != "" || r.Header.Get("MaxDataServiceVersion") != "") {
+		s.out.status = http.StatusAccepted
+		w.Header().Set("DataServiceVersion", "1.0")
+	}
+	return s
 }
+
 func randomHex() string {
 	var b [12]byte
 	_, _ = rand.Read(b[:])

@@ -386,3 +386,36 @@ func TestMultipartBlankLineBodies(t *testing.T) {
 		}
 	}
 }
+
+// OData V2 clients (SAP's) send DataServiceVersion or MaxDataServiceVersion
+// and need a batch answered 202 Accepted ([MS-ODATA] 2.2.7.6.6), with
+// DataServiceVersion 1.0 as its example has it; others get 200, as OData
+// V4 says.
+func TestMultipartODataV2Accepted(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, ""))
+	be.seed("Ann")
+	const body = "--batch_1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n" +
+		"GET /users/1 HTTP/1.1\r\nAccept: application/json\r\nDataServiceVersion: 2.0\r\n\r\n\r\n--batch_1--\r\n"
+	for _, c := range []struct {
+		headers []string
+		status  int
+		dsv     string
+	}{
+		{[]string{"DataServiceVersion: 2.0", "MaxDataServiceVersion: 2.0"}, 202, "1.0"},
+		{[]string{"MaxDataServiceVersion: 3.0"}, 202, "1.0"},
+		{[]string{"OData-Version: 4.0"}, 200, ""},
+		{nil, 200, ""},
+	} {
+		before := len(be.requests())
+		status, hdr, answer := sendMultipart(t, base+"/batch", "batch_1", body, c.headers...)
+		parts := readParts(t, hdr.Get("Content-Type"), answer)
+		if status != c.status || hdr.Get("DataServiceVersion") != c.dsv || len(parts) != 1 || parts[0].resp.StatusCode != 200 ||
+			!strings.Contains(parts[0].body, `"name":"Ann"`) {
+			t.Errorf("%v: %d DataServiceVersion %q: %s", c.headers, status, hdr.Get("DataServiceVersion"), answer)
+		}
+		if seen := be.requests()[before:]; len(seen) != 1 || seen[0].Path != "/users/1" || seen[0].Header.Get("DataServiceVersion") != "2.0" {
+			t.Errorf("%v: the API saw %v", c.headers, seen)
+		}
+	}
+}
