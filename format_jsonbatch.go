@@ -204,6 +204,9 @@ func (jsonBatchFormat) decode(r *http.Request, body []byte, lim *limits) (*batch
 	var requests gjson.Result
 	gjson.ParseBytes(body).ForEach(func(k, v gjson.Result) bool {
 		switch key := k.String(); {
+		case key == "requests" && requests.Exists():
+			// Readers differ on which one counts: none does.
+			p.batchFault(`field "requests" given twice`)
 		case key == "requests":
 			requests = v
 		case strings.HasPrefix(key, "@"): // annotations

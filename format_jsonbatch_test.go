@@ -4,6 +4,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 )
@@ -256,5 +257,20 @@ func TestJSONBatchDependsOnSnakeCase(t *testing.T) {
 		{"id":"2","url":"/users","dependsOn":["1"],"depends_on":["1"]}]}`)
 	if status != 400 || !strings.Contains(body, "given twice") {
 		t.Errorf("both spellings: %d %s", status, body)
+	}
+}
+
+// "requests" given twice is refused, as a native envelope field given
+// twice is: JSON readers differ on which one counts (gjson's Get, which
+// found it a JSON batch, reads the first; the decoder ran the last).
+func TestJSONBatchRequestsTwice(t *testing.T) {
+	lim := ptLimits(t, nil)
+	r := httptest.NewRequest(http.MethodPost, "/$batch", nil)
+	b, err := jsonBatch.decode(r, []byte(`{"requests":[{"id":"1","url":"/a"}],"requests":[{"id":"1","method":"DELETE","url":"/b"}]}`), lim)
+	if err == nil {
+		t.Fatalf("accepted, running %s %s", b.ops[0].method, b.ops[0].target)
+	}
+	if !strings.Contains(err.Error(), `field "requests" given twice`) {
+		t.Errorf("refused with %v", err)
 	}
 }
