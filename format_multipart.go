@@ -43,23 +43,6 @@ func multipartBoundary(ct string) string {
 	return params["boundary"]
 }
 
-// splitMultipart returns the bodies of the parts of a multipart body, a
-// message when it is malformed.
-func splitMultipart(body []byte, boundary string) ([][]byte, string) {
-	s, msg := newPartSplitter(body, boundary)
-	if msg != "" {
-		return nil, msg
-	}
-	var parts [][]byte
-	for part, ok := s.next(); ok; part, ok = s.next() {
-		parts = append(parts, part)
-	}
-	if s.err != "" {
-		return nil, s.err
-	}
-	return parts, ""
-}
-
 // partSplitter finds the parts of a multipart body one at a time, so that
 // a reader that stops at a limit leaves the rest unsplit. Delimiters are
 // found by one forward search each: linear in the body. Lines may end in

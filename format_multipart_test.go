@@ -419,3 +419,20 @@ func TestMultipartODataV2Accepted(t *testing.T) {
 		}
 	}
 }
+
+// splitMultipart returns the bodies of the parts of a multipart body, a
+// message when it is malformed: all a partSplitter finds.
+func splitMultipart(body []byte, boundary string) ([][]byte, string) {
+	s, msg := newPartSplitter(body, boundary)
+	if msg != "" {
+		return nil, msg
+	}
+	var parts [][]byte
+	for part, ok := s.next(); ok; part, ok = s.next() {
+		parts = append(parts, part)
+	}
+	if s.err != "" {
+		return nil, s.err
+	}
+	return parts, ""
+}
