@@ -30,12 +30,15 @@ func (p *parser) resolveDeps(b *batch) {
 	}
 	groups := p.resolveGroups(b, byID, add)
 	// Depending on (or reading) an operation of another atomicity group
-	// waits for the whole group: it may yet fail and be rolled back.
+	// waits for the whole group: it may yet fail and be rolled back. The
+	// group runs as a chain, so its last operation ends it; its first is
+	// where runner.decide sees that the group failed. Two edges, not one
+	// per member: 14,000 operations on a group of 14,000 were 196 million.
 	addDep := func(op *operation, j int) {
 		if g := b.ops[j].group; g != 0 && g != op.group {
-			for _, k := range b.groups[g-1].ops {
-				add(op, k)
-			}
+			members := b.groups[g-1].ops
+			add(op, members[0])
+			add(op, members[len(members)-1])
 			return
 		}
 		add(op, j)
@@ -93,6 +96,9 @@ func (p *parser) resolveDeps(b *batch) {
 	if b.mode == modeSequential {
 		for _, op := range b.ops {
 			for _, d := range op.deps {
+				if g := b.ops[d].group; g != 0 && g != op.group && d != b.groups[g-1].ops[0] {
+					continue // another group, named once by its first
+				}
 				if d > op.index {
 					p.opFault(op, "depends on %q, which comes later: in sequential mode an operation can only depend on earlier ones", b.ops[d].id)
 				}

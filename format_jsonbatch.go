@@ -27,8 +27,8 @@ var jsonBatch format = jsonBatchFormat{}
 
 func (jsonBatchFormat) name() string { return "jsonbatch" }
 
-// jsonBatchFields are the members of a JSON batch request object; rollback
-// is caddy-batch's own, as in the native format.
+// jsonBatchField returns the bit of a member of a JSON batch request
+// object; rollback is caddy-batch's own, as in the native format.
 func jsonBatchField(key string) int {
 	switch key {
 	case "id":
@@ -41,7 +41,7 @@ func jsonBatchField(key string) int {
 		return fieldHeaders
 	case "body":
 		return fieldBody
-	case "dependsOn":
+	case "dependsOn", "depends_on": // Graph's Python SDK writes depends_on, [] for none
 		return fieldDependsOn
 	case "atomicityGroup":
 		return fieldGroup
@@ -190,6 +190,9 @@ func (jsonBatchFormat) decode(r *http.Request, body []byte, lim *rules) (*batch,
 	var requests gjson.Result
 	gjson.ParseBytes(body).ForEach(func(k, v gjson.Result) bool {
 		switch key := k.String(); {
+		case key == "requests" && requests.Exists():
+			// Readers differ on which one counts: none does.
+			p.batchFault(`field "requests" given twice`)
 		case key == "requests":
 			requests = v
 		case strings.HasPrefix(key, "@"): // annotations

@@ -4,6 +4,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 )
@@ -215,5 +216,61 @@ func TestJSONBatchAsync(t *testing.T) {
 	status, _, _ = send(t, "POST", base+"/batch", `{"requests":[{"id":"x","url":"/health"}]}`, "Content-Type: text/plain")
 	if status != http.StatusUnsupportedMediaType {
 		t.Errorf("text/plain: %d", status)
+	}
+}
+
+// Microsoft Graph's Python SDK (msgraph-core) writes "depends_on" on every
+// step, [] when there is none, and lower-case header names: it is taken as
+// dependsOn, and honoured. Both at once is the usual duplicate.
+func TestJSONBatchDependsOnSnakeCase(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, graphSite(be, ""))
+	const (
+		u1 = "8c3c3b4e-9e0a-4a59-b3f4-2b1c5e1d0a01"
+		u2 = "8c3c3b4e-9e0a-4a59-b3f4-2b1c5e1d0a02"
+		u3 = "8c3c3b4e-9e0a-4a59-b3f4-2b1c5e1d0a03"
+		u4 = "8c3c3b4e-9e0a-4a59-b3f4-2b1c5e1d0a04"
+	)
+	status, _, body := send(t, "POST", base+"/v1.0/$batch", `{"requests":[
+		{"id":"`+u1+`","method":"POST","url":"/users","depends_on":[],"headers":{"content-type":"application/json"},"body":{"name":"Py"}},
+		{"id":"`+u2+`","method":"GET","url":"/users/1","depends_on":["`+u1+`"],"headers":{}},
+		{"id":"`+u3+`","method":"GET","url":"/users/999","depends_on":[],"headers":{}},
+		{"id":"`+u4+`","method":"GET","url":"/users","depends_on":["`+u3+`"],"headers":{}}]}`)
+	if status != 200 {
+		t.Fatalf("status %d: %s", status, body)
+	}
+	res := mustJSON(t, body)
+	for i, want := range []int64{201, 200, 404, 424} {
+		if r := res.Get(fmt.Sprintf("responses.%d", i)); r.Get("status").Int() != want {
+			t.Errorf("response %d: %s, want %d", i, r.Raw, want)
+		}
+	}
+	var got []string
+	for _, r := range be.requests() {
+		got = append(got, r.Method+" "+r.Path)
+	}
+	if strings.Join(got, ",") != "POST /users,GET /users/1,GET /users/999" {
+		t.Errorf("backend saw %v", got)
+	}
+	status, _, body = send(t, "POST", base+"/v1.0/$batch", `{"requests":[
+		{"id":"1","url":"/users"},
+		{"id":"2","url":"/users","dependsOn":["1"],"depends_on":["1"]}]}`)
+	if status != 400 || !strings.Contains(body, "given twice") {
+		t.Errorf("both spellings: %d %s", status, body)
+	}
+}
+
+// "requests" given twice is refused, as a native envelope field given
+// twice is: JSON readers differ on which one counts (gjson's Get, which
+// found it a JSON batch, reads the first; the decoder ran the last).
+func TestJSONBatchRequestsTwice(t *testing.T) {
+	lim := ptLimits(t, nil)
+	r := httptest.NewRequest(http.MethodPost, "/$batch", nil)
+	b, err := jsonBatch.decode(r, []byte(`{"requests":[{"id":"1","url":"/a"}],"requests":[{"id":"1","method":"DELETE","url":"/b"}]}`), lim)
+	if err == nil {
+		t.Fatalf("accepted, running %s %s", b.ops[0].method, b.ops[0].target)
+	}
+	if !strings.Contains(err.Error(), `field "requests" given twice`) {
+		t.Errorf("refused with %v", err)
 	}
 }

@@ -30,7 +30,7 @@ func (multipartFormat) name() string { return "multipart" }
 // Bounds of the multipart reader, beyond max_body_size and max_ops.
 const (
 	maxBoundary        = 70       // RFC 2046
-	maxPartHeaderBytes = 64 << 10 // the headers of one part, or of its request
+	maxPartHeaderBytes = 64 << 10 // the headers of a part or of its request, and its request line
 	maxPartHeaders     = 100
 )
 
@@ -44,48 +44,61 @@ func multipartBoundary(ct string) string {
 	return params["boundary"]
 }
 
-// splitMultipart returns the bodies of the parts of a multipart body, a
-// message when it is malformed. Delimiters are found by one forward
-// search each: linear in the body. Lines may end in CRLF or LF.
-func splitMultipart(body []byte, boundary string) ([][]byte, string) {
+// partSplitter finds the parts of a multipart body one at a time, so that
+// a reader that stops at a limit leaves the rest unsplit. Delimiters are
+// found by one forward search each: linear in the body. Lines may end in
+// CRLF or LF.
+type partSplitter struct {
+	body  []byte
+	delim []byte // "\n--boundary": a delimiter starts a line
+	i     int    // just after the last delimiter found
+	err   string // why the body is malformed, once next has said so
+}
+
+// newPartSplitter starts at the first delimiter of body.
+func newPartSplitter(body []byte, boundary string) (*partSplitter, string) {
 	if boundary == "" || len(boundary) > maxBoundary {
 		return nil, fmt.Sprintf("multipart boundary must be 1 to %d characters", maxBoundary)
 	}
-	dash := []byte("--" + boundary)
-	var i int
+	s := &partSplitter{body: body, delim: []byte("\n--" + boundary)}
+	dash := s.delim[1:]
 	if bytes.HasPrefix(body, dash) {
-		i = len(dash)
-	} else if k := bytes.Index(body, append([]byte("\n"), dash...)); k >= 0 {
-		i = k + 1 + len(dash) // after a preamble, which means nothing
+		s.i = len(dash)
+	} else if k := bytes.Index(body, s.delim); k >= 0 {
+		s.i = k + len(s.delim) // after a preamble, which means nothing
 	} else {
 		return nil, "multipart body has no part"
 	}
-	var parts [][]byte
-	for {
-		if bytes.HasPrefix(body[i:], []byte("--")) {
-			return parts, "" // the close delimiter; an epilogue means nothing
-		}
-		// The rest of the delimiter line: transport padding, then its end.
-		for i < len(body) && (body[i] == ' ' || body[i] == '\t') {
-			i++
-		}
-		switch {
-		case bytes.HasPrefix(body[i:], []byte("\r\n")):
-			i += 2
-		case bytes.HasPrefix(body[i:], []byte("\n")):
-			i++
-		default:
-			return nil, "multipart delimiter line has more than the boundary"
-		}
-		k := bytes.Index(body[i:], append([]byte("\n"), dash...))
-		if k < 0 {
-			return nil, "multipart body is not terminated by its close delimiter"
-		}
-		part := body[i : i+k]
-		part = bytes.TrimSuffix(part, []byte("\r")) // the CRLF before a delimiter is the delimiter's
-		parts = append(parts, part)
-		i += k + 1 + len(dash)
+	return s, ""
+}
+
+// next returns the body of the next part; false at the close delimiter,
+// or when the body is malformed (s.err says how).
+func (s *partSplitter) next() ([]byte, bool) {
+	body, i := s.body, s.i
+	if s.err != "" || bytes.HasPrefix(body[i:], []byte("--")) {
+		return nil, false // the close delimiter; an epilogue means nothing
 	}
+	// The rest of the delimiter line: transport padding, then its end.
+	for i < len(body) && (body[i] == ' ' || body[i] == '\t') {
+		i++
+	}
+	switch {
+	case bytes.HasPrefix(body[i:], []byte("\r\n")):
+		i += 2
+	case bytes.HasPrefix(body[i:], []byte("\n")):
+		i++
+	default:
+		s.err = "multipart delimiter line has more than the boundary"
+		return nil, false
+	}
+	k := bytes.Index(body[i:], s.delim)
+	if k < 0 {
+		s.err = "multipart body is not terminated by its close delimiter"
+		return nil, false
+	}
+	s.i = i + k + len(s.delim)
+	return bytes.TrimSuffix(body[i:i+k], []byte("\r")), true // the CRLF before a delimiter is the delimiter's
 }
 
 // header is one header line as written.
@@ -146,7 +159,7 @@ func validPartID(s string) bool {
 }
 
 func (multipartFormat) decode(r *http.Request, body []byte, lim *rules) (*batch, error) {
-	parts, msg := splitMultipart(body, multipartBoundary(r.Header.Get("Content-Type")))
+	parts, msg := newPartSplitter(body, multipartBoundary(r.Header.Get("Content-Type")))
 	if msg != "" {
 		return nil, badBatchError{{Index: -1, Message: msg}}
 	}
@@ -156,31 +169,54 @@ func (multipartFormat) decode(r *http.Request, body []byte, lim *rules) (*batch,
 	if b.atomicity != atomicNone {
 		b.mode = modeSequential // a failure must stop what comes after it
 	}
-	// Each part an operation, or a changeset of them: counted first, so
-	// that an oversized batch costs no more.
+	// Each part an operation, or a changeset of them. Every part is
+	// counted as it is split, a changeset's too, and an empty changeset
+	// or a malformed part as one: past max_ops the batch is refused before
+	// another part is split or its headers read.
 	type item struct {
 		headers []header
 		body    []byte
 		group   string
 	}
 	var items []item
-	for _, part := range parts {
+	n := 0
+	count := func() error {
+		if n++; n > lim.maxOps {
+			return tooManyOpsError{n: n, max: lim.maxOps}
+		}
+		return nil
+	}
+	for part, ok := parts.next(); ok; part, ok = parts.next() {
 		hs, rest, msg := readHeadersBounded(part)
-		if msg != "" {
-			p.batchFault("part %d: %s", len(items), msg)
-			continue
+		cs := ""
+		if msg == "" {
+			cs = multipartBoundary(headerValue(hs, "Content-Type"))
 		}
-		cs := multipartBoundary(headerValue(hs, "Content-Type"))
 		if cs == "" {
-			items = append(items, item{hs, rest, ""})
+			if err := count(); err != nil {
+				return nil, err
+			}
+			if msg != "" {
+				p.batchFault("part %d: %s", n-1, msg)
+			} else {
+				items = append(items, item{hs, rest, ""})
+			}
 			continue
 		}
-		inner, msg := splitMultipart(rest, cs)
+		inner, msg := newPartSplitter(rest, cs)
 		if msg != "" {
+			if err := count(); err != nil {
+				return nil, err
+			}
 			p.batchFault("changeset: %s", msg)
 			continue
 		}
-		for _, in := range inner {
+		empty := true
+		for in, ok := inner.next(); ok; in, ok = inner.next() {
+			empty = false
+			if err := count(); err != nil {
+				return nil, err
+			}
 			ihs, irest, msg := readHeadersBounded(in)
 			switch {
 			case msg != "":
@@ -191,9 +227,17 @@ func (multipartFormat) decode(r *http.Request, body []byte, lim *rules) (*batch,
 				items = append(items, item{ihs, irest, cs})
 			}
 		}
-		if len(items) > lim.maxOps {
-			break
+		if inner.err != "" {
+			p.batchFault("changeset: %s", inner.err)
 		}
+		if empty {
+			if err := count(); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if parts.err != "" {
+		p.batchFault("%s", parts.err)
 	}
 	if err := p.errFaults(); err != nil {
 		return nil, err
@@ -214,10 +258,12 @@ func (multipartFormat) decode(r *http.Request, body []byte, lim *rules) (*batch,
 	return p.finish(b)
 }
 
-// readHeadersBounded is readHeaders within maxPartHeaderBytes.
+// readHeadersBounded is readHeaders within maxPartHeaderBytes. The blank
+// line is looked for there only: a changeset's part holds all of it.
 func readHeadersBounded(part []byte) ([]header, []byte, string) {
-	end := bytes.Index(part, []byte("\n\n"))
-	if crlf := bytes.Index(part, []byte("\r\n\r\n")); crlf >= 0 && (end < 0 || crlf < end) {
+	head := part[:min(len(part), maxPartHeaderBytes+len("\r\n\r\n"))]
+	end := bytes.Index(head, []byte("\n\n"))
+	if crlf := bytes.Index(head, []byte("\r\n\r\n")); crlf >= 0 && (end < 0 || crlf < end) {
 		end = crlf
 	}
 	if end > maxPartHeaderBytes || end < 0 && len(part) > maxPartHeaderBytes {
@@ -239,6 +285,11 @@ func (p *parser) parseHTTPPart(op *operation, partHeaders []header, msg []byte, 
 		p.linked = true
 	}
 	line, rest, _ := bytes.Cut(msg, []byte("\n"))
+	if len(line) > maxPartHeaderBytes {
+		// Spaces in it become "%20": an 8 MB line allocated 117 MB.
+		p.opFault(op, "request line longer than %d bytes", maxPartHeaderBytes)
+		return
+	}
 	method, target, ok := parseRequestLine(string(bytes.TrimSuffix(line, []byte("\r"))))
 	if !ok {
 		p.opFault(op, "request line %q is not METHOD TARGET HTTP/1.x", short(string(line)))
@@ -248,6 +299,16 @@ func (p *parser) parseHTTPPart(op *operation, partHeaders []header, msg []byte, 
 	if errMsg != "" {
 		p.opFault(op, "request: %s", errMsg)
 		return
+	}
+	// The body ends where its Content-Length says, blank lines after it
+	// aside; without one, blank lines alone are no body: OData clients
+	// put them after GET and DELETE parts, and the API read them as one.
+	if cl := headerValue(hs, "Content-Length"); cl != "" {
+		if n, err := strconv.Atoi(cl); err == nil && n >= 0 && n <= len(body) && onlyLineEnds(body[n:]) {
+			body = body[:n]
+		}
+	} else if onlyLineEnds(body) {
+		body = nil
 	}
 	op.method = method
 	p.checkMethod(op)
@@ -312,6 +373,11 @@ func (p *parser) parseHTTPPart(op *operation, partHeaders []header, msg []byte, 
 	p.checkTemplatedTarget(op)
 }
 
+// onlyLineEnds reports whether b holds nothing but CR and LF.
+func onlyLineEnds(b []byte) bool {
+	return len(bytes.Trim(b, "\r\n")) == 0
+}
+
 // parseRequestLine splits "METHOD TARGET HTTP/1.x". OData's examples
 // write spaces in targets unencoded ("$filter=Building eq 1"): they are
 // taken as %20.
@@ -327,8 +393,16 @@ func parseRequestLine(line string) (method, target string, ok bool) {
 	return method, strings.ReplaceAll(rest[:i], " ", "%20"), true
 }
 
-func (multipartFormat) sink(w http.ResponseWriter, _ *http.Request, _ *batch) sink {
-	return &multipartSink{w: w, boundary: "batch_" + randomHex()}
+func (multipartFormat) sink(w http.ResponseWriter, r *http.Request, _ *batch) sink {
+	s := &multipartSink{w: w, boundary: "batch_" + randomHex()}
+	// Only OData V1 to V3 clients send these headers (V4 has
+	// OData-Version), and V2 ones (SAP's) fail on a batch answered other
+	// than 202, which [MS-ODATA] 2.2.7.6.6 asks for, in batch format 1.0.
+	if r.Method == http.MethodPost && (r.Header.Get("DataServiceVersion") != "" || r.Header.Get("MaxDataServiceVersion") != "") {
+		s.out.status = http.StatusAccepted
+		w.Header().Set("DataServiceVersion", "1.0")
+	}
+	return s
 }
 
 func randomHex() string {

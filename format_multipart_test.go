@@ -10,6 +10,7 @@ import (
 	"mime/multipart"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -277,4 +278,173 @@ func TestMultipartAsyncAndIdempotent(t *testing.T) {
 	if hdr2.Get("Idempotent-Replayed") != "true" || !bytes.Equal(first, again) || hdr2.Get("Content-Type") != hdr1.Get("Content-Type") {
 		t.Errorf("replay: %v %q", hdr2, again)
 	}
+}
+
+// A multipart batch over max_ops is refused 413 having read no more than
+// max_ops parts, whether they stand alone or in one changeset: a
+// changeset used to be split, and its parts' headers read, whole before
+// it was counted (one 9.4 MB body of tiny parts grew memory by 270 MiB).
+func TestMultipartPartsCounted(t *testing.T) {
+	const maxOps, parts = 100, 100000
+	lim := ptLimits(t, &Handler{MaxOps: maxOps})
+	tiny := strings.Repeat("--c\r\nContent-Type: application/http\r\n\r\nGET /a HTTP/1.1\r\n\r\n\r\n", parts) + "--c--\r\n"
+	for name, body := range map[string]string{
+		"one changeset": "--b\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n" + tiny + "--b--\r\n",
+		"top level":     strings.ReplaceAll(tiny, "--c", "--b"),
+		"empty changesets": strings.Repeat("--b\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n--c--\r\n", parts) +
+			"--b--\r\n",
+	} {
+		r := httptest.NewRequest(http.MethodPost, "http://h/batch", nil)
+		r.Header.Set("Content-Type", "multipart/mixed; boundary=b")
+		raw := []byte(body)
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		_, err := multipartMixed.decode(r, raw, lim)
+		runtime.ReadMemStats(&after)
+		var tooMany tooManyOpsError
+		if !errors.As(err, &tooMany) {
+			t.Errorf("%s: %v, want too many operations", name, err)
+		}
+		// What a hundred parts cost, not what a hundred thousand do.
+		mallocs, bytes := after.Mallocs-before.Mallocs, after.TotalAlloc-before.TotalAlloc
+		t.Logf("%s: %d bytes in %d parts: %d allocations, %d bytes", name, len(body), parts, mallocs, bytes)
+		if mallocs > 20*maxOps || bytes > 1<<20 {
+			t.Errorf("%s: %d allocations of %d bytes for max_ops %d", name, mallocs, bytes, maxOps)
+		}
+	}
+}
+
+// A part's request line is bounded as its headers are: its spaces become
+// "%20", and an 8 MB line of them allocated 117 MB and was sent on.
+func TestMultipartRequestLineBounded(t *testing.T) {
+	lim := ptLimits(t, &Handler{MaxBodySize: 16 << 20})
+	for _, c := range []struct {
+		pairs int // of " a" in the path
+		fault bool
+	}{{1000, false}, {4 << 20, true}} {
+		body := []byte("--b\r\nContent-Type: application/http\r\n\r\nGET /" + strings.Repeat(" a", c.pairs) + " HTTP/1.1\r\n\r\n\r\n--b--\r\n")
+		r := httptest.NewRequest(http.MethodPost, "http://h/batch", nil)
+		r.Header.Set("Content-Type", "multipart/mixed; boundary=b")
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		_, err := multipartMixed.decode(r, body, lim)
+		runtime.ReadMemStats(&after)
+		alloc := after.TotalAlloc - before.TotalAlloc
+		if c.fault != (err != nil) || c.fault && !strings.Contains(err.Error(), "request line longer than 65536 bytes") {
+			t.Errorf("a request line of %d bytes: %v", len(body), err)
+		}
+		if c.fault && alloc > 1<<20 {
+			t.Errorf("refusing a request line of %d bytes allocated %d", len(body), alloc)
+		}
+	}
+}
+
+// OData clients put blank lines after GET and DELETE parts: such a part
+// has no body, and the API gets none, nor a Content-Length. A body ends
+// where its Content-Length says, blank lines after it aside.
+func TestMultipartBlankLineBodies(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, ""))
+	be.seed("Ann", "Bo")
+	part := func(id, request string) string {
+		return "--batch_1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\nContent-ID: " + id + "\r\n\r\n" + request
+	}
+	for _, c := range []struct {
+		name, body string
+		want       []string // method, path and body the API saw
+	}{
+		{"blank lines", part("1", "GET /users/1 HTTP/1.1\r\nAccept: application/json\r\n\r\n\r\n\r\n") +
+			part("2", "DELETE /users/2 HTTP/1.1\r\n\r\n\n\r\n\r\n") +
+			part("3", "GET /users HTTP/1.1\r\n\r\n\r\n") + "--batch_1--\r\n",
+			[]string{"GET /users/1 ", "DELETE /users/2 ", "GET /users "}},
+		{"Content-Length", part("4", "POST /users HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{\"name\":\"C\"}\r\n\r\n\r\n") +
+			part("5", "GET /users/1 HTTP/1.1\r\nContent-Length: 0\r\n\r\n\r\n\r\n") + "--batch_1--\r\n",
+			[]string{`POST /users {"name":"C"}`, "GET /users/1 "}},
+	} {
+		before := len(be.requests())
+		status, hdr, answer := sendMultipart(t, base+"/batch", "batch_1", c.body)
+		if status != 200 {
+			t.Errorf("%s: status %d: %s", c.name, status, answer)
+			continue
+		}
+		for i, p := range readParts(t, hdr.Get("Content-Type"), answer) {
+			if p.resp.StatusCode >= 300 {
+				t.Errorf("%s: part %d: %s %q", c.name, i, p.resp.Status, p.body)
+			}
+		}
+		var got []string
+		for _, r := range be.requests()[before:] {
+			got = append(got, r.Method+" "+r.Path+" "+string(r.Body))
+			if cl := r.Header.Get("Content-Length"); r.Method != "POST" && cl != "" {
+				t.Errorf("%s: %s %s came with Content-Length %s", c.name, r.Method, r.Path, cl)
+			}
+		}
+		if strings.Join(got, "|") != strings.Join(c.want, "|") {
+			t.Errorf("%s: the API saw %q, want %q", c.name, got, c.want)
+		}
+	}
+}
+
+// OData V2 clients (SAP's) send DataServiceVersion or MaxDataServiceVersion
+// and need a batch answered 202 Accepted ([MS-ODATA] 2.2.7.6.6), with
+// DataServiceVersion 1.0 as its example has it; others get 200, as OData
+// V4 says.
+func TestMultipartODataV2Accepted(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, ""))
+	be.seed("Ann")
+	const body = "--batch_1\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\n" +
+		"GET /users/1 HTTP/1.1\r\nAccept: application/json\r\nDataServiceVersion: 2.0\r\n\r\n\r\n--batch_1--\r\n"
+	for _, c := range []struct {
+		headers []string
+		status  int
+		dsv     string
+	}{
+		{[]string{"DataServiceVersion: 2.0", "MaxDataServiceVersion: 2.0"}, 202, "1.0"},
+		{[]string{"MaxDataServiceVersion: 3.0"}, 202, "1.0"},
+		{[]string{"OData-Version: 4.0"}, 200, ""},
+		{nil, 200, ""},
+	} {
+		before := len(be.requests())
+		status, hdr, answer := sendMultipart(t, base+"/batch", "batch_1", body, c.headers...)
+		parts := readParts(t, hdr.Get("Content-Type"), answer)
+		if status != c.status || hdr.Get("DataServiceVersion") != c.dsv || len(parts) != 1 || parts[0].resp.StatusCode != 200 ||
+			!strings.Contains(parts[0].body, `"name":"Ann"`) {
+			t.Errorf("%v: %d DataServiceVersion %q: %s", c.headers, status, hdr.Get("DataServiceVersion"), answer)
+		}
+		if seen := be.requests()[before:]; len(seen) != 1 || seen[0].Path != "/users/1" || seen[0].Header.Get("DataServiceVersion") != "2.0" {
+			t.Errorf("%v: the API saw %v", c.headers, seen)
+		}
+	}
+	// Its 202 is an answer an Idempotency-Key keeps: a repeat is replayed,
+	// not run again.
+	before := len(be.requests())
+	for i := range 2 {
+		status, hdr, _ := sendMultipart(t, base+"/batch", "batch_1", body, "DataServiceVersion: 2.0", alice, "Idempotency-Key: v2-once")
+		if status != 202 || hdr.Get("Idempotent-Stored") == "false" || (i == 1) != (hdr.Get("Idempotent-Replayed") == "true") {
+			t.Errorf("send %d with a key: %d %v", i+1, status, hdr)
+		}
+	}
+	if n := len(be.requests()) - before; n != 1 {
+		t.Errorf("a V2 batch sent twice with one Idempotency-Key ran %d times", n)
+	}
+}
+
+// splitMultipart returns the bodies of the parts of a multipart body, a
+// message when it is malformed: all a partSplitter finds.
+func splitMultipart(body []byte, boundary string) ([][]byte, string) {
+	s, msg := newPartSplitter(body, boundary)
+	if msg != "" {
+		return nil, msg
+	}
+	var parts [][]byte
+	for part, ok := s.next(); ok; part, ok = s.next() {
+		parts = append(parts, part)
+	}
+	if s.err != "" {
+		return nil, s.err
+	}
+	return parts, ""
 }

@@ -95,7 +95,7 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 			return status() == http.StatusAccepted, err
 		}
 		sum, err := h.run(w, r, next, b)
-		return status() == http.StatusOK && sum.cut == 0, err
+		return (status() == http.StatusOK || status() == http.StatusAccepted) && sum.cut == 0, err // 202: an OData V2 batch
 	})
 }
 

@@ -2,6 +2,7 @@ package batch
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/base64"
 	"encoding/json"
 	"net/http"
@@ -195,6 +196,8 @@ type chunkWriter struct {
 	ctype string
 	buf   []byte
 	sent  bool // the status line and headers are written
+	// status is the answer's status; 0 is 200.
+	status int
 }
 
 const sinkChunk = 32 << 10
@@ -222,7 +225,7 @@ func (c *chunkWriter) write() {
 	if !c.sent {
 		c.sent = true
 		c.w.Header().Set("Content-Type", c.ctype)
-		c.w.WriteHeader(http.StatusOK)
+		c.w.WriteHeader(cmp.Or(c.status, http.StatusOK))
 	}
 	_, _ = c.w.Write(c.buf)
 	c.buf = c.buf[:0]
