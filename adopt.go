@@ -43,7 +43,7 @@ func (a *asyncJobs) adopt(ctx context.Context) {
 		if ctx.Err() != nil || !p.hasRoom() {
 			return
 		}
-		if p.lookup(id) != nil {
+		if p.holds(id) {
 			continue
 		}
 		if err := a.adoptOne(ctx, id, self, identity); err != nil {

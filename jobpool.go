@@ -41,7 +41,10 @@ type jobPool struct {
 	// through once it starts.
 	endpoints map[string]endpoint
 
-	deliveries  int  // webhook deliveries in flight
+	deliveries int // webhook deliveries in flight
+	// sending holds the jobs whose end event this process is delivering:
+	// ended and forgotten, they are not orphans to take over.
+	sending     map[string]bool
 	hooksClosed bool // no more deliveries start
 	hookWG      sync.WaitGroup
 
@@ -208,6 +211,14 @@ func (p *jobPool) sweepQueue() {
 	}
 }
 
+// holds reports whether this process queues, runs or holds job id, or
+// delivers its end event.
+func (p *jobPool) holds(id string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.jobs[id] != nil || p.sending[id]
+}
+
 // lookup returns the job if this process queues, runs or holds it.
 func (p *jobPool) lookup(id string) *job {
 	p.mu.Lock()
@@ -341,9 +352,9 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 	}
 }
 
-// startDelivery counts a delivery in; it returns why not when it may not
-// start.
-func (p *jobPool) startDelivery() string {
+// startDelivery counts a delivery in, of the end event of job id if not
+// ""; it returns why not when it may not start.
+func (p *jobPool) startDelivery(id string) string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	switch {
@@ -354,12 +365,19 @@ func (p *jobPool) startDelivery() string {
 	}
 	p.deliveries++
 	p.hookWG.Add(1)
+	if id != "" {
+		if p.sending == nil {
+			p.sending = map[string]bool{}
+		}
+		p.sending[id] = true
+	}
 	return ""
 }
 
-func (p *jobPool) deliveryDone() {
+func (p *jobPool) deliveryDone(id string) {
 	p.mu.Lock()
 	p.deliveries--
+	delete(p.sending, id)
 	p.mu.Unlock()
 	p.hookWG.Done()
 }

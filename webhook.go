@@ -71,9 +71,19 @@ func (wh *Webhook) provision() error {
 	if wh.ProgressInterval < 0 || wh.MaxAttempts < 0 {
 		return fmt.Errorf("webhook: progress_interval and max_attempts must be positive")
 	}
-	wh.client = &http.Client{Timeout: 10 * time.Second}
+	wh.client = &http.Client{
+		Timeout: webhookTimeout,
+		// A redirect is a failed delivery: followed, a receiver could
+		// point a signed event at any internal URL (Caddy's admin API
+		// among them).
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
 	return nil
 }
+
+// webhookTimeout bounds one delivery attempt; a variable, so that tests
+// may shorten it.
+var webhookTimeout = 10 * time.Second
 
 func (wh *Webhook) wants(event string) bool { return slices.Contains(wh.Events, event) }
 
@@ -88,12 +98,12 @@ func (a *asyncJobs) notify(p *jobPool, event string, prog progress) {
 	if ev == nil {
 		return
 	}
-	if why := p.startDelivery(); why != "" {
+	if why := p.startDelivery(""); why != "" {
 		a.dropped(ev, why)
 		return
 	}
 	go func() {
-		defer p.deliveryDone()
+		defer p.deliveryDone("")
 		a.deliver(p.hooks, ev)
 	}()
 }
@@ -145,7 +155,7 @@ func (a *asyncJobs) sendEnd(p *jobPool, jobID string, l *lease, ev *webhookEvent
 		}
 		a.store.deactivate(jobID)
 	}
-	if why := p.startDelivery(); why != "" {
+	if why := p.startDelivery(jobID); why != "" {
 		a.dropped(ev, why+"; left stored for the next look")
 		if l != nil {
 			l.release(context.Background())
@@ -153,7 +163,7 @@ func (a *asyncJobs) sendEnd(p *jobPool, jobID string, l *lease, ev *webhookEvent
 		return
 	}
 	go func() {
-		defer p.deliveryDone()
+		defer p.deliveryDone(jobID)
 		if !a.deliver(p.hooks, ev) && p.hooks.Err() != nil {
 			return // cut off by a shutdown: its lease expires, and another instance sends it
 		}
@@ -179,6 +189,10 @@ func (a *asyncJobs) deliver(ctx context.Context, ev *webhookEvent) bool {
 			return true
 		}
 		a.metrics.webhooks.WithLabelValues("failed").Inc()
+		if status >= 300 && status < 400 {
+			a.logger.Warn("webhook receiver answered a redirect, which is not followed: a failed delivery",
+				zap.String("event", ev.ID), zap.Int("status", status))
+		}
 		// Full jitter keeps many failed deliveries from retrying in step.
 		if attempt == wh.MaxAttempts || ctx.Err() != nil || !sleepCtx(ctx, wait/2+rand.N(wait/2+1)) {
 			a.metrics.webhooks.WithLabelValues("given_up").Inc()

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -238,4 +239,62 @@ func TestAsyncWebhookEventOutlivesInstance(t *testing.T) {
 		_, err2 := os.Stat(filepath.Join(storage, "batch", "active", id))
 		return os.IsNotExist(err1) && os.IsNotExist(err2)
 	})
+}
+
+// A webhook receiver answering a redirect does not get the event sent on:
+// not to another host, not to an internal URL such as Caddy's admin API.
+// The redirect is a failed delivery, retried at the receiver's URL.
+func TestAsyncWebhookRedirectNotFollowed(t *testing.T) {
+	setVar(t, &webhookBackoff, 10*time.Millisecond)
+	var internal atomic.Int64
+	target := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { internal.Add(1) }))
+	t.Cleanup(target.Close)
+	for _, code := range []int{301, 302, 303, 307, 308} {
+		var posts atomic.Int64
+		recv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			posts.Add(1)
+			http.Redirect(w, r, target.URL+"/stop", code)
+		}))
+		be := newBackend(t)
+		base := startCaddy(t, asyncSite(be, "webhook "+recv.URL+" {\n\tsecret s\n\tmax_attempts 2\n}"))
+		waitJob(t, base+"/batch/"+submitJob(t, base+"/batch", `[{"path":"/health"}]`), alice, "completed")
+		eventually(t, 5*time.Second, "both attempts at the receiver", func() bool { return posts.Load() == 2 })
+		if err := caddy.Stop(); err != nil {
+			t.Fatal(err)
+		}
+		recv.Close()
+		if n := internal.Load(); n != 0 {
+			t.Fatalf("%d: the redirect was followed %d times", code, n)
+		}
+	}
+}
+
+// The end event of a job is delivered by one delivery, however long its
+// receiver takes: the instance that sends it does not take the job over
+// from itself while it does, and nothing re-delivers it.
+func TestAsyncWebhookDeliveredOnce(t *testing.T) {
+	setVar(t, &webhookTimeout, 300*time.Millisecond)
+	setVar(t, &webhookGrace, 50*time.Millisecond)
+	var posts atomic.Int64
+	recv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		posts.Add(1)
+		select { // never answers in time
+		case <-r.Context().Done():
+		case <-time.After(2 * time.Second):
+		}
+	}))
+	t.Cleanup(recv.Close)
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, "lease 500ms\n\t\t\twebhook "+recv.URL+" {\n\tsecret s\n\tmax_attempts 1\n}"))
+	waitJob(t, base+"/batch/"+submitJob(t, base+"/batch", `[{"path":"/health"}]`), alice, "completed")
+	eventually(t, 5*time.Second, "a delivery", func() bool { return posts.Load() > 0 })
+	// Many looks for orphaned jobs (every lease/10) and the attempt's
+	// timeout pass.
+	time.Sleep(1500 * time.Millisecond)
+	if n := posts.Load(); n != 1 {
+		t.Errorf("the event was posted %d times with max_attempts 1", n)
+	}
+	if n := goroutinesIn("(*asyncJobs).deliver"); n != 0 {
+		t.Errorf("%d deliveries still in flight", n)
+	}
 }
