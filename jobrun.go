@@ -65,6 +65,9 @@ func (j *job) halted() string {
 
 func (j *job) handingOver() bool { return j.resumable() && j.a.pool.draining.Load() }
 
+// leaseLost reports whether another instance took the job over.
+func (j *job) leaseLost() bool { return j.lease != nil && j.lease.lost() }
+
 // snapshot returns the job's record as it is now.
 func (j *job) snapshot() jobRecord {
 	j.mu.Lock()

@@ -93,7 +93,9 @@ func (s *storeSink) resume() error {
 }
 
 func (s *storeSink) put(_ int, op *operation, res *result) {
-	if s.halted || res.cut && s.j.resumable() && errors.Is(context.Cause(s.stop), errInterrupted) {
+	// Once the lease is lost, another instance runs the job and records
+	// it: nothing more is this one's to store.
+	if s.halted || s.j.leaseLost() || res.cut && s.j.resumable() && errors.Is(context.Cause(s.stop), errInterrupted) {
 		s.halted = true
 		return
 	}
@@ -142,7 +144,7 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 // write hands the results of buf not yet stored to a write of the current
 // part, with the record as it stands; next then starts the next part.
 func (s *storeSink) write(next bool) {
-	if s.wait(); s.err != nil {
+	if s.wait(); s.err != nil || s.j.leaseLost() {
 		return
 	}
 	if s.inBuf > s.written {
@@ -157,8 +159,12 @@ func (s *storeSink) write(next bool) {
 		rec := s.j.snapshot()
 		s.writing, s.flying = make(chan written, 1), data
 		go func(done chan<- written) {
+			if s.j.leaseLost() {
+				done <- written{stored: s.stored, err: errLeaseLost}
+				return
+			}
 			err := s.store(key, data)
-			if err == nil {
+			if err == nil && !s.j.leaseLost() {
 				if err := s.j.saveRecord(s.ctx, rec); err != nil {
 					// Not fatal: the results are stored, and the end is retried.
 					s.j.a.logger.Warn("storing async batch progress", zap.String("id", rec.ID), zap.Error(err))

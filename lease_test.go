@@ -2,8 +2,11 @@ package batch
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -221,5 +224,61 @@ func TestJobLeasedBeforeListed(t *testing.T) {
 	defer mu.Unlock()
 	if len(listed) != 3 || len(unleased) != 0 {
 		t.Errorf("jobs listed as active: %v; of them listed before their lease was stored: %v", listed, unleased)
+	}
+}
+
+// A job whose lease another instance took (a peer whose clock runs ahead,
+// renewals that failed) stops at once and records nothing it did not do:
+// no operation it did not send counts as done, nothing stored says 499,
+// and whoever holds the lease next runs what is left.
+func TestAsyncLeaseLostRecordsNothingMore(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddy(t, asyncSite(be, "lease 1s\n\t\t\tcredentials_key "+testKey), inStorage(storage))
+	const n = 40
+	var ops []string
+	for i := range n {
+		ops = append(ops, fmt.Sprintf(`{"id":"k%d","path":"/slow?id=k%d&d=60ms"}`, i, i))
+	}
+	id := submitJob(t, base+"/batch", "["+strings.Join(ops, ",")+"]")
+	eventually(t, 10*time.Second, "ten operations done", func() bool { return len(be.requests()) >= 10 })
+	leaseFile := filepath.Join(storage, "batch", "jobs", id, "lease")
+	taken, _ := json.Marshal(leaseRecord{Instance: "a-peer-an-hour-ahead", ExpiresAt: time.Now().Add(time.Hour)})
+	if err := os.WriteFile(leaseFile, taken, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "the job given up", func() bool { return thePool(t).lookup(id) == nil })
+	time.Sleep(200 * time.Millisecond) // a write it should not make would land now
+	sent := len(be.requests())
+	var rec jobRecord
+	buf, err := os.ReadFile(filepath.Join(storage, "batch", "jobs", id, "job"))
+	if err != nil || json.Unmarshal(buf, &rec) != nil {
+		t.Fatalf("job record: %v %s", err, buf)
+	}
+	if rec.final() || rec.Completed > sent || rec.Succeeded != rec.Completed {
+		t.Fatalf("after losing its lease with %d operations sent, the job is recorded %s with %d completed, %d succeeded",
+			sent, rec.Status, rec.Completed, rec.Succeeded)
+	}
+	// The lease expires: the job is taken over, and runs what is left.
+	expired, _ := json.Marshal(leaseRecord{Instance: "a-peer-an-hour-ahead", ExpiresAt: time.Now().Add(-time.Second)})
+	if err := os.WriteFile(leaseFile, expired, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := waitJob(t, base+"/batch/"+id, alice, "completed", "error")
+	if p.Get("status").String() != "completed" || p.Get("succeeded").Int() != n {
+		t.Fatalf("the job taken over: %s", p.Raw)
+	}
+	_, _, body := send(t, "GET", base+"/batch/"+id+"/results", "", alice)
+	if res := mustJSON(t, body); strings.Contains(body, `"status":499`) || res.Get("results.#").Int() != n {
+		t.Errorf("results: %s", body)
+	}
+	got := map[string]int{}
+	for _, r := range be.requests() {
+		got[r.Path]++
+	}
+	for i := range n {
+		if k := fmt.Sprintf("/slow?id=k%d&d=60ms", i); got[k] == 0 {
+			t.Errorf("%s never sent", k)
+		}
 	}
 }

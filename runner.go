@@ -173,10 +173,11 @@ func (rn *runner) handingOver() bool {
 }
 
 // handedOver reports whether a shutdown cut off a job another instance
-// resumes: what its operations were cut off from is theirs to finish,
-// and nothing is rolled back.
+// resumes, or another instance took it over: what its operations were cut
+// off from is theirs to finish, and nothing is rolled back.
 func (rn *runner) handedOver() bool {
-	return rn.job != nil && rn.job.resumable() && errors.Is(context.Cause(rn.ctx), errInterrupted)
+	cause := context.Cause(rn.ctx)
+	return rn.job != nil && (rn.job.resumable() && errors.Is(cause, errInterrupted) || errors.Is(cause, errLeaseLost))
 }
 
 // runOne decides what becomes of one operation, and under atomicity
@@ -236,6 +237,8 @@ func (rn *runner) cutOff(ctx context.Context) result {
 		return result{status: http.StatusGatewayTimeout, err: "rollbacks timed out after " + time.Duration(rn.h.Timeout).String(), cut: true}
 	case errors.Is(cause, errInterrupted):
 		return result{status: http.StatusServiceUnavailable, err: "interrupted: the server shut down", cut: true}
+	case errors.Is(cause, errLeaseLost):
+		return result{status: http.StatusServiceUnavailable, err: "taken over by another instance", cut: true}
 	case errors.Is(cause, context.DeadlineExceeded):
 		return result{status: http.StatusGatewayTimeout, err: "batch timed out after " + rn.timeout.String(), cut: true}
 	}
