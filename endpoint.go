@@ -39,14 +39,32 @@ func endpointKey(srv *caddyhttp.Server, r *http.Request, batchPath string) strin
 }
 
 // serveAt records that ep serves at key, as of now.
+// A full map drops the endpoints of configs that have been unloaded; if
+// still full, a new one is not kept: a job submitted there then runs
+// through the handler at its place in the running config (servesJob).
 func (p *jobPool) serveAt(key string, ep endpoint) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.endpoints == nil {
 		p.endpoints = map[string]endpoint{}
 	}
+	if _, ok := p.endpoints[key]; !ok && len(p.endpoints) >= maxEndpoints {
+		for k, e := range p.endpoints {
+			if e.h.ctx.Err() != nil {
+				delete(p.endpoints, k)
+			}
+		}
+		if len(p.endpoints) >= maxEndpoints {
+			return
+		}
+	}
 	p.endpoints[key] = ep
 }
+
+// maxEndpoints bounds the places jobs were submitted at that the pool
+// keeps (a Host and a path are the client's to choose); a variable, so
+// that tests may lower it.
+var maxEndpoints = 1000
 
 func (p *jobPool) endpointAt(key string) (endpoint, bool) {
 	p.mu.Lock()

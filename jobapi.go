@@ -33,11 +33,6 @@ func jobPath(p string) (id, sub string, ok bool) {
 
 // serveJob answers the job endpoints: progress, results and cancel.
 func (a *asyncJobs) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, id, sub string) error {
-	// This handler serves the batch path: jobs queued there start on it.
-	if srv, err := serverOf(r); err == nil {
-		batchPath := r.URL.Path[:strings.LastIndex(r.URL.Path, id)-1]
-		a.pool.serveAt(endpointKey(srv, r, batchPath), endpoint{h: a.h, next: next, srv: srv})
-	}
 	allow := "GET, DELETE"
 	if sub == "results" {
 		allow = "GET"
@@ -67,6 +62,13 @@ func (a *asyncJobs) serve(w http.ResponseWriter, r *http.Request, next caddyhttp
 	// Someone else's job, or an expired one, does not exist for this caller.
 	if subtle.ConstantTimeCompare([]byte(rec.Owner), []byte(owner)) != 1 || now().After(rec.ExpiresAt) {
 		return writeError(w, http.StatusNotFound, "no such batch job")
+	}
+	// This handler serves the batch path of its owner's job: jobs queued
+	// there start on it. Only then: the key holds a Host and a path the
+	// client chose.
+	if srv, err := serverOf(r); err == nil {
+		batchPath := r.URL.Path[:strings.LastIndex(r.URL.Path, id)-1]
+		a.pool.serveAt(endpointKey(srv, r, batchPath), endpoint{h: a.h, next: next, srv: srv})
 	}
 
 	switch {

@@ -322,3 +322,41 @@ func TestAsyncCancel(t *testing.T) {
 		t.Errorf("skipped %d, want %d: %s", res.Get("skipped").Int(), 30-seenAtCancel, body)
 	}
 }
+
+// A request for a job that is not the caller's, or from no caller at all,
+// leaves nothing behind in memory; the places jobs are submitted at, a
+// Host and a path the client chooses, are kept up to a bound.
+func TestJobPathsKeepNothingForStrangers(t *testing.T) {
+	setVar(t, &maxEndpoints, 20)
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, ""))
+	waitJob(t, base+"/batch/"+submitJob(t, base+"/batch", `[{"path":"/health"}]`), alice, "completed")
+	p := thePool(t)
+	endpoints := func() int {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return len(p.endpoints)
+	}
+	before := endpoints()
+	for i := range 2000 {
+		url := fmt.Sprintf("%s/batch/p%d/%032x", base, i, i)
+		if status, _, body := send(t, "GET", url, ""); status != 401 {
+			t.Fatalf("anonymous: %d %s", status, body)
+		}
+		if status, _, body := send(t, "GET", url+"/results", "", "Authorization: Bearer mallory"); status != 404 {
+			t.Fatalf("a stranger: %d %s", status, body)
+		}
+	}
+	if n := endpoints(); n != before {
+		t.Errorf("requests for no job of theirs left %d endpoints, %d before", n, before)
+	}
+	for i := range 50 {
+		status, _, body := send(t, "POST", fmt.Sprintf("%s/batch/p%d", base, i), `[{"path":"/health"}]`, alice, "Prefer: respond-async")
+		if status != 202 {
+			t.Fatalf("submit at /batch/p%d: %d %s", i, status, body)
+		}
+	}
+	if n := endpoints(); n > 20 {
+		t.Errorf("%d endpoints kept, more than the bound of 20", n)
+	}
+}
