@@ -132,7 +132,7 @@ func newAsyncJobs(ctx caddy.Context, h *Handler) (*asyncJobs, error) {
 		return nil, errors.New("async batches need Caddy's storage, and this context has none")
 	}
 	a := &asyncJobs{cfg: cfg, h: h, store: h.storage, logger: h.logger, metrics: h.metrics}
-	h.owner = cfg.Owner
+	h.owners.placeholder = cfg.Owner
 	switch cfg.OpIdempotencyHeader {
 	case "":
 		a.opKey = "Idempotency-Key"
@@ -247,6 +247,11 @@ func writeRefusal(w http.ResponseWriter, b *batch, err error) error {
 // answers 202. When the queue is full it returns errQueueFull, for
 // writeRefusal.
 func (a *asyncJobs) submit(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, b *batch, body []byte) error {
+	if a.store.sealer == nil {
+		if faults := storedCredentials(b); len(faults) > 0 {
+			return b.format.refuse(w, http.StatusBadRequest, "invalid batch", faults)
+		}
+	}
 	j, err := a.newJob(w, r, next, b.format)
 	if j == nil {
 		return err
@@ -262,9 +267,9 @@ func (a *asyncJobs) submit(w http.ResponseWriter, r *http.Request, next caddyhtt
 // returns the job, whose operations are to be stored next; nil when the
 // request was answered (or err says why not).
 func (a *asyncJobs) newJob(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, f format) (*job, error) {
-	owner, ok := a.h.ownerHash(r)
-	if !ok {
-		return nil, a.h.refuseNoOwner(w, f)
+	who, err := a.h.owners.of(r)
+	if err != nil {
+		return nil, a.h.owners.refuse(w, f, err)
 	}
 	srv, err := serverOf(r)
 	if err != nil {
@@ -281,7 +286,7 @@ func (a *asyncJobs) newJob(w http.ResponseWriter, r *http.Request, next caddyhtt
 	spec := &jobSpec{ContentType: r.Header.Get("Content-Type"), Path: r.URL.Path, Conn: storeConn(conn),
 		Endpoint: key, SealedOps: a.store.sealer != nil}
 	_, spec.Handler, _ = a.self()
-	rec := jobRecord{progress: progress{ID: id, Status: stateQueued, CreatedAt: now()}, Owner: owner}
+	rec := jobRecord{progress: progress{ID: id, Status: stateQueued, CreatedAt: now()}, Owner: who.hash}
 	rec.ExpiresAt = rec.CreatedAt.Add(time.Duration(a.cfg.Retention))
 	if f != native {
 		rec.Format = f.name()

@@ -167,7 +167,7 @@ type Handler struct {
 	// accessLog is where operations are logged, as the server logs lone
 	// requests.
 	accessLog *zap.Logger
-	owner     string // placeholder identifying who owns a job or key
+	owners    *owners // who owns a job or an idempotency key
 	keyLocks  *keyLocks
 	metrics   *metrics
 	// gate orders the operations sent downstream: max_inflight, rate
@@ -277,7 +277,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.inherit = append(h.inherit, http.CanonicalHeaderKey(name))
 	}
 	h.ctx = ctx
-	h.owner = defaultOwner
+	h.owners = &owners{placeholder: defaultOwner}
 	h.keyLocks = new(keyLocks)
 	if err := h.provisionEncode(ctx); err != nil {
 		return fmt.Errorf("encode: %w", err)
@@ -292,6 +292,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	if s := storageOf(ctx); s != nil {
 		h.storage = &store{Storage: s, logger: h.logger}
+		h.owners.store = h.storage
 	}
 	if h.Async != nil {
 		if h.jobs, err = newAsyncJobs(ctx, h); err != nil {

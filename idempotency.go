@@ -99,6 +99,12 @@ func (h *Handler) serveIdempotent(w http.ResponseWriter, r *http.Request, next c
 	})
 }
 
+// answerName is where the answer to key, sent by owner, is stored.
+func answerName(owner, key string) string {
+	id := sha256.Sum256([]byte(owner + "\x00" + key))
+	return path.Join(idempotencyPrefix, hex.EncodeToString(id[:]))
+}
+
 // serveOnce answers a batch request sent with an Idempotency-Key key, whose
 // body hashes to bodyHash: with the answer stored for the key, or by
 // serve, whose answer is stored when it says it should be (given the
@@ -108,12 +114,11 @@ func (h *Handler) serveOnce(w http.ResponseWriter, r *http.Request, f format, ke
 	if len(key) > maxIdempotencyKey {
 		return writeError(w, http.StatusBadRequest, fmt.Sprintf("Idempotency-Key must be at most %d characters", maxIdempotencyKey))
 	}
-	owner, ok := h.ownerHash(r)
-	if !ok {
-		return h.refuseNoOwner(w, f)
+	who, err := h.owners.of(r)
+	if err != nil {
+		return h.owners.refuse(w, f, err)
 	}
-	id := sha256.Sum256([]byte(owner + "\x00" + key))
-	name := path.Join(idempotencyPrefix, hex.EncodeToString(id[:]))
+	name := answerName(who.hash, key)
 
 	// The locks make concurrent repeats wait for the first: in this process
 	// on a lock that wakes at once, and across instances on storage's.
@@ -127,6 +132,11 @@ func (h *Handler) serveOnce(w http.ResponseWriter, r *http.Request, f format, ke
 	defer hold.release()
 
 	prev, err := h.loadAnswer(r.Context(), name)
+	if errors.Is(err, fs.ErrNotExist) {
+		// Stored before owners were salted: the same key of the same
+		// owner, under its older name.
+		prev, err = h.loadAnswer(r.Context(), answerName(who.legacy, key))
+	}
 	switch {
 	case err == nil && now().Before(prev.ExpiresAt):
 		hold.release() // a slow reader of the replay holds up nobody

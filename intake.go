@@ -266,10 +266,24 @@ func (in *intake) addOp(raw []byte) {
 		case op.rollback != nil:
 			in.p.opFault(op, "rollback needs atomicity all_or_nothing, which a streamed job does not take")
 		}
+		in.noCredentials(op)
 		if op.id != strconv.Itoa(i) {
 			in.noteID(i, op.id)
 		}
 	})
+}
+
+// noCredentials refuses an operation whose headers may carry a credential
+// when storage would hold it in clear.
+func (in *intake) noCredentials(op *operation) {
+	if in.a.store.sealer != nil {
+		return
+	}
+	for name := range op.header {
+		if credentialHeader(name) {
+			in.p.opFault(op, "%s", credentialFault(name))
+		}
+	}
 }
 
 // addItem validates an item of a bulk batch and stores it with the next
@@ -592,6 +606,7 @@ func (in *intake) bulkOperation(raw []byte) {
 	case in.bulkOp.refs != nil:
 		in.p.opFault(in.bulkOp, "references need the whole batch in memory: a streamed job takes operations that stand alone")
 	}
+	in.noCredentials(in.bulkOp)
 	in.encoding = gjson.GetBytes(spec.Template, "body_encoding")
 }
 

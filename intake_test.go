@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -275,6 +276,10 @@ func TestStreamedIdempotent(t *testing.T) {
 	}
 	id := mustJSON(t, first).Get("id").String()
 	waitJob(t, base+"/batch/"+id, alice, "completed")
+	// Ended, the job leaves the list of active ones a moment later.
+	eventually(t, 5*time.Second, "the job no longer active", func() bool {
+		return !slices.Contains(storedJobs(t, storage), "batch/active/"+id)
+	})
 	jobs := len(storedJobs(t, storage))
 	status, again := sendNDJSON(t, base+"/batch", body, "Idempotency-Key: import-1")
 	if status != 202 || mustJSON(t, again).Get("id").String() != id {

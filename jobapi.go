@@ -1,7 +1,6 @@
 package batch
 
 import (
-	"crypto/subtle"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -41,9 +40,9 @@ func (a *asyncJobs) serve(w http.ResponseWriter, r *http.Request, next caddyhttp
 		w.Header().Set("Allow", allow)
 		return writeError(w, http.StatusMethodNotAllowed, "batch jobs take "+allow)
 	}
-	owner, ok := a.h.ownerHash(r)
-	if !ok {
-		return a.h.refuseNoOwner(w, native)
+	who, err := a.h.owners.of(r)
+	if err != nil {
+		return a.h.owners.refuse(w, native, err)
 	}
 	j := a.pool.lookup(id)
 	var rec jobRecord
@@ -60,7 +59,7 @@ func (a *asyncJobs) serve(w http.ResponseWriter, r *http.Request, next caddyhttp
 		}
 	}
 	// Someone else's job, or an expired one, does not exist for this caller.
-	if subtle.ConstantTimeCompare([]byte(rec.Owner), []byte(owner)) != 1 || now().After(rec.ExpiresAt) {
+	if !who.is(rec.Owner) || now().After(rec.ExpiresAt) {
 		return writeError(w, http.StatusNotFound, "no such batch job")
 	}
 	// This handler serves the batch path of its owner's job: jobs queued

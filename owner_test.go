@@ -1,6 +1,12 @@
 package batch
 
 import (
+	"crypto/pbkdf2"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -163,5 +169,56 @@ func TestRouteWrappedBatch(t *testing.T) {
 		if strings.HasPrefix(r.Path, "/batch") {
 			t.Errorf("a job path reached the backend: %s", r.Path)
 		}
+	}
+}
+
+// Storage holds neither an owner's credentials nor a fast hash of them,
+// which a dictionary reverses at once: a salted PBKDF2 hash. Jobs and
+// idempotent answers stored with the older, unsalted hash still answer
+// to their owner until they expire.
+func TestOwnerStoredSaltedAndSlow(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddy(t, asyncSite(be, ""), inStorage(storage))
+	const password = "Basic YWxpY2U6aHVudGVyMg==" // alice:hunter2
+	auth := "Authorization: " + password
+	id := mustJSON(t, func() string {
+		_, _, body := send(t, "POST", base+"/batch", `[{"path":"/health"}]`, auth, "Prefer: respond-async")
+		return body
+	}()).Get("id").String()
+	waitJob(t, base+"/batch/"+id, auth, "completed")
+	if status, _, _ := send(t, "POST", base+"/batch", `[{"path":"/health"}]`, auth, "Idempotency-Key: once"); status != 200 {
+		t.Fatalf("idempotent batch: %d", status)
+	}
+	fast := sha256.Sum256([]byte("caddy-batch owner\x00" + password))
+	plain := sha256.Sum256([]byte(password))
+	if found := findInFiles(t, storage, password, "hunter2", hex.EncodeToString(fast[:]), hex.EncodeToString(plain[:])); len(found) > 0 {
+		t.Errorf("storage holds the credentials or a fast hash of them: %v", found)
+	}
+	var rec jobRecord
+	buf, _ := os.ReadFile(filepath.Join(storage, "batch", "jobs", id, "job"))
+	if err := json.Unmarshal(buf, &rec); err != nil || !strings.HasPrefix(rec.Owner, ownerHashPrefix) {
+		t.Fatalf("owner stored as %q (%v)", rec.Owner, err)
+	}
+	salt, err := os.ReadFile(filepath.Join(storage, "batch", "owner_salt"))
+	if err != nil || len(salt) != 32 {
+		t.Fatalf("salt: %d bytes, %v", len(salt), err)
+	}
+	want, _ := pbkdf2.Key(sha256.New, password, salt, ownerIterations, sha256.Size)
+	if rec.Owner != ownerHashPrefix+hex.EncodeToString(want) {
+		t.Errorf("owner %s is not the salted PBKDF2 of the credentials", rec.Owner)
+	}
+
+	// A job stored before: its owner's unsalted hash.
+	rec.Owner = hex.EncodeToString(fast[:])
+	buf, _ = json.Marshal(rec)
+	if err := os.WriteFile(filepath.Join(storage, "batch", "jobs", id, "job"), buf, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if status, _, body := send(t, "GET", base+"/batch/"+id, "", auth); status != 200 {
+		t.Errorf("a job stored with the older hash, to its owner: %d %s", status, body)
+	}
+	if status, _, _ := send(t, "GET", base+"/batch/"+id, "", "Authorization: Basic bWFsbG9yeTpodW50ZXIy"); status != 404 {
+		t.Errorf("a job stored with the older hash, to another: %d", status)
 	}
 }

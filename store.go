@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"path"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddy-batch/batch/internal/jsontext"
@@ -248,6 +249,50 @@ var clearHeaders = map[string]bool{
 	"Accept": true, "Accept-Charset": true, "Accept-Language": true, "User-Agent": true,
 	"Cache-Control": true, "Pragma": true, "Origin": true, "X-Requested-With": true,
 	"X-Request-Id": true, "Traceparent": true, "Tracestate": true,
+}
+
+// credentialHeader reports whether an operation's own header may carry a
+// credential: storage holds a job's operations as they were sent, so
+// without a credentials key such a job is refused (inherited headers are
+// kept in memory instead, see keepHeaders).
+func credentialHeader(name string) bool {
+	switch name = strings.ToLower(name); name {
+	case "authorization", "proxy-authorization", "cookie":
+		return true
+	case "idempotency-key":
+		return false
+	}
+	for _, part := range []string{"auth", "token", "secret", "password", "passwd", "session", "signature", "apikey", "api-key"} {
+		if strings.Contains(name, part) {
+			return true
+		}
+	}
+	return strings.HasSuffix(name, "-key")
+}
+
+// storedCredentials lists, as faults, the operations of b whose own
+// headers carry a credential.
+func storedCredentials(b *batch) badBatchError {
+	var faults badBatchError
+	for _, op := range b.ops {
+		for _, o := range []*operation{op, op.rollback} {
+			if o == nil {
+				continue
+			}
+			for name := range o.header {
+				if credentialHeader(name) && len(faults) < maxFaults {
+					faults = append(faults, fault{Index: op.index, ID: short(op.id), Message: credentialFault(name)})
+				}
+			}
+		}
+	}
+	return faults
+}
+
+func credentialFault(name string) string {
+	return fmt.Sprintf("header %s may carry a credential, and a job's operations are stored as sent: "+
+		"set credentials_key to store them encrypted, or send it with the batch request, whose "+
+		"headers operations inherit and a job keeps in memory", name)
 }
 
 // keepHeaders decides how spec holds the inherited headers.

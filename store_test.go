@@ -131,3 +131,57 @@ func TestCredentialsWrongKeyFailsJob(t *testing.T) {
 		t.Errorf("job resumed with the old key kept: %s", p.Raw)
 	}
 }
+
+// Without a credentials key, a job whose operations carry a credential in
+// their own headers is refused, in every format: storage holds a job's
+// operations as sent, and would hold it in clear. Nothing is stored.
+func TestOperationCredentialsRefusedWithoutKey(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddy(t, asyncSite(be, ""), inStorage(storage))
+	const token = "op-t0ken-in-clear"
+	cases := []struct {
+		name, ctype, body, want string
+	}{
+		{"native", "application/json", `[{"path":"/health"},{"path":"/users","headers":{"Authorization":"Bearer ` + token + `"}}]`,
+			`"index":1,"id":"1","message":"header Authorization may carry a credential`},
+		{"bulk", "application/json", `{"operation":{"path":"/users","headers":{"X-Api-Key":"` + token + `"}},"items":[{},{}]}`,
+			"header X-Api-Key may carry a credential"},
+		{"JSON batch", "application/json", `{"requests":[{"id":"a","method":"GET","url":"/users","headers":{"Cookie":"s=` + token + `"}}]}`,
+			"header Cookie may carry a credential"},
+		{"multipart", "multipart/mixed; boundary=b", "--b\r\nContent-Type: application/http\r\n\r\nGET /users HTTP/1.1\r\nX-Auth-Token: " + token + "\r\n\r\n--b--\r\n",
+			"header X-Auth-Token may carry a credential"},
+		{"NDJSON", "application/x-ndjson", "{\"path\":\"/health\"}\n{\"path\":\"/users\",\"headers\":{\"X-Functions-Key\":\"" + token + "\"}}\n",
+			"line 2: header X-Functions-Key may carry a credential"},
+	}
+	for _, c := range cases {
+		status, _, body := send(t, "POST", base+"/batch", c.body, alice, "Prefer: respond-async", "Content-Type: "+c.ctype)
+		if status != 400 || !strings.Contains(body, c.want) || !strings.Contains(body, "credentials_key") {
+			t.Errorf("%s: %d %s", c.name, status, body)
+		}
+	}
+	if found := findInFiles(t, storage, token); len(found) > 0 {
+		t.Errorf("storage holds the credential: %v", found)
+	}
+	if n := len(storedJobs(t, storage)); n != 0 {
+		t.Errorf("%d jobs stored", n)
+	}
+	// Idempotency-Key and headers that carry none are an operation's own.
+	status, _, body := send(t, "POST", base+"/batch", `[{"path":"/health","headers":{"Idempotency-Key":"k","X-Source":"crm"}}]`, alice, "Prefer: respond-async")
+	if status != 202 {
+		t.Errorf("an operation without credentials: %d %s", status, body)
+	}
+}
+
+func TestCredentialHeader(t *testing.T) {
+	for name, want := range map[string]bool{
+		"Authorization": true, "Proxy-Authorization": true, "Cookie": true, "X-Api-Key": true, "X-Apikey": true,
+		"X-Auth-Token": true, "X-Amz-Security-Token": true, "Ocp-Apim-Subscription-Key": true, "X-Session-Id": true,
+		"X-Client-Secret": true, "X-Hub-Signature": true, "X-Password": true,
+		"Idempotency-Key": false, "Content-Type": false, "X-Source": false, "Accept": false, "If-Match": false, "X-Request-Id": false,
+	} {
+		if got := credentialHeader(name); got != want {
+			t.Errorf("credentialHeader(%q) = %v", name, got)
+		}
+	}
+}
