@@ -256,6 +256,10 @@ func (a *asyncJobs) submit(w http.ResponseWriter, r *http.Request, next caddyhtt
 	if j == nil {
 		return err
 	}
+	if err := a.pool.reserve(); err != nil {
+		return err // nothing is stored yet
+	}
+	j.reserved = true
 	j.spec.Shape, j.spec.Starts = shapeBody, []int{0}
 	if err := a.store.storeChunk(r.Context(), j.spec, j.rec.ID, 0, body); err != nil {
 		return j.drop(caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err)))
@@ -263,9 +267,8 @@ func (a *asyncJobs) submit(w http.ResponseWriter, r *http.Request, next caddyhtt
 	return a.queueJob(w, r, j, len(b.ops))
 }
 
-// newJob holds a place in the queue for a job of the batch request r and
-// returns the job, whose operations are to be stored next; nil when the
-// request was answered (or err says why not).
+// newJob returns a job of the batch request r, whose operations are to be
+// stored next; nil when the request was answered (or err says why not).
 func (a *asyncJobs) newJob(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, f format) (*job, error) {
 	who, err := a.h.owners.of(r)
 	if err != nil {
@@ -273,9 +276,6 @@ func (a *asyncJobs) newJob(w http.ResponseWriter, r *http.Request, next caddyhtt
 	}
 	srv, err := serverOf(r)
 	if err != nil {
-		return nil, err
-	}
-	if err := a.pool.reserve(); err != nil {
 		return nil, err
 	}
 	key := endpointKey(srv, r, strings.TrimSuffix(r.URL.Path, "/"))
@@ -297,7 +297,9 @@ func (a *asyncJobs) newJob(w http.ResponseWriter, r *http.Request, next caddyhtt
 // drop gives up a job that was not queued: its place, and what it stored.
 func (j *job) drop(err error) error {
 	a, id := j.a, j.rec.ID
-	a.pool.unreserve()
+	if j.reserved {
+		a.pool.unreserve()
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
 	if j.lease != nil {
@@ -314,6 +316,14 @@ func (j *job) drop(err error) error {
 // answers 202.
 func (a *asyncJobs) queueJob(w http.ResponseWriter, r *http.Request, j *job, n int) error {
 	id, spec := j.rec.ID, j.spec
+	if !j.reserved {
+		// A streamed job holds its place only once it is read whole: an
+		// upload that takes its time holds no one else's.
+		if err := a.pool.reserve(); err != nil {
+			return j.drop(err)
+		}
+		j.reserved = true
+	}
 	ctx := context.WithoutCancel(r.Context())
 	j.rec.Total = n
 	err := a.store.keepHeaders(spec, id, j.rn.inherited)
@@ -339,6 +349,7 @@ func (a *asyncJobs) queueJob(w http.ResponseWriter, r *http.Request, j *job, n i
 		// The pool ended while the job was stored: nothing would run it.
 		return j.drop(err)
 	}
+	j.reserved = false
 	a.metrics.jobs.WithLabelValues(stateQueued).Inc()
 	a.logger.Info("async batch queued", zap.String("id", id), zap.Int("operations", n), zap.Bool("resumable", j.resumable()))
 

@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/caddy-batch/batch/internal/jsontext"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -38,6 +39,9 @@ func (a *asyncJobs) submitStreamed(w http.ResponseWriter, r *http.Request, next 
 	if len(key) > maxIdempotencyKey {
 		return writeError(w, http.StatusBadRequest, fmt.Sprintf("Idempotency-Key must be at most %d characters", maxIdempotencyKey))
 	}
+	if !a.pool.hasQueueRoom() {
+		return writeRefusal(w, &batch{format: native}, errQueueFull) // read nothing that cannot be queued
+	}
 	j, err := a.newJob(w, r, next, native)
 	if j == nil {
 		return writeRefusal(w, &batch{format: native}, err)
@@ -45,6 +49,9 @@ func (a *asyncJobs) submitStreamed(w http.ResponseWriter, r *http.Request, next 
 	in := newIntake(a, j, r)
 	sum := sha256.New()
 	limit := a.cfg.MaxBodySize - int64(len(prefix))
+	rc := http.NewResponseController(w)
+	rest = &idleReader{r: rest, rc: rc}
+	defer func() { _ = rc.SetReadDeadline(time.Time{}) }() // the connection's next request has its own
 	body := io.MultiReader(bytes.NewReader(prefix), http.MaxBytesReader(w, io.NopCloser(rest), max(limit, 0)))
 	err = in.read(io.TeeReader(body, sum), ndjson)
 	if err == nil {
@@ -71,6 +78,22 @@ func (a *asyncJobs) submitStreamed(w http.ResponseWriter, r *http.Request, next 
 		_ = j.drop(nil) // answered from the key: this body is not a job
 	}
 	return writeRefusal(w, &batch{format: native}, err)
+}
+
+// idleReader reads a body that must not stall: each read has intakeIdle
+// to bring something, or the intake ends (408).
+type idleReader struct {
+	r  io.Reader
+	rc *http.ResponseController
+}
+
+// intakeIdle is how long an upload may send nothing; a variable, so that
+// tests may shorten it.
+var intakeIdle = time.Minute
+
+func (ir *idleReader) Read(p []byte) (int, error) {
+	_ = ir.rc.SetReadDeadline(time.Now().Add(intakeIdle)) // where the writer cannot, the server's own timeouts hold
+	return ir.r.Read(p)
 }
 
 // intake validates a streamed batch and stores its operations in chunks.

@@ -3,11 +3,13 @@ package batch
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -293,5 +295,89 @@ func TestStreamedIdempotent(t *testing.T) {
 	}
 	if n := len(be.requests()); n != 150 {
 		t.Errorf("the backend saw %d operations for one job of 150", n)
+	}
+}
+
+// Uploads that take their time hold no place in the async queue: another
+// owner's batch is taken while they send; an upload that sends nothing
+// for too long is ended (408) and nothing of it stays.
+func TestSlowUploadsHoldNoQueuePlace(t *testing.T) {
+	setVar(t, &intakeIdle, 400*time.Millisecond)
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddy(t, ndjsonSite(be, "max_queued 2"), inStorage(storage))
+	type upload struct {
+		pw     *io.PipeWriter
+		status chan int
+	}
+	start := func(auth string) upload {
+		pr, pw := io.Pipe()
+		u := upload{pw: pw, status: make(chan int, 1)}
+		req, _ := http.NewRequest(http.MethodPost, base+"/batch", pr)
+		req.Header.Set("Content-Type", "application/x-ndjson")
+		req.Header.Set("Authorization", auth)
+		go func() {
+			resp, err := client.Do(req)
+			if err != nil {
+				u.status <- 0
+				return
+			}
+			resp.Body.Close()
+			u.status <- resp.StatusCode
+		}()
+		_, _ = io.WriteString(pw, `{"path":"/health"}`+"\n")
+		return u
+	}
+	var ups []upload
+	for i := range 4 {
+		ups = append(ups, start(fmt.Sprintf("Bearer uploader-%d", i)))
+	}
+	// They trickle a space now and then: never idle, never done.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, u := range ups[:2] {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				case <-time.After(100 * time.Millisecond):
+					if _, err := io.WriteString(u.pw, " "); err != nil {
+						return
+					}
+				}
+			}
+		})
+	}
+	time.Sleep(200 * time.Millisecond)
+	for i := range 2 {
+		status, _, body := send(t, "POST", base+"/batch", `[{"path":"/health"}]`, "Authorization: Bearer someone-else", "Prefer: respond-async")
+		if status != 202 {
+			t.Fatalf("batch %d of another owner while uploads go on: %d %s", i, status, body)
+		}
+	}
+	// The two that went silent are ended.
+	for _, u := range ups[2:] {
+		select {
+		case s := <-u.status:
+			if s != 408 {
+				t.Errorf("a silent upload answered %d, want 408", s)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("a silent upload never ended")
+		}
+	}
+	close(stop)
+	wg.Wait()
+	for _, u := range ups[:2] {
+		u.pw.Close() // the body ends: each is a job of one operation
+		select {
+		case s := <-u.status:
+			if s != 202 && s != 503 {
+				t.Errorf("an upload ended: %d", s)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("an upload never answered")
+		}
 	}
 }

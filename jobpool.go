@@ -160,6 +160,13 @@ func (p *jobPool) reserve() error {
 	return nil
 }
 
+// hasQueueRoom reports whether a job would find a place in the queue now.
+func (p *jobPool) hasQueueRoom() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return !p.closed && len(p.queue)+p.reserved < p.maxQueued
+}
+
 func (p *jobPool) unreserve() {
 	p.mu.Lock()
 	p.reserved--

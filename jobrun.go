@@ -30,6 +30,9 @@ type job struct {
 
 	// event is what the webhook is to be told of the job's end.
 	event *webhookEvent
+	// reserved is set while the job holds a place in the queue that it
+	// has not taken yet (submit).
+	reserved bool
 
 	// canceled stops the job at the next operation it would start.
 	canceled atomic.Bool
