@@ -200,7 +200,7 @@ func (rn *runner) runOne(op *operation, clk *opClock) result {
 
 // decide runs op, or answers for it.
 func (rn *runner) decide(op *operation, clk *opClock) result {
-	if rn.ctx.Err() != nil {
+	if ended(rn.ctx) {
 		return rn.cutOff(rn.ctx)
 	}
 	if rn.job != nil {
@@ -229,10 +229,25 @@ func (rn *runner) decide(op *operation, clk *opClock) result {
 // errInterrupted is the cause with which a shutdown cancels async jobs.
 var errInterrupted = errors.New("interrupted")
 
+// ended reports whether ctx has ended, or its deadline has passed: a
+// context reports that only once its timer fires, and an operation of a
+// job whose time is up must not go out meanwhile.
+func ended(ctx context.Context) bool {
+	if ctx.Err() != nil {
+		return true
+	}
+	d, ok := ctx.Deadline()
+	return ok && !time.Now().Before(d)
+}
+
 // cutOff is the result of an operation that the end of ctx (the batch's,
 // or its rollbacks') kept from finishing.
 func (rn *runner) cutOff(ctx context.Context) result {
-	switch cause := context.Cause(ctx); {
+	cause := context.Cause(ctx)
+	if cause == nil {
+		cause = context.DeadlineExceeded // passed; its timer has not fired yet
+	}
+	switch {
 	case errors.Is(cause, errRollbackTimeout):
 		return result{status: http.StatusGatewayTimeout, err: "rollbacks timed out after " + time.Duration(rn.h.Timeout).String(), cut: true}
 	case errors.Is(cause, errInterrupted):

@@ -3,10 +3,13 @@ package batch
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 )
 
 // Under atomicity any end of the batch after a success stops it there and
@@ -306,5 +309,34 @@ func TestAllOrNothing(t *testing.T) {
 		{"path":"/users/12345"}]}`)
 	if mustJSON(t, body).Get("status").String() != "rollback_failed" {
 		t.Errorf("want rollback_failed: %s", body)
+	}
+}
+
+// lateTimer is a context whose deadline has passed and whose timer has
+// not fired yet: Err is still nil.
+type lateTimer struct {
+	context.Context
+	deadline time.Time
+}
+
+func (c lateTimer) Deadline() (time.Time, bool) { return c.deadline, true }
+
+// An operation whose batch's or job's time is up is not sent, even before
+// the context's timer says so: a job whose time passed while it waited in
+// the queue sends nothing.
+func TestNoOperationAfterTheDeadline(t *testing.T) {
+	h := provision(t, &Handler{})
+	b, err := parseBatch(context.Background(), []byte(`[{"path":"/a"}]`), &h.rules)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sent := 0
+	next := caddyhttp.HandlerFunc(func(http.ResponseWriter, *http.Request) error { sent++; return nil })
+	ctx := lateTimer{Context: context.Background(), deadline: time.Now().Add(-time.Millisecond)}
+	rn := &runner{h: h, b: b, ctx: ctx, next: next, srv: &caddyhttp.Server{}, results: make([]result, 1), stoppedAt: -1, timeout: time.Second}
+	clk := rn.newClock(ctx)
+	defer clk.stop()
+	if res := rn.runOne(b.ops[0], clk); res.status != http.StatusGatewayTimeout || !res.cut || sent != 0 {
+		t.Errorf("after the deadline: %d %q cut %v, sent %d", res.status, res.err, res.cut, sent)
 	}
 }

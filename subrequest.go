@@ -303,6 +303,9 @@ func stack() string { return string(debug.Stack()) }
 // attempt serves op once within ctx; attempt counts from 1.
 func (rn *runner) attempt(ctx context.Context, clk *opClock, op *operation, attempt int) result {
 	parent := clk.parent
+	if ended(parent) {
+		return rn.cutOff(parent) // while it waited for its turn
+	}
 	w := clk.spare
 	if w != nil {
 		clk.spare = nil
