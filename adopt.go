@@ -62,6 +62,12 @@ func (a *asyncJobs) adoptOne(ctx context.Context, id string, self endpoint, iden
 			a.store.deactivate(id)
 		}
 		return nil
+	case errors.Is(err, errBadRecord):
+		// It can never run, nor its owner read it: the sweep deletes
+		// it, and nobody looks for it every tick meanwhile.
+		a.logger.Error("the record of an async batch is damaged; it is no longer looked after", zap.String("id", id), zap.Error(err))
+		a.store.deactivate(id)
+		return nil
 	case err != nil:
 		return err
 	case rec.final():
@@ -73,6 +79,9 @@ func (a *asyncJobs) adoptOne(ctx context.Context, id string, self endpoint, iden
 		return nil
 	}
 	spec, err := a.store.loadSpec(ctx, id)
+	if errors.Is(err, errBadRecord) || errors.Is(err, fs.ErrNotExist) {
+		return a.failUnreadable(ctx, id, err)
+	}
 	if err != nil {
 		return err
 	}
@@ -101,6 +110,22 @@ func (a *asyncJobs) adoptOne(ctx context.Context, id string, self endpoint, iden
 		return nil
 	}
 	a.logger.Info("async batch taken over", zap.String("id", id), zap.Int("completed", rec.Completed))
+	return nil
+}
+
+// failUnreadable ends job id, whose operations can no longer be read, in
+// error: it would otherwise wait in the queue for ever.
+func (a *asyncJobs) failUnreadable(ctx context.Context, id string, why error) error {
+	l, err := a.takeLease(ctx, id, false)
+	if err != nil || l == nil {
+		return err
+	}
+	rec, err := a.store.loadJob(ctx, id) // again, under the lease
+	if err != nil || rec.final() {
+		l.release(ctx)
+		return err
+	}
+	a.failJob(&job{a: a, lease: l, rec: rec}, "its operations can no longer be read: "+why.Error())
 	return nil
 }
 

@@ -224,12 +224,15 @@ func (a *asyncJobs) writeResultLines(w http.ResponseWriter, r *http.Request, rec
 func (a *asyncJobs) eachStored(w http.ResponseWriter, r *http.Request, rec jobRecord, offset, end int,
 	put func(i int, item []byte, first bool), done func(any bool)) error {
 	first := true
-	started, err := a.store.storedRange(r.Context(), rec, offset, end, func(i int, item []byte) {
+	err := a.store.storedRange(r.Context(), rec, offset, end, func(i int, item []byte) {
 		put(i, item, first)
 		first = false
 	})
 	switch {
-	case err != nil && !started:
+	case errors.Is(err, errBadRecord) && first:
+		a.logger.Error("the stored results of a batch job are damaged", zap.String("id", rec.ID), zap.Error(err))
+		return writeError(w, http.StatusInternalServerError, "the stored results of this batch job are damaged: "+err.Error())
+	case err != nil && first:
 		return caddyhttp.Error(http.StatusServiceUnavailable, err)
 	case err != nil:
 		a.logger.Error("loading batch job results", zap.String("id", rec.ID), zap.Error(err))

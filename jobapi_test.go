@@ -360,3 +360,43 @@ func TestJobPathsKeepNothingForStrangers(t *testing.T) {
 		t.Errorf("%d endpoints kept, more than the bound of 20", n)
 	}
 }
+
+// Results that storage no longer holds as they were written are not served
+// as if right: the reader gets a clear error, in every format.
+func TestDamagedResultsRefused(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddy(t, asyncSite(be, ""), inStorage(storage))
+	submit := func(ctype, body string) string {
+		status, _, answer := send(t, "POST", base+"/batch", body, alice, "Prefer: respond-async", "Content-Type: "+ctype)
+		if status != 202 {
+			t.Fatalf("submit: %d %s", status, answer)
+		}
+		id := mustJSON(t, answer).Get("id").String()
+		waitJob(t, base+"/batch/"+id, alice, "completed")
+		return id
+	}
+	jobs := map[string]string{
+		"native":     submit("application/json", `[{"path":"/users"},{"path":"/text"}]`),
+		"JSON batch": submit("application/json", `{"requests":[{"id":"a","method":"GET","url":"/users"},{"id":"b","method":"GET","url":"/text"}]}`),
+		"multipart": submit("multipart/mixed; boundary=b", "--b\r\nContent-Type: application/http\r\n\r\nGET /users HTTP/1.1\r\n\r\n"+
+			"--b\r\nContent-Type: application/http\r\n\r\nGET /text HTTP/1.1\r\n\r\n--b--\r\n"),
+	}
+	for name, id := range jobs {
+		part := filepath.Join(storage, "batch", "jobs", id, "results", "000000")
+		stored, err := os.ReadFile(part)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// The second result loses its end, as a torn write leaves it.
+		if err := os.WriteFile(part, stored[:len(stored)-5], 0o600); err != nil {
+			t.Fatal(err)
+		}
+		for _, accept := range []string{"", "Accept: application/x-ndjson"} {
+			status, _, body := send(t, "GET", base+"/batch/"+id+"/results", "", alice, accept)
+			if status != 500 || !strings.Contains(body, "damaged") {
+				t.Errorf("%s %s: %d %.300s", name, accept, status, body)
+			}
+		}
+	}
+}

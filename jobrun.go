@@ -482,7 +482,7 @@ func (a *asyncJobs) loadEarlier(ctx context.Context, rec jobRecord, rn *runner, 
 	if !slices.ContainsFunc(rn.b.ops[n:], func(op *operation) bool { return len(op.deps) > 0 || op.refs != nil }) {
 		return nil
 	}
-	_, err := a.store.storedRange(ctx, rec, first, first+n, func(i int, item []byte) {
+	err := a.store.storedRange(ctx, rec, first, first+n, func(i int, item []byte) {
 		_, res := decodeStored(item)
 		if res.body != nil && !res.isJSON {
 			res.isJSON = jsonBody(res.header, res.body)

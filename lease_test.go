@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -280,5 +281,38 @@ func TestAsyncLeaseLostRecordsNothingMore(t *testing.T) {
 		if k := fmt.Sprintf("/slow?id=k%d&d=60ms", i); got[k] == 0 {
 			t.Errorf("%s never sent", k)
 		}
+	}
+}
+
+// A job whose operations can no longer be read from storage ends in error
+// when it is taken over: it does not wait in the queue for ever, looked
+// at and warned about at every look for orphaned jobs.
+func TestAsyncUnreadableSpecFailsJob(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	port := freePort(t)
+	cfg := adapt(t, testCaddyfile(storage, port, "", proxySite(be, `{
+		async {
+			credentials_key `+testKey+`
+			lease 1s
+			workers 1
+		}
+	}`)))
+	base := loadCaddy(t, cfg, port)
+	submitJob(t, base+"/batch", `[{"path":"/slow?d=300ms&id=first"}]`)
+	id := submitJob(t, base+"/batch", `[{"path":"/slow?d=1ms&id=second"}]`) // queued behind it
+	if err := caddy.Stop(); err != nil {                                    // a graceful stop hands the queued job over
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(storage, "batch", "jobs", id, "spec"), []byte(`{"shape":`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	base = loadCaddy(t, cfg, port)
+	p := waitJob(t, base+"/batch/"+id, alice, "error")
+	if !strings.Contains(p.Get("error").String(), "can no longer be read") {
+		t.Errorf("the job: %s", p.Raw)
+	}
+	if slices.Contains(be.eventLog(), "start second") {
+		t.Error("the job ran")
 	}
 }

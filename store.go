@@ -432,8 +432,8 @@ func (s *store) loadJob(ctx context.Context, id string) (jobRecord, error) {
 }
 
 // storedRange calls put with each stored result of rec from offset up to
-// end, loading one part at a time; started says whether any part loaded.
-func (s *store) storedRange(ctx context.Context, rec jobRecord, offset, end int, put func(i int, item []byte)) (started bool, err error) {
+// end, loading one part at a time.
+func (s *store) storedRange(ctx context.Context, rec jobRecord, offset, end int, put func(i int, item []byte)) error {
 	stored := rec.Completed - rec.Unstored
 	for c := offset / resultsPerChunk; c*resultsPerChunk < end; c++ {
 		i := c * resultsPerChunk // index of the next result read
@@ -444,10 +444,18 @@ func (s *store) storedRange(ctx context.Context, rec jobRecord, offset, end int,
 				err = errors.New("empty part")
 			}
 			if err != nil {
-				return started, fmt.Errorf("loading batch job results: chunk %d part %d: %w", c, part, err)
+				return fmt.Errorf("loading batch job results: chunk %d part %d: %w", c, part, err)
 			}
-			started = true
-			for _, item := range jsontext.SplitTop(buf) {
+			items := jsontext.SplitTop(buf)
+			// What was stored is read back only if it is still what was
+			// written, results of valid JSON: a part is checked whole
+			// before any of it is passed on.
+			for k, item := range items {
+				if len(item) == 0 || item[0] != '{' || !jsontext.Valid(item, maxAnswerDepth+2) {
+					return fmt.Errorf("%w: result %d (chunk %d part %d)", errBadRecord, i+k, c, part)
+				}
+			}
+			for _, item := range items {
 				if i >= offset && i < end {
 					put(i, item)
 				}
@@ -455,7 +463,7 @@ func (s *store) storedRange(ctx context.Context, rec jobRecord, offset, end int,
 			}
 		}
 	}
-	return started, nil
+	return nil
 }
 
 func eventKey(id string) string { return jobKey(id, "event") }
