@@ -637,15 +637,21 @@ func adoptRun(title, leaseOption string, window time.Duration, levels []int) err
 		}
 		secs := time.Since(start).Seconds()
 		var cols []string
+		note := ""
 		for i := range 2 {
 			d := to[i].calls.Sub(from[i].calls)
+			if i == 0 && d.Store > 0 {
+				// An idle instance stores nothing; one that does took jobs
+				// over, which the busy one could not renew in time.
+				note = "  (not idle: instance 2 took over jobs whose leases instance 1 did not renew in time)"
+			}
 			cols = append(cols, fmt.Sprintf("%15.1f %6.1f%%", float64(d.Total())/secs, 100*(to[i].cpu-from[i].cpu).Seconds()/secs))
 			if level == levels[len(levels)-1] {
 				breakdowns = append(breakdowns, fmt.Sprintf("  lease %s, %d active, %s instance, calls/s by method: %s",
 					title, level, []string{"idle", "busy"}[i], breakdown(d, secs)))
 			}
 		}
-		fmt.Printf("%-12s %7d %s %s\n", title, level, cols[0], cols[1])
+		fmt.Printf("%-12s %7d %s %s%s\n", title, level, cols[0], cols[1], note)
 	}
 	for _, b := range breakdowns {
 		fmt.Println(b)
