@@ -277,8 +277,12 @@ func clusterPacing(n, rate int) ([]string, error) {
 			share = float64(m.refused) / float64(m.answers)
 		}
 		ratio := m.wall.Seconds() / ideal.Seconds()
-		fmt.Printf("%s: cluster wall %.1f s, %.2f × N/R; backend answers %d, of them 429 %d (%.1f%%); results 429 %d, 504 %d, other non-2xx %d\n",
+		fmt.Printf("%s: cluster wall %.1f s, %.2f × N/R; backend answers %d, of them 429 %d (%.1f%%); results 429 %d, 504 %d, other non-2xx %d",
 			title, m.wall.Seconds(), ratio, m.answers, m.refused, 100*share, m.results429, m.results504, m.other)
+		if m.skipped > 0 {
+			fmt.Printf(", not run %d", m.skipped)
+		}
+		fmt.Println()
 		fmt.Printf("  %-9s %9s %10s %11s %16s\n", "instance", "ends at", "mean rate", "longest stall", "storage calls/s")
 		worst := time.Duration(0)
 		for i, in := range m.instances {
@@ -317,7 +321,8 @@ func clusterPacing(n, rate int) ([]string, error) {
 type clusterMeasure struct {
 	wall                          time.Duration // from the submissions to the last job's end
 	answers, refused              int64         // by the backend: all, and 429
-	results429, results504, other int           // results by status
+	results429, results504, other int           // results 429, 504, and other non-2xx but
+	skipped                       int           // 424: not run (the job was canceled)
 	ended                         bool          // every job completed, with every result
 	instances                     []instanceMeasure
 	note                          string
@@ -326,7 +331,7 @@ type clusterMeasure struct {
 // instanceMeasure is what one instance of a cluster run did.
 type instanceMeasure struct {
 	ends        time.Duration // when its job ended, from the submissions; 0: it did not
-	rate        float64       // its job's operations a second, to its end
+	rate        float64       // its job's operations a second, to its end or its last sample
 	stall       time.Duration // the longest span its job's rate stayed under the stall rate
 	callsPerSec float64       // its storage calls a second over the cluster's wall time
 }
@@ -430,6 +435,8 @@ func clusterPacingRun(k, n, rate int, headers bool, stall float64, limit time.Du
 				m.results429 += c
 			case status == http.StatusGatewayTimeout:
 				m.results504 += c
+			case status == http.StatusFailedDependency:
+				m.skipped += c
 			case status < 200 || status > 299:
 				m.other += c
 			}
@@ -442,8 +449,8 @@ func clusterPacingRun(k, n, rate int, headers bool, stall float64, limit time.Du
 		}
 		in := instanceMeasure{ends: ended[i], stall: longestUnder(samples[i], stall),
 			callsPerSec: float64(after.Sub(before[i]).Total()) / m.wall.Seconds()}
-		if ended[i] > 0 {
-			in.rate = float64(n) / ended[i].Seconds()
+		if s := samples[i][len(samples[i])-1]; s.at.After(start) {
+			in.rate = float64(s.completed) / s.at.Sub(start).Seconds()
 		}
 		m.instances = append(m.instances, in)
 	}
