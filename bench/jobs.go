@@ -72,30 +72,11 @@ func bigJob(n int, maxGrowth int64) error {
 	}
 	fmt.Printf("job of %d NDJSON operations (GETs to a fast backend, parallel, concurrency 16); Caddy idle RSS %.1f MiB\n", n, mib(idle))
 
-	// Intake: the body is generated as it is sent, never held.
 	end := phase("submit (stream, validate, store)")
-	pr, pw := io.Pipe()
-	go func() {
-		bw := bufio.NewWriterSize(pw, 64<<10)
-		for i := range n {
-			fmt.Fprintf(bw, `{"path":"/users/%d"}`+"\n", i)
-		}
-		_ = bw.Flush()
-		_ = pw.Close()
-	}()
-	req, _ := http.NewRequest(http.MethodPost, base+"/batch", pr)
-	req.Header.Set("Content-Type", "application/x-ndjson")
-	req.Header.Set("Authorization", "Bearer bench")
-	resp, err := client.Do(req)
+	id, err := submitNDJSON(client, base, "Bearer bench", n)
 	if err != nil {
 		return err
 	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusAccepted {
-		return fmt.Errorf("submit: %d %s", resp.StatusCode, body)
-	}
-	id := gjson.GetBytes(body, "id").String()
 	end()
 
 	end = phase("run")
@@ -109,10 +90,10 @@ func bigJob(n int, maxGrowth int64) error {
 	}
 
 	end = phase("results (NDJSON stream)")
-	req, _ = http.NewRequest(http.MethodGet, base+"/batch/"+id+"/results", nil)
+	req, _ := http.NewRequest(http.MethodGet, base+"/batch/"+id+"/results", nil)
 	req.Header.Set("Authorization", "Bearer bench")
 	req.Header.Set("Accept", "application/x-ndjson")
-	resp, err = client.Do(req)
+	resp, err := client.Do(req)
 	if err != nil {
 		return err
 	}
@@ -136,6 +117,34 @@ func bigJob(n int, maxGrowth int64) error {
 		return fmt.Errorf("caddy's RSS grew %.1f MiB over idle running a %d-operation job", mib(growth), n)
 	}
 	return nil
+}
+
+// submitNDJSON submits to base/batch, as auth, one NDJSON job of n GETs
+// of /users/<i>, and returns its id. The body is generated as it is sent,
+// never held.
+func submitNDJSON(client *http.Client, base, auth string, n int) (string, error) {
+	pr, pw := io.Pipe()
+	go func() {
+		bw := bufio.NewWriterSize(pw, 64<<10)
+		for i := range n {
+			fmt.Fprintf(bw, `{"path":"/users/%d"}`+"\n", i)
+		}
+		_ = bw.Flush()
+		_ = pw.Close()
+	}()
+	req, _ := http.NewRequest(http.MethodPost, base+"/batch", pr)
+	req.Header.Set("Content-Type", "application/x-ndjson")
+	req.Header.Set("Authorization", auth)
+	resp, err := client.Do(req)
+	if err != nil {
+		return "", err
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		return "", fmt.Errorf("submit: %d %s", resp.StatusCode, body)
+	}
+	return gjson.GetBytes(body, "id").String(), nil
 }
 
 // killJob runs a 2,000-operation job on one of two Caddy instances sharing
@@ -186,7 +195,7 @@ func killJob(sig syscall.Signal, lease time.Duration) error {
 		if err != nil {
 			return err
 		}
-		child, base, c, stop, err := launch(caddyfile(storage, port, "", site), port, 4, "/batch/00000000000000000000000000000000")
+		child, base, c, stop, err := launch(caddyfile(fileSystem(storage), port, "", site), port, 4, "/batch/00000000000000000000000000000000")
 		if err != nil {
 			return err
 		}

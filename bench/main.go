@@ -14,6 +14,17 @@
 //	go run ./bench -pacing -n 5000 -rate 200 [-informational]
 //	                           # async jobs against a backend allowing 200 requests/s (429 +
 //	                           # Retry-After; RateLimit headers), and sync batches without pacing
+//	go run ./bench -storage [-n 20000] [-rounds 3] [-informational]
+//	                           # one job on the file system storage, then on it 2 ms and 20 ms
+//	                           # away (batch_lag); wall time, storage calls per 1,000 ops
+//	go run ./bench -storage -sizes 10000,100000 [-lag 2ms]
+//	                           # a job's storage calls per 1,000 ops at each size: flat in N?
+//	go run ./bench -cluster [-n 3000] [-rate 200] [-only pacing,queue,adopt] [-informational]
+//	                           # three instances sharing one storage: a job each against one
+//	                           # rate-limited API; a job queued on a busy instance; what active
+//	                           # jobs cost the instances that do not run them
+//	go run ./bench -cluster -only pacing,queue -n 600
+//	                           # the short form, for CI
 //	go run ./bench -only c -cpuprofile /tmp/caddy.pprof
 //	                           # one scenario, profiling the Caddy process
 //
@@ -65,7 +76,7 @@ func main() {
 	short := flag.Bool("short", false, "1 s per scenario")
 	soakFor := flag.Duration("soak", 0, "instead of the scenarios, hold a mixed sync/async load this long")
 	flag.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the Caddy process to this file, and the harness's to it.harness")
-	only := flag.String("only", "", "run only these scenarios, comma-separated (a,b,c,c1,d)")
+	only := flag.String("only", "", "run only these scenarios, comma-separated (a,b,c,c1,d; with -cluster: pacing,queue,adopt)")
 	jobOps := flag.Int("job", 0, "instead of the scenarios, run one NDJSON job of this many operations, sampling Caddy's RSS")
 	maxGrowth := flag.Int64("max-growth", 64, "with -job: fail when Caddy's RSS grows more MiB than this over idle")
 	kill := flag.Bool("kill", false, "instead of the scenarios, kill (then stop) an instance mid-job and time its resumption on another")
@@ -74,12 +85,55 @@ func main() {
 	users := flag.Int("users", 10000, "with -network: how many users each scenario creates")
 	budgetRun := flag.Bool("budget", false, "instead of the scenarios, check max_inflight against a backend counting what it holds at once")
 	pacingRun := flag.Bool("pacing", false, "instead of the scenarios, run async jobs against a rate-limited backend (with -n, -rate)")
-	paceOps := flag.Int("n", 5000, "with -pacing: operations per job")
-	paceRate := flag.Int("rate", 200, "with -pacing: requests a second the backend allows")
-	informational := flag.Bool("informational", false, "with -pacing: print the targets missed, but exit 0")
+	nOps := flag.Int("n", 0, "operations per job: with -pacing (default 5000), -storage (20000), -cluster (3000 per instance)")
+	paceRate := flag.Int("rate", 200, "with -pacing and -cluster: requests a second the backend allows")
+	informational := flag.Bool("informational", false, "with -pacing, -storage and -cluster: print the targets missed, but exit 0")
+	storageRun := flag.Bool("storage", false, "instead of the scenarios, time a job on the file system storage and on storage 2 ms and 20 ms away (with -n, -rounds)")
+	rounds := flag.Int("rounds", 3, "with -storage: how many times each storage runs its job, taking turns")
+	sizes := flag.String("sizes", "", "with -storage: instead, a job's storage calls per 1,000 operations at these sizes, comma-separated (e.g. 10000,100000)")
+	lag := flag.Duration("lag", 2*time.Millisecond, "with -storage -sizes: the storage's latency")
+	clusterRun := flag.Bool("cluster", false, "instead of the scenarios, run three instances sharing one storage: pacing, queue, adopt (with -n, -rate, -only)")
 	flag.Parse()
 	if *serve != "" {
 		runCaddy(*serve)
+		return
+	}
+	if *only != "" {
+		onlySet = map[string]bool{}
+		for _, name := range strings.Split(*only, ",") {
+			onlySet[strings.TrimSpace(name)] = true
+		}
+	}
+	orDefault := func(n, def int) int {
+		if n == 0 {
+			return def
+		}
+		return n
+	}
+	if *clusterRun {
+		if err := cluster(orDefault(*nOps, 3000), *paceRate, *informational); err != nil {
+			log.Fatal(err)
+		}
+		return
+	}
+	if *storageRun {
+		var err error
+		if *sizes != "" {
+			var ns []int
+			for _, f := range strings.Split(*sizes, ",") {
+				n, perr := strconv.Atoi(strings.TrimSpace(f))
+				if perr != nil || n < 1 {
+					log.Fatalf("-sizes: %q is not a number of operations", f)
+				}
+				ns = append(ns, n)
+			}
+			err = storageFlat(ns, *lag, *informational)
+		} else {
+			err = storageLag(orDefault(*nOps, 20000), *rounds, *informational)
+		}
+		if err != nil {
+			log.Fatal(err)
+		}
 		return
 	}
 	if *budgetRun {
@@ -89,7 +143,7 @@ func main() {
 		return
 	}
 	if *pacingRun {
-		if err := pacing(*paceOps, *paceRate, *informational); err != nil {
+		if err := pacing(orDefault(*nOps, 5000), *paceRate, *informational); err != nil {
 			log.Fatal(err)
 		}
 		return
@@ -122,12 +176,6 @@ func main() {
 	}
 	if *short {
 		*duration = time.Second
-	}
-	if *only != "" {
-		onlySet = map[string]bool{}
-		for _, name := range strings.Split(*only, ",") {
-			onlySet[strings.TrimSpace(name)] = true
-		}
 	}
 	if err := run(*duration, *concurrency, *ops); err != nil {
 		log.Fatal(err)
