@@ -104,7 +104,7 @@ func (a *asyncJobs) adoptOne(ctx context.Context, id string, self endpoint, iden
 		a.failJob(j, "cannot resume: "+err.Error())
 		return nil
 	}
-	j.rn = a.jobRunner(ep, id, spec.Conn.facts(spec.Path), inherited)
+	j.rn = a.jobRunner(ep, id, rec.Owner, spec.Conn.facts(spec.Path), inherited)
 	if !a.pool.adopt(j) {
 		l.release(ctx)
 		return nil

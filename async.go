@@ -291,7 +291,7 @@ func (a *asyncJobs) newJob(w http.ResponseWriter, r *http.Request, next caddyhtt
 	if f != native {
 		rec.Format = f.name()
 	}
-	return &job{a: a, endpoint: key, spec: spec, rec: rec, rn: a.jobRunner(ep, id, conn, inheritedHeaders(r.Header, a.h.inherit))}, nil
+	return &job{a: a, endpoint: key, spec: spec, rec: rec, rn: a.jobRunner(ep, id, who.hash, conn, inheritedHeaders(r.Header, a.h.inherit))}, nil
 }
 
 // drop gives up a job that was not queued: its place, and what it stored.
@@ -362,9 +362,9 @@ func (a *asyncJobs) queueJob(w http.ResponseWriter, r *http.Request, j *job, n i
 
 // jobRunner returns the runner of a job, which runs through ep; its
 // operations are loaded as it runs.
-func (a *asyncJobs) jobRunner(ep endpoint, id string, conn connFacts, inherited http.Header) *runner {
+func (a *asyncJobs) jobRunner(ep endpoint, id, owner string, conn connFacts, inherited http.Header) *runner {
 	rn := &runner{h: ep.h, id: id, next: ep.next, srv: ep.srv, conn: conn, base: context.Background(),
-		timeout: time.Duration(a.cfg.Retention), inherited: inherited, stoppedAt: -1, opKey: ep.h.jobs.opKey}
+		timeout: time.Duration(a.cfg.Retention), inherited: inherited, stoppedAt: -1, opKey: ep.h.jobs.opKey, caller: owner}
 	rn.refs.reset(ep.h.MaxReferenceSize)
 	rn.logs = rn.accessLoggers()
 	return rn

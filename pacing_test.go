@@ -309,3 +309,44 @@ func TestRateKeyedByPlaceholder(t *testing.T) {
 		}
 	}
 }
+
+// Pacing is learned per caller and API: one caller whose operations are
+// refused for a minute slows no other caller's job or batch.
+func TestPacingPerCaller(t *testing.T) {
+	setVar(t, &jobsGrace, 100*time.Millisecond) // alice's job is cut off at the end
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		pacing adaptive
+		op_timeout 3s
+		async {
+			retention 1h
+		}
+	}`))
+	var ops []string
+	for i := range 5 {
+		ops = append(ops, fmt.Sprintf(`{"path":"/limited?id=a%d&n=1000&after=60"}`, i))
+	}
+	refused := submitJob(t, base+"/batch", "["+strings.Join(ops, ",")+"]") // alice's: paused for a minute
+	eventually(t, 10*time.Second, "alice's operations refused", func() bool {
+		be.mu.Lock()
+		defer be.mu.Unlock()
+		return be.limited["a0"] > 0
+	})
+	bob := "Authorization: Bearer bob"
+	status, _, body := send(t, "POST", base+"/batch", `[{"path":"/health"},{"path":"/health"}]`, bob, "Prefer: respond-async")
+	if status != 202 {
+		t.Fatalf("bob's job: %d %s", status, body)
+	}
+	p := waitJob(t, base+"/batch/"+mustJSON(t, body).Get("id").String(), bob, "completed", "error")
+	if p.Get("succeeded").Int() != 2 {
+		t.Errorf("bob's job while alice's is paused: %s", p.Raw)
+	}
+	status, _, body = send(t, "POST", base+"/batch", `{"batch":[{"path":"/health"},{"path":"/health"}]}`, bob)
+	if status != 200 || mustJSON(t, body).Get("succeeded").Int() != 2 {
+		t.Errorf("bob's batch while alice's job is paused: %d %s", status, body)
+	}
+	// Alice's own operations are still held back.
+	if p := mustJSON(t, func() string { _, _, b := send(t, "GET", base+"/batch/"+refused, "", alice); return b }()); p.Get("succeeded").Int() != 0 {
+		t.Errorf("alice's refused job: %s", p.Raw)
+	}
+}

@@ -64,6 +64,9 @@ type runner struct {
 	// opKey is the header that carries each operation's idempotency key,
 	// "<batch id>.<op id>", unless the operation has its own; "" for none.
 	opKey string
+	// caller is the hash of a job's owner: its operations are paced as
+	// its own.
+	caller string
 	// pace is who the operations wait as for a turn downstream; a job's
 	// is made at its first operation.
 	pace     *pace.Owner
@@ -76,7 +79,7 @@ func newRunner(h *Handler, ctx context.Context, r *http.Request, next caddyhttp.
 	rn := &runner{h: h, id: newBatchID(), next: next, base: ctx, timeout: time.Duration(h.Timeout)}
 	rn.load(b)
 	rn.refs.reset(h.MaxReferenceSize)
-	rn.pace = batchPaceOwner(r, h.Pacing == pacingAdaptive, h.Rate)
+	rn.pace = batchPaceOwner(r, h.Pacing == pacingAdaptive, h.Rate, h.owners)
 	var err error
 	if rn.srv, err = serverOf(r); err != nil {
 		return nil, err
@@ -315,7 +318,7 @@ func (rn *runner) exec(op *operation, clk *opClock) result {
 			}
 			return res
 		}
-		wait := g.RetryWait(attempt)
+		wait := g.RetryWait(o, attempt)
 		if !o.Adaptive {
 			var ok bool
 			if wait, ok = pace.RetryAfter(res.header); !ok {
@@ -379,21 +382,32 @@ func (rn *runner) recordOps(from int) {
 func (rn *runner) paceOwner() *pace.Owner {
 	rn.paceOnce.Do(func() {
 		if rn.pace == nil {
-			rn.pace = &pace.Owner{Adaptive: true, Key: rn.jobRateKey()}
+			rn.pace = &pace.Owner{Adaptive: true, Key: rn.jobRateKey(), PaceKey: paceKey(rn.caller, rn.conn.host)}
 		}
 	})
 	return rn.pace
 }
 
 // batchPaceOwner is who the operations of a batch sent in r wait as.
-func batchPaceOwner(r *http.Request, adaptive bool, rate *RateConfig) *pace.Owner {
+func batchPaceOwner(r *http.Request, adaptive bool, rate *RateConfig, owners *owners) *pace.Owner {
 	o := &pace.Owner{Adaptive: adaptive}
+	if adaptive {
+		who, _ := owners.of(r) // anonymous batches share a pacer
+		o.PaceKey = paceKey(who.hash, r.Host)
+	}
 	if rate != nil && rate.Key != "" {
 		if repl, ok := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer); ok {
 			o.Key = repl.ReplaceAll(rate.Key, "")
 		}
 	}
 	return o
+}
+
+// paceKey names the pacer of a caller's operations to a host: an API's
+// limits are usually per caller, and one caller's 429s must slow only
+// that caller.
+func paceKey(owner, host string) string {
+	return owner + "\x00" + strings.ToLower(host)
 }
 
 // jobRateKey resolves the rate key for a job, which has no request: a

@@ -38,20 +38,24 @@ type Owner struct {
 	Adaptive bool
 	// Key names the bucket of the rate the owner's operations take.
 	Key string
+	// PaceKey names the pacer of adaptive operations: the caller and the
+	// API they go to, whose limits are usually the caller's own.
+	PaceKey string
 
 	waiters []*waiter
 	queued  bool // in the gate's ring
 }
 
 type waiter struct {
-	ready     chan struct{}
-	granted   bool
-	grantedAt time.Time
+	ready   chan struct{}
+	granted bool
+	turn    Turn
 }
 
 // Turn is an operation's hold on the gate, from Acquire to Release.
 type Turn struct {
 	owner     *Owner
+	pacer     *pacer // of an adaptive owner
 	grantedAt time.Time
 }
 
@@ -81,7 +85,7 @@ type Gate struct {
 	timer *time.Timer // wakes waiters that wait for a time
 	armed time.Time   // when timer fires; zero when it does not
 
-	pacer pacer // of adaptive operations
+	pacers pacers // of adaptive operations, by Owner.PaceKey
 }
 
 // Rate is a rate operations wait for: a token bucket of Requests
@@ -111,9 +115,9 @@ func (g *Gate) Acquire(ctx context.Context, o *Owner) (Turn, error) {
 	g.mu.Lock()
 	if len(g.ring) == 0 {
 		if ok, _ := g.admissible(o, now); ok {
-			g.take(o, now)
+			t := g.take(o, now)
 			g.mu.Unlock()
-			return Turn{owner: o, grantedAt: now}, nil
+			return t, nil
 		}
 	}
 	w := &waiter{ready: make(chan struct{})}
@@ -127,14 +131,14 @@ func (g *Gate) Acquire(ctx context.Context, o *Owner) (Turn, error) {
 
 	select {
 	case <-w.ready:
-		return Turn{owner: o, grantedAt: w.grantedAt}, nil
+		return w.turn, nil
 	case <-ctx.Done():
 	}
 	g.mu.Lock()
 	if w.granted {
 		// Granted as ctx ended: the turn goes to the next.
 		g.mu.Unlock()
-		g.Release(Turn{owner: o, grantedAt: w.grantedAt}, 0, nil)
+		g.Release(w.turn, 0, nil)
 		return Turn{}, ErrNoTurn
 	}
 	if i := slices.Index(o.waiters, w); i >= 0 {
@@ -164,9 +168,9 @@ func (g *Gate) Release(t Turn, status int, h http.Header) (r Report) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.used--
-	if t.owner.Adaptive {
-		r.Event = g.pacer.learn(t.grantedAt, status, h, now)
-		r.Rate, r.Paused = g.pacer.rate, max(g.pacer.pausedUntil.Sub(now), 0)
+	if p := t.pacer; p != nil {
+		r.Event = p.learn(t.grantedAt, status, h, now)
+		r.Rate, r.Paused = p.rate, max(p.pausedUntil.Sub(now), 0)
 	}
 	g.dispatch(now)
 	return r
@@ -179,7 +183,7 @@ func (g *Gate) admissible(o *Owner, now time.Time) (ok bool, at time.Time) {
 		return false, time.Time{}
 	}
 	if o.Adaptive {
-		if ok, at := g.pacer.admit(now, g.max); !ok {
+		if ok, at := g.pacers.of(o.PaceKey, now).admit(now, g.max); !ok {
 			return false, at
 		}
 	}
@@ -192,14 +196,17 @@ func (g *Gate) admissible(o *Owner, now time.Time) (ok bool, at time.Time) {
 }
 
 // take gives o a turn that admissible allowed.
-func (g *Gate) take(o *Owner, now time.Time) {
+func (g *Gate) take(o *Owner, now time.Time) Turn {
 	g.used++
+	t := Turn{owner: o, grantedAt: now}
 	if o.Adaptive {
-		g.pacer.start(now, g.max)
+		t.pacer = g.pacers.of(o.PaceKey, now)
+		t.pacer.start(now, g.max)
 	}
 	if g.rate != nil {
 		g.rate.take(o.Key, now)
 	}
+	return t
 }
 
 // dispatch gives turns to waiters, round-robin between owners, while
@@ -219,11 +226,11 @@ func (g *Gate) dispatch(now time.Time) {
 				}
 				continue
 			}
-			g.take(o, now)
+			t := g.take(o, now)
 			w := o.waiters[0]
 			o.waiters[0] = nil
 			o.waiters = o.waiters[1:]
-			w.granted, w.grantedAt = true, now
+			w.granted, w.turn = true, t
 			close(w.ready)
 			g.next = idx + 1
 			if len(o.waiters) == 0 {

@@ -156,3 +156,34 @@ func TestRateKeysBounded(t *testing.T) {
 		t.Error("no token after interval/n")
 	}
 }
+
+// Pacers are kept per key up to a bound: idle ones are dropped, keys
+// beyond share one, and a long key is kept hashed.
+func TestPacersBounded(t *testing.T) {
+	var ps pacers
+	now := time.Unix(1000, 0)
+	for i := range maxPacers + 500 {
+		ps.of("caller-"+strconv.Itoa(i), now)
+	}
+	if len(ps.m) != maxPacers {
+		t.Fatalf("%d pacers, want the bound %d", len(ps.m), maxPacers)
+	}
+	if p := ps.of("one-more", now); p != &ps.overflow {
+		t.Error("a key past the bound has a pacer of its own")
+	}
+	held := ps.of("caller-1", now)
+	held.inflight = 1
+	later := now.Add(idlePacer + 2*time.Second)
+	if p := ps.of("after-they-idled", later); p == &ps.overflow {
+		t.Error("no room made by idle pacers")
+	}
+	if ps.of("caller-1", later) != held {
+		t.Error("a pacer with operations in flight was dropped")
+	}
+	ps.of(strings.Repeat("k", 1<<16), later)
+	for k := range ps.m {
+		if len(k) > maxRateKeyLen {
+			t.Errorf("a key of %d bytes kept", len(k))
+		}
+	}
+}

@@ -1,6 +1,8 @@
 package pace
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"math"
 	"net/http"
 	"time"
@@ -44,6 +46,7 @@ const (
 
 // pacer is the state of adaptive pacing, under the gate's lock.
 type pacer struct {
+	usedAt      time.Time // of the last turn asked for
 	inflight    int       // adaptive operations in flight
 	pausedUntil time.Time // no adaptive operation starts before
 	decreasedAt time.Time // of the last 429 that changed the rate
@@ -307,10 +310,56 @@ func (p *pacer) retryWait(now time.Time, attempt int) time.Duration {
 	return max(p.pausedUntil.Sub(now), adaptiveBackoff(attempt))
 }
 
-// RetryWait is how long an adaptive operation answered 429 waits before
-// try attempt+1, now.
-func (g *Gate) RetryWait(attempt int) time.Duration {
+// RetryWait is how long an adaptive operation of o answered 429 waits
+// before try attempt+1, now.
+func (g *Gate) RetryWait(o *Owner, attempt int) time.Duration {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return g.pacer.retryWait(time.Now(), attempt)
+	now := time.Now()
+	return g.pacers.of(o.PaceKey, now).retryWait(now, attempt)
+}
+
+// pacers are the pacers of a gate by key, at most maxPacers of them:
+// past it, idle ones are dropped, and keys beyond share one.
+type pacers struct {
+	m        map[string]*pacer
+	overflow pacer
+	swept    time.Time
+}
+
+const (
+	maxPacers = 10000
+	// idlePacer is how long a pacer nobody used is kept when the map is
+	// full: what it learned is then stale.
+	idlePacer = time.Minute
+)
+
+// of returns the pacer of key, making one if there is room.
+func (ps *pacers) of(key string, now time.Time) *pacer {
+	if len(key) > maxRateKeyLen {
+		sum := sha256.Sum256([]byte(key))
+		key = hex.EncodeToString(sum[:16])
+	}
+	p := ps.m[key]
+	if p == nil {
+		if ps.m == nil {
+			ps.m = make(map[string]*pacer)
+		}
+		if len(ps.m) >= maxPacers && now.Sub(ps.swept) >= time.Second {
+			ps.swept = now
+			for k, q := range ps.m {
+				if q.inflight == 0 && now.Sub(q.usedAt) > idlePacer && !now.Before(q.pausedUntil) {
+					delete(ps.m, k)
+				}
+			}
+		}
+		if len(ps.m) >= maxPacers {
+			p = &ps.overflow
+		} else {
+			p = new(pacer)
+			ps.m[key] = p
+		}
+	}
+	p.usedAt = now
+	return p
 }
