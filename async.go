@@ -118,8 +118,17 @@ type asyncJobs struct {
 	selfMu   sync.Mutex
 	selfEP   endpoint
 	identity string
-	// stop ends the look for jobs to take over.
-	stop context.CancelFunc
+	// hold is what this handler holds in storage: the jobs it runs, and
+	// those that wait here because only this process can run them.
+	hold hold
+	// stop ends the look for work; woken wakes it.
+	stop  context.CancelFunc
+	woken chan struct{}
+	// foreignIDs are jobs found to run through other handlers, as of the
+	// pool's endpoints at foreignGen.
+	foreignMu  sync.Mutex
+	foreignIDs map[string]bool
+	foreignGen int
 }
 
 // newAsyncJobs sets up the async jobs of h from its AsyncConfig.
@@ -131,7 +140,8 @@ func newAsyncJobs(ctx caddy.Context, h *Handler) (*asyncJobs, error) {
 	if h.storage == nil {
 		return nil, errors.New("async batches need Caddy's storage, and this context has none")
 	}
-	a := &asyncJobs{cfg: cfg, h: h, store: h.storage, logger: h.logger, metrics: h.metrics}
+	a := &asyncJobs{cfg: cfg, h: h, store: h.storage, logger: h.logger, metrics: h.metrics, woken: make(chan struct{}, 1)}
+	a.hold.a = a
 	h.owners.placeholder = cfg.Owner
 	switch cfg.OpIdempotencyHeader {
 	case "":
@@ -159,6 +169,7 @@ func newAsyncJobs(ctx caddy.Context, h *Handler) (*asyncJobs, error) {
 	a.pool.setLimits(cfg.Workers, cfg.MaxQueued)
 	var adoptCtx context.Context
 	adoptCtx, a.stop = context.WithCancel(ctx)
+	a.pool.wake(a, a.woken)
 	go a.adoptJobs(adoptCtx)
 	return a, nil
 }
@@ -167,6 +178,7 @@ func newAsyncJobs(ctx caddy.Context, h *Handler) (*asyncJobs, error) {
 // as long as a config holds it.
 func (a *asyncJobs) release() error {
 	a.stop()
+	a.pool.sleep(a)
 	_, err := pools.Delete(poolKey)
 	return err
 }
@@ -308,12 +320,13 @@ func (j *job) drop(err error) error {
 	if err := deleteTree(ctx, a.store, jobKey(id)); err != nil {
 		a.logger.Warn("deleting refused batch job", zap.String("id", id), zap.Error(err))
 	}
-	a.store.deactivate(id)
 	return err
 }
 
 // queueJob stores a job of n operations, which are stored, queues it and
-// answers 202.
+// answers 202. A job any instance can run waits in the cluster's queue;
+// one whose credentials are kept in memory waits in this process's, held
+// by it.
 func (a *asyncJobs) queueJob(w http.ResponseWriter, r *http.Request, j *job, n int) error {
 	id, spec := j.rec.ID, j.spec
 	if !j.reserved {
@@ -333,19 +346,23 @@ func (a *asyncJobs) queueJob(w http.ResponseWriter, r *http.Request, j *job, n i
 	if err == nil {
 		err = j.save(ctx)
 	}
-	// Leased before it is listed: an instance looking for jobs to take
-	// over must never find it without its lease.
-	if err == nil {
-		j.lease, err = a.takeLease(ctx, id, true)
-	}
-	if err == nil {
-		err = a.store.activate(ctx, id)
+	// Listed only once it is stored whole: whoever finds it can run it.
+	queuedAt := now()
+	switch {
+	case err == nil && j.resumable():
+		err = a.store.enqueue(ctx, j.rec)
+	case err == nil:
+		j.lease, err = a.hold.add(ctx, id)
 	}
 	if err != nil {
 		return j.drop(caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err)))
 	}
 	queued := j.snapshot().progress
-	if err := a.pool.submit(j); err != nil {
+	if j.resumable() {
+		// Whichever instance takes it runs it: even should this one be
+		// shutting down, it is queued.
+		a.pool.submitted(id, a.store, queuedAt)
+	} else if err := a.pool.submit(j); err != nil {
 		// The pool ended while the job was stored: nothing would run it.
 		return j.drop(err)
 	}

@@ -195,43 +195,65 @@ func TestAllOrNothingJobResumes(t *testing.T) {
 	}
 }
 
-// A job is leased before it is listed among the jobs to take over: an
-// instance that found it listed without a lease would take it and run it
-// beside the instance that accepted it, until the next renewal.
-func TestJobLeasedBeforeListed(t *testing.T) {
+// A job is stored whole before it is listed in the cluster's queue, and
+// a holder's heartbeat and the job's holder before it is listed under the
+// holder: an instance that found it listed without them would take it and
+// run it beside the instance that accepted it.
+func TestJobStoredBeforeListed(t *testing.T) {
 	var mu sync.Mutex
-	var listed, unleased []string
+	var queued, held, early []string
 	hook := func(s *certmagic.FileStorage, key string) {
-		id, ok := strings.CutPrefix(key, activePrefix+"/")
-		if !ok {
-			return
-		}
+		ctx := context.Background()
 		mu.Lock()
 		defer mu.Unlock()
-		listed = append(listed, id)
-		if !s.Exists(context.Background(), leaseKey(id)) {
-			unleased = append(unleased, id)
+		if name, ok := strings.CutPrefix(key, queuePrefix+"/"); ok {
+			q, _ := parseQueued(name)
+			queued = append(queued, q.id)
+			if !s.Exists(ctx, jobKey(q.id, "job")) || !s.Exists(ctx, jobKey(q.id, "spec")) || !s.Exists(ctx, jobKey(q.id, "ops", "000000")) {
+				early = append(early, key)
+			}
+		}
+		if rest, ok := strings.CutPrefix(key, heldPrefix+"/"); ok {
+			epoch, id, _ := strings.Cut(rest, "/")
+			if id == heartbeatName {
+				return
+			}
+			held = append(held, id)
+			buf, err := s.Load(ctx, holderKey(id))
+			if !s.Exists(ctx, heartbeatKey(epoch)) || err != nil || !strings.Contains(string(buf), epoch) {
+				early = append(early, key)
+			}
 		}
 	}
 	flakyBeforeStore.Store(&hook)
 	t.Cleanup(func() { flakyBeforeStore.Store(nil) })
 	be := newBackend(t)
+	// Without credentials_key, a job inheriting Authorization is held
+	// where it was taken; with one, it waits in the cluster's queue.
 	base := startCaddy(t, proxySite(be, "{\n\t\tasync\n\t}"), onFlakyStorage)
+	for range 3 {
+		id := submitJob(t, base+"/batch", `[{"path":"/a"},{"path":"/b"}]`)
+		waitJob(t, base+"/batch/"+id, alice, "completed")
+	}
+	base = startCaddy(t, proxySite(be, "{\n\t\tasync {\n\t\t\tcredentials_key "+testKey+"\n\t\t}\n\t}"), onFlakyStorage)
 	for range 3 {
 		id := submitJob(t, base+"/batch", `[{"path":"/a"},{"path":"/b"}]`)
 		waitJob(t, base+"/batch/"+id, alice, "completed")
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if len(listed) != 3 || len(unleased) != 0 {
-		t.Errorf("jobs listed as active: %v; of them listed before their lease was stored: %v", listed, unleased)
+	// Three held where they were taken, three queued and then held by
+	// the instance that took them from the queue.
+	if len(queued) != 3 || len(held) != 6 || len(early) != 0 {
+		t.Errorf("queued %v, held %v; of those keys, stored before what they need: %v", queued, held, early)
 	}
 }
 
-// A job whose lease another instance took (a peer whose clock runs ahead,
-// renewals that failed) stops at once and records nothing it did not do:
-// no operation it did not send counts as done, nothing stored says 499,
-// and whoever holds the lease next runs what is left.
+// A job that another instance took over (a peer whose clock runs ahead
+// found this one's heartbeat expired, renewals that came late) stops at
+// once and records nothing it did not do: no operation it did not send
+// counts as done, nothing stored says 499, and whoever holds it next runs
+// what is left.
 func TestAsyncLeaseLostRecordsNothingMore(t *testing.T) {
 	be := newBackend(t)
 	storage := t.TempDir()
@@ -243,9 +265,32 @@ func TestAsyncLeaseLostRecordsNothingMore(t *testing.T) {
 	}
 	id := submitJob(t, base+"/batch", "["+strings.Join(ops, ",")+"]")
 	eventually(t, 10*time.Second, "ten operations done", func() bool { return len(be.requests()) >= 10 })
-	leaseFile := filepath.Join(storage, "batch", "jobs", id, "lease")
-	taken, _ := json.Marshal(leaseRecord{Instance: "a-peer-an-hour-ahead", ExpiresAt: time.Now().Add(time.Hour)})
-	if err := os.WriteFile(leaseFile, taken, 0o600); err != nil {
+
+	// A peer takes the job as a look does: its heartbeat, the job's
+	// holder, and the job listed under it rather than under this one.
+	held, _ := filepath.Glob(filepath.Join(storage, "batch", "held", "*", id))
+	if len(held) != 1 {
+		t.Fatalf("the job is listed under %v", held)
+	}
+	peer := strings.Repeat("e", 32)
+	beat := func(expires time.Time) {
+		buf, _ := json.Marshal(heartbeat{ExpiresAt: expires})
+		if err := os.MkdirAll(filepath.Join(storage, "batch", "held", peer), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(storage, "batch", "held", peer, heartbeatName), buf, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	beat(time.Now().Add(time.Hour))
+	holder, _ := json.Marshal(holderRecord{Epoch: peer})
+	if err := os.WriteFile(filepath.Join(storage, "batch", "jobs", id, "holder"), holder, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(storage, "batch", "held", peer, id), []byte(id), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(held[0]); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, 5*time.Second, "the job given up", func() bool { return thePool(t).lookup(id) == nil })
@@ -260,11 +305,9 @@ func TestAsyncLeaseLostRecordsNothingMore(t *testing.T) {
 		t.Fatalf("after losing its lease with %d operations sent, the job is recorded %s with %d completed, %d succeeded",
 			sent, rec.Status, rec.Completed, rec.Succeeded)
 	}
-	// The lease expires: the job is taken over, and runs what is left.
-	expired, _ := json.Marshal(leaseRecord{Instance: "a-peer-an-hour-ahead", ExpiresAt: time.Now().Add(-time.Second)})
-	if err := os.WriteFile(leaseFile, expired, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	// The peer's heartbeat expires: the job is taken over, and runs what
+	// is left.
+	beat(time.Now().Add(-time.Second))
 	p := waitJob(t, base+"/batch/"+id, alice, "completed", "error")
 	if p.Get("status").String() != "completed" || p.Get("succeeded").Int() != n {
 		t.Fatalf("the job taken over: %s", p.Raw)
@@ -281,6 +324,11 @@ func TestAsyncLeaseLostRecordsNothingMore(t *testing.T) {
 		if k := fmt.Sprintf("/slow?id=k%d&d=60ms", i); got[k] == 0 {
 			t.Errorf("%s never sent", k)
 		}
+	}
+	// The dead peer's epoch is taken over whole: nothing of the job is
+	// listed under it any more.
+	if _, err := os.Stat(filepath.Join(storage, "batch", "held", peer, id)); !os.IsNotExist(err) {
+		t.Errorf("the job is still listed under the dead peer: %v", err)
 	}
 }
 
