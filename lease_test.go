@@ -4,16 +4,20 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/caddy-batch/batch/internal/lagstore"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 )
@@ -362,5 +366,160 @@ func TestAsyncUnreadableSpecFailsJob(t *testing.T) {
 	}
 	if slices.Contains(be.eventLog(), "start second") {
 		t.Error("the job ran")
+	}
+}
+
+// callsPer counts this process's storage calls (batch_lag's) per event
+// counted by count, over at least n events, and returns the calls by
+// method as well.
+func callsPer(t *testing.T, count *atomic.Int64, n int64, what string) (float64, lagstore.Counts) {
+	t.Helper()
+	calls0, n0 := lagstore.Calls(), count.Load()
+	eventually(t, 30*time.Second, fmt.Sprintf("%d %s", n, what), func() bool { return count.Load() >= n0+n })
+	calls, n1 := lagstore.Calls().Sub(calls0), count.Load()
+	return float64(calls.Total()) / float64(n1-n0), calls
+}
+
+// heldIn counts the jobs held in storage, under every epoch.
+func heldIn(storage string) int {
+	keys, _ := filepath.Glob(filepath.Join(storage, "batch", "held", "*", "*"))
+	n := 0
+	for _, k := range keys {
+		if filepath.Base(k) != heartbeatName {
+			n++
+		}
+	}
+	return n
+}
+
+// submitMany submits jobs of one operation each, /op?id=<prefix><i>, for
+// i from first up to last, four at a time.
+func submitMany(t *testing.T, url, prefix string, first, last int) {
+	t.Helper()
+	var next atomic.Int64
+	next.Store(int64(first))
+	errs := make(chan error, 4)
+	for range 4 {
+		go func() {
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(last) {
+					errs <- nil
+					return
+				}
+				req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(fmt.Sprintf(`[{"path":"/op?id=%s%d"}]`, prefix, i)))
+				req.Header.Set("Content-Type", "application/json")
+				req.Header.Set("Authorization", "Bearer alice")
+				req.Header.Set("Prefer", "respond-async")
+				resp, err := client.Do(req)
+				if err == nil {
+					_, _ = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != http.StatusAccepted {
+						err = fmt.Errorf("submit %d: %d", i, resp.StatusCode)
+					}
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// An idle instance's look for work costs the same storage calls whether
+// the instances sharing its storage hold 1, 100 or 1,000 jobs: it reads
+// their heartbeats, not their jobs.
+func TestAdoptionBounded(t *testing.T) {
+	be := newHoldBackend(t)
+	storage := t.TempDir()
+	// No credentials_key: the jobs stay held where they were taken, and
+	// the idle instance has nothing it may take.
+	site := fmt.Sprintf(`
+	batch /batch /batch/* {
+		async {
+			workers 1
+			lease 2s
+		}
+	}
+	reverse_proxy %s`, be.Listener.Addr())
+	portA, portB := freePort(t), freePort(t)
+	idle := strings.Replace(testCaddyfile(storage, portA, "", site), "storage file_system", "storage batch_lag", 1)
+	loadCaddy(t, adapt(t, idle), portA)
+	busy, _ := startChild(t, testCaddyfile(storage, portB, "", site), portB)
+	submitJob(t, busy+"/batch", `[{"path":"/hold"}]`)
+	active := 1
+	var perLook []float64
+	for _, n := range []int{1, 100, 1000} {
+		submitMany(t, busy+"/batch", "j", active, n)
+		active = n
+		eventually(t, 30*time.Second, fmt.Sprintf("%d jobs held", n), func() bool { return heldIn(storage) == n })
+		calls, by := callsPer(t, &thePool(t).looks, 10, "looks")
+		t.Logf("%4d active jobs: %.2f storage calls a look (%+v)", n, calls, by)
+		perLook = append(perLook, calls)
+	}
+	// A List of the epochs, a Load of the one heartbeat, a List of the
+	// queue; a look under way as counting starts or ends may add a part
+	// of one over the 10 looks.
+	for i, calls := range perLook {
+		if calls > 3.5 {
+			t.Errorf("%.2f storage calls a look with %d active jobs; want 3", calls, []int{1, 100, 1000}[i])
+		}
+	}
+	if be.holding() != 1 || len(be.arrived()) != 0 {
+		t.Errorf("the idle instance took jobs: %d held, %v ran", be.holding(), be.arrived())
+	}
+}
+
+// Renewing the hold on 1, 100 or 1,000 jobs (one running, the rest
+// waiting in memory) costs the same storage calls: the instance's
+// heartbeat and a List of what it holds, not a write per job.
+func TestRenewalBounded(t *testing.T) {
+	be := newHoldBackend(t)
+	storage := t.TempDir()
+	site := fmt.Sprintf(`
+	batch /batch /batch/* {
+		async {
+			workers 1
+			lease 2s
+		}
+	}
+	reverse_proxy %s`, be.Listener.Addr())
+	port := freePort(t)
+	cfg := strings.Replace(testCaddyfile(storage, port, "", site), "storage file_system", "storage batch_lag", 1)
+	base := loadCaddy(t, adapt(t, cfg), port)
+	submitJob(t, base+"/batch", `[{"path":"/hold"}]`)
+	eventually(t, 10*time.Second, "the worker busy", func() bool { return be.holding() == 1 })
+	held := 1
+	var perRenewal []float64
+	for _, n := range []int{1, 100, 1000} {
+		submitMany(t, base+"/batch", "j", held, n)
+		held = n
+		if got := heldIn(storage); got != n {
+			t.Fatalf("%d jobs held, want %d", got, n)
+		}
+		calls, by := callsPer(t, &thePool(t).renewals, 6, "renewals")
+		t.Logf("%4d jobs held: %.2f storage calls a renewal (%+v)", n, calls, by)
+		perRenewal = append(perRenewal, calls)
+	}
+	// The heartbeat stored and the epoch listed, and what the running job
+	// does meanwhile: it looks for a cancel every second (half a call a
+	// renewal).
+	for i, calls := range perRenewal {
+		if calls > 3 {
+			t.Errorf("%.2f storage calls a renewal with %d jobs held; want 2", calls, []int{1, 100, 1000}[i])
+		}
+	}
+	// The jobs waiting end interrupted, each recording it, before the
+	// storage directory goes.
+	be.free()
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
 	}
 }
