@@ -2,6 +2,7 @@ package batch
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -33,6 +34,7 @@ func (a *asyncJobs) adoptJobs(ctx context.Context) {
 			return
 		case <-tick.C:
 			a.pool.looks.Add(1)
+			a.migrateActive(ctx)
 			a.takeOver(ctx)
 			a.lookQueue(ctx, true)
 		case <-a.woken:
@@ -95,6 +97,72 @@ func (a *asyncJobs) takeOver(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// Before heartbeats, the jobs that had not ended were listed under
+// batch/active, each with a lease of its own in batch/jobs/<id>/lease.
+const legacyActivePrefix = "batch/active"
+
+// legacyLease is what an older version stored of a job's lease.
+type legacyLease struct {
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+// migrateActive moves the jobs an older version left listed as active
+// into the cluster's queue, once their lease has expired or was released
+// (a graceful stop releases them): an instance of this version then runs
+// them. Each handler looks until it finds none; from then on it costs
+// nothing. Instances of both versions must not share a storage: the older
+// ones do not see the queue, nor the heartbeats.
+func (a *asyncJobs) migrateActive(ctx context.Context) {
+	if a.migrated.Load() {
+		return
+	}
+	keys, err := a.store.List(ctx, legacyActivePrefix, false)
+	switch {
+	case err != nil && !errors.Is(err, fs.ErrNotExist):
+		return
+	case len(keys) == 0:
+		a.migrated.Store(true)
+		return
+	}
+	for _, k := range keys {
+		if id := path.Base(k); isJobID(id) {
+			a.migrateOne(ctx, id)
+		}
+	}
+}
+
+func (a *asyncJobs) migrateOne(ctx context.Context, id string) {
+	active, lease := path.Join(legacyActivePrefix, id), jobKey(id, "lease")
+	if buf, err := a.store.Load(ctx, lease); err == nil {
+		var l legacyLease
+		if json.Unmarshal(buf, &l) == nil && now().Before(l.ExpiresAt) {
+			return // an instance of the older version runs it
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, storeTimeout)
+	defer cancel()
+	if err := a.store.Lock(ctx, holderKey(id)); err != nil {
+		return
+	}
+	defer a.unlock(holderKey(id))
+	if !a.store.Exists(ctx, active) {
+		return // moved by another instance meanwhile
+	}
+	rec, err := a.store.loadJob(ctx, id)
+	if err == nil && (!rec.final() || a.store.Exists(ctx, eventKey(id))) {
+		err = a.store.enqueue(ctx, rec)
+	} else if errors.Is(err, fs.ErrNotExist) || errors.Is(err, errBadRecord) {
+		err = nil // nothing to run: the sweep deletes what is left
+	}
+	if err != nil {
+		a.logger.Warn("moving an async batch of an older version to the queue", zap.String("id", id), zap.Error(err))
+		return
+	}
+	a.store.deleteKey(ctx, lease)
+	a.store.deleteKey(ctx, active)
+	a.logger.Info("async batch of an older version queued", zap.String("id", id))
 }
 
 // takeOverOne takes over job id from the dead epoch from, if it is this

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddy-batch/batch/internal/seal"
@@ -129,6 +130,9 @@ type asyncJobs struct {
 	foreignMu  sync.Mutex
 	foreignIDs map[string]bool
 	foreignGen int
+	// migrated is set once no job of an older version is left listed as
+	// active (adopt.go).
+	migrated atomic.Bool
 }
 
 // newAsyncJobs sets up the async jobs of h from its AsyncConfig.

@@ -5,10 +5,14 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // holdBackend holds every request to /hold until released, logs the
@@ -209,4 +213,66 @@ func TestMaxQueuedCountsClusterQueue(t *testing.T) {
 		status, _, _ := send(t, "POST", base+"/batch", `[{"path":"/op?id=fourth"}]`, alice, "Prefer: respond-async")
 		return status == 202
 	})
+}
+
+// Jobs an older version left listed as active (leased one by one, the
+// leases released at a graceful stop) are queued and run by this one.
+func TestLegacyActiveJobsMigrated(t *testing.T) {
+	setVar(t, &jobsGrace, 50*time.Millisecond)
+	be := newHoldBackend(t)
+	storage := t.TempDir()
+	port := freePort(t)
+	cfg := adapt(t, testCaddyfile(storage, port, "", fmt.Sprintf(`
+	batch /batch /batch/* {
+		async {
+			workers 1
+			lease 1s
+			credentials_key %s
+		}
+	}
+	reverse_proxy %s`, testKey, be.Listener.Addr())))
+	base := loadCaddy(t, cfg, port)
+	first := submitJob(t, base+"/batch", `[{"path":"/hold"}]`)
+	eventually(t, 10*time.Second, "the worker busy", func() bool { return be.holding() == 1 })
+	second := submitJob(t, base+"/batch", `[{"path":"/op?id=second"}]`)
+	if err := caddy.Stop(); err != nil { // the first is handed over to the queue
+		t.Fatal(err)
+	}
+	be.free()
+	// As the older version stored them: listed as active, their leases
+	// released or expired, not queued.
+	queued, _ := os.ReadDir(filepath.Join(storage, "batch", "queue"))
+	if len(queued) != 2 {
+		t.Fatalf("%d jobs queued after the stop, want 2", len(queued))
+	}
+	for _, e := range queued {
+		if err := os.Remove(filepath.Join(storage, "batch", "queue", e.Name())); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(storage, "batch", "active"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{first, second} {
+		if err := os.WriteFile(filepath.Join(storage, "batch", "active", id), []byte(id), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	expired := fmt.Sprintf(`{"instance":"old","expires_at":%q}`, time.Now().Add(-time.Second).Format(time.RFC3339Nano))
+	if err := os.WriteFile(filepath.Join(storage, "batch", "jobs", first, "lease"), []byte(expired), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	base = loadCaddy(t, cfg, port)
+	for _, id := range []string{first, second} {
+		if p := waitJob(t, base+"/batch/"+id, alice, "completed", "error"); p.Get("status").String() != "completed" {
+			t.Errorf("job %s: %s", id, p.Raw)
+		}
+	}
+	if left, _ := os.ReadDir(filepath.Join(storage, "batch", "active")); len(left) != 0 {
+		t.Errorf("still listed as active: %v", left)
+	}
+	if _, err := os.Stat(filepath.Join(storage, "batch", "jobs", first, "lease")); !os.IsNotExist(err) {
+		t.Errorf("the old lease is left: %v", err)
+	}
 }
