@@ -27,16 +27,21 @@ type AsyncConfig struct {
 	// also bounds how long a job may run. Default: 24h.
 	Retention caddy.Duration `json:"retention,omitempty"`
 
-	// How many jobs run at once in this process. Jobs beyond that wait in
-	// a queue. The pool is shared by all batch handlers of the process and
-	// survives config reloads. Default: 4.
+	// How many jobs run at once in this process. Jobs beyond that wait:
+	// those any instance can run in the cluster's queue in storage, which
+	// every instance with a worker free takes from, owners in turn and
+	// each owner's jobs in order; the others (see credentials_key) in this
+	// process's memory. The pool is shared by all batch handlers of the
+	// process and survives config reloads. Default: 4.
 	Workers int `json:"workers,omitempty"`
 
-	// How many jobs may wait for a worker in this process, at least 1; a
-	// batch sent when as many wait is answered 503 with Retry-After, and
-	// nothing of it is stored. Like workers, the limit is the process's:
-	// the config loaded last sets it. A queued job holds in memory only
-	// the headers its operations inherit; its operations wait in storage.
+	// How many jobs that this process took may wait for a worker, at
+	// least 1: in the cluster's queue, until an instance takes them, or in
+	// this process's memory. A batch sent when as many wait is answered
+	// 503 with Retry-After, and nothing of it is stored. Like workers, the
+	// limit is the process's: the config loaded last sets it. A job in the
+	// cluster's queue holds no memory here; one waiting in memory holds
+	// the headers its operations inherit, its operations wait in storage.
 	// Default: 1000.
 	MaxQueued int `json:"max_queued,omitempty"`
 
@@ -59,9 +64,11 @@ type AsyncConfig struct {
 	// Default: 1 GiB.
 	MaxBodySize int64 `json:"max_body_size,omitempty"`
 
-	// How long the lease an instance holds on a job it runs lasts
-	// unrenewed: how long after an instance dies another one takes its
-	// jobs over. It is renewed every quarter of it. Default: 30s.
+	// How long the heartbeat of an instance holding jobs lasts unrenewed:
+	// how long after an instance dies another one takes its jobs over. It
+	// is renewed every quarter of it, two storage calls however many jobs
+	// it holds; instances look for work every tenth of it (from 50ms to
+	// 5s). Default: 30s.
 	Lease caddy.Duration `json:"lease,omitempty"`
 
 	// The key, 32 bytes in hex or base64 (such as {env.BATCH_KEY}), with
