@@ -70,12 +70,19 @@ func (a *asyncJobs) takeOver(ctx context.Context) {
 			continue // storage trouble: next look
 		}
 		var ids []string
+		beating := false
 		for _, k := range a.store.jobIDs(ctx, heldDir(epoch)) {
-			if isJobID(k) {
+			switch {
+			case k == heartbeatName:
+				beating = true
+			case isJobID(k):
 				ids = append(ids, k)
 			}
 		}
-		if len(ids) == 0 {
+		switch {
+		case errors.Is(err, fs.ErrNotExist) && beating:
+			continue // its first heartbeat was stored since: it starts now
+		case len(ids) == 0:
 			// Retired, or emptied by takeovers: what is left of it goes
 			// once no write of its could still land.
 			if errors.Is(err, fs.ErrNotExist) || now().Sub(hb.ExpiresAt) > deadEpochGrace {
