@@ -510,9 +510,10 @@ func TestRenewalBounded(t *testing.T) {
 	}
 	// The heartbeat stored and the epoch listed, and what the running job
 	// does meanwhile: it looks for a cancel every second (half a call a
-	// renewal).
+	// renewal); a renewal under way as counting starts or ends may add a
+	// part of one over the 6. A write per job would be 100 and 1,000.
 	for i, calls := range perRenewal {
-		if calls > 3 {
+		if calls > 3.5 {
 			t.Errorf("%.2f storage calls a renewal with %d jobs held; want 2", calls, []int{1, 100, 1000}[i])
 		}
 	}
