@@ -18,7 +18,7 @@ import (
 // while it holds anything, and one key per job beside it,
 // batch/held/<epoch>/<id>. A renewal is two storage calls however many
 // jobs it holds: the heartbeat stored, and the epoch listed, so that a job
-// taken from it (its key gone) stops at once. The job's holder key,
+// taken from it (its key gone) stops there and then. The job's holder key,
 // batch/jobs/<id>/holder, names the epoch that last took it: written once,
 // never renewed. A job that any instance can run holds no lease while it
 // waits: it waits in the cluster's queue (queue.go).

@@ -19,7 +19,9 @@ import (
 // queue (one call, whatever it holds: a look with Q jobs queued
 // cluster-wide is one List returning Q names) and starts the next job
 // (a round over owners, each owner's jobs oldest first) once it has taken
-// it under the job's lock. A job whose credentials live only in the memory
+// it under the job's lock (about ten calls: its spec, the lock, the key
+// still there, its holder and held keys, the queue key deleted, the
+// unlock, its record). A job whose credentials live only in the memory
 // of the instance that took it (spec.Local) cannot move: it waits in that
 // process's memory, held by it, and joins the same round there.
 
