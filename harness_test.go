@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/caddy-batch/batch/examples/legacyapi"
+	_ "github.com/caddy-batch/batch/internal/lagstore" // storage a latency away
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -199,6 +200,7 @@ func provision(tb testing.TB, h *Handler) *Handler {
 type caddyConfig struct {
 	storage string // root of the file system storage; default: a temporary directory
 	flaky   bool   // the storage is test_flaky's, which a test can break
+	lag     string // a latency before every storage call (batch_lag)
 	global  string // more global options
 }
 
@@ -209,6 +211,9 @@ func inStorage(dir string) caddyOption { return func(c *caddyConfig) { c.storage
 
 // withGlobal adds global options, such as server settings.
 func withGlobal(g string) caddyOption { return func(c *caddyConfig) { c.global = g } }
+
+// onLaggedStorage puts the storage a latency away, as a cluster's is.
+func onLaggedStorage(latency string) caddyOption { return func(c *caddyConfig) { c.lag = latency } }
 
 // onFlakyStorage puts the storage behind test_flaky, which flakyBroken breaks.
 func onFlakyStorage(c *caddyConfig) { c.flaky = true }
@@ -230,6 +235,9 @@ func startCaddy(t *testing.T, site string, opts ...caddyOption) string {
 	cfg := testCaddyfile(c.storage, port, c.global, site)
 	if c.flaky {
 		cfg = strings.Replace(cfg, "storage file_system", "storage test_flaky", 1)
+	}
+	if c.lag != "" {
+		cfg = strings.Replace(cfg, "storage file_system "+c.storage, "storage batch_lag "+c.storage+" {\n\t\tlatency "+c.lag+"\n\t}", 1)
 	}
 	return loadCaddy(t, adapt(t, cfg), port)
 }

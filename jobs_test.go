@@ -582,3 +582,43 @@ func TestQueuedJobRunsOnNewConfig(t *testing.T) {
 		t.Errorf("the new config's backend saw %v: the queued job's operation", got)
 	}
 }
+
+// A streamed job runs its operations as one stream across its chunks: a
+// slow operation does not hold back the next chunk, whose operations are
+// read while the current ones run, on a storage a network away.
+func TestStreamedJobHasNoChunkBarrier(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddy(t, proxySite(be, `{
+		mode parallel
+		concurrency 8
+		async
+	}`), inStorage(storage), onLaggedStorage("5ms"))
+	var lines []string
+	for i := range 2*opsPerChunk + 10 {
+		d := "1ms"
+		if i == 0 {
+			d = "3s" // the first operation of the first chunk is slow
+		}
+		lines = append(lines, fmt.Sprintf(`{"path":"/slow?id=k%d&d=%s"}`, i, d))
+	}
+	status, body := sendNDJSON(t, base+"/batch", strings.Join(lines, "\n"))
+	if status != 202 {
+		t.Fatalf("%d %s", status, body)
+	}
+	id := mustJSON(t, body).Get("id").String()
+	eventually(t, 30*time.Second, "the slow operation done", func() bool { return slices.Contains(be.eventLog(), "end k0") })
+	log := be.eventLog()
+	end0 := slices.Index(log, "end k0")
+	if i := slices.Index(log, fmt.Sprintf("start k%d", opsPerChunk+5)); i < 0 || i > end0 {
+		t.Errorf("an operation of the second chunk started at event %d, the slow one of the first ended at %d", i, end0)
+	}
+	p := waitJob(t, base+"/batch/"+id, alice, "completed")
+	if p.Get("succeeded").Int() != 2*opsPerChunk+10 {
+		t.Errorf("the job: %s", p.Raw)
+	}
+	_, _, results := send(t, "GET", base+"/batch/"+id+"/results?offset=0&limit=2", "", alice)
+	if r := mustJSON(t, results).Get("results"); r.Get("0.id").String() != "0" || r.Get("1.id").String() != "1" {
+		t.Errorf("results out of order: %.300s", results)
+	}
+}

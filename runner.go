@@ -172,7 +172,7 @@ func (rn *runner) runFrom(out sink, from int) {
 // handed over. Held results are not handed over: what they would undo
 // lives only here, so such operations run on to the end or the grace.
 func (rn *runner) handingOver() bool {
-	return rn.job != nil && rn.job.handingOver() && !rn.out.hold
+	return rn.job != nil && rn.job.handingOver() && (rn.out == nil || !rn.out.hold)
 }
 
 // handedOver reports whether a shutdown cut off a job another instance
@@ -370,6 +370,11 @@ func (rn *runner) recordOps(from int) {
 			classes[min(s/100, 5)]++
 		}
 	}
+	rn.countOps(classes)
+}
+
+// countOps counts operations by status class in the metrics.
+func (rn *runner) countOps(classes [6]int) {
 	for c, n := range classes {
 		if n > 0 {
 			rn.h.metrics.operations.WithLabelValues(statusClass(c * 100)).Add(float64(n))
