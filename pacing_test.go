@@ -350,3 +350,28 @@ func TestPacingPerCaller(t *testing.T) {
 		t.Errorf("alice's refused job: %s", p.Raw)
 	}
 }
+
+// op_timeout bounds an operation in flight: a job's operation that waits
+// longer than that for its turn is sent when its turn comes, never
+// answered 504 unsent; a sync batch's wait stays within op_timeout.
+func TestJobWaitsForItsTurnPastOpTimeout(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		mode parallel
+		concurrency 4
+		max_inflight 1
+		op_timeout 1s
+		async {
+			retention 1h
+		}
+	}`))
+	ops := `[{"path":"/slow?d=700ms&id=a"},{"path":"/slow?d=700ms&id=b"},{"path":"/health"}]`
+	p := waitJob(t, base+"/batch/"+submitJob(t, base+"/batch", ops), alice, "completed")
+	if p.Get("succeeded").Int() != 3 {
+		t.Errorf("a job whose operations wait past op_timeout for a turn: %s", p.Raw)
+	}
+	_, _, body := send(t, "POST", base+"/batch", `{"batch":`+ops+`}`)
+	if res := mustJSON(t, body); res.Get("failed").Int() == 0 {
+		t.Errorf("a sync batch's operation, its wait for a turn included, takes at most op_timeout: %s", body)
+	}
+}

@@ -287,17 +287,35 @@ func (rn *runner) resolveAndExec(op *operation, clk *opClock) result {
 // op_timeout.
 func (rn *runner) exec(op *operation, clk *opClock) result {
 	o, g := rn.paceOwner(), rn.h.gate
-	ctx, deadline := clk.arm()
-	defer clk.disarm()
+	// op_timeout bounds a batch's operation from its first wait for a
+	// turn on; a job's, each try in flight: its place in the job's queue
+	// is bounded by the job, and it is never answered 504 unsent.
+	perTry := rn.job != nil
+	var ctx context.Context
+	var deadline time.Time
+	if !perTry {
+		ctx, deadline = clk.arm()
+		defer clk.disarm()
+	}
 	for attempt := 1; ; attempt++ {
 		var res result
 		asked := time.Now()
-		t, err := g.Acquire(ctx, o)
+		waitCtx := ctx
+		if perTry {
+			waitCtx = clk.parent
+		}
+		t, err := g.Acquire(waitCtx, o)
 		rn.h.metrics.turnWait.Observe(time.Since(asked).Seconds())
 		if err != nil {
 			res = rn.waitedOut(clk.parent)
 		} else {
+			if perTry {
+				ctx, deadline = clk.arm()
+			}
 			res = rn.attempt(ctx, clk, op, attempt)
+			if perTry {
+				clk.disarm()
+			}
 			if r := g.Release(t, res.status, res.header); r.Event != "" {
 				rn.h.metrics.pacing.WithLabelValues(r.Event).Inc()
 				rn.h.logger.Debug("pacing", zap.String("event", r.Event), zap.Float64("rate", r.Rate),
@@ -325,13 +343,13 @@ func (rn *runner) exec(op *operation, clk *opClock) result {
 				wait = time.Second // when the answer does not say, or not readably
 			}
 		}
-		if time.Until(deadline) < wait {
+		if !perTry && time.Until(deadline) < wait {
 			res.attempts = attempt
 			return res
 		}
 		select {
 		case <-time.After(wait):
-		case <-ctx.Done():
+		case <-waitCtx.Done():
 			res.attempts = attempt
 			return res
 		}
