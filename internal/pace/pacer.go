@@ -47,6 +47,7 @@ const (
 // pacer is the state of adaptive pacing, under the gate's lock.
 type pacer struct {
 	usedAt      time.Time // of the last turn asked for
+	answered    bool      // an answer has come: until then, one operation at a time
 	inflight    int       // adaptive operations in flight
 	pausedUntil time.Time // no adaptive operation starts before
 	decreasedAt time.Time // of the last 429 that changed the rate
@@ -75,6 +76,11 @@ type pacer struct {
 // measured against.
 func (p *pacer) admit(now time.Time, maxInflight int) (ok bool, at time.Time) {
 	switch {
+	case !p.answered && p.inflight > 0:
+		// Slow start: the first answer may tell the quota, which a
+		// first flight as wide as max_inflight would overrun. An API
+		// that tells nothing costs one round trip.
+		return false, time.Time{}
 	case now.Before(p.pausedUntil):
 		return false, p.pausedUntil
 	case now.Before(p.quotaReset) && p.quotaLeft <= 0:
@@ -143,6 +149,7 @@ const (
 // nothing the metrics count.
 func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.Time) (event string) {
 	p.inflight--
+	p.answered = true // with no answer too: an API that does not answer is not waited for twice
 	if status == 0 {
 		return ""
 	}
