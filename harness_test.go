@@ -306,6 +306,27 @@ func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
 	}
 }
 
+// receive waits for a value on ch (or for ch to close), failing the test
+// after d.
+func receive[T any](t *testing.T, d time.Duration, what string, ch <-chan T) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(d):
+		t.Fatalf("not within %s: %s", d, what)
+		panic("unreachable")
+	}
+}
+
+// waitGroup waits for wg, failing the test after d.
+func waitGroup(t *testing.T, d time.Duration, what string, wg *sync.WaitGroup) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	receive(t, d, what, done)
+}
+
 var client = &http.Client{Timeout: 30 * time.Second}
 
 // send makes one request and returns its status, headers and body. headers
@@ -530,8 +551,15 @@ func startChildCaddy(t *testing.T, cfg string, port int) string {
 	return base
 }
 
+// child is a Caddy running in a child process; exited is closed once it
+// has ended.
+type child struct {
+	*os.Process
+	exited chan struct{}
+}
+
 // startChild is startChildCaddy, with the child's process to stop.
-func startChild(t *testing.T, cfg string, port int) (string, *exec.Cmd) {
+func startChild(t *testing.T, cfg string, port int) (string, child) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "BATCH_TEST_CHILD="+cfg)
@@ -539,12 +567,17 @@ func startChild(t *testing.T, cfg string, port int) (string, *exec.Cmd) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	c := child{cmd.Process, make(chan struct{})}
+	go func() { _ = cmd.Wait(); close(c.exited) }()
+	t.Cleanup(func() {
+		_ = c.Kill()
+		receive(t, 10*time.Second, "the killed child to end", c.exited)
+	})
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
 	for i := 0; ; i++ {
-		if resp, err := http.Get(base + "/"); err == nil {
+		if resp, err := client.Get(base + "/"); err == nil {
 			resp.Body.Close()
-			return base, cmd
+			return base, c
 		}
 		if i == 200 {
 			t.Fatalf("child caddy is not listening on %d", port)

@@ -78,7 +78,7 @@ func TestIdempotencyConcurrent(t *testing.T) {
 			statuses[i], _, bodies[i] = send(t, "POST", base+"/batch", `[{"method":"POST","path":"/users","body":{"name":"Dup"}},{"path":"/slow?d=50ms"}]`, alice, "Idempotency-Key: same")
 		}()
 	}
-	wg.Wait()
+	waitGroup(t, 40*time.Second, "the twenty submissions to be answered", &wg)
 	for i := range 20 {
 		if statuses[i] != 200 || bodies[i] != bodies[0] {
 			t.Errorf("submission %d: %d %s, want %s", i, statuses[i], bodies[i], bodies[0])
@@ -311,7 +311,7 @@ func TestIdempotencyCutBatchIsNotStored(t *testing.T) {
 	}()
 	eventually(t, 10*time.Second, "the slow operation to start", func() bool { return slices.Contains(be.eventLog(), "start cut") })
 	cancel()
-	<-done
+	receive(t, 10*time.Second, "the client that left to return", done)
 
 	// The retry waits for the batch it cut off to end.
 	status, hdr, first := send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: cut")
@@ -450,7 +450,7 @@ func TestIdempotencyWaitersLeave(t *testing.T) {
 	holder, stopHolder := context.WithCancel(context.Background())
 	held := make(chan struct{})
 	go func() { defer close(held); send(holder, client) }()
-	t.Cleanup(func() { stopHolder(); <-held })
+	t.Cleanup(func() { stopHolder(); receive(t, 10*time.Second, "the client holding the key to return", held) })
 	eventually(t, 10*time.Second, "the batch to start", func() bool { return slices.Contains(be.eventLog(), "start hold") })
 
 	const waiters = 20
@@ -466,7 +466,7 @@ func TestIdempotencyWaitersLeave(t *testing.T) {
 	// once the handler has read the body.
 	eventually(t, 10*time.Second, "the waiters to arrive", func() bool { return runtime.NumGoroutine() >= base0+5*waiters-5 })
 	leave()
-	wg.Wait()
+	waitGroup(t, 10*time.Second, "the waiters to return", &wg)
 	eventually(t, 10*time.Second, "the waiters to be gone", func() bool {
 		if slices.Contains(be.eventLog(), "end hold") {
 			t.Fatal("the waiters were held until the batch with the key ended")

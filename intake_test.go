@@ -69,7 +69,7 @@ func TestNDJSONJob(t *testing.T) {
 	req, _ := http.NewRequest("GET", base+"/batch/"+id+"/results", nil)
 	req.Header.Set("Authorization", "Bearer alice")
 	req.Header.Set("Accept", "application/x-ndjson")
-	res, err := http.DefaultClient.Do(req)
+	res, err := client.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -300,9 +300,7 @@ func TestAsyncCancel(t *testing.T) {
 	}
 	_, _, body := send(t, "POST", base+"/batch", "["+strings.Join(ops, ",")+"]", alice, "Prefer: respond-async")
 	job := base + "/batch/" + mustJSON(t, body).Get("id").String()
-	for len(be.eventLog()) < 4 {
-		time.Sleep(5 * time.Millisecond)
-	}
+	eventually(t, 10*time.Second, "the job under way", func() bool { return len(be.eventLog()) >= 4 })
 	status, _, body := send(t, "DELETE", job, "", alice)
 	seenAtCancel := len(be.requests())
 	if status != 200 || mustJSON(t, body).Get("status").String() != "canceled" {

@@ -133,14 +133,14 @@ func TestAsyncResultsFlushedBySize(t *testing.T) {
 			_, _ = io.Copy(c, resp.Body)
 		}()
 	}
-	read.Wait()
+	waitGroup(t, 40*time.Second, "the readers to read half of the results", &read)
 	var held int64
 	for range 3 {
 		held = max(held, int64(liveHeap())-int64(before))
 		time.Sleep(20 * time.Millisecond)
 	}
 	close(release)
-	done.Wait()
+	waitGroup(t, 40*time.Second, "the readers to read the rest", &done)
 	t.Logf("%d readers paused halfway: live heap grew %.1f MiB", readers, float64(held)/(1<<20))
 	if held > 24<<20 {
 		t.Errorf("%d paused readers hold %d MiB", readers, held>>20)
@@ -363,9 +363,7 @@ func TestAsyncSurvivesReload(t *testing.T) {
 	}
 	_, _, body := send(t, "POST", base+"/batch", "["+strings.Join(ops, ",")+"]", alice, "Prefer: respond-async")
 	id := mustJSON(t, body).Get("id").String()
-	for len(be.eventLog()) < 4 {
-		time.Sleep(5 * time.Millisecond)
-	}
+	eventually(t, 10*time.Second, "the job under way", func() bool { return len(be.eventLog()) >= 4 })
 	if err := caddy.Load(cfg("two"), true); err != nil {
 		t.Fatal(err)
 	}
@@ -404,9 +402,7 @@ func TestAsyncInterruptedByShutdown(t *testing.T) {
 	}
 	_, _, body := send(t, "POST", base+"/batch", "["+strings.Join(ops, ",")+"]", alice, "Prefer: respond-async")
 	id := mustJSON(t, body).Get("id").String()
-	for len(be.eventLog()) < 4 {
-		time.Sleep(5 * time.Millisecond)
-	}
+	eventually(t, 10*time.Second, "the job under way", func() bool { return len(be.eventLog()) >= 4 })
 	if err := caddy.Stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -534,7 +530,7 @@ func TestAsyncLargeJobMemory(t *testing.T) {
 	id := mustJSON(t, body).Get("id").String()
 	p := waitJob(t, base+"/batch/"+id, alice, "completed")
 	close(stop)
-	<-sampled
+	receive(t, 5*time.Second, "the heap sampler to stop", sampled)
 	if p.Get("succeeded").Int() != 10000 {
 		t.Fatalf("job: %s", p.Raw)
 	}

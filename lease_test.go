@@ -47,11 +47,11 @@ func clusterJob(t *testing.T, sig syscall.Signal, lease time.Duration) (gap time
 	}
 	id := submitJob(t, b+"/batch", "["+sb.String()+"]")
 	eventually(t, 20*time.Second, "the child well into the job", func() bool { return len(be.requests()) >= 400 })
-	if err := child.Process.Signal(sig); err != nil {
+	if err := child.Signal(sig); err != nil {
 		t.Fatal(err)
 	}
 	stopped := time.Now()
-	_ = child.Wait()
+	receive(t, 20*time.Second, "the child to end after "+sig.String(), child.exited)
 	before := len(be.requests())
 
 	p := waitJob(t, a+"/batch/"+id, alice, "completed", "error")

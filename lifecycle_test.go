@@ -58,7 +58,7 @@ func TestSlowBodyCutOffByReadTimeout(t *testing.T) {
 	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
 	elapsed := time.Since(start)
 	close(stop)
-	n := <-trickled
+	n := receive(t, 5*time.Second, "the trickling writer to stop", trickled)
 	t.Logf("answered after %v, %d pieces trickled", elapsed.Round(time.Millisecond), n)
 	if elapsed > 3*time.Second {
 		t.Errorf("server took %v to give up on a slow body; read_body is 1s", elapsed)

@@ -75,7 +75,7 @@ func TestMaxInflightBoundsAllBatches(t *testing.T) {
 			}
 		})
 	}
-	wg.Wait()
+	waitGroup(t, 40*time.Second, "the sixteen batches to be answered", &wg)
 	be.mu.Lock()
 	maxIn := be.maxInFlight
 	be.mu.Unlock()

@@ -728,7 +728,7 @@ func TestUpstreamRequestCapPerOperation(t *testing.T) {
 	status, _, body := send(t, "POST", base+"/batch", `[{"path":"/b1"},{"path":"/b2"},{"path":"/b3"}]`)
 	lone, _, _ := send(t, "GET", base+"/lone", "")
 	close(gate)
-	a := <-aDone
+	a := receive(t, 40*time.Second, "batch A to be answered", aDone)
 
 	if status != 200 {
 		t.Fatalf("batch B: %d %s", status, body)

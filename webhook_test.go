@@ -115,16 +115,11 @@ func TestAsyncWebhookSignedAndRetried(t *testing.T) {
 	_, _, body := send(t, "POST", base+"/batch", `[{"path":"/health"},{"path":"/users/404"}]`, alice, "Prefer: respond-async")
 	id := mustJSON(t, body).Get("id").String()
 	waitJob(t, base+"/batch/"+id, alice, "completed")
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	eventually(t, 5*time.Second, "the failed delivery and its retry", func() bool {
 		mu.Lock()
-		n := len(deliveries)
-		mu.Unlock()
-		if n >= 2 || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		defer mu.Unlock()
+		return len(deliveries) >= 2
+	})
 	mu.Lock()
 	defer mu.Unlock()
 	if len(deliveries) != 2 || len(bad) != 0 {
@@ -220,8 +215,8 @@ func TestAsyncWebhookEventOutlivesInstance(t *testing.T) {
 		defer mu.Unlock()
 		return len(failed) > 0
 	})
-	_ = child.Process.Kill()
-	_ = child.Wait()
+	_ = child.Kill()
+	receive(t, 10*time.Second, "the killed child to end", child.exited)
 	close(accept)
 	eventually(t, 10*time.Second, "the event delivered by the instance left", func() bool {
 		mu.Lock()
