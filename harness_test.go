@@ -56,22 +56,28 @@ type backend struct {
 
 	mu   sync.Mutex
 	reqs []seen
-	// events logs "start ID" and "end ID" of /slow?id=ID requests, and
-	// inFlight/maxInFlight count them, for ordering assertions that do not
-	// depend on timing.
+	// events logs "start ID" and "end ID" of /slow?id=ID and /hold?id=ID
+	// requests, and inFlight/maxInFlight count them, for ordering
+	// assertions that do not depend on timing.
 	events      []string
 	inFlight    int
 	maxInFlight int
 	limited     map[string]int // calls to /limited by id
+	// held is closed by release: /hold answers then.
+	held        chan struct{}
+	releaseOnce sync.Once
 }
 
 func newBackend(t *testing.T) *backend {
 	t.Helper()
-	b := &backend{API: legacyapi.New()}
+	b := &backend{API: legacyapi.New(), held: make(chan struct{})}
 	b.Server = httptest.NewServer(http.HandlerFunc(b.serve))
 	t.Cleanup(b.Close)
 	return b
 }
+
+// release lets every /hold request answer, those to come at once.
+func (b *backend) release() { b.releaseOnce.Do(func() { close(b.held) }) }
 
 func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
@@ -93,7 +99,7 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 			"method": r.Method, "uri": r.URL.RequestURI(), "host": r.Host,
 			"headers": r.Header, "body": string(body), "body_b64": body, "length": r.ContentLength,
 		})
-	case "/slow":
+	case "/slow", "/hold":
 		if id := q.Get("id"); id != "" {
 			b.mu.Lock()
 			b.events = append(b.events, "start "+id)
@@ -106,6 +112,15 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 				b.inFlight--
 				b.mu.Unlock()
 			}()
+		}
+		if p == "/hold" {
+			select {
+			case <-b.held:
+				w.Header().Set("Content-Type", "application/json")
+				_, _ = io.WriteString(w, `{"held":true}`)
+			case <-r.Context().Done():
+			}
+			return
 		}
 		d, _ := time.ParseDuration(q.Get("d"))
 		select {

@@ -229,10 +229,10 @@ func TestIdempotentAnswerTooLargeIsNotStored(t *testing.T) {
 }
 
 // The copy kept of an idempotent answer never exceeds the bound: a batch
-// with a 27 MB answer holds about what one without a key holds.
+// with an 18 MB answer holds about what one without a key holds.
 func TestIdempotentAnswerMemoryBounded(t *testing.T) {
 	const (
-		ops     = 30
+		ops     = 20
 		maxResp = 1_000_000
 	)
 	be := newBackend(t)
@@ -285,7 +285,7 @@ func TestIdempotentAnswerMemoryBounded(t *testing.T) {
 	t.Logf("live heap before %.1f MB; with an answer captured +%.1f MB at most", float64(before)/1e6, float64(peak)/1e6)
 	// TestSequentialBatchMemoryBounded's 7x for a batch without a key, plus
 	// the bound (1 MiB) and its growth. Keeping the whole answer would end
-	// 26 MB up.
+	// 17 MB up.
 	if limit := int64(7*maxResp + 2<<20); peak > limit {
 		t.Errorf("the live heap grew up to %.1f MB; bound %.1f MB", float64(peak)/1e6, float64(limit)/1e6)
 	}

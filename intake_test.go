@@ -235,7 +235,7 @@ func TestJobProgressRate(t *testing.T) {
 	be := newBackend(t)
 	base := startCaddy(t, ndjsonSite(be, ""))
 	var sb strings.Builder
-	for i := range 300 {
+	for i := range 100 {
 		fmt.Fprintf(&sb, `{"path":"/slow?d=10ms&id=p%d"}`+"\n", i)
 	}
 	status, resp := sendNDJSON(t, base+"/batch", sb.String())

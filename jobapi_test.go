@@ -102,8 +102,19 @@ func TestAsyncQueueBounded(t *testing.T) {
 	be := newBackend(t)
 	storage := t.TempDir()
 	base := startCaddy(t, asyncSite(be, "max_queued 3"), inStorage(storage))
+	var queued []string
+	t.Cleanup(func() {
+		// Nothing is left for the shutdown to wait for: the queued jobs
+		// are canceled, then the blockers let go.
+		for _, id := range queued {
+			if status, _, body := send(t, "DELETE", base+"/batch/"+id, "", alice); status != 200 {
+				t.Errorf("cancel of a queued job: %d %s", status, body)
+			}
+		}
+		be.release()
+	})
 	for i := range 2 { // both workers busy
-		submitJob(t, base+"/batch", fmt.Sprintf(`[{"path":"/slow?d=20s&id=block%d"}]`, i))
+		submitJob(t, base+"/batch", fmt.Sprintf(`[{"path":"/hold?id=block%d"}]`, i))
 	}
 	eventually(t, 10*time.Second, "both blockers running", func() bool {
 		b := be.eventLog()
@@ -123,6 +134,7 @@ func TestAsyncQueueBounded(t *testing.T) {
 		switch status {
 		case 202:
 			accepted++
+			queued = append(queued, mustJSON(t, body).Get("id").String())
 		case 503:
 			refused++
 			if hdr.Get("Retry-After") == "" || !strings.Contains(mustJSON(t, body).Get("error").String(), "queue") {

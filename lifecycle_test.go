@@ -25,7 +25,7 @@ func TestSlowBodyCutOffByReadTimeout(t *testing.T) {
 	be := newBackend(t)
 	base := startCaddy(t, proxySite(be, ""), withGlobal(`servers {
 		timeouts {
-			read_body 1s
+			read_body 500ms
 		}
 	}`))
 	host := strings.TrimPrefix(base, "http://")
@@ -61,7 +61,7 @@ func TestSlowBodyCutOffByReadTimeout(t *testing.T) {
 	n := receive(t, 5*time.Second, "the trickling writer to stop", trickled)
 	t.Logf("answered after %v, %d pieces trickled", elapsed.Round(time.Millisecond), n)
 	if elapsed > 3*time.Second {
-		t.Errorf("server took %v to give up on a slow body; read_body is 1s", elapsed)
+		t.Errorf("server took %v to give up on a slow body; read_body is 500ms", elapsed)
 	}
 	if len(be.requests()) != 0 {
 		t.Errorf("backend saw %d requests from an unfinished batch", len(be.requests()))
@@ -80,7 +80,7 @@ func TestSlowBodyCutOffByReadTimeout(t *testing.T) {
 // it holds about one answer at a time, not max_ops of them.
 func TestSequentialBatchMemoryBounded(t *testing.T) {
 	const (
-		maxOps  = 50
+		maxOps  = 30
 		maxResp = 1_000_000 // "1MB" in a Caddyfile is SI
 	)
 	// The answer's headers count against max_response_size too: leave them 1 KB.
@@ -176,12 +176,12 @@ func TestSequentialBatchMemoryBounded(t *testing.T) {
 	// Add 1.5x for what else is live while a request is in flight in this
 	// process (sub-request and proxy state, connection buffers, Caddy's
 	// lazily built state): 5x. Holding the answers instead would grow by 1x
-	// per operation, to 49x.
+	// per operation, to 29x.
 	if held > 5*maxResp {
 		t.Errorf("between operations the live heap grew up to %.1f MB; bound %d MB", float64(held)/1e6, 5*maxResp/1_000_000)
 	}
 	// Streaming: what is held does not grow with the operations. Keeping
-	// each answer would put the last ten 40 MB above the first ten.
+	// each answer would put the last ten 20 MB above the first ten.
 	if heldLast-heldFirst > 2*maxResp {
 		t.Errorf("held memory grows with the operations: +%.1f MB over the first ten, +%.1f MB over the last ten", float64(heldFirst)/1e6, float64(heldLast)/1e6)
 	}

@@ -59,7 +59,7 @@ func TestMaxInflightBoundsAllBatches(t *testing.T) {
 	body := `{"batch":[` + strings.Join(ops, ",") + `]}`
 	var wg sync.WaitGroup
 	var ok atomic.Int64
-	for range 16 {
+	for range 8 {
 		wg.Go(func() {
 			status, _, resp := send(t, "POST", base+"/batch", body)
 			if status != 200 {
@@ -75,12 +75,12 @@ func TestMaxInflightBoundsAllBatches(t *testing.T) {
 			}
 		})
 	}
-	waitGroup(t, 40*time.Second, "the sixteen batches to be answered", &wg)
+	waitGroup(t, 40*time.Second, "the eight batches to be answered", &wg)
 	be.mu.Lock()
 	maxIn := be.maxInFlight
 	be.mu.Unlock()
-	if ok.Load() != 16*20 {
-		t.Errorf("%d of %d operations succeeded", ok.Load(), 16*20)
+	if ok.Load() != 8*20 {
+		t.Errorf("%d of %d operations succeeded", ok.Load(), 8*20)
 	}
 	if maxIn > 4 {
 		t.Errorf("%d operations in flight at once, max_inflight 4", maxIn)
@@ -121,7 +121,7 @@ func TestPacingPausesOnRetryAfter(t *testing.T) {
 	}
 	reverse_proxy %s`, c.block, be.addr()))
 			var ops []string
-			for i := range 6 {
+			for i := range 4 {
 				ops = append(ops, fmt.Sprintf(`{"id":"p%d","method":"POST","path":"/items","body":{"i":%d}}`, i, i))
 			}
 			body := `{"batch":[` + strings.Join(ops, ",") + `]}`
@@ -143,16 +143,16 @@ func TestPacingPausesOnRetryAfter(t *testing.T) {
 					retried++
 				}
 			}
-			if len(res) != 6 || retried != 1 {
-				t.Errorf("%d results, %d retried once, want 6 and 1: %s", len(res), retried, results)
+			if len(res) != 4 || retried != 1 {
+				t.Errorf("%d results, %d retried once, want 4 and 1: %s", len(res), retried, results)
 			}
 			reqs := be.requests()
-			if len(reqs) != 7 {
-				t.Fatalf("backend saw %d requests, want 7 (6 and a retry)", len(reqs))
+			if len(reqs) != 5 {
+				t.Fatalf("backend saw %d requests, want 5 (4 and a retry)", len(reqs))
 			}
 			// Counted: one pause, and a wait for a turn per try.
 			_, _, m := send(t, "GET", base+"/metrics", "")
-			for _, want := range []string{`caddy_batch_pacing_events_total{event="paused"} 1`, `caddy_batch_turn_wait_seconds_count 7`} {
+			for _, want := range []string{`caddy_batch_pacing_events_total{event="paused"} 1`, `caddy_batch_turn_wait_seconds_count 5`} {
 				if !strings.Contains(m, want+"\n") {
 					t.Errorf("metrics lack %q", want)
 				}
@@ -173,69 +173,82 @@ func TestPacingPausesOnRetryAfter(t *testing.T) {
 // within it: the quota left is spread over the time to its reset, and
 // none of the operations is refused.
 func TestPacingSpreadsAdvertisedQuota(t *testing.T) {
-	for _, form := range []string{"structured", "legacy", "x-ratelimit"} {
-		t.Run(form, func(t *testing.T) {
-			const quota, window = 5, time.Second
-			var mu sync.Mutex
-			var start time.Time
-			used := map[int]int{}
-			var refused atomic.Int64
-			be := newStamped(t, func(w http.ResponseWriter, r *http.Request, n int) {
-				at := time.Now()
-				mu.Lock()
-				if start.IsZero() {
-					start = at
-				}
-				k := int(at.Sub(start) / window)
-				used[k]++
-				left := quota - used[k]
-				mu.Unlock()
-				end := start.Add(time.Duration(k+1) * window)
-				reset := max(1, int(math.Ceil(end.Sub(at).Seconds())))
-				if left < 0 {
-					refused.Add(1)
-					w.Header().Set("Retry-After", strconv.Itoa(reset))
-					w.WriteHeader(http.StatusTooManyRequests)
-					return
-				}
-				switch form {
-				case "structured":
-					w.Header().Set("RateLimit", fmt.Sprintf(`"default";r=%d;t=%d`, left, reset))
-					w.Header().Set("RateLimit-Policy", fmt.Sprintf(`"default";q=%d;w=1`, quota))
-				case "legacy":
-					w.Header().Set("RateLimit-Limit", strconv.Itoa(quota))
-					w.Header().Set("RateLimit-Remaining", strconv.Itoa(left))
-					w.Header().Set("RateLimit-Reset", strconv.Itoa(reset))
-				default:
-					w.Header().Set("X-RateLimit-Limit", strconv.Itoa(quota))
-					w.Header().Set("X-RateLimit-Remaining", strconv.Itoa(left))
-					w.Header().Set("X-RateLimit-Reset", strconv.FormatInt(end.Unix()+1, 10)) // a Unix time, rounded up
-				}
-				w.Header().Set("Content-Type", "application/json")
-				fmt.Fprintf(w, `{"n":%d}`, n)
-			})
-			base := startCaddy(t, fmt.Sprintf(`
-	batch /batch {
-		op_timeout 10s
-		pacing adaptive
-	}
-	reverse_proxy %s`, be.addr()))
-			var ops []string
-			for i := range 15 {
-				ops = append(ops, fmt.Sprintf(`{"path":"/items/%d"}`, i))
+	const quota, window = 5, time.Second
+	// One handler per form, each with its own pacer and backend: the
+	// forms run at once, in one Caddy.
+	forms := []string{"structured", "legacy", "x-ratelimit"}
+	backends := map[string]*stamped{}
+	refused := map[string]*atomic.Int64{}
+	var site strings.Builder
+	for _, form := range forms {
+		var mu sync.Mutex
+		var start time.Time
+		used := map[int]int{}
+		limited := new(atomic.Int64)
+		refused[form] = limited
+		backends[form] = newStamped(t, func(w http.ResponseWriter, r *http.Request, n int) {
+			at := time.Now()
+			mu.Lock()
+			if start.IsZero() {
+				start = at
 			}
+			k := int(at.Sub(start) / window)
+			used[k]++
+			left := quota - used[k]
+			mu.Unlock()
+			end := start.Add(time.Duration(k+1) * window)
+			reset := max(1, int(math.Ceil(end.Sub(at).Seconds())))
+			if left < 0 {
+				limited.Add(1)
+				w.Header().Set("Retry-After", strconv.Itoa(reset))
+				w.WriteHeader(http.StatusTooManyRequests)
+				return
+			}
+			switch form {
+			case "structured":
+				w.Header().Set("RateLimit", fmt.Sprintf(`"default";r=%d;t=%d`, left, reset))
+				w.Header().Set("RateLimit-Policy", fmt.Sprintf(`"default";q=%d;w=1`, quota))
+			case "legacy":
+				w.Header().Set("RateLimit-Limit", strconv.Itoa(quota))
+				w.Header().Set("RateLimit-Remaining", strconv.Itoa(left))
+				w.Header().Set("RateLimit-Reset", strconv.Itoa(reset))
+			default:
+				w.Header().Set("X-RateLimit-Limit", strconv.Itoa(quota))
+				w.Header().Set("X-RateLimit-Remaining", strconv.Itoa(left))
+				w.Header().Set("X-RateLimit-Reset", strconv.FormatInt(end.Unix()+1, 10)) // a Unix time, rounded up
+			}
+			w.Header().Set("Content-Type", "application/json")
+			fmt.Fprintf(w, `{"n":%d}`, n)
+		})
+		fmt.Fprintf(&site, `
+	handle /%s/* {
+		batch /%s/batch {
+			op_timeout 10s
+			pacing adaptive
+		}
+		reverse_proxy %s
+	}`, form, form, backends[form].addr())
+	}
+	base := startCaddy(t, site.String())
+	var ops []string
+	for i := range 15 {
+		ops = append(ops, fmt.Sprintf(`{"path":"/items/%d"}`, i))
+	}
+	for _, form := range forms {
+		t.Run(form, func(t *testing.T) {
+			t.Parallel()
 			began := time.Now()
-			_, _, body := send(t, "POST", base+"/batch", `{"batch":[`+strings.Join(ops, ",")+`]}`)
+			_, _, body := send(t, "POST", base+"/"+form+"/batch", `{"batch":[`+strings.Join(ops, ",")+`]}`)
 			took := time.Since(began)
 			for _, r := range mustJSON(t, body).Get("results").Array() {
 				if r.Get("status").Int() != 200 {
 					t.Errorf("operation: %s", r.Raw)
 				}
 			}
-			if n := refused.Load(); n != 0 {
+			if n := refused[form].Load(); n != 0 {
 				t.Errorf("%d operations were refused 429: the quota was not paced", n)
 			}
-			if reqs := be.requests(); len(reqs) != 15 {
+			if reqs := backends[form].requests(); len(reqs) != 15 {
 				t.Errorf("backend saw %d requests, want 15", len(reqs))
 			}
 			// 15 operations at 5 per window need three windows.

@@ -79,11 +79,11 @@ func TestRollbacksBounded(t *testing.T) {
 	be := newBackend(t)
 	base := startCaddy(t, proxySite(be, `{
 		atomicity all_or_nothing
-		timeout 1s
+		timeout 400ms
 	}`))
 	var ops []string
 	for i := range 3 {
-		ops = append(ops, fmt.Sprintf(`{"method":"POST","path":"/users","body":{"name":"U%d"},"rollback":{"path":"/slow?d=700ms&id=rb%d"}}`, i, i))
+		ops = append(ops, fmt.Sprintf(`{"method":"POST","path":"/users","body":{"name":"U%d"},"rollback":{"path":"/slow?d=280ms&id=rb%d"}}`, i, i))
 	}
 	ops = append(ops, `{"method":"POST","path":"/users","body":{}}`) // 422
 	_, _, body := send(t, "POST", base+"/batch", `{"batch":[`+strings.Join(ops, ",")+`]}`)
@@ -91,9 +91,9 @@ func TestRollbacksBounded(t *testing.T) {
 	if res.Get("status").String() != "rollback_failed" {
 		t.Errorf("status: %s", body)
 	}
-	// Reverse order: rb2 runs (700 ms), rb1 is cut off at the budget, rb0
+	// Reverse order: rb2 runs (280 ms), rb1 is cut off at the budget, rb0
 	// never starts.
-	if r := res.Get("results.0.rollback"); r.Get("status").Int() != 504 || !strings.Contains(r.Get("error").String(), "rollbacks timed out after 1s") {
+	if r := res.Get("results.0.rollback"); r.Get("status").Int() != 504 || !strings.Contains(r.Get("error").String(), "rollbacks timed out after 400ms") {
 		t.Errorf("first operation's rollback: %s", r.Raw)
 	}
 	if slices.Contains(be.eventLog(), "start rb0") {
