@@ -9,6 +9,7 @@ import (
 )
 
 func TestParseForwardedHeaders(t *testing.T) {
+	t.Parallel()
 	body := `[{"path":"/a","headers":{"X-Forwarded-For":"6.6.6.6","x-real-ip":"6.6.6.6","Forwarded":"for=6.6.6.6",
 		"X-Forwarded-Proto":"https","X-Forwarded-Host":"evil","X-Keep":"yes","X-Forwarded":"not a forwarded-* header"}}]`
 	cases := []struct {
@@ -45,6 +46,7 @@ func TestParseForwardedHeaders(t *testing.T) {
 }
 
 func TestParseTarget(t *testing.T) {
+	t.Parallel()
 	good := []struct{ target, path, query string }{
 		{"/", "/", ""},
 		{"/users", "/users", ""},
@@ -160,6 +162,7 @@ func TestParseTarget(t *testing.T) {
 // parses as url.ParseRequestURI parses it (the parser builds plain paths'
 // URLs itself).
 func TestParseTargetAgreesWithNetURL(t *testing.T) {
+	t.Parallel()
 	for c := byte(0x21); c < 0x7f; c++ {
 		for _, target := range []string{
 			"/a" + string(c) + "b", "/a" + string(c), "/" + string(c), "/a/b?x" + string(c) + "y",

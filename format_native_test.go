@@ -3,7 +3,6 @@ package batch
 import (
 	"bytes"
 	"fmt"
-	"io"
 	"net/http"
 	"reflect"
 	"runtime"
@@ -12,12 +11,15 @@ import (
 	"testing"
 )
 
+// A dry run answers each operation as it would be sent, and sends none
+// (serveAlone fails a test that sends anything on).
 func TestDryRun(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, ""))
-	status, _, body := send(t, "POST", base+"/batch", `{"dry_run":true,"mode":"parallel","batch":[
+	t.Parallel()
+	handler := handlerAlone(t, nil)
+	w := serveAlone(t, handler, request(t, "POST", "http://127.0.0.1/batch", `{"dry_run":true,"mode":"parallel","batch":[
 		{"id":"mk","method":"POST","path":"/users","headers":{"X-Forwarded-For":"6.6.6.6","X-Trace":"t"},"body":{"name":"A"}},
-		{"path":"/users/{{mk.body.id}}"}]}`, "Authorization: Bearer t", "Accept-Encoding: gzip")
+		{"path":"/users/{{mk.body.id}}"}]}`, "Authorization: Bearer t", "Accept-Encoding: gzip"))
+	status, body := w.Code, w.Body.String()
 	if status != 200 {
 		t.Fatalf("%d %s", status, body)
 	}
@@ -36,36 +38,25 @@ func TestDryRun(t *testing.T) {
 	if res.Get("operations.1.depends_on.0").String() != "mk" || res.Get("operations.1.path").String() != "/users/{{mk.body.id}}" {
 		t.Errorf("dependent operation: %s", res.Get("operations.1").Raw)
 	}
-	if n := len(be.requests()); n != 0 {
-		t.Errorf("a dry run sent %d requests", n)
-	}
 	// A dry run still validates.
-	if status, _, _ := send(t, "POST", base+"/batch", `{"dry_run":true,"batch":[{"path":"//x"}]}`); status != 400 {
-		t.Errorf("invalid dry run: %d", status)
+	if w := serveAlone(t, handler, request(t, "POST", "http://127.0.0.1/batch", `{"dry_run":true,"batch":[{"path":"//x"}]}`)); w.Code != 400 {
+		t.Errorf("invalid dry run: %d", w.Code)
 	}
 }
 
 // A dry run repeats the inherited headers for every operation: its answer
 // is written as it is made, not held whole.
 func TestDryRunStreamed(t *testing.T) {
-	be := newBackend(t)
-	// Caddy takes 16 KB of headers by default; a server may take more.
-	base := startCaddy(t, proxySite(be, ""), withGlobal("servers {\n\t\tmax_header_size 1MB\n\t}"))
+	h := handlerAlone(t, nil)
 	ops := "[" + strings.TrimSuffix(strings.Repeat(`{"path":"/users"},`, 100), ",") + "]"
 	send := func(ops string) int64 {
-		req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(`{"dry_run":true,"batch":`+ops+`}`))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Cookie", "c="+strings.Repeat("x", 500_000))
-		resp, err := client.Do(req)
-		if err != nil {
-			t.Fatal(err)
+		w := &discardWriter{header: http.Header{}}
+		serveAloneTo(t, h, w, request(t, "POST", "http://127.0.0.1/batch", `{"dry_run":true,"batch":`+ops+`}`,
+			"Cookie: c="+strings.Repeat("x", 500_000)))
+		if w.status != 200 {
+			t.Fatalf("status %d", w.status)
 		}
-		defer resp.Body.Close()
-		n, err := io.Copy(io.Discard, resp.Body)
-		if err != nil || resp.StatusCode != 200 {
-			t.Fatalf("status %d: %v", resp.StatusCode, err)
-		}
-		return n
+		return w.n
 	}
 	send(`[{"path":"/users"}]`) // warm-up
 	var before, after runtime.MemStats
@@ -77,6 +68,27 @@ func TestDryRunStreamed(t *testing.T) {
 	if got := after.TotalAlloc - before.TotalAlloc; got > uint64(n)/2 {
 		t.Errorf("a dry run of %d MB allocated %d MB", n>>20, got>>20)
 	}
+}
+
+// discardWriter counts an answer and keeps none of it.
+type discardWriter struct {
+	header http.Header
+	status int
+	n      int64
+}
+
+func (w *discardWriter) Header() http.Header { return w.header }
+
+func (w *discardWriter) WriteHeader(status int) {
+	if w.status == 0 {
+		w.status = status
+	}
+}
+
+func (w *discardWriter) Write(p []byte) (int, error) {
+	w.WriteHeader(http.StatusOK)
+	w.n += int64(len(p))
+	return len(p), nil
 }
 
 func TestLeanAnswers(t *testing.T) {
@@ -99,6 +111,7 @@ func TestLeanAnswers(t *testing.T) {
 }
 
 func TestParseForms(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, nil)
 	cases := []struct {
 		name, body      string
@@ -151,6 +164,7 @@ func TestParseForms(t *testing.T) {
 }
 
 func TestParseBulk(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, nil)
 	body := `{"operation":{"method":"post","path":"/users?src=crm","headers":{"X-Source":"crm"}},
 		"items":[{"name":"A"},"plain text",42,null,[1,2],{"name":"B"},true]}`

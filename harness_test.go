@@ -210,6 +210,43 @@ func provision(tb testing.TB, h *Handler) *Handler {
 	return h
 }
 
+// handlerAlone provisions and validates h (a zero Handler if nil) as Caddy
+// would, for tests of what it decides without a running Caddy.
+func handlerAlone(tb testing.TB, h *Handler) *Handler {
+	tb.Helper()
+	if h == nil {
+		h = &Handler{}
+	}
+	provision(tb, h)
+	if err := h.Validate(); err != nil {
+		tb.Fatal(err)
+	}
+	return h
+}
+
+// serveAlone serves r with h, from handlerAlone, and no Caddy around it:
+// for what a batch is answered before any operation runs (refusals, dry
+// runs). Nothing may go downstream, where the backend is: the handler
+// after batch fails the test.
+func serveAlone(t *testing.T, h *Handler, r *http.Request) *httptest.ResponseRecorder {
+	t.Helper()
+	w := httptest.NewRecorder()
+	serveAloneTo(t, h, w, r)
+	return w
+}
+
+// serveAloneTo is serveAlone, answering into w.
+func serveAloneTo(t *testing.T, h *Handler, w http.ResponseWriter, r *http.Request) {
+	t.Helper()
+	next := caddyhttp.HandlerFunc(func(_ http.ResponseWriter, sub *http.Request) error {
+		t.Errorf("%s %s went downstream", sub.Method, sub.URL)
+		return nil
+	})
+	if err := h.ServeHTTP(w, r, next); err != nil {
+		t.Fatalf("ServeHTTP: %v", err)
+	}
+}
+
 // caddyConfig is what the Caddy of a test may differ in.
 type caddyConfig struct {
 	storage string // root of the file system storage; default: a temporary directory
@@ -350,6 +387,12 @@ var client = &http.Client{Timeout: 30 * time.Second}
 // helper; do sends a request built by hand.
 func send(t *testing.T, method, url, body string, headers ...string) (int, http.Header, string) {
 	t.Helper()
+	return do(t, request(t, method, url, body, headers...))
+}
+
+// request is the request send sends, for serveAlone too.
+func request(t testing.TB, method, url, body string, headers ...string) *http.Request {
+	t.Helper()
 	req, err := http.NewRequest(method, url, strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
@@ -364,7 +407,7 @@ func send(t *testing.T, method, url, body string, headers ...string) (int, http.
 		name, value, _ := strings.Cut(h, ":")
 		req.Header.Set(name, strings.TrimSpace(value))
 	}
-	return do(t, req)
+	return req
 }
 
 func do(t *testing.T, req *http.Request) (int, http.Header, string) {
@@ -696,16 +739,6 @@ func postBody(t *testing.T, url string, body []byte, chunked bool) (int, string)
 	}
 	status, _, resp := do(t, req)
 	return status, resp
-}
-
-// hostileSite is batch with tight limits in front of the backend.
-func hostileSite(be *backend) string {
-	return proxySite(be, `{
-		max_ops 5
-		max_body_size 1MB
-		methods GET POST
-		paths /users /users/*
-	}`)
 }
 
 // resultCounter counts results in a streamed batch answer without keeping

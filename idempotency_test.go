@@ -478,6 +478,7 @@ func TestIdempotencyWaitersLeave(t *testing.T) {
 // max_idempotent_size takes a size, like the other bounds, and must be
 // positive in JSON too.
 func TestMaxIdempotentSizeConfig(t *testing.T) {
+	t.Parallel()
 	for input, want := range map[string]int64{"64KiB": 64 << 10, "2MB": 2_000_000, "4096": 4096} {
 		var h Handler
 		if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("batch {\n max_idempotent_size " + input + "\n}")); err != nil || h.MaxIdempotentSize != want {

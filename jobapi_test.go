@@ -168,6 +168,7 @@ func TestAsyncQueueBounded(t *testing.T) {
 }
 
 func TestAsyncMaxQueuedConfig(t *testing.T) {
+	t.Parallel()
 	for _, bad := range []string{"max_queued 0", "max_queued -1", "max_queued x", "max_queued", "max_queued 1 2"} {
 		d := caddyfile.NewTestDispenser("batch {\n\tasync {\n\t\t" + bad + "\n\t}\n}")
 		err := new(Handler).UnmarshalCaddyfile(d)

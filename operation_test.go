@@ -19,14 +19,7 @@ import (
 // would, and returns the limits parseBatch is given.
 func ptLimits(t testing.TB, h *Handler) *rules {
 	t.Helper()
-	if h == nil {
-		h = &Handler{}
-	}
-	provision(t, h)
-	if err := h.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	return &h.rules
+	return &handlerAlone(t, h).rules
 }
 
 // ptParse parses a batch that must be accepted.
@@ -119,6 +112,7 @@ func ptChain(n int, forward bool) string {
 }
 
 func TestParseOperation(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, nil)
 	type check func(t *testing.T, ops []*operation)
 	one := func(f func(t *testing.T, op *operation)) check {
@@ -251,6 +245,7 @@ func TestParseOperation(t *testing.T) {
 }
 
 func TestParseFaults(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, nil)
 	limPaths := ptLimits(t, &Handler{Paths: []string{"/users", "/users/*"}})
 	op := func(fields string) string { return `[{"path":"/ok"},{"id":"x",` + fields + `}]` }
@@ -459,6 +454,7 @@ func TestParseFaults(t *testing.T) {
 // A batch with many bad operations lists every fault, each with its
 // operation's index and id, and only those.
 func TestParseListsAllFaults(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, nil)
 	body := `[
 		{"id":"ok","path":"/a"},
@@ -510,6 +506,7 @@ func TestParseListsAllFaults(t *testing.T) {
 }
 
 func TestParseMaxOps(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, &Handler{MaxOps: 3})
 	ops := func(n int) string {
 		return "[" + strings.TrimSuffix(strings.Repeat(`{"path":"/a"},`, n), ",") + "]"
@@ -542,6 +539,7 @@ func TestParseMaxOps(t *testing.T) {
 }
 
 func TestParseNesting(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, nil)
 	nest := func(depth int) string {
 		// The batch array and the operation are two levels.
@@ -567,6 +565,7 @@ func TestParseNesting(t *testing.T) {
 // bounded number of rounds (each costs the path's length), and a run of
 // "{{" is looked at a bounded distance ahead.
 func TestParseLinearInBody(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, &Handler{MaxOps: 10})
 	// "%25" decodes to "%": "/x/%2525…25" takes one round per "25".
 	nested := func(k int) string { return "/x/%25" + strings.Repeat("25", k) }
@@ -609,6 +608,7 @@ func TestParseLinearInBody(t *testing.T) {
 
 // A client that goes away stops the parse.
 func TestParseStopsWhenClientGoes(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, &Handler{MaxOps: 100_000})
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -619,15 +619,10 @@ func TestParseStopsWhenClientGoes(t *testing.T) {
 }
 
 // Validation happens before anything runs: every fault is listed, and the
-// backend sees nothing.
+// backend sees nothing (serveAlone fails a test that sends anything on).
 func TestValidationLeavesBackendUntouched(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, `{
-		max_ops 3
-		max_body_size 2KB
-		methods GET POST
-		paths /users /users/*
-	}`))
+	t.Parallel()
+	h := handlerAlone(t, &Handler{MaxOps: 3, MaxBodySize: 2000, Methods: []string{"GET", "POST"}, Paths: []string{"/users", "/users/*"}})
 
 	cases := []struct {
 		name, body string
@@ -666,7 +661,8 @@ func TestValidationLeavesBackendUntouched(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			status, hdr, body := send(t, "POST", base+"/batch", tc.body)
+			w := serveAlone(t, h, request(t, "POST", "http://127.0.0.1/batch", tc.body))
+			status, hdr, body := w.Code, w.Header(), w.Body.String()
 			if status != tc.status {
 				t.Fatalf("status %d, want %d: %s", status, tc.status, body)
 			}
@@ -688,13 +684,10 @@ func TestValidationLeavesBackendUntouched(t *testing.T) {
 			}
 		})
 	}
-	if n := len(be.requests()); n != 0 {
-		t.Errorf("backend saw %d requests from invalid batches: %+v", n, be.requests())
-	}
 
 	// The fault names the operation's index and id.
-	_, _, body := send(t, "POST", base+"/batch", `[{"path":"/users"},{"id":"x","path":"/a/../b"}]`)
-	f := mustJSON(t, body).Get("errors.0")
+	w := serveAlone(t, h, request(t, "POST", "http://127.0.0.1/batch", `[{"path":"/users"},{"id":"x","path":"/a/../b"}]`))
+	f := mustJSON(t, w.Body.String()).Get("errors.0")
 	if f.Get("index").Int() != 1 || f.Get("id").String() != "x" {
 		t.Errorf("fault must name index and id: %s", f.Raw)
 	}

@@ -257,6 +257,7 @@ func TestReferenceBytesBounded(t *testing.T) {
 // A literal @ in a key is written \@, and an @ inside a query's string is
 // data.
 func TestReferencePathsBounded(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, &Handler{})
 	for _, path := range []string{`@pretty`, `s.@fromstr.@pretty`, `a|@reverse`, `items.#(@this>1)`,
 		strings.Repeat("a.", maxRefComponents) + "z"} {

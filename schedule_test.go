@@ -13,6 +13,7 @@ import (
 // rolls back what ran: also a timeout, the client going away or a cancel
 // between two operations, not only a failed operation.
 func TestAtomicityStopsAtEveryEnd(t *testing.T) {
+	t.Parallel()
 	h := &Handler{Atomicity: atomicAllOrNothing}
 	provision(t, h)
 	b, err := parseBatch(context.Background(), []byte(`[{"path":"/a"},{"path":"/b"}]`), &h.rules)
