@@ -25,10 +25,7 @@ func TestBatchAnswerCompressed(t *testing.T) {
 	batch := "[" + strings.Join(ops, ",") + "]"
 	fetch := func(ae string) (*http.Response, []byte) {
 		t.Helper()
-		req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(batch))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Accept-Encoding", ae)
-		resp, err := client.Do(req)
+		resp, err := client.Do(request(t, "POST", base+"/batch", batch, "Accept-Encoding: "+ae))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -78,10 +75,7 @@ func TestBatchAnswerCompressed(t *testing.T) {
 
 	// encode off: as it is.
 	base = startCaddy(t, proxySite(be, "{\n\t\tencode off\n\t}"))
-	req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(batch))
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Accept-Encoding", "gzip")
-	resp, err := client.Do(req)
+	resp, err := client.Do(request(t, "POST", base+"/batch", batch, "Accept-Encoding: gzip"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,10 +90,7 @@ func TestBatchAnswerCompressed(t *testing.T) {
 func TestNDJSONCompressedStillStreams(t *testing.T) {
 	be := newBackend(t)
 	base := startCaddy(t, proxySite(be, ""))
-	req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(`[{"path":"/health"},{"path":"/slow?id=s&d=2s"}]`))
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Accept", "application/x-ndjson")
-	req.Header.Set("Accept-Encoding", "gzip")
+	req := request(t, "POST", base+"/batch", `[{"path":"/health"},{"path":"/slow?id=s&d=2s"}]`, "Accept: application/x-ndjson", "Accept-Encoding: gzip")
 	start := time.Now()
 	resp, err := client.Do(req)
 	if err != nil {

@@ -63,13 +63,7 @@ func readParts(t *testing.T, ct string, body []byte) []part {
 
 func sendMultipart(t *testing.T, url, boundary, body string, headers ...string) (int, http.Header, []byte) {
 	t.Helper()
-	req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(body))
-	req.Header.Set("Content-Type", `multipart/mixed; boundary="`+boundary+`"`)
-	for _, h := range headers {
-		name, value, _ := strings.Cut(h, ":")
-		req.Header.Set(name, strings.TrimSpace(value))
-	}
-	status, hdr, resp := do(t, req)
+	status, hdr, resp := send(t, "POST", url, body, append([]string{`Content-Type: multipart/mixed; boundary="` + boundary + `"`}, headers...)...)
 	return status, hdr, []byte(resp)
 }
 

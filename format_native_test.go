@@ -363,8 +363,7 @@ func TestWholeBatchAnswers(t *testing.T) {
 	be := newBackend(t)
 	base := startCaddy(t, proxySite(be, ""))
 
-	req, _ := http.NewRequest(http.MethodGet, base+"/batch", nil)
-	status, hdr, body := do(t, req)
+	status, hdr, body := send(t, "GET", base+"/batch", "")
 	if status != 405 || hdr.Get("Allow") != "POST" {
 		t.Errorf("GET: status %d Allow %q: %s", status, hdr.Get("Allow"), body)
 	}
@@ -377,7 +376,7 @@ func TestWholeBatchAnswers(t *testing.T) {
 			t.Errorf("%s: status %d: %s", ct, status, body)
 		}
 	}
-	req, _ = http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(`[{"path":"/users"}]`))
+	req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(`[{"path":"/users"}]`))
 	if status, _, body = do(t, req); status != 415 {
 		t.Errorf("no Content-Type: status %d: %s", status, body)
 	}

@@ -268,7 +268,7 @@ func onFlakyStorage(c *caddyConfig) { c.flaky = true }
 // startCaddy runs a Caddyfile site block in this process on a free loopback
 // port and returns its base URL; Caddy stops when the test ends. site may
 // use {PORT}; its directives follow the site address. It is the one way
-// tests start Caddy (startChildCaddy runs a second one in a child process).
+// tests start Caddy (twoCaddies runs a second one in a child process).
 func startCaddy(t *testing.T, site string, opts ...caddyOption) string {
 	t.Helper()
 	c := caddyConfig{}
@@ -601,12 +601,14 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// startChildCaddy runs a second Caddy instance in a child process with the
-// given full Caddyfile and waits until it listens on port.
-func startChildCaddy(t *testing.T, cfg string, port int) string {
+// twoCaddies runs site in this process and in a child process: two
+// instances on one storage. It returns their base URLs and the child.
+func twoCaddies(t *testing.T, storage, site string) (a, b string, c child) {
 	t.Helper()
-	base, _ := startChild(t, cfg, port)
-	return base
+	portA, portB := freePort(t), freePort(t)
+	a = loadCaddy(t, adapt(t, testCaddyfile(storage, portA, "", site)), portA)
+	b, c = startChild(t, testCaddyfile(storage, portB, "", site), portB)
+	return a, b, c
 }
 
 // child is a Caddy running in a child process; exited is closed once it
@@ -616,7 +618,8 @@ type child struct {
 	exited chan struct{}
 }
 
-// startChild is startChildCaddy, with the child's process to stop.
+// startChild runs a second Caddy instance in a child process with the
+// given full Caddyfile and waits until it listens on port.
 func startChild(t *testing.T, cfg string, port int) (string, child) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
@@ -946,7 +949,8 @@ func (h writePanicHandler) ServeHTTP(w http.ResponseWriter, _ *http.Request, _ c
 	panic(errors.New("boom after writing"))
 }
 
-// recorder is a backend that answers 200 with what it got and logs it.
+// recorder is a backend that logs what it got and when, and answers with
+// answer, or else 200 with what it got.
 type recorder struct {
 	*httptest.Server
 	mu   sync.Mutex
@@ -959,7 +963,7 @@ func newRecorder(t *testing.T, answer func(w http.ResponseWriter, r *http.Reques
 	rec.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		body, _ := io.ReadAll(r.Body)
 		rec.mu.Lock()
-		rec.reqs = append(rec.reqs, seen{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body})
+		rec.reqs = append(rec.reqs, seen{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body, At: time.Now()})
 		rec.mu.Unlock()
 		if answer != nil && answer(w, r) {
 			return
@@ -976,6 +980,8 @@ func (rec *recorder) requests() []seen {
 	defer rec.mu.Unlock()
 	return append([]seen(nil), rec.reqs...)
 }
+
+func (rec *recorder) addr() string { return rec.Listener.Addr().String() }
 
 func (rec *recorder) reset() {
 	rec.mu.Lock()

@@ -92,13 +92,7 @@ func TestIdempotencyConcurrent(t *testing.T) {
 // Keys hold across instances sharing storage.
 func TestIdempotencyAcrossInstances(t *testing.T) {
 	be := newBackend(t)
-	storage := t.TempDir()
-	site := func(port int) string {
-		return testCaddyfile(storage, port, "", "batch /batch\nreverse_proxy "+be.addr())
-	}
-	portA, portB := freePort(t), freePort(t)
-	a := loadCaddy(t, adapt(t, site(portA)), portA)
-	b := startChildCaddy(t, site(portB), portB)
+	a, b, _ := twoCaddies(t, t.TempDir(), "batch /batch\nreverse_proxy "+be.addr())
 	batch := `[{"method":"POST","path":"/users","body":{"name":"Across"}}]`
 	_, _, first := send(t, "POST", a+"/batch", batch, alice, "Idempotency-Key: x")
 	status, hdr, again := send(t, "POST", b+"/batch", batch, alice, "Idempotency-Key: x")
@@ -247,11 +241,7 @@ func TestIdempotentAnswerMemoryBounded(t *testing.T) {
 	send := func(key string, n int) {
 		t.Helper()
 		batch := "[" + strings.TrimSuffix(strings.Repeat(`{"path":"/big?n=900000"},`, n), ",") + "]"
-		req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(batch))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Authorization", "Bearer alice")
-		req.Header.Set("Idempotency-Key", key)
-		resp, err := client.Do(req)
+		resp, err := client.Do(request(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: "+key))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -299,12 +289,9 @@ func TestIdempotencyCutBatchIsNotStored(t *testing.T) {
 	batch := `[{"method":"POST","path":"/users","body":{"name":"Cut"}},{"path":"/slow?d=300ms&id=cut"},{"path":"/health"},{"path":"/health"}]`
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
+	req := request(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: cut").WithContext(ctx)
 	go func() {
 		defer close(done)
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/batch", strings.NewReader(batch))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Authorization", "Bearer alice")
-		req.Header.Set("Idempotency-Key", "cut")
 		if resp, err := client.Do(req); err == nil {
 			resp.Body.Close()
 		}
@@ -414,11 +401,7 @@ func TestIdempotencyStalledReaderReleasesKey(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/batch", strings.NewReader(batch))
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", "Bearer alice")
-	req.Header.Set("Idempotency-Key", "stall")
-	resp, err := client.Do(req)
+	resp, err := client.Do(request(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: stall").WithContext(ctx))
 	if err != nil {
 		t.Fatalf("the same key, while the first client reads nothing: %v", err)
 	}
@@ -439,11 +422,7 @@ func TestIdempotencyWaitersLeave(t *testing.T) {
 	base := startCaddy(t, proxySite(be, ""))
 	batch := `[{"path":"/slow?d=10s&id=hold"}]`
 	send := func(ctx context.Context, c *http.Client) {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/batch", strings.NewReader(batch))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Authorization", "Bearer alice")
-		req.Header.Set("Idempotency-Key", "hold")
-		if resp, err := c.Do(req); err == nil {
+		if resp, err := c.Do(request(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: hold").WithContext(ctx)); err == nil {
 			resp.Body.Close()
 		}
 	}

@@ -3,7 +3,6 @@ package batch
 import (
 	"bufio"
 	"fmt"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -66,10 +65,7 @@ func TestNDJSONJob(t *testing.T) {
 		t.Fatalf("NDJSON job: %s", p.Raw)
 	}
 
-	req, _ := http.NewRequest("GET", base+"/batch/"+id+"/results", nil)
-	req.Header.Set("Authorization", "Bearer alice")
-	req.Header.Set("Accept", "application/x-ndjson")
-	res, err := client.Do(req)
+	res, err := client.Do(request(t, "GET", base+"/batch/"+id+"/results", "", alice, "Accept: application/x-ndjson"))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io/fs"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -274,8 +273,7 @@ func TestAsyncAccess(t *testing.T) {
 	if status, _, _ := send(t, "GET", base+"/batch/0123456789abcdef0123456789abcdef", "", alice); status != 404 {
 		t.Errorf("unknown id: %d", status)
 	}
-	req, _ := http.NewRequest(http.MethodPut, job, nil)
-	if status, hdr, _ := do(t, req); status != 405 || hdr.Get("Allow") != "GET, DELETE" {
+	if status, hdr, _ := send(t, "PUT", job, ""); status != 405 || hdr.Get("Allow") != "GET, DELETE" {
 		t.Errorf("PUT on a job: %d Allow %q", status, hdr.Get("Allow"))
 	}
 	waitJob(t, job, alice, "completed")

@@ -110,10 +110,9 @@ func TestAsyncResultsFlushedBySize(t *testing.T) {
 	for i := range readers {
 		read.Add(1)
 		done.Add(1)
+		req := request(t, "GET", base+"/batch/"+id+"/results", "", alice)
 		go func() {
 			defer done.Done()
-			req, _ := http.NewRequest(http.MethodGet, base+"/batch/"+id+"/results", nil)
-			req.Header.Set("Authorization", "Bearer alice")
 			resp, err := client.Do(req)
 			if err != nil {
 				read.Done()
@@ -318,13 +317,7 @@ func TestAsyncSweepsJobsWithoutRecord(t *testing.T) {
 // Two Caddy instances on one storage: either answers for a job the other runs.
 func TestAsyncTwoInstancesShareStorage(t *testing.T) {
 	be := newBackend(t)
-	storage := t.TempDir()
-	site := func(port int) string {
-		return testCaddyfile(storage, port, "", "batch /batch /batch/* {\n\tasync\n}\nreverse_proxy "+be.addr())
-	}
-	portA, portB := freePort(t), freePort(t)
-	a := loadCaddy(t, adapt(t, site(portA)), portA)
-	b := startChildCaddy(t, site(portB), portB)
+	a, b, _ := twoCaddies(t, t.TempDir(), "batch /batch /batch/* {\n\tasync\n}\nreverse_proxy "+be.addr())
 
 	// Submitted to A, followed and read on B.
 	_, _, body := send(t, "POST", a+"/batch", `[{"path":"/slow?d=200ms"},{"path":"/health"}]`, alice, "Prefer: respond-async")

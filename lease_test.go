@@ -23,19 +23,13 @@ import (
 // idempotency key.
 func clusterJob(t *testing.T, sig syscall.Signal, lease time.Duration) (gap time.Duration, again []string) {
 	be := newBackend(t)
-	storage := t.TempDir()
-	site := func(port int) string {
-		return testCaddyfile(storage, port, "", proxySite(be, `{
+	a, b, child := twoCaddies(t, t.TempDir(), proxySite(be, `{
 		mode parallel
 		async {
 			credentials_key `+testKey+`
 			lease `+lease.String()+`
 		}
 	}`))
-	}
-	portA, portB := freePort(t), freePort(t)
-	a := loadCaddy(t, adapt(t, site(portA)), portA)
-	b, child := startChild(t, site(portB), portB)
 
 	const n = 1000
 	var sb strings.Builder

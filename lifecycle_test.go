@@ -114,10 +114,8 @@ func TestSequentialBatchMemoryBounded(t *testing.T) {
 	ops := "[" + strings.TrimSuffix(strings.Repeat(`{"path":"/blob"},`, maxOps), ",") + "]"
 	send := func(ops string, n int) *resultCounter {
 		t.Helper()
-		req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(ops))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Accept-Encoding", "identity") // what the batch holds, not a compressor's
-		resp, err := client.Do(req)
+		// What the batch holds, not a compressor's.
+		resp, err := client.Do(request(t, "POST", base+"/batch", ops, "Accept-Encoding: identity"))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"math"
 	"net/http"
-	"net/http/httptest"
 	"strconv"
 	"strings"
 	"sync"
@@ -12,36 +11,6 @@ import (
 	"testing"
 	"time"
 )
-
-// stamped is a backend that logs when each request arrived and answers
-// with answer.
-type stamped struct {
-	*httptest.Server
-	mu   sync.Mutex
-	reqs []seen
-}
-
-func newStamped(t *testing.T, answer func(w http.ResponseWriter, r *http.Request, n int)) *stamped {
-	t.Helper()
-	s := &stamped{}
-	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		s.mu.Lock()
-		s.reqs = append(s.reqs, seen{Method: r.Method, Path: r.URL.RequestURI(), At: time.Now()})
-		n := len(s.reqs)
-		s.mu.Unlock()
-		answer(w, r, n)
-	}))
-	t.Cleanup(s.Close)
-	return s
-}
-
-func (s *stamped) requests() []seen {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return append([]seen(nil), s.reqs...)
-}
-
-func (s *stamped) addr() string { return s.Listener.Addr().String() }
 
 // max_inflight bounds the operations in flight downstream across all the
 // batches of a handler, and every operation still succeeds: they wait.
@@ -97,12 +66,14 @@ func TestPacingPausesOnRetryAfter(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var limitedAt atomic.Int64 // UnixNano of the 429
-			be := newStamped(t, func(w http.ResponseWriter, r *http.Request, n int) {
+			var calls atomic.Int64
+			be := newRecorder(t, func(w http.ResponseWriter, r *http.Request) bool {
+				n := calls.Add(1)
 				if n == 1 {
 					w.Header().Set("Retry-After", "1")
 					w.WriteHeader(http.StatusTooManyRequests)
 					limitedAt.Store(time.Now().UnixNano())
-					return
+					return true
 				}
 				if n <= 3 {
 					// Those sent with it answer once the 429 is known.
@@ -110,6 +81,7 @@ func TestPacingPausesOnRetryAfter(t *testing.T) {
 				}
 				w.Header().Set("Content-Type", "application/json")
 				fmt.Fprintf(w, `{"n":%d}`, n)
+				return true
 			})
 			base := startCaddy(t, fmt.Sprintf(`
 	metrics /metrics
@@ -177,7 +149,7 @@ func TestPacingSpreadsAdvertisedQuota(t *testing.T) {
 	// One handler per form, each with its own pacer and backend: the
 	// forms run at once, in one Caddy.
 	forms := []string{"structured", "legacy", "x-ratelimit"}
-	backends := map[string]*stamped{}
+	backends := map[string]*recorder{}
 	refused := map[string]*atomic.Int64{}
 	var site strings.Builder
 	for _, form := range forms {
@@ -186,7 +158,7 @@ func TestPacingSpreadsAdvertisedQuota(t *testing.T) {
 		used := map[int]int{}
 		limited := new(atomic.Int64)
 		refused[form] = limited
-		backends[form] = newStamped(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		backends[form] = newRecorder(t, func(w http.ResponseWriter, r *http.Request) bool {
 			at := time.Now()
 			mu.Lock()
 			if start.IsZero() {
@@ -202,7 +174,7 @@ func TestPacingSpreadsAdvertisedQuota(t *testing.T) {
 				limited.Add(1)
 				w.Header().Set("Retry-After", strconv.Itoa(reset))
 				w.WriteHeader(http.StatusTooManyRequests)
-				return
+				return true
 			}
 			switch form {
 			case "structured":
@@ -218,7 +190,8 @@ func TestPacingSpreadsAdvertisedQuota(t *testing.T) {
 				w.Header().Set("X-RateLimit-Reset", strconv.FormatInt(end.Unix()+1, 10)) // a Unix time, rounded up
 			}
 			w.Header().Set("Content-Type", "application/json")
-			fmt.Fprintf(w, `{"n":%d}`, n)
+			fmt.Fprintf(w, `{"left":%d}`, left)
+			return true
 		})
 		fmt.Fprintf(&site, `
 	handle /%s/* {
@@ -262,8 +235,9 @@ func TestPacingSpreadsAdvertisedQuota(t *testing.T) {
 // rate makes operations wait for their tokens; one whose token comes
 // after its op_timeout is answered 504, saying why.
 func TestRateWaits(t *testing.T) {
-	be := newStamped(t, func(w http.ResponseWriter, r *http.Request, n int) {
+	be := newRecorder(t, func(w http.ResponseWriter, r *http.Request) bool {
 		w.WriteHeader(http.StatusNoContent)
+		return true
 	})
 	base := startCaddy(t, fmt.Sprintf(`
 	batch /batch {
@@ -302,8 +276,9 @@ func TestRateWaits(t *testing.T) {
 // A keyed rate gives each key its own bucket, resolved from the batch
 // request: one tenant's batch does not spend another's tokens.
 func TestRateKeyedByPlaceholder(t *testing.T) {
-	be := newStamped(t, func(w http.ResponseWriter, r *http.Request, n int) {
+	be := newRecorder(t, func(w http.ResponseWriter, r *http.Request) bool {
 		w.WriteHeader(http.StatusNoContent)
+		return true
 	})
 	base := startCaddy(t, fmt.Sprintf(`
 	batch /batch {

@@ -144,11 +144,8 @@ func TestResultBodies(t *testing.T) {
 func TestNDJSONStreaming(t *testing.T) {
 	be := newBackend(t)
 	base := startCaddy(t, proxySite(be, ""))
-	req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(
-		`[{"id":"fast","path":"/echo"},{"id":"slow","path":"/slow?id=s&d=1s"}]`))
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Accept", "application/x-ndjson")
-	resp, err := client.Do(req)
+	resp, err := client.Do(request(t, "POST", base+"/batch", `[{"id":"fast","path":"/echo"},{"id":"slow","path":"/slow?id=s&d=1s"}]`,
+		"Accept: application/x-ndjson"))
 	if err != nil {
 		t.Fatal(err)
 	}

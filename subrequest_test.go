@@ -704,9 +704,8 @@ func TestUpstreamRequestCapPerOperation(t *testing.T) {
 		body   string
 	}
 	aDone := make(chan answer, 1)
+	req := request(t, "POST", base+"/batch", `[{"path":"/hold"},{"path":"/hold"}]`)
 	go func() {
-		req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(`[{"path":"/hold"},{"path":"/hold"}]`))
-		req.Header.Set("Content-Type", "application/json")
 		resp, err := client.Do(req)
 		if err != nil {
 			aDone <- answer{0, err.Error()}

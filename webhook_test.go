@@ -188,8 +188,7 @@ func TestAsyncWebhookEventOutlivesInstance(t *testing.T) {
 	t.Cleanup(recv.Close)
 	be := newBackend(t)
 	storage := t.TempDir()
-	site := func(port int) string {
-		return testCaddyfile(storage, port, "", proxySite(be, `{
+	_, b, child := twoCaddies(t, storage, proxySite(be, `{
 		inherit_headers User-Agent
 		async {
 			owner {http.request.header.X-Api-Key}
@@ -200,10 +199,6 @@ func TestAsyncWebhookEventOutlivesInstance(t *testing.T) {
 			}
 		}
 	}`))
-	}
-	portA, portB := freePort(t), freePort(t)
-	loadCaddy(t, adapt(t, site(portA)), portA)
-	b, child := startChild(t, site(portB), portB)
 	// No credential is inherited: without a key, the job is resumable.
 	status, _, body := send(t, "POST", b+"/batch", `[{"path":"/health"}]`, "X-Api-Key: k", "Prefer: respond-async")
 	if status != 202 {
