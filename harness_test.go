@@ -988,3 +988,22 @@ func (rec *recorder) reset() {
 	rec.reqs = nil
 	rec.mu.Unlock()
 }
+
+// restartableCaddy starts Caddy in front of be with jobs that any
+// instance can resume (sealed credentials, lease 1s); restart starts it
+// again on the same storage and port once it has been stopped.
+func restartableCaddy(t *testing.T, be *backend) (base string, restart func() string) {
+	t.Helper()
+	storage := t.TempDir()
+	port := freePort(t)
+	cfgJSON := adapt(t, testCaddyfile(storage, port, "", proxySite(be, `{
+		async {
+			credentials_key `+testKey+`
+			lease 1s
+		}
+	}`)))
+	return loadCaddy(t, cfgJSON, port), func() string { return loadCaddy(t, cfgJSON, port) }
+}
+
+// testKey is a credentials_key for tests.
+const testKey = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=" // base64 of 32 bytes

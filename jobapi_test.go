@@ -331,3 +331,39 @@ func TestAsyncCancel(t *testing.T) {
 		t.Errorf("skipped %d, want %d: %s", res.Get("skipped").Int(), 30-seenAtCancel, body)
 	}
 }
+
+// Two Caddy instances on one storage: either answers for a job the other runs.
+func TestAsyncTwoInstancesShareStorage(t *testing.T) {
+	be := newBackend(t)
+	a, b, _ := twoCaddies(t, t.TempDir(), "batch /batch /batch/* {\n\tasync\n}\nreverse_proxy "+be.addr())
+
+	// Submitted to A, followed and read on B.
+	_, _, body := send(t, "POST", a+"/batch", `[{"path":"/slow?d=200ms"},{"path":"/health"}]`, alice, "Prefer: respond-async")
+	id := mustJSON(t, body).Get("id").String()
+	if status, _, body := send(t, "GET", b+"/batch/"+id, "", alice); status != 200 || !strings.Contains(body, id) {
+		t.Fatalf("B does not see A's job: %d %s", status, body)
+	}
+	waitJob(t, b+"/batch/"+id, alice, "completed")
+	_, _, body = send(t, "GET", b+"/batch/"+id+"/results", "", alice)
+	if res := mustJSON(t, body); res.Get("results.1.body.status").String() != "ok" {
+		t.Errorf("results through B: %s", body)
+	}
+	if status, _, _ := send(t, "GET", b+"/batch/"+id, "", "Authorization: Bearer mallory"); status != 404 {
+		t.Errorf("B must check the owner too: %d", status)
+	}
+
+	// Canceled through B while A runs it.
+	var ops []string
+	for i := range 40 {
+		ops = append(ops, fmt.Sprintf(`{"path":"/slow?id=c%d&d=50ms"}`, i))
+	}
+	_, _, body = send(t, "POST", a+"/batch", "["+strings.Join(ops, ",")+"]", alice, "Prefer: respond-async")
+	id = mustJSON(t, body).Get("id").String()
+	if status, _, body := send(t, "DELETE", b+"/batch/"+id, "", alice); status != 202 {
+		t.Fatalf("cancel through B: %d %s", status, body)
+	}
+	p := waitJob(t, b+"/batch/"+id, alice, "canceled")
+	if p.Get("skipped").Int() == 0 {
+		t.Errorf("cancel through B skipped nothing: %s", p.Raw)
+	}
+}

@@ -10,11 +10,12 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 // Unit tests of the parser: each rule of an operation pinned down on its
 // own, with the exact index and id of each fault. The forms are in
-// format_native_test.go, targets and headers in target_test.go.
+// format_native_test.go, targets and headers in fields_test.go.
 
 // ptLimits provisions and validates h (a zero Handler if nil) as Caddy
 // would, and returns the limits parseBatch is given.
@@ -704,5 +705,55 @@ func TestValidationLeavesBackendUntouched(t *testing.T) {
 	f := mustJSON(t, w.Body.String()).Get("errors.0")
 	if f.Get("index").Int() != 1 || f.Get("id").String() != "x" {
 		t.Errorf("fault must name index and id: %s", f.Raw)
+	}
+}
+
+// The 400 that lists the faults of a batch is not a way to make the server
+// produce (and hold) many times what the client sent: a body of repeated
+// bad fields must not be answered with a fault per repetition.
+func TestFaultListBounded(t *testing.T) {
+	t.Parallel()
+	h := hostileHandler(t)
+	body := `[{"path":"/users",` + strings.Repeat(`"x":0,`, 50_000) + `"y":0}]` // 300 KB
+	start := time.Now()
+	w := serveAlone(t, h, request(t, "POST", "http://127.0.0.1/batch", body))
+	status, answer := w.Code, w.Body.String()
+	t.Logf("%d KB of batch answered %d with %d KB in %v", len(body)>>10, status, len(answer)>>10, time.Since(start).Round(time.Millisecond))
+	if status != 400 {
+		t.Fatalf("status %d", status)
+	}
+	if msg := mustJSON(t, answer).Get("errors.0.message").String(); msg != `unknown field "x"` {
+		t.Errorf("first fault %q", msg)
+	}
+	if len(answer) > len(body) {
+		t.Errorf("a %d KB batch was answered with %d KB of faults (%d of them): the fault list must be capped",
+			len(body)>>10, len(answer)>>10, len(mustJSON(t, answer).Get("errors").Array()))
+	}
+}
+
+// Faults quote what they refuse cut short: a 2 MB invalid id and 120
+// unknown fields of 16 KB once made a 200 MB answer.
+func TestFaultEchoesCutShort(t *testing.T) {
+	t.Parallel()
+	h := handlerAlone(t, nil)
+	var sb strings.Builder
+	sb.WriteString(`[{"id":"` + strings.Repeat("i", 2<<20) + `","path":"/users/` + strings.Repeat("p", 1<<20) + `/../x"`)
+	for i := range 120 {
+		fmt.Fprintf(&sb, `,"%s%d":0`, strings.Repeat("f", 16<<10), i)
+	}
+	sb.WriteString(`}]`)
+	w := serveAlone(t, h, request(t, "POST", "http://127.0.0.1/batch", sb.String()))
+	status, answer := w.Code, w.Body.String()
+	if status != 400 {
+		t.Fatalf("status %d", status)
+	}
+	faults := mustJSON(t, answer).Get("errors").Array()
+	if len(answer) > 64<<10 || len(faults) < 100 {
+		t.Errorf("%d MB of batch answered with %d KB and %d faults", sb.Len()>>20, len(answer)>>10, len(faults))
+	}
+	for _, f := range faults {
+		if len(f.Get("id").String()) > maxEcho+len("…") || len(f.Get("message").String()) > maxFaultMessage+len("…") {
+			t.Fatalf("fault echoes too much: %.300s", f.Raw)
+		}
 	}
 }

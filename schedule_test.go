@@ -3,7 +3,9 @@ package batch
 import (
 	"context"
 	"fmt"
+	"net"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -307,5 +309,122 @@ func TestAllOrNothing(t *testing.T) {
 		{"path":"/users/12345"}]}`)
 	if mustJSON(t, body).Get("status").String() != "rollback_failed" {
 		t.Errorf("want rollback_failed: %s", body)
+	}
+}
+
+// A client that goes away mid-batch stops it: what has not started never
+// reaches the backend, and what runs is canceled.
+func TestClientDisconnectStopsBatch(t *testing.T) {
+	cases := []struct {
+		name, body string
+		running    []string // ids running when the client leaves
+	}{
+		{"sequential", `{"mode":"sequential","batch":[{"path":"/slow?d=1ms&id=0"},{"path":"/slow?d=10s&id=1"},{"path":"/slow?d=1ms&id=2"},{"path":"/slow?d=1ms&id=3"}]}`,
+			[]string{"1"}},
+		{"parallel", `{"mode":"parallel","batch":[` + strings.TrimSuffix(strings.Repeat(`{"path":"/slow?d=10s&id=ID"},`, 6), ",") + `]}`,
+			[]string{"0", "1"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			be := newBackend(t)
+			base := startCaddy(t, proxySite(be, `{
+				concurrency 2
+			}`))
+			send(t, "POST", base+"/batch", `[{"path":"/health"}]`)
+			check := noLeaks(t, be.Server)
+
+			body := tc.body
+			for i := 0; strings.Contains(body, "id=ID"); i++ {
+				body = strings.Replace(body, "id=ID", "id="+strconv.Itoa(i), 1)
+			}
+			host := strings.TrimPrefix(base, "http://")
+			conn, err := net.Dial("tcp", host)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fmt.Fprintf(conn, "POST /batch HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", host, len(body), body)
+			waitEvents := func(prefix string, within time.Duration) bool {
+				deadline := time.Now().Add(within)
+				for time.Now().Before(deadline) {
+					seen := map[string]bool{}
+					for _, e := range be.eventLog() {
+						seen[e] = true
+					}
+					all := true
+					for _, id := range tc.running {
+						all = all && seen[prefix+id]
+					}
+					if all {
+						return true
+					}
+					time.Sleep(5 * time.Millisecond)
+				}
+				return false
+			}
+			if !waitEvents("start ", 5*time.Second) {
+				t.Fatalf("operations %v never started: %v", tc.running, be.eventLog())
+			}
+			conn.Close()
+			closed := time.Now()
+			if !waitEvents("end ", 2*time.Second) {
+				t.Errorf("running operations not canceled 2s after the client left: %v", be.eventLog())
+			} else {
+				t.Logf("running operations canceled %v after the client left", time.Since(closed).Round(time.Millisecond))
+			}
+			time.Sleep(300 * time.Millisecond) // what is left takes 1ms or starts at once: ample time to start if it were going to
+			var want []string
+			if tc.name == "sequential" {
+				want = append(want, "start 0", "end 0")
+			}
+			for _, id := range tc.running {
+				want = append(want, "start "+id, "end "+id)
+			}
+			got := be.eventLog()
+			slices.Sort(got)
+			slices.Sort(want)
+			if fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Errorf("backend events %v, want %v: an operation started after the client left", got, want)
+			}
+			check()
+		})
+	}
+}
+
+// No goroutine started for a batch outlives it, whether it runs one
+// operation at a time or many, and whether operations finish or time out.
+func TestNoGoroutineOutlivesBatch(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		op_timeout 200ms
+		concurrency 4
+	}`))
+	cases := []struct {
+		name, body string
+		want       []int64
+	}{
+		{"sequential", `{"mode":"sequential","batch":[{"path":"/health"},{"method":"POST","path":"/users","body":{"name":"a"}},{"path":"/slow?d=20ms"},{"path":"/users/1"}]}`,
+			[]int64{200, 201, 200, 200}},
+		{"parallel", `{"mode":"parallel","batch":[` + strings.TrimSuffix(strings.Repeat(`{"path":"/slow?d=20ms"},`, 10), ",") + `]}`,
+			[]int64{200, 200, 200, 200, 200, 200, 200, 200, 200, 200}},
+		{"op timeout", `{"mode":"sequential","batch":[{"path":"/slow?d=10s"},{"path":"/health"}]}`, []int64{504, 200}},
+		{"op timeout parallel", `{"mode":"parallel","batch":[{"path":"/slow?d=10s"},{"path":"/slow?d=10s"},{"path":"/slow?d=10s"},{"path":"/slow?d=10s"},{"path":"/slow?d=10s"},{"path":"/health"}]}`,
+			[]int64{504, 504, 504, 504, 504, 200}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			send(t, "POST", base+"/batch", `[{"path":"/health"}]`) // warm-up
+			check := noLeaks(t, be.Server)
+			status, _, body := send(t, "POST", base+"/batch", tc.body)
+			if status != 200 {
+				t.Fatalf("status %d: %s", status, body)
+			}
+			res := mustJSON(t, body).Get("results").Array()
+			for i, w := range tc.want {
+				if res[i].Get("status").Int() != w {
+					t.Errorf("op %d: %s, want %d", i, res[i].Raw, w)
+				}
+			}
+			check()
+		})
 	}
 }

@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddy-batch/batch/internal/pace"
 )
 
 // max_inflight bounds the operations in flight downstream across all the
@@ -295,5 +297,90 @@ func TestRateKeyedByPlaceholder(t *testing.T) {
 				t.Errorf("tenant %s op %d: %s", tenant, i, r.Raw)
 			}
 		}
+	}
+}
+
+func TestRetry429(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		retry_429 2
+	}`))
+	_, _, body := send(t, "POST", base+"/batch", `{"batch":[
+		{"path":"/limited?id=a&n=2&after=0"},
+		{"path":"/limited?id=b&n=5&after=0"},
+		{"method":"POST","path":"/limited?id=c&n=1&after=7"},
+		{"path":"/limited?id=d&n=9&after=3600"}]}`)
+	res := mustJSON(t, body)
+	checks := []struct {
+		status, attempts int64
+	}{{200, 3}, {429, 3}, {429, 0}, {429, 0}}
+	for i, c := range checks {
+		r := res.Get(fmt.Sprintf("results.%d", i))
+		if r.Get("status").Int() != c.status || r.Get("attempts").Int() != c.attempts {
+			t.Errorf("op %d: %s, want status %d attempts %d", i, r.Raw, c.status, c.attempts)
+		}
+	}
+	if got := res.Get("results.2.headers.Retry-After").String(); got != "7" {
+		t.Errorf("a 429 keeps its Retry-After: %q", got)
+	}
+	// d's Retry-After (1h) is beyond op_timeout: it is not waited for.
+	if got := res.Get("retry_after").Int(); got != 3600 {
+		t.Errorf("envelope retry_after = %d, want the largest, 3600: %s", got, body)
+	}
+	be.mu.Lock()
+	n := be.limited["c"]
+	be.mu.Unlock()
+	if n != 1 {
+		t.Errorf("POST is not idempotent: sent %d times", n)
+	}
+}
+
+// A retry starts from the operation as written, not from the request a
+// handler rewrote on the first try.
+func TestRetry429AfterRewrite(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, fmt.Sprintf(`
+	batch /batch {
+		retry_429 1
+	}
+	handle /api/* {
+		uri strip_prefix /api
+		reverse_proxy %s
+	}
+	handle {
+		respond "not under /api" 404
+	}`, be.addr()))
+	_, _, body := send(t, "POST", base+"/batch", `[{"path":"/api/limited?id=r&n=1&after=0"}]`)
+	r := mustJSON(t, body).Get("0")
+	if r.Get("status").Int() != 200 || r.Get("attempts").Int() != 2 || r.Get("body.calls").Int() != 2 {
+		t.Errorf("retried after a rewrite: %s", r.Raw)
+	}
+}
+
+// Retry-After values past what a Duration holds, or unreadable, neither
+// make retries immediate nor wrap around: a wait is capped, and an
+// unreadable one is the documented second.
+func TestRetryAfterOutOfRange(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		retry_429 2
+		op_timeout 900ms
+	}`))
+	_, _, body := send(t, "POST", base+"/batch", `{"batch":[
+		{"path":"/limited?id=big&n=9&after=9223372037"},
+		{"path":"/limited?id=wrap&n=9&after=18446744074"},
+		{"path":"/limited?id=soon&n=9&after=soon"}]}`)
+	res := mustJSON(t, body)
+	be.mu.Lock()
+	calls := map[string]int{"big": be.limited["big"], "wrap": be.limited["wrap"], "soon": be.limited["soon"]}
+	be.mu.Unlock()
+	for id, n := range calls {
+		// Each wait is longer than op_timeout leaves: no retry.
+		if n != 1 {
+			t.Errorf("%s: sent %d times, want once: %s", id, n, body)
+		}
+	}
+	if got := res.Get("retry_after").Int(); got != int64(pace.MaxRetryAfter/time.Second) {
+		t.Errorf("envelope retry_after = %d, want the cap %d", got, int64(pace.MaxRetryAfter/time.Second))
 	}
 }
