@@ -334,6 +334,7 @@ func TestAsyncCancel(t *testing.T) {
 
 // Two Caddy instances on one storage: either answers for a job the other runs.
 func TestAsyncTwoInstancesShareStorage(t *testing.T) {
+	setVar(t, &cancelPoll, 20*time.Millisecond) // A sees B's cancel soon
 	be := newBackend(t)
 	a, b, _ := twoCaddies(t, t.TempDir(), "batch /batch /batch/* {\n\tasync\n}\nreverse_proxy "+be.addr())
 
