@@ -153,6 +153,9 @@ func TestPacerRules(t *testing.T) {
 	if !send(0) || send(0) {
 		t.Fatal("not one operation alone before the first answer")
 	}
+	if ok, when := p.admit(at(500), 32); ok || !when.Equal(at(1000)) {
+		t.Fatalf("a second operation before the first answer: %v, or at %v, want after a second", ok, when)
+	}
 	p.learn(at(0), 200, nil, at(1))
 	for range 21 {
 		if !send(1) {
