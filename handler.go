@@ -180,8 +180,10 @@ type Handler struct {
 	storage *store
 	// jobs runs async batches; nil when they are off.
 	jobs *asyncJobs
-	// stopSweeping ends the sweeps of what storage holds.
+	// stopSweeping ends the sweeps of what storage holds; stopPacing the
+	// sharing of what the pacers learned.
 	stopSweeping func()
+	stopPacing   context.CancelFunc
 }
 
 // CaddyModule returns the Caddy module information.
@@ -301,6 +303,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	// Idempotent answers are kept with or without async.
 	h.startSweeping(ctx)
+	if h.storage != nil && (h.Async != nil || h.Pacing == pacingAdaptive) {
+		var paceCtx context.Context
+		paceCtx, h.stopPacing = context.WithCancel(ctx)
+		go h.sharePacing(paceCtx)
+	}
 	return nil
 }
 
@@ -339,6 +346,9 @@ func (h *Handler) provisionEncode(ctx caddy.Context) error {
 func (h *Handler) Cleanup() error {
 	if h.stopSweeping != nil {
 		h.stopSweeping()
+	}
+	if h.stopPacing != nil {
+		h.stopPacing()
 	}
 	if h.jobs != nil {
 		return h.jobs.release()

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -429,7 +430,12 @@ func batchPaceOwner(r *http.Request, adaptive bool, rate *RateConfig, owners *ow
 // paceKey names the pacer of a caller's operations to a host: an API's
 // limits are usually per caller, and one caller's 429s must slow only
 // that caller.
+// The host is taken without its port: the instances of a cluster are
+// reached at one name, on ports that may differ.
 func paceKey(owner, host string) string {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
 	return owner + "\x00" + strings.ToLower(host)
 }
 
