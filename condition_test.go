@@ -354,3 +354,84 @@ func TestConditionString(t *testing.T) {
 		}
 	}
 }
+
+var fzCondSeeds = []string{
+	"succeeded(a)", "failed(a)", "status(lookup) == 404", "!(succeeded(a) && status(b) >= 500) || failed(c)",
+	"status(a)!=200&&status(a)<300", "((succeeded(a)))", "!!!succeeded(a)", "(succeeded(a)", "status(a) == 4040",
+	"$a/$succeeded", "not ($1/$succeeded or $2/$succeeded) and $x.y/$succeeded", "%28$a/$succeeded%29%20and%20not%20$b/$succeeded",
+	"$a/$failed", "$a/Name eq 'x'", "\xff", "succeeded(a\xff)", "", strings.Repeat("(", 600), strings.Repeat("!", 1024),
+}
+
+// FuzzParseCondition parses any string in both syntaxes: a refusal is one
+// "if: " message; what parses stays in its bounds, evaluates under any
+// statuses, prints to what parses to the same program, and negated, to
+// the opposite answer.
+func FuzzParseCondition(f *testing.F) {
+	for _, s := range fzCondSeeds {
+		f.Add(s)
+	}
+	statuses := []int{100, 200, 204, 302, 399, 400, 404, 412, 424, 500, 504, 599}
+	f.Fuzz(func(t *testing.T, s string) {
+		for _, odata := range []bool{false, true} {
+			parse, valid := parseCondition, validID
+			if odata {
+				parse, valid = parseODataCondition, odataID
+			}
+			c, msg := parse(s)
+			if msg != "" {
+				if c != nil || !strings.HasPrefix(msg, "if: ") || !utf8.ValidString(msg) || len(msg) > maxFaultMessage {
+					t.Fatalf("%q refused with %q, condition %v", s, msg, c)
+				}
+				continue
+			}
+			if c == nil || len(s) > maxCondLength || len(c.ids) == 0 || len(c.ids) > maxCondTerms || len(c.ops) != len(c.ids) {
+				t.Fatalf("%q accepted as %+v", s, c)
+			}
+			terms := 0
+			for _, st := range c.steps {
+				if st.kind == stepTerm {
+					terms++
+				}
+			}
+			if terms > maxCondTerms || len(c.steps) >= 4*maxCondTerms {
+				t.Fatalf("%q: %d terms, %d steps", s, terms, len(c.steps))
+			}
+			for k, id := range c.ids {
+				if !valid(id) || slices.Index(c.ids, id) != k {
+					t.Fatalf("%q: ids %q", s, c.ids)
+				}
+				c.ops[k] = k
+			}
+			// Printed, it may be a few bytes longer than written: the
+			// bound is for what clients send.
+			again, msg := compileCondition(c.String(), odata)
+			if msg != "" || !reflect.DeepEqual(again.steps, c.steps) || !slices.Equal(again.ids, c.ids) || again.String() != c.String() {
+				t.Fatalf("%q printed %q, which parses to %v (%s), not %v", s, c.String(), again, msg, c)
+			}
+			neg := "!("
+			if odata {
+				neg = "not ("
+			}
+			not, msg := compileCondition(neg+c.String()+")", odata)
+			if msg != "" {
+				t.Fatalf("%q printed %q, which does not parse negated: %s", s, c.String(), msg)
+			}
+			for seed := range statuses {
+				statusOf := func(op int) int { return statuses[(op*7+seed)%len(statuses)] }
+				got := c.eval(statusOf)
+				for k := range again.ops {
+					again.ops[k] = k
+				}
+				if again.eval(statusOf) != got {
+					t.Fatalf("%q and its print %q answer differently", s, c.String())
+				}
+				for k := range not.ops {
+					not.ops[k] = k
+				}
+				if not.eval(statusOf) == got {
+					t.Fatalf("%q and its negation answer the same", s)
+				}
+			}
+		}
+	})
+}
