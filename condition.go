@@ -345,7 +345,24 @@ func found(tok condToken) string {
 	if tok.kind == tokEnd {
 		return "the end"
 	}
-	return strconv.Quote(short(tok.text))
+	return quoted(tok.text)
+}
+
+// quoted returns s quoted, cut to maxEcho bytes between the quotes:
+// escaped, invalid UTF-8 grows fourfold, so s is cut as it is quoted.
+func quoted(s string) string {
+	b := []byte{'"'}
+	for i := 0; i < len(s); {
+		_, n := utf8.DecodeRuneInString(s[i:])
+		q := strconv.Quote(s[i : i+n])
+		if len(b)-1+len(q)-2 > maxEcho {
+			b = append(b, "…"...)
+			break
+		}
+		b = append(b, q[1:len(q)-1]...)
+		i += n
+	}
+	return string(append(b, '"'))
 }
 
 // operandFault is the fault of tok where a condition was expected.
@@ -531,7 +548,7 @@ func (lx *condLexer) call(start, test int) (condToken, string) {
 			return condToken{}, fmt.Sprintf("if: expected a status from 100 to 599 at %d, found %s", j+1, found(lx.peek()))
 		}
 		if len(digits) != 3 || digits[0] < '1' || digits[0] > '5' {
-			return condToken{}, fmt.Sprintf("if: status %s at %d is not a 3-digit HTTP status from 100 to 599", strconv.Quote(short(digits)), j+1)
+			return condToken{}, fmt.Sprintf("if: status %s at %d is not a 3-digit HTTP status from 100 to 599", quoted(digits), j+1)
 		}
 		tok.test = op
 		tok.n, _ = strconv.Atoi(digits)

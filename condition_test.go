@@ -200,6 +200,9 @@ func TestConditionFaults(t *testing.T) {
 		{false, "é", `if: expected succeeded(ID), failed(ID), status(ID), '!' or '(' at 1, found "é"`},
 		{false, "succeeded(a\xffb)", `if: expected ')' at 12, found "\xff"`},
 		{false, "succeeded(\xc3)", `if: expected an operation id at 11, found "\xc3"`},
+		// Escaped, an echo grows up to four times: it is cut to fit.
+		{false, strings.Repeat("\x89", 300), `if: expected succeeded(ID), failed(ID), status(ID), '!' or '(' at 1, found "\x89"`},
+		{true, "$0" + strings.Repeat("\x89", 126), `if: "$0` + strings.Repeat(`\x89`, 31) + `…" at 1: a request id is 1 to 128 letters, digits, '-', '.', '_' or '~'`},
 
 		{true, "", "if: empty condition"},
 		{true, "$a/$failed", `if: "$a/$failed" at 1: OData has no $failed; write not $a/$succeeded`},
@@ -237,8 +240,8 @@ func TestConditionFaults(t *testing.T) {
 			if cond != nil {
 				t.Errorf("refused, yet a condition came back: %s", cond)
 			}
-			if !utf8.ValidString(msg) {
-				t.Errorf("message is not valid UTF-8: %q", msg)
+			if !utf8.ValidString(msg) || len(msg) > maxFaultMessage {
+				t.Errorf("message is not valid UTF-8, or longer than %d bytes: %q", maxFaultMessage, msg)
 			}
 		})
 	}
