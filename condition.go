@@ -240,7 +240,10 @@ func opPrec(kind int) int {
 func compileCondition(s string, odata bool) (*condition, string) {
 	lx := condLexer{s: s, odata: odata}
 	c := &condition{odata: odata}
-	var stack []condToken // operators and '('
+	// Operators and '(', by kind and position: a deep nesting costs 8
+	// bytes a level.
+	type pending struct{ kind, pos int32 }
+	var stack []pending
 	emit := func(kind int) {
 		if kind == stepNot && len(c.steps) > 0 && c.steps[len(c.steps)-1].kind == stepNot {
 			c.steps = c.steps[:len(c.steps)-1] // !!x is x
@@ -258,7 +261,7 @@ func compileCondition(s string, odata bool) (*condition, string) {
 		if operand {
 			switch tok.kind {
 			case tokNot, tokOpen:
-				stack = append(stack, tok)
+				stack = append(stack, pending{int32(tok.kind), int32(tok.pos)})
 			case tokTerm:
 				if terms++; terms > maxCondTerms {
 					return nil, fmt.Sprintf("if: more than %d terms", maxCondTerms)
@@ -274,17 +277,17 @@ func compileCondition(s string, odata bool) (*condition, string) {
 		case tokAnd, tokOr:
 			for len(stack) > 0 {
 				top := stack[len(stack)-1]
-				if top.kind == tokOpen || opPrec(top.kind) < opPrec(tok.kind) {
+				if top.kind == tokOpen || opPrec(int(top.kind)) < opPrec(tok.kind) {
 					break
 				}
-				emit(stepOf(top.kind))
+				emit(stepOf(int(top.kind)))
 				stack = stack[:len(stack)-1]
 			}
-			stack = append(stack, tok)
+			stack = append(stack, pending{int32(tok.kind), int32(tok.pos)})
 			operand = true
 		case tokClose:
 			for len(stack) > 0 && stack[len(stack)-1].kind != tokOpen {
-				emit(stepOf(stack[len(stack)-1].kind))
+				emit(stepOf(int(stack[len(stack)-1].kind)))
 				stack = stack[:len(stack)-1]
 			}
 			if len(stack) == 0 {
@@ -297,7 +300,7 @@ func compileCondition(s string, odata bool) (*condition, string) {
 				if top.kind == tokOpen {
 					return nil, fmt.Sprintf("if: expected ')' at %d to close the '(' at %d", tok.pos+1, top.pos+1)
 				}
-				emit(stepOf(top.kind))
+				emit(stepOf(int(top.kind)))
 				stack = stack[:len(stack)-1]
 			}
 			c.ops = make([]int, len(c.ids))
