@@ -82,13 +82,13 @@ func readCSVItems(r io.Reader, lim csvLimits, item func(line int, obj []byte) bo
 	}
 
 	var obj []byte
+	var pe *csv.ParseError // out of the loop: errors.As moves it to the heap
 	for {
 		rec, err := cr.Read()
 		if errors.Is(err, io.EOF) {
 			return records, nil
 		}
 		records++
-		var pe *csv.ParseError
 		switch {
 		case errors.As(err, &pe) && errors.Is(pe.Err, csv.ErrFieldCount):
 			msg := fmt.Sprintf("%d fields, where the header has %d", len(rec), len(keys))
