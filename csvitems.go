@@ -21,14 +21,20 @@ const (
 	maxCSVName        = 256  // bytes of a header name
 )
 
-// csvLimits bound what one record of a CSV body may hold.
+// csvLimits bound what a CSV body may hold.
 type csvLimits struct {
 	// maxRecord bounds the bytes of one record, the header row included,
 	// and of the JSON object it becomes: max_body_size, as an NDJSON line.
+	// It must be positive.
 	maxRecord int64
 	// maxColumns bounds the fields of any record; 0 means
 	// defaultCSVColumns.
 	maxColumns int
+	// maxTotal bounds the bytes of all items together; 0 means none. Each
+	// item repeats the header's names, so that items can be hundreds of
+	// times the body's size: under a name of 256 control characters each
+	// record "x\n", 2 bytes, is an item of 1,544.
+	maxTotal int64
 }
 
 // readCSVItems reads a CSV body (RFC 4180, a header row first, LF or CRLF
@@ -40,11 +46,13 @@ type csvLimits struct {
 // its array is reused. Either callback stops the reading by returning
 // false, so that the caller caps faults and items as it needs.
 //
-// A record with the wrong number of fields is a fault and the reading goes
-// on, so that all of them are listed. A bad header row (an empty, long or
-// repeated name), a quote out of place, a record over lim.maxRecord bytes
-// or lim.maxColumns fields stop it: past them the names, or where records
-// begin, are a guess.
+// A record with the wrong number of fields, or too large as JSON, is a
+// fault and the reading goes on, so that all of them are listed; item is
+// still called with the good records after it. A bad header row (an empty,
+// long or repeated name), a quote out of place, a record over
+// lim.maxRecord bytes or lim.maxColumns fields stop it: past them the
+// names, or where records begin, are a guess. So do items over
+// lim.maxTotal bytes in all.
 //
 // records counts the data records read, each of which went to item or
 // fault; a body with a header row and no records has no fault and 0
@@ -82,6 +90,7 @@ func readCSVItems(r io.Reader, lim csvLimits, item func(line int, obj []byte) bo
 	}
 
 	var obj []byte
+	var total int64
 	var pe *csv.ParseError // out of the loop: errors.As moves it to the heap
 	for {
 		rec, err := cr.Read()
@@ -114,6 +123,10 @@ func readCSVItems(r io.Reader, lim csvLimits, item func(line int, obj []byte) bo
 				return records, nil
 			}
 			continue
+		}
+		if total += int64(len(obj)); lim.maxTotal > 0 && total > lim.maxTotal {
+			fault(line, fmt.Sprintf("the items are larger than %d bytes as JSON in all; the rest is not read", lim.maxTotal))
+			return records, nil
 		}
 		if !item(line, obj) {
 			return records, nil

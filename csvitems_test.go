@@ -121,6 +121,12 @@ func TestReadCSVItems(t *testing.T) {
 			records: 2},
 		{name: "header over maxRecord", body: strings.Repeat("h", 65) + "\n1\n",
 			faults: []string{"1: header row: record is longer than max_body_size (64 bytes); the rest is not read"}},
+		{name: "items of maxTotal bytes", body: "a\n1\n2\n", lim: csvLimits{maxRecord: 64, maxTotal: 18},
+			items: []string{`2: {"a":"1"}`, `3: {"a":"2"}`}, records: 2},
+		{name: "items over maxTotal bytes stop", body: "a\n1\n2\n\n3\n", lim: csvLimits{maxRecord: 64, maxTotal: 17},
+			items:   []string{`2: {"a":"1"}`},
+			faults:  []string{"3: the items are larger than 17 bytes as JSON in all; the rest is not read"},
+			records: 2},
 		{name: "JSON over maxRecord is a fault, and reading goes on", body: "a,b\n\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00,1\n2,3\n",
 			faults:  []string{"2: record is larger than max_body_size (64 bytes) as JSON"},
 			items:   []string{`3: {"a":"2","b":"3"}`},
@@ -259,6 +265,7 @@ func TestCSVHostileBodies(t *testing.T) {
 		maxAlloc uint64
 		// mallocsPerItem bounds allocations per item, when set.
 		mallocsPerItem float64
+		maxTotal       int64
 	}{
 		{name: "1 GiB quoted field", body: &repeatReader{head: []byte("a,b\n1,\""), unit: []byte("x"), n: gib},
 			fault: "2: record is longer than max_body_size (1048576 bytes); the rest is not read", maxRead: maxRecord + 16<<10, maxAlloc: 16 * maxRecord},
@@ -268,6 +275,9 @@ func TestCSVHostileBodies(t *testing.T) {
 			fault: "1: header row: more than 1000 fields; the rest is not read", maxRead: 1000 + 16<<10, maxAlloc: 256 << 10},
 		{name: "a million fields in a record", body: &repeatReader{head: []byte("a,b\n1,2\n"), unit: []byte(","), n: 1 << 20},
 			fault: "3: more than 1000 fields; the rest is not read", items: 1, maxRead: 1000 + 16<<10, maxAlloc: 256 << 10},
+		{name: "long names, short records", body: &repeatReader{head: []byte(strings.Repeat("\x01", maxCSVName) + "\n"), unit: []byte("x\n"), n: 1 << 20},
+			maxTotal: 1 << 20, fault: fmt.Sprintf("%d: the items are larger than 1048576 bytes as JSON in all; the rest is not read", 2+(1<<20)/1544),
+			items: (1 << 20) / 1544, maxRead: 16 << 10, maxAlloc: 256 << 10},
 		{name: "ten million empty lines", body: &repeatReader{head: []byte("a,b\n"), unit: []byte("\r\n"), n: 10 << 20, tail: []byte("1,2")},
 			items: 1, maxAlloc: 256 << 10},
 		{name: "a million NUL records", body: &repeatReader{head: []byte("a\n"), unit: []byte("\x00\x00\n"), n: 1 << 20},
@@ -279,7 +289,7 @@ func TestCSVHostileBodies(t *testing.T) {
 			runtime.ReadMemStats(&before)
 			var items int
 			var faults []string
-			_, err := readCSVItems(tt.body, csvLimits{maxRecord: maxRecord},
+			_, err := readCSVItems(tt.body, csvLimits{maxRecord: maxRecord, maxTotal: tt.maxTotal},
 				func(_ int, obj []byte) bool {
 					if items++; items == 1 && !json.Valid(obj) {
 						t.Errorf("item %q", obj)
