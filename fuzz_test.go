@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/csv"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -329,6 +330,91 @@ func FuzzEmbedAnswer(f *testing.F) {
 					t.Fatalf("binary answer %q embedded as %s", body, enc)
 				}
 			}
+		}
+	})
+}
+
+// FuzzCSVItems reads any bytes as a CSV body: nothing panics, every item is
+// valid UTF-8 JSON within the bound, with exactly the header's names as
+// keys, in order, and the cells that encoding/csv reads for its record as
+// values; every record read is an item or a fault, and a body without
+// faults has an item for each record.
+func FuzzCSVItems(f *testing.F) {
+	for _, s := range []string{
+		"id,email\n7,a@b.c\n8,d@e.f\n", "id,email\r\n7,a@b.c\r\n8,d@e.f", "\xef\xbb\xbf\"id\",name\n1,A\n",
+		"id,note\n1,\"a\nb\r\nc\"\n2,x\n\"3\n\",y\n", "\n\na,b\n\n1,2\r\n\r\n\n3,4\n\n", "a,b\n \n,\n\"\",\"\"\n",
+		"k\xff,n\x00\n\xfe\x00,\xe2\x82\n", "a,b\n1\n2,3\n4,5,6\n", "a,b\n3,x\"y\n", "a,b\n\"x\"y,2\n", "a,b\n1,\"xyz\n2,3\n",
+		"a,,c\n1,2,3\n", "id,name,id\n", "\xff,\xfe,a\xff,a\ufffd\n1,2,3,4\n", "a,b,c,d,e,f,g,h,i\n", "a\n,,,,,,,,,,\n",
+		"a\n" + strings.Repeat("x", 300) + "\n", "a\n" + strings.Repeat("\x00", 40) + "\n1\n", "", "\n", "\"", "a\n\"",
+	} {
+		f.Add([]byte(s))
+	}
+	lim := csvLimits{maxRecord: 200, maxColumns: 8}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		// What encoding/csv reads, with no bounds: the names, and each
+		// record by the line it starts on.
+		ref := csv.NewReader(bytes.NewReader(bytes.TrimPrefix(body, utf8BOM)))
+		ref.FieldsPerRecord = -1
+		var names []string
+		want := map[int][]string{}
+		for {
+			rec, err := ref.Read()
+			if err != nil {
+				break
+			}
+			if names == nil {
+				names = rec
+				continue
+			}
+			line, _ := ref.FieldPos(0)
+			want[line] = rec
+		}
+		var items, faults, last int
+		records, err := readCSVItems(bytes.NewReader(body), lim,
+			func(line int, obj []byte) bool {
+				items++
+				if line <= last {
+					t.Fatalf("item at line %d after line %d", line, last)
+				}
+				last = line
+				if !utf8.Valid(obj) || !json.Valid(obj) || int64(len(obj)) > lim.maxRecord {
+					t.Fatalf("line %d: item %q is not valid UTF-8 JSON within the bound", line, obj)
+				}
+				rec, ok := want[line]
+				if !ok || len(rec) != len(names) {
+					t.Fatalf("line %d: item %s, where encoding/csv reads %q", line, obj, rec)
+				}
+				k, seen := 0, map[string]bool{}
+				gjson.ParseBytes(obj).ForEach(func(key, v gjson.Result) bool {
+					if seen[key.String()] {
+						t.Fatalf("line %d: item %s repeats key %q", line, obj, key.String())
+					}
+					seen[key.String()] = true
+					if k >= len(names) || key.String() != string([]rune(names[k])) || v.Type != gjson.String || v.Str != string([]rune(rec[k])) {
+						t.Fatalf("line %d: item %s, where the header is %q and the record %q", line, obj, names, rec)
+					}
+					k++
+					return true
+				})
+				if k != len(names) {
+					t.Fatalf("line %d: item %s has %d keys, the header %d", line, obj, k, len(names))
+				}
+				return true
+			},
+			func(line int, msg string) bool {
+				if line < 1 || msg == "" {
+					t.Fatalf("fault %q at line %d", msg, line)
+				}
+				faults++
+				return true
+			})
+		switch {
+		case err != nil:
+			t.Fatalf("error reading from memory: %v", err)
+		case records == 0 && items > 0, records > 0 && items+faults != records:
+			t.Fatalf("%d records read, %d items, %d faults", records, items, faults)
+		case faults == 0 && items != len(want):
+			t.Fatalf("no fault, yet %d items of %d records", items, len(want))
 		}
 	})
 }
