@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"unicode/utf8"
+
+	"github.com/caddy-batch/batch/internal/jsontext"
 )
 
 // A text/csv body is a bulk batch: its header row names the columns, and
@@ -149,9 +151,9 @@ func csvKeys(names []string, line int, fault func(line int, msg string) bool) ([
 		case len(name) > maxCSVName:
 			msg = fmt.Sprintf("the name of column %d is longer than %d bytes", i+1, maxCSVName)
 		default:
-			norm := string([]rune(name)) // as appendString writes it
+			norm := string([]rune(name)) // as jsontext.AppendString writes it
 			if j, dup := seen[norm]; dup {
-				msg = fmt.Sprintf("column %d has the name of column %d, %s", i+1, j+1, appendString(nil, short(norm)))
+				msg = fmt.Sprintf("column %d has the name of column %d, %s", i+1, j+1, jsontext.AppendString(nil, short(norm)))
 			} else {
 				seen[norm] = i
 			}
@@ -163,7 +165,7 @@ func csvKeys(names []string, line int, fault func(line int, msg string) bool) ([
 			}
 			continue
 		}
-		keys[i] = append(appendString(nil, name), ':')
+		keys[i] = append(jsontext.AppendString(nil, name), ':')
 	}
 	return keys, ok
 }
@@ -189,12 +191,12 @@ func appendCSVObject(dst []byte, keys [][]byte, rec []string, limit int64) ([]by
 			dst = append(dst, ',')
 		}
 		dst = append(dst, keys[i]...)
-		dst = appendString(dst, cell)
+		dst = jsontext.AppendString(dst, cell)
 	}
 	return append(dst, '}'), true
 }
 
-// jsonStringLen is len(appendString(nil, s)), without writing it.
+// jsonStringLen is len(jsontext.AppendString(nil, s)), without writing it.
 func jsonStringLen(s string) int {
 	n := 2
 	for i := 0; i < len(s); {

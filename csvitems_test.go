@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 	"unicode/utf8"
+
+	"github.com/caddy-batch/batch/internal/jsontext"
 )
 
 // csvRun is what readCSVItems made of a body: items and faults as
@@ -362,7 +364,7 @@ func TestCSVGuard(t *testing.T) {
 	}
 }
 
-// jsonStringLen must be what appendString writes, or an item could pass its
+// jsonStringLen must be what jsontext.AppendString writes, or an item could pass its
 // bound.
 func TestJSONStringLen(t *testing.T) {
 	rng := rand.New(rand.NewSource(1))
@@ -380,8 +382,8 @@ func TestJSONStringLen(t *testing.T) {
 		cases = append(cases, string(b))
 	}
 	for _, s := range cases {
-		if got, want := jsonStringLen(s), len(appendString(nil, s)); got != want {
-			t.Fatalf("%q: %d, appendString writes %d", s, got, want)
+		if got, want := jsonStringLen(s), len(jsontext.AppendString(nil, s)); got != want {
+			t.Fatalf("%q: %d, jsontext.AppendString writes %d", s, got, want)
 		}
 	}
 }
