@@ -100,6 +100,8 @@ func parseBatch(ctx context.Context, body []byte, lim *rules) (*batch, error) {
 				default:
 					p.batchFault("atomicity must be \"none\", \"stop_on_error\" or \"all_or_nothing\", got %s", short(v.Raw))
 				}
+			case "max_attempts":
+				b.maxAttempts = p.maxAttempts(v)
 			case "async", "dry_run", "omit_response_on_success", "include_headers":
 				if !v.IsBool() {
 					p.batchFault("%s must be true or false, got %s", key, short(v.Raw))
@@ -209,6 +211,16 @@ func (p *parser) parseBulk(b *batch, bulkJSON, items gjson.Result) {
 		b.ops = append(b.ops, op)
 		return p.goOn(len(b.ops))
 	})
+}
+
+// maxAttempts reads the batch field max_attempts.
+func (p *parser) maxAttempts(v gjson.Result) int {
+	n := v.Int()
+	if v.Type != gjson.Number || float64(n) != v.Num || n < 1 || n > maxBatchAttempts {
+		p.batchFault("max_attempts must be a whole number from 1 to %d, got %s", maxBatchAttempts, short(v.Raw))
+		return 0
+	}
+	return int(n)
 }
 
 // wantsNDJSON reports whether the client asked for results as NDJSON.

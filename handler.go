@@ -95,10 +95,15 @@ type Handler struct {
 	// cannot speak for another client address. Default: none.
 	AllowForwardedHeaders []string `json:"allow_forwarded_headers,omitempty"`
 
-	// How many times an operation with an idempotent method (GET, HEAD,
-	// PUT, DELETE, OPTIONS) answered 429 is tried again, after the wait
-	// its Retry-After asks for (1s if none), as long as op_timeout allows.
-	// Default: 0.
+	// Which answers an operation is sent again after, how often, and
+	// after what wait. Default: none for sync batches; 429 and 503, 5
+	// tries in all, for async jobs.
+	Retry *RetryConfig `json:"retry,omitempty"`
+
+	// An alias of retry: how many times an operation with an idempotent
+	// method (GET, HEAD, PUT, DELETE, OPTIONS) or an idempotency key
+	// answered 429 is tried again, after the wait its Retry-After asks
+	// for, as long as op_timeout allows. Not with retry. Default: 0.
 	Retry429 int `json:"retry_429,omitempty"`
 
 	// The most operations in flight downstream at once, across all
@@ -121,7 +126,8 @@ type Handler struct {
 	// succeed (a Retry-After over 1s pauses them all again); the quota
 	// left that RateLimit and X-RateLimit headers advertise is spread
 	// over their reset; operations answered 429, of any method, are sent
-	// again at their turn until op_timeout (retry_429 is then unused).
+	// again at their turn until op_timeout (retry's other statuses apply
+	// as without pacing).
 	// "off" does none of it. Async jobs are always adaptive. Default: off.
 	Pacing string `json:"pacing,omitempty"`
 
@@ -159,6 +165,7 @@ type Handler struct {
 	Async *AsyncConfig `json:"async,omitempty"`
 
 	rules   rules
+	retry   retryPolicy
 	enc     *encode.Encode // compresses answers; nil when off
 	paths   caddyhttp.MatchPath
 	inherit []string // canonical; nil inherits all but the excluded ones
@@ -248,6 +255,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.Pacing = pacingOff
 	}
 	h.gate = pace.NewGate(h.MaxInflight, h.Rate.paceRate())
+	h.retry = h.retryPolicy()
 	methods := h.Methods
 	if len(methods) == 0 {
 		methods = defaultMethods
@@ -382,6 +390,11 @@ func (h *Handler) Validate() error {
 	}
 	if h.Rate != nil {
 		if err := h.Rate.validate(); err != nil {
+			return err
+		}
+	}
+	if h.Retry != nil {
+		if err := h.Retry.validate(h.Retry429); err != nil {
 			return err
 		}
 	}

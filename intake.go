@@ -136,7 +136,7 @@ func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
 	in.p = parser{lim: &in.lim, ctx: r.Context()}
 	in.chunk = append(make([]byte, 0, 64<<10), '[')
 	q := r.URL.Query()
-	for _, name := range []string{"mode", "atomicity", "omit_response_on_success", "include_headers"} {
+	for _, name := range []string{"mode", "atomicity", "omit_response_on_success", "include_headers", "max_attempts"} {
 		if v := q.Get(name); v != "" {
 			raw := strconv.Quote(v)
 			if name != "mode" && name != "atomicity" {
@@ -221,7 +221,7 @@ func (in *intake) options(line []byte) bool {
 	only := true
 	v.ForEach(func(k, _ gjson.Result) bool {
 		switch k.String() {
-		case "mode", "atomicity", "omit_response_on_success", "include_headers", "async":
+		case "mode", "atomicity", "omit_response_on_success", "include_headers", "async", "max_attempts":
 		default:
 			only = false
 		}
@@ -257,6 +257,8 @@ func (in *intake) option(name string, v gjson.Result) {
 		default:
 			in.fault("atomicity must be \"none\" or \"stop_on_error\", got %s", short(v.Raw))
 		}
+	case "max_attempts":
+		spec.MaxAttempts = in.p.maxAttempts(v)
 	case "async", "omit_response_on_success", "include_headers", "dry_run":
 		if !v.IsBool() {
 			in.fault("%s must be true or false, got %s", name, short(v.Raw))
@@ -543,7 +545,7 @@ func (in *intake) readJSON(s *jsonStream) error {
 			if raw, err = s.value(); err == nil {
 				in.bulkOperation(raw)
 			}
-		case "mode", "atomicity", "async", "dry_run", "omit_response_on_success", "include_headers":
+		case "mode", "atomicity", "async", "dry_run", "omit_response_on_success", "include_headers", "max_attempts":
 			if raw, err = s.value(); err == nil {
 				in.option(key, gjson.ParseBytes(raw))
 			}

@@ -39,6 +39,9 @@ type batch struct {
 	async     bool
 	dryRun    bool
 	lean      leanOptions
+	// maxAttempts is the batch field max_attempts: tries in all of each
+	// operation; 0 leaves it to the retry policy.
+	maxAttempts int
 	// groups are the atomicity groups of a JSON or multipart batch: each
 	// runs in order, and a failure in it fails and rolls back all of it.
 	groups []group

@@ -37,7 +37,8 @@ type result struct {
 	// batch failed: whether it was undone, and by what.
 	undone   *bool
 	rollback *result
-	// attempts counts tries when retry_429 retried the operation.
+	// attempts counts the tries of an operation sent downstream; shown
+	// when more than one.
 	attempts int
 	// cut is set when the batch's end (timeout, client gone, shutdown)
 	// kept the operation from finishing.

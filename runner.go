@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -280,11 +281,8 @@ func (rn *runner) resolveAndExec(op *operation, clk *opClock) result {
 }
 
 // exec serves one operation through the rest of the handler chain, each
-// try after a turn from the handler's gate (max_inflight, rate, pacing).
-// An operation answered 429 is tried again: under adaptive pacing, of any
-// method, when the pacer says (see pacer.go), until op_timeout; otherwise
-// when idempotent, after its Retry-After, up to retry_429 times within
-// op_timeout.
+// try after a turn from the handler's gate (max_inflight, rate, pacing),
+// and tries it again as retryWait says, within op_timeout.
 func (rn *runner) exec(op *operation, clk *opClock) result {
 	o, g := rn.paceOwner(), rn.h.gate
 	ctx, deadline := clk.arm()
@@ -304,35 +302,15 @@ func (rn *runner) exec(op *operation, clk *opClock) result {
 					zap.Duration("paused_for", r.Paused), zap.String("batch", rn.id), zap.String("op", op.id))
 			}
 		}
-		retry := res.status == http.StatusTooManyRequests
-		if o.Adaptive {
-			// A 429 says the request was refused for its rate, not
-			// processed: any method is sent again.
-			retry = retry && attempt < pace.MaxAdaptiveAttempts
-		} else {
-			retry = retry && attempt <= rn.h.Retry429 && idempotent(op.method)
-		}
-		if !retry {
-			if attempt > 1 {
-				res.attempts = attempt
-			}
+		res.attempts = attempt
+		wait, retry := rn.retryWait(op, o, &res, attempt)
+		if !retry || time.Until(deadline) < wait {
 			return res
 		}
-		wait := g.RetryWait(o, attempt)
-		if !o.Adaptive {
-			var ok bool
-			if wait, ok = pace.RetryAfter(res.header); !ok {
-				wait = time.Second // when the answer does not say, or not readably
-			}
-		}
-		if time.Until(deadline) < wait {
-			res.attempts = attempt
-			return res
-		}
+		rn.h.metrics.retries.WithLabelValues(strconv.Itoa(res.status)).Inc()
 		select {
 		case <-time.After(wait):
 		case <-ctx.Done():
-			res.attempts = attempt
 			return res
 		}
 	}

@@ -185,6 +185,7 @@ type jobSpec struct {
 	Atomicity   string `json:"atomicity,omitempty"`
 	OmitSuccess bool   `json:"omit_response_on_success,omitempty"`
 	NoHeaders   bool   `json:"no_headers,omitempty"`
+	MaxAttempts int    `json:"max_attempts,omitempty"`
 
 	Conn storedConn `json:"conn"`
 	// Headers are the inherited headers when none can hold a credential;
