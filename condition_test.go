@@ -1,6 +1,9 @@
 package batch
 
 import (
+	"errors"
+	"fmt"
+	"net/http/httptest"
 	"reflect"
 	"slices"
 	"strconv"
@@ -437,4 +440,204 @@ func FuzzParseCondition(f *testing.F) {
 			}
 		}
 	})
+}
+
+// The "if" of an operation is validated with every other fault before
+// anything runs, and implies depends_on on what it names.
+func TestConditionInBatch(t *testing.T) {
+	lim := ptLimits(t, nil)
+	b := ptParse(t, lim, `[{"id":"lookup","path":"/users?email=a%40x"},
+		{"id":"create","method":"POST","path":"/users","body":{},"if":"status(lookup) == 404"},
+		{"id":"update","method":"PATCH","path":"/users/{{lookup.body.id}}","body":{},"if":"succeeded(lookup) && !failed(create)"}]`)
+	if c := b.ops[1].cond; c == nil || !slices.Equal(c.ops, []int{0}) || !slices.Equal(b.ops[1].deps, []int{0}) {
+		t.Errorf("create: cond %+v, deps %v; want it bound to lookup, and depending on it", c, b.ops[1].deps)
+	}
+	if c := b.ops[2].cond; c == nil || !slices.Equal(c.ops, []int{0, 1}) || !slices.Equal(b.ops[2].deps, []int{0, 1}) {
+		t.Errorf("update: cond %+v, deps %v; want lookup and create, each once", c, b.ops[2].deps)
+	}
+	if !b.ops[0].tested || !b.ops[1].tested || b.ops[2].tested {
+		t.Errorf("tested: %v %v %v, want the operations a condition names", b.ops[0].tested, b.ops[1].tested, b.ops[2].tested)
+	}
+	many := strings.Repeat("succeeded(a) && ", 16) + "succeeded(a)"
+	for _, c := range []struct {
+		name, body string
+		want       []ptFault
+	}{
+		{"unknown id", `[{"id":"a","path":"/a"},{"path":"/b","if":"succeeded(nope)"}]`,
+			[]ptFault{{1, "1", `if names unknown operation "nope"`}}},
+		{"itself", `[{"id":"a","path":"/a","if":"failed(a)"}]`,
+			[]ptFault{{0, "a", "cannot test its own answer"}}},
+		{"syntax", `[{"id":"a","path":"/a"},{"path":"/b","if":"succeeded(a) &&"}]`,
+			[]ptFault{{1, "1", "if: "}}},
+		{"too many terms", `[{"id":"a","path":"/a"},{"path":"/b","if":"` + many + `"}]`,
+			[]ptFault{{1, "1", "if: more than 16 terms"}}},
+		{"too long", `[{"id":"a","path":"/a"},{"path":"/b","if":"` + strings.Repeat(" ", 1025) + `succeeded(a)"}]`,
+			[]ptFault{{1, "1", "if: longer than 1024 bytes"}}},
+		{"not a string", `[{"id":"a","path":"/a"},{"path":"/b","if":true}]`,
+			[]ptFault{{1, "1", "if must be a string, got true"}}},
+		{"later, sequential", `[{"path":"/b","if":"succeeded(a)"},{"id":"a","path":"/a"}]`,
+			[]ptFault{{0, "0", `depends on "a", which comes later`}}},
+		{"in a rollback", `{"atomicity":"all_or_nothing","batch":[{"id":"a","path":"/a"},
+			{"path":"/b","rollback":{"path":"/c","if":"succeeded(a)"}}]}`,
+			[]ptFault{{1, "1", `field "if" has no place in a rollback`}}},
+		{"bulk", `{"operation":{"path":"/a","if":"succeeded(x)"},"items":[{}]}`,
+			[]ptFault{{-1, "", "cannot have an if"}}},
+		{"with other faults", `[{"id":"a","path":"//x"},{"path":"/b","if":"status(a) = 404"}]`,
+			[]ptFault{{0, "a", "origin-form"}, {1, "1", "if: "}}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ptMatchFaults(t, c.body, ptFaults(t, lim, c.body), c.want)
+		})
+	}
+	// A cycle through a condition is a cycle.
+	par := ptLimits(t, &Handler{Mode: modeParallel})
+	body := `[{"id":"a","path":"/a","if":"succeeded(b)"},{"id":"b","path":"/b","depends_on":["a"]}]`
+	ptMatchFaults(t, body, ptFaults(t, par, body), []ptFault{{0, "a", "dependency cycle"}})
+}
+
+// A JSON batch takes OData's "if"; what OData does not have is refused.
+func TestConditionInJSONBatch(t *testing.T) {
+	lim := ptLimits(t, nil)
+	decode := func(body string) (*batch, error) {
+		r := httptest.NewRequest("POST", "/v1.0/$batch", strings.NewReader(body))
+		return jsonBatch.decode(r, []byte(body), lim)
+	}
+	b, err := decode(`{"requests":[{"id":"a","method":"GET","url":"/a"},
+		{"id":"b","method":"POST","url":"/b","if":"not $a/$succeeded"}]}`)
+	if err != nil || b.ops[1].cond == nil || b.ops[1].cond.String() != "not $a/$succeeded" || !slices.Equal(b.ops[1].deps, []int{0}) {
+		t.Fatalf("OData if: %v %+v", err, b)
+	}
+	for _, bad := range []string{`"$a/$failed"`, `"succeeded(a)"`, `"$z/$succeeded"`} {
+		_, err := decode(`{"requests":[{"id":"a","method":"GET","url":"/a"},{"id":"b","method":"GET","url":"/b","if":` + bad + `}]}`)
+		var faults badBatchError
+		if !errors.As(err, &faults) {
+			t.Errorf("if %s: %v, want faults", bad, err)
+		}
+	}
+}
+
+// upsert is SPEC §14's upsert of one user by email: a lookup, then a
+// create if it answered 404, or an update of what it found.
+func upsert(email, name string) string {
+	return `{"id":"lookup","path":"/users?email=` + email + `"},
+		{"id":"create","method":"POST","path":"/users","body":{"name":"` + name + `","email":"` + email + `"},"if":"status(lookup) == 404"},
+		{"id":"update","method":"PATCH","path":"/users/{{lookup.body.id}}","body":{"name":"` + name + `"},"if":"succeeded(lookup)"}`
+}
+
+// The upsert pattern against a user that exists and one that does not,
+// in each mode and atomicity: one of create and update runs, the other is
+// skipped 412 before its references are resolved, and nothing failed.
+func TestUpsert(t *testing.T) {
+	be := newBackend(t)
+	be.API.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("POST", "/users", strings.NewReader(`{"name":"Ann","email":"ann@x.org"}`)))
+	base := startCaddy(t, proxySite(be, ""))
+	for k, opts := range []string{`"mode":"sequential"`, `"mode":"parallel"`, `"atomicity":"all_or_nothing"`, `"atomicity":"stop_on_error"`} {
+		for _, c := range []struct {
+			email, name string
+			create, upd int64
+			// The lookup of a user not there fails, as it answers 404:
+			// counted so, though it stops no atomic batch.
+			failed int64
+			status string
+		}{
+			{"ann@x.org", "Anne", 412, 200, 0, "completed"},
+			{fmt.Sprintf("new%d@x.org", k), "Neo", 201, 412, 1, "completed_with_errors"},
+		} {
+			_, _, body := send(t, "POST", base+"/batch", `{`+opts+`,"batch":[`+upsert(c.email, c.name)+`]}`)
+			res := mustJSON(t, body)
+			if res.Get("results.1.status").Int() != c.create || res.Get("results.2.status").Int() != c.upd ||
+				res.Get("status").String() != c.status || res.Get("skipped").Int() != 1 || res.Get("failed").Int() != c.failed {
+				t.Errorf("%s, %s: %s", opts, c.email, body)
+			}
+			skipped := res.Get("results.1")
+			if c.upd == 412 {
+				skipped = res.Get("results.2")
+			}
+			if skipped.Get("error").String() != "condition false" {
+				t.Errorf("%s, %s: the skipped one says %s", opts, c.email, skipped.Raw)
+			}
+			_, _, found := send(t, "GET", base+"/users?email="+c.email, "")
+			if got := mustJSON(t, found).Get("name").String(); got != c.name {
+				t.Errorf("%s: after the upsert the user is %s", c.email, found)
+			}
+		}
+	}
+	if n := be.API.Len(); n != 5 {
+		t.Errorf("%d users, want Ann and one new user per run", n)
+	}
+}
+
+// A false "if" fails nothing: not its atomicity group, not an
+// all_or_nothing or stop_on_error batch; a true one runs whatever the
+// operation it tests answered, where depends_on alone would skip it.
+func TestConditionAndAtomicity(t *testing.T) {
+	be := newBackend(t)
+	be.seed("Ann")
+	base := startCaddy(t, proxySite(be, "")+`
+	batch /v1.0/$batch {
+		service_root /
+	}`)
+	for _, atomicity := range []string{"all_or_nothing", "stop_on_error"} {
+		_, _, body := send(t, "POST", base+"/batch", `{"atomicity":"`+atomicity+`","batch":[
+			{"id":"rename","method":"PATCH","path":"/users/1","body":{"name":"Bo-`+atomicity+`"},
+			 "rollback":{"method":"PATCH","path":"/users/1","body":{"name":"Ann"}}},
+			{"id":"undo","method":"PATCH","path":"/users/1","body":{"name":"Ann"},"if":"failed(rename)"},
+			{"id":"after","path":"/health"}]}`)
+		res := mustJSON(t, body)
+		if res.Get("status").String() != "completed" || res.Get("results.1.status").Int() != 412 ||
+			res.Get("results.2.status").Int() != 200 || res.Get("results.0.undone").Exists() {
+			t.Errorf("%s: %s", atomicity, body)
+		}
+		if u, _ := be.API.Get(1); u.Name != "Bo-"+atomicity {
+			t.Errorf("%s: user 1 is %q", atomicity, u.Name)
+		}
+	}
+	// The failure a condition tests stops nothing either; what depends on
+	// it without a condition is skipped.
+	_, _, body := send(t, "POST", base+"/batch", `{"atomicity":"stop_on_error","batch":[
+		{"id":"missing","path":"/users/999"},
+		{"id":"fallback","path":"/health","if":"failed(missing)"},
+		{"id":"plain","path":"/health","depends_on":["missing"]}]}`)
+	res := mustJSON(t, body)
+	if res.Get("results.1.status").Int() != 200 || res.Get("results.2.status").Int() != 424 {
+		t.Errorf("a tested failure: %s", body)
+	}
+	// OData: a request skipped by its if inside an atomicity group leaves
+	// the group whole.
+	_, _, body = send(t, "POST", base+"/v1.0/$batch", `{"requests":[
+		{"id":"h","method":"GET","url":"/health"},
+		{"id":"x","method":"PATCH","url":"/users/1","body":{"name":"Cy"},"atomicityGroup":"g"},
+		{"id":"y","method":"POST","url":"/users","body":{"name":"Dee"},"atomicityGroup":"g","if":"not $h/$succeeded"},
+		{"id":"z","method":"GET","url":"/users/1","atomicityGroup":"g"}]}`)
+	res = mustJSON(t, body)
+	for i, want := range []int64{200, 200, 412, 200} {
+		if got := res.Get(fmt.Sprintf("responses.%d.status", i)).Int(); got != want {
+			t.Errorf("JSON batch, response %d: %d, want %d: %s", i, got, want, body)
+		}
+	}
+	if got := res.Get("responses.2.body.error.message").String(); got != "condition false" {
+		t.Errorf("the skipped request says %q", got)
+	}
+	if u, _ := be.API.Get(1); u.Name != "Cy" {
+		t.Errorf("the group was undone: user 1 is %q", u.Name)
+	}
+}
+
+// A job runs conditions as a batch does, and a false one leaves it
+// completed; a streamed job, whose operations stand alone, refuses them.
+func TestConditionInJob(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, ""))
+	id := submitJob(t, base+"/batch", `{"batch":[`+upsert("job@x.org", "Jo")+`]}`)
+	p := waitJob(t, base+"/batch/"+id, alice, "completed")
+	_, _, body := send(t, "GET", base+"/batch/"+id+"/results", "", alice)
+	res := mustJSON(t, body)
+	if p.Get("skipped").Int() != 1 || res.Get("results.1.status").Int() != 201 || res.Get("results.2.error").String() != "condition false" {
+		t.Errorf("progress %s\nresults %s", p.Raw, body)
+	}
+	status, _, body := send(t, "POST", base+"/batch", "{\"id\":\"a\",\"path\":\"/health\"}\n{\"path\":\"/health\",\"if\":\"succeeded(a)\"}\n",
+		alice, "Content-Type: application/x-ndjson")
+	if status != 400 || !strings.Contains(body, "if needs the whole batch in memory") {
+		t.Errorf("streamed job with an if: %d %s", status, body)
+	}
 }

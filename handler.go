@@ -267,6 +267,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		methods:     make(map[string]struct{}, len(methods)),
 		forwarded:   make(map[string]struct{}, len(h.AllowForwardedHeaders)),
 		serviceRoot: h.ServiceRoot,
+		maxRefSize:  h.MaxReferenceSize,
 	}
 	for _, m := range methods {
 		h.rules.methods[strings.ToUpper(m)] = struct{}{}

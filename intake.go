@@ -119,10 +119,11 @@ type intake struct {
 	numeric []idAt
 	fnv     hash.Hash64
 
-	shape    string
-	bulkOp   *operation // the operation of a bulk batch
-	encoding gjson.Result
-	line     int // of NDJSON
+	shape     string
+	bulkOp    *operation // the operation of a bulk batch
+	encoding  gjson.Result
+	headerFor map[string]http.Header // of the items' operations, by Content-Type
+	line      int                    // of NDJSON
 }
 
 type idAt struct {
@@ -131,7 +132,7 @@ type idAt struct {
 }
 
 func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
-	in := &intake{a: a, j: j, ctx: r.Context(), lim: a.h.rules, shape: shapeOps, fnv: fnv.New64a()}
+	in := &intake{a: a, j: j, ctx: r.Context(), lim: a.h.rules, shape: shapeOps, fnv: fnv.New64a(), headerFor: map[string]http.Header{}}
 	in.lim.maxOps = a.cfg.MaxOps
 	in.p = parser{lim: &in.lim, ctx: r.Context()}
 	in.chunk = append(make([]byte, 0, 64<<10), '[')
@@ -288,6 +289,8 @@ func (in *intake) addOp(raw []byte) {
 			in.p.opFault(op, "depends_on needs the whole batch in memory: a streamed job takes operations that stand alone")
 		case op.refs != nil:
 			in.p.opFault(op, "references need the whole batch in memory: a streamed job takes operations that stand alone")
+		case op.cond != nil:
+			in.p.opFault(op, "if needs the whole batch in memory: a streamed job takes operations that stand alone")
 		case op.rollback != nil:
 			in.p.opFault(op, "rollback needs atomicity all_or_nothing, which a streamed job does not take")
 		}
@@ -311,12 +314,26 @@ func (in *intake) noCredentials(op *operation) {
 	}
 }
 
-// addItem validates an item of a bulk batch and stores it with the next
-// chunk.
+// addItem validates an item of a bulk batch, and the operation it makes,
+// and stores it with the next chunk.
 func (in *intake) addItem(raw []byte) {
+	if in.startsChunk(raw) {
+		in.p.resetItemBudget() // each chunk runs as a batch of its own
+	}
 	in.add(raw, "item", "item: ", func(i int, v gjson.Result) {
-		in.p.parseBody(&operation{index: i, id: strconv.Itoa(i)}, v, in.encoding)
+		if in.bulkOp == nil {
+			in.p.parseBody(&operation{index: i, id: strconv.Itoa(i)}, v, in.encoding)
+			return
+		}
+		var op operation
+		in.p.fillItem(&op, i, in.bulkOp, v, in.encoding, in.headerFor)
 	})
+}
+
+// startsChunk reports whether raw goes into a chunk of its own, as append
+// decides.
+func (in *intake) startsChunk(raw []byte) bool {
+	return in.inChunk > 0 && (in.inChunk == opsPerChunk || len(in.chunk)+len(raw) > opsChunkSize)
 }
 
 // add counts raw as operation in.n, checks it is JSON that fits the
@@ -371,7 +388,7 @@ func (in *intake) append(raw []byte) {
 	if len(in.p.faults) > 0 {
 		return
 	}
-	if in.inChunk > 0 && (in.inChunk == opsPerChunk || len(in.chunk)+len(raw) > opsChunkSize) {
+	if in.startsChunk(raw) {
 		if err := in.store(); err != nil {
 			in.fault("storing the batch: %v", err)
 			return
@@ -624,13 +641,7 @@ func (in *intake) bulkOperation(raw []byte) {
 	spec := in.j.spec
 	spec.Template = slices.Clone(raw)
 	in.shape = shapeItems
-	in.bulkOp = in.p.parseOperation(-1, gjson.ParseBytes(spec.Template), kindBulk)
-	switch {
-	case len(in.bulkOp.depIDs) > 0:
-		in.p.opFault(in.bulkOp, "the operation of a bulk batch cannot have depends_on")
-	case in.bulkOp.refs != nil:
-		in.p.opFault(in.bulkOp, "references need the whole batch in memory: a streamed job takes operations that stand alone")
-	}
+	in.bulkOp = in.p.parseBulkOp(gjson.ParseBytes(spec.Template))
 	in.noCredentials(in.bulkOp)
 	in.encoding = gjson.GetBytes(spec.Template, "body_encoding")
 }

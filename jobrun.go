@@ -275,7 +275,7 @@ func (j *job) summary(rn *runner) summary {
 		s.status = statusRolledBack
 	case rn.stoppedBy != "":
 		s.status = statusAborted
-	case r.Completed == r.Succeeded && r.Completed == r.Total:
+	case r.Completed == r.Succeeded+r.Unmet && r.Completed == r.Total:
 		s.status = statusCompleted
 	default:
 		s.status = statusCompletedWithErrors

@@ -190,10 +190,14 @@ func (rn *runner) handedOver() bool {
 // those before it are rolled back.
 func (rn *runner) runOne(op *operation, clk *opClock) result {
 	res := rn.decide(op, clk)
-	if rn.b.atomicity != atomicNone && rn.stoppedAt < 0 && res.failed() {
+	// An operation its condition skipped is no failure: it did what the
+	// batch asked. Nor is one that a condition tests: the batch expects
+	// that it may fail (the lookup of an upsert answering 404).
+	failed := res.failed() && !res.unmet() && !op.tested
+	if rn.b.atomicity != atomicNone && rn.stoppedAt < 0 && failed {
 		rn.stoppedAt, rn.stoppedBy = op.index, op.id
 	}
-	if op.group != 0 && res.failed() && rn.groupFailed[op.group-1] < 0 {
+	if op.group != 0 && failed && rn.groupFailed[op.group-1] < 0 {
 		// The group's operations run in order (each depends on the one
 		// before), so those before op are final.
 		rn.results[op.index] = res
@@ -218,8 +222,17 @@ func (rn *runner) decide(op *operation, clk *opClock) result {
 	if g := op.group - 1; g >= 0 && rn.groupFailed[g] >= 0 {
 		return result{status: statusSkipped, err: fmt.Sprintf("skipped: atomicity group %s failed at op %s", rn.b.groups[g].name, rn.b.ops[rn.groupFailed[g]].id)}
 	}
+	if op.cond != nil && !op.cond.eval(rn.finalStatus) {
+		return result{status: http.StatusPreconditionFailed, err: errConditionFalse}
+	}
 	for _, d := range op.deps {
-		if dep := &rn.results[d]; dep.failed() {
+		dep := &rn.results[d]
+		if rn.tests(op, d) || dep.unmet() && op.group != 0 && rn.b.ops[d].group == op.group {
+			// The condition judged it; or it is the one before op in
+			// their atomicity group, whose order alone op waited for.
+			continue
+		}
+		if dep.failed() {
 			return result{status: statusSkipped, err: fmt.Sprintf("dependency %s failed with status %d", rn.b.ops[d].id, dep.status)}
 		}
 		if g := rn.b.ops[d].group - 1; g >= 0 && g != op.group-1 && rn.groupFailed[g] >= 0 {
@@ -228,6 +241,36 @@ func (rn *runner) decide(op *operation, clk *opClock) result {
 		}
 	}
 	return rn.resolveAndExec(op, clk)
+}
+
+// errConditionFalse is the error of an operation its "if" skipped (412).
+const errConditionFalse = "condition false"
+
+// finalStatus is the status of operation i for a condition: what it
+// answered, 424 when it was not run, or when its atomicity group undid
+// it, as OData counts it.
+func (rn *runner) finalStatus(i int) int {
+	res := &rn.results[i]
+	if res.undone != nil && *res.undone {
+		return statusSkipped
+	}
+	return res.status
+}
+
+// tests reports whether op's condition names dependency d, or an
+// operation of d's atomicity group: the condition decides what d's
+// failure does to op, not the dependency.
+func (rn *runner) tests(op *operation, d int) bool {
+	if op.cond == nil {
+		return false
+	}
+	g := rn.b.ops[d].group
+	for _, j := range op.cond.ops {
+		if j == d || g != 0 && g != op.group && rn.b.ops[j].group == g {
+			return true
+		}
+	}
+	return false
 }
 
 // errInterrupted is the cause with which a shutdown cancels async jobs.

@@ -76,6 +76,9 @@ type jobRecord struct {
 	Unstored int `json:"unstored,omitempty"`
 	// Stopped is the operation at which stop_on_error stopped the job.
 	Stopped string `json:"stopped,omitempty"`
+	// Unmet counts the skipped operations whose condition was false:
+	// they leave the job completed.
+	Unmet int `json:"unmet,omitempty"`
 }
 
 func (p *progress) final() bool {
