@@ -1,6 +1,7 @@
 package batch
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -54,4 +55,59 @@ func TestItemTemplates(t *testing.T) {
 	big := strings.Repeat("v", 1000)
 	body := `{"operation":{"path":"/a","body":{"a":"{{item.v}}{{item.v}}","b":"{{item.v}}"}},"items":[{"v":"` + big + `"},{"v":"` + big + `"}]}`
 	ptMatchFaults(t, body, ptFaults(t, small, body), []ptFault{{1, "1", "item templates would make more than max_reference_size (4096 bytes)"}})
+}
+
+// Item templates through Caddy: a sync bulk batch and a streamed job of
+// PATCH /users/{{item.id}}, each item patching its own user; a job whose
+// item lacks the id is refused whole, naming it.
+func TestItemTemplatesRun(t *testing.T) {
+	be := newBackend(t)
+	for i := range 30 {
+		be.seed(fmt.Sprintf("u%d", i+1))
+	}
+	base := startCaddy(t, proxySite(be, `{
+		max_ops 10
+		async {
+			workers 2
+		}
+	}`))
+	_, _, body := send(t, "POST", base+"/batch", `{"operation":{"method":"PATCH","path":"/users/{{item.id}}","headers":{"X-Row":"{{item.id}}"},
+		"body":{"name":"{{item.name}}"}},"items":[{"id":1,"name":"one"},{"id":2,"name":"two"}]}`)
+	if res := mustJSON(t, body); res.Get("succeeded").Int() != 2 {
+		t.Fatalf("sync bulk: %s", body)
+	}
+	var items []string
+	for i := 3; i <= 30; i++ {
+		items = append(items, fmt.Sprintf(`{"id":%d,"name":"n%d"}`, i, i))
+	}
+	// More than max_ops: streamed into storage, each chunk rebuilt from
+	// the template.
+	id := submitJob(t, base+"/batch", `{"operation":{"method":"PATCH","path":"/users/{{item.id}}","body":{"name":"{{item.name}}"}},
+		"items":[`+strings.Join(items, ",")+`]}`)
+	if p := waitJob(t, base+"/batch/"+id, alice, "completed"); p.Get("succeeded").Int() != 28 {
+		t.Errorf("job: %s", p.Raw)
+	}
+	for i := 1; i <= 30; i++ {
+		want := fmt.Sprintf("n%d", i)
+		if i <= 2 {
+			want = []string{"one", "two"}[i-1]
+		}
+		if u, _ := be.API.Get(i); u.Name != want {
+			t.Errorf("user %d is %q, want %q", i, u.Name, want)
+		}
+	}
+	for _, s := range be.requests() {
+		if s.Path == "/users/1" && s.Header.Get("X-Row") != "1" {
+			t.Errorf("X-Row of user 1: %q", s.Header.Get("X-Row"))
+		}
+	}
+	status, _, body := send(t, "POST", base+"/batch", `{"operation":{"method":"PATCH","path":"/users/{{item.id}}"},"items":[`+
+		strings.Repeat(`{"id":1},`, 12)+`{"name":"x"}]}`, alice, "Prefer: respond-async")
+	if status != 400 || !strings.Contains(body, `{"index":12,"id":"12","message":"path: no \"id\" in the item"}`) {
+		t.Errorf("streamed items with a fault: %d %s", status, body)
+	}
+	n := len(be.requests())
+	if n != 30 {
+		t.Errorf("the backend saw %d requests, want 30", n)
+	}
 }
