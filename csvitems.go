@@ -6,6 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"net/url"
+	"slices"
+	"strings"
 	"unicode/utf8"
 
 	"github.com/caddy-batch/batch/internal/jsontext"
@@ -325,4 +329,133 @@ func (g *csvGuard) Read(p []byte) (int, error) {
 		return i, nil
 	}
 	return n, err
+}
+
+// A text/csv batch takes its operation from the query: method, path,
+// key, body (a template: JSON, or else text) and any number of
+// header=Name:value, with {{item.COLUMN}} for the row's fields; without
+// a body template each row, an object of strings, is the body. And the
+// batch options mode, atomicity, max_attempts,
+// omit_response_on_success, include_headers, dry_run and async. Each row
+// is an item, the body of its operation.
+
+// isCSV reports whether a Content-Type is text/csv.
+func isCSV(ct string) bool { return isMediaType(ct, "text/csv") }
+
+// csvTemplate builds the bulk operation, and the envelope's options, of a
+// CSV batch from its query. Values are quoted as JSON strings, but for
+// options that are true, false or a whole number: the parser checks them
+// as it checks a JSON batch's.
+func csvTemplate(q url.Values) (op, opts []byte, faults badBatchError) {
+	op = []byte(`{`)
+	field := func(dst []byte, name, v string, raw bool) []byte {
+		if len(dst) > 1 {
+			dst = append(dst, ',')
+		}
+		dst = append(jsontext.AppendString(dst, name), ':')
+		if raw && (v == "true" || v == "false" || v != "" && strings.Trim(v, "0123456789") == "") {
+			return append(dst, v...)
+		}
+		return jsontext.AppendString(dst, v)
+	}
+	opts = []byte{'{'}
+	var headers []byte
+	for _, name := range slices.Sorted(maps.Keys(q)) {
+		vs := q[name]
+		if len(vs) > 1 && name != "header" {
+			faults = append(faults, fault{Index: -1, Message: fmt.Sprintf("query parameter %q given twice", short(name))})
+			continue
+		}
+		switch name {
+		case "method", "path", "key":
+			op = field(op, name, vs[0], false)
+		case "body": // a body template: JSON, or else text
+			if problem, _ := jsontext.Check([]byte(vs[0]), maxJSONDepth); problem == "" {
+				if len(op) > 1 {
+					op = append(op, ',')
+				}
+				op = append(append(op, `"body":`...), vs[0]...)
+			} else {
+				op = field(op, name, vs[0], false)
+			}
+		case "header":
+			for _, h := range vs {
+				k, v, ok := strings.Cut(h, ":")
+				if !ok {
+					faults = append(faults, fault{Index: -1, Message: fmt.Sprintf("header=%s: write Name:value", short(h))})
+					continue
+				}
+				if headers == nil {
+					headers = []byte{'{'}
+				}
+				headers = field(headers, strings.TrimSpace(k), strings.TrimSpace(v), false)
+			}
+		case "mode", "atomicity":
+			opts = field(opts, name, vs[0], false)
+		case "max_attempts", "omit_response_on_success", "include_headers", "dry_run", "async":
+			opts = field(opts, name, vs[0], true)
+		default:
+			faults = append(faults, fault{Index: -1, Message: fmt.Sprintf("unknown query parameter %q: a CSV batch takes method, path, key, header and the batch options", short(name))})
+		}
+	}
+	if headers != nil {
+		op = append(append(append(op, `,"headers":`...), headers...), '}')
+	}
+	if len(op) == 1 {
+		faults = append(faults, fault{Index: -1, Message: "a CSV batch needs its operation in the query: ?method=PATCH&path=/users/{{item.id}}"})
+	}
+	return append(op, '}'), opts, faults
+}
+
+// csvBatch reads a CSV body of a sync batch into the body of a native
+// bulk batch, and the line of each item. A fault names the line where its
+// record starts; nothing runs on any. More rows than lim.maxOps is an
+// error of its own (413).
+func csvBatch(r io.Reader, q url.Values, lim *rules, maxRecord int64) (body []byte, lines []int32, err error) {
+	op, opts, faults := csvTemplate(q)
+	if len(opts) == 1 {
+		body = append(opts, `"operation":`...)
+	} else {
+		body = append(append(opts, ','), `"operation":`...)
+	}
+	body = append(append(body, op...), `,"items":[`...)
+	n := 0
+	_, rerr := readCSVItems(r, csvLimits{maxRecord: maxRecord, maxTotal: 4 * maxRecord}, func(line int, obj []byte) bool {
+		if n++; n > lim.maxOps {
+			return false
+		}
+		if n > 1 {
+			body = append(body, ',')
+		}
+		body = append(body, obj...)
+		lines = append(lines, int32(line))
+		return true
+	}, func(line int, msg string) bool {
+		faults = append(faults, fault{Index: -1, Message: fmt.Sprintf("line %d: %s", line, msg)})
+		return len(faults) < maxFaults
+	})
+	switch {
+	case rerr != nil:
+		return nil, nil, rerr
+	case n > lim.maxOps:
+		return nil, nil, fmt.Errorf("batch has more than the %d rows allowed (max_ops): send it async", lim.maxOps)
+	case len(faults) > 0:
+		return nil, nil, faults
+	}
+	return append(body, "]}"...), lines, nil
+}
+
+// atLines puts the line of each operation's item in front of its faults,
+// and leaves the index: the client finds the row by its line.
+func atLines(err error, lines []int32) error {
+	var faults badBatchError
+	if !errors.As(err, &faults) {
+		return err
+	}
+	for k, f := range faults {
+		if f.Index >= 0 && f.Index < len(lines) {
+			faults[k].Message = fmt.Sprintf("line %d: %s", lines[f.Index], f.Message)
+		}
+	}
+	return faults
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand"
+	"net/url"
 	"runtime"
 	"slices"
 	"strings"
@@ -433,4 +434,81 @@ func BenchmarkCSVItems(b *testing.B) {
 	b.ReportMetric(items/elapsed.Seconds(), "items/s")
 	b.ReportMetric(float64(after.Mallocs-before.Mallocs)/items, "allocs/item")
 	b.ReportMetric(float64(after.TotalAlloc-before.TotalAlloc)/items, "B/item")
+}
+
+// A CSV batch: its rows are the items of the operation the query gives,
+// sync or as a job whose results read as JSON and NDJSON; a fault names
+// its line, and nothing runs on any.
+func TestCSVBatch(t *testing.T) {
+	be := newBackend(t)
+	be.seed("a", "b", "c")
+	base := startCaddy(t, proxySite(be, `{
+		max_ops 5
+		async {
+			workers 2
+		}
+	}`))
+	csvType := "Content-Type: text/csv; charset=utf-8"
+	patch := "?method=PATCH&path=/users/{{item.id}}&body=" + url.QueryEscape(`{"name":"{{item.name}}"}`)
+	_, _, body := send(t, "POST", base+"/batch"+patch+"&header=X-Row:{{item.id}}", "id,name\r\n1,Ann\r\n2,\"Bob, Jr\"\r\n", csvType)
+	res := mustJSON(t, body)
+	if res.Get("succeeded").Int() != 2 || res.Get("results.1.body.name").String() != "Bob, Jr" {
+		t.Fatalf("sync CSV: %s", body)
+	}
+	if u, _ := be.API.Get(1); u.Name != "Ann" {
+		t.Errorf("user 1 is %q", u.Name)
+	}
+	sent := len(be.requests())
+	for name, c := range map[string]struct {
+		query, body, header string
+		status              int
+		want                string
+	}{
+		"field count":     {"?method=PATCH&path=/users/{{item.id}}", "id,name\n1,x\n2\n\n3,y,z\n", csvType, 400, `"line 3: 1 field, where the header has 2"`},
+		"both faults":     {"?method=PATCH&path=/users/{{item.id}}", "id,name\n1,x\n2\n3,y,z\n", csvType, 400, `"line 4: 3 fields, where the header has 2"`},
+		"missing column":  {"?method=PATCH&path=/users/{{item.uid}}", "id,name\n1,x\n2,y\n", csvType, 400, `"line 3: path: no \"uid\" in the item"`},
+		"bare quote":      {"?method=PATCH&path=/users/{{item.id}}", "id,name\n1,x\"y\n", csvType, 400, `line 2: a \" in a field that is not quoted`},
+		"no operation":    {"", "id\n1\n", csvType, 400, "needs its operation in the query"},
+		"unknown param":   {"?method=PATCH&path=/a&colour=red", "id\n1\n", csvType, 400, `unknown query parameter \"colour\"`},
+		"empty":           {"?method=PATCH&path=/a", "", csvType, 400, "no header row"},
+		"too many rows":   {"?method=PATCH&path=/a", "id\n1\n2\n3\n4\n5\n6\n", csvType, 413, "more than the 5 rows allowed"},
+		"no content type": {"?method=PATCH&path=/a", "id\n1\n", "Content-Type:", 415, ""},
+		"form":            {"?method=PATCH&path=/a", "id\n1\n", "Content-Type: text/plain", 415, ""},
+	} {
+		status, _, body := send(t, "POST", base+"/batch"+c.query, c.body, c.header)
+		if status != c.status || !strings.Contains(body, c.want) {
+			t.Errorf("%s: %d %s", name, status, body)
+		}
+	}
+	if n := len(be.requests()); n != sent {
+		t.Errorf("refused CSV batches reached the backend %d times", n-sent)
+	}
+
+	// Async: streamed into storage, as many rows as the job may hold.
+	var csv strings.Builder
+	csv.WriteString("id,name\n")
+	for i := range 12 {
+		fmt.Fprintf(&csv, "%d,n%d\n", i%3+1, i)
+	}
+	status, _, body := send(t, "POST", base+"/batch"+patch+"&mode=parallel", csv.String(), csvType, alice, "Prefer: respond-async")
+	if status != 202 {
+		t.Fatalf("async CSV: %d %s", status, body)
+	}
+	id := mustJSON(t, body).Get("id").String()
+	if p := waitJob(t, base+"/batch/"+id, alice, "completed"); p.Get("succeeded").Int() != 12 {
+		t.Errorf("job: %s", p.Raw)
+	}
+	_, _, body = send(t, "GET", base+"/batch/"+id+"/results", "", alice)
+	if res := mustJSON(t, body); res.Get("results.#").Int() != 12 || res.Get("results.11.body.name").String() != "n11" ||
+		res.Get("results.11.id").String() != "11" {
+		t.Errorf("results as JSON: %.300s", body)
+	}
+	_, _, body = send(t, "GET", base+"/batch/"+id+"/results", "", alice, "Accept: application/x-ndjson")
+	if lines := strings.Split(strings.TrimSpace(body), "\n"); len(lines) != 13 || !strings.Contains(lines[12], `"summary":true`) {
+		t.Errorf("results as NDJSON: %.300s", body)
+	}
+	status, _, body = send(t, "POST", base+"/batch?method=PATCH&path=/users/{{item.id}}", "id,name\n1,x\n2\n", csvType, alice, "Prefer: respond-async")
+	if status != 400 || !strings.Contains(body, "line 3: 1 field, where the header has 2") {
+		t.Errorf("async CSV with a fault: %d %s", status, body)
+	}
 }

@@ -5,6 +5,7 @@
 package batch
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -445,10 +446,13 @@ func (h *Handler) serveBatch(w http.ResponseWriter, r *http.Request, next caddyh
 		if h.jobs == nil {
 			return writeError(w, http.StatusBadRequest, "an NDJSON batch is an async job, and async batches are not enabled here")
 		}
-		return h.jobs.submitStreamed(w, r, next, nil, r.Body, true)
+		return h.jobs.submitStreamed(w, r, next, nil, r.Body, streamNDJSON)
+	}
+	if isCSV(ct) {
+		return h.serveCSV(w, r, next)
 	}
 	if formatOf(ct, nil) == nil {
-		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent with Content-Type: application/json, application/x-ndjson (async), or multipart/mixed with a boundary")
+		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent with Content-Type: application/json, application/x-ndjson (async), text/csv, or multipart/mixed with a boundary")
 	}
 	// An async batch over max_body_size is streamed into storage.
 	streamable := h.Async != nil && wantsAsync(r) && isJSONType(ct)
@@ -461,24 +465,60 @@ func (h *Handler) serveBatch(w http.ResponseWriter, r *http.Request, next caddyh
 		if f != native {
 			return f.refuse(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("batch body is larger than %d bytes (only native batches are streamed)", h.MaxBodySize), nil)
 		}
-		return h.jobs.submitStreamed(w, r, next, body, rest, false)
+		return h.jobs.submitStreamed(w, r, next, body, rest, streamJSON)
 	}
 	b, err := f.decode(r, body, &h.rules)
 	if err != nil {
-		var faults badBatchError
 		var tooMany tooManyOpsError
-		switch {
-		case errors.As(err, &faults):
-			return f.refuse(w, http.StatusBadRequest, "invalid batch", faults)
-		case r.Context().Err() != nil:
-			return nil // the client is gone: nobody reads an answer
-		case errors.As(err, &tooMany) && f == native && h.Async != nil && (wantsAsync(r) || gjson.GetBytes(body, "async").Bool()):
-			return h.jobs.submitStreamed(w, r, next, body, http.NoBody, false)
+		if errors.As(err, &tooMany) && f == native && h.Async != nil && (wantsAsync(r) || gjson.GetBytes(body, "async").Bool()) {
+			return h.jobs.submitStreamed(w, r, next, body, http.NoBody, streamJSON)
 		}
-		return f.refuse(w, http.StatusRequestEntityTooLarge, err.Error(), nil)
+		return refuseDecoded(w, r, f, err)
 	}
 	b.format = f
 	b.async = b.async || h.Async != nil && wantsAsync(r)
+	return h.route(w, r, next, b, body)
+}
+
+// refuseDecoded answers a batch that did not decode: 400 with its faults,
+// or 413.
+func refuseDecoded(w http.ResponseWriter, r *http.Request, f format, err error) error {
+	var faults badBatchError
+	switch {
+	case errors.As(err, &faults):
+		return f.refuse(w, http.StatusBadRequest, "invalid batch", faults)
+	case r.Context().Err() != nil:
+		return nil // the client is gone: nobody reads an answer
+	}
+	return f.refuse(w, http.StatusRequestEntityTooLarge, err.Error(), nil)
+}
+
+// serveCSV answers a text/csv batch: a bulk batch of its rows, whose
+// operation the query gives. An async one is streamed into storage as
+// NDJSON is; a sync one is read whole, at most max_body_size and max_ops
+// rows.
+func (h *Handler) serveCSV(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	q := r.URL.Query()
+	if wantsAsync(r) || q.Get("async") == "true" {
+		if h.jobs == nil {
+			return writeError(w, http.StatusBadRequest, "async batches are not enabled here")
+		}
+		return h.jobs.submitStreamed(w, r, next, nil, r.Body, streamCSV)
+	}
+	body, _, status, msg := h.readBody(w, r, false)
+	if status != 0 {
+		return writeError(w, status, msg)
+	}
+	bulk, lines, err := csvBatch(bytes.NewReader(body), q, &h.rules, h.MaxBodySize)
+	var b *batch
+	if err == nil {
+		b, err = parseBatch(r.Context(), bulk, &h.rules)
+		err = atLines(err, lines)
+	}
+	if err != nil {
+		return refuseDecoded(w, r, native, err)
+	}
+	b.format = native
 	return h.route(w, r, next, b, body)
 }
 

@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -34,7 +35,7 @@ import (
 
 // streamed answers a streamed async batch: prefix is what was read of
 // its body, and rest what remains to read.
-func (a *asyncJobs) submitStreamed(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, prefix []byte, rest io.Reader, ndjson bool) error {
+func (a *asyncJobs) submitStreamed(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, prefix []byte, rest io.Reader, form string) error {
 	key := r.Header.Get("Idempotency-Key")
 	if len(key) > maxIdempotencyKey {
 		return writeError(w, http.StatusBadRequest, fmt.Sprintf("Idempotency-Key must be at most %d characters", maxIdempotencyKey))
@@ -53,7 +54,7 @@ func (a *asyncJobs) submitStreamed(w http.ResponseWriter, r *http.Request, next 
 	rest = &idleReader{r: rest, rc: rc}
 	defer func() { _ = rc.SetReadDeadline(time.Time{}) }() // the connection's next request has its own
 	body := io.MultiReader(bytes.NewReader(prefix), http.MaxBytesReader(w, io.NopCloser(rest), max(limit, 0)))
-	err = in.read(io.TeeReader(body, sum), ndjson)
+	err = in.read(io.TeeReader(body, sum), form)
 	if err == nil {
 		err = in.finish()
 	}
@@ -123,7 +124,8 @@ type intake struct {
 	bulkOp    *operation // the operation of a bulk batch
 	encoding  gjson.Result
 	headerFor map[string]http.Header // of the items' operations, by Content-Type
-	line      int                    // of NDJSON
+	line      int                    // of NDJSON or CSV
+	query     url.Values             // of the request: a CSV batch's operation
 }
 
 type idAt struct {
@@ -137,6 +139,7 @@ func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
 	in.p = parser{lim: &in.lim, ctx: r.Context()}
 	in.chunk = append(make([]byte, 0, 64<<10), '[')
 	q := r.URL.Query()
+	in.query = q
 	for _, name := range []string{"mode", "atomicity", "omit_response_on_success", "include_headers", "max_attempts"} {
 		if v := q.Get(name); v != "" {
 			raw := strconv.Quote(v)
@@ -152,13 +155,43 @@ func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
 // fault records a fault of the batch as a whole.
 func (in *intake) fault(format string, args ...any) { in.p.batchFault(format, args...) }
 
-// read reads the body, NDJSON or JSON.
-func (in *intake) read(body io.Reader, ndjson bool) error {
+// Forms of a streamed body.
+const (
+	streamJSON   = "json"
+	streamNDJSON = "ndjson"
+	streamCSV    = "csv"
+)
+
+// read reads the body, JSON, NDJSON or CSV.
+func (in *intake) read(body io.Reader, form string) error {
 	br := bufio.NewReaderSize(body, 64<<10)
-	if ndjson {
+	switch form {
+	case streamNDJSON:
 		return in.readLines(br)
+	case streamCSV:
+		return in.readCSV(br)
 	}
 	return in.readJSON(&jsonStream{r: br, max: in.a.h.MaxBodySize})
+}
+
+// readCSV reads a CSV body: a bulk batch whose operation the query gives,
+// each row an item, its faults named by line.
+func (in *intake) readCSV(body io.Reader) error {
+	op, _, faults := csvTemplate(in.query)
+	for _, f := range faults {
+		in.fault("%s", f.Message)
+	}
+	in.bulkOperation(op)
+	lim := csvLimits{maxRecord: in.a.h.MaxBodySize, maxTotal: 4 * in.a.cfg.MaxBodySize}
+	_, err := readCSVItems(body, lim, func(line int, obj []byte) bool {
+		in.line = line
+		in.addItem(obj)
+		return !in.tooMany
+	}, func(line int, msg string) bool {
+		in.fault("line %d: %s", line, msg)
+		return len(in.p.faults) < maxFaults
+	})
+	return err
 }
 
 // readLines reads NDJSON: one operation per line; the first line may hold
