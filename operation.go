@@ -87,7 +87,8 @@ type operation struct {
 	key string
 	// cond is the operation's "if": it runs only when that holds; nil
 	// when it has none. tested is set when another operation's "if"
-	// tests this one: its failure is then expected, and stops nothing.
+	// tests this one: its failure is then expected, and stops no
+	// stop_on_error or all_or_nothing batch.
 	cond   *condition
 	tested bool
 	// rollback undoes the operation under all_or_nothing.

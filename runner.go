@@ -191,10 +191,11 @@ func (rn *runner) handedOver() bool {
 func (rn *runner) runOne(op *operation, clk *opClock) result {
 	res := rn.decide(op, clk)
 	// An operation its condition skipped is no failure: it did what the
-	// batch asked. Nor is one that a condition tests: the batch expects
-	// that it may fail (the lookup of an upsert answering 404).
-	failed := res.failed() && !res.unmet() && !op.tested
-	if rn.b.atomicity != atomicNone && rn.stoppedAt < 0 && failed {
+	// batch asked. Nor, to the batch, is one that a condition tests: it
+	// expects that it may fail (the lookup of an upsert answering 404).
+	// An atomicity group fails at any failure of its own, as OData has it.
+	failed := res.failed() && !res.unmet()
+	if rn.b.atomicity != atomicNone && rn.stoppedAt < 0 && failed && !op.tested {
 		rn.stoppedAt, rn.stoppedBy = op.index, op.id
 	}
 	if op.group != 0 && failed && rn.groupFailed[op.group-1] < 0 {
