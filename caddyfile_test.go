@@ -40,6 +40,7 @@ func cfSameJSON(t *testing.T, a, b string) bool {
 }
 
 func TestCaddyfileSubdirectives(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name, input, want string // want: the handler as JSON
 	}{
@@ -110,6 +111,7 @@ func TestCaddyfileSubdirectives(t *testing.T) {
 }
 
 func TestCaddyfileRefused(t *testing.T) {
+	t.Parallel()
 	block := func(lines ...string) string { return "batch {\n" + strings.Join(lines, "\n") + "\n}" }
 	async := func(lines ...string) string { return block(append(append([]string{"async {"}, lines...), "}")...) }
 	webhook := func(lines ...string) string {
@@ -281,6 +283,7 @@ func TestCaddyfileRefused(t *testing.T) {
 // Provision fills in defaults; the JSON config gets the checks the
 // Caddyfile parser does not make.
 func TestProvisionDefaults(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	defer cancel()
 	var h Handler
@@ -347,6 +350,7 @@ func TestProvisionDefaults(t *testing.T) {
 }
 
 func TestProvisionRefusesBadJSONConfig(t *testing.T) {
+	t.Parallel()
 	bad := map[string]string{
 		"mode":                       `{"mode":"fast"}`,
 		"mode wrong case":            `{"mode":"Parallel"}`,
@@ -415,6 +419,7 @@ func TestProvisionRefusesBadJSONConfig(t *testing.T) {
 // The webhook refuses in JSON what its Caddyfile form refuses: a delivery
 // that is never given up, and progress sent on every change.
 func TestWebhookProvisionRefusesNegatives(t *testing.T) {
+	t.Parallel()
 	bad := map[string]Webhook{
 		"max_attempts negative":      {URL: "https://h.example/x", Secret: "s", MaxAttempts: -1},
 		"progress_interval negative": {URL: "https://h.example/x", Secret: "s", ProgressInterval: caddy.Duration(-1)},
@@ -471,6 +476,7 @@ func cfAdapt(t *testing.T, body string) (matches []json.RawMessage, handlers []m
 }
 
 func TestAdaptBatchDirective(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name, site, match, handler string
 	}{
@@ -529,6 +535,7 @@ func TestAdaptBatchDirective(t *testing.T) {
 // batch is ordered before every other directive, so that each operation
 // passes through all of them.
 func TestAdaptBatchFirst(t *testing.T) {
+	t.Parallel()
 	out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(`:8080 {
 	respond /ping "pong"
 	rewrite /old /new
@@ -594,6 +601,7 @@ func TestJSONConfig(t *testing.T) {
 // caddy adapt refuses each typo of a batch block and names its file and
 // line, instead of failing at run time with none.
 func TestAdaptTyposWithLines(t *testing.T) {
+	t.Parallel()
 	for line, c := range map[string]struct{ lines, want string }{
 		"4":  {"\tmax_ops 5\n\tmode paralel", `mode must be sequential or parallel, got "paralel"`},
 		"3":  {"\tatomicity all", `atomicity must be none or stop_on_error or all_or_nothing`},

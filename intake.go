@@ -3,6 +3,7 @@ package batch
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -17,6 +18,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddy-batch/batch/internal/jsontext"
@@ -59,6 +61,7 @@ func (a *asyncJobs) submitStreamed(w http.ResponseWriter, r *http.Request, next 
 		err = in.finish()
 	}
 	if err != nil {
+		_ = in.stored() // what is dropped must have landed
 		_ = j.drop(nil)
 		return in.refuse(w, r, err)
 	}
@@ -107,6 +110,12 @@ type intake struct {
 
 	chunk   []byte // a JSON array being filled
 	inChunk int
+	// writes holds a token per chunk being stored; err is the first
+	// write's that failed.
+	writes  chan struct{}
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	err     error
 	first   int // index of the chunk's first operation
 	n       int // operations (or items) read
 	tooMany bool
@@ -134,7 +143,8 @@ type idAt struct {
 }
 
 func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
-	in := &intake{a: a, j: j, ctx: r.Context(), lim: a.h.rules, shape: shapeOps, fnv: fnv.New64a(), headerFor: map[string]http.Header{}}
+	in := &intake{a: a, j: j, ctx: r.Context(), lim: a.h.rules, writes: make(chan struct{}, chunkWrites), shape: shapeOps, fnv: fnv.New64a(),
+		headerFor: map[string]http.Header{}}
 	in.lim.maxOps = a.cfg.MaxOps
 	in.p = parser{lim: &in.lim, ctx: r.Context()}
 	in.chunk = append(make([]byte, 0, 64<<10), '[')
@@ -437,14 +447,42 @@ func (in *intake) append(raw []byte) {
 }
 
 // store stores the chunk being filled.
+// store hands the chunk being filled to a write, which runs while the body
+// is read on: at most chunkWrites at once, each holding its chunk.
 func (in *intake) store() error {
-	spec := in.j.spec
-	spec.Starts = append(spec.Starts, in.first)
-	if err := in.a.store.storeChunk(in.ctx, spec, in.j.rec.ID, len(spec.Starts)-1, append(in.chunk, ']')); err != nil {
+	if err := in.writeErr(); err != nil {
 		return err
 	}
-	in.chunk, in.inChunk = append(in.chunk[:0], '['), 0
+	spec := in.j.spec
+	spec.Starts = append(spec.Starts, in.first)
+	n, chunk := len(spec.Starts)-1, append(in.chunk, ']')
+	in.writes <- struct{}{}
+	in.wg.Go(func() {
+		defer func() { <-in.writes }()
+		if err := in.a.store.storeChunk(in.ctx, spec, in.j.rec.ID, n, chunk); err != nil {
+			in.mu.Lock()
+			in.err = cmp.Or(in.err, err)
+			in.mu.Unlock()
+		}
+	})
+	in.chunk, in.inChunk = append(make([]byte, 0, cap(in.chunk)), '['), 0
 	return nil
+}
+
+// chunkWrites bounds the chunks of one upload being stored at once.
+const chunkWrites = 8
+
+// writeErr is the error a chunk's write failed with, if one has.
+func (in *intake) writeErr() error {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.err
+}
+
+// stored waits for the chunks handed to writes, and says if one failed.
+func (in *intake) stored() error {
+	in.wg.Wait()
+	return in.writeErr()
 }
 
 // finish checks what holds across the batch, and stores the last chunk.
@@ -459,7 +497,11 @@ func (in *intake) finish() error {
 	if err := in.p.errFaults(); err != nil {
 		return err
 	}
-	if err := in.store(); err != nil {
+	err := in.store()
+	if err == nil {
+		err = in.stored()
+	}
+	if err != nil {
 		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err))
 	}
 	spec := in.j.spec

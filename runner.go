@@ -173,7 +173,7 @@ func (rn *runner) runFrom(out sink, from int) {
 // handed over. Held results are not handed over: what they would undo
 // lives only here, so such operations run on to the end or the grace.
 func (rn *runner) handingOver() bool {
-	return rn.job != nil && rn.job.handingOver() && !rn.out.hold
+	return rn.job != nil && rn.job.handingOver() && (rn.out == nil || !rn.out.hold)
 }
 
 // handedOver reports whether a shutdown cut off a job another instance
@@ -326,20 +326,39 @@ func (rn *runner) resolveAndExec(op *operation, clk *opClock) result {
 
 // exec serves one operation through the rest of the handler chain, each
 // try after a turn from the handler's gate (max_inflight, rate, pacing),
-// and tries it again as retryWait says, within op_timeout.
+// and tries it again as retryWait says: within op_timeout for a batch's;
+// for a job's, after no Retry-After longer than op_timeout.
 func (rn *runner) exec(op *operation, clk *opClock) result {
 	o, g := rn.paceOwner(), rn.h.gate
-	ctx, deadline := clk.arm()
-	defer clk.disarm()
+	// op_timeout bounds a batch's operation from its first wait for a
+	// turn on; a job's, each try in flight: its place in the job's queue
+	// is bounded by the job, and it is never answered 504 unsent.
+	perTry := rn.job != nil
+	var ctx context.Context
+	var deadline time.Time
+	if !perTry {
+		ctx, deadline = clk.arm()
+		defer clk.disarm()
+	}
 	for attempt := 1; ; attempt++ {
 		var res result
 		asked := time.Now()
-		t, err := g.Acquire(ctx, o)
+		waitCtx := ctx
+		if perTry {
+			waitCtx = clk.parent
+		}
+		t, err := g.Acquire(waitCtx, o)
 		rn.h.metrics.turnWait.Observe(time.Since(asked).Seconds())
 		if err != nil {
 			res = rn.waitedOut(clk.parent)
 		} else {
+			if perTry {
+				ctx, deadline = clk.arm()
+			}
 			res = rn.attempt(ctx, clk, op, attempt)
+			if perTry {
+				clk.disarm()
+			}
 			if r := g.Release(t, res.status, res.header); r.Event != "" {
 				rn.h.metrics.pacing.WithLabelValues(r.Event).Inc()
 				rn.h.logger.Debug("pacing", zap.String("event", r.Event), zap.Float64("rate", r.Rate),
@@ -348,13 +367,18 @@ func (rn *runner) exec(op *operation, clk *opClock) result {
 		}
 		res.attempts = attempt
 		wait, retry := rn.retryWait(op, o, &res, attempt)
-		if !retry || time.Until(deadline) < wait {
+		switch {
+		case !retry:
 			return res
+		case !perTry && time.Until(deadline) < wait:
+			return res // op_timeout cannot hold the wait: the last answer stands
+		case perTry && wait > time.Duration(rn.h.OpTimeout) && !(o.Adaptive && res.status == http.StatusTooManyRequests):
+			return res // nor, in a job, a Retry-After past op_timeout; the pacer's pauses are the job's to wait
 		}
 		rn.h.metrics.retries.WithLabelValues(strconv.Itoa(res.status)).Inc()
 		select {
 		case <-time.After(wait):
-		case <-ctx.Done():
+		case <-waitCtx.Done():
 			return res
 		}
 	}
@@ -392,6 +416,11 @@ func (rn *runner) recordOps(from int) {
 			classes[min(s/100, 5)]++
 		}
 	}
+	rn.countOps(classes)
+}
+
+// countOps counts operations by status class in the metrics.
+func (rn *runner) countOps(classes [6]int) {
 	for c, n := range classes {
 		if n > 0 {
 			rn.h.metrics.operations.WithLabelValues(statusClass(c * 100)).Add(float64(n))

@@ -36,6 +36,9 @@ const (
 	probePerSec  = 0.02 // of the last limit, per second, beyond it, doubling each second
 	minRate      = 0.1  // starts per second
 	maxRate      = 1e6  // starts per second: beyond, the rate binds nothing
+	// slowStartWait is the longest the first answer is waited for
+	// before more operations start.
+	slowStartWait = time.Second
 	// pauseAllOver is the longest Retry-After that does not pause every
 	// operation once a rate is learned.
 	pauseAllOver = time.Second
@@ -47,6 +50,8 @@ const (
 // pacer is the state of adaptive pacing, under the gate's lock.
 type pacer struct {
 	usedAt      time.Time // of the last turn asked for
+	startedAt   time.Time // of the last start
+	answered    bool      // an answer has come: until then, one operation at a time
 	inflight    int       // adaptive operations in flight
 	pausedUntil time.Time // no adaptive operation starts before
 	decreasedAt time.Time // of the last 429 that changed the rate
@@ -75,6 +80,12 @@ type pacer struct {
 // measured against.
 func (p *pacer) admit(now time.Time, maxInflight int) (ok bool, at time.Time) {
 	switch {
+	case !p.answered && p.inflight > 0 && now.Before(p.startedAt.Add(slowStartWait)):
+		// Slow start: the first answer may tell the quota, which a
+		// first flight as wide as max_inflight would overrun. An API
+		// that tells nothing costs one round trip, or slowStartWait
+		// for one that is slow to answer.
+		return false, p.startedAt.Add(slowStartWait)
 	case now.Before(p.pausedUntil):
 		return false, p.pausedUntil
 	case now.Before(p.quotaReset) && p.quotaLeft <= 0:
@@ -102,6 +113,7 @@ func (p *pacer) quotaLow(maxInflight int) bool {
 // start counts an adaptive operation that admit let start.
 func (p *pacer) start(now time.Time, maxInflight int) {
 	p.inflight++
+	p.startedAt = now
 	if now.Before(p.quotaReset) {
 		if p.quotaLow(maxInflight) {
 			// Spread over the time to the reset, but no slower than the
@@ -143,6 +155,7 @@ const (
 // nothing the metrics count.
 func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.Time) (event string) {
 	p.inflight--
+	p.answered = true // with no answer too: an API that does not answer is not waited for twice
 	if status == 0 {
 		return ""
 	}

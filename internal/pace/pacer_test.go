@@ -146,15 +146,24 @@ func TestPacerRules(t *testing.T) {
 		return true
 	}
 
-	// Unpaced until a 429: then all pause for its Retry-After, and the
-	// rate starts from what the API took in the last second.
-	for range 22 {
-		if !send(0) {
+	// Slow start: one operation, until its answer, which may tell the
+	// quota; then unpaced until a 429, which pauses all for its
+	// Retry-After, and the rate starts from what the API took in the
+	// last second.
+	if !send(0) || send(0) {
+		t.Fatal("not one operation alone before the first answer")
+	}
+	if ok, when := p.admit(at(500), 32); ok || !when.Equal(at(1000)) {
+		t.Fatalf("a second operation before the first answer: %v, or at %v, want after a second", ok, when)
+	}
+	p.learn(at(0), 200, nil, at(1))
+	for range 21 {
+		if !send(1) {
 			t.Fatal("an operation held back before any 429")
 		}
 	}
-	for range 20 {
-		p.learn(at(0), 200, nil, at(10))
+	for range 19 {
+		p.learn(at(1), 200, nil, at(10))
 	}
 	p.learn(at(0), 429, retry("2"), at(10))
 	if ok, until := p.admit(at(11), 32); ok || !until.Equal(at(2010)) {
@@ -260,9 +269,18 @@ func TestPacerFollowsRateLimitHeaders(t *testing.T) {
 		rate, burst float64
 		n           int
 		step        time.Duration
-	}{{200, 20, 5000, time.Millisecond}, {50, 50, 1000, time.Millisecond}, {200, 20, 5000, 2100 * time.Microsecond}} {
+		inflight    int
+	}{
+		{200, 20, 5000, time.Millisecond, 16},
+		{50, 50, 1000, time.Millisecond, 16},
+		{200, 20, 5000, 2100 * time.Microsecond, 16},
+		// A first flight wider than the API's burst: the first answer
+		// tells the quota before the rest go (issue #21 item 12).
+		{200, 20, 5000, time.Millisecond, 32},
+		{200, 5, 2000, time.Millisecond, 32},
+	} {
 		simStep = c.step
-		took, statuses := simulatePacer(t, &tokenBucketAPI{rate: c.rate, burst: c.burst, headers: true}, c.n, 16, time.Millisecond)
+		took, statuses := simulatePacer(t, &tokenBucketAPI{rate: c.rate, burst: c.burst, headers: true}, c.n, c.inflight, time.Millisecond)
 		ideal := time.Duration(float64(c.n) / c.rate * float64(time.Second))
 		t.Logf("R=%v burst %v with RateLimit headers, %d ops, steps of %v: %v (%.3f× N/R), %d answers 429",
 			c.rate, c.burst, c.n, c.step, took, float64(took)/float64(ideal), statuses[429])
