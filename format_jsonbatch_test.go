@@ -93,9 +93,9 @@ func TestJSONBatchRefused(t *testing.T) {
 		status  int
 		details []string
 	}{
-		"faults": {`{"requests":[{"method":"GET","url":"/users"},{"id":"b","url":"http://evil/"},{"id":"c","url":"/users","if":"$b/$succeeded"},
+		"faults": {`{"requests":[{"method":"GET","url":"/users"},{"id":"b","url":"http://evil/"},{"id":"c","url":"/users","if":"$b/$succeeded and $zz/$succeeded"},
 			{"id":"d","url":"/users","dependsOn":["nope"]}]}`, 400,
-			[]string{"id is required", "origin-form", `"if" member is not supported`, `unknown operation "nope"`}},
+			[]string{"id is required", "origin-form", `if names unknown operation "zz"`, `unknown operation "nope"`}},
 		"native fields": {`{"requests":[{"id":"1","url":"/a"}],"batch":[]}`, 400, []string{`unknown field "batch"`}},
 		"too many":      {`{"requests":[{"id":"1","url":"/a"},{"id":"2","url":"/a"},{"id":"3","url":"/a"},{"id":"4","url":"/a"},{"id":"5","url":"/a"}]}`, 413, nil},
 		"groups apart": {`{"requests":[{"id":"1","url":"/a","atomicityGroup":"g"},{"id":"2","url":"/a"},{"id":"3","url":"/a","atomicityGroup":"g"}]}`, 400,

@@ -282,6 +282,8 @@ var fzBatchSeeds = []string{
 	`[{"path":"/a","depends_on":["0"]},{"path":"/b","depends_on":["0","0",1]},{"id":"0","path":"/c"}]`,
 	"[{\"path\":\"/a\xff\"}]",
 	`[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]`,
+	`[{"id":"l","path":"/users?email=a"},{"method":"POST","path":"/users","if":"status(l) == 404 || !(failed(l) && succeeded(l))"},{"path":"/users/{{l.body.id}}","if":"succeeded(l)","key":"k"}]`,
+	`{"operation":{"method":"PATCH","path":"/u/{{item.id}}?q={{item.a.b}}","key":"{{item.k}}","headers":{"X-R":"{{item.id}}"},"body":{"n":"{{item.n}}","t":"x {{item.n}}"}},"items":[{"id":1,"n":2,"k":"a","a":{"b":"c d"}},{"id":"x/y"}]}`,
 	`[]`, `{}`, `null`, `"x"`, `[1]`, ``,
 }
 
@@ -385,6 +387,16 @@ func fzCheckBatch(t *testing.T, b *batch, l *rules) {
 					t.Fatalf("op %d: reference %s to %d, not among deps %v", i, r.raw, r.op, op.deps)
 				}
 			}
+		}
+		if c := op.cond; c != nil {
+			for _, j := range c.ops {
+				if j < 0 || j >= len(b.ops) || j == i || !seen[j] {
+					t.Fatalf("op %d: if %s tests %d, not among deps %v", i, c, j, op.deps)
+				}
+			}
+		}
+		if len(op.key) > maxKeyLength {
+			t.Fatalf("op %d: key of %d bytes", i, len(op.key))
 		}
 		if rb := op.rollback; rb != nil {
 			if !rb.isRollback || rb.index != i || rb.id != op.id || rb.rollback != nil || len(rb.deps) != 0 {

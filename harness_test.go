@@ -135,7 +135,8 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
 		_, _ = w.Write(bytes.Repeat([]byte("x"), n))
 	case "/limited":
-		// Answers 429 to the first n requests for an id, then 200.
+		// Answers 429 (or status) to the first n requests for an id,
+		// then 200.
 		n, _ := strconv.Atoi(q.Get("n"))
 		b.mu.Lock()
 		if b.limited == nil {
@@ -145,8 +146,14 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 		calls := b.limited[q.Get("id")]
 		b.mu.Unlock()
 		if calls <= n {
-			w.Header().Set("Retry-After", q.Get("after"))
-			w.WriteHeader(http.StatusTooManyRequests)
+			code := http.StatusTooManyRequests
+			if s := q.Get("status"); s != "" {
+				code, _ = strconv.Atoi(s)
+			}
+			if q.Has("after") {
+				w.Header().Set("Retry-After", q.Get("after"))
+			}
+			w.WriteHeader(code)
 			return
 		}
 		w.Header().Set("Content-Type", "application/json")

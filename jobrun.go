@@ -377,7 +377,7 @@ func (j *job) summary(rn *runner) summary {
 		s.status = statusRolledBack
 	case rn.stoppedBy != "":
 		s.status = statusAborted
-	case r.Completed == r.Succeeded && r.Completed == r.Total:
+	case r.Completed == r.Succeeded+r.Unmet && r.Completed == r.Total:
 		s.status = statusCompleted
 	default:
 		s.status = statusCompletedWithErrors
@@ -555,6 +555,7 @@ func parseChunk(ctx context.Context, spec *jobSpec, chunk []byte, lim *rules) (*
 	}
 	b.format = native
 	b.lean = leanOptions{omitSuccess: spec.OmitSuccess, noHeaders: spec.NoHeaders}
+	b.maxAttempts = spec.MaxAttempts
 	return b, nil
 }
 

@@ -108,6 +108,9 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 		s.j.rec.Succeeded++
 	case outcomeSkipped:
 		s.j.rec.Skipped++
+		if res.unmet() {
+			s.j.rec.Unmet++
+		}
 	default:
 		s.j.rec.Failed++
 	}

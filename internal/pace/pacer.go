@@ -189,7 +189,7 @@ func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.T
 			p.quotaReset = now.Add(min(renews, maxPause))
 		}
 	}
-	refused := status == http.StatusTooManyRequests
+	refused := refusal(status, h)
 	p.count(now, refused)
 	if !refused {
 		p.grow(now)
@@ -241,6 +241,13 @@ func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.T
 		return EventPaused
 	}
 	return EventSlowed
+}
+
+// refusal reports whether an answer refused a request for its rate: a
+// 429, or a 503 with Retry-After, an API too busy asking to come back
+// later.
+func refusal(status int, h http.Header) bool {
+	return status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable && h.Get("Retry-After") != ""
 }
 
 // grow raises the rate as answers succeed, while starts wait for it.

@@ -301,6 +301,31 @@ func TestPacerDefaultPause(t *testing.T) {
 	}
 }
 
+// A 503 with Retry-After refuses for the rate as a 429 does, and pauses
+// the same; a 503 without one says nothing of the rate.
+func TestPacer503RetryAfter(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for _, c := range []struct {
+		h     http.Header
+		event string
+		pause time.Duration
+	}{
+		{http.Header{"Retry-After": {"3"}}, EventPaused, 3 * time.Second},
+		{http.Header{}, "", 0},
+	} {
+		var p pacer
+		p.start(now, 8)
+		ev := p.learn(now, http.StatusServiceUnavailable, c.h, now)
+		var paused time.Duration
+		if !p.pausedUntil.IsZero() {
+			paused = p.pausedUntil.Sub(now)
+		}
+		if ev != c.event || paused != c.pause {
+			t.Errorf("503 with %v: event %q, paused for %v; want %q, %v", c.h, ev, paused, c.event, c.pause)
+		}
+	}
+}
+
 // Whatever the answers, the pacer's state stays finite and within its
 // bounds: a backend cannot make it pace at NaN, or pause past maxPause.
 func TestPacerStaysBounded(t *testing.T) {
