@@ -2,6 +2,7 @@ package batch
 
 import (
 	"bufio"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -60,10 +61,10 @@ func TestOperationsInAccessLog(t *testing.T) {
 			want = 1
 		}
 		var entries []gjson.Result
-		deadline := time.Now().Add(5 * time.Second)
-		for entries = accessLog(t, logFile); len(entries) < want && time.Now().Before(deadline); entries = accessLog(t, logFile) {
-			time.Sleep(20 * time.Millisecond)
-		}
+		eventually(t, 5*time.Second, fmt.Sprintf("%d access log entries", want), func() bool {
+			entries = accessLog(t, logFile)
+			return len(entries) >= want
+		})
 		if len(entries) != want {
 			t.Fatalf("log_operations off=%v: %d entries, want %d:\n%v", off, len(entries), want, entries)
 		}

@@ -78,6 +78,12 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //		paths             <pattern...>
 //		inherit_headers   <name...>
 //		allow_forwarded_headers <name...>
+//		retry {
+//			statuses     <status...>
+//			max_attempts <n>
+//			backoff      <first> <cap>
+//			methods      idempotent|all
+//		}
 //		retry_429         <n>
 //		max_inflight      <n>
 //		rate              <n> <interval>|<n>/<interval> [<key placeholder>]
@@ -188,7 +194,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("service_root %q must be a path that starts with '/'", h.ServiceRoot)
 			}
 			return nil
+		case "retry":
+			if h.Retry429 != 0 {
+				return d.Err("retry_429 is an alias of retry: give one of them")
+			}
+			h.Retry = new(RetryConfig)
+			return h.Retry.unmarshalCaddyfile(d)
 		case "retry_429":
+			if h.Retry != nil {
+				return d.Err("retry_429 is an alias of retry: give one of them")
+			}
 			return intArg(d, &h.Retry429, 0)
 		case "max_inflight":
 			return intArg(d, &h.MaxInflight, 1)
@@ -236,6 +251,57 @@ func (rc *RateConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.Errf("rate takes no block")
 	}
 	return nil
+}
+
+// unmarshalCaddyfile reads the retry block.
+func (rc *RetryConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	return eachSubdirective(d, "retry", func(name string) error {
+		switch name {
+		case "statuses":
+			args := d.RemainingArgs()
+			if len(args) == 0 {
+				return d.ArgErr()
+			}
+			for _, a := range args {
+				n, err := strconv.Atoi(a)
+				if err != nil || n < 400 || n > 599 {
+					return d.Errf("retry: statuses must be 400 to 599, got %q", a)
+				}
+				rc.Statuses = append(rc.Statuses, n)
+			}
+			return nil
+		case "max_attempts":
+			if err := intArg(d, &rc.MaxAttempts, 1); err != nil {
+				return err
+			}
+			if rc.MaxAttempts > maxConfigAttempts {
+				return d.Errf("retry: max_attempts must be at most %d, got %d", maxConfigAttempts, rc.MaxAttempts)
+			}
+			return nil
+		case "backoff":
+			args := d.RemainingArgs()
+			if len(args) != 2 {
+				return d.Errf("retry: backoff takes <first> <cap>, got %d arguments", len(args))
+			}
+			for _, a := range args {
+				dur, err := caddy.ParseDuration(a)
+				if err != nil || dur <= 0 {
+					return d.Errf("retry: invalid duration %q: must be positive", a)
+				}
+				rc.Backoff = append(rc.Backoff, caddy.Duration(dur))
+			}
+			if rc.Backoff[1] < rc.Backoff[0] {
+				return d.Errf("retry: the backoff cap %s is below its first wait %s", args[1], args[0])
+			}
+			return nil
+		case "methods":
+			return choiceArg(d, "retry: methods", &rc.Methods, retryMethodsIdem, retryMethodsAll)
+		}
+		return d.Errf("unrecognized retry subdirective '%s'", name)
+	})
 }
 
 func (a *AsyncConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {

@@ -40,6 +40,7 @@ func cfSameJSON(t *testing.T, a, b string) bool {
 }
 
 func TestCaddyfileSubdirectives(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name, input, want string // want: the handler as JSON
 	}{
@@ -75,6 +76,9 @@ func TestCaddyfileSubdirectives(t *testing.T) {
 			`{"allow_forwarded_headers":["X-Forwarded-Proto","X-Real-IP","Forwarded"]}`},
 		{"retry_429 zero", "batch {\n retry_429 0\n}", `{}`},
 		{"retry_429", "batch {\n retry_429 3\n}", `{"retry_429":3}`},
+		{"retry", "batch {\n retry {\n  statuses 429 502 503 504\n  max_attempts 4\n  backoff 100ms 5s\n  methods all\n }\n}",
+			`{"retry":{"statuses":[429,502,503,504],"max_attempts":4,"backoff":[100000000,5000000000],"methods":"all"}}`},
+		{"retry empty", "batch {\n retry\n}", `{"retry":{}}`},
 		{"max_inflight", "batch {\n max_inflight 4\n}", `{"max_inflight":4}`},
 		{"rate", "batch {\n rate 100 1s\n}", `{"rate":{"requests":100,"interval":1000000000}}`},
 		{"rate slash", "batch {\n rate 5/1m\n}", `{"rate":{"requests":5,"interval":60000000000}}`},
@@ -107,6 +111,7 @@ func TestCaddyfileSubdirectives(t *testing.T) {
 }
 
 func TestCaddyfileRefused(t *testing.T) {
+	t.Parallel()
 	block := func(lines ...string) string { return "batch {\n" + strings.Join(lines, "\n") + "\n}" }
 	async := func(lines ...string) string { return block(append(append([]string{"async {"}, lines...), "}")...) }
 	webhook := func(lines ...string) string {
@@ -134,6 +139,19 @@ func TestCaddyfileRefused(t *testing.T) {
 		"inherit_headers missing":         block("inherit_headers"),
 		"allow_forwarded_headers missing": block("allow_forwarded_headers"),
 		"retry_429 missing":               block("retry_429"),
+		"retry statuses missing":          block("retry {", "statuses", "}"),
+		"retry backoff one":               block("retry {", "backoff 1s", "}"),
+		"retry backoff three":             block("retry {", "backoff 1s 2s 3s", "}"),
+		"retry backoff cap below":         block("retry {", "backoff 2s 1s", "}"),
+		"retry status 200":                block("retry {", "statuses 200", "}"),
+		"retry status word":               block("retry {", "statuses busy", "}"),
+		"retry max_attempts zero":         block("retry {", "max_attempts 0", "}"),
+		"retry max_attempts huge":         block("retry {", "max_attempts 101", "}"),
+		"retry methods other":             block("retry {", "methods post", "}"),
+		"retry unknown":                   block("retry {", "jitter on", "}"),
+		"retry argument":                  block("retry 3"),
+		"retry and retry_429":             block("retry_429 2", "retry"),
+		"retry_429 and retry":             block("retry", "retry_429 2"),
 		"max_inflight missing":            block("max_inflight"),
 		"rate missing":                    block("rate"),
 		"rate interval missing":           block("rate 10"),
@@ -265,6 +283,7 @@ func TestCaddyfileRefused(t *testing.T) {
 // Provision fills in defaults; the JSON config gets the checks the
 // Caddyfile parser does not make.
 func TestProvisionDefaults(t *testing.T) {
+	t.Parallel()
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	defer cancel()
 	var h Handler
@@ -331,6 +350,7 @@ func TestProvisionDefaults(t *testing.T) {
 }
 
 func TestProvisionRefusesBadJSONConfig(t *testing.T) {
+	t.Parallel()
 	bad := map[string]string{
 		"mode":                       `{"mode":"fast"}`,
 		"mode wrong case":            `{"mode":"Parallel"}`,
@@ -342,6 +362,12 @@ func TestProvisionRefusesBadJSONConfig(t *testing.T) {
 		"timeout negative":           `{"timeout":"-1s"}`,
 		"op_timeout negative":        `{"op_timeout":-5}`,
 		"retry_429 negative":         `{"retry_429":-1}`,
+		"retry with retry_429":       `{"retry":{},"retry_429":2}`,
+		"retry max_attempts":         `{"retry":{"max_attempts":1000}}`,
+		"retry methods":              `{"retry":{"methods":"post"}}`,
+		"retry backoff one":          `{"retry":{"backoff":["1s"]}}`,
+		"retry backoff zero":         `{"retry":{"backoff":[0,"1s"]}}`,
+		"retry status":               `{"retry":{"statuses":[302]}}`,
 		"max_inflight negative":      `{"max_inflight":-1}`,
 		"pacing":                     `{"pacing":"fast"}`,
 		"rate without requests":      `{"rate":{"interval":"1s"}}`,
@@ -393,6 +419,7 @@ func TestProvisionRefusesBadJSONConfig(t *testing.T) {
 // The webhook refuses in JSON what its Caddyfile form refuses: a delivery
 // that is never given up, and progress sent on every change.
 func TestWebhookProvisionRefusesNegatives(t *testing.T) {
+	t.Parallel()
 	bad := map[string]Webhook{
 		"max_attempts negative":      {URL: "https://h.example/x", Secret: "s", MaxAttempts: -1},
 		"progress_interval negative": {URL: "https://h.example/x", Secret: "s", ProgressInterval: caddy.Duration(-1)},
@@ -449,6 +476,7 @@ func cfAdapt(t *testing.T, body string) (matches []json.RawMessage, handlers []m
 }
 
 func TestAdaptBatchDirective(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name, site, match, handler string
 	}{
@@ -507,6 +535,7 @@ func TestAdaptBatchDirective(t *testing.T) {
 // batch is ordered before every other directive, so that each operation
 // passes through all of them.
 func TestAdaptBatchFirst(t *testing.T) {
+	t.Parallel()
 	out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(`:8080 {
 	respond /ping "pong"
 	rewrite /old /new
@@ -572,6 +601,7 @@ func TestJSONConfig(t *testing.T) {
 // caddy adapt refuses each typo of a batch block and names its file and
 // line, instead of failing at run time with none.
 func TestAdaptTyposWithLines(t *testing.T) {
+	t.Parallel()
 	for line, c := range map[string]struct{ lines, want string }{
 		"4":  {"\tmax_ops 5\n\tmode paralel", `mode must be sequential or parallel, got "paralel"`},
 		"3":  {"\tatomicity all", `atomicity must be none or stop_on_error or all_or_nothing`},

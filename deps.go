@@ -63,6 +63,22 @@ func (p *parser) resolveDeps(b *batch) {
 			}
 		}
 		op.depIDs = nil
+		// So does a condition: what it tests must be final.
+		if c := op.cond; c != nil {
+			for k, id := range c.ids {
+				j, ok := byID[id]
+				switch {
+				case !ok:
+					p.opFault(op, "if names unknown operation %q", short(id))
+				case j == op.index:
+					p.opFault(op, "if: an operation cannot test its own answer")
+				default:
+					c.ops[k] = j
+					b.ops[j].tested = true
+					addDep(op, j)
+				}
+			}
+		}
 		// A reference implies a dependency.
 		if op.refs != nil {
 			for _, r := range op.refs.all() {

@@ -13,6 +13,7 @@ import (
 // The demo's Caddyfile and its JSON twin say the same thing, and the
 // Caddyfile is formatted as caddy fmt leaves it.
 func TestExamplesAgree(t *testing.T) {
+	t.Parallel()
 	caddyfile, err := os.ReadFile("examples/Caddyfile")
 	if err != nil {
 		t.Fatal(err)

@@ -43,6 +43,10 @@ func opField(key string) int {
 		return fieldDependsOn
 	case "rollback":
 		return fieldRollback
+	case "if":
+		return fieldIf
+	case "key":
+		return fieldKey
 	}
 	return 0
 }
@@ -352,6 +356,30 @@ func unhex(c byte) byte {
 		return c - 'A' + 10
 	}
 	return c - '0'
+}
+
+// parseIf takes an operation's condition: native, or OData's in a JSON
+// batch. The ids it names are looked up with depends_on.
+func (p *parser) parseIf(op *operation, v gjson.Result, kind int) {
+	switch {
+	case v.Type != gjson.String:
+		p.opFault(op, "if must be a string, got %s", short(v.Raw))
+		return
+	case kind == kindBulk:
+		p.opFault(op, "the operation of a bulk batch cannot have an if: there is no other operation to test")
+		return
+	}
+	parse := parseCondition
+	if p.d != nil {
+		parse = parseODataCondition
+	}
+	c, msg := parse(v.Str)
+	if msg != "" {
+		p.opFault(op, "%s", msg)
+		return
+	}
+	op.cond = c
+	p.linked = true
 }
 
 func (p *parser) parseDeps(op *operation, v gjson.Result) {

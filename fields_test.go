@@ -9,6 +9,7 @@ import (
 )
 
 func TestParseForwardedHeaders(t *testing.T) {
+	t.Parallel()
 	body := `[{"path":"/a","headers":{"X-Forwarded-For":"6.6.6.6","x-real-ip":"6.6.6.6","Forwarded":"for=6.6.6.6",
 		"X-Forwarded-Proto":"https","X-Forwarded-Host":"evil","X-Keep":"yes","X-Forwarded":"not a forwarded-* header"}}]`
 	cases := []struct {
@@ -45,6 +46,7 @@ func TestParseForwardedHeaders(t *testing.T) {
 }
 
 func TestParseTarget(t *testing.T) {
+	t.Parallel()
 	good := []struct{ target, path, query string }{
 		{"/", "/", ""},
 		{"/users", "/users", ""},
@@ -160,6 +162,7 @@ func TestParseTarget(t *testing.T) {
 // parses as url.ParseRequestURI parses it (the parser builds plain paths'
 // URLs itself).
 func TestParseTargetAgreesWithNetURL(t *testing.T) {
+	t.Parallel()
 	for c := byte(0x21); c < 0x7f; c++ {
 		for _, target := range []string{
 			"/a" + string(c) + "b", "/a" + string(c), "/" + string(c), "/a/b?x" + string(c) + "y",
@@ -175,4 +178,71 @@ func TestParseTargetAgreesWithNetURL(t *testing.T) {
 			}
 		}
 	}
+}
+
+var fzTargetSeeds = []string{
+	"/", "/users/1?x=%20&y=/../", "/a/%2e%2e/b", "/a/%252e%252E/b", "/a/%25252e%25252e", "/a/..;x/b", "/a%2f..%2fb",
+	"//x", "http://x/", "/a\\b", "/a%5c", "/a%00", "/a%0d%0a", "/a#f", "/a b", "/é", "/files/50%25off", "/a%", "/.well-known/x",
+}
+
+func FuzzParseTarget(f *testing.F) {
+	for _, s := range fzTargetSeeds {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, target string) {
+		u, msg := parseTarget(target)
+		if msg != "" {
+			if u != nil {
+				t.Fatalf("%q refused (%s), yet a URL came back", target, msg)
+			}
+			return
+		}
+		if u == nil {
+			t.Fatalf("%q accepted with no URL", target)
+		}
+		// The fast path builds the URL itself: it must be what the
+		// standard parser makes of the target.
+		if want, err := url.ParseRequestURI(target); err != nil || !reflect.DeepEqual(u, want) {
+			t.Fatalf("%q parsed as %#v, url.ParseRequestURI makes %#v (%v)", target, u, want, err)
+		}
+		if len(target) == 0 || target[0] != '/' || len(target) > 1 && target[1] == '/' {
+			t.Fatalf("%q accepted: not a single leading '/'", target)
+		}
+		for i := 0; i < len(target); i++ {
+			if c := target[i]; c <= ' ' || c == 0x7f || c == '\\' || c == '#' {
+				t.Fatalf("%q accepted with byte %#x", target, c)
+			}
+		}
+		if u.Scheme != "" || u.Host != "" || u.User != nil || u.Opaque != "" || u.Fragment != "" {
+			t.Fatalf("%q accepted as %#v", target, u)
+		}
+		raw, _, _ := strings.Cut(target, "?")
+		once, err := url.PathUnescape(raw)
+		if err != nil {
+			t.Fatalf("%q accepted with a bad escape: %v", target, err)
+		}
+		if u.Path != once {
+			t.Fatalf("%q: URL path %q, decoded %q", target, u.Path, once)
+		}
+		// Decoded as the parser does, as far as a lenient backend would:
+		// up to three times, while each decoding succeeds.
+		p := raw
+		for n := 0; ; n++ {
+			for i := 0; i < len(p); i++ {
+				if c := p[i]; c < ' ' || c == 0x7f || c == '\\' {
+					t.Fatalf("%q decodes to %q, with byte %#x", target, p, c)
+				}
+			}
+			for seg := range strings.SplitSeq(p, "/") {
+				if seg, _, _ = strings.Cut(seg, ";"); seg == "." || seg == ".." {
+					t.Fatalf("%q decodes to %q, with a dot-segment", target, p)
+				}
+			}
+			d, err := url.PathUnescape(p)
+			if n == 3 || err != nil || d == p {
+				break
+			}
+			p = d
+		}
+	})
 }

@@ -63,13 +63,7 @@ func readParts(t *testing.T, ct string, body []byte) []part {
 
 func sendMultipart(t *testing.T, url, boundary, body string, headers ...string) (int, http.Header, []byte) {
 	t.Helper()
-	req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(body))
-	req.Header.Set("Content-Type", `multipart/mixed; boundary="`+boundary+`"`)
-	for _, h := range headers {
-		name, value, _ := strings.Cut(h, ":")
-		req.Header.Set(name, strings.TrimSpace(value))
-	}
-	status, hdr, resp := do(t, req)
+	status, hdr, resp := send(t, "POST", url, body, append([]string{`Content-Type: multipart/mixed; boundary="` + boundary + `"`}, headers...)...)
 	return status, hdr, []byte(resp)
 }
 
@@ -160,13 +154,15 @@ func TestMultipartChangesets(t *testing.T) {
 }
 
 // What the native rules refuse stays refused, and the reader is bounded:
-// all refused whole, with a JSON error, and nothing reaches the backend.
+// all refused whole, with a JSON error, and nothing reaches the backend
+// (serveAlone fails a test that sends anything on).
 func TestMultipartRefused(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, `{
-		max_ops 3
-	}`))
-	host := strings.TrimPrefix(base, "http://")
+	t.Parallel()
+	h := handlerAlone(t, &Handler{MaxOps: 3})
+	const host = "batch.example"
+	multipart := func(body string) *http.Request {
+		return request(t, "POST", "http://"+host+"/batch", body, `Content-Type: multipart/mixed; boundary="b"`)
+	}
 	req := func(lines ...string) string {
 		return "--b\r\nContent-Type: application/http\r\n\r\n" + strings.Join(lines, "\r\n") + "\r\n--b--\r\n"
 	}
@@ -188,21 +184,21 @@ func TestMultipartRefused(t *testing.T) {
 			"do not nest", 400},
 		"too many": {strings.Repeat("--b\r\nContent-Type: application/http\r\n\r\nGET /users HTTP/1.1\r\n\r\n\r\n", 4) + "--b--\r\n", "more than the 3 allowed", 413},
 	} {
-		status, _, answer := sendMultipart(t, base+"/batch", "b", c.body)
+		w := serveAlone(t, h, multipart(c.body))
+		status, answer := w.Code, w.Body.Bytes()
 		if status != c.status || !strings.Contains(string(answer), c.want) || !gjson.ValidBytes(answer) {
 			t.Errorf("%s: %d %s", name, status, answer)
 		}
 	}
+	// The batch's own Host is taken (TestMultipartAsGoogle runs such parts).
 	req0 := req("GET /users HTTP/1.1", "Host: "+host, "", "")
-	if status, _, answer := sendMultipart(t, base+"/batch", "b", req0); status != 200 {
-		t.Errorf("the batch's own Host: %d %s", status, answer)
-	}
-	if n := len(be.requests()); n != 1 {
-		t.Errorf("the backend saw %d requests, want the 1 valid one", n)
+	if b, err := multipartMixed.decode(multipart(req0), []byte(req0), &h.rules); err != nil || len(b.ops) != 1 {
+		t.Errorf("the batch's own Host: %v", err)
 	}
 }
 
 func TestSplitMultipart(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		body  string
 		parts []string

@@ -1,6 +1,7 @@
 package batch
 
 import (
+	"cmp"
 	"context"
 	"net/http"
 	"strings"
@@ -100,6 +101,8 @@ func parseBatch(ctx context.Context, body []byte, lim *rules) (*batch, error) {
 				default:
 					p.batchFault("atomicity must be \"none\", \"stop_on_error\" or \"all_or_nothing\", got %s", short(v.Raw))
 				}
+			case "max_attempts":
+				b.maxAttempts = p.maxAttempts(v)
 			case "async", "dry_run", "omit_response_on_success", "include_headers":
 				if !v.IsBool() {
 					p.batchFault("%s must be true or false, got %s", key, short(v.Raw))
@@ -170,45 +173,44 @@ func parseBatch(ctx context.Context, body []byte, lim *rules) (*batch, error) {
 
 // parseBulk expands {"operation": ..., "items": [...]} into one operation
 // per item, all sharing the bulk operation's validated method, target and
-// headers.
+// headers, unless item templates fill them in from each item.
 func (p *parser) parseBulk(b *batch, bulkJSON, items gjson.Result) {
-	bulk := p.parseOperation(-1, bulkJSON, kindBulk)
-	if len(bulk.depIDs) > 0 {
-		p.opFault(bulk, "the operation of a bulk batch cannot have depends_on")
-	}
+	bulk := p.parseBulkOp(bulkJSON)
 	encoding := bulkJSON.Get("body_encoding")
-	// Operations share the bulk operation's header map; those whose body needs a
-	// default Content-Type share one copy per type.
 	headerFor := map[string]http.Header{}
 	items.ForEach(func(_, item gjson.Result) bool {
-		i := len(b.ops)
 		op := p.newOp()
-		*op = operation{
-			index:  i,
-			id:     p.defaultID(i),
-			method: bulk.method,
-			target: bulk.target,
-			header: bulk.header,
-		}
-		if bulk.url != nil { // each its own: it becomes the sub-request's
-			op.url = p.newURL()
-			*op.url = *bulk.url
-		}
-		if ctype := p.parseBody(op, item, encoding); ctype != "" && bulk.header.Get("Content-Type") == "" {
-			h, ok := headerFor[ctype]
-			if !ok {
-				h = bulk.header.Clone()
-				if h == nil {
-					h = make(http.Header, 1)
-				}
-				h["Content-Type"] = []string{ctype}
-				headerFor[ctype] = h
-			}
-			op.header = h
-		}
+		p.fillItem(op, len(b.ops), bulk, item, encoding, headerFor)
 		b.ops = append(b.ops, op)
 		return p.goOn(len(b.ops))
 	})
+}
+
+// parseBulkOp parses the operation of a bulk batch, and sets the budget
+// of its item templates.
+func (p *parser) parseBulkOp(v gjson.Result) *operation {
+	bulk := p.parseOperation(-1, v, kindBulk)
+	if len(bulk.depIDs) > 0 {
+		p.opFault(bulk, "the operation of a bulk batch cannot have depends_on")
+	}
+	p.resetItemBudget()
+	return bulk
+}
+
+// resetItemBudget gives the item templates of a batch, or of a chunk of
+// a job, their budget.
+func (p *parser) resetItemBudget() {
+	p.items = itemBudget{bytes: cmp.Or(p.lim.maxRefSize, defaultMaxSize), scan: maxRefScan}
+}
+
+// maxAttempts reads the batch field max_attempts.
+func (p *parser) maxAttempts(v gjson.Result) int {
+	n := v.Int()
+	if v.Type != gjson.Number || float64(n) != v.Num || n < 1 || n > maxBatchAttempts {
+		p.batchFault("max_attempts must be a whole number from 1 to %d, got %s", maxBatchAttempts, short(v.Raw))
+		return 0
+	}
+	return int(n)
 }
 
 // wantsNDJSON reports whether the client asked for results as NDJSON.

@@ -2,103 +2,19 @@ package batch
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"reflect"
-	"runtime"
-	"strconv"
 	"strings"
 	"testing"
+
+	"golang.org/x/net/http/httpguts"
 )
 
-func TestDryRun(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, ""))
-	status, _, body := send(t, "POST", base+"/batch", `{"dry_run":true,"mode":"parallel","batch":[
-		{"id":"mk","method":"POST","path":"/users","headers":{"X-Forwarded-For":"6.6.6.6","X-Trace":"t"},"body":{"name":"A"}},
-		{"path":"/users/{{mk.body.id}}"}]}`, "Authorization: Bearer t", "Accept-Encoding: gzip")
-	if status != 200 {
-		t.Fatalf("%d %s", status, body)
-	}
-	res := mustJSON(t, body)
-	if res.Get("dry_run").Bool() != true || res.Get("total").Int() != 2 || res.Get("mode").String() != "parallel" {
-		t.Errorf("dry run: %s", body)
-	}
-	op := res.Get("operations.0")
-	h := op.Get("headers")
-	if op.Get("method").String() != "POST" || op.Get("body_size").Int() != 12 ||
-		h.Get("Authorization").String() != "Bearer t" || h.Get("X-Trace").String() != "t" ||
-		h.Get("Content-Type").String() != "application/json" ||
-		h.Get("X-Forwarded-For").Exists() || h.Get("Accept-Encoding").Exists() {
-		t.Errorf("operation as it would be sent: %s", op.Raw)
-	}
-	if res.Get("operations.1.depends_on.0").String() != "mk" || res.Get("operations.1.path").String() != "/users/{{mk.body.id}}" {
-		t.Errorf("dependent operation: %s", res.Get("operations.1").Raw)
-	}
-	if n := len(be.requests()); n != 0 {
-		t.Errorf("a dry run sent %d requests", n)
-	}
-	// A dry run still validates.
-	if status, _, _ := send(t, "POST", base+"/batch", `{"dry_run":true,"batch":[{"path":"//x"}]}`); status != 400 {
-		t.Errorf("invalid dry run: %d", status)
-	}
-}
-
-// A dry run repeats the inherited headers for every operation: its answer
-// is written as it is made, not held whole.
-func TestDryRunStreamed(t *testing.T) {
-	be := newBackend(t)
-	// Caddy takes 16 KB of headers by default; a server may take more.
-	base := startCaddy(t, proxySite(be, ""), withGlobal("servers {\n\t\tmax_header_size 1MB\n\t}"))
-	ops := "[" + strings.TrimSuffix(strings.Repeat(`{"path":"/users"},`, 100), ",") + "]"
-	send := func(ops string) int64 {
-		req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(`{"dry_run":true,"batch":`+ops+`}`))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Cookie", "c="+strings.Repeat("x", 500_000))
-		resp, err := client.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		n, err := io.Copy(io.Discard, resp.Body)
-		if err != nil || resp.StatusCode != 200 {
-			t.Fatalf("status %d: %v", resp.StatusCode, err)
-		}
-		return n
-	}
-	send(`[{"path":"/users"}]`) // warm-up
-	var before, after runtime.MemStats
-	runtime.ReadMemStats(&before)
-	n := send(ops)
-	runtime.ReadMemStats(&after)
-	// The answer is 50 MB. Held whole (grown by append) it would cost
-	// five times that; written in chunks, a fraction.
-	if got := after.TotalAlloc - before.TotalAlloc; got > uint64(n)/2 {
-		t.Errorf("a dry run of %d MB allocated %d MB", n>>20, got>>20)
-	}
-}
-
-func TestLeanAnswers(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, ""))
-	_, _, body := send(t, "POST", base+"/batch", `{"omit_response_on_success":true,"batch":[
-		{"method":"POST","path":"/users","body":{"name":"A"}},{"path":"/users/99"}]}`)
-	res := mustJSON(t, body)
-	if r := res.Get("results.0"); r.Get("status").Int() != 201 || r.Get("headers").Exists() || r.Get("body").Exists() {
-		t.Errorf("omit_response_on_success kept a success's answer: %s", r.Raw)
-	}
-	if r := res.Get("results.1"); r.Get("status").Int() != 404 || !r.Get("body.error").Exists() || !r.Get("headers").Exists() {
-		t.Errorf("omit_response_on_success must keep failures whole: %s", r.Raw)
-	}
-	_, _, body = send(t, "POST", base+"/batch", `{"include_headers":false,"batch":[{"path":"/users/1"},{"path":"/health"}]}`)
-	res = mustJSON(t, body)
-	if strings.Contains(body, `"headers"`) || res.Get("results.0.body.name").String() != "A" {
-		t.Errorf("include_headers false: %s", body)
-	}
-}
-
 func TestParseForms(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, nil)
 	cases := []struct {
 		name, body      string
@@ -151,6 +67,7 @@ func TestParseForms(t *testing.T) {
 }
 
 func TestParseBulk(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, nil)
 	body := `{"operation":{"method":"post","path":"/users?src=crm","headers":{"X-Source":"crm"}},
 		"items":[{"name":"A"},"plain text",42,null,[1,2],{"name":"B"},true]}`
@@ -345,67 +262,214 @@ func TestBulkItems(t *testing.T) {
 	}
 }
 
-func TestWholeBatchAnswers(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, ""))
+// Fuzz targets of the parser: every refused batch has faults, every
+// accepted batch is checked whole (dependency graph acyclic, headers
+// clean, rollbacks in shape), and every accepted target is decoded as a
+// backend would decode it. FuzzParseTarget is in fields_test.go,
+// FuzzReferences in refs_test.go, FuzzEmbedAnswer in response_test.go.
+// Seeds are here and in testdata/fuzz/<name>/.
 
-	req, _ := http.NewRequest(http.MethodGet, base+"/batch", nil)
-	status, hdr, body := do(t, req)
-	if status != 405 || hdr.Get("Allow") != "POST" {
-		t.Errorf("GET: status %d Allow %q: %s", status, hdr.Get("Allow"), body)
+var fzBatchSeeds = []string{
+	`[{"method":"POST","path":"/users","body":{"name":"Alice"}},{"method":"PUT","path":"/users/42","body":{"email":"new@mail.com"}},{"method":"DELETE","path":"/users/15"}]`,
+	`{"requests":[{"name":"a","url":"/users?x=1"},{"id":"b","relative_url":"/users/{{a.body.0.id}}","dependsOn":"a"}],"mode":"parallel","include_headers":false}`,
+	`{"operation":{"method":"post","path":"/users","headers":{"X-Source":"crm","X-Forwarded-For":"1.1.1.1"}},"items":[{"name":"A"},"text",1,null,[true]],"async":false}`,
+	`{"atomicity":"all_or_nothing","batch":[{"id":"c","method":"POST","path":"/users","body":"{{x}}","rollback":{"method":"DELETE","path":"/users/{{c.body.id}}"}}]}`,
+	`{"mode":"parallel","batch":[{"id":"a","path":"/a","depends_on":["c"]},{"id":"b","path":"/b","depends_on":["a"]},{"id":"c","path":"/c","depends_on":["b"]}]}`,
+	`{"mode":"parallel","batch":[{"id":"a","path":"/a/{{b.status}}"},{"id":"b","path":"/b","headers":{"X-E":"{{a.headers.Etag}}"}}]}`,
+	`[{"path":"/a","path":"/b"},{"id":"x","name":"y","url":"//evil/"},{"method":"GE T","path":"/%252e%252e/"},{"path":"/a","headers":{"Host":"h","X-Real-IP":"1"}}]`,
+	`[{"path":"/a","body":"AAH/","body_encoding":"base64"},{"path":"/b","body":{},"body_encoding":"base64"},{"path":"/c","headers":{"Content-Type":"text/csv"},"body":"a,b"}]`,
+	`{"batch":[{"path":"/a"}],"batch":[],"mode":"fast","atomicity":"some","async":1,"x":null}`,
+	`[{"path":"/a","depends_on":["0"]},{"path":"/b","depends_on":["0","0",1]},{"id":"0","path":"/c"}]`,
+	"[{\"path\":\"/a\xff\"}]",
+	`[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]`,
+	`[{"id":"l","path":"/users?email=a"},{"method":"POST","path":"/users","if":"status(l) == 404 || !(failed(l) && succeeded(l))"},{"path":"/users/{{l.body.id}}","if":"succeeded(l)","key":"k"}]`,
+	`{"operation":{"method":"PATCH","path":"/u/{{item.id}}?q={{item.a.b}}","key":"{{item.k}}","headers":{"X-R":"{{item.id}}"},"body":{"n":"{{item.n}}","t":"x {{item.n}}"}},"items":[{"id":1,"n":2,"k":"a","a":{"b":"c d"}},{"id":"x/y"}]}`,
+	`[]`, `{}`, `null`, `"x"`, `[1]`, ``,
+}
+
+func FuzzParseBatch(f *testing.F) {
+	for _, s := range fzBatchSeeds {
+		f.Add(s)
 	}
-	// What a browser sends cross-site without a preflight is refused, so
-	// that no page can make a visitor's browser run operations.
-	for _, ct := range []string{"text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded",
-		"multipart/form-data; boundary=x", "TEXT/PLAIN", "application/json-seq", "application/jsonx"} {
-		status, _, body = send(t, "POST", base+"/batch", `[{"path":"/users"}]`, "Content-Type: "+ct)
-		if status != 415 || !strings.Contains(body, "application/json") {
-			t.Errorf("%s: status %d: %s", ct, status, body)
+	for _, b := range adversarialBodies(64 << 10) { // hostile shapes, deep nesting included
+		f.Add(string(b))
+	}
+	lim := ptLimits(f, &Handler{MaxOps: 50, AllowForwardedHeaders: []string{"X-Forwarded-Proto"}})
+	limPar := ptLimits(f, &Handler{MaxOps: 50, Mode: "parallel"})
+	f.Fuzz(func(t *testing.T, body string) {
+		for _, l := range []*rules{lim, limPar} {
+			b, err := parseBatch(context.Background(), []byte(body), l)
+			b2, err2 := parseBatch(context.Background(), []byte(body), l)
+			if (err == nil) != (err2 == nil) || err != nil && err.Error() != err2.Error() || (b == nil) != (b2 == nil) {
+				t.Fatalf("two parses differ: %v / %v", err, err2)
+			}
+			if err != nil {
+				fzCheckRefusal(t, b, err, l)
+				continue
+			}
+			fzCheckBatch(t, b, l)
 		}
+	})
+}
+
+func fzCheckRefusal(t *testing.T, b *batch, err error, l *rules) {
+	t.Helper()
+	if b != nil {
+		t.Fatalf("refused (%v), yet a batch came back", err)
 	}
-	req, _ = http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(`[{"path":"/users"}]`))
-	if status, _, body = do(t, req); status != 415 {
-		t.Errorf("no Content-Type: status %d: %s", status, body)
-	}
-	for _, ct := range []string{"application/json", "application/json; charset=utf-8", "application/vnd.api+json", "Application/JSON"} {
-		if status, _, body = send(t, "POST", base+"/batch", `[{"path":"/users"}]`, "Content-Type: "+ct); status != 200 {
-			t.Errorf("%s: status %d: %s", ct, status, body)
+	var faults badBatchError
+	var tooMany tooManyOpsError
+	switch {
+	case errors.As(err, &faults):
+		if len(faults) == 0 || len(faults) > maxFaults+1 {
+			t.Fatalf("%d faults", len(faults))
 		}
-	}
-	if n := len(be.requests()); n != 4 {
-		t.Errorf("the backend saw %d requests, want the 4 of the JSON batches", n)
-	}
-	// The batch handler's matcher leaves other paths to the chain.
-	if status, _, body = send(t, "POST", base+"/batchfoo", `[]`); status == 200 && strings.Contains(body, "results") {
-		t.Errorf("/batchfoo was taken as a batch: %s", body)
+		for _, f := range faults {
+			if f.Message == "" || f.Index < -1 || f.Index >= l.maxOps {
+				t.Fatalf("malformed fault %+v", f)
+			}
+		}
+	case errors.As(err, &tooMany):
+		if tooMany.n <= tooMany.max || tooMany.max != l.maxOps {
+			t.Fatalf("too many: %+v", tooMany)
+		}
+	default:
+		t.Fatalf("refused without faults: %T %v", err, err)
 	}
 }
 
-// An answer that fits in the first chunk goes out whole with its length; a
-// longer one streams, and is whole JSON all the same.
-func TestAnswerFramingBySize(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, "{\n\t\tmax_ops 100\n\t}"))
+func fzCheckBatch(t *testing.T, b *batch, l *rules) {
+	t.Helper()
+	if b == nil || len(b.ops) == 0 || len(b.ops) > l.maxOps {
+		t.Fatalf("accepted with %d ops", len(b.ops))
+	}
+	if b.form < formArray || b.form > formBulk {
+		t.Fatalf("form %d", b.form)
+	}
+	if b.mode != modeSequential && b.mode != modeParallel {
+		t.Fatalf("mode %q", b.mode)
+	}
+	switch b.atomicity {
+	case atomicNone:
+	case atomicStopOnError, atomicAllOrNothing:
+		if b.mode != modeSequential {
+			t.Fatalf("atomicity %s in %s mode", b.atomicity, b.mode)
+		}
+	default:
+		t.Fatalf("atomicity %q", b.atomicity)
+	}
+	ids := make(map[string]bool, len(b.ops))
+	for i, op := range b.ops {
+		if op == nil || op.index != i || op.isRollback {
+			t.Fatalf("op %d: %+v", i, op)
+		}
+		if !validID(op.id) || ids[op.id] {
+			t.Fatalf("op %d: id %q empty, invalid or repeated", i, op.id)
+		}
+		ids[op.id] = true
+		fzCheckOp(t, op, l)
+		seen := map[int]bool{}
+		for _, d := range op.deps {
+			if d < 0 || d >= len(b.ops) || d == i || seen[d] {
+				t.Fatalf("op %d: dependency %d of %v", i, d, op.deps)
+			}
+			if b.mode == modeSequential && d > i {
+				t.Fatalf("op %d: forward dependency %d in sequential mode", i, d)
+			}
+			seen[d] = true
+		}
+		if op.depIDs != nil {
+			t.Fatalf("op %d: depIDs left over", i)
+		}
+		if op.refs != nil {
+			for _, r := range op.refs.all() {
+				if r.op < 0 || r.op >= len(b.ops) || r.op == i || !seen[r.op] {
+					t.Fatalf("op %d: reference %s to %d, not among deps %v", i, r.raw, r.op, op.deps)
+				}
+			}
+		}
+		if c := op.cond; c != nil {
+			for _, j := range c.ops {
+				if j < 0 || j >= len(b.ops) || j == i || !seen[j] {
+					t.Fatalf("op %d: if %s tests %d, not among deps %v", i, c, j, op.deps)
+				}
+			}
+		}
+		if len(op.key) > maxKeyLength {
+			t.Fatalf("op %d: key of %d bytes", i, len(op.key))
+		}
+		if rb := op.rollback; rb != nil {
+			if !rb.isRollback || rb.index != i || rb.id != op.id || rb.rollback != nil || len(rb.deps) != 0 {
+				t.Fatalf("op %d: rollback %+v", i, rb)
+			}
+			fzCheckOp(t, rb, l)
+		}
+	}
+	// No cycles: Kahn's algorithm removes every operation.
+	waiting := make([]int, len(b.ops))
+	after := make([][]int, len(b.ops))
+	var ready []int
+	for i, op := range b.ops {
+		waiting[i] = len(op.deps)
+		for _, d := range op.deps {
+			after[d] = append(after[d], i)
+		}
+		if waiting[i] == 0 {
+			ready = append(ready, i)
+		}
+	}
+	done := 0
+	for len(ready) > 0 {
+		i := ready[len(ready)-1]
+		ready = ready[:len(ready)-1]
+		done++
+		for _, j := range after[i] {
+			if waiting[j]--; waiting[j] == 0 {
+				ready = append(ready, j)
+			}
+		}
+	}
+	if done != len(b.ops) {
+		t.Fatalf("dependency cycle accepted: %d of %d operations can run", done, len(b.ops))
+	}
+}
 
-	status, hdr, body := send(t, "POST", base+"/batch", `[{"path":"/big?n=100"},{"path":"/big?n=200"}]`, "Accept-Encoding: identity")
-	if status != 200 || hdr.Get("Content-Length") != strconv.Itoa(len(body)) {
-		t.Errorf("small answer: status %d, Content-Length %q for %d bytes", status, hdr.Get("Content-Length"), len(body))
+func fzCheckOp(t *testing.T, op *operation, l *rules) {
+	t.Helper()
+	if _, ok := l.methods[op.method]; !ok {
+		t.Fatalf("op %d: method %q not allowed", op.index, op.method)
 	}
-	mustJSON(t, body)
-
-	ops := make([]string, 50)
-	for i := range ops {
-		ops[i] = `{"path":"/big?n=2000"}`
+	templated := op.refs != nil && op.refs.target != nil
+	if !templated {
+		if op.url == nil {
+			t.Fatalf("op %d: target %q has no URL", op.index, op.target)
+		}
+		if u, msg := parseTarget(op.target); msg != "" || u.String() != op.url.String() {
+			t.Fatalf("op %d: target %q: %s", op.index, op.target, msg)
+		}
+	} else if op.url != nil {
+		t.Fatalf("op %d: templated target %q has a URL already", op.index, op.target)
 	}
-	status, hdr, body = send(t, "POST", base+"/batch", `{"batch":[`+strings.Join(ops, ",")+`]}`, "Accept-Encoding: identity")
-	if status != 200 || hdr.Get("Content-Length") != "" {
-		t.Errorf("large answer: status %d, Content-Length %q: it must stream", status, hdr.Get("Content-Length"))
+	for name, values := range op.header {
+		if name != http.CanonicalHeaderKey(name) || !httpguts.ValidHeaderFieldName(name) {
+			t.Fatalf("op %d: header name %q", op.index, name)
+		}
+		if refusedHeaders[name] || methodOverride[name] || strings.HasPrefix(name, "Proxy-") {
+			t.Fatalf("op %d: header %s let through", op.index, name)
+		}
+		if _, allowed := l.forwarded[name]; isForwardedHeader(name) && !allowed {
+			t.Fatalf("op %d: forwarded header %s let through", op.index, name)
+		}
+		for _, v := range values {
+			if !httpguts.ValidHeaderFieldValue(v) {
+				t.Fatalf("op %d: header %s value %q", op.index, name, v)
+			}
+		}
 	}
-	res := mustJSON(t, body)
-	if n := len(res.Get("results").Array()); n != 50 || res.Get("succeeded").Int() != 50 {
-		t.Errorf("large answer: %d results, succeeded %d", n, res.Get("succeeded").Int())
+	if op.body != nil && op.header.Get("Content-Type") == "" {
+		t.Fatalf("op %d: body with no Content-Type", op.index)
 	}
-	if got := res.Get("results.49.body").String(); len(got) != 2000 {
-		t.Errorf("last result's body has %d bytes, want 2000", len(got))
+	if op.keepBody && !op.keepHeader {
+		t.Fatalf("op %d: keeps its body but not its headers", op.index)
 	}
 }

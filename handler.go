@@ -5,6 +5,7 @@
 package batch
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -95,10 +96,15 @@ type Handler struct {
 	// cannot speak for another client address. Default: none.
 	AllowForwardedHeaders []string `json:"allow_forwarded_headers,omitempty"`
 
-	// How many times an operation with an idempotent method (GET, HEAD,
-	// PUT, DELETE, OPTIONS) answered 429 is tried again, after the wait
-	// its Retry-After asks for (1s if none), as long as op_timeout allows.
-	// Default: 0.
+	// Which answers an operation is sent again after, how often, and
+	// after what wait. Default: none for sync batches; 429 and 503, 5
+	// tries in all, for async jobs.
+	Retry *RetryConfig `json:"retry,omitempty"`
+
+	// An alias of retry: how many times an operation with an idempotent
+	// method (GET, HEAD, PUT, DELETE, OPTIONS) or an idempotency key
+	// answered 429 is tried again, after the wait its Retry-After asks
+	// for, as long as op_timeout allows. Not with retry. Default: 0.
 	Retry429 int `json:"retry_429,omitempty"`
 
 	// The most operations in flight downstream at once, across all
@@ -121,7 +127,8 @@ type Handler struct {
 	// succeed (a Retry-After over 1s pauses them all again); the quota
 	// left that RateLimit and X-RateLimit headers advertise is spread
 	// over their reset; operations answered 429, of any method, are sent
-	// again at their turn until op_timeout (retry_429 is then unused).
+	// again at their turn until op_timeout (retry's other statuses apply
+	// as without pacing).
 	// "off" does none of it. Async jobs are always adaptive. Default: off.
 	Pacing string `json:"pacing,omitempty"`
 
@@ -159,6 +166,7 @@ type Handler struct {
 	Async *AsyncConfig `json:"async,omitempty"`
 
 	rules   rules
+	retry   retryPolicy
 	enc     *encode.Encode // compresses answers; nil when off
 	paths   caddyhttp.MatchPath
 	inherit []string // canonical; nil inherits all but the excluded ones
@@ -180,8 +188,10 @@ type Handler struct {
 	storage *store
 	// jobs runs async batches; nil when they are off.
 	jobs *asyncJobs
-	// stopSweeping ends the sweeps of what storage holds.
+	// stopSweeping ends the sweeps of what storage holds; stopPacing the
+	// sharing of what the pacers learned.
 	stopSweeping func()
+	stopPacing   context.CancelFunc
 }
 
 // CaddyModule returns the Caddy module information.
@@ -248,6 +258,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.Pacing = pacingOff
 	}
 	h.gate = pace.NewGate(h.MaxInflight, h.Rate.paceRate())
+	h.retry = h.retryPolicy()
 	methods := h.Methods
 	if len(methods) == 0 {
 		methods = defaultMethods
@@ -259,6 +270,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		methods:     make(map[string]struct{}, len(methods)),
 		forwarded:   make(map[string]struct{}, len(h.AllowForwardedHeaders)),
 		serviceRoot: h.ServiceRoot,
+		maxRefSize:  h.MaxReferenceSize,
 	}
 	for _, m := range methods {
 		h.rules.methods[strings.ToUpper(m)] = struct{}{}
@@ -301,6 +313,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	// Idempotent answers are kept with or without async.
 	h.startSweeping(ctx)
+	if h.storage != nil && (h.Async != nil || h.Pacing == pacingAdaptive) {
+		var paceCtx context.Context
+		paceCtx, h.stopPacing = context.WithCancel(ctx)
+		go h.sharePacing(paceCtx)
+	}
 	return nil
 }
 
@@ -339,6 +356,9 @@ func (h *Handler) provisionEncode(ctx caddy.Context) error {
 func (h *Handler) Cleanup() error {
 	if h.stopSweeping != nil {
 		h.stopSweeping()
+	}
+	if h.stopPacing != nil {
+		h.stopPacing()
 	}
 	if h.jobs != nil {
 		return h.jobs.release()
@@ -382,6 +402,11 @@ func (h *Handler) Validate() error {
 	}
 	if h.Rate != nil {
 		if err := h.Rate.validate(); err != nil {
+			return err
+		}
+	}
+	if h.Retry != nil {
+		if err := h.Retry.validate(h.Retry429); err != nil {
 			return err
 		}
 	}
@@ -431,10 +456,13 @@ func (h *Handler) serveBatch(w http.ResponseWriter, r *http.Request, next caddyh
 		if h.jobs == nil {
 			return writeError(w, http.StatusBadRequest, "an NDJSON batch is an async job, and async batches are not enabled here")
 		}
-		return h.jobs.submitStreamed(w, r, next, nil, r.Body, true)
+		return h.jobs.submitStreamed(w, r, next, nil, r.Body, streamNDJSON)
+	}
+	if isCSV(ct) {
+		return h.serveCSV(w, r, next)
 	}
 	if formatOf(ct, nil) == nil {
-		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent with Content-Type: application/json, application/x-ndjson (async), or multipart/mixed with a boundary")
+		return writeError(w, http.StatusUnsupportedMediaType, "batch must be sent with Content-Type: application/json, application/x-ndjson (async), text/csv, or multipart/mixed with a boundary")
 	}
 	// An async batch over max_body_size is streamed into storage.
 	streamable := h.Async != nil && wantsAsync(r) && isJSONType(ct)
@@ -447,24 +475,60 @@ func (h *Handler) serveBatch(w http.ResponseWriter, r *http.Request, next caddyh
 		if f != native {
 			return f.refuse(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("batch body is larger than %d bytes (only native batches are streamed)", h.MaxBodySize), nil)
 		}
-		return h.jobs.submitStreamed(w, r, next, body, rest, false)
+		return h.jobs.submitStreamed(w, r, next, body, rest, streamJSON)
 	}
 	b, err := f.decode(r, body, &h.rules)
 	if err != nil {
-		var faults badBatchError
 		var tooMany tooManyOpsError
-		switch {
-		case errors.As(err, &faults):
-			return f.refuse(w, http.StatusBadRequest, "invalid batch", faults)
-		case r.Context().Err() != nil:
-			return nil // the client is gone: nobody reads an answer
-		case errors.As(err, &tooMany) && f == native && h.Async != nil && (wantsAsync(r) || gjson.GetBytes(body, "async").Bool()):
-			return h.jobs.submitStreamed(w, r, next, body, http.NoBody, false)
+		if errors.As(err, &tooMany) && f == native && h.Async != nil && (wantsAsync(r) || gjson.GetBytes(body, "async").Bool()) {
+			return h.jobs.submitStreamed(w, r, next, body, http.NoBody, streamJSON)
 		}
-		return f.refuse(w, http.StatusRequestEntityTooLarge, err.Error(), nil)
+		return refuseDecoded(w, r, f, err)
 	}
 	b.format = f
 	b.async = b.async || h.Async != nil && wantsAsync(r)
+	return h.route(w, r, next, b, body)
+}
+
+// refuseDecoded answers a batch that did not decode: 400 with its faults,
+// or 413.
+func refuseDecoded(w http.ResponseWriter, r *http.Request, f format, err error) error {
+	var faults badBatchError
+	switch {
+	case errors.As(err, &faults):
+		return f.refuse(w, http.StatusBadRequest, "invalid batch", faults)
+	case r.Context().Err() != nil:
+		return nil // the client is gone: nobody reads an answer
+	}
+	return f.refuse(w, http.StatusRequestEntityTooLarge, err.Error(), nil)
+}
+
+// serveCSV answers a text/csv batch: a bulk batch of its rows, whose
+// operation the query gives. An async one is streamed into storage as
+// NDJSON is; a sync one is read whole, at most max_body_size and max_ops
+// rows.
+func (h *Handler) serveCSV(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	q := r.URL.Query()
+	if wantsAsync(r) || q.Get("async") == "true" {
+		if h.jobs == nil {
+			return writeError(w, http.StatusBadRequest, "async batches are not enabled here")
+		}
+		return h.jobs.submitStreamed(w, r, next, nil, r.Body, streamCSV)
+	}
+	body, _, status, msg := h.readBody(w, r, false)
+	if status != 0 {
+		return writeError(w, status, msg)
+	}
+	bulk, lines, err := csvBatch(bytes.NewReader(body), q, &h.rules, h.MaxBodySize)
+	var b *batch
+	if err == nil {
+		b, err = parseBatch(r.Context(), bulk, &h.rules)
+		err = atLines(err, lines)
+	}
+	if err != nil {
+		return refuseDecoded(w, r, native, err)
+	}
+	b.format = native
 	return h.route(w, r, next, b, body)
 }
 

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/caddy-batch/batch/examples/legacyapi"
+	_ "github.com/caddy-batch/batch/internal/lagstore" // storage a latency away
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -56,22 +57,28 @@ type backend struct {
 
 	mu   sync.Mutex
 	reqs []seen
-	// events logs "start ID" and "end ID" of /slow?id=ID requests, and
-	// inFlight/maxInFlight count them, for ordering assertions that do not
-	// depend on timing.
+	// events logs "start ID" and "end ID" of /slow?id=ID and /hold?id=ID
+	// requests, and inFlight/maxInFlight count them, for ordering
+	// assertions that do not depend on timing.
 	events      []string
 	inFlight    int
 	maxInFlight int
 	limited     map[string]int // calls to /limited by id
+	// held is closed by release: /hold answers then.
+	held        chan struct{}
+	releaseOnce sync.Once
 }
 
 func newBackend(t *testing.T) *backend {
 	t.Helper()
-	b := &backend{API: legacyapi.New()}
+	b := &backend{API: legacyapi.New(), held: make(chan struct{})}
 	b.Server = httptest.NewServer(http.HandlerFunc(b.serve))
 	t.Cleanup(b.Close)
 	return b
 }
+
+// release lets every /hold request answer, those to come at once.
+func (b *backend) release() { b.releaseOnce.Do(func() { close(b.held) }) }
 
 func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
@@ -93,7 +100,7 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 			"method": r.Method, "uri": r.URL.RequestURI(), "host": r.Host,
 			"headers": r.Header, "body": string(body), "body_b64": body, "length": r.ContentLength,
 		})
-	case "/slow":
+	case "/slow", "/hold":
 		if id := q.Get("id"); id != "" {
 			b.mu.Lock()
 			b.events = append(b.events, "start "+id)
@@ -107,6 +114,15 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 				b.mu.Unlock()
 			}()
 		}
+		if p == "/hold" {
+			select {
+			case <-b.held:
+				w.Header().Set("Content-Type", "application/json")
+				_, _ = io.WriteString(w, `{"held":true}`)
+			case <-r.Context().Done():
+			}
+			return
+		}
 		d, _ := time.ParseDuration(q.Get("d"))
 		select {
 		case <-time.After(d):
@@ -119,7 +135,8 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
 		_, _ = w.Write(bytes.Repeat([]byte("x"), n))
 	case "/limited":
-		// Answers 429 to the first n requests for an id, then 200.
+		// Answers 429 (or status) to the first n requests for an id,
+		// then 200.
 		n, _ := strconv.Atoi(q.Get("n"))
 		b.mu.Lock()
 		if b.limited == nil {
@@ -129,8 +146,14 @@ func (b *backend) serve(w http.ResponseWriter, r *http.Request) {
 		calls := b.limited[q.Get("id")]
 		b.mu.Unlock()
 		if calls <= n {
-			w.Header().Set("Retry-After", q.Get("after"))
-			w.WriteHeader(http.StatusTooManyRequests)
+			code := http.StatusTooManyRequests
+			if s := q.Get("status"); s != "" {
+				code, _ = strconv.Atoi(s)
+			}
+			if q.Has("after") {
+				w.Header().Set("Retry-After", q.Get("after"))
+			}
+			w.WriteHeader(code)
 			return
 		}
 		w.Header().Set("Content-Type", "application/json")
@@ -195,10 +218,48 @@ func provision(tb testing.TB, h *Handler) *Handler {
 	return h
 }
 
+// handlerAlone provisions and validates h (a zero Handler if nil) as Caddy
+// would, for tests of what it decides without a running Caddy.
+func handlerAlone(tb testing.TB, h *Handler) *Handler {
+	tb.Helper()
+	if h == nil {
+		h = &Handler{}
+	}
+	provision(tb, h)
+	if err := h.Validate(); err != nil {
+		tb.Fatal(err)
+	}
+	return h
+}
+
+// serveAlone serves r with h, from handlerAlone, and no Caddy around it:
+// for what a batch is answered before any operation runs (refusals, dry
+// runs). Nothing may go downstream, where the backend is: the handler
+// after batch fails the test.
+func serveAlone(t *testing.T, h *Handler, r *http.Request) *httptest.ResponseRecorder {
+	t.Helper()
+	w := httptest.NewRecorder()
+	serveAloneTo(t, h, w, r)
+	return w
+}
+
+// serveAloneTo is serveAlone, answering into w.
+func serveAloneTo(t *testing.T, h *Handler, w http.ResponseWriter, r *http.Request) {
+	t.Helper()
+	next := caddyhttp.HandlerFunc(func(_ http.ResponseWriter, sub *http.Request) error {
+		t.Errorf("%s %s went downstream", sub.Method, sub.URL)
+		return nil
+	})
+	if err := h.ServeHTTP(w, r, next); err != nil {
+		t.Fatalf("ServeHTTP: %v", err)
+	}
+}
+
 // caddyConfig is what the Caddy of a test may differ in.
 type caddyConfig struct {
 	storage string // root of the file system storage; default: a temporary directory
 	flaky   bool   // the storage is test_flaky's, which a test can break
+	lag     string // a latency before every storage call (batch_lag)
 	global  string // more global options
 }
 
@@ -210,13 +271,16 @@ func inStorage(dir string) caddyOption { return func(c *caddyConfig) { c.storage
 // withGlobal adds global options, such as server settings.
 func withGlobal(g string) caddyOption { return func(c *caddyConfig) { c.global = g } }
 
+// onLaggedStorage puts the storage a latency away, as a cluster's is.
+func onLaggedStorage(latency string) caddyOption { return func(c *caddyConfig) { c.lag = latency } }
+
 // onFlakyStorage puts the storage behind test_flaky, which flakyBroken breaks.
 func onFlakyStorage(c *caddyConfig) { c.flaky = true }
 
 // startCaddy runs a Caddyfile site block in this process on a free loopback
 // port and returns its base URL; Caddy stops when the test ends. site may
 // use {PORT}; its directives follow the site address. It is the one way
-// tests start Caddy (startChildCaddy runs a second one in a child process).
+// tests start Caddy (twoCaddies runs a second one in a child process).
 func startCaddy(t *testing.T, site string, opts ...caddyOption) string {
 	t.Helper()
 	c := caddyConfig{}
@@ -230,6 +294,9 @@ func startCaddy(t *testing.T, site string, opts ...caddyOption) string {
 	cfg := testCaddyfile(c.storage, port, c.global, site)
 	if c.flaky {
 		cfg = strings.Replace(cfg, "storage file_system", "storage test_flaky", 1)
+	}
+	if c.lag != "" {
+		cfg = strings.Replace(cfg, "storage file_system "+c.storage, "storage batch_lag "+c.storage+" {\n\t\tlatency "+c.lag+"\n\t}", 1)
 	}
 	return loadCaddy(t, adapt(t, cfg), port)
 }
@@ -306,6 +373,27 @@ func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
 	}
 }
 
+// receive waits for a value on ch (or for ch to close), failing the test
+// after d.
+func receive[T any](t *testing.T, d time.Duration, what string, ch <-chan T) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(d):
+		t.Fatalf("not within %s: %s", d, what)
+		panic("unreachable")
+	}
+}
+
+// waitGroup waits for wg, failing the test after d.
+func waitGroup(t *testing.T, d time.Duration, what string, wg *sync.WaitGroup) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	receive(t, d, what, done)
+}
+
 var client = &http.Client{Timeout: 30 * time.Second}
 
 // send makes one request and returns its status, headers and body. headers
@@ -313,6 +401,12 @@ var client = &http.Client{Timeout: 30 * time.Second}
 // application/json unless they say otherwise. It is the one request
 // helper; do sends a request built by hand.
 func send(t *testing.T, method, url, body string, headers ...string) (int, http.Header, string) {
+	t.Helper()
+	return do(t, request(t, method, url, body, headers...))
+}
+
+// request is the request send sends, for serveAlone too.
+func request(t testing.TB, method, url, body string, headers ...string) *http.Request {
 	t.Helper()
 	req, err := http.NewRequest(method, url, strings.NewReader(body))
 	if err != nil {
@@ -328,7 +422,7 @@ func send(t *testing.T, method, url, body string, headers ...string) (int, http.
 		name, value, _ := strings.Cut(h, ":")
 		req.Header.Set(name, strings.TrimSpace(value))
 	}
-	return do(t, req)
+	return req
 }
 
 func do(t *testing.T, req *http.Request) (int, http.Header, string) {
@@ -522,16 +616,26 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// startChildCaddy runs a second Caddy instance in a child process with the
-// given full Caddyfile and waits until it listens on port.
-func startChildCaddy(t *testing.T, cfg string, port int) string {
+// twoCaddies runs site in this process and in a child process: two
+// instances on one storage. It returns their base URLs and the child.
+func twoCaddies(t *testing.T, storage, site string) (a, b string, c child) {
 	t.Helper()
-	base, _ := startChild(t, cfg, port)
-	return base
+	portA, portB := freePort(t), freePort(t)
+	a = loadCaddy(t, adapt(t, testCaddyfile(storage, portA, "", site)), portA)
+	b, c = startChild(t, testCaddyfile(storage, portB, "", site), portB)
+	return a, b, c
 }
 
-// startChild is startChildCaddy, with the child's process to stop.
-func startChild(t *testing.T, cfg string, port int) (string, *exec.Cmd) {
+// child is a Caddy running in a child process; exited is closed once it
+// has ended.
+type child struct {
+	*os.Process
+	exited chan struct{}
+}
+
+// startChild runs a second Caddy instance in a child process with the
+// given full Caddyfile and waits until it listens on port.
+func startChild(t *testing.T, cfg string, port int) (string, child) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "BATCH_TEST_CHILD="+cfg)
@@ -539,12 +643,17 @@ func startChild(t *testing.T, cfg string, port int) (string, *exec.Cmd) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	c := child{cmd.Process, make(chan struct{})}
+	go func() { _ = cmd.Wait(); close(c.exited) }()
+	t.Cleanup(func() {
+		_ = c.Kill()
+		receive(t, 10*time.Second, "the killed child to end", c.exited)
+	})
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
 	for i := 0; ; i++ {
-		if resp, err := http.Get(base + "/"); err == nil {
+		if resp, err := client.Get(base + "/"); err == nil {
 			resp.Body.Close()
-			return base, cmd
+			return base, c
 		}
 		if i == 200 {
 			t.Fatalf("child caddy is not listening on %d", port)
@@ -648,16 +757,6 @@ func postBody(t *testing.T, url string, body []byte, chunked bool) (int, string)
 	}
 	status, _, resp := do(t, req)
 	return status, resp
-}
-
-// hostileSite is batch with tight limits in front of the backend.
-func hostileSite(be *backend) string {
-	return proxySite(be, `{
-		max_ops 5
-		max_body_size 1MB
-		methods GET POST
-		paths /users /users/*
-	}`)
 }
 
 // resultCounter counts results in a streamed batch answer without keeping
@@ -865,7 +964,8 @@ func (h writePanicHandler) ServeHTTP(w http.ResponseWriter, _ *http.Request, _ c
 	panic(errors.New("boom after writing"))
 }
 
-// recorder is a backend that answers 200 with what it got and logs it.
+// recorder is a backend that logs what it got and when, and answers with
+// answer, or else 200 with what it got.
 type recorder struct {
 	*httptest.Server
 	mu   sync.Mutex
@@ -878,7 +978,7 @@ func newRecorder(t *testing.T, answer func(w http.ResponseWriter, r *http.Reques
 	rec.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		body, _ := io.ReadAll(r.Body)
 		rec.mu.Lock()
-		rec.reqs = append(rec.reqs, seen{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body})
+		rec.reqs = append(rec.reqs, seen{Method: r.Method, Path: r.URL.RequestURI(), Header: r.Header.Clone(), Body: body, At: time.Now()})
 		rec.mu.Unlock()
 		if answer != nil && answer(w, r) {
 			return
@@ -896,8 +996,29 @@ func (rec *recorder) requests() []seen {
 	return append([]seen(nil), rec.reqs...)
 }
 
+func (rec *recorder) addr() string { return rec.Listener.Addr().String() }
+
 func (rec *recorder) reset() {
 	rec.mu.Lock()
 	rec.reqs = nil
 	rec.mu.Unlock()
 }
+
+// restartableCaddy starts Caddy in front of be with jobs that any
+// instance can resume (sealed credentials, lease 1s); restart starts it
+// again on the same storage and port once it has been stopped.
+func restartableCaddy(t *testing.T, be *backend) (base string, restart func() string) {
+	t.Helper()
+	storage := t.TempDir()
+	port := freePort(t)
+	cfgJSON := adapt(t, testCaddyfile(storage, port, "", proxySite(be, `{
+		async {
+			credentials_key `+testKey+`
+			lease 1s
+		}
+	}`)))
+	return loadCaddy(t, cfgJSON, port), func() string { return loadCaddy(t, cfgJSON, port) }
+}
+
+// testKey is a credentials_key for tests.
+const testKey = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=" // base64 of 32 bytes

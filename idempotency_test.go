@@ -78,7 +78,7 @@ func TestIdempotencyConcurrent(t *testing.T) {
 			statuses[i], _, bodies[i] = send(t, "POST", base+"/batch", `[{"method":"POST","path":"/users","body":{"name":"Dup"}},{"path":"/slow?d=50ms"}]`, alice, "Idempotency-Key: same")
 		}()
 	}
-	wg.Wait()
+	waitGroup(t, 40*time.Second, "the twenty submissions to be answered", &wg)
 	for i := range 20 {
 		if statuses[i] != 200 || bodies[i] != bodies[0] {
 			t.Errorf("submission %d: %d %s, want %s", i, statuses[i], bodies[i], bodies[0])
@@ -92,13 +92,7 @@ func TestIdempotencyConcurrent(t *testing.T) {
 // Keys hold across instances sharing storage.
 func TestIdempotencyAcrossInstances(t *testing.T) {
 	be := newBackend(t)
-	storage := t.TempDir()
-	site := func(port int) string {
-		return testCaddyfile(storage, port, "", "batch /batch\nreverse_proxy "+be.addr())
-	}
-	portA, portB := freePort(t), freePort(t)
-	a := loadCaddy(t, adapt(t, site(portA)), portA)
-	b := startChildCaddy(t, site(portB), portB)
+	a, b, _ := twoCaddies(t, t.TempDir(), "batch /batch\nreverse_proxy "+be.addr())
 	batch := `[{"method":"POST","path":"/users","body":{"name":"Across"}}]`
 	_, _, first := send(t, "POST", a+"/batch", batch, alice, "Idempotency-Key: x")
 	status, hdr, again := send(t, "POST", b+"/batch", batch, alice, "Idempotency-Key: x")
@@ -229,10 +223,10 @@ func TestIdempotentAnswerTooLargeIsNotStored(t *testing.T) {
 }
 
 // The copy kept of an idempotent answer never exceeds the bound: a batch
-// with a 27 MB answer holds about what one without a key holds.
+// with an 18 MB answer holds about what one without a key holds.
 func TestIdempotentAnswerMemoryBounded(t *testing.T) {
 	const (
-		ops     = 30
+		ops     = 20
 		maxResp = 1_000_000
 	)
 	be := newBackend(t)
@@ -247,11 +241,7 @@ func TestIdempotentAnswerMemoryBounded(t *testing.T) {
 	send := func(key string, n int) {
 		t.Helper()
 		batch := "[" + strings.TrimSuffix(strings.Repeat(`{"path":"/big?n=900000"},`, n), ",") + "]"
-		req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(batch))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Authorization", "Bearer alice")
-		req.Header.Set("Idempotency-Key", key)
-		resp, err := client.Do(req)
+		resp, err := client.Do(request(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: "+key))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -285,7 +275,7 @@ func TestIdempotentAnswerMemoryBounded(t *testing.T) {
 	t.Logf("live heap before %.1f MB; with an answer captured +%.1f MB at most", float64(before)/1e6, float64(peak)/1e6)
 	// TestSequentialBatchMemoryBounded's 7x for a batch without a key, plus
 	// the bound (1 MiB) and its growth. Keeping the whole answer would end
-	// 26 MB up.
+	// 17 MB up.
 	if limit := int64(7*maxResp + 2<<20); peak > limit {
 		t.Errorf("the live heap grew up to %.1f MB; bound %.1f MB", float64(peak)/1e6, float64(limit)/1e6)
 	}
@@ -299,19 +289,16 @@ func TestIdempotencyCutBatchIsNotStored(t *testing.T) {
 	batch := `[{"method":"POST","path":"/users","body":{"name":"Cut"}},{"path":"/slow?d=300ms&id=cut"},{"path":"/health"},{"path":"/health"}]`
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
+	req := request(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: cut").WithContext(ctx)
 	go func() {
 		defer close(done)
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/batch", strings.NewReader(batch))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Authorization", "Bearer alice")
-		req.Header.Set("Idempotency-Key", "cut")
 		if resp, err := client.Do(req); err == nil {
 			resp.Body.Close()
 		}
 	}()
 	eventually(t, 10*time.Second, "the slow operation to start", func() bool { return slices.Contains(be.eventLog(), "start cut") })
 	cancel()
-	<-done
+	receive(t, 10*time.Second, "the client that left to return", done)
 
 	// The retry waits for the batch it cut off to end.
 	status, hdr, first := send(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: cut")
@@ -414,11 +401,7 @@ func TestIdempotencyStalledReaderReleasesKey(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/batch", strings.NewReader(batch))
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", "Bearer alice")
-	req.Header.Set("Idempotency-Key", "stall")
-	resp, err := client.Do(req)
+	resp, err := client.Do(request(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: stall").WithContext(ctx))
 	if err != nil {
 		t.Fatalf("the same key, while the first client reads nothing: %v", err)
 	}
@@ -439,18 +422,14 @@ func TestIdempotencyWaitersLeave(t *testing.T) {
 	base := startCaddy(t, proxySite(be, ""))
 	batch := `[{"path":"/slow?d=10s&id=hold"}]`
 	send := func(ctx context.Context, c *http.Client) {
-		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/batch", strings.NewReader(batch))
-		req.Header.Set("Content-Type", "application/json")
-		req.Header.Set("Authorization", "Bearer alice")
-		req.Header.Set("Idempotency-Key", "hold")
-		if resp, err := c.Do(req); err == nil {
+		if resp, err := c.Do(request(t, "POST", base+"/batch", batch, alice, "Idempotency-Key: hold").WithContext(ctx)); err == nil {
 			resp.Body.Close()
 		}
 	}
 	holder, stopHolder := context.WithCancel(context.Background())
 	held := make(chan struct{})
 	go func() { defer close(held); send(holder, client) }()
-	t.Cleanup(func() { stopHolder(); <-held })
+	t.Cleanup(func() { stopHolder(); receive(t, 10*time.Second, "the client holding the key to return", held) })
 	eventually(t, 10*time.Second, "the batch to start", func() bool { return slices.Contains(be.eventLog(), "start hold") })
 
 	const waiters = 20
@@ -466,7 +445,7 @@ func TestIdempotencyWaitersLeave(t *testing.T) {
 	// once the handler has read the body.
 	eventually(t, 10*time.Second, "the waiters to arrive", func() bool { return runtime.NumGoroutine() >= base0+5*waiters-5 })
 	leave()
-	wg.Wait()
+	waitGroup(t, 10*time.Second, "the waiters to return", &wg)
 	eventually(t, 10*time.Second, "the waiters to be gone", func() bool {
 		if slices.Contains(be.eventLog(), "end hold") {
 			t.Fatal("the waiters were held until the batch with the key ended")
@@ -478,6 +457,7 @@ func TestIdempotencyWaitersLeave(t *testing.T) {
 // max_idempotent_size takes a size, like the other bounds, and must be
 // positive in JSON too.
 func TestMaxIdempotentSizeConfig(t *testing.T) {
+	t.Parallel()
 	for input, want := range map[string]int64{"64KiB": 64 << 10, "2MB": 2_000_000, "4096": 4096} {
 		var h Handler
 		if err := h.UnmarshalCaddyfile(caddyfile.NewTestDispenser("batch {\n max_idempotent_size " + input + "\n}")); err != nil || h.MaxIdempotentSize != want {

@@ -3,6 +3,7 @@ package batch
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -13,9 +14,11 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddy-batch/batch/internal/jsontext"
@@ -34,7 +37,7 @@ import (
 
 // streamed answers a streamed async batch: prefix is what was read of
 // its body, and rest what remains to read.
-func (a *asyncJobs) submitStreamed(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, prefix []byte, rest io.Reader, ndjson bool) error {
+func (a *asyncJobs) submitStreamed(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, prefix []byte, rest io.Reader, form string) error {
 	key := r.Header.Get("Idempotency-Key")
 	if len(key) > maxIdempotencyKey {
 		return writeError(w, http.StatusBadRequest, fmt.Sprintf("Idempotency-Key must be at most %d characters", maxIdempotencyKey))
@@ -53,11 +56,12 @@ func (a *asyncJobs) submitStreamed(w http.ResponseWriter, r *http.Request, next 
 	rest = &idleReader{r: rest, rc: rc}
 	defer func() { _ = rc.SetReadDeadline(time.Time{}) }() // the connection's next request has its own
 	body := io.MultiReader(bytes.NewReader(prefix), http.MaxBytesReader(w, io.NopCloser(rest), max(limit, 0)))
-	err = in.read(io.TeeReader(body, sum), ndjson)
+	err = in.read(io.TeeReader(body, sum), form)
 	if err == nil {
 		err = in.finish()
 	}
 	if err != nil {
+		_ = in.stored() // what is dropped must have landed
 		_ = j.drop(nil)
 		return in.refuse(w, r, err)
 	}
@@ -106,6 +110,12 @@ type intake struct {
 
 	chunk   []byte // a JSON array being filled
 	inChunk int
+	// writes holds a token per chunk being stored; err is the first
+	// write's that failed.
+	writes  chan struct{}
+	wg      sync.WaitGroup
+	mu      sync.Mutex
+	err     error
 	first   int // index of the chunk's first operation
 	n       int // operations (or items) read
 	tooMany bool
@@ -119,10 +129,12 @@ type intake struct {
 	numeric []idAt
 	fnv     hash.Hash64
 
-	shape    string
-	bulkOp   *operation // the operation of a bulk batch
-	encoding gjson.Result
-	line     int // of NDJSON
+	shape     string
+	bulkOp    *operation // the operation of a bulk batch
+	encoding  gjson.Result
+	headerFor map[string]http.Header // of the items' operations, by Content-Type
+	line      int                    // of NDJSON or CSV
+	query     url.Values             // of the request: a CSV batch's operation
 }
 
 type idAt struct {
@@ -131,12 +143,14 @@ type idAt struct {
 }
 
 func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
-	in := &intake{a: a, j: j, ctx: r.Context(), lim: a.h.rules, shape: shapeOps, fnv: fnv.New64a()}
+	in := &intake{a: a, j: j, ctx: r.Context(), lim: a.h.rules, writes: make(chan struct{}, chunkWrites), shape: shapeOps, fnv: fnv.New64a(),
+		headerFor: map[string]http.Header{}}
 	in.lim.maxOps = a.cfg.MaxOps
 	in.p = parser{lim: &in.lim, ctx: r.Context()}
 	in.chunk = append(make([]byte, 0, 64<<10), '[')
 	q := r.URL.Query()
-	for _, name := range []string{"mode", "atomicity", "omit_response_on_success", "include_headers"} {
+	in.query = q
+	for _, name := range []string{"mode", "atomicity", "omit_response_on_success", "include_headers", "max_attempts"} {
 		if v := q.Get(name); v != "" {
 			raw := strconv.Quote(v)
 			if name != "mode" && name != "atomicity" {
@@ -151,13 +165,43 @@ func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
 // fault records a fault of the batch as a whole.
 func (in *intake) fault(format string, args ...any) { in.p.batchFault(format, args...) }
 
-// read reads the body, NDJSON or JSON.
-func (in *intake) read(body io.Reader, ndjson bool) error {
+// Forms of a streamed body.
+const (
+	streamJSON   = "json"
+	streamNDJSON = "ndjson"
+	streamCSV    = "csv"
+)
+
+// read reads the body, JSON, NDJSON or CSV.
+func (in *intake) read(body io.Reader, form string) error {
 	br := bufio.NewReaderSize(body, 64<<10)
-	if ndjson {
+	switch form {
+	case streamNDJSON:
 		return in.readLines(br)
+	case streamCSV:
+		return in.readCSV(br)
 	}
 	return in.readJSON(&jsonStream{r: br, max: in.a.h.MaxBodySize})
+}
+
+// readCSV reads a CSV body: a bulk batch whose operation the query gives,
+// each row an item, its faults named by line.
+func (in *intake) readCSV(body io.Reader) error {
+	op, _, faults := csvTemplate(in.query)
+	for _, f := range faults {
+		in.fault("%s", f.Message)
+	}
+	in.bulkOperation(op)
+	lim := csvLimits{maxRecord: in.a.h.MaxBodySize, maxTotal: 4 * in.a.cfg.MaxBodySize}
+	_, err := readCSVItems(body, lim, func(line int, obj []byte) bool {
+		in.line = line
+		in.addItem(obj)
+		return !in.tooMany
+	}, func(line int, msg string) bool {
+		in.fault("line %d: %s", line, msg)
+		return len(in.p.faults) < maxFaults
+	})
+	return err
 }
 
 // readLines reads NDJSON: one operation per line; the first line may hold
@@ -221,7 +265,7 @@ func (in *intake) options(line []byte) bool {
 	only := true
 	v.ForEach(func(k, _ gjson.Result) bool {
 		switch k.String() {
-		case "mode", "atomicity", "omit_response_on_success", "include_headers", "async":
+		case "mode", "atomicity", "omit_response_on_success", "include_headers", "async", "max_attempts":
 		default:
 			only = false
 		}
@@ -257,6 +301,8 @@ func (in *intake) option(name string, v gjson.Result) {
 		default:
 			in.fault("atomicity must be \"none\" or \"stop_on_error\", got %s", short(v.Raw))
 		}
+	case "max_attempts":
+		spec.MaxAttempts = in.p.maxAttempts(v)
 	case "async", "omit_response_on_success", "include_headers", "dry_run":
 		if !v.IsBool() {
 			in.fault("%s must be true or false, got %s", name, short(v.Raw))
@@ -286,6 +332,8 @@ func (in *intake) addOp(raw []byte) {
 			in.p.opFault(op, "depends_on needs the whole batch in memory: a streamed job takes operations that stand alone")
 		case op.refs != nil:
 			in.p.opFault(op, "references need the whole batch in memory: a streamed job takes operations that stand alone")
+		case op.cond != nil:
+			in.p.opFault(op, "if needs the whole batch in memory: a streamed job takes operations that stand alone")
 		case op.rollback != nil:
 			in.p.opFault(op, "rollback needs atomicity all_or_nothing, which a streamed job does not take")
 		}
@@ -309,12 +357,26 @@ func (in *intake) noCredentials(op *operation) {
 	}
 }
 
-// addItem validates an item of a bulk batch and stores it with the next
-// chunk.
+// addItem validates an item of a bulk batch, and the operation it makes,
+// and stores it with the next chunk.
 func (in *intake) addItem(raw []byte) {
+	if in.startsChunk(raw) {
+		in.p.resetItemBudget() // each chunk runs as a batch of its own
+	}
 	in.add(raw, "item", "item: ", func(i int, v gjson.Result) {
-		in.p.parseBody(&operation{index: i, id: strconv.Itoa(i)}, v, in.encoding)
+		if in.bulkOp == nil {
+			in.p.parseBody(&operation{index: i, id: strconv.Itoa(i)}, v, in.encoding)
+			return
+		}
+		var op operation
+		in.p.fillItem(&op, i, in.bulkOp, v, in.encoding, in.headerFor)
 	})
+}
+
+// startsChunk reports whether raw goes into a chunk of its own, as append
+// decides.
+func (in *intake) startsChunk(raw []byte) bool {
+	return in.inChunk > 0 && (in.inChunk == opsPerChunk || len(in.chunk)+len(raw) > opsChunkSize)
 }
 
 // add counts raw as operation in.n, checks it is JSON that fits the
@@ -369,7 +431,7 @@ func (in *intake) append(raw []byte) {
 	if len(in.p.faults) > 0 {
 		return
 	}
-	if in.inChunk > 0 && (in.inChunk == opsPerChunk || len(in.chunk)+len(raw) > opsChunkSize) {
+	if in.startsChunk(raw) {
 		if err := in.store(); err != nil {
 			in.fault("storing the batch: %v", err)
 			return
@@ -385,14 +447,42 @@ func (in *intake) append(raw []byte) {
 }
 
 // store stores the chunk being filled.
+// store hands the chunk being filled to a write, which runs while the body
+// is read on: at most chunkWrites at once, each holding its chunk.
 func (in *intake) store() error {
-	spec := in.j.spec
-	spec.Starts = append(spec.Starts, in.first)
-	if err := in.a.store.storeChunk(in.ctx, spec, in.j.rec.ID, len(spec.Starts)-1, append(in.chunk, ']')); err != nil {
+	if err := in.writeErr(); err != nil {
 		return err
 	}
-	in.chunk, in.inChunk = append(in.chunk[:0], '['), 0
+	spec := in.j.spec
+	spec.Starts = append(spec.Starts, in.first)
+	n, chunk := len(spec.Starts)-1, append(in.chunk, ']')
+	in.writes <- struct{}{}
+	in.wg.Go(func() {
+		defer func() { <-in.writes }()
+		if err := in.a.store.storeChunk(in.ctx, spec, in.j.rec.ID, n, chunk); err != nil {
+			in.mu.Lock()
+			in.err = cmp.Or(in.err, err)
+			in.mu.Unlock()
+		}
+	})
+	in.chunk, in.inChunk = append(make([]byte, 0, cap(in.chunk)), '['), 0
 	return nil
+}
+
+// chunkWrites bounds the chunks of one upload being stored at once.
+const chunkWrites = 8
+
+// writeErr is the error a chunk's write failed with, if one has.
+func (in *intake) writeErr() error {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.err
+}
+
+// stored waits for the chunks handed to writes, and says if one failed.
+func (in *intake) stored() error {
+	in.wg.Wait()
+	return in.writeErr()
 }
 
 // finish checks what holds across the batch, and stores the last chunk.
@@ -407,7 +497,11 @@ func (in *intake) finish() error {
 	if err := in.p.errFaults(); err != nil {
 		return err
 	}
-	if err := in.store(); err != nil {
+	err := in.store()
+	if err == nil {
+		err = in.stored()
+	}
+	if err != nil {
 		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err))
 	}
 	spec := in.j.spec
@@ -543,7 +637,7 @@ func (in *intake) readJSON(s *jsonStream) error {
 			if raw, err = s.value(); err == nil {
 				in.bulkOperation(raw)
 			}
-		case "mode", "atomicity", "async", "dry_run", "omit_response_on_success", "include_headers":
+		case "mode", "atomicity", "async", "dry_run", "omit_response_on_success", "include_headers", "max_attempts":
 			if raw, err = s.value(); err == nil {
 				in.option(key, gjson.ParseBytes(raw))
 			}
@@ -622,13 +716,7 @@ func (in *intake) bulkOperation(raw []byte) {
 	spec := in.j.spec
 	spec.Template = slices.Clone(raw)
 	in.shape = shapeItems
-	in.bulkOp = in.p.parseOperation(-1, gjson.ParseBytes(spec.Template), kindBulk)
-	switch {
-	case len(in.bulkOp.depIDs) > 0:
-		in.p.opFault(in.bulkOp, "the operation of a bulk batch cannot have depends_on")
-	case in.bulkOp.refs != nil:
-		in.p.opFault(in.bulkOp, "references need the whole batch in memory: a streamed job takes operations that stand alone")
-	}
+	in.bulkOp = in.p.parseBulkOp(gjson.ParseBytes(spec.Template))
 	in.noCredentials(in.bulkOp)
 	in.encoding = gjson.GetBytes(spec.Template, "body_encoding")
 }

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io/fs"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -102,8 +101,19 @@ func TestAsyncQueueBounded(t *testing.T) {
 	be := newBackend(t)
 	storage := t.TempDir()
 	base := startCaddy(t, asyncSite(be, "max_queued 3"), inStorage(storage))
+	var queued []string
+	t.Cleanup(func() {
+		// Nothing is left for the shutdown to wait for: the queued jobs
+		// are canceled, then the blockers let go.
+		for _, id := range queued {
+			if status, _, body := send(t, "DELETE", base+"/batch/"+id, "", alice); status != 200 {
+				t.Errorf("cancel of a queued job: %d %s", status, body)
+			}
+		}
+		be.release()
+	})
 	for i := range 2 { // both workers busy
-		submitJob(t, base+"/batch", fmt.Sprintf(`[{"path":"/slow?d=20s&id=block%d"}]`, i))
+		submitJob(t, base+"/batch", fmt.Sprintf(`[{"path":"/hold?id=block%d"}]`, i))
 	}
 	eventually(t, 10*time.Second, "both blockers running", func() bool {
 		b := be.eventLog()
@@ -123,6 +133,7 @@ func TestAsyncQueueBounded(t *testing.T) {
 		switch status {
 		case 202:
 			accepted++
+			queued = append(queued, mustJSON(t, body).Get("id").String())
 		case 503:
 			refused++
 			if hdr.Get("Retry-After") == "" || !strings.Contains(mustJSON(t, body).Get("error").String(), "queue") {
@@ -156,6 +167,7 @@ func TestAsyncQueueBounded(t *testing.T) {
 }
 
 func TestAsyncMaxQueuedConfig(t *testing.T) {
+	t.Parallel()
 	for _, bad := range []string{"max_queued 0", "max_queued -1", "max_queued x", "max_queued", "max_queued 1 2"} {
 		d := caddyfile.NewTestDispenser("batch {\n\tasync {\n\t\t" + bad + "\n\t}\n}")
 		err := new(Handler).UnmarshalCaddyfile(d)
@@ -261,8 +273,7 @@ func TestAsyncAccess(t *testing.T) {
 	if status, _, _ := send(t, "GET", base+"/batch/0123456789abcdef0123456789abcdef", "", alice); status != 404 {
 		t.Errorf("unknown id: %d", status)
 	}
-	req, _ := http.NewRequest(http.MethodPut, job, nil)
-	if status, hdr, _ := do(t, req); status != 405 || hdr.Get("Allow") != "GET, DELETE" {
+	if status, hdr, _ := send(t, "PUT", job, ""); status != 405 || hdr.Get("Allow") != "GET, DELETE" {
 		t.Errorf("PUT on a job: %d Allow %q", status, hdr.Get("Allow"))
 	}
 	waitJob(t, job, alice, "completed")
@@ -300,9 +311,7 @@ func TestAsyncCancel(t *testing.T) {
 	}
 	_, _, body := send(t, "POST", base+"/batch", "["+strings.Join(ops, ",")+"]", alice, "Prefer: respond-async")
 	job := base + "/batch/" + mustJSON(t, body).Get("id").String()
-	for len(be.eventLog()) < 4 {
-		time.Sleep(5 * time.Millisecond)
-	}
+	eventually(t, 10*time.Second, "the job under way", func() bool { return len(be.eventLog()) >= 4 })
 	status, _, body := send(t, "DELETE", job, "", alice)
 	seenAtCancel := len(be.requests())
 	if status != 200 || mustJSON(t, body).Get("status").String() != "canceled" {
@@ -398,5 +407,42 @@ func TestDamagedResultsRefused(t *testing.T) {
 				t.Errorf("%s %s: %d %.300s", name, accept, status, body)
 			}
 		}
+	}
+}
+
+// Two Caddy instances on one storage: either answers for a job the other runs.
+func TestAsyncTwoInstancesShareStorage(t *testing.T) {
+	setVar(t, &cancelPoll, 20*time.Millisecond) // A sees B's cancel soon
+	be := newBackend(t)
+	a, b, _ := twoCaddies(t, t.TempDir(), "batch /batch /batch/* {\n\tasync\n}\nreverse_proxy "+be.addr())
+
+	// Submitted to A, followed and read on B.
+	_, _, body := send(t, "POST", a+"/batch", `[{"path":"/slow?d=200ms"},{"path":"/health"}]`, alice, "Prefer: respond-async")
+	id := mustJSON(t, body).Get("id").String()
+	if status, _, body := send(t, "GET", b+"/batch/"+id, "", alice); status != 200 || !strings.Contains(body, id) {
+		t.Fatalf("B does not see A's job: %d %s", status, body)
+	}
+	waitJob(t, b+"/batch/"+id, alice, "completed")
+	_, _, body = send(t, "GET", b+"/batch/"+id+"/results", "", alice)
+	if res := mustJSON(t, body); res.Get("results.1.body.status").String() != "ok" {
+		t.Errorf("results through B: %s", body)
+	}
+	if status, _, _ := send(t, "GET", b+"/batch/"+id, "", "Authorization: Bearer mallory"); status != 404 {
+		t.Errorf("B must check the owner too: %d", status)
+	}
+
+	// Canceled through B while A runs it.
+	var ops []string
+	for i := range 40 {
+		ops = append(ops, fmt.Sprintf(`{"path":"/slow?id=c%d&d=50ms"}`, i))
+	}
+	_, _, body = send(t, "POST", a+"/batch", "["+strings.Join(ops, ",")+"]", alice, "Prefer: respond-async")
+	id = mustJSON(t, body).Get("id").String()
+	if status, _, body := send(t, "DELETE", b+"/batch/"+id, "", alice); status != 202 {
+		t.Fatalf("cancel through B: %d %s", status, body)
+	}
+	p := waitJob(t, b+"/batch/"+id, alice, "canceled")
+	if p.Get("skipped").Int() == 0 {
+		t.Errorf("cancel through B skipped nothing: %s", p.Raw)
 	}
 }

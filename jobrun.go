@@ -159,7 +159,7 @@ func (p *jobPool) run(j *job) {
 	sink := &storeSink{j: j, rn: rn, ctx: store, stop: ctx}
 	err := sink.resume()
 	if err == nil {
-		err = j.runChunks(ctx, rn, sink)
+		err = j.runOps(ctx, rn, sink)
 	}
 	sink.close(summary{})
 	stopWatch()
@@ -222,45 +222,147 @@ func (p *jobPool) run(j *job) {
 		zap.String("outcome", rec.Outcome), zap.String("error", rec.Error))
 }
 
-// runChunks runs the job's operations chunk by chunk, from the first
-// without a stored result, until all have run or the job is handed over.
-func (j *job) runChunks(ctx context.Context, rn *runner, sink *storeSink) error {
-	spec := j.spec
-	done := sink.stored
-	for c := chunkOf(spec.Starts, done); c < len(spec.Starts); c++ {
-		first := spec.Starts[c]
-		b, err := j.a.loadChunk(ctx, spec, j.rec.ID, j.rec.Format, c, first)
-		if err != nil {
+// runOps runs the job's operations from the first without a stored
+// result, until all have run or the job is handed over.
+func (j *job) runOps(ctx context.Context, rn *runner, sink *storeSink) error {
+	if j.spec.Shape == shapeBody {
+		return j.runWhole(ctx, rn, sink)
+	}
+	from := sink.stored
+	if j.rec.Stopped != "" {
+		rn.stoppedBy = j.rec.Stopped // stop_on_error stopped it before
+	}
+	chunks := j.readChunks(ctx, from)
+	defer chunks.close()
+	first, err := chunks.first()
+	if err != nil || first == nil {
+		return err
+	}
+	rn.load(first) // the options every chunk of the job shares
+	return rn.runStream(chunks, sink, from)
+}
+
+// runWhole runs a job stored whole, as the one batch it was sent as: from
+// the first operation without a stored result, the answers of those before
+// it read back when later ones depend on them.
+func (j *job) runWhole(ctx context.Context, rn *runner, sink *storeSink) error {
+	from := sink.stored
+	b, err := j.a.loadChunk(ctx, j.spec, j.rec.ID, j.rec.Format, 0, 0)
+	if err != nil {
+		return err
+	}
+	rn.load(b)
+	if from > 0 {
+		if err := j.a.loadEarlier(ctx, j.rec, rn, 0, from); err != nil {
 			return err
 		}
-		rn.load(b)
-		from := max(done-first, 0)
-		if from > 0 {
-			if err := j.a.loadEarlier(ctx, j.rec, rn, first, from); err != nil {
-				return err
+	}
+	if j.rec.Stopped != "" {
+		rn.stoppedBy = j.rec.Stopped
+		for i, op := range b.ops[:from] {
+			if op.id == j.rec.Stopped {
+				rn.stoppedAt = i
 			}
-		}
-		if j.rec.Stopped != "" && rn.stoppedBy == "" {
-			rn.stoppedBy = j.rec.Stopped
-			for i, op := range b.ops[:from] {
-				if op.id == j.rec.Stopped {
-					rn.stoppedAt = i
-				}
-			}
-		}
-		rn.runFrom(sink, from)
-		if rn.out.hold && rn.handedOver() {
-			// Held results may still change: where the job resumes, these
-			// operations run again, and nothing of them is stored here.
-			return nil
-		}
-		rn.out.flush()
-		rn.recordOps(from)
-		if sink.halted || sink.err != nil || rn.out.next < len(b.ops) {
-			return nil // handed over, or cut off: what has run is stored
 		}
 	}
+	rn.runFrom(sink, from)
+	if rn.out.hold && rn.handedOver() {
+		// Held results may still change: where the job resumes, these
+		// operations run again, and nothing of them is stored here.
+		return nil
+	}
+	rn.out.flush()
+	rn.recordOps(from)
 	return nil
+}
+
+// chunkReader reads the chunks of a streamed job's operations in order,
+// ahead of the operations that run: at most chunksAhead wait decoded, so
+// that storage is not on the operations' path.
+type chunkReader struct {
+	ready chan loadedChunk
+	stop  context.CancelFunc
+	done  chan struct{}
+	cur   []*operation
+	err   error
+}
+
+type loadedChunk struct {
+	b   *batch
+	err error
+}
+
+// chunksAhead is how many chunks are read before they are needed.
+const chunksAhead = 2
+
+// readChunks starts reading the chunks from the one that holds operation
+// from, whose operations before from are passed over.
+func (j *job) readChunks(ctx context.Context, from int) *chunkReader {
+	ctx, stop := context.WithCancel(ctx)
+	cr := &chunkReader{ready: make(chan loadedChunk, chunksAhead), stop: stop, done: make(chan struct{})}
+	spec := j.spec
+	go func() {
+		defer close(cr.done)
+		defer close(cr.ready)
+		for c := chunkOf(spec.Starts, from); c < len(spec.Starts); c++ {
+			first := spec.Starts[c]
+			b, err := j.a.loadChunk(ctx, spec, j.rec.ID, j.rec.Format, c, first)
+			if err == nil && from > first {
+				b.ops = b.ops[min(from-first, len(b.ops)):]
+			}
+			select {
+			case cr.ready <- loadedChunk{b, err}:
+			case <-ctx.Done():
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	return cr
+}
+
+// first returns the first chunk to run, whose operations next then
+// yields first; nil with no error when there is none.
+func (cr *chunkReader) first() (*batch, error) {
+	lc, ok := <-cr.ready
+	if !ok {
+		return nil, nil
+	}
+	if lc.err != nil {
+		cr.err = lc.err
+		return nil, lc.err
+	}
+	cr.cur = lc.b.ops
+	return lc.b, nil
+}
+
+// next returns the job's next operation, nil at the end.
+func (cr *chunkReader) next() (*operation, error) {
+	for len(cr.cur) == 0 {
+		if cr.err != nil {
+			return nil, cr.err
+		}
+		lc, ok := <-cr.ready
+		if !ok {
+			return nil, nil
+		}
+		if lc.err != nil {
+			cr.err = lc.err
+			return nil, lc.err
+		}
+		cr.cur = lc.b.ops
+	}
+	op := cr.cur[0]
+	cr.cur = cr.cur[1:]
+	return op, nil
+}
+
+// close stops reading, and waits for the reader to end.
+func (cr *chunkReader) close() {
+	cr.stop()
+	<-cr.done
 }
 
 // chunkOf returns the chunk that holds operation i.
@@ -280,7 +382,7 @@ func (j *job) summary(rn *runner) summary {
 		s.status = statusRolledBack
 	case rn.stoppedBy != "":
 		s.status = statusAborted
-	case r.Completed == r.Succeeded && r.Completed == r.Total:
+	case r.Completed == r.Succeeded+r.Unmet && r.Completed == r.Total:
 		s.status = statusCompleted
 	default:
 		s.status = statusCompletedWithErrors
@@ -464,6 +566,7 @@ func parseChunk(ctx context.Context, spec *jobSpec, chunk []byte, lim *rules) (*
 	}
 	b.format = native
 	b.lean = leanOptions{omitSuccess: spec.OmitSuccess, noHeaders: spec.NoHeaders}
+	b.maxAttempts = spec.MaxAttempts
 	return b, nil
 }
 

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/caddy-batch/batch/internal/jsontext"
@@ -18,11 +20,13 @@ import (
 var checkpointEvery = 50 * time.Millisecond
 
 // storeSink writes a job's results to storage in parts, and its record
-// after each write: the record counts the results stored, which is where
-// a resumed job goes on. Writes run beside the operations, one at a time:
-// a job waits for storage only when storage falls behind. Once storage
-// refuses a part, it stores nothing more, and the job skips the operations
-// it has not started: their results could not be recorded.
+// after them: the record counts the results stored, which is where a
+// resumed job goes on. Writes run behind the operations, several parts at
+// once (a storage a network away answers each in milliseconds), the record
+// after the parts it counts: a job waits for storage only when storage
+// falls behind by maxWrites parts. Once storage refuses a part, nothing
+// more is stored, and the job skips the operations it has not started:
+// their results could not be recorded.
 type storeSink struct {
 	j    *job
 	rn   *runner
@@ -35,7 +39,7 @@ type storeSink struct {
 	n       int // results of the chunk so far, in its stored parts and buf
 	chunk   int
 	part    int // of the chunk, the one buf holds
-	stored  int // results in storage, as of the last write waited for
+	stored  int // results in storage when the job ended (close)
 	err     error
 	enc     []byte // the result being put
 	// halted is set at the first result a shutdown cut off, of a job that
@@ -43,21 +47,16 @@ type storeSink struct {
 	// and what follows it too.
 	halted bool
 
-	// writing is the write in flight, if any, of flying: it reports the
-	// results stored, or its error.
-	writing chan written
-	flying  []byte
-	spare   []byte // a buffer for the next part
+	w *sinkWriter
 
 	lastWrite    time.Time
 	lastProgress time.Time
 	rate         rateMeter
 }
 
-type written struct {
-	stored int
-	err    error
-}
+// maxWrites bounds the parts of one job being stored at once, and so the
+// memory they hold: a part is at most partSize.
+const maxWrites = 4
 
 // resume takes up where the stored record says the job is: the results it
 // counts are stored, and those of the chunk they end in are read back into
@@ -68,6 +67,7 @@ func (s *storeSink) resume() error {
 	s.chunk, s.n = s.stored/resultsPerChunk, s.stored%resultsPerChunk
 	s.lastWrite = now()
 	s.rate.add(s.lastWrite, s.stored)
+	s.w = newSinkWriter(s, s.stored)
 	for need := s.n; need > 0; s.part++ {
 		buf, err := s.j.a.store.Load(s.stop, partKey(rec.ID, s.chunk, s.part))
 		if err != nil {
@@ -108,15 +108,15 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 		s.j.rec.Succeeded++
 	case outcomeSkipped:
 		s.j.rec.Skipped++
+		if res.unmet() {
+			s.j.rec.Unmet++
+		}
 	default:
 		s.j.rec.Failed++
 	}
 	s.j.rec.Stopped = s.rn.stoppedBy
 	s.j.mu.Unlock()
-	if len(s.writing) > 0 {
-		s.wait() // done: a failure stops the job at once
-	}
-	if s.err != nil {
+	if s.failed() {
 		return
 	}
 	if s.inBuf > 0 && len(s.buf)+1+len(enc) > partSize {
@@ -141,10 +141,23 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 	}
 }
 
+// failed reports whether storage refused a part: the job then stops.
+func (s *storeSink) failed() bool {
+	if s.err == nil {
+		s.err = s.w.failure()
+		if s.err != nil {
+			why := "skipped: results could not be stored: " + s.err.Error()
+			s.j.unrecorded.Store(&why)
+			s.buf = nil
+		}
+	}
+	return s.err != nil
+}
+
 // write hands the results of buf not yet stored to a write of the current
 // part, with the record as it stands; next then starts the next part.
 func (s *storeSink) write(next bool) {
-	if s.wait(); s.err != nil || s.j.leaseLost() {
+	if s.failed() || s.j.leaseLost() {
 		return
 	}
 	if s.inBuf > s.written {
@@ -152,26 +165,9 @@ func (s *storeSink) write(next bool) {
 		if next {
 			s.buf = nil // the write holds it
 		} else {
-			data = append(s.spare[:0], s.buf...) // buf goes on filling
-			s.spare = nil
+			data = slices.Clone(s.buf) // buf goes on filling
 		}
-		key := partKey(s.j.rec.ID, s.chunk, s.part)
-		rec := s.j.snapshot()
-		s.writing, s.flying = make(chan written, 1), data
-		go func(done chan<- written) {
-			if s.j.leaseLost() {
-				done <- written{stored: s.stored, err: errLeaseLost}
-				return
-			}
-			err := s.store(key, data)
-			if err == nil && !s.j.leaseLost() {
-				if err := s.j.saveRecord(s.ctx, rec); err != nil {
-					// Not fatal: the results are stored, and the end is retried.
-					s.j.a.logger.Warn("storing async batch progress", zap.String("id", rec.ID), zap.Error(err))
-				}
-			}
-			done <- written{stored: rec.Completed, err: err}
-		}(s.writing)
+		s.w.write(partKey(s.j.rec.ID, s.chunk, s.part), data, s.j.snapshot())
 		s.written = s.inBuf
 		s.lastWrite = now()
 		s.progress()
@@ -179,36 +175,138 @@ func (s *storeSink) write(next bool) {
 	if next && s.inBuf > 0 {
 		s.part++
 		s.inBuf, s.written = 0, 0
-		if s.buf == nil {
-			s.buf, s.spare = s.spare[:0], nil
-		} else {
-			s.buf = s.buf[:0]
+		s.buf = s.buf[:0]
+	}
+}
+
+// sinkWriter stores a job's parts of results, several at once but one
+// write of a part at a time, and after them the job's record counting
+// them: a record never counts a result that is not stored.
+type sinkWriter struct {
+	s     *storeSink
+	parts chan *partWrite // to store, in the order they were written
+	ended chan struct{}   // the writer has stored what it was given
+
+	mu     sync.Mutex
+	err    error      // the first part storage refused, once it has
+	broken bool       // a part before the next to settle was refused
+	stored int        // results counted by the last record to store
+	rec    *jobRecord // the record to store next, nil when none
+	recNew chan struct{}
+	recEnd chan struct{}
+}
+
+type partWrite struct {
+	key  string
+	data []byte
+	rec  jobRecord // as it stood when the part was written
+	err  error
+	done chan struct{}
+}
+
+func newSinkWriter(s *storeSink, stored int) *sinkWriter {
+	w := &sinkWriter{s: s, parts: make(chan *partWrite, maxWrites), ended: make(chan struct{}),
+		stored: stored, recNew: make(chan struct{}, 1), recEnd: make(chan struct{})}
+	go w.storeParts()
+	go w.storeRecords()
+	return w
+}
+
+// write queues a part and the record that counts it; it waits only when
+// maxWrites parts are queued already.
+func (w *sinkWriter) write(key string, data []byte, rec jobRecord) {
+	w.parts <- &partWrite{key: key, data: data, rec: rec, done: make(chan struct{})}
+}
+
+// failure is the error storage refused a part with, if it has.
+func (w *sinkWriter) failure() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.err
+}
+
+// storeParts stores the parts queued, at most maxWrites at once; a part
+// written again (a checkpoint, then the part it grew into) waits for the
+// write before it. As the oldest writes end, in order, their records are
+// handed to storeRecords.
+func (w *sinkWriter) storeParts() {
+	defer close(w.ended)
+	var inFlight []*partWrite
+	settle := func() { // the oldest write, waited for
+		pw := inFlight[0]
+		inFlight = inFlight[1:]
+		<-pw.done
+		w.mu.Lock()
+		if pw.err != nil {
+			w.broken = true
+		}
+		if !w.broken { // a record counts no result after one not stored
+			rec := pw.rec
+			w.rec, w.stored = &rec, rec.Completed
+		}
+		w.mu.Unlock()
+		select {
+		case w.recNew <- struct{}{}:
+		default:
+		}
+	}
+	for pw := range w.parts {
+		for len(inFlight) > 0 && (len(inFlight) == maxWrites || inFlight[len(inFlight)-1].key == pw.key) {
+			settle()
+		}
+		if w.failure() != nil {
+			close(pw.done)
+			continue // nothing more is stored
+		}
+		inFlight = append(inFlight, pw)
+		go func() {
+			defer close(pw.done)
+			if w.s.j.leaseLost() {
+				pw.err = errLeaseLost
+				return
+			}
+			if pw.err = w.s.store(pw.key, pw.data); pw.err != nil {
+				w.mu.Lock()
+				if w.err == nil {
+					w.err = pw.err // the job stops at its next operation
+				}
+				w.mu.Unlock()
+			}
+		}()
+	}
+	for len(inFlight) > 0 {
+		settle()
+	}
+	close(w.recNew)
+}
+
+// storeRecords stores the newest record handed to it, one at a time:
+// records that came while one was stored are counted by the next.
+func (w *sinkWriter) storeRecords() {
+	defer close(w.recEnd)
+	for range w.recNew {
+		w.mu.Lock()
+		rec := w.rec
+		w.rec = nil
+		w.mu.Unlock()
+		if rec == nil || w.s.j.leaseLost() {
+			continue
+		}
+		if err := w.s.j.saveRecord(w.s.ctx, *rec); err != nil {
+			// Not fatal: the results are stored, and the end is retried.
+			w.s.j.a.logger.Warn("storing async batch progress", zap.String("id", rec.ID), zap.Error(err))
 		}
 	}
 }
 
-// wait waits for the write in flight, if any, and takes its buffer back.
-func (s *storeSink) wait() {
-	if s.writing == nil {
-		return
-	}
-	w := <-s.writing
-	if b := s.flying; cap(b) <= 2*partSize { // one large answer does not keep its buffer for the job's life
-		if s.buf == nil {
-			s.buf = b[:0]
-		} else if s.spare == nil {
-			s.spare = b[:0]
-		}
-	}
-	s.writing, s.flying = nil, nil
-	if w.err != nil {
-		s.err = w.err
-		why := "skipped: results could not be stored: " + w.err.Error()
-		s.j.unrecorded.Store(&why)
-		s.buf = nil
-		return
-	}
-	s.stored = w.stored
+// close waits for every part and record queued to be stored.
+func (w *sinkWriter) close() (stored int, err error) {
+	close(w.parts)
+	<-w.ended
+	<-w.recEnd
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.stored, w.err
 }
 
 // store writes a part, trying again while the job goes on.
@@ -244,7 +342,11 @@ func (s *storeSink) progress() {
 // close stores what is left, and waits for it.
 func (s *storeSink) close(summary) {
 	s.write(true)
-	s.wait()
+	stored, err := s.w.close()
+	s.stored = stored
+	if s.err == nil {
+		s.err = err
+	}
 }
 
 // rateMeter measures a rate over the last minute from samples of a count.

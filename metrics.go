@@ -18,6 +18,7 @@ type metrics struct {
 	webhooks   *prometheus.CounterVec   // deliveries, by outcome
 	pacing     *prometheus.CounterVec   // what the API's 429s made the pacer do
 	turnWait   prometheus.Histogram     // waits for a turn downstream
+	retries    *prometheus.CounterVec   // operations sent again, by the status that made them
 }
 
 const metricsNamespace, metricsSubsystem = "caddy", "batch"
@@ -37,6 +38,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		webhooks:   counter("webhook_deliveries_total", "Webhook delivery attempts, by outcome (delivered, failed, given_up).", "outcome"),
 		pacing: counter("pacing_events_total",
 			"What 429s made adaptive pacing do: paused (every adaptive operation, for a Retry-After) or slowed (the learned rate lowered).", "event"),
+		retries: counter("retries_total", "Operations sent again, by the status of the answer that made them (retry, and 429s under adaptive pacing).", "status"),
 		turnWait: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "turn_wait_seconds",
 			Help:    "Time operations waited for a turn downstream (max_inflight, rate, pacing).",
@@ -75,6 +77,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	if err == nil {
 		m.turnWait, err = register(reg, m.turnWait)
+	}
+	if err == nil {
+		m.retries, err = register(reg, m.retries)
 	}
 	return m, err
 }

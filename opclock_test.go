@@ -45,7 +45,11 @@ func TestOpClock(t *testing.T) {
 	if ctx.Err() != nil {
 		t.Fatalf("operation ended %v after it started, before its op_timeout %v", time.Since(start), d)
 	}
-	<-ctx.Done()
+	select {
+	case <-ctx.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the operation did not end at its op_timeout")
+	}
 	if took := time.Since(start); took < d {
 		t.Errorf("operation ended after %v, before op_timeout %v", took, d)
 	}

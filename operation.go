@@ -39,6 +39,9 @@ type batch struct {
 	async     bool
 	dryRun    bool
 	lean      leanOptions
+	// maxAttempts is the batch field max_attempts: tries in all of each
+	// operation; 0 leaves it to the retry policy.
+	maxAttempts int
 	// groups are the atomicity groups of a JSON or multipart batch: each
 	// runs in order, and a failure in it fails and rolls back all of it.
 	groups []group
@@ -76,6 +79,18 @@ type operation struct {
 	depIDs []string // depends_on as written, until all ids are known
 	// refs holds the parts with references; nil when there are none.
 	refs *refTemplate
+	// items holds the parts of a bulk operation with item references;
+	// nil when there are none.
+	items *itemTemplate
+	// key orders the operation among those of the same key (SPEC §14):
+	// "" for none.
+	key string
+	// cond is the operation's "if": it runs only when that holds; nil
+	// when it has none. tested is set when another operation's "if"
+	// tests this one: its failure is then expected, and stops no
+	// stop_on_error or all_or_nothing batch.
+	cond   *condition
+	tested bool
 	// rollback undoes the operation under all_or_nothing.
 	rollback *operation
 	// keepHeader and keepBody are set when a later operation or a rollback
@@ -129,6 +144,9 @@ type rules struct {
 	// firstID is the default id of the first operation: a chunk of a
 	// streamed job numbers its operations on from those before it.
 	firstID int
+	// maxRefSize is max_reference_size: what references, and item
+	// templates, may add to a batch.
+	maxRefSize int64
 }
 
 // maxFaults bounds the faults listed, so that a small batch cannot make a
@@ -145,6 +163,8 @@ type parser struct {
 	// linked is set once an operation names itself, another one, or an
 	// answer: only then are ids looked up.
 	linked bool
+	// items is what item templates may still cost the batch.
+	items itemBudget
 	// Operations, their URLs and their default ids come from one
 	// allocation each per batch. An operation's URL is its own: its
 	// sub-request takes it.
@@ -307,7 +327,8 @@ const (
 	fieldDependsOn
 	fieldRollback
 	fieldGroup // JSON batch: atomicityGroup
-	fieldIf    // JSON batch: if, refused
+	fieldIf
+	fieldKey
 )
 
 // dialect is how a format writes operation objects where it differs from
@@ -387,7 +408,13 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 				op.target = p.d.target(p, op, val.Str)
 			}
 		case fieldIf:
-			p.opFault(op, `the "if" member is not supported: use dependsOn`)
+			p.parseIf(op, val, kind)
+		case fieldKey:
+			if val.Type != gjson.String || len(val.Str) > maxKeyLength {
+				p.opFault(op, "key must be a string of at most %d bytes, got %s", maxKeyLength, short(val.Raw))
+				return true
+			}
+			op.key = val.Str
 		case fieldGroup:
 			if val.Type != gjson.String || !p.d.validID(val.Str) {
 				p.opFault(op, "%s must be a %s, got %s", key, p.d.idRule, short(val.Raw))
@@ -416,9 +443,8 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 	op.header = p.parseHeaders(op, headers)
 	ctype, refs := "", kind != kindBulk
 	switch {
-	case kind == kindBulk && body.Exists():
-		p.opFault(op, "the operation of a bulk batch takes its bodies from \"items\"")
 	case kind == kindBulk:
+		p.parseItemTemplate(op, body, encoding)
 	case p.d != nil:
 		ctype, refs = p.d.body(p, op, body)
 	default:
@@ -427,7 +453,14 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 	// A target with references is checked with them, as far as it can be
 	// before they are resolved.
 	templated := kind != kindBulk && strings.Contains(op.target, "{{")
-	if !templated {
+	switch {
+	case kind == kindBulk && op.items != nil && op.items.target != nil:
+		// Checked for each item; what comes before the first item
+		// reference, now.
+		if op.items.target[0].ref == nil {
+			p.checkTarget(op, probeTarget(op.items.target))
+		}
+	case !templated:
 		op.url = p.checkTarget(op, op.target)
 	}
 	p.parseDeps(op, deps)

@@ -6,27 +6,22 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 )
 
 // Unit tests of the parser: each rule of an operation pinned down on its
 // own, with the exact index and id of each fault. The forms are in
-// format_native_test.go, targets and headers in target_test.go.
+// format_native_test.go, targets and headers in fields_test.go.
 
 // ptLimits provisions and validates h (a zero Handler if nil) as Caddy
 // would, and returns the limits parseBatch is given.
 func ptLimits(t testing.TB, h *Handler) *rules {
 	t.Helper()
-	if h == nil {
-		h = &Handler{}
-	}
-	provision(t, h)
-	if err := h.Validate(); err != nil {
-		t.Fatal(err)
-	}
-	return &h.rules
+	return &handlerAlone(t, h).rules
 }
 
 // ptParse parses a batch that must be accepted.
@@ -57,6 +52,39 @@ func ptFaults(t *testing.T, lim *rules, body string) badBatchError {
 		t.Fatalf("%s\nbadBatchError with no faults", ptShort(body))
 	}
 	return faults
+}
+
+// ptRefused checks the answer to a batch refused whole: status, in JSON
+// with an error; a 413's error says want[0], a 400 lists a fault per want
+// (nil: any), in order, each saying it.
+func ptRefused(t *testing.T, w *httptest.ResponseRecorder, status int, want []string) {
+	t.Helper()
+	body := w.Body.String()
+	if w.Code != status {
+		t.Fatalf("status %d, want %d: %.300s", w.Code, status, body)
+	}
+	if ct := w.Header().Get("Content-Type"); ct != "application/json" {
+		t.Errorf("Content-Type %q", ct)
+	}
+	res := mustJSON(t, body)
+	if res.Get("error").String() == "" {
+		t.Errorf("no error message: %.300s", body)
+	}
+	if status == http.StatusRequestEntityTooLarge {
+		if len(want) > 0 && !strings.Contains(res.Get("error").String(), want[0]) {
+			t.Errorf("error %q, want it to say %q", res.Get("error"), want[0])
+		}
+		return
+	}
+	faults := res.Get("errors").Array()
+	if want != nil && len(faults) != len(want) {
+		t.Fatalf("want %d faults, got %.300s", len(want), body)
+	}
+	for i, want := range want {
+		if msg := faults[i].Get("message").String(); !strings.Contains(msg, want) {
+			t.Errorf("fault %d = %q, want it to say %q", i, msg, want)
+		}
+	}
 }
 
 func ptShort(s string) string {
@@ -119,6 +147,7 @@ func ptChain(n int, forward bool) string {
 }
 
 func TestParseOperation(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, nil)
 	type check func(t *testing.T, ops []*operation)
 	one := func(f func(t *testing.T, op *operation)) check {
@@ -251,6 +280,7 @@ func TestParseOperation(t *testing.T) {
 }
 
 func TestParseFaults(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, nil)
 	limPaths := ptLimits(t, &Handler{Paths: []string{"/users", "/users/*"}})
 	op := func(fields string) string { return `[{"path":"/ok"},{"id":"x",` + fields + `}]` }
@@ -419,7 +449,18 @@ func TestParseFaults(t *testing.T) {
 		// The bulk form: faults of the template are the whole batch's; of an
 		// item, that item's operation's.
 		{"bulk template not an object", `{"operation":"POST /a","items":[1]}`, whole("operation must be a JSON object"), nil},
-		{"bulk template with a body", `{"operation":{"method":"POST","path":"/a","body":{}},"items":[1]}`, whole(`the operation of a bulk batch takes its bodies from "items"`), nil},
+		{"bulk body template with base64", `{"operation":{"method":"POST","path":"/a","body":{},"body_encoding":"base64"},"items":["AA=="]}`, whole("body_encoding applies to the items"), nil},
+		{"bulk item template unclosed", `{"operation":{"path":"/a/{{item.id"},"items":[{}]}`, whole("is not closed"), nil},
+		{"bulk item template modifier", `{"operation":{"path":"/a/{{item.@reverse}}"},"items":[{}]}`, whole("GJSON modifiers"), nil},
+		{"bulk item template long path", `{"operation":{"path":"/a/{{item.a.b.c.d.e.f.g.h.i.j.k.l.m.n.o.p.q}}"},"items":[{}]}`, whole("more than 16 components"), nil},
+		{"bulk item template empty", `{"operation":{"path":"/a/{{item.}}"},"items":[{}]}`, whole("needs a path into the item"), nil},
+		{"bulk item template many", `{"operation":{"path":"/a","body":{"v":"` + strings.Repeat("{{item.a}}", 65) + `"}},"items":[{}]}`, whole("more than 64 item references"), nil},
+		{"bulk item missing", `{"operation":{"path":"/a/{{item.id}}"},"items":[{"id":1},{"name":"x"}]}`, at(1, "1", `path: no "id" in the item`), nil},
+		{"bulk item makes a bad path", `{"operation":{"path":"{{item.p}}"},"items":[{"p":"/ok"},{"p":"//evil/"}]}`, at(1, "1", "path must be origin-form"), nil},
+		{"bulk item header control", `{"operation":{"path":"/a","headers":{"X-A":"{{item.h}}"}},"items":[{"h":"a\r\nb"}]}`, at(0, "0", "header X-A has control characters"), nil},
+		{"bulk item key too long", `{"operation":{"path":"/a","key":"{{item.k}}"},"items":[{"k":"` + strings.Repeat("k", 257) + `"}]}`, at(0, "0", "key is longer than 256 bytes"), nil},
+		{"key too long", op(`"path":"/a","key":"` + strings.Repeat("k", 257) + `"`), at(1, "x", "key must be a string of at most 256 bytes"), nil},
+		{"key not a string", op(`"path":"/a","key":7`), at(1, "x", "key must be a string"), nil},
 		{"bulk template with depends_on", `{"operation":{"method":"POST","path":"/a","depends_on":["x"]},"items":[1]}`, whole("the operation of a bulk batch cannot have depends_on"), nil},
 		{"bulk template bad path", `{"operation":{"method":"POST","path":"http://x/a"},"items":[1]}`, whole("path must be origin-form"), nil},
 		{"bulk template bad method", `{"operation":{"method":"TRACE","path":"/a"},"items":[1]}`, whole("method TRACE is not allowed"), nil},
@@ -459,6 +500,7 @@ func TestParseFaults(t *testing.T) {
 // A batch with many bad operations lists every fault, each with its
 // operation's index and id, and only those.
 func TestParseListsAllFaults(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, nil)
 	body := `[
 		{"id":"ok","path":"/a"},
@@ -510,6 +552,7 @@ func TestParseListsAllFaults(t *testing.T) {
 }
 
 func TestParseMaxOps(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, &Handler{MaxOps: 3})
 	ops := func(n int) string {
 		return "[" + strings.TrimSuffix(strings.Repeat(`{"path":"/a"},`, n), ",") + "]"
@@ -542,6 +585,7 @@ func TestParseMaxOps(t *testing.T) {
 }
 
 func TestParseNesting(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, nil)
 	nest := func(depth int) string {
 		// The batch array and the operation are two levels.
@@ -567,6 +611,7 @@ func TestParseNesting(t *testing.T) {
 // bounded number of rounds (each costs the path's length), and a run of
 // "{{" is looked at a bounded distance ahead.
 func TestParseLinearInBody(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, &Handler{MaxOps: 10})
 	// "%25" decodes to "%": "/x/%2525…25" takes one round per "25".
 	nested := func(k int) string { return "/x/%25" + strings.Repeat("25", k) }
@@ -609,6 +654,7 @@ func TestParseLinearInBody(t *testing.T) {
 
 // A client that goes away stops the parse.
 func TestParseStopsWhenClientGoes(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, &Handler{MaxOps: 100_000})
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
@@ -619,15 +665,10 @@ func TestParseStopsWhenClientGoes(t *testing.T) {
 }
 
 // Validation happens before anything runs: every fault is listed, and the
-// backend sees nothing.
+// backend sees nothing (serveAlone fails a test that sends anything on).
 func TestValidationLeavesBackendUntouched(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, `{
-		max_ops 3
-		max_body_size 2KB
-		methods GET POST
-		paths /users /users/*
-	}`))
+	t.Parallel()
+	h := handlerAlone(t, &Handler{MaxOps: 3, MaxBodySize: 2000, Methods: []string{"GET", "POST"}, Paths: []string{"/users", "/users/*"}})
 
 	cases := []struct {
 		name, body string
@@ -666,36 +707,64 @@ func TestValidationLeavesBackendUntouched(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			status, hdr, body := send(t, "POST", base+"/batch", tc.body)
-			if status != tc.status {
-				t.Fatalf("status %d, want %d: %s", status, tc.status, body)
-			}
-			if hdr.Get("Content-Type") != "application/json" {
-				t.Errorf("Content-Type %q", hdr.Get("Content-Type"))
-			}
-			res := mustJSON(t, body)
-			if res.Get("error").String() == "" {
-				t.Errorf("no error message: %s", body)
-			}
-			faults := res.Get("errors").Array()
-			if tc.want != nil && len(faults) != len(tc.want) {
-				t.Fatalf("want %d faults, got %s", len(tc.want), body)
-			}
-			for i, want := range tc.want {
-				if msg := faults[i].Get("message").String(); !strings.Contains(msg, want) {
-					t.Errorf("fault %d = %q, want it to say %q", i, msg, want)
-				}
-			}
+			ptRefused(t, serveAlone(t, h, request(t, "POST", "http://127.0.0.1/batch", tc.body)), tc.status, tc.want)
 		})
-	}
-	if n := len(be.requests()); n != 0 {
-		t.Errorf("backend saw %d requests from invalid batches: %+v", n, be.requests())
 	}
 
 	// The fault names the operation's index and id.
-	_, _, body := send(t, "POST", base+"/batch", `[{"path":"/users"},{"id":"x","path":"/a/../b"}]`)
-	f := mustJSON(t, body).Get("errors.0")
+	w := serveAlone(t, h, request(t, "POST", "http://127.0.0.1/batch", `[{"path":"/users"},{"id":"x","path":"/a/../b"}]`))
+	f := mustJSON(t, w.Body.String()).Get("errors.0")
 	if f.Get("index").Int() != 1 || f.Get("id").String() != "x" {
 		t.Errorf("fault must name index and id: %s", f.Raw)
+	}
+}
+
+// The 400 that lists the faults of a batch is not a way to make the server
+// produce (and hold) many times what the client sent: a body of repeated
+// bad fields must not be answered with a fault per repetition.
+func TestFaultListBounded(t *testing.T) {
+	t.Parallel()
+	h := hostileHandler(t)
+	body := `[{"path":"/users",` + strings.Repeat(`"x":0,`, 50_000) + `"y":0}]` // 300 KB
+	start := time.Now()
+	w := serveAlone(t, h, request(t, "POST", "http://127.0.0.1/batch", body))
+	status, answer := w.Code, w.Body.String()
+	t.Logf("%d KB of batch answered %d with %d KB in %v", len(body)>>10, status, len(answer)>>10, time.Since(start).Round(time.Millisecond))
+	if status != 400 {
+		t.Fatalf("status %d", status)
+	}
+	if msg := mustJSON(t, answer).Get("errors.0.message").String(); msg != `unknown field "x"` {
+		t.Errorf("first fault %q", msg)
+	}
+	if len(answer) > len(body) {
+		t.Errorf("a %d KB batch was answered with %d KB of faults (%d of them): the fault list must be capped",
+			len(body)>>10, len(answer)>>10, len(mustJSON(t, answer).Get("errors").Array()))
+	}
+}
+
+// Faults quote what they refuse cut short: a 2 MB invalid id and 120
+// unknown fields of 16 KB once made a 200 MB answer.
+func TestFaultEchoesCutShort(t *testing.T) {
+	t.Parallel()
+	h := handlerAlone(t, nil)
+	var sb strings.Builder
+	sb.WriteString(`[{"id":"` + strings.Repeat("i", 2<<20) + `","path":"/users/` + strings.Repeat("p", 1<<20) + `/../x"`)
+	for i := range 120 {
+		fmt.Fprintf(&sb, `,"%s%d":0`, strings.Repeat("f", 16<<10), i)
+	}
+	sb.WriteString(`}]`)
+	w := serveAlone(t, h, request(t, "POST", "http://127.0.0.1/batch", sb.String()))
+	status, answer := w.Code, w.Body.String()
+	if status != 400 {
+		t.Fatalf("status %d", status)
+	}
+	faults := mustJSON(t, answer).Get("errors").Array()
+	if len(answer) > 64<<10 || len(faults) < 100 {
+		t.Errorf("%d MB of batch answered with %d KB and %d faults", sb.Len()>>20, len(answer)>>10, len(faults))
+	}
+	for _, f := range faults {
+		if len(f.Get("id").String()) > maxEcho+len("…") || len(f.Get("message").String()) > maxFaultMessage+len("…") {
+			t.Fatalf("fault echoes too much: %.300s", f.Raw)
+		}
 	}
 }

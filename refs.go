@@ -260,6 +260,11 @@ func (p *parser) parseTemplate(op *operation, body gjson.Result) {
 // jsonTemplate splits a raw JSON value into raw runs and the string values
 // (not keys) that hold references.
 func jsonTemplate(raw []byte) ([]bodySegment, string) {
+	return jsonTemplateOf(raw, parsePieces)
+}
+
+// jsonTemplateOf is jsonTemplate for the references that parse finds.
+func jsonTemplateOf(raw []byte, parse func(string) ([]piece, string)) ([]bodySegment, string) {
 	var segs []bodySegment
 	last := 0
 	for i := 0; i < len(raw); i++ {
@@ -281,7 +286,7 @@ func jsonTemplate(raw []byte) ([]bodySegment, string) {
 		}
 		isKey := k < len(raw) && raw[k] == ':'
 		if !isKey && bytes.Contains(tok, []byte("{{")) {
-			ps, msg := parsePieces(gjson.ParseBytes(tok).Str)
+			ps, msg := parse(gjson.ParseBytes(tok).Str)
 			if msg != "" {
 				return nil, msg
 			}

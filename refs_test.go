@@ -213,21 +213,21 @@ func FuzzReferences(f *testing.F) {
 func TestReferenceBytesBounded(t *testing.T) {
 	be := newBackend(t)
 	base := startCaddy(t, proxySite(be, `{
-		max_body_size 2500KB
+		max_body_size 250KB
 	}`))
-	// 1 MB of text, inserted twice (2 MB: within the default bound of
+	// 100 kB of text, inserted twice (200 kB: within the default bound of
 	// max_body_size), then once more (past it).
-	status, _, body := send(t, "POST", base+"/batch", `[{"id":"a","path":"/big?n=1000000"},
+	status, _, body := send(t, "POST", base+"/batch", `[{"id":"a","path":"/big?n=100000"},
 		{"id":"twice","method":"POST","path":"/echo","body":"{{a.body}}{{a.body}}"},
 		{"id":"again","method":"POST","path":"/echo","body":"{{a.body}}"}]`)
 	if status != 200 {
 		t.Fatalf("status %d: %.300s", status, body)
 	}
 	res := mustJSON(t, body)
-	if got := res.Get("1.body.length").Int(); res.Get("1.status").Int() != 200 || got != 2_000_000 {
+	if got := res.Get("1.body.length").Int(); res.Get("1.status").Int() != 200 || got != 200_000 {
 		t.Errorf("twice: status %d, %d bytes sent", res.Get("1.status").Int(), got)
 	}
-	if r := res.Get("2"); r.Get("status").Int() != 424 || !strings.Contains(r.Get("error").String(), "max_reference_size (2500000 bytes)") {
+	if r := res.Get("2"); r.Get("status").Int() != 424 || !strings.Contains(r.Get("error").String(), "max_reference_size (250000 bytes)") {
 		t.Errorf("again: %.300s", r.Raw)
 	}
 	if n := len(be.requests()); n != 2 {
@@ -235,12 +235,12 @@ func TestReferenceBytesBounded(t *testing.T) {
 	}
 
 	// Configured, it holds across operations and in every place a
-	// reference stands: here two 600 KB values fit a 1.5 MB bound, and
+	// reference stands: here two 60 kB values fit a 150 kB bound, and
 	// the third does not.
 	base = startCaddy(t, proxySite(be, `{
-		max_reference_size 1500KB
+		max_reference_size 150KB
 	}`))
-	_, _, body = send(t, "POST", base+"/batch", `[{"id":"a","path":"/big?n=600000"},
+	_, _, body = send(t, "POST", base+"/batch", `[{"id":"a","path":"/big?n=60000"},
 		{"method":"POST","path":"/echo","body":{"v":"{{a.body}}"}},
 		{"method":"POST","path":"/echo","headers":{"X-V":"{{a.body}}"}},
 		{"method":"POST","path":"/echo?q={{a.body}}"}]`)
@@ -257,6 +257,7 @@ func TestReferenceBytesBounded(t *testing.T) {
 // A literal @ in a key is written \@, and an @ inside a query's string is
 // data.
 func TestReferencePathsBounded(t *testing.T) {
+	t.Parallel()
 	lim := ptLimits(t, &Handler{})
 	for _, path := range []string{`@pretty`, `s.@fromstr.@pretty`, `a|@reverse`, `items.#(@this>1)`,
 		strings.Repeat("a.", maxRefComponents) + "z"} {

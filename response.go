@@ -37,7 +37,8 @@ type result struct {
 	// batch failed: whether it was undone, and by what.
 	undone   *bool
 	rollback *result
-	// attempts counts tries when retry_429 retried the operation.
+	// attempts counts the tries of an operation sent downstream; shown
+	// when more than one.
 	attempts int
 	// cut is set when the batch's end (timeout, client gone, shutdown)
 	// kept the operation from finishing.
@@ -52,6 +53,11 @@ type result struct {
 // failed reports whether a finished operation counts as failed for those
 // depending on it.
 func (res *result) failed() bool { return res.status >= 400 }
+
+// unmet reports whether the operation was skipped by its condition.
+func (res *result) unmet() bool {
+	return res.status == http.StatusPreconditionFailed && res.err == errConditionFalse
+}
 
 // summary counts the outcome of a batch.
 type summary struct {
@@ -87,12 +93,12 @@ const (
 )
 
 // outcomeOf counts answers below 400 as succeeded, and operations the
-// batch layer did not run (424) as skipped.
+// batch layer did not run (424, or 412 for a false condition) as skipped.
 func outcomeOf(res *result) int {
 	switch {
 	case res.status < 400:
 		return outcomeSucceeded
-	case res.status == statusSkipped && res.err != "":
+	case res.status == statusSkipped && res.err != "", res.unmet():
 		return outcomeSkipped
 	}
 	return outcomeFailed
@@ -413,6 +419,10 @@ func writeDryRun(w http.ResponseWriter, b *batch, inherited http.Header) error {
 		buf = append(buf, `,"path":`...)
 		buf = jsontext.AppendString(buf, op.target)
 		buf = appendHeaders(append(buf, ','), header)
+		if op.cond != nil {
+			buf = append(buf, `,"if":`...)
+			buf = jsontext.AppendString(buf, op.cond.String())
+		}
 		buf = append(buf, `,"body_size":`...)
 		buf = strconv.AppendInt(buf, int64(len(op.body)), 10)
 		if len(op.deps) > 0 {
@@ -517,6 +527,7 @@ func (s *ndjsonSink) close(sum summary) {
 
 func (rn *runner) summary() summary {
 	s := summary{total: len(rn.results)}
+	unmet := 0
 	for i := range rn.results {
 		if rn.results[i].cut {
 			s.cut++
@@ -526,6 +537,9 @@ func (rn *runner) summary() summary {
 			s.succeeded++
 		case outcomeSkipped:
 			s.skipped++
+			if rn.results[i].unmet() {
+				unmet++
+			}
 		default:
 			s.failed++
 		}
@@ -537,7 +551,7 @@ func (rn *runner) summary() summary {
 		s.status = statusRolledBack
 	case rn.stoppedAt >= 0:
 		s.status = statusAborted
-	case s.failed+s.skipped == 0:
+	case s.failed == 0 && s.skipped == unmet: // a false condition is no error
 		s.status = statusCompleted
 	default:
 		s.status = statusCompletedWithErrors

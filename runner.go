@@ -6,8 +6,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -172,7 +174,7 @@ func (rn *runner) runFrom(out sink, from int) {
 // handed over. Held results are not handed over: what they would undo
 // lives only here, so such operations run on to the end or the grace.
 func (rn *runner) handingOver() bool {
-	return rn.job != nil && rn.job.handingOver() && !rn.out.hold
+	return rn.job != nil && rn.job.handingOver() && (rn.out == nil || !rn.out.hold)
 }
 
 // handedOver reports whether a shutdown cut off a job another instance
@@ -189,10 +191,15 @@ func (rn *runner) handedOver() bool {
 // those before it are rolled back.
 func (rn *runner) runOne(op *operation, clk *opClock) result {
 	res := rn.decide(op, clk)
-	if rn.b.atomicity != atomicNone && rn.stoppedAt < 0 && res.failed() {
+	// An operation its condition skipped is no failure: it did what the
+	// batch asked. Nor, to the batch, is one that a condition tests: it
+	// expects that it may fail (the lookup of an upsert answering 404).
+	// An atomicity group fails at any failure of its own, as OData has it.
+	failed := res.failed() && !res.unmet()
+	if rn.b.atomicity != atomicNone && rn.stoppedAt < 0 && failed && !op.tested {
 		rn.stoppedAt, rn.stoppedBy = op.index, op.id
 	}
-	if op.group != 0 && res.failed() && rn.groupFailed[op.group-1] < 0 {
+	if op.group != 0 && failed && rn.groupFailed[op.group-1] < 0 {
 		// The group's operations run in order (each depends on the one
 		// before), so those before op are final.
 		rn.results[op.index] = res
@@ -217,8 +224,17 @@ func (rn *runner) decide(op *operation, clk *opClock) result {
 	if g := op.group - 1; g >= 0 && rn.groupFailed[g] >= 0 {
 		return result{status: statusSkipped, err: fmt.Sprintf("skipped: atomicity group %s failed at op %s", rn.b.groups[g].name, rn.b.ops[rn.groupFailed[g]].id)}
 	}
+	if op.cond != nil && !op.cond.eval(rn.finalStatus) {
+		return result{status: http.StatusPreconditionFailed, err: errConditionFalse}
+	}
 	for _, d := range op.deps {
-		if dep := &rn.results[d]; dep.failed() {
+		dep := &rn.results[d]
+		if rn.tests(op, d) || dep.unmet() && op.group != 0 && rn.b.ops[d].group == op.group {
+			// The condition judged it; or it is the one before op in
+			// their atomicity group, whose order alone op waited for.
+			continue
+		}
+		if dep.failed() {
 			return result{status: statusSkipped, err: fmt.Sprintf("dependency %s failed with status %d", rn.b.ops[d].id, dep.status)}
 		}
 		if g := rn.b.ops[d].group - 1; g >= 0 && g != op.group-1 && rn.groupFailed[g] >= 0 {
@@ -227,6 +243,36 @@ func (rn *runner) decide(op *operation, clk *opClock) result {
 		}
 	}
 	return rn.resolveAndExec(op, clk)
+}
+
+// errConditionFalse is the error of an operation its "if" skipped (412).
+const errConditionFalse = "condition false"
+
+// finalStatus is the status of operation i for a condition: what it
+// answered, 424 when it was not run, or when its atomicity group undid
+// it, as OData counts it.
+func (rn *runner) finalStatus(i int) int {
+	res := &rn.results[i]
+	if res.undone != nil && *res.undone {
+		return statusSkipped
+	}
+	return res.status
+}
+
+// tests reports whether op's condition names dependency d, or an
+// operation of d's atomicity group: the condition decides what d's
+// failure does to op, not the dependency.
+func (rn *runner) tests(op *operation, d int) bool {
+	if op.cond == nil {
+		return false
+	}
+	g := rn.b.ops[d].group
+	for _, j := range op.cond.ops {
+		if j == d || g != 0 && g != op.group && rn.b.ops[j].group == g {
+			return true
+		}
+	}
+	return false
 }
 
 // errInterrupted is the cause with which a shutdown cancels async jobs.
@@ -280,59 +326,60 @@ func (rn *runner) resolveAndExec(op *operation, clk *opClock) result {
 }
 
 // exec serves one operation through the rest of the handler chain, each
-// try after a turn from the handler's gate (max_inflight, rate, pacing).
-// An operation answered 429 is tried again: under adaptive pacing, of any
-// method, when the pacer says (see pacer.go), until op_timeout; otherwise
-// when idempotent, after its Retry-After, up to retry_429 times within
-// op_timeout.
+// try after a turn from the handler's gate (max_inflight, rate, pacing),
+// and tries it again as retryWait says: within op_timeout for a batch's;
+// for a job's, after no Retry-After longer than op_timeout.
 func (rn *runner) exec(op *operation, clk *opClock) result {
 	o, g := rn.paceOwner(), rn.h.gate
-	ctx, deadline := clk.arm()
-	defer clk.disarm()
+	// op_timeout bounds a batch's operation from its first wait for a
+	// turn on; a job's, each try in flight: its place in the job's queue
+	// is bounded by the job, and it is never answered 504 unsent.
+	perTry := rn.job != nil
+	var ctx context.Context
+	var deadline time.Time
+	if !perTry {
+		ctx, deadline = clk.arm()
+		defer clk.disarm()
+	}
 	for attempt := 1; ; attempt++ {
 		var res result
 		asked := time.Now()
-		t, err := g.Acquire(ctx, o)
+		waitCtx := ctx
+		if perTry {
+			waitCtx = clk.parent
+		}
+		t, err := g.Acquire(waitCtx, o)
 		rn.h.metrics.turnWait.Observe(time.Since(asked).Seconds())
 		if err != nil {
 			res = rn.waitedOut(clk.parent)
 		} else {
+			if perTry {
+				ctx, deadline = clk.arm()
+			}
 			res = rn.attempt(ctx, clk, op, attempt)
+			if perTry {
+				clk.disarm()
+			}
 			if r := g.Release(t, res.status, res.header); r.Event != "" {
 				rn.h.metrics.pacing.WithLabelValues(r.Event).Inc()
 				rn.h.logger.Debug("pacing", zap.String("event", r.Event), zap.Float64("rate", r.Rate),
 					zap.Duration("paused_for", r.Paused), zap.String("batch", rn.id), zap.String("op", op.id))
 			}
 		}
-		retry := res.status == http.StatusTooManyRequests
-		if o.Adaptive {
-			// A 429 says the request was refused for its rate, not
-			// processed: any method is sent again.
-			retry = retry && attempt < pace.MaxAdaptiveAttempts
-		} else {
-			retry = retry && attempt <= rn.h.Retry429 && idempotent(op.method)
-		}
-		if !retry {
-			if attempt > 1 {
-				res.attempts = attempt
-			}
+		res.attempts = attempt
+		wait, retry := rn.retryWait(op, o, &res, attempt)
+		switch {
+		case !retry:
 			return res
+		case !perTry && time.Until(deadline) < wait:
+			return res // op_timeout cannot hold the wait: the last answer stands
+		case perTry && wait > time.Duration(rn.h.OpTimeout) && !(o.Adaptive && res.status == http.StatusTooManyRequests):
+			return res // nor, in a job, a Retry-After past op_timeout; the pacer's pauses are the job's to wait
 		}
-		wait := g.RetryWait(o, attempt)
-		if !o.Adaptive {
-			var ok bool
-			if wait, ok = pace.RetryAfter(res.header); !ok {
-				wait = time.Second // when the answer does not say, or not readably
-			}
-		}
-		if time.Until(deadline) < wait {
-			res.attempts = attempt
-			return res
-		}
+		rn.h.metrics.retries.WithLabelValues(strconv.Itoa(res.status)).Inc()
 		select {
 		case <-time.After(wait):
-		case <-ctx.Done():
-			res.attempts = attempt
+		case <-waitCtx.Done():
 			return res
 		}
 	}
@@ -370,6 +417,11 @@ func (rn *runner) recordOps(from int) {
 			classes[min(s/100, 5)]++
 		}
 	}
+	rn.countOps(classes)
+}
+
+// countOps counts operations by status class in the metrics.
+func (rn *runner) countOps(classes [6]int) {
 	for c, n := range classes {
 		if n > 0 {
 			rn.h.metrics.operations.WithLabelValues(statusClass(c * 100)).Add(float64(n))
@@ -406,7 +458,12 @@ func batchPaceOwner(r *http.Request, adaptive bool, rate *RateConfig, owners *ow
 // paceKey names the pacer of a caller's operations to a host: an API's
 // limits are usually per caller, and one caller's 429s must slow only
 // that caller.
+// The host is taken without its port: the instances of a cluster are
+// reached at one name, on ports that may differ.
 func paceKey(owner, host string) string {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
 	return owner + "\x00" + strings.ToLower(host)
 }
 

@@ -176,3 +176,91 @@ func (rn *runner) failGroup(op *operation) {
 	rn.groupFailed[g] = op.index
 	rn.rollBackOps(rn.b.groups[g].ops[0], op.index)
 }
+
+// A streamed job's operations run as one stream across its chunks: the
+// next chunk is read while the current one runs, and results go out in
+// order behind them. A slow operation holds back only the operations past
+// the window of results that may wait for it.
+const (
+	// streamWindow bounds the operations started past the first whose
+	// result has not gone out.
+	streamWindow = 2 * opsPerChunk
+	// streamHeld bounds the bytes of answers that wait for an earlier
+	// operation's, before more operations start.
+	streamHeld = 64 << 20
+)
+
+// opSource yields a job's operations in order; nil at the end.
+type opSource interface {
+	next() (*operation, error)
+}
+
+// runStream runs the operations src yields, the first of them operation
+// from of the job, and passes their results to out in order; it does not
+// close out. It stops taking operations when the job is handed over.
+func (rn *runner) runStream(src opSource, out sink, from int) error {
+	workers := 1
+	if rn.b.mode == modeParallel {
+		workers = rn.h.Concurrency
+	}
+	type slot struct {
+		op   *operation
+		res  result
+		done bool
+	}
+	ring := make([]slot, streamWindow)
+	jobs := make(chan int)
+	done := make(chan int, workers) // never blocks a worker: at most workers in flight
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			clk := rn.newClock(rn.ctx)
+			defer clk.stop()
+			for i := range jobs {
+				s := &ring[i%streamWindow]
+				s.res = rn.runOne(s.op, clk)
+				s.res.w = nil // the writer is not reused: results wait in the ring
+				done <- i
+			}
+		})
+	}
+	defer wg.Wait()
+	defer close(jobs)
+
+	var classes [6]int
+	next, emit, inFlight, held := from, from, 0, 0
+	var err error
+	for {
+		for err == nil && src != nil && inFlight < workers && next-emit < streamWindow && held <= streamHeld && !rn.handingOver() {
+			op, e := src.next()
+			if e != nil || op == nil {
+				err, src = e, nil
+				break
+			}
+			ring[next%streamWindow] = slot{op: op}
+			jobs <- next
+			next++
+			inFlight++
+		}
+		if inFlight == 0 {
+			break // all done, handed over, or the operations could not be read
+		}
+		i := <-done
+		inFlight--
+		s := &ring[i%streamWindow]
+		s.done = true
+		held += len(s.res.body)
+		for emit < next && ring[emit%streamWindow].done {
+			s := &ring[emit%streamWindow]
+			held -= len(s.res.body)
+			if st := s.res.status; st != 0 {
+				classes[min(st/100, 5)]++
+			}
+			out.put(emit, s.op, &s.res)
+			*s = slot{}
+			emit++
+		}
+	}
+	rn.countOps(classes)
+	return err
+}

@@ -3,8 +3,10 @@ package batch
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -16,6 +18,7 @@ import (
 // rolls back what ran: also a timeout, the client going away or a cancel
 // between two operations, not only a failed operation.
 func TestAtomicityStopsAtEveryEnd(t *testing.T) {
+	t.Parallel()
 	h := &Handler{Atomicity: atomicAllOrNothing}
 	provision(t, h)
 	b, err := parseBatch(context.Background(), []byte(`[{"path":"/a"},{"path":"/b"}]`), &h.rules)
@@ -82,11 +85,11 @@ func TestRollbacksBounded(t *testing.T) {
 	be := newBackend(t)
 	base := startCaddy(t, proxySite(be, `{
 		atomicity all_or_nothing
-		timeout 1s
+		timeout 400ms
 	}`))
 	var ops []string
 	for i := range 3 {
-		ops = append(ops, fmt.Sprintf(`{"method":"POST","path":"/users","body":{"name":"U%d"},"rollback":{"path":"/slow?d=700ms&id=rb%d"}}`, i, i))
+		ops = append(ops, fmt.Sprintf(`{"method":"POST","path":"/users","body":{"name":"U%d"},"rollback":{"path":"/slow?d=280ms&id=rb%d"}}`, i, i))
 	}
 	ops = append(ops, `{"method":"POST","path":"/users","body":{}}`) // 422
 	_, _, body := send(t, "POST", base+"/batch", `{"batch":[`+strings.Join(ops, ",")+`]}`)
@@ -94,9 +97,9 @@ func TestRollbacksBounded(t *testing.T) {
 	if res.Get("status").String() != "rollback_failed" {
 		t.Errorf("status: %s", body)
 	}
-	// Reverse order: rb2 runs (700 ms), rb1 is cut off at the budget, rb0
+	// Reverse order: rb2 runs (280 ms), rb1 is cut off at the budget, rb0
 	// never starts.
-	if r := res.Get("results.0.rollback"); r.Get("status").Int() != 504 || !strings.Contains(r.Get("error").String(), "rollbacks timed out after 1s") {
+	if r := res.Get("results.0.rollback"); r.Get("status").Int() != 504 || !strings.Contains(r.Get("error").String(), "rollbacks timed out after 400ms") {
 		t.Errorf("first operation's rollback: %s", r.Raw)
 	}
 	if slices.Contains(be.eventLog(), "start rb0") {
@@ -338,5 +341,122 @@ func TestNoOperationAfterTheDeadline(t *testing.T) {
 	defer clk.stop()
 	if res := rn.runOne(b.ops[0], clk); res.status != http.StatusGatewayTimeout || !res.cut || sent != 0 {
 		t.Errorf("after the deadline: %d %q cut %v, sent %d", res.status, res.err, res.cut, sent)
+	}
+}
+
+// A client that goes away mid-batch stops it: what has not started never
+// reaches the backend, and what runs is canceled.
+func TestClientDisconnectStopsBatch(t *testing.T) {
+	cases := []struct {
+		name, body string
+		running    []string // ids running when the client leaves
+	}{
+		{"sequential", `{"mode":"sequential","batch":[{"path":"/slow?d=1ms&id=0"},{"path":"/slow?d=10s&id=1"},{"path":"/slow?d=1ms&id=2"},{"path":"/slow?d=1ms&id=3"}]}`,
+			[]string{"1"}},
+		{"parallel", `{"mode":"parallel","batch":[` + strings.TrimSuffix(strings.Repeat(`{"path":"/slow?d=10s&id=ID"},`, 6), ",") + `]}`,
+			[]string{"0", "1"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			be := newBackend(t)
+			base := startCaddy(t, proxySite(be, `{
+				concurrency 2
+			}`))
+			send(t, "POST", base+"/batch", `[{"path":"/health"}]`)
+			check := noLeaks(t, be.Server)
+
+			body := tc.body
+			for i := 0; strings.Contains(body, "id=ID"); i++ {
+				body = strings.Replace(body, "id=ID", "id="+strconv.Itoa(i), 1)
+			}
+			host := strings.TrimPrefix(base, "http://")
+			conn, err := net.Dial("tcp", host)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fmt.Fprintf(conn, "POST /batch HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", host, len(body), body)
+			waitEvents := func(prefix string, within time.Duration) bool {
+				deadline := time.Now().Add(within)
+				for time.Now().Before(deadline) {
+					seen := map[string]bool{}
+					for _, e := range be.eventLog() {
+						seen[e] = true
+					}
+					all := true
+					for _, id := range tc.running {
+						all = all && seen[prefix+id]
+					}
+					if all {
+						return true
+					}
+					time.Sleep(5 * time.Millisecond)
+				}
+				return false
+			}
+			if !waitEvents("start ", 5*time.Second) {
+				t.Fatalf("operations %v never started: %v", tc.running, be.eventLog())
+			}
+			conn.Close()
+			closed := time.Now()
+			if !waitEvents("end ", 2*time.Second) {
+				t.Errorf("running operations not canceled 2s after the client left: %v", be.eventLog())
+			} else {
+				t.Logf("running operations canceled %v after the client left", time.Since(closed).Round(time.Millisecond))
+			}
+			time.Sleep(300 * time.Millisecond) // what is left takes 1ms or starts at once: ample time to start if it were going to
+			var want []string
+			if tc.name == "sequential" {
+				want = append(want, "start 0", "end 0")
+			}
+			for _, id := range tc.running {
+				want = append(want, "start "+id, "end "+id)
+			}
+			got := be.eventLog()
+			slices.Sort(got)
+			slices.Sort(want)
+			if fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Errorf("backend events %v, want %v: an operation started after the client left", got, want)
+			}
+			check()
+		})
+	}
+}
+
+// No goroutine started for a batch outlives it, whether it runs one
+// operation at a time or many, and whether operations finish or time out.
+func TestNoGoroutineOutlivesBatch(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		op_timeout 200ms
+		concurrency 4
+	}`))
+	cases := []struct {
+		name, body string
+		want       []int64
+	}{
+		{"sequential", `{"mode":"sequential","batch":[{"path":"/health"},{"method":"POST","path":"/users","body":{"name":"a"}},{"path":"/slow?d=20ms"},{"path":"/users/1"}]}`,
+			[]int64{200, 201, 200, 200}},
+		{"parallel", `{"mode":"parallel","batch":[` + strings.TrimSuffix(strings.Repeat(`{"path":"/slow?d=20ms"},`, 10), ",") + `]}`,
+			[]int64{200, 200, 200, 200, 200, 200, 200, 200, 200, 200}},
+		{"op timeout", `{"mode":"sequential","batch":[{"path":"/slow?d=10s"},{"path":"/health"}]}`, []int64{504, 200}},
+		{"op timeout parallel", `{"mode":"parallel","batch":[{"path":"/slow?d=10s"},{"path":"/slow?d=10s"},{"path":"/slow?d=10s"},{"path":"/slow?d=10s"},{"path":"/slow?d=10s"},{"path":"/health"}]}`,
+			[]int64{504, 504, 504, 504, 504, 200}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			send(t, "POST", base+"/batch", `[{"path":"/health"}]`) // warm-up
+			check := noLeaks(t, be.Server)
+			status, _, body := send(t, "POST", base+"/batch", tc.body)
+			if status != 200 {
+				t.Fatalf("status %d: %s", status, body)
+			}
+			res := mustJSON(t, body).Get("results").Array()
+			for i, w := range tc.want {
+				if res[i].Get("status").Int() != w {
+					t.Errorf("op %d: %s, want %d", i, res[i].Raw, w)
+				}
+			}
+			check()
+		})
 	}
 }

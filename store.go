@@ -76,6 +76,9 @@ type jobRecord struct {
 	Unstored int `json:"unstored,omitempty"`
 	// Stopped is the operation at which stop_on_error stopped the job.
 	Stopped string `json:"stopped,omitempty"`
+	// Unmet counts the skipped operations whose condition was false:
+	// they leave the job completed.
+	Unmet int `json:"unmet,omitempty"`
 }
 
 func (p *progress) final() bool {
@@ -185,6 +188,7 @@ type jobSpec struct {
 	Atomicity   string `json:"atomicity,omitempty"`
 	OmitSuccess bool   `json:"omit_response_on_success,omitempty"`
 	NoHeaders   bool   `json:"no_headers,omitempty"`
+	MaxAttempts int    `json:"max_attempts,omitempty"`
 
 	Conn storedConn `json:"conn"`
 	// Headers are the inherited headers when none can hold a credential;

@@ -8,100 +8,15 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
-	"github.com/caddy-batch/batch/internal/pace"
 	"github.com/tidwall/gjson"
 	"golang.org/x/crypto/bcrypt"
 )
-
-func TestRetry429(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, `{
-		retry_429 2
-	}`))
-	_, _, body := send(t, "POST", base+"/batch", `{"batch":[
-		{"path":"/limited?id=a&n=2&after=0"},
-		{"path":"/limited?id=b&n=5&after=0"},
-		{"method":"POST","path":"/limited?id=c&n=1&after=7"},
-		{"path":"/limited?id=d&n=9&after=3600"}]}`)
-	res := mustJSON(t, body)
-	checks := []struct {
-		status, attempts int64
-	}{{200, 3}, {429, 3}, {429, 0}, {429, 0}}
-	for i, c := range checks {
-		r := res.Get(fmt.Sprintf("results.%d", i))
-		if r.Get("status").Int() != c.status || r.Get("attempts").Int() != c.attempts {
-			t.Errorf("op %d: %s, want status %d attempts %d", i, r.Raw, c.status, c.attempts)
-		}
-	}
-	if got := res.Get("results.2.headers.Retry-After").String(); got != "7" {
-		t.Errorf("a 429 keeps its Retry-After: %q", got)
-	}
-	// d's Retry-After (1h) is beyond op_timeout: it is not waited for.
-	if got := res.Get("retry_after").Int(); got != 3600 {
-		t.Errorf("envelope retry_after = %d, want the largest, 3600: %s", got, body)
-	}
-	be.mu.Lock()
-	n := be.limited["c"]
-	be.mu.Unlock()
-	if n != 1 {
-		t.Errorf("POST is not idempotent: sent %d times", n)
-	}
-}
-
-// A retry starts from the operation as written, not from the request a
-// handler rewrote on the first try.
-func TestRetry429AfterRewrite(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, fmt.Sprintf(`
-	batch /batch {
-		retry_429 1
-	}
-	handle /api/* {
-		uri strip_prefix /api
-		reverse_proxy %s
-	}
-	handle {
-		respond "not under /api" 404
-	}`, be.addr()))
-	_, _, body := send(t, "POST", base+"/batch", `[{"path":"/api/limited?id=r&n=1&after=0"}]`)
-	r := mustJSON(t, body).Get("0")
-	if r.Get("status").Int() != 200 || r.Get("attempts").Int() != 2 || r.Get("body.calls").Int() != 2 {
-		t.Errorf("retried after a rewrite: %s", r.Raw)
-	}
-}
-
-// Retry-After values past what a Duration holds, or unreadable, neither
-// make retries immediate nor wrap around: a wait is capped, and an
-// unreadable one is the documented second.
-func TestRetryAfterOutOfRange(t *testing.T) {
-	be := newBackend(t)
-	base := startCaddy(t, proxySite(be, `{
-		retry_429 2
-		op_timeout 900ms
-	}`))
-	_, _, body := send(t, "POST", base+"/batch", `{"batch":[
-		{"path":"/limited?id=big&n=9&after=9223372037"},
-		{"path":"/limited?id=wrap&n=9&after=18446744074"},
-		{"path":"/limited?id=soon&n=9&after=soon"}]}`)
-	res := mustJSON(t, body)
-	be.mu.Lock()
-	calls := map[string]int{"big": be.limited["big"], "wrap": be.limited["wrap"], "soon": be.limited["soon"]}
-	be.mu.Unlock()
-	for id, n := range calls {
-		// Each wait is longer than op_timeout leaves: no retry.
-		if n != 1 {
-			t.Errorf("%s: sent %d times, want once: %s", id, n, body)
-		}
-	}
-	if got := res.Get("retry_after").Int(); got != int64(pace.MaxRetryAfter/time.Second) {
-		t.Errorf("envelope retry_after = %d, want the cap %d", got, int64(pace.MaxRetryAfter/time.Second))
-	}
-}
 
 // Two mutually exclusive handle blocks reached by the sub-requests of one
 // parallel batch: each sub-request has its own route-group state.
@@ -704,9 +619,8 @@ func TestUpstreamRequestCapPerOperation(t *testing.T) {
 		body   string
 	}
 	aDone := make(chan answer, 1)
+	req := request(t, "POST", base+"/batch", `[{"path":"/hold"},{"path":"/hold"}]`)
 	go func() {
-		req, _ := http.NewRequest(http.MethodPost, base+"/batch", strings.NewReader(`[{"path":"/hold"},{"path":"/hold"}]`))
-		req.Header.Set("Content-Type", "application/json")
 		resp, err := client.Do(req)
 		if err != nil {
 			aDone <- answer{0, err.Error()}
@@ -728,7 +642,7 @@ func TestUpstreamRequestCapPerOperation(t *testing.T) {
 	status, _, body := send(t, "POST", base+"/batch", `[{"path":"/b1"},{"path":"/b2"},{"path":"/b3"}]`)
 	lone, _, _ := send(t, "GET", base+"/lone", "")
 	close(gate)
-	a := <-aDone
+	a := receive(t, 40*time.Second, "batch A to be answered", aDone)
 
 	if status != 200 {
 		t.Fatalf("batch B: %d %s", status, body)
@@ -814,5 +728,70 @@ func TestHeaderWithoutValueLeftOut(t *testing.T) {
 	res := mustJSON(t, mustSend(t, base, `[{"path":"/empty"}]`)).Get("0")
 	if res.Get("status").Int() != 204 || res.Get("headers.Content-Type").Exists() {
 		t.Errorf("the result: %s", res.Raw)
+	}
+}
+
+// A batch request's own hop-by-hop and upgrade headers are not passed to its
+// operations, and a reference cannot smuggle what an operation could not
+// say itself.
+func TestHostileHeadersAndReferences(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		paths /users /users/* /echo
+	}`))
+
+	status, _, body := send(t, "POST", base+"/batch", `[{"path":"/echo"}]`, "Connection: Upgrade, X-Hop", "Upgrade: websocket",
+		"Sec-WebSocket-Version: 13", "X-Hop: secret", "Te: trailers", "Proxy-Authorization: Basic c2VjcmV0")
+	if status != 200 {
+		t.Fatalf("status %d: %s", status, body)
+	}
+	seen := be.requests()
+	if len(seen) != 1 {
+		t.Fatalf("backend saw %d requests", len(seen))
+	}
+	for _, name := range []string{"Upgrade", "X-Hop", "Te", "Proxy-Authorization"} {
+		if v := seen[0].Header.Get(name); v != "" {
+			t.Errorf("operation inherited %s: %q", name, v)
+		}
+	}
+
+	// An answer that holds a path traversal or a header injection, read by
+	// a reference, leaves the operation unrun (424).
+	status, _, body = send(t, "POST", base+"/batch", `[
+		{"id":"mk","method":"POST","path":"/users","body":{"name":"../admin","email":"a\r\nX-Evil: 1"}},
+		{"id":"trav","path":"/users/{{mk.body.name}}"},
+		{"id":"trav2","path":"/users/x/{{mk.body.name}}"},
+		{"id":"inj","path":"/users","headers":{"X-Mail":"{{mk.body.email}}"}}]`)
+	if status != 200 {
+		t.Fatalf("status %d: %s", status, body)
+	}
+	res := mustJSON(t, body)
+	if res.Get("0.status").Int() != 201 {
+		t.Fatalf("setup: %s", res.Get("0").Raw)
+	}
+	for i, want := range map[int]string{1: "after references, path", 2: "after references, path", 3: "control characters"} {
+		r := res.Get(strconv.Itoa(i))
+		if r.Get("status").Int() != 424 || !strings.Contains(r.Get("error").String(), want) {
+			t.Errorf("op %d: %s, want 424 saying %q", i, r.Raw, want)
+		}
+	}
+	for _, r := range be.requests()[1:] {
+		if r.Path != "/users" || r.Method != "POST" {
+			t.Errorf("backend saw %s %s from a smuggling reference", r.Method, r.Path)
+		}
+	}
+
+	// Allowed but odd targets reach the backend exactly as written.
+	mark := len(be.requests())
+	status, _, body = send(t, "POST", base+"/batch", `[{"path":"/users"},{"method":"post","path":"/users","body":{"name":"x"}},{"path":"/users%2f1"},{"path":"/USERS"}]`)
+	if status != 200 {
+		t.Fatalf("valid batch: %d %s", status, body)
+	}
+	var got []string
+	for _, r := range be.requests()[mark:] {
+		got = append(got, r.Method+" "+r.Path)
+	}
+	if want := []string{"GET /users", "POST /users", "GET /users%2f1", "GET /USERS"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("backend saw %q, want %q", got, want)
 	}
 }

@@ -30,6 +30,7 @@ func (h *Handler) startSweeping(ctx caddy.Context) {
 		defer tick.Stop()
 		for {
 			h.sweepAnswers(sweepCtx)
+			h.sweepPacing(sweepCtx)
 			if h.jobs != nil {
 				h.jobs.sweep(sweepCtx)
 			}

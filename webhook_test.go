@@ -116,16 +116,11 @@ func TestAsyncWebhookSignedAndRetried(t *testing.T) {
 	_, _, body := send(t, "POST", base+"/batch", `[{"path":"/health"},{"path":"/users/404"}]`, alice, "Prefer: respond-async")
 	id := mustJSON(t, body).Get("id").String()
 	waitJob(t, base+"/batch/"+id, alice, "completed")
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	eventually(t, 5*time.Second, "the failed delivery and its retry", func() bool {
 		mu.Lock()
-		n := len(deliveries)
-		mu.Unlock()
-		if n >= 2 || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		defer mu.Unlock()
+		return len(deliveries) >= 2
+	})
 	mu.Lock()
 	defer mu.Unlock()
 	if len(deliveries) != 2 || len(bad) != 0 {
@@ -194,8 +189,7 @@ func TestAsyncWebhookEventOutlivesInstance(t *testing.T) {
 	t.Cleanup(recv.Close)
 	be := newBackend(t)
 	storage := t.TempDir()
-	site := func(port int) string {
-		return testCaddyfile(storage, port, "", proxySite(be, `{
+	_, b, child := twoCaddies(t, storage, proxySite(be, `{
 		inherit_headers User-Agent
 		async {
 			owner {http.request.header.X-Api-Key}
@@ -206,10 +200,6 @@ func TestAsyncWebhookEventOutlivesInstance(t *testing.T) {
 			}
 		}
 	}`))
-	}
-	portA, portB := freePort(t), freePort(t)
-	loadCaddy(t, adapt(t, site(portA)), portA)
-	b, child := startChild(t, site(portB), portB)
 	// No credential is inherited: without a key, the job is resumable.
 	status, _, body := send(t, "POST", b+"/batch", `[{"path":"/health"}]`, "X-Api-Key: k", "Prefer: respond-async")
 	if status != 202 {
@@ -221,8 +211,8 @@ func TestAsyncWebhookEventOutlivesInstance(t *testing.T) {
 		defer mu.Unlock()
 		return len(failed) > 0
 	})
-	_ = child.Process.Kill()
-	_ = child.Wait()
+	_ = child.Kill()
+	receive(t, 10*time.Second, "the killed child to end", child.exited)
 	close(accept)
 	eventually(t, 10*time.Second, "the event delivered by the instance left", func() bool {
 		mu.Lock()

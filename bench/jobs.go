@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"strconv"
@@ -21,8 +22,9 @@ import (
 // bigJob submits one NDJSON job of n small GETs to a fast backend, runs it
 // to its end and streams its results back, sampling Caddy's resident
 // memory from /proc throughout: `go run ./bench -job 1000000`. It fails
-// when the memory grows more than maxGrowth over idle.
-func bigJob(n int, maxGrowth int64) error {
+// when the memory grows more than maxGrowth over idle. With csv, the job
+// is a CSV import of n rows, each a PATCH /users/{{item.id}}.
+func bigJob(n int, maxGrowth int64, csv bool) error {
 	backend, addr, err := startBackend()
 	if err != nil {
 		return err
@@ -70,10 +72,14 @@ func bigJob(n int, maxGrowth int64) error {
 			return d
 		}
 	}
-	fmt.Printf("job of %d NDJSON operations (GETs to a fast backend, parallel, concurrency 16); Caddy idle RSS %.1f MiB\n", n, mib(idle))
+	what, submit := "NDJSON operations (GETs", submitNDJSON
+	if csv {
+		what, submit = "CSV rows (PATCH /users/{{item.id}}", submitCSV
+	}
+	fmt.Printf("job of %d %s to a fast backend, parallel, concurrency 16); Caddy idle RSS %.1f MiB\n", n, what, mib(idle))
 
 	end := phase("submit (stream, validate, store)")
-	id, err := submitNDJSON(client, base, "Bearer bench", n)
+	id, err := submit(client, base, "Bearer bench", n)
 	if err != nil {
 		return err
 	}
@@ -135,6 +141,37 @@ func submitNDJSON(client *http.Client, base, auth string, n int) (string, error)
 	req, _ := http.NewRequest(http.MethodPost, base+"/batch", pr)
 	req.Header.Set("Content-Type", "application/x-ndjson")
 	req.Header.Set("Authorization", auth)
+	resp, err := client.Do(req)
+	if err != nil {
+		return "", err
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		return "", fmt.Errorf("submit: %d %s", resp.StatusCode, body)
+	}
+	return gjson.GetBytes(body, "id").String(), nil
+}
+
+// submitCSV submits to base/batch, as auth, one CSV job of n rows, each
+// a PATCH /users/{{item.id}} with a body template, and returns its id.
+// The body is generated as it is sent, never held.
+func submitCSV(client *http.Client, base, auth string, n int) (string, error) {
+	pr, pw := io.Pipe()
+	go func() {
+		bw := bufio.NewWriterSize(pw, 64<<10)
+		bw.WriteString("id,name,email\n")
+		for i := range n {
+			fmt.Fprintf(bw, "%d,User %d,user%d@example.com\n", i, i, i)
+		}
+		_ = bw.Flush()
+		_ = pw.Close()
+	}()
+	q := url.Values{"method": {"PATCH"}, "path": {"/users/{{item.id}}"}, "body": {`{"name":"{{item.name}}","email":"{{item.email}}"}`}}
+	req, _ := http.NewRequest(http.MethodPost, base+"/batch?"+q.Encode(), pr)
+	req.Header.Set("Content-Type", "text/csv")
+	req.Header.Set("Authorization", auth)
+	req.Header.Set("Prefer", "respond-async")
 	resp, err := client.Do(req)
 	if err != nil {
 		return "", err

@@ -7,6 +7,7 @@
 //	go run ./bench -short      # 1 s per scenario, as CI runs it
 //	go run ./bench -soak 3m    # a mixed sync/async soak instead
 //	go run ./bench -job 1000000  # one NDJSON job of a million operations, RSS sampled
+//	go run ./bench -job 100000 -csv  # the same as a CSV import of PATCH /users/{{item.id}}
 //	go run ./bench -kill       # an instance killed (then stopped) mid-job, resumed by another
 //	go run ./bench -network    # 10,000 creations behind a 50 ms RTT: separate, batched (h1, h2c), one async job
 //	go run ./bench -network -rtt 20ms -users 1000
@@ -79,6 +80,7 @@ func main() {
 	only := flag.String("only", "", "run only these scenarios, comma-separated (a,b,c,c1,d; with -cluster: pacing,queue,adopt)")
 	jobOps := flag.Int("job", 0, "instead of the scenarios, run one NDJSON job of this many operations, sampling Caddy's RSS")
 	maxGrowth := flag.Int64("max-growth", 64, "with -job: fail when Caddy's RSS grows more MiB than this over idle")
+	csvJob := flag.Bool("csv", false, "with -job: a CSV job of PATCH /users/{{item.id}}, one row per operation, instead of NDJSON GETs")
 	kill := flag.Bool("kill", false, "instead of the scenarios, kill (then stop) an instance mid-job and time its resumption on another")
 	networkRun := flag.Bool("network", false, "instead of the scenarios, time creations behind a latency proxy: separate, batched, one async job")
 	rtt := flag.Duration("rtt", 50*time.Millisecond, "with -network: the round-trip time the proxy adds")
@@ -149,7 +151,7 @@ func main() {
 		return
 	}
 	if *jobOps > 0 {
-		if err := bigJob(*jobOps, *maxGrowth<<20); err != nil {
+		if err := bigJob(*jobOps, *maxGrowth<<20, *csvJob); err != nil {
 			log.Fatal(err)
 		}
 		return

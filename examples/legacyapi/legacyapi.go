@@ -19,8 +19,9 @@ type User struct {
 	Balance int    `json:"balance"`
 }
 
-// API serves /users (GET list, POST create) and /users/{id} (GET, PUT, PATCH,
-// DELETE) from memory, plus /health.
+// API serves /users (GET list, POST create), /users?email=E (GET the user
+// with that email, 404 if none) and /users/{id} (GET, PUT, PATCH, DELETE)
+// from memory, plus /health.
 type API struct {
 	mu     sync.Mutex
 	users  map[int]*User
@@ -76,6 +77,16 @@ func (a *API) collection(w http.ResponseWriter, r *http.Request) {
 	defer a.mu.Unlock()
 	switch r.Method {
 	case http.MethodGet:
+		if email := r.URL.Query().Get("email"); email != "" {
+			for id := 1; id < a.nextID; id++ {
+				if u, ok := a.users[id]; ok && u.Email == email {
+					writeJSON(w, http.StatusOK, u)
+					return
+				}
+			}
+			writeJSON(w, http.StatusNotFound, map[string]string{"error": "no user with that email"})
+			return
+		}
 		list := make([]*User, 0, len(a.users))
 		for id := 1; id < a.nextID; id++ {
 			if u, ok := a.users[id]; ok {

@@ -280,7 +280,13 @@ func (g *Gate) unqueue(o *Owner) {
 
 // adaptiveBackoff is the least wait before try attempt+1 of an adaptive
 // operation answered 429, whatever the pause: an API that answers 429
-// with Retry-After: 0 is not asked again at once.
+// with Retry-After: 0 is not asked again at once. It grows to a second,
+// no more: the pacer spaces the starts, and an operation refused often
+// (an instance that came late to a quota others hold) must not fall
+// ever further behind.
 func adaptiveBackoff(attempt int) time.Duration {
-	return min(100*time.Millisecond<<min(max(attempt-1, 0), 10), maxPause)
+	return min(100*time.Millisecond<<min(max(attempt-1, 0), 10), maxBackoff)
 }
+
+// maxBackoff bounds adaptiveBackoff.
+const maxBackoff = time.Second

@@ -57,7 +57,13 @@ func TestGateFairBetweenOwners(t *testing.T) {
 	wait(big, "big", 10)
 	wait(small, "small", 2)
 	g.Release(hold, 0, nil)
-	wg.Wait()
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("not within 5s: every waiter to get its turn")
+	}
 	if len(order) != 12 {
 		t.Fatalf("order %v", order)
 	}

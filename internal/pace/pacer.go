@@ -36,6 +36,9 @@ const (
 	probePerSec  = 0.02 // of the last limit, per second, beyond it, doubling each second
 	minRate      = 0.1  // starts per second
 	maxRate      = 1e6  // starts per second: beyond, the rate binds nothing
+	// slowStartWait is the longest the first answer is waited for
+	// before more operations start.
+	slowStartWait = time.Second
 	// pauseAllOver is the longest Retry-After that does not pause every
 	// operation once a rate is learned.
 	pauseAllOver = time.Second
@@ -47,6 +50,9 @@ const (
 // pacer is the state of adaptive pacing, under the gate's lock.
 type pacer struct {
 	usedAt      time.Time // of the last turn asked for
+	startedAt   time.Time // of the last start
+	peers       peers     // other instances pacing the same owner and API
+	answered    bool      // an answer has come: until then, one operation at a time
 	inflight    int       // adaptive operations in flight
 	pausedUntil time.Time // no adaptive operation starts before
 	decreasedAt time.Time // of the last 429 that changed the rate
@@ -63,7 +69,8 @@ type pacer struct {
 	refused  [10]int   // 429s, per slot
 	slotAt   time.Time // start of the newest slot
 
-	quotaLeft  int64         // starts the advertised quota still allows
+	quotaLeft  int64         // starts this instance's share of the advertised quota still allows
+	quotaSpent bool          // the quota is spent by the API's own count
 	quotaLimit int64         // the quota of a window, 0 if unknown
 	quotaEvery time.Duration // the policy's window over its quota, 0 if unknown
 	quotaReset time.Time     // when the quota renews; none known after
@@ -75,11 +82,24 @@ type pacer struct {
 // measured against.
 func (p *pacer) admit(now time.Time, maxInflight int) (ok bool, at time.Time) {
 	switch {
+	case p.peers.fresh(now) && now.Before(p.peers.pausedUntil):
+		return false, p.peers.pausedUntil // a peer was told to pause
+	case !p.answered && p.inflight > 0 && now.Before(p.startedAt.Add(slowStartWait)):
+		// Slow start: the first answer may tell the quota, which a
+		// first flight as wide as max_inflight would overrun. An API
+		// that tells nothing costs one round trip, or slowStartWait
+		// for one that is slow to answer.
+		return false, p.startedAt.Add(slowStartWait)
 	case now.Before(p.pausedUntil):
 		return false, p.pausedUntil
-	case now.Before(p.quotaReset) && p.quotaLeft <= 0:
+	case now.Before(p.quotaReset) && p.quotaLeft <= 0 && (p.quotaSpent || p.quotaEvery == 0):
+		// Spent, by the API's own count: a window that renews at its
+		// reset gives nothing before it.
 		return false, p.quotaReset
 	case now.Before(p.quotaReset) && p.quotaLow(maxInflight) && now.Before(p.nextStart):
+		// A quota low, or this instance's share of it spent, goes at the
+		// policy's rate: a token bucket refills all along, though its
+		// reset is when it is full.
 		return false, p.nextStart
 	}
 	if p.rate > 0 {
@@ -102,14 +122,15 @@ func (p *pacer) quotaLow(maxInflight int) bool {
 // start counts an adaptive operation that admit let start.
 func (p *pacer) start(now time.Time, maxInflight int) {
 	p.inflight++
+	p.startedAt = now
 	if now.Before(p.quotaReset) {
 		if p.quotaLow(maxInflight) {
 			// Spread over the time to the reset, but no slower than the
 			// policy's own rate: a token bucket's reset is when it is
 			// full again, though it refills all along.
 			every := p.quotaReset.Sub(now) / time.Duration(max(p.quotaLeft, 1))
-			if p.quotaEvery > 0 {
-				every = min(every, p.quotaEvery)
+			if p.quotaEvery > 0 && (p.quotaLeft <= 0 || p.quotaEvery < every) {
+				every = time.Duration(float64(p.quotaEvery) / paceBelow) // a little below: a bucket kept near empty answers "spent"
 			}
 			// From the last start's slot, so that timers firing late do
 			// not add up; an idle spell gives no credit beyond one start.
@@ -143,6 +164,7 @@ const (
 // nothing the metrics count.
 func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.Time) (event string) {
 	p.inflight--
+	p.answered = true // with no answer too: an API that does not answer is not waited for twice
 	if status == 0 {
 		return ""
 	}
@@ -152,18 +174,22 @@ func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.T
 		if !q.hasReset {
 			renews = q.window
 		}
-		p.quotaLeft = q.remaining - int64(p.inflight) // those in flight may not be counted yet
-		p.quotaLimit = q.limit
+		// The quota is the owner's, which its peers spend too: this
+		// instance takes its share.
+		n := int64(p.peers.flows(now))
+		p.quotaLeft = q.remaining/n - int64(p.inflight) // those in flight may not be counted yet
+		p.quotaSpent = q.remaining <= 0
+		p.quotaLimit = q.limit / n
 		p.quotaEvery = 0
 		if q.limit > 0 && q.window > 0 {
-			p.quotaEvery = q.window / time.Duration(q.limit)
+			p.quotaEvery = q.window * time.Duration(n) / time.Duration(q.limit)
 		}
 		p.quotaReset = time.Time{} // no telling when it renews: not paced on
 		if renews > 0 {
 			p.quotaReset = now.Add(min(renews, maxPause))
 		}
 	}
-	refused := status == http.StatusTooManyRequests
+	refused := refusal(status, h)
 	p.count(now, refused)
 	if !refused {
 		p.grow(now)
@@ -184,18 +210,24 @@ func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.T
 	pause = min(pause, maxPause)
 	switch {
 	case p.rate == 0:
-		// What the API took in the last second, or one a second: the
-		// ramp starts there once the pause ends.
-		p.rate = min(maxRate, max(1, p.acceptedRate(now, len(p.accepted))))
+		// This instance's share of what the API took in the last
+		// second, or one a second: the ramp starts there once the
+		// pause ends.
+		p.rate = min(maxRate, max(1, p.share(now, p.acceptedRate(now, len(p.accepted)))))
 		p.ramping = true
 	default:
-		// Down to what the API took of the last slots' starts: all
-		// of it beyond its limit was refused.
+		// Down to its share of what the API took of the last slots'
+		// starts: all of it beyond its limit was refused.
 		if p.ramping {
-			p.rate = min(p.rate, p.acceptedRate(now, 2))
+			p.rate = min(p.rate, p.share(now, p.acceptedRate(now, 2)))
 		}
 		p.limit = max(minRate, p.rate)
-		p.rate = max(minRate, p.rate*min(paceBelow, max(0.5, p.tookShare(now))))
+		if p.peers.fresh(now) {
+			// Peers send too: the limit is this instance's share of what
+			// the API took from all, however much of it this one got.
+			p.limit = max(minRate, p.share(now, p.acceptedRate(now, len(p.accepted))))
+		}
+		p.rate = max(minRate, min(p.rate, p.limit)*min(paceBelow, max(0.5, p.tookShare(now))))
 		p.ramping = false
 	}
 	p.starts = bucket{tokens: min(p.starts.tokens, 0), at: now}
@@ -209,6 +241,13 @@ func (p *pacer) learn(grantedAt time.Time, status int, h http.Header, now time.T
 		return EventPaused
 	}
 	return EventSlowed
+}
+
+// refusal reports whether an answer refused a request for its rate: a
+// 429, or a 503 with Retry-After, an API too busy asking to come back
+// later.
+func refusal(status int, h http.Header) bool {
+	return status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable && h.Get("Retry-After") != ""
 }
 
 // grow raises the rate as answers succeed, while starts wait for it.
@@ -319,6 +358,49 @@ func (g *Gate) RetryWait(o *Owner, attempt int) time.Duration {
 	return g.pacers.of(o.PaceKey, now).retryWait(now, attempt)
 }
 
+// peers is what the other instances pacing the same owner and API told
+// through storage (Gate.SetPeers): how many send, how much the API took
+// from them, and the latest pause one was told.
+type peers struct {
+	count       int
+	accepted    float64 // answers a second
+	pausedUntil time.Time
+	at          time.Time
+}
+
+// peersStale is how long what peers told holds.
+const peersStale = 3 * time.Second
+
+func (ps *peers) fresh(now time.Time) bool { return ps.count > 0 && now.Sub(ps.at) < peersStale }
+
+// flows counts the instances sending, this one included.
+func (ps *peers) flows(now time.Time) int {
+	if ps.fresh(now) {
+		return 1 + ps.count
+	}
+	return 1
+}
+
+// setPeers takes what peers told. A limit learned while the others held
+// more than their share rises to this instance's share of what the API
+// takes now: an instance that came late is not held to what it was left
+// then.
+func (p *pacer) setPeers(ps peers, now time.Time) {
+	p.peers = ps
+	if p.rate > 0 && !p.ramping {
+		p.limit = max(p.limit, p.share(now, p.acceptedRate(now, len(p.accepted))))
+	}
+}
+
+// share is this instance's share of what the API takes a second: own
+// answers taken, and its peers'.
+func (p *pacer) share(now time.Time, own float64) float64 {
+	if !p.peers.fresh(now) {
+		return own
+	}
+	return (own + p.peers.accepted) / float64(1+p.peers.count)
+}
+
 // pacers are the pacers of a gate by key, at most maxPacers of them:
 // past it, idle ones are dropped, and keys beyond share one.
 type pacers struct {
@@ -362,4 +444,49 @@ func (ps *pacers) of(key string, now time.Time) *pacer {
 	}
 	p.usedAt = now
 	return p
+}
+
+// Learned is what a gate tells the other instances sharing its storage of
+// one of its pacers, by its key: how much the API took a second from this
+// instance, and until when it was told to pause.
+type Learned struct {
+	Key         string
+	Accepted    float64
+	PausedUntil time.Time
+}
+
+// Active returns what the pacers that have operations in flight or
+// waiting, or started one in the last peersStale, learned: one held back
+// is a peer too, or the others would take its share.
+func (g *Gate) Active() []Learned {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	now := time.Now()
+	waiting := map[*pacer]bool{}
+	for _, o := range g.ring {
+		if o.Adaptive {
+			waiting[g.pacers.of(o.PaceKey, now)] = true
+		}
+	}
+	var out []Learned
+	for k, p := range g.pacers.m {
+		if p.inflight > 0 || waiting[p] || now.Sub(p.startedAt) < peersStale {
+			out = append(out, Learned{Key: k, Accepted: p.acceptedRate(now, len(p.accepted)), PausedUntil: p.pausedUntil})
+		}
+	}
+	return out
+}
+
+// SetPeers tells the pacer of key (as Active names it) what count other
+// instances sending as its owner to its API learned.
+func (g *Gate) SetPeers(key string, count int, accepted float64, pausedUntil time.Time) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	p := g.pacers.m[key]
+	if p == nil {
+		return
+	}
+	now := time.Now()
+	p.setPeers(peers{count: count, accepted: accepted, pausedUntil: pausedUntil, at: now}, now)
+	g.dispatch(now) // a pause that ended, or one that began
 }

@@ -146,15 +146,24 @@ func TestPacerRules(t *testing.T) {
 		return true
 	}
 
-	// Unpaced until a 429: then all pause for its Retry-After, and the
-	// rate starts from what the API took in the last second.
-	for range 22 {
-		if !send(0) {
+	// Slow start: one operation, until its answer, which may tell the
+	// quota; then unpaced until a 429, which pauses all for its
+	// Retry-After, and the rate starts from what the API took in the
+	// last second.
+	if !send(0) || send(0) {
+		t.Fatal("not one operation alone before the first answer")
+	}
+	if ok, when := p.admit(at(500), 32); ok || !when.Equal(at(1000)) {
+		t.Fatalf("a second operation before the first answer: %v, or at %v, want after a second", ok, when)
+	}
+	p.learn(at(0), 200, nil, at(1))
+	for range 21 {
+		if !send(1) {
 			t.Fatal("an operation held back before any 429")
 		}
 	}
-	for range 20 {
-		p.learn(at(0), 200, nil, at(10))
+	for range 19 {
+		p.learn(at(1), 200, nil, at(10))
 	}
 	p.learn(at(0), 429, retry("2"), at(10))
 	if ok, until := p.admit(at(11), 32); ok || !until.Equal(at(2010)) {
@@ -260,9 +269,18 @@ func TestPacerFollowsRateLimitHeaders(t *testing.T) {
 		rate, burst float64
 		n           int
 		step        time.Duration
-	}{{200, 20, 5000, time.Millisecond}, {50, 50, 1000, time.Millisecond}, {200, 20, 5000, 2100 * time.Microsecond}} {
+		inflight    int
+	}{
+		{200, 20, 5000, time.Millisecond, 16},
+		{50, 50, 1000, time.Millisecond, 16},
+		{200, 20, 5000, 2100 * time.Microsecond, 16},
+		// A first flight wider than the API's burst: the first answer
+		// tells the quota before the rest go (issue #21 item 12).
+		{200, 20, 5000, time.Millisecond, 32},
+		{200, 5, 2000, time.Millisecond, 32},
+	} {
 		simStep = c.step
-		took, statuses := simulatePacer(t, &tokenBucketAPI{rate: c.rate, burst: c.burst, headers: true}, c.n, 16, time.Millisecond)
+		took, statuses := simulatePacer(t, &tokenBucketAPI{rate: c.rate, burst: c.burst, headers: true}, c.n, c.inflight, time.Millisecond)
 		ideal := time.Duration(float64(c.n) / c.rate * float64(time.Second))
 		t.Logf("R=%v burst %v with RateLimit headers, %d ops, steps of %v: %v (%.3f× N/R), %d answers 429",
 			c.rate, c.burst, c.n, c.step, took, float64(took)/float64(ideal), statuses[429])
@@ -280,6 +298,31 @@ func TestPacerDefaultPause(t *testing.T) {
 	p.learn(now, http.StatusTooManyRequests, http.Header{"Retry-After": {"soon"}}, now)
 	if got := p.pausedUntil.Sub(now); got != defaultPause {
 		t.Errorf("a 429 with an unreadable Retry-After paused for %v, want %v", got, defaultPause)
+	}
+}
+
+// A 503 with Retry-After refuses for the rate as a 429 does, and pauses
+// the same; a 503 without one says nothing of the rate.
+func TestPacer503RetryAfter(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	for _, c := range []struct {
+		h     http.Header
+		event string
+		pause time.Duration
+	}{
+		{http.Header{"Retry-After": {"3"}}, EventPaused, 3 * time.Second},
+		{http.Header{}, "", 0},
+	} {
+		var p pacer
+		p.start(now, 8)
+		ev := p.learn(now, http.StatusServiceUnavailable, c.h, now)
+		var paused time.Duration
+		if !p.pausedUntil.IsZero() {
+			paused = p.pausedUntil.Sub(now)
+		}
+		if ev != c.event || paused != c.pause {
+			t.Errorf("503 with %v: event %q, paused for %v; want %q, %v", c.h, ev, paused, c.event, c.pause)
+		}
 	}
 }
 
@@ -317,6 +360,161 @@ func TestPacerStaysBounded(t *testing.T) {
 			p.pausedUntil.Sub(now) > maxPause || p.inflight != len(inflight) {
 			t.Fatalf("pacer out of bounds: rate %v limit %v tokens %v, paused for %v, %d in flight (%d)",
 				p.rate, p.limit, p.starts.tokens, p.pausedUntil.Sub(now), p.inflight, len(inflight))
+		}
+	}
+}
+
+// simulateCluster runs k pacers, as k instances sending n operations each
+// as one owner to one API, in simulated time: each at most maxInflight at
+// once, each 429 sent again, and every second each pacer told what the
+// others learned, as instances sharing a storage tell each other. It
+// returns the time the last answer took to come, the answers of each
+// status, and for each pacer the longest run of whole seconds in which
+// it completed fewer than slowly operations.
+func simulateCluster(t *testing.T, api *tokenBucketAPI, k, n, maxInflight int, latency time.Duration, slowly int) (time.Duration, map[int]int, []time.Duration) {
+	t.Helper()
+	type flight struct {
+		grantedAt, due time.Time
+		attempt        int
+	}
+	type node struct {
+		p        pacer
+		ready    []time.Time
+		attempts []int
+		inflight []flight
+		done     int
+		perSec   map[int]int // completions in each second
+	}
+	start := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	now := start
+	nodes := make([]*node, k)
+	for i := range nodes {
+		nd := &node{perSec: map[int]int{}}
+		for range n {
+			nd.ready, nd.attempts = append(nd.ready, start), append(nd.attempts, 1)
+		}
+		nodes[i] = nd
+	}
+	statuses := map[int]int{}
+	nextShare := start.Add(time.Second)
+	for {
+		left := 0
+		for _, nd := range nodes {
+			left += n - nd.done
+		}
+		if left == 0 {
+			break
+		}
+		if now.Sub(start) > time.Hour {
+			t.Fatalf("%d operations left after an hour", left)
+		}
+		if !now.Before(nextShare) {
+			for i, nd := range nodes {
+				var ps peers
+				for j, other := range nodes {
+					if j == i || other.done == n {
+						continue
+					}
+					ps.count++
+					ps.accepted += other.p.acceptedRate(now, len(other.p.accepted))
+					if other.p.pausedUntil.After(ps.pausedUntil) {
+						ps.pausedUntil = other.p.pausedUntil
+					}
+				}
+				ps.at = now
+				nd.p.setPeers(ps, now)
+			}
+			nextShare = nextShare.Add(time.Second)
+		}
+		for _, nd := range nodes {
+			kept := nd.inflight[:0]
+			for _, f := range nd.inflight {
+				if f.due.After(now) {
+					kept = append(kept, f)
+					continue
+				}
+				status, h := api.answer(now)
+				statuses[status]++
+				nd.p.learn(f.grantedAt, status, h, now)
+				if status != http.StatusTooManyRequests {
+					nd.done++
+					nd.perSec[int(now.Sub(start)/time.Second)]++
+					continue
+				}
+				nd.ready, nd.attempts = append(nd.ready, now.Add(nd.p.retryWait(now, f.attempt))), append(nd.attempts, f.attempt+1)
+			}
+			nd.inflight = kept
+			for i := 0; i < len(nd.ready) && len(nd.inflight) < maxInflight; {
+				if nd.ready[i].After(now) {
+					i++
+					continue
+				}
+				if ok, _ := nd.p.admit(now, maxInflight); !ok {
+					break
+				}
+				nd.p.start(now, maxInflight)
+				nd.inflight = append(nd.inflight, flight{grantedAt: now, due: now.Add(latency), attempt: nd.attempts[i]})
+				nd.ready, nd.attempts = append(nd.ready[:i], nd.ready[i+1:]...), append(nd.attempts[:i], nd.attempts[i+1:]...)
+			}
+		}
+		now = now.Add(simStep)
+	}
+	took := now.Sub(start)
+	stalls := make([]time.Duration, k)
+	for i, nd := range nodes {
+		last := 0
+		for s := range nd.perSec {
+			last = max(last, s)
+		}
+		run := 0
+		for s := 0; s < last; s++ { // the last second is partial
+			if nd.perSec[s] < slowly {
+				run++
+				stalls[i] = max(stalls[i], time.Duration(run)*time.Second)
+			} else {
+				run = 0
+			}
+		}
+	}
+	return took, statuses, stalls
+}
+
+// Instances sharing one owner's quota of one API, which tell each other
+// through storage what they learn, finish together within 1.15 × N/R,
+// under 5% of answers refused, none of them held back for long: with
+// 429 + Retry-After and with RateLimit headers.
+func TestPacersShareAcrossInstances(t *testing.T) {
+	for _, c := range []struct {
+		headers  bool
+		rate     float64
+		k, n     int
+		inflight int
+	}{
+		{false, 200, 3, 3000, 16},
+		{true, 200, 3, 3000, 16},
+		{false, 200, 3, 3000, 32},
+		// A quota spent goes at the policy's rate, not at its reset:
+		// before, one instance of three stalled 10 s.
+		{true, 200, 3, 3000, 32},
+		{false, 100, 2, 1000, 16},
+	} {
+		api := &tokenBucketAPI{rate: c.rate, burst: 20, headers: c.headers}
+		slowly := int(c.rate / float64(c.k) / 1.15 * 0.8)
+		took, statuses, stalls := simulateCluster(t, api, c.k, c.n, c.inflight, 2*time.Millisecond, slowly)
+		ideal := time.Duration(float64(c.k*c.n) / c.rate * float64(time.Second))
+		answers := statuses[200] + statuses[429]
+		t.Logf("%d instances, R=%v, headers %v: %v (%.3f× N/R), %d of %d answers 429, longest slow run per instance %v",
+			c.k, c.rate, c.headers, took, float64(took)/float64(ideal), statuses[429], answers, stalls)
+		if float64(took) > 1.15*float64(ideal) {
+			t.Errorf("over 1.15 × N/R")
+		}
+		if statuses[429]*20 > answers {
+			t.Errorf("over 5%% of answers 429")
+		}
+		for i, s := range stalls {
+			if s > 3*time.Second {
+				t.Errorf("instance %d held back for %v", i+1, s)
+			}
 		}
 	}
 }
