@@ -41,6 +41,10 @@ type job struct {
 	// longer takes, at the next operation it would start; it says why.
 	unrecorded atomic.Pointer[string]
 
+	// readable is the record as of the last results stored: readers
+	// of results read those it counts.
+	readable atomic.Pointer[jobRecord]
+
 	mu  sync.Mutex
 	rn  *runner // nil once the job has ended: its batch and credentials go
 	rec jobRecord
@@ -596,12 +600,13 @@ func (a *asyncJobs) loadEarlier(ctx context.Context, rec jobRecord, rn *runner, 
 	if !slices.ContainsFunc(rn.b.ops[n:], func(op *operation) bool { return len(op.deps) > 0 || op.refs != nil }) {
 		return nil
 	}
-	err := a.store.storedRange(ctx, rec, first, first+n, func(i int, item []byte) {
+	err := a.store.storedRange(ctx, rec, first, first+n, func(i int, item []byte) bool {
 		_, res := decodeStored(item)
 		if res.body != nil && !res.isJSON {
 			res.isJSON = jsonBody(res.header, res.body)
 		}
 		rn.results[i-first] = res
+		return true
 	})
 	return err
 }
