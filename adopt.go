@@ -247,7 +247,7 @@ func (a *asyncJobs) startTaken(ctx context.Context, rec jobRecord, from, queue s
 	rec, err = a.store.loadJob(ctx, id)
 	switch {
 	case err == nil && rec.final():
-		a.deliverOwed(ctx, id, l)
+		a.sendOwed(ctx, id, l)
 		return passed
 	case err != nil:
 		if !errors.Is(err, fs.ErrNotExist) {
@@ -554,9 +554,9 @@ func (a *asyncJobs) expireQueued(ctx context.Context, q queued) {
 	a.pool.expire(&job{a: a, lease: l, rec: rec})
 }
 
-// deliverOwed delivers, under l, the end event that the ended job id
+// sendOwed delivers, under l, the end event that the ended job id
 // still owes, if this handler has a webhook; otherwise it lets the job go.
-func (a *asyncJobs) deliverOwed(ctx context.Context, id string, l *lease) {
+func (a *asyncJobs) sendOwed(ctx context.Context, id string, l *lease) {
 	ev, err := a.store.loadEvent(ctx, id)
 	if err != nil || a.cfg.Webhook == nil {
 		l.release(ctx)
