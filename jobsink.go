@@ -309,6 +309,7 @@ func (s *storeSink) writeFailures(next bool) {
 	if next && s.inFails > 0 {
 		s.failPart++
 		s.inFails, s.failsWritten = 0, 0
+		s.fails = s.fails[:0]
 	}
 }
 
@@ -445,7 +446,23 @@ func (w *sinkWriter) storeParts() {
 		default:
 		}
 	}
-	for pw := range w.parts {
+	for {
+		// The oldest write settles as soon as it ends: its record, and
+		// the results it makes readable, do not wait for the next write.
+		var oldest chan struct{}
+		if len(inFlight) > 0 {
+			oldest = inFlight[0].done
+		}
+		var pw *partWrite
+		select {
+		case <-oldest:
+			settle()
+			continue
+		case pw = <-w.parts:
+		}
+		if pw == nil {
+			break // closed
+		}
 		for len(inFlight) == maxWrites || slices.ContainsFunc(inFlight, func(f *partWrite) bool { return f.key == pw.key }) {
 			settle()
 		}
