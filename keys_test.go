@@ -3,7 +3,10 @@ package batch
 import (
 	"context"
 	"fmt"
+	"io"
+	"math/rand/v2"
 	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strconv"
 	"strings"
@@ -451,5 +454,263 @@ func TestKeyWindowLimit(t *testing.T) {
 	receive(t, 20*time.Second, "the job to end", finished)
 	if len(r.got) != n || r.most["a"] != 1 || r.most["c"] != 1 {
 		t.Errorf("%d results of %d; at most %d of key a at once, %d of c", len(r.got), n, r.most["a"], r.most["c"])
+	}
+}
+
+// keyedBackend answers /k/KEY/SEQ, after a short wait or, with ?hold,
+// once released, counting for each key what it holds at once and whether
+// its operations arrive in SEQ order: its own count, not the batch's.
+type keyedBackend struct {
+	*httptest.Server
+	mu       sync.Mutex
+	inFlight map[string]int
+	most     map[string]int
+	last     map[string]int
+	disorder []string
+	started  map[string]int
+	hold     chan struct{}
+}
+
+func newKeyedBackend(t *testing.T) *keyedBackend {
+	t.Helper()
+	kb := &keyedBackend{inFlight: map[string]int{}, most: map[string]int{}, last: map[string]int{}, started: map[string]int{}, hold: make(chan struct{})}
+	kb.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rest, ok := strings.CutPrefix(r.URL.Path, "/k/")
+		key, s, _ := strings.Cut(rest, "/")
+		seq, err := strconv.Atoi(s)
+		if !ok || err != nil {
+			http.NotFound(w, r)
+			return
+		}
+		kb.mu.Lock()
+		kb.inFlight[key]++
+		kb.most[key] = max(kb.most[key], kb.inFlight[key])
+		if last, seen := kb.last[key]; seen && seq <= last {
+			kb.disorder = append(kb.disorder, fmt.Sprintf("key %s: %d after %d", key, seq, last))
+		}
+		kb.last[key] = seq
+		kb.started[key]++
+		hold := kb.hold
+		kb.mu.Unlock()
+		if r.URL.Query().Has("hold") {
+			select {
+			case <-hold:
+			case <-r.Context().Done():
+			}
+		} else {
+			time.Sleep(2 * time.Millisecond)
+		}
+		// Counted out before the answer goes: the next operation of the
+		// key is sent only once it has arrived.
+		kb.mu.Lock()
+		kb.inFlight[key]--
+		kb.mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		fmt.Fprintf(w, `{"key":%q,"seq":%d}`, key, seq)
+	}))
+	t.Cleanup(kb.Close)
+	return kb
+}
+
+func (kb *keyedBackend) addr() string { return strings.TrimPrefix(kb.URL, "http://") }
+
+// check fails the test if a key had more than limit operations at the
+// backend at once, or, at limit 1, its operations arrived out of order.
+func (kb *keyedBackend) check(t *testing.T, limit int) {
+	t.Helper()
+	kb.mu.Lock()
+	defer kb.mu.Unlock()
+	for k, most := range kb.most {
+		if most > limit {
+			t.Errorf("key %s: %d operations at the backend at once, key_concurrency %d", k, most, limit)
+		}
+	}
+	if limit == 1 && len(kb.disorder) > 0 {
+		t.Errorf("%d operations arrived before an earlier one of their key, first %s", len(kb.disorder), kb.disorder[0])
+	}
+}
+
+// keyedOps returns n accounts spread at random over keys accounts (the
+// same each run), and each one's sequence number in its account.
+func keyedOps(n, keys int) (account, seq []int) {
+	rng := rand.New(rand.NewPCG(24, 2))
+	count := make([]int, keys)
+	for range n {
+		a := rng.IntN(keys)
+		account, seq = append(account, a), append(seq, count[a])
+		count[a]++
+	}
+	return account, seq
+}
+
+// Issue #24's test, in a sync batch: 1,000 operations over 50 keys at
+// concurrency 20 never have two of one key at the backend at once, each
+// key's arrive in order, and the results come back in submission order;
+// as operations with a key, and as a bulk batch whose key is an item
+// template.
+func TestKeysInSyncBatch(t *testing.T) {
+	kb := newKeyedBackend(t)
+	base := startCaddy(t, fmt.Sprintf(`
+	batch /batch {
+		mode parallel
+		concurrency 20
+		max_ops 1000
+	}
+	reverse_proxy %s`, kb.addr()))
+	account, seq := keyedOps(1000, 50)
+	var ops, items []string
+	for i := range account {
+		ops = append(ops, fmt.Sprintf(`{"path":"/k/acct-%d/%d","key":"acct-%d"}`, account[i], seq[i], account[i]))
+		items = append(items, fmt.Sprintf(`{"account_id":"acct-%d","seq":%d}`, account[i], seq[i]))
+	}
+	for name, body := range map[string]string{
+		"operations": `[` + strings.Join(ops, ",") + `]`,
+		"bulk":       `{"operation":{"path":"/k/{{item.account_id}}/{{item.seq}}","key":"{{item.account_id}}"},"items":[` + strings.Join(items, ",") + `]}`,
+	} {
+		t.Run(name, func(t *testing.T) {
+			kb.mu.Lock()
+			clear(kb.most)
+			clear(kb.last)
+			kb.mu.Unlock()
+			status, _, out := send(t, "POST", base+"/batch", body)
+			if status != 200 {
+				t.Fatalf("%d %.300s", status, out)
+			}
+			res := mustJSON(t, out)
+			if name == "bulk" {
+				res = res.Get("results")
+			}
+			results := res.Array()
+			if len(results) != 1000 {
+				t.Fatalf("%d results", len(results))
+			}
+			for i, r := range results {
+				if r.Get("status").Int() != 200 || r.Get("body.seq").Int() != int64(seq[i]) || r.Get("body.key").String() != fmt.Sprintf("acct-%d", account[i]) {
+					t.Fatalf("result %d out of place: %s", i, r.Raw)
+				}
+			}
+			kb.check(t, 1)
+		})
+	}
+}
+
+// The same in a streamed job of three chunks, a CSV import whose key is
+// an item template: a key's operations in a later chunk never overtake
+// its earlier ones. An NDJSON job with key_concurrency 2 on its options
+// line lets two of a key run at once, and no more.
+func TestKeysInStreamedJob(t *testing.T) {
+	kb := newKeyedBackend(t)
+	base := startCaddy(t, fmt.Sprintf(`
+	batch /batch /batch/* {
+		mode parallel
+		concurrency 20
+		async
+	}
+	reverse_proxy %s`, kb.addr()))
+	const n = 2*opsPerChunk + 500
+	account, seq := keyedOps(n, 50)
+	var csv strings.Builder
+	csv.WriteString("account_id,seq\n")
+	for i := range account {
+		fmt.Fprintf(&csv, "acct-%d,%d\n", account[i], seq[i])
+	}
+	status, _, body := send(t, "POST", base+"/batch?method=GET&path=/k/{{item.account_id}}/{{item.seq}}&key={{item.account_id}}",
+		csv.String(), "Content-Type: text/csv", alice, "Prefer: respond-async")
+	if status != 202 {
+		t.Fatalf("%d %s", status, body)
+	}
+	job := base + "/batch/" + mustJSON(t, body).Get("id").String()
+	if p := waitJob(t, job, alice, "completed"); p.Get("succeeded").Int() != n {
+		t.Fatalf("job: %s", p.Raw)
+	}
+	kb.check(t, 1)
+	_, _, body = send(t, "GET", job+"/results", "", alice, "Accept: application/x-ndjson")
+	lines := strings.Split(strings.TrimSpace(body), "\n")
+	if len(lines) != n+1 {
+		t.Fatalf("%d result lines for %d operations", len(lines), n)
+	}
+	for i, line := range lines[:n] {
+		if r := mustJSON(t, line); r.Get("id").String() != strconv.Itoa(i) || r.Get("body.seq").Int() != int64(seq[i]) {
+			t.Fatalf("result %d out of place: %s", i, line)
+		}
+	}
+
+	// key_concurrency 2: two of a key at once.
+	kb.mu.Lock()
+	clear(kb.most)
+	kb.mu.Unlock()
+	lines = []string{`{"key_concurrency":2}`}
+	for i := range 2 * opsPerChunk {
+		lines = append(lines, fmt.Sprintf(`{"path":"/k/acct-%d/%d","key":"acct-%d"}`, i%50, i/50, i%50))
+	}
+	status, body = sendNDJSON(t, base+"/batch", strings.Join(lines, "\n"))
+	if status != 202 {
+		t.Fatalf("%d %s", status, body)
+	}
+	job = base + "/batch/" + mustJSON(t, body).Get("id").String()
+	if p := waitJob(t, job, alice, "completed"); p.Get("succeeded").Int() != 2*opsPerChunk {
+		t.Fatalf("job: %s", p.Raw)
+	}
+	kb.check(t, 2)
+}
+
+// key_concurrency 2 in the config lets two operations of a key run at
+// once and holds the third, while another key's run on; the batch field
+// overrides it.
+func TestKeyConcurrencyThroughCaddy(t *testing.T) {
+	kb := newKeyedBackend(t)
+	base := startCaddy(t, fmt.Sprintf(`
+	batch /batch {
+		mode parallel
+		concurrency 8
+		key_concurrency 2
+	}
+	reverse_proxy %s`, kb.addr()))
+	ops := `{"path":"/k/a/0?hold","key":"a"},{"path":"/k/a/1?hold","key":"a"},{"path":"/k/a/2?hold","key":"a"},{"path":"/k/b/0","key":"b"},{"path":"/k/b/1","key":"b"}`
+	for _, tc := range []struct {
+		body    string
+		running int
+	}{
+		{`[` + ops + `]`, 2},
+		{`{"key_concurrency":1,"batch":[` + ops + `]}`, 1},
+	} {
+		kb.mu.Lock()
+		clear(kb.most)
+		clear(kb.started)
+		kb.hold = make(chan struct{})
+		hold := kb.hold
+		kb.mu.Unlock()
+		answered := make(chan string, 1)
+		req := request(t, "POST", base+"/batch", tc.body)
+		go func() {
+			resp, err := client.Do(req)
+			if err != nil {
+				answered <- err.Error()
+				return
+			}
+			defer resp.Body.Close()
+			body, _ := io.ReadAll(resp.Body)
+			answered <- fmt.Sprint(resp.StatusCode, " ", string(body))
+		}()
+		eventually(t, 10*time.Second, "key b's operations to end while a's are held", func() bool {
+			kb.mu.Lock()
+			defer kb.mu.Unlock()
+			return kb.started["a"] >= tc.running && kb.started["b"] == 2 && kb.inFlight["b"] == 0
+		})
+		kb.mu.Lock()
+		if kb.started["a"] != tc.running {
+			t.Errorf("%s: %d of key a started while the first were held", tc.body, kb.started["a"])
+		}
+		kb.mu.Unlock()
+		close(hold)
+		out := receive(t, 10*time.Second, "the batch's answer", answered)
+		if !strings.HasPrefix(out, "200 ") || strings.Count(out, `"status":200`) != 5 {
+			t.Errorf("answer: %s", out)
+		}
+		kb.mu.Lock()
+		if kb.most["a"] != tc.running {
+			t.Errorf("%s: at most %d of key a at once, want %d", tc.body, kb.most["a"], tc.running)
+		}
+		kb.mu.Unlock()
 	}
 }
