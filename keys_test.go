@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
@@ -635,23 +636,37 @@ func TestKeysInStreamedJob(t *testing.T) {
 		}
 	}
 
-	// key_concurrency 2: two of a key at once.
-	kb.mu.Lock()
-	clear(kb.most)
-	kb.mu.Unlock()
-	lines = []string{`{"key_concurrency":2}`}
-	for i := range 2 * opsPerChunk {
-		lines = append(lines, fmt.Sprintf(`{"path":"/k/acct-%d/%d","key":"acct-%d"}`, i%50, i/50, i%50))
+	// key_concurrency 2, on an NDJSON options line or in the query: two
+	// of a key at once, 40 of each in a row.
+	for name, where := range map[string]string{"options line": `{"key_concurrency":2}` + "\n", "query": "?key_concurrency=2"} {
+		kb.mu.Lock()
+		clear(kb.most)
+		kb.mu.Unlock()
+		var ops []string
+		for i := range 2 * opsPerChunk {
+			ops = append(ops, fmt.Sprintf(`{"path":"/k/acct-%d/%d","key":"acct-%d"}`, i/40, i%40, i/40))
+		}
+		body, query := strings.Join(ops, "\n"), ""
+		if strings.HasPrefix(where, "?") {
+			query = where
+		} else {
+			body = where + body
+		}
+		status, body = sendNDJSON(t, base+"/batch"+query, body)
+		if status != 202 {
+			t.Fatalf("%s: %d %s", name, status, body)
+		}
+		job = base + "/batch/" + mustJSON(t, body).Get("id").String()
+		if p := waitJob(t, job, alice, "completed"); p.Get("succeeded").Int() != 2*opsPerChunk {
+			t.Fatalf("%s: job: %s", name, p.Raw)
+		}
+		kb.check(t, 2)
+		kb.mu.Lock()
+		if most := slices.Max(slices.Collect(maps.Values(kb.most))); most != 2 {
+			t.Errorf("%s: at most %d operations of a key at once, key_concurrency 2", name, most)
+		}
+		kb.mu.Unlock()
 	}
-	status, body = sendNDJSON(t, base+"/batch", strings.Join(lines, "\n"))
-	if status != 202 {
-		t.Fatalf("%d %s", status, body)
-	}
-	job = base + "/batch/" + mustJSON(t, body).Get("id").String()
-	if p := waitJob(t, job, alice, "completed"); p.Get("succeeded").Int() != 2*opsPerChunk {
-		t.Fatalf("job: %s", p.Raw)
-	}
-	kb.check(t, 2)
 }
 
 // key_concurrency 2 in the config lets two operations of a key run at
