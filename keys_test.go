@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -112,6 +113,16 @@ func TestKeyConcurrencyField(t *testing.T) {
 		if got := (&runner{h: h, b: b}).keyConcurrency(); got != want {
 			t.Errorf("%s: key_concurrency %d, want %d", body, got, want)
 		}
+	}
+	// A CSV batch takes it, and the key, from the query.
+	q, _ := url.ParseQuery("method=GET&path=/k/{{item.a}}&key={{item.a}}&key_concurrency=2")
+	body, _, err := csvBatch(strings.NewReader("a\nx\ny\n"), q, &h.rules, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := parseBatch(context.Background(), body, &h.rules)
+	if err != nil || b.keyConcurrency != 2 || b.ops[1].key != "y" {
+		t.Errorf("CSV batch: %v %+v", err, b)
 	}
 	for _, bad := range []string{`0`, `-1`, `1.5`, `"2"`, `true`, `null`, `10001`, `1e100`} {
 		_, err := parseBatch(context.Background(), []byte(`{"key_concurrency":`+bad+`,"batch":[{"path":"/a"}]}`), &h.rules)
