@@ -571,6 +571,7 @@ func parseChunk(ctx context.Context, spec *jobSpec, chunk []byte, lim *rules) (*
 	b.format = native
 	b.lean = leanOptions{omitSuccess: spec.OmitSuccess, noHeaders: spec.NoHeaders}
 	b.maxAttempts = spec.MaxAttempts
+	b.keyConcurrency = spec.KeyConcurrency
 	return b, nil
 }
 

@@ -115,10 +115,7 @@ func (s *storeSink) resume() error {
 		}
 		// The last part the record counts: it goes on in buf.
 		for _, item := range items[:need] {
-			if s.inBuf > 0 {
-				s.buf = append(s.buf, ',')
-			}
-			s.buf = append(s.buf, item...)
+			s.buf = appendItem(s.buf, s.inBuf, item)
 			s.inBuf++
 		}
 		s.written = s.inBuf
@@ -150,10 +147,7 @@ func (s *storeSink) resumeFailures(rec jobRecord) error {
 		if int(gjson.GetBytes(item, "index").Int()) >= s.stored {
 			break // stored after the record: its operation runs again
 		}
-		if s.inFails > 0 {
-			s.fails = append(s.fails, ',')
-		}
-		s.fails = append(s.fails, item...)
+		s.fails = appendItem(s.fails, s.inFails, item)
 		s.inFails++
 	}
 	s.failsWritten = s.inFails
@@ -199,10 +193,7 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 			return
 		}
 	}
-	if s.inBuf > 0 {
-		s.buf = append(s.buf, ',')
-	}
-	s.buf = append(s.buf, enc...)
+	s.buf = appendItem(s.buf, s.inBuf, enc)
 	s.inBuf++
 	s.n++
 	switch {
@@ -214,6 +205,14 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 	case now().Sub(s.lastWrite) >= checkpointEvery:
 		s.write(false)
 	}
+}
+
+// appendItem appends item to the items of a part, n of them before it.
+func appendItem(buf []byte, n int, item []byte) []byte {
+	if n > 0 {
+		buf = append(buf, ',')
+	}
+	return append(buf, item...)
 }
 
 // keepFailure adds a failed or skipped result to the failures stream,
@@ -233,10 +232,8 @@ func (s *storeSink) keepFailure(index, outcome int, op *operation, enc []byte) {
 		s.j.mu.Lock()
 		s.j.rec.Failures.Starts = append(s.j.rec.Failures.Starts, index)
 		s.j.mu.Unlock()
-	} else {
-		s.fails = append(s.fails, ',')
 	}
-	s.fails = append(s.fails, e...)
+	s.fails = appendItem(s.fails, s.inFails, e)
 	s.inFails++
 }
 
@@ -309,6 +306,7 @@ func (s *storeSink) writeFailures(next bool) {
 	if next && s.inFails > 0 {
 		s.failPart++
 		s.inFails, s.failsWritten = 0, 0
+		s.fails = s.fails[:0]
 	}
 }
 
@@ -445,7 +443,23 @@ func (w *sinkWriter) storeParts() {
 		default:
 		}
 	}
-	for pw := range w.parts {
+	for {
+		// The oldest write settles as soon as it ends: its record, and
+		// the results it makes readable, do not wait for the next write.
+		var oldest chan struct{}
+		if len(inFlight) > 0 {
+			oldest = inFlight[0].done
+		}
+		var pw *partWrite
+		select {
+		case <-oldest:
+			settle()
+			continue
+		case pw = <-w.parts:
+		}
+		if pw == nil {
+			break // closed
+		}
 		for len(inFlight) == maxWrites || slices.ContainsFunc(inFlight, func(f *partWrite) bool { return f.key == pw.key }) {
 			settle()
 		}

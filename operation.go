@@ -42,6 +42,9 @@ type batch struct {
 	// maxAttempts is the batch field max_attempts: tries in all of each
 	// operation; 0 leaves it to the retry policy.
 	maxAttempts int
+	// keyConcurrency is the batch field key_concurrency: operations of
+	// one key run at once; 0 leaves it to the handler.
+	keyConcurrency int
 	// groups are the atomicity groups of a JSON or multipart batch: each
 	// runs in order, and a failure in it fails and rolls back all of it.
 	groups []group

@@ -238,6 +238,8 @@ type jobSpec struct {
 	OmitSuccess bool   `json:"omit_response_on_success,omitempty"`
 	NoHeaders   bool   `json:"no_headers,omitempty"`
 	MaxAttempts int    `json:"max_attempts,omitempty"`
+	// KeyConcurrency is 0 when the batch leaves it to the handler.
+	KeyConcurrency int `json:"key_concurrency,omitempty"`
 
 	Conn storedConn `json:"conn"`
 	// Headers are the inherited headers when none can hold a credential;
