@@ -52,11 +52,23 @@ func (h *Handler) startSweeping(ctx caddy.Context) {
 	}
 }
 
-// sweep deletes the jobs that have expired, and ends those whose time ran
-// out in the queue.
+// sweep ends the jobs whose time ran out in a queue (their webhook told
+// first), and deletes the jobs that have expired.
 func (a *asyncJobs) sweep(ctx context.Context) {
-	a.deleteExpired(ctx)
 	a.pool.sweepQueue()
+	a.sweepClusterQueue(ctx)
+	a.deleteExpired(ctx)
+}
+
+// sweepClusterQueue ends the jobs whose time ran out in the cluster's
+// queue, as a look does when a worker is free.
+func (a *asyncJobs) sweepClusterQueue(ctx context.Context) {
+	t := now()
+	for _, k := range a.store.jobIDs(ctx, queuePrefix) {
+		if q, ok := parseQueued(k); ok && !t.Before(q.expires) && !a.foreign(q.id) {
+			a.expireQueued(ctx, q)
+		}
+	}
 }
 
 func (a *asyncJobs) deleteExpired(ctx context.Context) {
