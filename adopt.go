@@ -475,6 +475,10 @@ func (a *asyncJobs) lookQueue(ctx context.Context, tick bool) {
 	}
 }
 
+// submitterFirst is how long a job just queued is left to the instance it
+// was submitted to.
+var submitterFirst = time.Second
+
 // startQueued starts q on the worker taken for it. serving says whether
 // this handler has been found in the running config (self, identity):
 // until then it starts only jobs waiting in memory.
@@ -496,6 +500,12 @@ func (a *asyncJobs) startQueued(ctx context.Context, q queued, self endpoint, id
 		return passed // until a delivery can start
 	case !serving || a.foreign(q.id) || p.holds(q.id):
 		return waits
+	case now().Sub(q.created) < submitterFirst && !p.isQueuedHere(q.id):
+		// Its instance starts it if a worker is free there: jobs
+		// submitted to each instance at once run one on each, not two
+		// on the one that looked first. The owner's next job, maybe
+		// submitted here, goes in its place.
+		return passed
 	}
 	spec, err := a.store.loadSpec(ctx, q.id)
 	if errors.Is(err, errBadRecord) || errors.Is(err, fs.ErrNotExist) {

@@ -264,6 +264,15 @@ func (p *jobPool) seen(s *store, present map[string]bool, listed time.Time) {
 	}
 }
 
+// isQueuedHere reports whether this process put job id in the cluster's
+// queue and has not seen it taken.
+func (p *jobPool) isQueuedHere(id string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	_, ok := p.queued[id]
+	return ok
+}
+
 // taken drops a job from the count: this process took it out of the
 // cluster's queue.
 func (p *jobPool) taken(id string) {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -263,4 +264,49 @@ func TestMaxQueuedCountsClusterQueue(t *testing.T) {
 		status, _, _ := send(t, "POST", base+"/batch", `[{"path":"/slow?id=fourth"}]`, alice, "Prefer: respond-async")
 		return status == 202
 	})
+}
+
+// Jobs submitted to two instances at once run where they were submitted
+// while a worker is free there: the instance that looks first does not
+// take them all, which would leave the other idle and the first one
+// pacing two jobs in the share of one.
+func TestJobsStartWhereSubmitted(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	site := func(name string) string {
+		return fmt.Sprintf(`
+	batch /batch /batch/* {
+		async {
+			workers 4
+			lease 1s
+			credentials_key %s
+		}
+	}
+	reverse_proxy %s {
+		header_up X-Instance %s
+	}`, testKey, be.addr(), name)
+	}
+	portA, portB := freePort(t), freePort(t)
+	a := loadCaddy(t, adapt(t, testCaddyfile(storage, portA, "", site("a"))), portA)
+	b, _ := startChild(t, testCaddyfile(storage, portB, "", site("b")), portB)
+	t.Cleanup(be.release)
+
+	const rounds = 4
+	want := map[string]string{}
+	for i := range rounds {
+		var wg sync.WaitGroup
+		for _, inst := range []struct{ name, base string }{{"a", a}, {"b", b}} {
+			op := fmt.Sprintf("hold-%s%d", inst.name, i)
+			want[op] = inst.name
+			wg.Go(func() { submitJob(t, inst.base+"/batch", `[{"path":"/hold?id=`+op+`"}]`) })
+		}
+		wg.Wait()
+	}
+	eventually(t, 20*time.Second, "every job started", func() bool { return holding(be) == 2*rounds })
+	for _, r := range be.requests() {
+		id := strings.TrimPrefix(r.Path, "/hold?id=")
+		if inst := r.Header.Get("X-Instance"); want[id] != "" && inst != want[id] {
+			t.Errorf("job %s submitted to instance %s ran on %s", id, want[id], inst)
+		}
+	}
 }
