@@ -147,7 +147,7 @@ func (a *asyncJobs) writeResults(w http.ResponseWriter, r *http.Request, rec job
 		return caddyhttp.Error(http.StatusInternalServerError, fmt.Errorf("batch job %s: unknown format %q", rec.ID, rec.Format))
 	}
 	sum := summary{status: rec.Outcome, total: rec.Total, succeeded: rec.Succeeded, failed: rec.Failed,
-		skipped: rec.Skipped, page: &page{offset: offset, limit: limit}}
+		skipped: rec.Skipped, page: &page{offset: offset, limit: limit}, metadata: rec.Metadata}
 	if rec.Status == stateError {
 		sum.err = rec.Error
 	}

@@ -189,27 +189,26 @@ func (p *jobPool) submit(j *job) error {
 	return nil
 }
 
-// evictExpired takes the jobs that expired while they waited out of the
-// queue, to end them without running. p.mu is held.
+// evictExpired takes the jobs whose window passed while they waited out
+// of the queue: each runs at once, outside the limit, sending nothing, and
+// ends expired. p.mu is held.
 func (p *jobPool) evictExpired() {
 	t := now()
 	kept := p.queue[:0]
 	for _, j := range p.queue {
-		if t.Before(j.rec.ExpiresAt) {
+		if t.Before(j.rec.windowEnd()) {
 			kept = append(kept, j)
 			continue
 		}
+		p.running++
 		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			p.expire(j)
-		}()
+		go p.run(j)
 	}
 	clear(p.queue[len(kept):])
 	p.queue = kept
 }
 
-// sweepQueue ends the queued jobs that have expired.
+// sweepQueue ends the queued jobs whose window has passed.
 func (p *jobPool) sweepQueue() {
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -92,6 +92,19 @@ func (s *storeSink) resume() error {
 	return nil
 }
 
+// noteStop records in the job's record what res says stopped the job: the
+// failure budget, or the window. j.mu is held.
+func (j *job) noteStop(res *result) {
+	switch res.err {
+	case errBudgetExhausted:
+		if j.rec.StopReason == "" {
+			j.rec.StopReason = stopFailureBudget
+		}
+	case errWindowSkip, errWindowCut:
+		j.rec.WindowPassed = true
+	}
+}
+
 func (s *storeSink) put(_ int, op *operation, res *result) {
 	// Once the lease is lost, another instance runs the job and records
 	// it: nothing more is this one's to store.
@@ -113,8 +126,12 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 		}
 	default:
 		s.j.rec.Failed++
+		if op.tested {
+			s.j.rec.Tested++
+		}
 	}
 	s.j.rec.Stopped = s.rn.stoppedBy
+	s.j.noteStop(res)
 	s.j.mu.Unlock()
 	if s.failed() {
 		return
