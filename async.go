@@ -328,6 +328,7 @@ func (j *job) drop(err error) error {
 	if err := deleteTree(ctx, a.store, jobKey(id)); err != nil {
 		a.logger.Warn("deleting refused batch job", zap.String("id", id), zap.Error(err))
 	}
+	a.store.unindexJob(ctx, &j.rec)
 	a.store.deactivate(id)
 	return err
 }
@@ -349,6 +350,11 @@ func (a *asyncJobs) queueJob(w http.ResponseWriter, r *http.Request, j *job, n i
 	err := a.store.keepHeaders(spec, id, j.rn.inherited)
 	if err == nil {
 		err = a.store.storeSpec(ctx, id, spec)
+	}
+	if err == nil {
+		// Listed before its record is stored: a job is never without
+		// its entry in its owner's index.
+		err = a.store.indexJob(ctx, &j.rec)
 	}
 	if err == nil {
 		err = j.save(ctx)

@@ -470,8 +470,15 @@ func (h *Handler) serveBatch(w http.ResponseWriter, r *http.Request, next caddyh
 		if id, sub, ok := jobPath(r.URL.Path); ok {
 			return h.jobs.serve(w, r, next, id, sub)
 		}
+		if r.Method == http.MethodGet {
+			return h.jobs.list(w, r)
+		}
 	}
 	if r.Method != http.MethodPost {
+		if h.Async != nil {
+			w.Header().Set("Allow", "GET, POST")
+			return writeError(w, http.StatusMethodNotAllowed, "batch requests must be POST; GET lists your jobs")
+		}
 		w.Header().Set("Allow", http.MethodPost)
 		return writeError(w, http.StatusMethodNotAllowed, "batch requests must be POST")
 	}

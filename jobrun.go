@@ -478,6 +478,7 @@ func (p *jobPool) expire(j *job) {
 	if err := deleteTree(ctx, a.store, jobKey(rec.ID)); err != nil {
 		a.logger.Warn("deleting expired batch job", zap.String("id", rec.ID), zap.Error(err))
 	}
+	a.store.unindexJob(ctx, &rec)
 	a.metrics.jobs.WithLabelValues(stateError).Inc()
 	a.logger.Warn("async batch expired before it started", zap.String("id", rec.ID))
 	if ev := a.endEvent(rec); ev != nil {
