@@ -125,8 +125,8 @@ func TestFailureBudgetCounts(t *testing.T) {
 	}
 }
 
-// failingOps returns n operations that the backend answers 404, numbered.
-func failingOps(n int) []string {
+// notFoundOps returns n operations that the backend answers 404, numbered.
+func notFoundOps(n int) []string {
 	ops := make([]string, n)
 	for i := range ops {
 		ops[i] = fmt.Sprintf(`{"path":"/users/%d"}`, 900000+i)
@@ -156,7 +156,7 @@ func TestSyncBatchFailureBudget(t *testing.T) {
 		concurrency 4
 		max_failure_rate 0.5 10
 	}`))
-	ops := failingOps(100)
+	ops := notFoundOps(100)
 
 	_, _, body := send(t, "POST", base+"/batch", `{"max_failures":5,"metadata":{"run":"7"},"batch":[`+strings.Join(ops, ",")+`]}`)
 	res := mustJSON(t, body)
@@ -218,7 +218,7 @@ func TestJobFailureBudget(t *testing.T) {
 			}`))
 	var lines []string
 	lines = append(lines, `{"mode":"parallel","max_failures":50,"metadata":{"import":"crm-7"}}`)
-	lines = append(lines, failingOps(10_000)...)
+	lines = append(lines, notFoundOps(10_000)...)
 	status, _, body := send(t, "POST", base+"/batch", strings.Join(lines, "\n"), alice, "Content-Type: application/x-ndjson")
 	if status != 202 {
 		t.Fatalf("submit: %d %s", status, body)

@@ -66,6 +66,7 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //	batch [<matcher> | <path...>] {
 //		mode              sequential|parallel
 //		concurrency       <n>
+//		key_concurrency   <n>
 //		atomicity         none|stop_on_error|all_or_nothing
 //		max_ops           <n>
 //		max_body_size     <size>
@@ -125,6 +126,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return choiceArg(d, name, &h.Atomicity, atomicNone, atomicStopOnError, atomicAllOrNothing)
 		case "concurrency":
 			return intArg(d, &h.Concurrency, 1)
+		case "key_concurrency":
+			return intArg(d, &h.KeyConcurrency, 1)
 		case "max_ops":
 			return intArg(d, &h.MaxOps, 1)
 		case "max_body_size":

@@ -54,6 +54,7 @@ func TestCaddyfileSubdirectives(t *testing.T) {
 		{"atomicity", "batch {\n atomicity all_or_nothing\n}", `{"atomicity":"all_or_nothing"}`},
 		{"concurrency", "batch {\n concurrency 1\n}", `{"concurrency":1}`},
 		{"concurrency large", "batch {\n concurrency 256\n}", `{"concurrency":256}`},
+		{"key_concurrency", "batch {\n key_concurrency 4\n}", `{"key_concurrency":4}`},
 		{"max_ops", "batch {\n max_ops 1000\n}", `{"max_ops":1000}`},
 		{"size in bytes", "batch {\n max_body_size 1024\n}", `{"max_body_size":1024}`},
 		{"size MB", "batch {\n max_body_size 1MB\n}", `{"max_body_size":1000000}`},
@@ -133,6 +134,9 @@ func TestCaddyfileRefused(t *testing.T) {
 		"mode missing":                    block("mode"),
 		"atomicity missing":               block("atomicity"),
 		"concurrency missing":             block("concurrency"),
+		"key_concurrency missing":         block("key_concurrency"),
+		"key_concurrency zero":            block("key_concurrency 0"),
+		"key_concurrency two arguments":   block("key_concurrency 1 2"),
 		"max_ops missing":                 block("max_ops"),
 		"max_body_size missing":           block("max_body_size"),
 		"max_response_size missing":       block("max_response_size"),
@@ -309,7 +313,7 @@ func TestProvisionDefaults(t *testing.T) {
 	if err := h.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	want := `{"mode":"sequential","concurrency":10,"atomicity":"none","max_ops":100,"max_body_size":10485760,
+	want := `{"mode":"sequential","concurrency":10,"key_concurrency":1,"atomicity":"none","max_ops":100,"max_body_size":10485760,
 		"max_response_size":10485760,"max_reference_size":10485760,"max_idempotent_size":1048576,"timeout":60000000000,"op_timeout":30000000000,
 		"max_inflight":32,"pacing":"off"}`
 	if got := cfJSON(t, &h); !cfSameJSON(t, got, want) {
@@ -369,6 +373,7 @@ func TestProvisionRefusesBadJSONConfig(t *testing.T) {
 		"mode wrong case":            `{"mode":"Parallel"}`,
 		"atomicity":                  `{"atomicity":"all"}`,
 		"concurrency negative":       `{"concurrency":-1}`,
+		"key_concurrency negative":   `{"key_concurrency":-1}`,
 		"max_ops negative":           `{"max_ops":-5}`,
 		"max_body_size negative":     `{"max_body_size":-1}`,
 		"max_response_size negative": `{"max_response_size":-1}`,

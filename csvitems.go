@@ -335,7 +335,7 @@ func (g *csvGuard) Read(p []byte) (int, error) {
 // key, body (a template: JSON, or else text) and any number of
 // header=Name:value, with {{item.COLUMN}} for the row's fields; without
 // a body template each row, an object of strings, is the body. And the
-// batch options mode, atomicity, max_attempts,
+// batch options mode, atomicity, max_attempts, key_concurrency,
 // omit_response_on_success, include_headers, dry_run and async. Each row
 // is an item, the body of its operation.
 
@@ -392,7 +392,7 @@ func csvTemplate(q url.Values) (op, opts []byte, faults badBatchError) {
 			}
 		case "mode", "atomicity":
 			opts = field(opts, name, vs[0], false)
-		case "max_attempts", "omit_response_on_success", "include_headers", "dry_run", "async":
+		case "max_attempts", "key_concurrency", "omit_response_on_success", "include_headers", "dry_run", "async":
 			opts = field(opts, name, vs[0], true)
 		default:
 			faults = append(faults, fault{Index: -1, Message: fmt.Sprintf("unknown query parameter %q: a CSV batch takes method, path, key, header and the batch options", short(name))})

@@ -2,6 +2,7 @@ package batch
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 )
 
@@ -165,17 +166,26 @@ func (p *parser) resolveGroups(b *batch, byID map[string]int, add func(op *opera
 }
 
 // checkCycles reports each dependency cycle once, naming its operations.
+// An operation waits for the one before it of its key to start, as for a
+// dependency: one that depends on a later operation of its key would wait
+// for itself.
 func (p *parser) checkCycles(b *batch) {
 	const (
 		unvisited = iota
 		onPath
 		finished
 	)
+	if !slices.ContainsFunc(b.ops, func(op *operation) bool { return len(op.deps) > 0 }) {
+		return // key order alone only ever waits for earlier operations
+	}
+	keyPrev := keyOrder(b)
 	state := make([]int8, len(b.ops))
 	pos := make([]int, len(b.ops)) // of an operation on the path
 	var path []int
+	var byKey []bool // path[k] was reached by the key order of path[k-1]
 	// Iterative depth-first search: a long dependency chain must not grow
-	// the goroutine stack with the batch.
+	// the goroutine stack with the batch. An operation's edges are its
+	// dependencies, then the one before it of its key.
 	type frame struct{ op, next int }
 	for root := range b.ops {
 		if state[root] != unvisited {
@@ -183,33 +193,72 @@ func (p *parser) checkCycles(b *batch) {
 		}
 		stack := []frame{{op: root}}
 		state[root] = onPath
-		path = append(path[:0], root)
+		path, byKey = append(path[:0], root), append(byKey[:0], false)
 		pos[root] = 0
 		for len(stack) > 0 {
 			top := &stack[len(stack)-1]
 			deps := b.ops[top.op].deps
-			if top.next == len(deps) {
+			d, viaKey := -1, false
+			switch {
+			case top.next < len(deps):
+				d = deps[top.next]
+			case top.next == len(deps) && keyPrev != nil && keyPrev[top.op] >= 0:
+				d, viaKey = keyPrev[top.op], true
+			default:
 				state[top.op] = finished
 				stack = stack[:len(stack)-1]
-				path = path[:len(path)-1]
+				path, byKey = path[:len(path)-1], byKey[:len(byKey)-1]
 				continue
 			}
-			d := deps[top.next]
 			top.next++
 			switch state[d] {
 			case unvisited:
 				state[d] = onPath
 				stack = append(stack, frame{op: d})
 				pos[d] = len(path)
-				path = append(path, d)
+				path, byKey = append(path, d), append(byKey, viaKey)
 			case onPath:
 				if p.full() {
 					continue // counted; naming it would cost the cycle's length
 				}
-				p.opFault(b.ops[d], "dependency cycle: %s", cycleText(b, path[pos[d]:]))
+				key := ""
+				if viaKey {
+					key = b.ops[d].key
+				} else if k := slices.Index(byKey[pos[d]+1:], true); k >= 0 {
+					key = b.ops[path[pos[d]+1+k]].key
+				}
+				if key == "" {
+					p.opFault(b.ops[d], "dependency cycle: %s", cycleText(b, path[pos[d]:]))
+				} else {
+					p.opFault(b.ops[d], "dependency cycle: %s, as operations of key %q start in submission order", cycleText(b, path[pos[d]:]), short(key))
+				}
 			}
 		}
 	}
+}
+
+// keyOrder returns the operation before each one of its key, -1 for none;
+// nil when no operation has a key.
+func keyOrder(b *batch) []int {
+	var prev []int
+	var last map[string]int // bounded by the batch, and gone with it
+	for i, op := range b.ops {
+		if op.key == "" {
+			continue
+		}
+		if prev == nil {
+			prev = make([]int, len(b.ops))
+			for j := range prev {
+				prev[j] = -1
+			}
+			last = map[string]int{}
+		}
+		if j, ok := last[op.key]; ok {
+			prev[i] = j
+		}
+		last[op.key] = i
+	}
+	return prev
 }
 
 // cycleText names the operations of a dependency cycle, back to the

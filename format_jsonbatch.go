@@ -235,25 +235,45 @@ func (jsonBatchFormat) sink(w http.ResponseWriter, _ *http.Request, b *batch) si
 
 // jsonBatchSink writes {"responses":[...]} as results come, in chunks.
 type jsonBatchSink struct {
-	w   http.ResponseWriter
-	out chunkWriter
+	w       http.ResponseWriter
+	out     chunkWriter
+	indexed bool // each response says its index (a filtered page of a job)
 }
 
-func (s *jsonBatchSink) put(_ int, op *operation, res *result) {
+func (s *jsonBatchSink) showIndex() { s.indexed = true }
+
+func (s *jsonBatchSink) put(i int, op *operation, res *result) {
 	if !s.out.started() {
 		s.out.start(s.w, "application/json", `{"responses":[`)
 	} else {
 		s.out.buf = append(s.out.buf, ',')
 	}
-	s.out.buf = appendJSONBatchResponse(s.out.buf, op, res)
+	if s.indexed {
+		s.out.buf = strconv.AppendInt(append(s.out.buf, `{"index":`...), int64(i), 10)
+		s.out.buf = append(s.out.buf, ',')
+		n := len(s.out.buf)
+		s.out.buf = appendJSONBatchResponse(s.out.buf, op, res)
+		s.out.buf = append(s.out.buf[:n], s.out.buf[n+1:]...) // its '{'
+	} else {
+		s.out.buf = appendJSONBatchResponse(s.out.buf, op, res)
+	}
 	s.out.maybeWrite()
 }
 
-func (s *jsonBatchSink) close(summary) {
+// close ends the answer; on a page of a job's results, with what follows
+// it, and OData's next link to it.
+func (s *jsonBatchSink) close(sum summary) {
 	if !s.out.started() {
 		s.out.start(s.w, "application/json", `{"responses":[`)
 	}
-	s.out.buf = append(s.out.buf, "]}"...)
+	s.out.buf = append(s.out.buf, ']')
+	if p := sum.page; p != nil {
+		s.out.buf = appendFollows(s.out.buf, p)
+		if p.next >= 0 {
+			s.out.buf = jsontext.AppendString(append(s.out.buf, `,"@odata.nextLink":`...), p.nextLink)
+		}
+	}
+	s.out.buf = append(s.out.buf, '}')
 	s.out.finish()
 }
 

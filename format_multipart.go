@@ -423,6 +423,19 @@ type multipartSink struct {
 	parts      [][]byte
 	failedAt   int
 	firstFault int
+	// indexed is set on a filtered page of a job's results: each part
+	// says its operation's index in a Batch-Index header.
+	indexed bool
+}
+
+func (s *multipartSink) showIndex() { s.indexed = true }
+
+// appendPart appends the part answering operation i.
+func (s *multipartSink) appendPart(dst []byte, i int, op *operation, res *result) []byte {
+	if s.indexed {
+		dst = append(strconv.AppendInt(append(dst, "Batch-Index: "...), int64(i), 10), "\r\n"...)
+	}
+	return appendHTTPPart(dst, op, res)
 }
 
 func (s *multipartSink) start() {
@@ -431,13 +444,13 @@ func (s *multipartSink) start() {
 	}
 }
 
-func (s *multipartSink) put(_ int, op *operation, res *result) {
+func (s *multipartSink) put(i int, op *operation, res *result) {
 	s.start()
 	if op.groupName != s.group {
 		s.endGroup()
 	}
 	if op.groupName == "" {
-		s.out.buf = appendHTTPPart(s.appendDelimiter(s.out.buf, s.boundary), op, res)
+		s.out.buf = s.appendPart(s.appendDelimiter(s.out.buf, s.boundary), i, op, res)
 		s.out.maybeWrite()
 		return
 	}
@@ -450,7 +463,7 @@ func (s *multipartSink) put(_ int, op *operation, res *result) {
 	case (res.failed() || res.undone != nil && *res.undone) && s.firstFault < 0:
 		s.firstFault = len(s.parts)
 	}
-	s.parts = append(s.parts, appendHTTPPart(nil, op, res))
+	s.parts = append(s.parts, s.appendPart(nil, i, op, res))
 }
 
 func (s *multipartSink) appendDelimiter(dst []byte, boundary string) []byte {

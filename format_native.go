@@ -107,6 +107,8 @@ func parseBatch(ctx context.Context, body []byte, lim *rules) (*batch, error) {
 				p.budgetField(b, key, v)
 			case "metadata":
 				p.metadataField(b, v)
+			case "key_concurrency":
+				b.keyConcurrency = p.keyConcurrency(v)
 			case "async", "dry_run", "omit_response_on_success", "include_headers":
 				if !v.IsBool() {
 					p.batchFault("%s must be true or false, got %s", key, short(v.Raw))
@@ -212,6 +214,16 @@ func (p *parser) maxAttempts(v gjson.Result) int {
 	n := v.Int()
 	if v.Type != gjson.Number || float64(n) != v.Num || n < 1 || n > maxBatchAttempts {
 		p.batchFault("max_attempts must be a whole number from 1 to %d, got %s", maxBatchAttempts, short(v.Raw))
+		return 0
+	}
+	return int(n)
+}
+
+// keyConcurrency reads the batch field key_concurrency.
+func (p *parser) keyConcurrency(v gjson.Result) int {
+	n := v.Int()
+	if v.Type != gjson.Number || float64(n) != v.Num || n < 1 || n > maxKeyConcurrency {
+		p.batchFault("key_concurrency must be a whole number from 1 to %d, got %s", maxKeyConcurrency, short(v.Raw))
 		return 0
 	}
 	return int(n)

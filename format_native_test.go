@@ -284,6 +284,8 @@ var fzBatchSeeds = []string{
 	`[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]`,
 	`[{"id":"l","path":"/users?email=a"},{"method":"POST","path":"/users","if":"status(l) == 404 || !(failed(l) && succeeded(l))"},{"path":"/users/{{l.body.id}}","if":"succeeded(l)","key":"k"}]`,
 	`{"operation":{"method":"PATCH","path":"/u/{{item.id}}?q={{item.a.b}}","key":"{{item.k}}","headers":{"X-R":"{{item.id}}"},"body":{"n":"{{item.n}}","t":"x {{item.n}}"}},"items":[{"id":1,"n":2,"k":"a","a":{"b":"c d"}},{"id":"x/y"}]}`,
+	`{"mode":"parallel","key_concurrency":2,"batch":[{"id":"a","path":"/a","key":"k","depends_on":["b"]},{"id":"b","path":"/b","key":"k"},{"id":"c","path":"/c","key":"j","depends_on":["a"]}]}`,
+	`{"mode":"parallel","key_concurrency":1e4,"batch":[{"id":"a","path":"/a","key":"k"},{"id":"b","path":"/b","key":"k","depends_on":["c"]},{"id":"c","path":"/c","key":"j"}]}`,
 	`[]`, `{}`, `null`, `"x"`, `[1]`, ``,
 }
 
@@ -405,15 +407,25 @@ func fzCheckBatch(t *testing.T, b *batch, l *rules) {
 			fzCheckOp(t, rb, l)
 		}
 	}
-	// No cycles: Kahn's algorithm removes every operation.
+	if b.keyConcurrency < 0 || b.keyConcurrency > maxKeyConcurrency {
+		t.Fatalf("key_concurrency %d", b.keyConcurrency)
+	}
+	// No cycles, with an operation waiting for the one before it of its
+	// key too: Kahn's algorithm removes every operation.
 	waiting := make([]int, len(b.ops))
 	after := make([][]int, len(b.ops))
+	lastOfKey := map[string]int{}
 	var ready []int
 	for i, op := range b.ops {
 		waiting[i] = len(op.deps)
 		for _, d := range op.deps {
 			after[d] = append(after[d], i)
 		}
+		if p, ok := lastOfKey[op.key]; ok && op.key != "" {
+			waiting[i]++
+			after[p] = append(after[p], i)
+		}
+		lastOfKey[op.key] = i
 		if waiting[i] == 0 {
 			ready = append(ready, i)
 		}

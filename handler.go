@@ -46,6 +46,12 @@ type Handler struct {
 	// How many operations of a parallel batch run at once. Default: 10.
 	Concurrency int `json:"concurrency,omitempty"`
 
+	// How many operations with the same "key" run at once, in parallel
+	// batches and jobs; they start in the order they were submitted, and
+	// operations without a key are not held back. A batch may set its own
+	// with the batch field "key_concurrency". Default: 1.
+	KeyConcurrency int `json:"key_concurrency,omitempty"`
+
 	// What one failed operation does to the rest unless a batch says
 	// otherwise: "none" (each stands alone), "stop_on_error" (later ones
 	// are skipped) or "all_or_nothing" (later ones are skipped and earlier
@@ -250,6 +256,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.Concurrency == 0 {
 		h.Concurrency = defaultConcurrency
 	}
+	if h.KeyConcurrency == 0 {
+		h.KeyConcurrency = 1
+	}
 	if h.MaxOps == 0 {
 		h.MaxOps = defaultMaxOps
 	}
@@ -401,6 +410,8 @@ func (h *Handler) Validate() error {
 	switch {
 	case h.Concurrency < 1:
 		return fmt.Errorf("concurrency must be at least 1, got %d", h.Concurrency)
+	case h.KeyConcurrency < 1:
+		return fmt.Errorf("key_concurrency must be at least 1, got %d", h.KeyConcurrency)
 	case h.MaxOps < 1:
 		return fmt.Errorf("max_ops must be at least 1, got %d", h.MaxOps)
 	case h.MaxBodySize < 1:

@@ -665,7 +665,13 @@ func startChild(t *testing.T, cfg string, port int) (string, child) {
 // waitJob polls a job until its status is one of want.
 func waitJob(t *testing.T, url string, auth string, want ...string) gjson.Result {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
+	return waitJobFor(t, 20*time.Second, url, auth, want...)
+}
+
+// waitJobFor is waitJob for a job that may take up to d.
+func waitJobFor(t *testing.T, d time.Duration, url string, auth string, want ...string) gjson.Result {
+	t.Helper()
+	deadline := time.Now().Add(d)
 	for {
 		status, _, body := send(t, "GET", url, "", auth)
 		if status != 200 {

@@ -150,7 +150,7 @@ func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
 	in.chunk = append(make([]byte, 0, 64<<10), '[')
 	q := r.URL.Query()
 	in.query = q
-	for _, name := range []string{"mode", "atomicity", "omit_response_on_success", "include_headers", "max_attempts",
+	for _, name := range []string{"mode", "atomicity", "omit_response_on_success", "include_headers", "max_attempts", "key_concurrency",
 		"max_failures", "max_failure_rate"} {
 		if v := q.Get(name); v != "" {
 			raw := strconv.Quote(v)
@@ -271,7 +271,7 @@ func (in *intake) options(line []byte) bool {
 	only := true
 	v.ForEach(func(k, _ gjson.Result) bool {
 		switch k.String() {
-		case "mode", "atomicity", "omit_response_on_success", "include_headers", "async", "max_attempts",
+		case "mode", "atomicity", "omit_response_on_success", "include_headers", "async", "max_attempts", "key_concurrency",
 			"max_failures", "max_failure_rate", "metadata":
 		default:
 			only = false
@@ -310,6 +310,8 @@ func (in *intake) option(name string, v gjson.Result) {
 		}
 	case "max_attempts":
 		spec.MaxAttempts = in.p.maxAttempts(v)
+	case "key_concurrency":
+		spec.KeyConcurrency = in.p.keyConcurrency(v)
 	case "max_failures", "max_failure_rate":
 		var b batch
 		in.p.budgetField(&b, name, v)
@@ -657,7 +659,7 @@ func (in *intake) readJSON(s *jsonStream) error {
 			if raw, err = s.value(); err == nil {
 				in.bulkOperation(raw)
 			}
-		case "mode", "atomicity", "async", "dry_run", "omit_response_on_success", "include_headers", "max_attempts",
+		case "mode", "atomicity", "async", "dry_run", "omit_response_on_success", "include_headers", "max_attempts", "key_concurrency",
 			"max_failures", "max_failure_rate", "metadata":
 			if raw, err = s.value(); err == nil {
 				in.option(key, gjson.ParseBytes(raw))

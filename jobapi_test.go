@@ -255,7 +255,9 @@ func TestAsyncAccess(t *testing.T) {
 	}
 	job := base + "/batch/" + mustJSON(t, body).Get("id").String()
 
-	if status, _, body := send(t, "GET", job+"/results", "", alice); status != 409 || mustJSON(t, body).Get("status").String() == "" {
+	// Before the end, the results final so far: none yet, more to come.
+	if status, _, body := send(t, "GET", job+"/results", "", alice); status != 200 || mustJSON(t, body).Get("complete").Bool() ||
+		mustJSON(t, body).Get("next").Int() != 0 || mustJSON(t, body).Get("results.#").Int() != 0 {
 		t.Errorf("results before the end: %d %s", status, body)
 	}
 	// Another owner does not see the job; no owner at all is refused.

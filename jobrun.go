@@ -43,6 +43,10 @@ type job struct {
 	// starts to run: no operation starts after it.
 	windowEnd time.Time
 
+	// readable is the record as of the last results stored: readers
+	// of results read those it counts.
+	readable atomic.Pointer[jobRecord]
+
 	mu  sync.Mutex
 	rn  *runner // nil once the job has ended: its batch and credentials go
 	rec jobRecord
@@ -601,6 +605,7 @@ func parseChunk(ctx context.Context, spec *jobSpec, chunk []byte, lim *rules) (*
 	b.format = native
 	b.lean = leanOptions{omitSuccess: spec.OmitSuccess, noHeaders: spec.NoHeaders}
 	b.maxAttempts = spec.MaxAttempts
+	b.keyConcurrency = spec.KeyConcurrency
 	b.maxFailures, b.maxFailureRate = spec.MaxFailures, spec.MaxFailureRate
 	return b, nil
 }
@@ -632,12 +637,13 @@ func (a *asyncJobs) loadEarlier(ctx context.Context, rec jobRecord, rn *runner, 
 	if !slices.ContainsFunc(rn.b.ops[n:], func(op *operation) bool { return len(op.deps) > 0 || op.refs != nil }) {
 		return nil
 	}
-	err := a.store.storedRange(ctx, rec, first, first+n, func(i int, item []byte) {
+	err := a.store.storedRange(ctx, rec, first, first+n, func(i int, item []byte) bool {
 		_, res := decodeStored(item)
 		if res.body != nil && !res.isJSON {
 			res.isJSON = jsonBody(res.header, res.body)
 		}
 		rn.results[i-first] = res
+		return true
 	})
 	return err
 }

@@ -1,14 +1,19 @@
 package batch
 
 import (
+	"bytes"
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"github.com/caddy-batch/batch/internal/jsontext"
+	"github.com/tidwall/gjson"
 	"go.uber.org/zap"
 )
 
@@ -49,10 +54,34 @@ type storeSink struct {
 
 	w *sinkWriter
 
+	// The failures stream: failed and skipped results, each with its
+	// index and request, in parts of their own (see failureIndex).
+	keepFailures bool
+	fails        []byte // the entries of the current part
+	fenc         []byte // the entry being put
+	inFails      int    // entries in fails
+	failsWritten int    // of them, those handed to a write
+	failPart     int
+
+	// mu serializes put with the idle flush.
+	mu        sync.Mutex
+	stopFlush chan struct{}
+	flushDone chan struct{}
+
 	lastWrite    time.Time
 	lastProgress time.Time
 	rate         rateMeter
 }
+
+// failuresPerPart bounds the entries of a part of the failures stream, as
+// resultsPerChunk bounds those of a chunk of results: a reader seeking an
+// index reads at most this many entries before it.
+const failuresPerPart = 1000
+
+// idleFlush is how often a job that puts no result checks for results
+// that wait in memory: a result is readable within about this long after
+// it is final, however slowly the next one comes.
+const idleFlush = 250 * time.Millisecond
 
 // maxWrites bounds the parts of one job being stored at once, and so the
 // memory they hold: a part is at most partSize.
@@ -68,6 +97,12 @@ func (s *storeSink) resume() error {
 	s.lastWrite = now()
 	s.rate.add(s.lastWrite, s.stored)
 	s.w = newSinkWriter(s, s.stored)
+	s.j.readable.Store(&rec)
+	if err := s.resumeFailures(rec); err != nil {
+		return err
+	}
+	s.stopFlush, s.flushDone = make(chan struct{}), make(chan struct{})
+	go s.flushIdle()
 	for need := s.n; need > 0; s.part++ {
 		buf, err := s.j.a.store.Load(s.stop, partKey(rec.ID, s.chunk, s.part))
 		if err != nil {
@@ -105,7 +140,42 @@ func (j *job) noteStop(res *result) {
 	}
 }
 
+// resumeFailures takes up the failures stream where the stored record
+// says the job is: a job that starts keeps one; of the last part, the
+// entries the record counts are read back into fails.
+func (s *storeSink) resumeFailures(rec jobRecord) error {
+	if s.stored == 0 {
+		s.j.mu.Lock()
+		s.j.rec.Failures = failureIndex{Kept: true, Sealed: s.j.spec.SealedOps}
+		s.j.mu.Unlock()
+		s.keepFailures = true
+		return nil
+	}
+	if s.keepFailures = rec.Failures.Kept; !s.keepFailures || len(rec.Failures.Starts) == 0 {
+		return nil
+	}
+	s.failPart = len(rec.Failures.Starts) - 1
+	items, err := s.j.a.store.failurePart(s.stop, rec, s.failPart)
+	if err != nil {
+		return fmt.Errorf("loading the failures to resume from: part %d: %w", s.failPart, err)
+	}
+	for _, item := range items {
+		if int(gjson.GetBytes(item, "index").Int()) >= s.stored {
+			break // stored after the record: its operation runs again
+		}
+		if s.inFails > 0 {
+			s.fails = append(s.fails, ',')
+		}
+		s.fails = append(s.fails, item...)
+		s.inFails++
+	}
+	s.failsWritten = s.inFails
+	return nil
+}
+
 func (s *storeSink) put(_ int, op *operation, res *result) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	// Once the lease is lost, another instance runs the job and records
 	// it: nothing more is this one's to store.
 	if s.halted || s.j.leaseLost() || res.cut && s.j.resumable() && errors.Is(context.Cause(s.stop), errInterrupted) {
@@ -114,9 +184,11 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 	}
 	s.enc = appendResult(s.enc[:0], -1, op, res, s.rn.b.lean)
 	enc := s.enc
+	outcome := outcomeOf(res)
 	s.j.mu.Lock()
+	index := s.j.rec.Completed
 	s.j.rec.Completed++
-	switch outcomeOf(res) {
+	switch outcome {
 	case outcomeSucceeded:
 		s.j.rec.Succeeded++
 	case outcomeSkipped:
@@ -135,6 +207,9 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 	s.j.mu.Unlock()
 	if s.failed() {
 		return
+	}
+	if outcome != outcomeSucceeded && s.keepFailures {
+		s.keepFailure(index, outcome, op, enc)
 	}
 	if s.inBuf > 0 && len(s.buf)+1+len(enc) > partSize {
 		if s.write(true); s.err != nil {
@@ -158,6 +233,123 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 	}
 }
 
+// keepFailure adds a failed or skipped result to the failures stream,
+// with its index and the request that made it.
+func (s *storeSink) keepFailure(index, outcome int, op *operation, enc []byte) {
+	e := strconv.AppendInt(append(s.fenc[:0], `{"index":`...), int64(index), 10)
+	e = append(append(append(e, `,"outcome":"`...), outcomeNames[outcome]...), `","result":`...)
+	e = appendRequest(append(append(e, enc...), `,"request":`...), op, s.rn.b.ops)
+	e = append(e, '}')
+	s.fenc = e
+	if s.inFails > 0 && (s.inFails == failuresPerPart || len(s.fails)+1+len(e) > partSize) {
+		if s.writeFailures(true); s.err != nil {
+			return
+		}
+	}
+	if s.inFails == 0 {
+		s.j.mu.Lock()
+		s.j.rec.Failures.Starts = append(s.j.rec.Failures.Starts, index)
+		s.j.mu.Unlock()
+	} else {
+		s.fails = append(s.fails, ',')
+	}
+	s.fails = append(s.fails, e...)
+	s.inFails++
+}
+
+// appendRequest appends op as its batch submitted it, in the native form:
+// what a client reads to fix and resend it, and what a rerun runs again.
+// Its own headers only, never those it inherited from the batch request;
+// its references and condition as written.
+func appendRequest(dst []byte, op *operation, ops []*operation) []byte {
+	dst = jsontext.AppendString(append(dst, `{"id":`...), op.id)
+	dst = jsontext.AppendString(append(dst, `,"method":`...), op.method)
+	dst = jsontext.AppendString(append(dst, `,"path":`...), op.target)
+	if len(op.header) > 0 {
+		dst = appendHeaders(append(dst, ','), op.header)
+	}
+	switch body := op.body; {
+	case body == nil:
+	case isJSONType(contentType(op.header)) && jsontext.Valid(body, maxJSONDepth):
+		dst = append(append(dst, `,"body":`...), bytes.TrimSpace(body)...)
+	case utf8.Valid(body):
+		dst = jsontext.AppendString(append(dst, `,"body":`...), string(body))
+	default:
+		dst = base64.StdEncoding.AppendEncode(append(dst, `,"body":"`...), body)
+		dst = append(dst, `","body_encoding":"base64"`...)
+	}
+	if len(op.deps) > 0 {
+		dst = append(dst, `,"depends_on":[`...)
+		for k, d := range op.deps {
+			if k > 0 {
+				dst = append(dst, ',')
+			}
+			if d < len(ops) {
+				dst = jsontext.AppendString(dst, ops[d].id)
+			}
+		}
+		dst = append(dst, ']')
+	}
+	if op.cond != nil {
+		dst = jsontext.AppendString(append(dst, `,"if":`...), op.cond.String())
+	}
+	if op.key != "" {
+		dst = jsontext.AppendString(append(dst, `,"key":`...), op.key)
+	}
+	if op.rollback != nil {
+		dst = appendRequest(append(dst, `,"rollback":`...), op.rollback, ops)
+	}
+	return append(dst, '}')
+}
+
+// writeFailures hands the entries of the failures stream not yet stored
+// to a write of their part, which counts no result: the write of results
+// after it carries the record. next then starts the next part.
+func (s *storeSink) writeFailures(next bool) {
+	if s.failed() || s.j.leaseLost() {
+		return
+	}
+	if s.inFails > s.failsWritten {
+		data := s.fails
+		if next {
+			s.fails = nil // the write holds it
+		} else {
+			data = slices.Clone(s.fails)
+		}
+		key := failureKey(s.j.rec.ID, s.failPart)
+		if s.j.spec.SealedOps { // entries hold requests, and so their headers
+			data = s.j.a.store.sealer.Seal(key, data)
+		}
+		s.w.write(key, data, nil)
+		s.failsWritten = s.inFails
+	}
+	if next && s.inFails > 0 {
+		s.failPart++
+		s.inFails, s.failsWritten = 0, 0
+		s.fails = s.fails[:0]
+	}
+}
+
+// flushIdle writes, every idleFlush, results that wait in memory while no
+// further result comes (a paced job): readers see them.
+func (s *storeSink) flushIdle() {
+	defer close(s.flushDone)
+	t := time.NewTicker(idleFlush)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopFlush:
+			return
+		case <-t.C:
+		}
+		s.mu.Lock()
+		if !s.halted && (s.inBuf > s.written || s.inFails > s.failsWritten) && now().Sub(s.lastWrite) >= checkpointEvery {
+			s.write(false)
+		}
+		s.mu.Unlock()
+	}
+}
+
 // failed reports whether storage refused a part: the job then stops.
 func (s *storeSink) failed() bool {
 	if s.err == nil {
@@ -177,6 +369,9 @@ func (s *storeSink) write(next bool) {
 	if s.failed() || s.j.leaseLost() {
 		return
 	}
+	// The failures of the results written first: the record after both
+	// counts no result whose failure entry is not stored.
+	s.writeFailures(false)
 	if s.inBuf > s.written {
 		data := s.buf
 		if next {
@@ -184,7 +379,8 @@ func (s *storeSink) write(next bool) {
 		} else {
 			data = slices.Clone(s.buf) // buf goes on filling
 		}
-		s.w.write(partKey(s.j.rec.ID, s.chunk, s.part), data, s.j.snapshot())
+		rec := s.j.snapshot()
+		s.w.write(partKey(s.j.rec.ID, s.chunk, s.part), data, &rec)
 		s.written = s.inBuf
 		s.lastWrite = now()
 		s.progress()
@@ -216,7 +412,7 @@ type sinkWriter struct {
 type partWrite struct {
 	key  string
 	data []byte
-	rec  jobRecord // as it stood when the part was written
+	rec  *jobRecord // as it stood when the part was written; nil: it counts no result
 	err  error
 	done chan struct{}
 }
@@ -231,7 +427,7 @@ func newSinkWriter(s *storeSink, stored int) *sinkWriter {
 
 // write queues a part and the record that counts it; it waits only when
 // maxWrites parts are queued already.
-func (w *sinkWriter) write(key string, data []byte, rec jobRecord) {
+func (w *sinkWriter) write(key string, data []byte, rec *jobRecord) {
 	w.parts <- &partWrite{key: key, data: data, rec: rec, done: make(chan struct{})}
 }
 
@@ -244,7 +440,7 @@ func (w *sinkWriter) failure() error {
 
 // storeParts stores the parts queued, at most maxWrites at once; a part
 // written again (a checkpoint, then the part it grew into) waits for the
-// write before it. As the oldest writes end, in order, their records are
+// writes of it before. As the oldest writes end, in order, their records are
 // handed to storeRecords.
 func (w *sinkWriter) storeParts() {
 	defer close(w.ended)
@@ -257,9 +453,9 @@ func (w *sinkWriter) storeParts() {
 		if pw.err != nil {
 			w.broken = true
 		}
-		if !w.broken { // a record counts no result after one not stored
-			rec := pw.rec
-			w.rec, w.stored = &rec, rec.Completed
+		if !w.broken && pw.rec != nil { // a record counts no result after one not stored
+			w.rec, w.stored = pw.rec, pw.rec.Completed
+			w.s.j.readable.Store(pw.rec)
 		}
 		w.mu.Unlock()
 		select {
@@ -267,8 +463,24 @@ func (w *sinkWriter) storeParts() {
 		default:
 		}
 	}
-	for pw := range w.parts {
-		for len(inFlight) > 0 && (len(inFlight) == maxWrites || inFlight[len(inFlight)-1].key == pw.key) {
+	for {
+		// The oldest write settles as soon as it ends: its record, and
+		// the results it makes readable, do not wait for the next write.
+		var oldest chan struct{}
+		if len(inFlight) > 0 {
+			oldest = inFlight[0].done
+		}
+		var pw *partWrite
+		select {
+		case <-oldest:
+			settle()
+			continue
+		case pw = <-w.parts:
+		}
+		if pw == nil {
+			break // closed
+		}
+		for len(inFlight) == maxWrites || slices.ContainsFunc(inFlight, func(f *partWrite) bool { return f.key == pw.key }) {
 			settle()
 		}
 		if w.failure() != nil {
@@ -358,6 +570,10 @@ func (s *storeSink) progress() {
 
 // close stores what is left, and waits for it.
 func (s *storeSink) close(summary) {
+	if s.stopFlush != nil {
+		close(s.stopFlush)
+		<-s.flushDone
+	}
 	s.write(true)
 	stored, err := s.w.close()
 	s.stored = stored

@@ -42,6 +42,9 @@ type batch struct {
 	// maxAttempts is the batch field max_attempts: tries in all of each
 	// operation; 0 leaves it to the retry policy.
 	maxAttempts int
+	// keyConcurrency is the batch field key_concurrency: operations of
+	// one key run at once; 0 leaves it to the handler.
+	keyConcurrency int
 	// maxFailures and maxFailureRate are the batch's failure budget; 0
 	// leaves it to the config.
 	maxFailures    int

@@ -76,8 +76,16 @@ type summary struct {
 	metadata map[string]string
 }
 
-// page is which results of a job an answer holds.
-type page struct{ offset, limit int }
+// page is which results of a job an answer holds, and what follows them.
+type page struct {
+	offset, limit int // limit 0: not paged (NDJSON)
+	// complete is set once the job has ended: no result is to come.
+	complete bool
+	// next is where to ask next, -1 at the end; nextLink the URL that
+	// asks there.
+	next     int
+	nextLink string
+}
 
 // Envelope statuses.
 const (
@@ -98,6 +106,10 @@ const (
 	outcomeFailed
 	outcomeSkipped
 )
+
+// outcomeNames are the outcomes as ?outcome= and the failures stream
+// name them.
+var outcomeNames = [...]string{outcomeSucceeded: "succeeded", outcomeFailed: "failed", outcomeSkipped: "skipped"}
 
 // outcomeOf counts answers below 400 as succeeded, and operations the
 // batch layer did not run (424, or 412 for a false condition) as skipped.
@@ -293,11 +305,14 @@ func appendSummary(dst []byte, s summary) []byte {
 		dst = append(dst, `,"retry_after":`...)
 		dst = strconv.AppendInt(dst, int64(s.retryAfter), 10)
 	}
-	if s.page != nil {
-		dst = append(dst, `,"offset":`...)
-		dst = strconv.AppendInt(dst, int64(s.page.offset), 10)
-		dst = append(dst, `,"limit":`...)
-		dst = strconv.AppendInt(dst, int64(s.page.limit), 10)
+	if p := s.page; p != nil {
+		if p.limit > 0 {
+			dst = append(dst, `,"offset":`...)
+			dst = strconv.AppendInt(dst, int64(p.offset), 10)
+			dst = append(dst, `,"limit":`...)
+			dst = strconv.AppendInt(dst, int64(p.limit), 10)
+		}
+		dst = appendFollows(dst, p)
 	}
 	if s.err != "" {
 		dst = append(dst, `,"error":`...)
@@ -317,7 +332,16 @@ func appendSummary(dst []byte, s summary) []byte {
 	return dst
 }
 
-// appendResult appends the JSON of one result.
+// appendFollows appends what follows a page: "complete", and "next"
+// unless nothing does.
+func appendFollows(dst []byte, p *page) []byte {
+	dst = strconv.AppendBool(append(dst, `,"complete":`...), p.complete)
+	if p.next >= 0 {
+		dst = strconv.AppendInt(append(dst, `,"next":`...), int64(p.next), 10)
+	}
+	return dst
+}
+
 // appendResult appends the JSON of one result, the form in which jobs
 // store results too; index, unless negative, goes first (NDJSON).
 func appendResult(dst []byte, index int, op *operation, res *result, lean leanOptions) []byte {

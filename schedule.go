@@ -27,11 +27,15 @@ func (rn *runner) runSequential(from int) {
 // runParallel runs operations on a pool of concurrency workers.
 func (rn *runner) runParallel(from int) {
 	workers := min(rn.h.Concurrency, len(rn.b.ops)-from)
-	if !slices.ContainsFunc(rn.b.ops, func(op *operation) bool { return len(op.deps) > 0 }) {
+	deps := slices.ContainsFunc(rn.b.ops, func(op *operation) bool { return len(op.deps) > 0 })
+	// Without dependencies, operations start in array order: keys hold
+	// none back unless more may run at once than one key may.
+	keys := (deps || workers > rn.keyConcurrency()) && slices.ContainsFunc(rn.b.ops[from:], func(op *operation) bool { return op.key != "" })
+	if !deps && !keys {
 		rn.runIndependent(workers, from)
 		return
 	}
-	rn.runGraph(workers, from)
+	rn.runGraph(workers, from, keys)
 }
 
 // runIndependent runs operations that wait for none: each worker takes the
@@ -65,10 +69,12 @@ func (rn *runner) runIndependent(workers, from int) {
 	wg.Wait()
 }
 
-// runGraph runs operations with dependencies on a pool of workers; this
-// goroutine alone schedules and emits, so results need no lock.
-func (rn *runner) runGraph(workers, from int) {
-	n := len(rn.b.ops)
+// runGraph runs operations with dependencies, or keys, on a pool of
+// workers; this goroutine alone schedules and emits, so results need no
+// lock.
+func (rn *runner) runGraph(workers, from int, keys bool) {
+	ops := rn.b.ops
+	n := len(ops)
 	jobs := make(chan int)
 	done := make(chan int, workers) // never blocks a worker: at most workers in flight
 	for range workers {
@@ -76,36 +82,81 @@ func (rn *runner) runGraph(workers, from int) {
 			clk := rn.newClock(rn.ctx)
 			defer clk.stop()
 			for i := range jobs {
-				rn.results[i] = rn.runOne(rn.b.ops[i], clk)
+				rn.results[i] = rn.runOne(ops[i], clk)
 				done <- i
 			}
 		}()
 	}
 	defer close(jobs)
 
-	// pending counts unfinished dependencies; ready holds runnable indexes
-	// in array order, so that with no dependencies ops start in order.
+	// pending counts unfinished dependencies, and the operation before
+	// of the same key until it starts; ready holds runnable indexes in
+	// array order, so that with no dependencies ops start in order.
 	// Operations before from have finished.
 	pending := make([]int, n)
 	dependents := make([][]int, n)
-	ready := make([]int, 0, n)
 	for i := from; i < n; i++ {
-		for _, d := range rn.b.ops[i].deps {
+		for _, d := range ops[i].deps {
 			if d >= from {
 				pending[i]++
 				dependents[d] = append(dependents[d], i)
 			}
 		}
+	}
+	// keyNext is the next operation of each one's key, -1 for none: an
+	// operation is ready once the one before it of its key has started,
+	// so that a key's operations are offered their turns in array order.
+	// The parser refuses dependencies that would have an operation wait
+	// for a later one of its key.
+	var keyNext []int
+	var turns *keyTurns
+	if keys {
+		keyNext = make([]int, n)
+		for i := range keyNext {
+			keyNext[i] = -1
+		}
+		for i, p := range keyOrder(rn.b) {
+			if p >= from {
+				keyNext[p] = i
+				pending[i]++
+			}
+		}
+		turns = newKeyTurns(rn.keyConcurrency())
+	}
+	ready := make([]int, 0, n)
+	for i := from; i < n; i++ {
 		if pending[i] == 0 {
 			ready = append(ready, i)
 		}
 	}
+	var turned []int // handed the turn of an operation of their key that ended
 	inFlight, finished := 0, from
+	start := func(i int) {
+		jobs <- i
+		inFlight++
+		if keyNext != nil {
+			if j := keyNext[i]; j >= 0 {
+				if pending[j]--; pending[j] == 0 {
+					ready = append(ready, j)
+				}
+			}
+		}
+	}
 	for finished < n {
-		for inFlight < workers && len(ready) > 0 && !rn.handingOver() {
-			jobs <- ready[0]
+		for inFlight < workers && !rn.handingOver() {
+			if len(turned) > 0 {
+				start(turned[0])
+				turned = turned[1:]
+				continue
+			}
+			if len(ready) == 0 {
+				break
+			}
+			i := ready[0]
 			ready = ready[1:]
-			inFlight++
+			if turns == nil || ops[i].key == "" || turns.offer(ops[i].key, i) {
+				start(i)
+			}
 		}
 		if inFlight == 0 {
 			return // handed over
@@ -117,6 +168,11 @@ func (rn *runner) runGraph(workers, from int) {
 		for _, j := range dependents[i] {
 			if pending[j]--; pending[j] == 0 {
 				ready = append(ready, j)
+			}
+		}
+		if turns != nil && ops[i].key != "" {
+			if j := turns.done(ops[i].key); j >= 0 {
+				turned = append(turned, j)
 			}
 		}
 	}
@@ -181,6 +237,18 @@ func (rn *runner) failGroup(op *operation) {
 // next chunk is read while the current one runs, and results go out in
 // order behind them. A slow operation holds back only the operations past
 // the window of results that may wait for it.
+//
+// An operation whose key has key_concurrency operations running, or one
+// waiting before it, waits in the window for its turn, and the stream
+// reads on past it: other keys' operations behind it start on free
+// workers. A key's operations in a later chunk come later in the stream,
+// so they never overtake its earlier ones. At the limit, a key whose
+// operations wait behind a slow one of its own fill the window as results
+// held behind a slow operation do: once the first operation whose result
+// has not gone out is streamWindow behind the next to read, no more is
+// read, and the job goes at that key's pace until its operations drain
+// out of the window. Spread over the stream, a key's operations take a
+// few places in it each, and the other keys run on.
 const (
 	// streamWindow bounds the operations started past the first whose
 	// result has not gone out.
@@ -227,8 +295,19 @@ func (rn *runner) runStream(src opSource, out sink, from int) error {
 	defer wg.Wait()
 	defer close(jobs)
 
+	// turns holds the operations that wait for their key: those in the
+	// window, so never more than streamWindow. With no more workers than
+	// one key may use, none ever waits.
+	var turns *keyTurns
+	if workers > rn.keyConcurrency() {
+		turns = newKeyTurns(rn.keyConcurrency())
+	}
 	var classes [6]int
 	next, emit, inFlight, held := from, from, 0, 0
+	start := func(i int) {
+		jobs <- i
+		inFlight++
+	}
 	var err error
 	for {
 		for err == nil && src != nil && inFlight < workers && next-emit < streamWindow && held <= streamHeld && !rn.handingOver() {
@@ -238,9 +317,10 @@ func (rn *runner) runStream(src opSource, out sink, from int) error {
 				break
 			}
 			ring[next%streamWindow] = slot{op: op}
-			jobs <- next
+			if turns == nil || op.key == "" || turns.offer(op.key, next) {
+				start(next)
+			}
 			next++
-			inFlight++
 		}
 		if inFlight == 0 {
 			break // all done, handed over, or the operations could not be read
@@ -250,6 +330,13 @@ func (rn *runner) runStream(src opSource, out sink, from int) error {
 		s := &ring[i%streamWindow]
 		s.done = true
 		held += len(s.res.body)
+		if turns != nil && s.op.key != "" {
+			// What waits when the job is handed over does not start: the
+			// instance that resumes it runs it.
+			if j := turns.done(s.op.key); j >= 0 && !rn.handingOver() {
+				start(j)
+			}
+		}
 		for emit < next && ring[emit%streamWindow].done {
 			s := &ring[emit%streamWindow]
 			held -= len(s.res.body)

@@ -9,6 +9,8 @@ import (
 	"io/fs"
 	"net/http"
 	"path"
+	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -16,6 +18,7 @@ import (
 	"github.com/caddy-batch/batch/internal/jsontext"
 	"github.com/caddy-batch/batch/internal/seal"
 	"github.com/caddyserver/certmagic"
+	"github.com/tidwall/gjson"
 	"go.uber.org/zap"
 )
 
@@ -88,12 +91,30 @@ type jobRecord struct {
 	// Unmet counts the skipped operations whose condition was false:
 	// they leave the job completed.
 	Unmet int `json:"unmet,omitempty"`
+	// Failures locates the job's failed and skipped results in the
+	// failures stream.
+	Failures failureIndex `json:"failures,omitzero"`
 	// Tested counts the failed operations that a condition tests: they
 	// spend no failure budget.
 	Tested int `json:"tested,omitempty"`
 	// WindowPassed is set once an operation was skipped or cut off as the
 	// window passed: the job ends expired.
 	WindowPassed bool `json:"window_passed,omitempty"`
+}
+
+// failureIndex locates the failures stream of a job: its failed and
+// skipped results stored a second time, each with its index and request
+// (failures/NNNNNN, at most failuresPerPart a part), so that reading or
+// rerunning them reads them, not every result.
+type failureIndex struct {
+	// Starts holds the index of the first result of each part.
+	Starts []int `json:"starts,omitempty"`
+	// Kept is set when the stream holds every failure of the job: not
+	// for jobs started by a version that kept none.
+	Kept bool `json:"kept,omitempty"`
+	// Sealed is set when the parts are encrypted, as the job's
+	// operations are: they hold requests.
+	Sealed bool `json:"sealed,omitempty"`
 }
 
 func (p *progress) final() bool {
@@ -125,6 +146,34 @@ func partKey(id string, chunk, part int) string {
 		k += "." + strconv.Itoa(part)
 	}
 	return jobKey(id, "results", k)
+}
+
+// failureKey is where part n of a job's failures stream is stored.
+func failureKey(id string, n int) string { return jobKey(id, "failures", fmt.Sprintf("%06d", n)) }
+
+// failurePart loads part n of rec's failures stream, checked whole: its
+// entries, in order.
+func (s *store) failurePart(ctx context.Context, rec jobRecord, n int) ([][]byte, error) {
+	key := failureKey(rec.ID, n)
+	buf, err := s.Load(ctx, key)
+	if err == nil && rec.Failures.Sealed {
+		if s.sealer == nil {
+			return nil, fmt.Errorf("%w: failures of %s are encrypted, and no credentials_key is set", errBadRecord, rec.ID)
+		}
+		if buf, err = s.sealer.Open(key, buf); err != nil {
+			err = fmt.Errorf("%w: %w", errBadRecord, err)
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	items := jsontext.SplitTop(buf)
+	for _, item := range items {
+		if len(item) == 0 || item[0] != '{' || !jsontext.Valid(item, max(maxAnswerDepth, maxJSONDepth)+4) {
+			return nil, fmt.Errorf("%w: failures of %s, part %d", errBadRecord, rec.ID, n)
+		}
+	}
+	return items, nil
 }
 
 // errBadRecord marks a stored record (a job's, an idempotent answer's)
@@ -217,6 +266,8 @@ type jobSpec struct {
 	OmitSuccess bool   `json:"omit_response_on_success,omitempty"`
 	NoHeaders   bool   `json:"no_headers,omitempty"`
 	MaxAttempts int    `json:"max_attempts,omitempty"`
+	// KeyConcurrency is 0 when the batch leaves it to the handler.
+	KeyConcurrency int `json:"key_concurrency,omitempty"`
 	// The failure budget of a streamed batch; 0 leaves it to the config.
 	MaxFailures    int     `json:"max_failures,omitempty"`
 	MaxFailureRate float64 `json:"max_failure_rate,omitempty"`
@@ -467,8 +518,8 @@ func (s *store) loadJob(ctx context.Context, id string) (jobRecord, error) {
 }
 
 // storedRange calls put with each stored result of rec from offset up to
-// end, loading one part at a time.
-func (s *store) storedRange(ctx context.Context, rec jobRecord, offset, end int, put func(i int, item []byte)) error {
+// end, loading one part at a time, until put returns false.
+func (s *store) storedRange(ctx context.Context, rec jobRecord, offset, end int, put func(i int, item []byte) bool) error {
 	stored := rec.Completed - rec.Unstored
 	for c := offset / resultsPerChunk; c*resultsPerChunk < end; c++ {
 		i := c * resultsPerChunk // index of the next result read
@@ -491,14 +542,62 @@ func (s *store) storedRange(ctx context.Context, rec jobRecord, offset, end int,
 				}
 			}
 			for _, item := range items {
-				if i >= offset && i < end {
-					put(i, item)
+				if i >= offset && i < end && !put(i, item) {
+					return nil
 				}
 				i++
 			}
 		}
 	}
 	return nil
+}
+
+// eachFailure calls put with each entry of rec's failures stream whose
+// index is from offset up to end, in order, until put returns false: its
+// outcome, result and request. It reads the parts from the one that holds
+// offset on.
+func (s *store) eachFailure(ctx context.Context, rec jobRecord, offset, end int,
+	put func(i, outcome int, result, request []byte) bool) error {
+	starts := rec.Failures.Starts
+	for n := max(sort.SearchInts(starts, offset+1)-1, 0); n < len(starts) && starts[n] < end; n++ {
+		items, err := s.failurePart(ctx, rec, n)
+		if err != nil {
+			return fmt.Errorf("loading the failures of batch job results: part %d: %w", n, err)
+		}
+		for _, item := range items {
+			i, outcome, res, req := -1, -1, []byte(nil), []byte(nil)
+			gjson.ParseBytes(item).ForEach(func(k, v gjson.Result) bool {
+				switch k.Str {
+				case "index":
+					i = int(v.Int())
+				case "outcome":
+					outcome = slices.Index(outcomeNames[:], v.Str)
+				case "result":
+					res = rawOf(item, v)
+				case "request":
+					req = rawOf(item, v)
+				}
+				return true
+			})
+			switch {
+			case i < 0 || outcome < 0 || len(res) == 0 || res[0] != '{':
+				return fmt.Errorf("%w: failures of %s, part %d", errBadRecord, rec.ID, n)
+			case i < offset:
+				continue
+			case i >= end || !put(i, outcome, res, req):
+				return nil
+			}
+		}
+	}
+	return nil
+}
+
+// rawOf returns the bytes of v, a value gjson found in buf.
+func rawOf(buf []byte, v gjson.Result) []byte {
+	if v.Index > 0 && v.Index+len(v.Raw) <= len(buf) {
+		return buf[v.Index : v.Index+len(v.Raw)]
+	}
+	return []byte(v.Raw)
 }
 
 func eventKey(id string) string { return jobKey(id, "event") }

@@ -26,6 +26,9 @@
 //	                           # jobs cost the instances that do not run them
 //	go run ./bench -cluster -only pacing,queue -n 600
 //	                           # the short form, for CI
+//	go run ./bench -keys [-rounds 3] [-informational]
+//	                           # 1,000 operations over 50 keys at concurrency 20, a sync batch
+//	                           # and a streamed job, with keys against the same without
 //	go run ./bench -only c -cpuprofile /tmp/caddy.pprof
 //	                           # one scenario, profiling the Caddy process
 //
@@ -89,11 +92,12 @@ func main() {
 	pacingRun := flag.Bool("pacing", false, "instead of the scenarios, run async jobs against a rate-limited backend (with -n, -rate)")
 	nOps := flag.Int("n", 0, "operations per job: with -pacing (default 5000), -storage (20000), -cluster (3000 per instance)")
 	paceRate := flag.Int("rate", 200, "with -pacing and -cluster: requests a second the backend allows")
-	informational := flag.Bool("informational", false, "with -pacing, -storage and -cluster: print the targets missed, but exit 0")
+	informational := flag.Bool("informational", false, "with -pacing, -storage, -cluster and -keys: print the targets missed, but exit 0")
 	storageRun := flag.Bool("storage", false, "instead of the scenarios, time a job on the file system storage and on storage 2 ms and 20 ms away (with -n, -rounds)")
-	rounds := flag.Int("rounds", 3, "with -storage: how many times each storage runs its job, taking turns")
+	rounds := flag.Int("rounds", 3, "with -storage and -keys: how many times each runs, taking turns")
 	sizes := flag.String("sizes", "", "with -storage: instead, a job's storage calls per 1,000 operations at these sizes, comma-separated (e.g. 10000,100000)")
 	lag := flag.Duration("lag", 2*time.Millisecond, "with -storage -sizes: the storage's latency")
+	keysRun := flag.Bool("keys", false, "instead of the scenarios, time operations ordered by key against the same without keys (with -rounds)")
 	clusterRun := flag.Bool("cluster", false, "instead of the scenarios, run three instances sharing one storage: pacing, queue, adopt (with -n, -rate, -only)")
 	flag.Parse()
 	if *serve != "" {
@@ -111,6 +115,12 @@ func main() {
 			return def
 		}
 		return n
+	}
+	if *keysRun {
+		if err := keyOrder(*rounds, *informational); err != nil {
+			log.Fatal(err)
+		}
+		return
 	}
 	if *clusterRun {
 		if err := cluster(orDefault(*nOps, 3000), *paceRate, *informational); err != nil {
