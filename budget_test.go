@@ -191,6 +191,14 @@ func TestSyncBatchFailureBudget(t *testing.T) {
 	if sent := countPrefix(be, "/users/9") - before; sent != 20 || res.Get("status").String() != statusStopped {
 		t.Fatalf("rate: %d failures sent; status %s", sent, res.Get("status"))
 	}
+	// A CSV batch takes them in its query.
+	before = countPrefix(be, "/users/9")
+	_, _, body = send(t, "POST", base+"/batch?method=GET&path=/users/{{item.id}}&max_failures=2&metadata.src=csv",
+		"id\n900001\n900002\n900003\n900004\n", "Content-Type: text/csv")
+	res = mustJSON(t, body)
+	if sent := countPrefix(be, "/users/9") - before; sent != 2 || res.Get("status").String() != statusStopped || res.Get("metadata.src").String() != "csv" {
+		t.Errorf("CSV: %d sent; %s", sent, body)
+	}
 	// Under the budget, a batch ends as it did.
 	_, _, body = send(t, "POST", base+"/batch", `{"max_failures":5,"batch":[`+strings.Join(ops[:4], ",")+`]}`)
 	if res := mustJSON(t, body); res.Get("status").String() != statusCompletedWithErrors {

@@ -161,7 +161,7 @@ func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
 		}
 	}
 	md, msg := queryMetadata(q)
-	if msg != "" {
+	if msg != "" && !isCSV(r.Header.Get("Content-Type")) { // csvTemplate says it of a CSV batch
 		in.fault("%s", msg)
 	}
 	j.rec.Metadata = md

@@ -70,7 +70,7 @@ func (j *job) halted() string {
 	if why := j.unrecorded.Load(); why != nil {
 		return *why
 	}
-	if !now().Before(j.windowEnd) {
+	if !j.windowEnd.IsZero() && !now().Before(j.windowEnd) {
 		return errWindowSkip
 	}
 	return ""

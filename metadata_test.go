@@ -35,18 +35,18 @@ func TestMetadataField(t *testing.T) {
 		t.Errorf("empty metadata: %v", b.metadata)
 	}
 	bad := map[string]string{
-		pairs(17):                                      "metadata holds at most 16 pairs, got 17",
-		pairs(1000):                                    "metadata holds at most 16 pairs, got 1000",
-		`{"` + strings.Repeat("k", 65) + `":"v"}`:      "is longer than 64 bytes",
-		`{"k":"` + strings.Repeat("v", 513) + `"}`:     "metadata value of \"k\" is longer than 512 bytes",
-		`{"k":"` + strings.Repeat("é", 257) + `"}`:     "longer than 512 bytes",
-		`{"k":5}`:                                      "metadata value of \"k\" must be a string",
-		`{"k":null}`:                                   "must be a string",
-		`{"k":{"nested":"v"}}`:                         "must be a string",
-		`{"":"v"}`:                                     "metadata keys must not be empty",
-		`{"k":"a","k":"b"}`:                            "metadata key \"k\" given twice",
-		`["k","v"]`:                                    "metadata must be an object of strings",
-		`"source=crm"`:                                 "metadata must be an object of strings",
+		pairs(17):   "metadata holds at most 16 pairs, got 17",
+		pairs(1000): "metadata holds at most 16 pairs, got 1000",
+		`{"` + strings.Repeat("k", 65) + `":"v"}`:  "is longer than 64 bytes",
+		`{"k":"` + strings.Repeat("v", 513) + `"}`: "metadata value of \"k\" is longer than 512 bytes",
+		`{"k":"` + strings.Repeat("é", 257) + `"}`: "longer than 512 bytes",
+		`{"k":5}`:              "metadata value of \"k\" must be a string",
+		`{"k":null}`:           "must be a string",
+		`{"k":{"nested":"v"}}`: "must be a string",
+		`{"":"v"}`:             "metadata keys must not be empty",
+		`{"k":"a","k":"b"}`:    "metadata key \"k\" given twice",
+		`["k","v"]`:            "metadata must be an object of strings",
+		`"source=crm"`:         "metadata must be an object of strings",
 		`{"k":"` + strings.Repeat("v", 100_000) + `"}`: "longer than 512 bytes",
 	}
 	for md, want := range bad {
@@ -91,6 +91,28 @@ func TestQueryMetadata(t *testing.T) {
 		md, fault := queryMetadata(q)
 		if !maps.Equal(md, tc.want) || !strings.Contains(fault, tc.fault) || (tc.fault == "") != (fault == "") {
 			t.Errorf("%.80s: %v %q", tc.query, md, fault)
+		}
+	}
+}
+
+// A CSV batch's query takes the budget and metadata as any batch's body
+// does.
+func TestCSVQueryBudgetAndMetadata(t *testing.T) {
+	t.Parallel()
+	q, _ := url.ParseQuery("method=PATCH&path=/users/{{item.id}}&max_failures=2&max_failure_rate=0.5&metadata.src=csv&metadata.run=7")
+	_, opts, faults := csvTemplate(q)
+	// The envelope goes on with the operation and the items.
+	if len(faults) > 0 || string(opts) != `{"max_failure_rate":0.5,"max_failures":2,"metadata":{"run":"7","src":"csv"}` {
+		t.Errorf("options %s, faults %v", opts, faults)
+	}
+	for query, want := range map[string]string{
+		"metadata.k=a&metadata.k=b": "metadata key \"k\" given twice",
+		"metadata.=v":               "metadata keys must not be empty",
+		"metadata.k=%ff":            "not valid UTF-8",
+	} {
+		q, _ := url.ParseQuery("method=PATCH&path=/u&" + query)
+		if _, _, faults := csvTemplate(q); len(faults) != 1 || !strings.Contains(faults[0].Message, want) {
+			t.Errorf("%s: %v", query, faults)
 		}
 	}
 }
