@@ -190,19 +190,28 @@ func (p *jobPool) submit(j *job) error {
 }
 
 // evictExpired takes the jobs whose window passed while they waited out
-// of the queue: each runs at once, outside the limit, sending nothing, and
-// ends expired. p.mu is held.
+// of the queue: they run at once, outside the limit, one after another
+// (each writes its results), sending nothing, and end expired. p.mu is
+// held.
 func (p *jobPool) evictExpired() {
 	t := now()
 	kept := p.queue[:0]
+	var expired []*job
 	for _, j := range p.queue {
 		if t.Before(j.rec.windowEnd()) {
 			kept = append(kept, j)
 			continue
 		}
-		p.running++
-		p.wg.Add(1)
-		go p.run(j)
+		expired = append(expired, j)
+	}
+	if len(expired) > 0 {
+		p.running += len(expired)
+		p.wg.Add(len(expired))
+		go func() {
+			for _, j := range expired {
+				p.run(j)
+			}
+		}()
 	}
 	clear(p.queue[len(kept):])
 	p.queue = kept
