@@ -115,10 +115,7 @@ func (s *storeSink) resume() error {
 		}
 		// The last part the record counts: it goes on in buf.
 		for _, item := range items[:need] {
-			if s.inBuf > 0 {
-				s.buf = append(s.buf, ',')
-			}
-			s.buf = append(s.buf, item...)
+			s.buf = appendItem(s.buf, s.inBuf, item)
 			s.inBuf++
 		}
 		s.written = s.inBuf
@@ -163,10 +160,7 @@ func (s *storeSink) resumeFailures(rec jobRecord) error {
 		if int(gjson.GetBytes(item, "index").Int()) >= s.stored {
 			break // stored after the record: its operation runs again
 		}
-		if s.inFails > 0 {
-			s.fails = append(s.fails, ',')
-		}
-		s.fails = append(s.fails, item...)
+		s.fails = appendItem(s.fails, s.inFails, item)
 		s.inFails++
 	}
 	s.failsWritten = s.inFails
@@ -216,10 +210,7 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 			return
 		}
 	}
-	if s.inBuf > 0 {
-		s.buf = append(s.buf, ',')
-	}
-	s.buf = append(s.buf, enc...)
+	s.buf = appendItem(s.buf, s.inBuf, enc)
 	s.inBuf++
 	s.n++
 	switch {
@@ -231,6 +222,14 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 	case now().Sub(s.lastWrite) >= checkpointEvery:
 		s.write(false)
 	}
+}
+
+// appendItem appends item to the items of a part, n of them before it.
+func appendItem(buf []byte, n int, item []byte) []byte {
+	if n > 0 {
+		buf = append(buf, ',')
+	}
+	return append(buf, item...)
 }
 
 // keepFailure adds a failed or skipped result to the failures stream,
@@ -250,10 +249,8 @@ func (s *storeSink) keepFailure(index, outcome int, op *operation, enc []byte) {
 		s.j.mu.Lock()
 		s.j.rec.Failures.Starts = append(s.j.rec.Failures.Starts, index)
 		s.j.mu.Unlock()
-	} else {
-		s.fails = append(s.fails, ',')
 	}
-	s.fails = append(s.fails, e...)
+	s.fails = appendItem(s.fails, s.inFails, e)
 	s.inFails++
 }
 
