@@ -2,6 +2,9 @@ package batch
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -102,5 +105,110 @@ func TestAllOrNothingJobResumes(t *testing.T) {
 		if strings.Contains(r.Path, "undo") && i < first {
 			t.Errorf("rolled back before the restart: %s", r.Path)
 		}
+	}
+}
+
+// An idle instance's look for work costs the same storage calls whether
+// the instances sharing its storage hold 1, 100 or 1,000 jobs: it reads
+// their heartbeats, not their jobs.
+func TestAdoptionBounded(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	// No credentials_key: the jobs stay held where they were taken, and
+	// the idle instance has nothing it may take.
+	site := fmt.Sprintf(`
+	batch /batch /batch/* {
+		async {
+			workers 1
+			lease 2s
+		}
+	}
+	reverse_proxy %s`, be.addr())
+	startCaddy(t, site, inStorage(storage), onLaggedStorage("0s")) // idle
+	port := freePort(t)
+	busy, _ := startChild(t, testCaddyfile(storage, port, "", site), port)
+	submitJob(t, busy+"/batch", `[{"path":"/hold?id=hold"}]`)
+	active := 1
+	var perLook []float64
+	for _, n := range []int{1, 100, 1000} {
+		submitMany(t, busy+"/batch", "j", active, n)
+		active = n
+		eventually(t, 30*time.Second, fmt.Sprintf("%d jobs held", n), func() bool { return heldIn(storage) == n })
+		calls, by := callsPer(t, &thePool(t).looks, 10, "looks")
+		t.Logf("%4d active jobs: %.2f storage calls a look (%+v)", n, calls, by)
+		perLook = append(perLook, calls)
+	}
+	// A List of the epochs, a Load of the one heartbeat, a List of the
+	// queue; a look under way as counting starts or ends may add a part
+	// of one over the 10 looks.
+	for i, calls := range perLook {
+		if calls > 3.5 {
+			t.Errorf("%.2f storage calls a look with %d active jobs; want 3", calls, []int{1, 100, 1000}[i])
+		}
+	}
+	if got := startedOps(be); !slices.Equal(got, []string{"hold"}) || holding(be) != 1 {
+		t.Errorf("the idle instance took jobs: %v started, %d held", got, holding(be))
+	}
+}
+
+// Jobs an older version left listed as active (leased one by one, the
+// leases released at a graceful stop) are queued and run by this one.
+func TestLegacyActiveJobsMigrated(t *testing.T) {
+	setVar(t, &jobsGrace, 50*time.Millisecond)
+	be := newBackend(t)
+	storage := t.TempDir()
+	port := freePort(t)
+	cfg := adapt(t, testCaddyfile(storage, port, "", fmt.Sprintf(`
+	batch /batch /batch/* {
+		async {
+			workers 1
+			lease 1s
+			credentials_key %s
+		}
+	}
+	reverse_proxy %s`, testKey, be.addr())))
+	base := loadCaddy(t, cfg, port)
+	first := submitJob(t, base+"/batch", `[{"path":"/hold?id=hold"}]`)
+	eventually(t, 10*time.Second, "the worker busy", func() bool { return holding(be) == 1 })
+	second := submitJob(t, base+"/batch", `[{"path":"/slow?id=second"}]`)
+	if err := caddy.Stop(); err != nil { // the first is handed over to the queue
+		t.Fatal(err)
+	}
+	be.release()
+	// As the older version stored them: listed as active, their leases
+	// released or expired, not queued.
+	queued, _ := os.ReadDir(filepath.Join(storage, "batch", "queue"))
+	if len(queued) != 2 {
+		t.Fatalf("%d jobs queued after the stop, want 2", len(queued))
+	}
+	for _, e := range queued {
+		if err := os.Remove(filepath.Join(storage, "batch", "queue", e.Name())); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.MkdirAll(filepath.Join(storage, "batch", "active"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{first, second} {
+		if err := os.WriteFile(filepath.Join(storage, "batch", "active", id), []byte(id), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	expired := fmt.Sprintf(`{"instance":"old","expires_at":%q}`, time.Now().Add(-time.Second).Format(time.RFC3339Nano))
+	if err := os.WriteFile(filepath.Join(storage, "batch", "jobs", first, "lease"), []byte(expired), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	base = loadCaddy(t, cfg, port)
+	for _, id := range []string{first, second} {
+		if p := waitJob(t, base+"/batch/"+id, alice, "completed", "error"); p.Get("status").String() != "completed" {
+			t.Errorf("job %s: %s", id, p.Raw)
+		}
+	}
+	if left, _ := os.ReadDir(filepath.Join(storage, "batch", "active")); len(left) != 0 {
+		t.Errorf("still listed as active: %v", left)
+	}
+	if _, err := os.Stat(filepath.Join(storage, "batch", "jobs", first, "lease")); !os.IsNotExist(err) {
+		t.Errorf("the old lease is left: %v", err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddy-batch/batch/internal/seal"
@@ -35,16 +36,21 @@ type AsyncConfig struct {
 	// Default: 24h.
 	Window caddy.Duration `json:"window,omitempty"`
 
-	// How many jobs run at once in this process. Jobs beyond that wait in
-	// a queue. The pool is shared by all batch handlers of the process and
-	// survives config reloads. Default: 4.
+	// How many jobs run at once in this process. Jobs beyond that wait:
+	// those any instance can run in the cluster's queue in storage, which
+	// every instance with a worker free takes from, owners in turn and
+	// each owner's jobs in order; the others (see credentials_key) in this
+	// process's memory. The pool is shared by all batch handlers of the
+	// process and survives config reloads. Default: 4.
 	Workers int `json:"workers,omitempty"`
 
-	// How many jobs may wait for a worker in this process, at least 1; a
-	// batch sent when as many wait is answered 503 with Retry-After, and
-	// nothing of it is stored. Like workers, the limit is the process's:
-	// the config loaded last sets it. A queued job holds in memory only
-	// the headers its operations inherit; its operations wait in storage.
+	// How many jobs that this process took may wait for a worker, at
+	// least 1: in the cluster's queue, until an instance takes them, or in
+	// this process's memory. A batch sent when as many wait is answered
+	// 503 with Retry-After, and nothing of it is stored. Like workers, the
+	// limit is the process's: the config loaded last sets it. A job in the
+	// cluster's queue holds no memory here; one waiting in memory holds
+	// the headers its operations inherit, its operations wait in storage.
 	// Default: 1000.
 	MaxQueued int `json:"max_queued,omitempty"`
 
@@ -67,9 +73,11 @@ type AsyncConfig struct {
 	// Default: 1 GiB.
 	MaxBodySize int64 `json:"max_body_size,omitempty"`
 
-	// How long the lease an instance holds on a job it runs lasts
-	// unrenewed: how long after an instance dies another one takes its
-	// jobs over. It is renewed every quarter of it. Default: 30s.
+	// How long the heartbeat of an instance holding jobs lasts unrenewed:
+	// how long after an instance dies another one takes its jobs over. It
+	// is renewed every quarter of it, two storage calls however many jobs
+	// it holds; instances look for work every tenth of it (from 50ms to
+	// 5s). Default: 30s.
 	Lease caddy.Duration `json:"lease,omitempty"`
 
 	// The key, 32 bytes in hex or base64 (such as {env.BATCH_KEY}), with
@@ -128,8 +136,20 @@ type asyncJobs struct {
 	selfMu   sync.Mutex
 	selfEP   endpoint
 	identity string
-	// stop ends the look for jobs to take over.
-	stop context.CancelFunc
+	// hold is what this handler holds in storage: the jobs it runs, and
+	// those that wait here because only this process can run them.
+	hold hold
+	// stop ends the look for work; woken wakes it.
+	stop  context.CancelFunc
+	woken chan struct{}
+	// foreignIDs are jobs found to run through other handlers, as of the
+	// pool's endpoints at foreignGen.
+	foreignMu  sync.Mutex
+	foreignIDs map[string]bool
+	foreignGen int
+	// migrated is set once no job of an older version is left listed as
+	// active (adopt.go).
+	migrated atomic.Bool
 }
 
 // newAsyncJobs sets up the async jobs of h from its AsyncConfig.
@@ -141,7 +161,8 @@ func newAsyncJobs(ctx caddy.Context, h *Handler) (*asyncJobs, error) {
 	if h.storage == nil {
 		return nil, errors.New("async batches need Caddy's storage, and this context has none")
 	}
-	a := &asyncJobs{cfg: cfg, h: h, store: h.storage, logger: h.logger, metrics: h.metrics}
+	a := &asyncJobs{cfg: cfg, h: h, store: h.storage, logger: h.logger, metrics: h.metrics, woken: make(chan struct{}, 1)}
+	a.hold.a = a
 	h.owners.placeholder = cfg.Owner
 	switch cfg.OpIdempotencyHeader {
 	case "":
@@ -169,6 +190,7 @@ func newAsyncJobs(ctx caddy.Context, h *Handler) (*asyncJobs, error) {
 	a.pool.setLimits(cfg.Workers, cfg.MaxQueued)
 	var adoptCtx context.Context
 	adoptCtx, a.stop = context.WithCancel(ctx)
+	a.pool.wake(a, a.woken)
 	go a.adoptJobs(adoptCtx)
 	return a, nil
 }
@@ -177,6 +199,7 @@ func newAsyncJobs(ctx caddy.Context, h *Handler) (*asyncJobs, error) {
 // as long as a config holds it.
 func (a *asyncJobs) release() error {
 	a.stop()
+	a.pool.sleep(a)
 	_, err := pools.Delete(poolKey)
 	return err
 }
@@ -329,12 +352,13 @@ func (j *job) drop(err error) error {
 		a.logger.Warn("deleting refused batch job", zap.String("id", id), zap.Error(err))
 	}
 	a.store.unindexJob(ctx, &j.rec)
-	a.store.deactivate(id)
 	return err
 }
 
 // queueJob stores a job of n operations, which are stored, queues it and
-// answers 202.
+// answers 202. A job any instance can run waits in the cluster's queue;
+// one whose credentials are kept in memory waits in this process's, held
+// by it.
 func (a *asyncJobs) queueJob(w http.ResponseWriter, r *http.Request, j *job, n int) error {
 	id, spec := j.rec.ID, j.spec
 	if !j.reserved {
@@ -359,19 +383,23 @@ func (a *asyncJobs) queueJob(w http.ResponseWriter, r *http.Request, j *job, n i
 	if err == nil {
 		err = j.save(ctx)
 	}
-	// Leased before it is listed: an instance looking for jobs to take
-	// over must never find it without its lease.
-	if err == nil {
-		j.lease, err = a.takeLease(ctx, id, true)
-	}
-	if err == nil {
-		err = a.store.activate(ctx, id)
+	// Listed only once it is stored whole: whoever finds it can run it.
+	queuedAt := now()
+	switch {
+	case err == nil && j.resumable():
+		err = a.store.enqueue(ctx, j.rec)
+	case err == nil:
+		j.lease, err = a.hold.add(ctx, id)
 	}
 	if err != nil {
 		return j.drop(caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("storing async batch: %w", err)))
 	}
 	queued := j.snapshot().progress
-	if err := a.pool.submit(j); err != nil {
+	if j.resumable() {
+		// Whichever instance takes it runs it: even should this one be
+		// shutting down, it is queued.
+		a.pool.submitted(id, a.store, queuedAt)
+	} else if err := a.pool.submit(j); err != nil {
 		// The pool ended while the job was stored: nothing would run it.
 		return j.drop(err)
 	}

@@ -58,7 +58,18 @@ func (p *jobPool) serveAt(key string, ep endpoint) {
 			return
 		}
 	}
+	if p.endpoints[key].h != ep.h {
+		p.endpointsGen++
+	}
 	p.endpoints[key] = ep
+}
+
+// endpointsGeneration counts the changes of the endpoints served: which
+// handler a stored job runs through may change with it.
+func (p *jobPool) endpointsGeneration() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.endpointsGen
 }
 
 // maxEndpoints bounds the places jobs were submitted at that the pool

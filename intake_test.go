@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -30,18 +31,25 @@ func sendNDJSON(t *testing.T, url, body string, headers ...string) (int, string)
 	return status, resp
 }
 
-// storedJobs lists what storage holds of jobs: job directories and the
-// list of those that have not ended.
+// storedJobs lists what storage holds of jobs: job directories, and the
+// jobs queued and held.
 func storedJobs(t *testing.T, storage string) []string {
 	t.Helper()
 	var found []string
-	for _, dir := range []string{"batch/jobs", "batch/active"} {
+	dirs := []string{"batch/jobs", queuePrefix}
+	epochs, _ := os.ReadDir(filepath.Join(storage, heldPrefix))
+	for _, e := range epochs {
+		dirs = append(dirs, heldDir(e.Name()))
+	}
+	for _, dir := range dirs {
 		entries, err := os.ReadDir(filepath.Join(storage, dir))
 		if err != nil && !os.IsNotExist(err) {
 			t.Fatal(err)
 		}
 		for _, e := range entries {
-			found = append(found, dir+"/"+e.Name())
+			if e.Name() != heartbeatName {
+				found = append(found, dir+"/"+e.Name())
+			}
 		}
 	}
 	return found
@@ -275,9 +283,11 @@ func TestStreamedIdempotent(t *testing.T) {
 	}
 	id := mustJSON(t, first).Get("id").String()
 	waitJob(t, base+"/batch/"+id, alice, "completed")
-	// Ended, the job leaves the list of active ones a moment later.
-	eventually(t, 5*time.Second, "the job no longer active", func() bool {
-		return !slices.Contains(storedJobs(t, storage), "batch/active/"+id)
+	// Ended, the job is no longer held a moment later.
+	eventually(t, 5*time.Second, "the job no longer held", func() bool {
+		return !slices.ContainsFunc(storedJobs(t, storage), func(k string) bool {
+			return strings.HasPrefix(k, heldPrefix+"/") && path.Base(k) == id
+		})
 	})
 	jobs := len(storedJobs(t, storage))
 	status, again := sendNDJSON(t, base+"/batch", body, "Idempotency-Key: import-1")

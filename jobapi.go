@@ -70,7 +70,7 @@ func (a *asyncJobs) serve(w http.ResponseWriter, r *http.Request, next caddyhttp
 
 	switch {
 	case r.Method == http.MethodDelete:
-		return a.cancelJob(w, r, j, rec)
+		return a.cancelJob(w, r, next, j, rec)
 	case sub == "results":
 		return a.writeResults(w, r, j, rec)
 	default:
@@ -79,7 +79,7 @@ func (a *asyncJobs) serve(w http.ResponseWriter, r *http.Request, next caddyhttp
 }
 
 // cancelJob stops a job: what has not started is skipped (424).
-func (a *asyncJobs) cancelJob(w http.ResponseWriter, r *http.Request, j *job, rec jobRecord) error {
+func (a *asyncJobs) cancelJob(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, j *job, rec jobRecord) error {
 	if rec.final() {
 		return writeProgress(w, http.StatusConflict, rec.progress)
 	}
@@ -88,7 +88,14 @@ func (a *asyncJobs) cancelJob(w http.ResponseWriter, r *http.Request, j *job, re
 		if err := a.store.Store(r.Context(), jobKey(rec.ID, "cancel"), []byte("1")); err != nil {
 			return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("canceling batch job: %w", err))
 		}
-		return writeProgress(w, http.StatusAccepted, rec.progress)
+		srv, err := serverOf(r)
+		if rec.Status != stateQueued || err != nil {
+			return writeProgress(w, http.StatusAccepted, rec.progress)
+		}
+		// Still in the cluster's queue: taken from it, it ends at once.
+		if j = a.cancelQueued(r.Context(), rec, endpoint{h: a.h, next: next, srv: srv}); j == nil {
+			return writeProgress(w, http.StatusAccepted, rec.progress)
+		}
 	}
 	j.requestCancel()
 	if a.pool.dequeue(j) {

@@ -11,8 +11,11 @@ import (
 	"github.com/caddyserver/caddy/v2"
 )
 
-// jobPool runs the async jobs of the process, at most limit at once, with
-// at most maxQueued waiting. It is kept in a UsagePool, so that config
+// jobPool runs the async jobs of the process, at most limit at once. The
+// jobs waiting for a worker wait in the cluster's queue in storage, where
+// any instance with a worker free takes them (queue.go), or, those that
+// only this process can run, in its memory; at most maxQueued that this
+// process took wait at once. It is kept in a UsagePool, so that config
 // reloads neither drop nor duplicate jobs; it ends when the last config
 // using it is unloaded.
 type jobPool struct {
@@ -23,34 +26,46 @@ type jobPool struct {
 	stopHooks context.CancelFunc
 
 	mu        sync.Mutex
-	cond      *sync.Cond
 	limit     int
 	maxQueued int
 	running   int
 	reserved  int // queue places held by jobs whose record is being stored
-	queue     []*job
-	// jobs holds the queued and running jobs by id, and the ended ones
-	// whose record storage has not taken yet: this instance answers for
-	// them, not storage's stale record.
+	// queue holds the jobs waiting that only this process can run.
+	queue []*job
+	// queued holds the jobs this process put in the cluster's queue that
+	// it has not seen taken yet: they count against maxQueued.
+	queued map[string]queuedHere
+	// jobs holds the running jobs and those of queue by id, and the
+	// ended ones whose record storage has not taken yet: this instance
+	// answers for them, not storage's stale record.
 	jobs   map[string]*job
 	closed bool
 	wg     sync.WaitGroup // running jobs and the retries of their records
+	// turn is the owner (ownerToken) whose job this process started
+	// last: the next look serves the owners after it first.
+	turn string
+	// wakers are the looks of the handlers using the pool, woken when a
+	// worker frees or a job is queued.
+	wakers map[*asyncJobs]chan struct{}
 
 	// endpoints are where handlers have served async batches, by
 	// server, host and batch path: what a job submitted there runs
-	// through once it starts.
-	endpoints map[string]endpoint
+	// through once it starts. endpointsGen counts their changes.
+	endpoints    map[string]endpoint
+	endpointsGen int
 
 	deliveries int // webhook deliveries in flight
+	// owed holds the ended jobs this process put back in the cluster's
+	// queue, their event owed, because no delivery could start: looks
+	// pass over them until one can.
+	owed map[string]bool
 	// sending holds the jobs whose end event this process is delivering:
 	// ended and forgotten, they are not orphans to take over.
 	sending     map[string]bool
 	hooksClosed bool // no more deliveries start
 	hookWG      sync.WaitGroup
 
-	// instance names this process in the leases it holds.
-	instance string
-	// leases ends the renewal of every lease, once the jobs are done.
+	// leases ends the renewal of every heartbeat, once the jobs are done.
 	leases     context.Context
 	stopLeases context.CancelFunc
 	// draining is set at shutdown: jobs that another instance can resume
@@ -58,6 +73,17 @@ type jobPool struct {
 	// have finished.
 	draining atomic.Bool
 	grace    time.Duration // how long those in flight may take
+
+	// looks and renewals count the looks for work and the renewals of a
+	// heartbeat that this process made, for tests.
+	looks, renewals atomic.Int64
+}
+
+// queuedHere is a job this process put in the cluster's queue: the
+// storage it waits in, and when it was put there.
+type queuedHere struct {
+	s  *store
+	at time.Time
 }
 
 var pools = caddy.NewUsagePool()
@@ -97,12 +123,9 @@ func newJobPool() *jobPool {
 	ctx, cancel := context.WithCancelCause(context.Background())
 	hooks, stopHooks := context.WithCancel(context.Background())
 	leases, stopLeases := context.WithCancel(context.Background())
-	p := &jobPool{ctx: ctx, cancel: cancel, hooks: hooks, stopHooks: stopHooks,
-		leases: leases, stopLeases: stopLeases, instance: newBatchID(), grace: jobsGrace,
-		limit: 1, maxQueued: 1, jobs: map[string]*job{}}
-	p.cond = sync.NewCond(&p.mu)
-	go p.loop()
-	return p
+	return &jobPool{ctx: ctx, cancel: cancel, hooks: hooks, stopHooks: stopHooks,
+		leases: leases, stopLeases: stopLeases, grace: jobsGrace,
+		limit: 1, maxQueued: 1, jobs: map[string]*job{}, queued: map[string]queuedHere{}, wakers: map[*asyncJobs]chan struct{}{}}
 }
 
 // setLimits sets how many jobs run at once and how many may wait.
@@ -110,7 +133,7 @@ func (p *jobPool) setLimits(workers, queued int) {
 	p.mu.Lock()
 	p.limit, p.maxQueued = workers, queued
 	p.mu.Unlock()
-	p.cond.Broadcast()
+	p.kick()
 }
 
 // setGrace sets how long a shutdown lets operations in flight finish.
@@ -120,26 +143,51 @@ func (p *jobPool) setGrace(d time.Duration) {
 	p.mu.Unlock()
 }
 
-// hasRoom reports whether a job taken over would start at once: jobs
-// that would wait stay in storage for an instance with a worker free.
+// hasRoom reports whether a worker is free.
 func (p *jobPool) hasRoom() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return !p.closed && p.running+len(p.queue)+p.reserved < p.limit
+	return !p.closed && p.running < p.limit
 }
 
-// adopt queues a job taken over from another instance.
-func (p *jobPool) adopt(j *job) bool {
+// takeWorker takes a free worker for a job about to start; false if none
+// is free. The job then runs with startRun, or the worker is given back
+// with freeWorker.
+func (p *jobPool) takeWorker() bool {
 	p.mu.Lock()
-	if p.closed || p.jobs[j.rec.ID] != nil {
-		p.mu.Unlock()
+	defer p.mu.Unlock()
+	if p.closed || p.running >= p.limit {
 		return false
 	}
-	p.queue = append(p.queue, j)
+	p.running++
+	p.wg.Add(1)
+	return true
+}
+
+// freeWorker gives back a worker that started nothing.
+func (p *jobPool) freeWorker() {
+	p.mu.Lock()
+	p.running--
+	p.mu.Unlock()
+	p.wg.Done()
+}
+
+// startRun runs j on the worker taken for it.
+func (p *jobPool) startRun(j *job) {
+	p.mu.Lock()
 	p.jobs[j.rec.ID] = j
 	p.mu.Unlock()
-	p.cond.Signal()
-	return true
+	go p.run(j)
+}
+
+// runNow runs j at once, outside the limit: a canceled job only skips.
+func (p *jobPool) runNow(j *job) {
+	p.mu.Lock()
+	p.running++
+	p.wg.Add(1)
+	p.jobs[j.rec.ID] = j
+	p.mu.Unlock()
+	go p.run(j)
 }
 
 // reserve holds a place in the queue for a job while its record is
@@ -150,21 +198,24 @@ func (p *jobPool) reserve() error {
 	if p.closed {
 		return errPoolClosed
 	}
-	if len(p.queue)+p.reserved >= p.maxQueued {
+	if p.waitingLocked() >= p.maxQueued {
 		p.evictExpired()
 	}
-	if len(p.queue)+p.reserved >= p.maxQueued {
+	if p.waitingLocked() >= p.maxQueued {
 		return errQueueFull
 	}
 	p.reserved++
 	return nil
 }
 
+// waitingLocked counts the jobs this process took that wait. p.mu is held.
+func (p *jobPool) waitingLocked() int { return len(p.queue) + len(p.queued) + p.reserved }
+
 // hasQueueRoom reports whether a job would find a place in the queue now.
 func (p *jobPool) hasQueueRoom() bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return !p.closed && len(p.queue)+p.reserved < p.maxQueued
+	return !p.closed && p.waitingLocked() < p.maxQueued
 }
 
 func (p *jobPool) unreserve() {
@@ -173,8 +224,9 @@ func (p *jobPool) unreserve() {
 	p.mu.Unlock()
 }
 
-// submit queues a job whose place was reserved; when it cannot, the
-// place stays reserved for the caller to give back.
+// submit queues in memory a job whose place was reserved, one that only
+// this process can run; when it cannot, the place stays reserved for the
+// caller to give back.
 func (p *jobPool) submit(j *job) error {
 	p.mu.Lock()
 	if p.closed {
@@ -185,8 +237,115 @@ func (p *jobPool) submit(j *job) error {
 	p.queue = append(p.queue, j)
 	p.jobs[j.rec.ID] = j
 	p.mu.Unlock()
-	p.cond.Signal()
+	p.kick()
 	return nil
+}
+
+// submitted counts a job this process put in the cluster's queue, whose
+// place was reserved, until it is seen taken.
+func (p *jobPool) submitted(id string, s *store, at time.Time) {
+	p.mu.Lock()
+	p.reserved--
+	p.queued[id] = queuedHere{s, at}
+	p.mu.Unlock()
+	p.kick()
+}
+
+// seen drops from the count the jobs put in the cluster's queue in s that
+// are no longer in it: present holds the ids it listed, from a List that
+// started at listed.
+func (p *jobPool) seen(s *store, present map[string]bool, listed time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for id, q := range p.queued {
+		if q.s == s && q.at.Before(listed) && !present[id] {
+			delete(p.queued, id)
+		}
+	}
+}
+
+// taken drops a job from the count: this process took it out of the
+// cluster's queue.
+func (p *jobPool) taken(id string) {
+	p.mu.Lock()
+	delete(p.queued, id)
+	p.mu.Unlock()
+}
+
+// queuesIn reports whether jobs this process put in the cluster's queue
+// in s may still wait there.
+func (p *jobPool) queuesIn(s *store) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, q := range p.queued {
+		if q.s == s {
+			return true
+		}
+	}
+	return false
+}
+
+// waiting returns the jobs waiting in this process's memory, to join the
+// round of a look.
+func (p *jobPool) waiting() []queued {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	w := make([]queued, 0, len(p.queue))
+	for _, j := range p.queue {
+		w = append(w, queued{owner: ownerToken(j.rec.Owner), created: j.rec.CreatedAt, expires: j.rec.windowEnd(), id: j.rec.ID, job: j})
+	}
+	return w
+}
+
+// takeWaiting takes j, which waits in memory, out of the queue to run on
+// the worker taken for it; false if it no longer waits there.
+func (p *jobPool) takeWaiting(j *job) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if i := slices.Index(p.queue, j); i >= 0 {
+		p.queue = slices.Delete(p.queue, i, i+1)
+		return true
+	}
+	return false
+}
+
+// served makes owner the one served last.
+func (p *jobPool) served(owner string) {
+	p.mu.Lock()
+	p.turn = owner
+	p.mu.Unlock()
+}
+
+func (p *jobPool) lastServed() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.turn
+}
+
+// wake registers a's look, to be woken when a worker frees or a job is
+// queued, until sleep.
+func (p *jobPool) wake(a *asyncJobs, ch chan struct{}) {
+	p.mu.Lock()
+	p.wakers[a] = ch
+	p.mu.Unlock()
+}
+
+func (p *jobPool) sleep(a *asyncJobs) {
+	p.mu.Lock()
+	delete(p.wakers, a)
+	p.mu.Unlock()
+}
+
+// kick wakes the looks.
+func (p *jobPool) kick() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, ch := range p.wakers {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // evictExpired takes the jobs whose window passed while they waited out
@@ -250,26 +409,6 @@ func (p *jobPool) forget(j *job) {
 	}
 }
 
-func (p *jobPool) loop() {
-	for {
-		p.mu.Lock()
-		for !p.closed && (len(p.queue) == 0 || p.running >= p.limit) {
-			p.cond.Wait()
-		}
-		if p.closed {
-			p.mu.Unlock()
-			return
-		}
-		j := p.queue[0]
-		p.queue[0] = nil
-		p.queue = p.queue[1:]
-		p.running++
-		p.wg.Add(1)
-		p.mu.Unlock()
-		go p.run(j)
-	}
-}
-
 // dequeue takes a job that has not started out of the queue.
 func (p *jobPool) dequeue(j *job) bool {
 	p.mu.Lock()
@@ -285,45 +424,36 @@ func (p *jobPool) dequeue(j *job) bool {
 	return false
 }
 
-// release frees the worker slot of a job that has ended.
+// release frees the worker of a job that has ended.
 func (p *jobPool) release() {
 	p.mu.Lock()
 	p.running--
 	p.mu.Unlock()
-	p.cond.Signal()
+	p.kick()
 }
 
-// Destruct hands over the jobs another instance can resume: those queued
-// at once, those running once the operations they have in flight finish,
-// within the grace period; operations still in flight then are cut off,
-// and run again where the job resumes. Jobs whose credentials live only in
-// this process run on during the grace, then end interrupted. Webhook
-// deliveries get a grace after the jobs have ended, then are canceled.
+// Destruct hands over the jobs another instance can resume: those running
+// go back to the cluster's queue once the operations they have in flight
+// finish, within the grace period; operations still in flight then are
+// cut off, and run again where the job resumes. (Those waiting are in the
+// cluster's queue already.) Jobs whose credentials live only in this
+// process run on during the grace, then end interrupted, and those of them
+// that wait end so at once. Webhook deliveries get a grace after the jobs
+// have ended, then are canceled.
 func (p *jobPool) Destruct() error {
 	p.mu.Lock()
 	p.closed = true
-	queued := p.queue
+	local := p.queue
 	p.queue = nil
-	p.running += len(queued)
-	p.wg.Add(len(queued))
 	grace := p.grace
 	p.mu.Unlock()
-	p.cond.Broadcast()
 	p.draining.Store(true)
-	var local []*job
-	for _, j := range queued {
-		if !j.resumable() {
-			local = append(local, j)
-			continue
-		}
-		go func() {
-			defer p.wg.Done()
-			defer p.release()
-			p.handOff(j, context.Background())
-		}()
-	}
-	waitFor(&p.wg, grace)
+	waitFor(&p.wg, grace) // for the jobs running: those waiting would not end
 	p.cancel(errInterrupted)
+	p.mu.Lock()
+	p.running += len(local)
+	p.wg.Add(len(local))
+	p.mu.Unlock()
 	for _, j := range local {
 		go p.run(j) // with the pool canceled, every operation is cut off at once
 	}
@@ -393,6 +523,28 @@ func (p *jobPool) deliveryDone(id string) {
 	p.mu.Lock()
 	p.deliveries--
 	delete(p.sending, id)
+	p.owed = nil
 	p.mu.Unlock()
 	p.hookWG.Done()
+}
+
+// undelivered notes that ended job id waits in the cluster's queue with
+// its event owed, as no delivery could start.
+func (p *jobPool) undelivered(id string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.owed == nil {
+		p.owed = map[string]bool{}
+	}
+	if len(p.owed) < maxDeliveries {
+		p.owed[id] = true
+	}
+}
+
+// owesUndelivered reports whether ended job id waits for a delivery to
+// start.
+func (p *jobPool) owesUndelivered(id string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.owed[id]
 }

@@ -2,12 +2,14 @@ package batch
 
 import (
 	"fmt"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/tidwall/gjson"
 )
 
 // A job whose window passed while it waited for a worker never sends an
@@ -62,6 +64,53 @@ func TestAsyncWindowPassedInQueueSendsNothing(t *testing.T) {
 		t.Fatalf("cancel of the long job: %d %s", status, body)
 	}
 	waitJob(t, base+"/long/"+long, alice, "canceled")
+}
+
+// So does a job that any instance can run, waiting in the cluster's queue
+// in storage: the look at the queue runs it, sending nothing, while the
+// only worker is busy.
+func TestAsyncWindowPassedInClusterQueueSendsNothing(t *testing.T) {
+	ahead := skewClock(t)
+	be := newBackend(t)
+	t.Cleanup(be.release)
+	storage := t.TempDir()
+	base := startCaddy(t, fmt.Sprintf(`
+	batch /long /long/* {
+		async {
+			workers 1
+			credentials_key %[2]s
+			lease 1s
+		}
+	}
+	batch /short /short/* {
+		async {
+			window 1s
+			workers 1
+			credentials_key %[2]s
+			lease 1s
+		}
+	}
+	reverse_proxy %[1]s`, be.addr(), testKey), inStorage(storage))
+	long := submitJob(t, base+"/long", `[{"path":"/hold?id=a"}]`)
+	eventually(t, 10*time.Second, "the long job running", func() bool { return slices.Contains(be.eventLog(), "start a") })
+	id := submitJob(t, base+"/short", `[{"path":"/slow?d=1ms&id=b"},{"path":"/slow?d=1ms&id=c"}]`)
+	if keys, _ := filepath.Glob(filepath.Join(storage, "batch", "queue", "*"+id)); len(keys) != 1 {
+		t.Fatalf("the job is not in the cluster's queue: %v", keys)
+	}
+	ahead(2 * time.Second)
+	p := waitJob(t, base+"/short/"+id, alice, stateExpired, stateCompleted, stateError)
+	if p.Get("status").String() != stateExpired || p.Get("skipped").Int() != 2 {
+		t.Errorf("a job whose window passed in the cluster's queue: %s", p.Raw)
+	}
+	if lp := waitJob(t, base+"/long/"+long, alice, stateRunning, stateCompleted); lp.Get("status").String() != stateRunning {
+		t.Errorf("the expired job waited for the long one: %s", lp.Raw)
+	}
+	if log := be.eventLog(); slices.Contains(log, "start b") || slices.Contains(log, "start c") {
+		t.Errorf("the job sent an operation after its window: %v", log)
+	}
+	if _, _, body := send(t, "GET", base+"/short/"+id+"/results", "", alice); gjson.Get(body, "results.0.error").String() != errWindowSkip {
+		t.Errorf("results: %s", body)
+	}
 }
 
 // A config reload while a job runs neither drops nor repeats its operations.

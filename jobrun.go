@@ -24,8 +24,9 @@ type job struct {
 	// has been loaded since.
 	endpoint string
 	spec     *jobSpec
-	// lease is this instance's hold on the job in storage, renewed until
-	// the job ends or is handed over.
+	// lease is this instance's hold on the job in storage, kept until
+	// the job ends or is handed over; nil for one that waits in the
+	// cluster's queue.
 	lease *lease
 
 	// event is what the webhook is to be told of the job's end.
@@ -126,6 +127,10 @@ func (p *jobPool) run(j *job) {
 	defer p.wg.Done()
 	defer p.release()
 	a, rn := j.a, j.rn
+	if j.leaseLost() {
+		p.forget(j) // given up while it waited: another instance has it
+		return
+	}
 	if !now().Before(j.rec.ExpiresAt) {
 		// Its id already answers 404: it must not run either.
 		p.expire(j)
@@ -433,23 +438,30 @@ func (j *job) summary(rn *runner) summary {
 }
 
 // handOff leaves a job that has not ended to the instance that resumes it:
-// its record says how far it is, and its lease is released at once.
+// its record says how far it is, and it goes back to the cluster's queue,
+// at its place among its owner's jobs.
 func (p *jobPool) handOff(j *job, ctx context.Context) {
 	t := now()
 	j.mu.Lock()
 	j.rec.Status, j.rec.UpdatedAt = stateQueued, &t
 	j.rec.Rate, j.rec.EstimatedCompletionAt = 0, nil
+	rec := j.rec
 	j.mu.Unlock()
-	if err := j.save(ctx); err != nil {
-		// The lease then expires, and the job resumes from the last part
-		// of results the record counts.
-		j.a.logger.Error("storing an async batch handed over", zap.String("id", j.rec.ID), zap.Error(err))
+	err := j.save(ctx)
+	if err == nil {
+		err = j.a.store.enqueue(ctx, rec)
 	}
-	if j.lease != nil {
+	switch {
+	case err != nil:
+		// Held still, it is taken over once this instance's heartbeat
+		// expires, and resumes from the last part of results the record
+		// counts.
+		j.a.logger.Error("storing an async batch handed over", zap.String("id", rec.ID), zap.Error(err))
+	case j.lease != nil:
 		j.lease.release(ctx)
 	}
 	p.forget(j)
-	j.a.logger.Info("async batch handed over", zap.String("id", j.rec.ID), zap.Int("completed", j.rec.Completed))
+	j.a.logger.Info("async batch handed over", zap.String("id", rec.ID), zap.Int("completed", rec.Completed))
 }
 
 // ended drops a job whose end is stored, once the webhook has been told.
@@ -462,7 +474,6 @@ func (p *jobPool) ended(j *job) {
 	if j.lease != nil {
 		j.lease.release(context.Background())
 	}
-	j.a.store.deactivate(j.rec.ID)
 }
 
 // expire ends a job whose retention passed before it started (one whose
@@ -513,8 +524,8 @@ func (p *jobPool) saveLater(j *job) {
 			return
 		}
 		if last {
-			// Its lease then expires, and the instance that takes it over
-			// finds it where its last stored record says.
+			// Its holder's heartbeat then expires, and the instance that
+			// takes it over finds it where its last stored record says.
 			j.a.logger.Error("storing the end of an async batch: giving up at shutdown", zap.String("id", j.rec.ID), zap.Error(err))
 			p.forget(j)
 			return

@@ -66,11 +66,6 @@ func indexEntryID(name string) (id string, ok bool) {
 	return id, true
 }
 
-// isJobID reports whether s has the shape of a job id: 32 hex digits.
-func isJobID(s string) bool {
-	return len(s) == 32 && strings.Trim(s, "0123456789abcdef") == ""
-}
-
 func indexKey(rec *jobRecord) string {
 	return path.Join(ownerIndex(rec.Owner), indexName(rec.CreatedAt, rec.ID))
 }

@@ -4,16 +4,20 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/caddy-batch/batch/internal/lagstore"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 )
@@ -140,43 +144,65 @@ func TestAsyncHandedOverAtGracefulStop(t *testing.T) {
 	}
 }
 
-// A job is leased before it is listed among the jobs to take over: an
-// instance that found it listed without a lease would take it and run it
-// beside the instance that accepted it, until the next renewal.
-func TestJobLeasedBeforeListed(t *testing.T) {
+// A job is stored whole before it is listed in the cluster's queue, and
+// a holder's heartbeat and the job's holder before it is listed under the
+// holder: an instance that found it listed without them would take it and
+// run it beside the instance that accepted it.
+func TestJobStoredBeforeListed(t *testing.T) {
 	var mu sync.Mutex
-	var listed, unleased []string
+	var queued, held, early []string
 	hook := func(s *certmagic.FileStorage, key string) {
-		id, ok := strings.CutPrefix(key, activePrefix+"/")
-		if !ok {
-			return
-		}
+		ctx := context.Background()
 		mu.Lock()
 		defer mu.Unlock()
-		listed = append(listed, id)
-		if !s.Exists(context.Background(), leaseKey(id)) {
-			unleased = append(unleased, id)
+		if name, ok := strings.CutPrefix(key, queuePrefix+"/"); ok {
+			q, _ := parseQueued(name)
+			queued = append(queued, q.id)
+			if !s.Exists(ctx, jobKey(q.id, "job")) || !s.Exists(ctx, jobKey(q.id, "spec")) || !s.Exists(ctx, jobKey(q.id, "ops", "000000")) {
+				early = append(early, key)
+			}
+		}
+		if rest, ok := strings.CutPrefix(key, heldPrefix+"/"); ok {
+			epoch, id, _ := strings.Cut(rest, "/")
+			if id == heartbeatName {
+				return
+			}
+			held = append(held, id)
+			buf, err := s.Load(ctx, holderKey(id))
+			if !s.Exists(ctx, heartbeatKey(epoch)) || err != nil || !strings.Contains(string(buf), epoch) {
+				early = append(early, key)
+			}
 		}
 	}
 	flakyBeforeStore.Store(&hook)
 	t.Cleanup(func() { flakyBeforeStore.Store(nil) })
 	be := newBackend(t)
+	// Without credentials_key, a job inheriting Authorization is held
+	// where it was taken; with one, it waits in the cluster's queue.
 	base := startCaddy(t, proxySite(be, "{\n\t\tasync\n\t}"), onFlakyStorage)
+	for range 3 {
+		id := submitJob(t, base+"/batch", `[{"path":"/a"},{"path":"/b"}]`)
+		waitJob(t, base+"/batch/"+id, alice, "completed")
+	}
+	base = startCaddy(t, proxySite(be, "{\n\t\tasync {\n\t\t\tcredentials_key "+testKey+"\n\t\t}\n\t}"), onFlakyStorage)
 	for range 3 {
 		id := submitJob(t, base+"/batch", `[{"path":"/a"},{"path":"/b"}]`)
 		waitJob(t, base+"/batch/"+id, alice, "completed")
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if len(listed) != 3 || len(unleased) != 0 {
-		t.Errorf("jobs listed as active: %v; of them listed before their lease was stored: %v", listed, unleased)
+	// Three held where they were taken, three queued and then held by
+	// the instance that took them from the queue.
+	if len(queued) != 3 || len(held) != 6 || len(early) != 0 {
+		t.Errorf("queued %v, held %v; of those keys, stored before what they need: %v", queued, held, early)
 	}
 }
 
-// A job whose lease another instance took (a peer whose clock runs ahead,
-// renewals that failed) stops at once and records nothing it did not do:
-// no operation it did not send counts as done, nothing stored says 499,
-// and whoever holds the lease next runs what is left.
+// A job that another instance took over (a peer whose clock runs ahead
+// found this one's heartbeat expired, renewals that came late) stops at
+// once and records nothing it did not do: no operation it did not send
+// counts as done, nothing stored says 499, and whoever holds it next runs
+// what is left.
 func TestAsyncLeaseLostRecordsNothingMore(t *testing.T) {
 	be := newBackend(t)
 	storage := t.TempDir()
@@ -188,9 +214,32 @@ func TestAsyncLeaseLostRecordsNothingMore(t *testing.T) {
 	}
 	id := submitJob(t, base+"/batch", "["+strings.Join(ops, ",")+"]")
 	eventually(t, 10*time.Second, "ten operations done", func() bool { return len(be.requests()) >= 10 })
-	leaseFile := filepath.Join(storage, "batch", "jobs", id, "lease")
-	taken, _ := json.Marshal(leaseRecord{Instance: "a-peer-an-hour-ahead", ExpiresAt: time.Now().Add(time.Hour)})
-	if err := os.WriteFile(leaseFile, taken, 0o600); err != nil {
+
+	// A peer takes the job as a look does: its heartbeat, the job's
+	// holder, and the job listed under it rather than under this one.
+	held, _ := filepath.Glob(filepath.Join(storage, "batch", "held", "*", id))
+	if len(held) != 1 {
+		t.Fatalf("the job is listed under %v", held)
+	}
+	peer := strings.Repeat("e", 32)
+	beat := func(expires time.Time) {
+		buf, _ := json.Marshal(heartbeat{ExpiresAt: expires})
+		if err := os.MkdirAll(filepath.Join(storage, "batch", "held", peer), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(storage, "batch", "held", peer, heartbeatName), buf, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	beat(time.Now().Add(time.Hour))
+	holder, _ := json.Marshal(holderRecord{Epoch: peer})
+	if err := os.WriteFile(filepath.Join(storage, "batch", "jobs", id, "holder"), holder, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(storage, "batch", "held", peer, id), []byte(id), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(held[0]); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, 5*time.Second, "the job given up", func() bool { return thePool(t).lookup(id) == nil })
@@ -205,11 +254,9 @@ func TestAsyncLeaseLostRecordsNothingMore(t *testing.T) {
 		t.Fatalf("after losing its lease with %d operations sent, the job is recorded %s with %d completed, %d succeeded",
 			sent, rec.Status, rec.Completed, rec.Succeeded)
 	}
-	// The lease expires: the job is taken over, and runs what is left.
-	expired, _ := json.Marshal(leaseRecord{Instance: "a-peer-an-hour-ahead", ExpiresAt: time.Now().Add(-time.Second)})
-	if err := os.WriteFile(leaseFile, expired, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	// The peer's heartbeat expires: the job is taken over, and runs what
+	// is left.
+	beat(time.Now().Add(-time.Second))
 	p := waitJob(t, base+"/batch/"+id, alice, "completed", "error")
 	if p.Get("status").String() != "completed" || p.Get("succeeded").Int() != n {
 		t.Fatalf("the job taken over: %s", p.Raw)
@@ -226,6 +273,11 @@ func TestAsyncLeaseLostRecordsNothingMore(t *testing.T) {
 		if k := fmt.Sprintf("/slow?id=k%d&d=60ms", i); got[k] == 0 {
 			t.Errorf("%s never sent", k)
 		}
+	}
+	// The dead peer's epoch is taken over whole: nothing of the job is
+	// listed under it any more.
+	if _, err := os.Stat(filepath.Join(storage, "batch", "held", peer, id)); !os.IsNotExist(err) {
+		t.Errorf("the job is still listed under the dead peer: %v", err)
 	}
 }
 
@@ -259,5 +311,116 @@ func TestAsyncUnreadableSpecFailsJob(t *testing.T) {
 	}
 	if slices.Contains(be.eventLog(), "start second") {
 		t.Error("the job ran")
+	}
+}
+
+// callsPer counts this process's storage calls (batch_lag's) per event
+// counted by count, over at least n events, and returns the calls by
+// method as well.
+func callsPer(t *testing.T, count *atomic.Int64, n int64, what string) (float64, lagstore.Counts) {
+	t.Helper()
+	calls0, n0 := lagstore.Calls(), count.Load()
+	eventually(t, 30*time.Second, fmt.Sprintf("%d %s", n, what), func() bool { return count.Load() >= n0+n })
+	calls, n1 := lagstore.Calls().Sub(calls0), count.Load()
+	return float64(calls.Total()) / float64(n1-n0), calls
+}
+
+// heldIn counts the jobs held in storage, under every epoch.
+func heldIn(storage string) int {
+	keys, _ := filepath.Glob(filepath.Join(storage, "batch", "held", "*", "*"))
+	n := 0
+	for _, k := range keys {
+		if filepath.Base(k) != heartbeatName {
+			n++
+		}
+	}
+	return n
+}
+
+// submitMany submits jobs of one operation each, /slow?id=<prefix><i>,
+// for i from first up to last, four at a time.
+func submitMany(t *testing.T, url, prefix string, first, last int) {
+	t.Helper()
+	var next atomic.Int64
+	next.Store(int64(first))
+	errs := make(chan error, 4)
+	for range 4 {
+		go func() {
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(last) {
+					errs <- nil
+					return
+				}
+				req, _ := http.NewRequest(http.MethodPost, url, strings.NewReader(fmt.Sprintf(`[{"path":"/slow?id=%s%d"}]`, prefix, i)))
+				req.Header.Set("Content-Type", "application/json")
+				req.Header.Set("Authorization", "Bearer alice")
+				req.Header.Set("Prefer", "respond-async")
+				resp, err := client.Do(req)
+				if err == nil {
+					_, _ = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != http.StatusAccepted {
+						err = fmt.Errorf("submit %d: %d", i, resp.StatusCode)
+					}
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// Renewing the hold on 1, 100 or 1,000 jobs (one running, the rest
+// waiting in memory) costs the same storage calls: the instance's
+// heartbeat and a List of what it holds, not a write per job.
+func TestRenewalBounded(t *testing.T) {
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddy(t, fmt.Sprintf(`
+	batch /batch /batch/* {
+		async {
+			workers 1
+			lease 2s
+		}
+	}
+	reverse_proxy %s`, be.addr()), inStorage(storage), onLaggedStorage("0s"))
+	submitJob(t, base+"/batch", `[{"path":"/hold?id=hold"}]`)
+	eventually(t, 10*time.Second, "the worker busy", func() bool { return holding(be) == 1 })
+	held := 1
+	var perRenewal []float64
+	for _, n := range []int{1, 100, 1000} {
+		submitMany(t, base+"/batch", "j", held, n)
+		held = n
+		if got := heldIn(storage); got != n {
+			t.Fatalf("%d jobs held, want %d", got, n)
+		}
+		calls, by := callsPer(t, &thePool(t).renewals, 6, "renewals")
+		t.Logf("%4d jobs held: %.2f storage calls a renewal (%+v)", n, calls, by)
+		perRenewal = append(perRenewal, calls)
+	}
+	// The heartbeat stored and the epoch listed, and what the running job
+	// does meanwhile whatever is held: it looks for a cancel every second,
+	// and shares its pacing with the cluster (a store and a list a
+	// second), 1.5 calls a renewal; a renewal under way as counting starts
+	// or ends may add a part of one over the 6. A write per job held would
+	// add 100 and 1,000.
+	for i, calls := range perRenewal {
+		if calls > 4.5 || calls > perRenewal[0]+1 {
+			t.Errorf("%.2f storage calls a renewal with %d jobs held, %.2f with 1; want 3.5 however many", calls, []int{1, 100, 1000}[i], perRenewal[0])
+		}
+	}
+	// The jobs waiting end interrupted, each recording it, before the
+	// storage directory goes.
+	be.release()
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -437,52 +437,79 @@ func (s *store) storeChunk(ctx context.Context, spec *jobSpec, id string, n int,
 	return s.Store(ctx, key, buf)
 }
 
-// leaseRecord is what storage holds of a lease.
-type leaseRecord struct {
-	Instance  string    `json:"instance"`
+// Where an instance lists what it holds: under batch/held/<epoch>/, a
+// heartbeat and one key per job (see lease.go).
+const heldPrefix = "batch/held"
+
+// heartbeatName is the heartbeat's key among an epoch's jobs, which are
+// named by their ids.
+const heartbeatName = "heartbeat"
+
+func heldDir(epoch string) string { return path.Join(heldPrefix, epoch) }
+
+func heldKey(epoch, id string) string { return path.Join(heldPrefix, epoch, id) }
+
+func heartbeatKey(epoch string) string { return path.Join(heldPrefix, epoch, heartbeatName) }
+
+// holderKey names the epoch that last took a job; it is also the name of
+// the job's lock, under which it is taken.
+func holderKey(id string) string { return jobKey(id, "holder") }
+
+// heartbeat is what storage holds of an epoch's heartbeat.
+type heartbeat struct {
 	ExpiresAt time.Time `json:"expires_at"`
 }
 
-// Where the jobs that have not ended are listed, one key each, so that
-// looking for jobs to take over reads those, not every job retained.
-const activePrefix = "batch/active"
-
-func leaseKey(id string) string { return jobKey(id, "lease") }
-
-func activeKey(id string) string { return path.Join(activePrefix, id) }
-
-// A lease is renewed every quarter of its length, and each renewal lasts
-// four fifths of it, so that a dead instance's jobs are free within the
-// lease, found by a look for them every tenth of it.
-func (s *store) storeLease(ctx context.Context, id, instance string, expires time.Time) error {
-	buf, _ := json.Marshal(leaseRecord{Instance: instance, ExpiresAt: expires})
-	return s.Store(ctx, leaseKey(id), buf)
+func (s *store) storeHeartbeat(ctx context.Context, epoch string, expires time.Time) error {
+	buf, _ := json.Marshal(heartbeat{ExpiresAt: expires})
+	return s.Store(ctx, heartbeatKey(epoch), buf)
 }
 
-func (s *store) loadLease(ctx context.Context, id string) (leaseRecord, error) {
-	var l leaseRecord
-	buf, err := s.Load(ctx, leaseKey(id))
+func (s *store) loadHeartbeat(ctx context.Context, epoch string) (heartbeat, error) {
+	var hb heartbeat
+	buf, err := s.Load(ctx, heartbeatKey(epoch))
 	if err != nil {
-		return l, err
+		return hb, err
 	}
-	if err := json.Unmarshal(buf, &l); err != nil {
-		return l, fmt.Errorf("%w: lease of %s: %w", errBadRecord, id, err)
+	if err := json.Unmarshal(buf, &hb); err != nil {
+		return hb, fmt.Errorf("%w: heartbeat of %s: %w", errBadRecord, epoch, err)
 	}
-	return l, nil
+	return hb, nil
 }
 
-// activate lists a job among those that have not ended.
-func (s *store) activate(ctx context.Context, id string) error {
-	return s.Store(ctx, activeKey(id), []byte(id))
+// holderRecord is what storage holds of a job's holder.
+type holderRecord struct {
+	Epoch string `json:"epoch"`
 }
 
-// deactivate takes an ended job off the list.
-func (s *store) deactivate(id string) {
-	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
-	defer cancel()
-	if err := s.Delete(ctx, activeKey(id)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		s.logger.Warn("deactivating an async batch", zap.String("id", id), zap.Error(err))
+func (s *store) storeHolder(ctx context.Context, id, epoch string) error {
+	buf, _ := json.Marshal(holderRecord{Epoch: epoch})
+	return s.Store(ctx, holderKey(id), buf)
+}
+
+func (s *store) loadHolder(ctx context.Context, id string) (holderRecord, error) {
+	var h holderRecord
+	buf, err := s.Load(ctx, holderKey(id))
+	if err != nil {
+		return h, err
 	}
+	if err := json.Unmarshal(buf, &h); err != nil {
+		return h, fmt.Errorf("%w: holder of %s: %w", errBadRecord, id, err)
+	}
+	return h, nil
+}
+
+// deleteKey deletes key, which may be gone already; it logs why not.
+func (s *store) deleteKey(ctx context.Context, key string) {
+	if err := s.Delete(ctx, key); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.logger.Warn("deleting from storage", zap.String("key", key), zap.Error(err))
+	}
+}
+
+// isJobID reports whether name is a job id: storage may list other names
+// beside them (the file system's temporary files, a heartbeat).
+func isJobID(name string) bool {
+	return len(name) == 32 && strings.Trim(name, "0123456789abcdef") == ""
 }
 
 func (s *store) loadSpec(ctx context.Context, id string) (*jobSpec, error) {

@@ -53,12 +53,24 @@ func (h *Handler) startSweeping(ctx caddy.Context) {
 	}
 }
 
-// sweep deletes the jobs that have expired, and the owners' index entries
-// whose job is gone, and ends the jobs whose window passed in the queue.
+// sweep ends the jobs whose window passed in a queue, deletes the jobs
+// that have expired, and the owners' index entries whose job is gone.
 func (a *asyncJobs) sweep(ctx context.Context) {
+	a.pool.sweepQueue()
+	a.sweepClusterQueue(ctx)
 	a.deleteExpired(ctx)
 	a.sweepIndex(ctx)
-	a.pool.sweepQueue()
+}
+
+// sweepClusterQueue ends the jobs whose time ran out in the cluster's
+// queue, as a look does when a worker is free.
+func (a *asyncJobs) sweepClusterQueue(ctx context.Context) {
+	t := now()
+	for _, k := range a.store.jobIDs(ctx, queuePrefix) {
+		if q, ok := parseQueued(k); ok && !t.Before(q.expires) && !a.foreign(q.id) {
+			a.expireQueued(ctx, q)
+		}
+	}
 }
 
 func (a *asyncJobs) deleteExpired(ctx context.Context) {

@@ -142,8 +142,10 @@ func (a *asyncJobs) endEvent(rec jobRecord) *webhookEvent {
 
 // sendEnd delivers the stored event of an ended job, under its lease; once
 // it is delivered or given up, the event goes and the job is done with.
-// When no delivery can start, or a shutdown cuts it off, the event stays
-// stored for the instance that takes the job over.
+// When no delivery can start, the job waits in the cluster's queue for
+// the next look to deliver it; when a shutdown cuts one off, it stays held
+// until this instance's heartbeat expires, and the instance that takes it
+// over delivers it.
 func (a *asyncJobs) sendEnd(p *jobPool, jobID string, l *lease, ev *webhookEvent) {
 	finish := func() {
 		ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
@@ -154,22 +156,39 @@ func (a *asyncJobs) sendEnd(p *jobPool, jobID string, l *lease, ev *webhookEvent
 		if l != nil {
 			l.release(ctx)
 		}
-		a.store.deactivate(jobID)
 	}
 	if why := p.startDelivery(jobID); why != "" {
 		a.dropped(ev, why+"; left stored for the next look")
 		if l != nil {
-			l.release(context.Background())
+			a.requeueEnded(jobID, l)
 		}
 		return
 	}
 	go func() {
 		defer p.deliveryDone(jobID)
 		if !a.deliver(p.hooks, ev) && p.hooks.Err() != nil {
-			return // cut off by a shutdown: its lease expires, and another instance sends it
+			return // cut off by a shutdown
 		}
 		finish()
 	}()
+}
+
+// requeueEnded puts an ended job whose event is owed in the cluster's
+// queue, for whichever instance looks next to deliver it, and lets it go.
+func (a *asyncJobs) requeueEnded(jobID string, l *lease) {
+	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+	defer cancel()
+	rec, err := a.store.loadJob(ctx, jobID)
+	if err == nil {
+		err = a.store.enqueue(ctx, rec)
+	}
+	if err != nil {
+		// Held still: the instance that takes it over delivers it.
+		a.logger.Warn("queuing the webhook event of an async batch", zap.String("id", jobID), zap.Error(err))
+		return
+	}
+	a.pool.undelivered(jobID)
+	l.release(ctx)
 }
 
 func (a *asyncJobs) dropped(ev *webhookEvent, why string) {

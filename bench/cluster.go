@@ -56,9 +56,9 @@ func cluster(n, rate int, informational bool) error {
 const clusterKey = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
 
 // clusterSite is the site of a cluster instance: a job handler (parallel,
-// concurrency 16, 4 workers) with the handler options handler and the
-// async options async (each a line, or empty), its process's storage
-// calls at callsPath, and the backend.
+// concurrency 16, 4 workers, credentials_key clusterKey) with the handler
+// options handler and the async options async (each a line, or empty),
+// its process's storage calls at callsPath, and the backend.
 func clusterSite(backend, handler, async string) string {
 	return fmt.Sprintf(`
 	batch_storage_calls %s
@@ -549,15 +549,18 @@ func clusterQueue() ([]string, error) {
 // clusterAdopt measures what active jobs cost the instances that do not
 // run them: at the default lease and at lease 3s, two instances sharing
 // one storage, instance 1 holding 1, 100, then 1,000 active jobs (4
-// running, the rest queued; each one operation the backend holds),
+// running, the rest waiting; each one operation the backend holds),
 // instance 2 idle; the storage calls a second of each, from batch_lag's
-// counters, and their CPU. No target: today's figures grow with every
-// active job.
+// counters, and their CPU. The jobs inherit credentials and the instances
+// have no credentials_key: they cannot move, so instance 2 stays idle
+// (jobs that can move it would take, as the cluster's workers are one
+// pool). No target.
 func clusterAdopt() error {
 	levels := []int{1, 100, 1000}
 	fmt.Printf("cluster adoption: 2 instances sharing one storage (async, workers 4); instance 1 holds the active jobs\n" +
-		"(4 running, the rest queued; each one operation the backend holds), instance 2 is idle. Storage calls a\n" +
-		"second and CPU (share of one core) of each, measured over whole periods of the adoption and renewal ticks\n\n")
+		"(4 running, the rest waiting in its memory: each one operation the backend holds, inheriting credentials\n" +
+		"with no credentials_key, so that they cannot move), instance 2 is idle. Storage calls a second and CPU\n" +
+		"(share of one core) of each, measured over whole periods of the adoption and renewal ticks\n\n")
 	fmt.Printf("%-12s %7s %15s %7s %15s %7s\n", "lease", "active", "idle calls/s", "CPU", "busy calls/s", "CPU")
 	for _, lease := range []struct {
 		title  string
@@ -583,7 +586,8 @@ func adoptRun(title, leaseOption string, window time.Duration, levels []int) err
 	}
 	defer srv.Close()
 	defer close(backend.release)
-	rigs, cleanup, err := startCluster(2, clusterSite(addr, "op_timeout 10m", leaseOption))
+	site := strings.Replace(clusterSite(addr, "op_timeout 10m", leaseOption), "credentials_key "+clusterKey, "", 1)
+	rigs, cleanup, err := startCluster(2, site)
 	if err != nil {
 		return err
 	}
@@ -660,8 +664,8 @@ func adoptRun(title, leaseOption string, window time.Duration, levels []int) err
 			d := to[i].calls.Sub(from[i].calls)
 			if i == 0 && d.Store > 0 {
 				// An idle instance stores nothing; one that does took jobs
-				// over, which the busy one could not renew in time.
-				note = "  (not idle: instance 2 took over jobs whose leases instance 1 did not renew in time)"
+				// over: the busy one could not renew its heartbeat in time.
+				note = "  (not idle: instance 2 took over jobs, instance 1 having not renewed its heartbeat in time)"
 			}
 			cols = append(cols, fmt.Sprintf("%15.1f %6.1f%%", float64(d.Total())/secs, 100*(to[i].cpu-from[i].cpu).Seconds()/secs))
 			if level == levels[len(levels)-1] {
