@@ -208,18 +208,24 @@ func withOffset(u *url.URL, offset int) string {
 	return u.Path + "?" + q.Encode()
 }
 
-// appendShown appends a result as a view shows it: with its index when
-// the view is filtered or NDJSON, and its request when asked for.
-func appendShown(dst []byte, i int, item, request []byte, indexed bool) []byte {
+// addShown adds a result to out as a view shows it, then end: with its
+// index when the view is filtered or NDJSON, and its request when asked
+// for.
+func addShown(out *chunkWriter, i int, item, request []byte, indexed bool, end string) {
 	if !indexed && request == nil {
-		return append(dst, item...)
+		out.add(item)
+	} else {
+		out.buf = strconv.AppendInt(append(out.buf, `{"index":`...), int64(i), 10)
+		out.buf = append(out.buf, ',')
+		out.add(item[1 : len(item)-1])
+		if request != nil {
+			out.buf = append(out.buf, `,"request":`...)
+			out.add(request)
+		}
+		out.buf = append(out.buf, '}')
 	}
-	dst = strconv.AppendInt(append(dst, `{"index":`...), int64(i), 10)
-	dst = append(append(dst, ','), item[1:len(item)-1]...)
-	if request != nil {
-		dst = append(append(dst, `,"request":`...), request...)
-	}
-	return append(dst, '}')
+	out.buf = append(out.buf, end...)
+	out.maybeWrite()
 }
 
 // writeResultPage writes a page of results as a native batch answers:
@@ -233,8 +239,7 @@ func (a *asyncJobs) writeResultPage(w http.ResponseWriter, r *http.Request, rec,
 		if n > 0 {
 			out.buf = append(out.buf, ',')
 		}
-		out.buf = appendShown(out.buf, i, item, request, q.filtered)
-		out.maybeWrite()
+		addShown(&out, i, item, request, q.filtered, "")
 		n++
 		return q.limit == 0 || n < q.limit
 	})
@@ -266,8 +271,7 @@ func (a *asyncJobs) writeResultLines(w http.ResponseWriter, r *http.Request, rec
 func (a *asyncJobs) resultLines(ctx context.Context, out *chunkWriter, readable jobRecord, q resultsQuery) (next int, err error) {
 	n := 0
 	return a.eachResult(ctx, readable, q, func(i int, item, request []byte) bool {
-		out.buf = append(appendShown(out.buf, i, item, request, true), '\n')
-		out.maybeWrite()
+		addShown(out, i, item, request, true, "\n")
 		n++
 		return q.limit == 0 || n < q.limit
 	})

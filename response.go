@@ -245,6 +245,18 @@ func (c *chunkWriter) maybeWrite() {
 	}
 }
 
+// add appends b to the answer. What is larger than a chunk is written as
+// it is, after what is buffered, rather than copied into the buffer: a
+// reader of a job's results holds the part it loaded, not a copy.
+func (c *chunkWriter) add(b []byte) {
+	if len(b) < sinkChunk {
+		c.buf = append(c.buf, b...)
+		return
+	}
+	c.write()
+	_, _ = c.w.Write(b)
+}
+
 // write sends what is buffered, after the status line the first time.
 func (c *chunkWriter) write() {
 	if !c.sent {
