@@ -533,9 +533,10 @@ func (a *asyncJobs) startQueued(ctx context.Context, q queued, self endpoint, id
 	return a.startTaken(ctx, rec, "", q.key(), spec, ep)
 }
 
-// expireQueued ends a job whose time ran out in the cluster's queue: it
-// never runs, what storage holds of it goes, and the handler serving it
-// tells its webhook.
+// expireQueued ends a job whose window passed in the cluster's queue: it
+// runs at once, outside the workers, and skips every operation before it
+// is sent; it ends expired, its results readable, and the handler serving
+// it tells its webhook.
 func (a *asyncJobs) expireQueued(ctx context.Context, q queued) {
 	rec, err := a.store.loadJob(ctx, q.id)
 	switch {
@@ -550,8 +551,9 @@ func (a *asyncJobs) expireQueued(ctx context.Context, q queued) {
 		return
 	}
 	spec, err := a.store.loadSpec(ctx, q.id)
+	var ep endpoint
 	if err == nil {
-		if _, ok := a.servesJob(spec, self, identity); !ok {
+		if ep, ok = a.servesJob(spec, self, identity); !ok {
 			a.notMine(q.id)
 			return
 		}
@@ -561,7 +563,19 @@ func (a *asyncJobs) expireQueued(ctx context.Context, q queued) {
 		return
 	}
 	a.pool.taken(q.id)
-	a.pool.expire(&job{a: a, lease: l, rec: rec})
+	if spec == nil {
+		a.pool.expire(&job{a: a, lease: l, rec: rec}) // it cannot run: its operations are gone
+		return
+	}
+	if rec, err = a.store.loadJob(ctx, q.id); err != nil || rec.final() {
+		l.release(ctx)
+		return
+	}
+	j := &job{a: a, endpoint: spec.Endpoint, spec: spec, lease: l, rec: rec}
+	// It sends nothing: what it would have sent with is not needed.
+	inherited, _ := a.store.openHeaders(spec, rec.ID)
+	j.rn = a.jobRunner(ep, rec.ID, rec.Owner, spec.Conn.facts(spec.Path), inherited)
+	a.pool.runNow(j)
 }
 
 // sendOwed delivers, under l, the end event that the ended job id

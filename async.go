@@ -23,9 +23,18 @@ import (
 // canceled, at <batch path>/<id>. Jobs live in Caddy's storage, so every
 // instance sharing it answers for every job.
 type AsyncConfig struct {
-	// How long a job and its results are kept after it was submitted; it
-	// also bounds how long a job may run. Default: 24h.
+	// How long a job and its results are kept after it ended (completed,
+	// stopped, expired, canceled or error); a job that has not ended is
+	// kept until retention after its window would end. Default: 24h.
 	Retention caddy.Duration `json:"retention,omitempty"`
+
+	// The completion window: how long after it was submitted a job may
+	// run. An operation not started by then never starts; it is skipped
+	// (424), as are the rest, operations in flight are cut off (504), and
+	// the job ends "expired", its results readable for retention. A job
+	// whose window passes while it waits for a worker sends nothing.
+	// Default: 24h.
+	Window caddy.Duration `json:"window,omitempty"`
 
 	// How many jobs run at once in this process. Jobs beyond that wait:
 	// those any instance can run in the cluster's queue in storage, which
@@ -97,6 +106,7 @@ type AsyncConfig struct {
 // Defaults of AsyncConfig.
 const (
 	defaultRetention = 24 * time.Hour
+	defaultWindow    = 24 * time.Hour
 	defaultWorkers   = 4
 	defaultOwner     = "{http.request.header.Authorization}"
 	// A queued job holds in memory only what its operations inherit:
@@ -199,6 +209,9 @@ func (cfg *AsyncConfig) provision() error {
 	if cfg.Retention == 0 {
 		cfg.Retention = caddy.Duration(defaultRetention)
 	}
+	if cfg.Window == 0 {
+		cfg.Window = caddy.Duration(defaultWindow)
+	}
 	if cfg.Workers == 0 {
 		cfg.Workers = defaultWorkers
 	}
@@ -218,8 +231,8 @@ func (cfg *AsyncConfig) provision() error {
 		cfg.Lease = caddy.Duration(defaultLease)
 	}
 	switch {
-	case cfg.Retention < caddy.Duration(time.Second) || cfg.Workers < 0:
-		return errors.New("retention must be at least 1s and workers positive")
+	case cfg.Retention < caddy.Duration(time.Second) || cfg.Window < caddy.Duration(time.Second) || cfg.Workers < 0:
+		return errors.New("retention and window must be at least 1s, and workers positive")
 	case cfg.MaxQueued < 0 || cfg.MaxOps < 0 || cfg.MaxBodySize < 0:
 		return errors.New("max_queued, max_ops and max_body_size must be positive")
 	case cfg.Lease < caddy.Duration(100*time.Millisecond):
@@ -240,6 +253,10 @@ const (
 	stateCompleted = "completed"
 	stateError     = "error"
 	stateCanceled  = "canceled"
+	// stateStopped: the failure budget stopped it (SPEC §13).
+	stateStopped = "stopped"
+	// stateExpired: its completion window passed before it ended.
+	stateExpired = "expired"
 )
 
 // wantsAsync reports whether the client asked for an async answer with
@@ -279,6 +296,7 @@ func (a *asyncJobs) submit(w http.ResponseWriter, r *http.Request, next caddyhtt
 	if j == nil {
 		return err
 	}
+	j.rec.Metadata = b.metadata
 	if err := a.pool.reserve(); err != nil {
 		return err // nothing is stored yet
 	}
@@ -310,7 +328,9 @@ func (a *asyncJobs) newJob(w http.ResponseWriter, r *http.Request, next caddyhtt
 		Endpoint: key, SealedOps: a.store.sealer != nil}
 	_, spec.Handler, _ = a.self()
 	rec := jobRecord{progress: progress{ID: id, Status: stateQueued, CreatedAt: now()}, Owner: who.hash}
-	rec.ExpiresAt = rec.CreatedAt.Add(time.Duration(a.cfg.Retention))
+	windowEnd := rec.CreatedAt.Add(time.Duration(a.cfg.Window))
+	rec.WindowEndsAt = &windowEnd
+	rec.ExpiresAt = windowEnd.Add(time.Duration(a.cfg.Retention)) // until it ends
 	if f != native {
 		rec.Format = f.name()
 	}
@@ -331,6 +351,7 @@ func (j *job) drop(err error) error {
 	if err := deleteTree(ctx, a.store, jobKey(id)); err != nil {
 		a.logger.Warn("deleting refused batch job", zap.String("id", id), zap.Error(err))
 	}
+	a.store.unindexJob(ctx, &j.rec)
 	return err
 }
 
@@ -353,6 +374,11 @@ func (a *asyncJobs) queueJob(w http.ResponseWriter, r *http.Request, j *job, n i
 	err := a.store.keepHeaders(spec, id, j.rn.inherited)
 	if err == nil {
 		err = a.store.storeSpec(ctx, id, spec)
+	}
+	if err == nil {
+		// Listed before its record is stored: a job is never without
+		// its entry in its owner's index.
+		err = a.store.indexJob(ctx, &j.rec)
 	}
 	if err == nil {
 		err = j.save(ctx)
@@ -392,7 +418,7 @@ func (a *asyncJobs) queueJob(w http.ResponseWriter, r *http.Request, j *job, n i
 // operations are loaded as it runs.
 func (a *asyncJobs) jobRunner(ep endpoint, id, owner string, conn connFacts, inherited http.Header) *runner {
 	rn := &runner{h: ep.h, id: id, next: ep.next, srv: ep.srv, conn: conn, base: context.Background(),
-		timeout: time.Duration(a.cfg.Retention), inherited: inherited, stoppedAt: -1, opKey: ep.h.jobs.opKey, caller: owner}
+		timeout: time.Duration(a.cfg.Window), inherited: inherited, stoppedAt: -1, opKey: ep.h.jobs.opKey, caller: owner}
 	rn.refs.reset(ep.h.MaxReferenceSize)
 	rn.logs = rn.accessLoggers()
 	return rn

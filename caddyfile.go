@@ -86,6 +86,8 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //			methods      idempotent|all
 //		}
 //		retry_429         <n>
+//		max_failures      <n>
+//		max_failure_rate  <fraction> [<min sample>]
 //		max_inflight      <n>
 //		rate              <n> <interval>|<n>/<interval> [<key placeholder>]
 //		pacing            adaptive|off
@@ -94,6 +96,7 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //		skip_operation_logs
 //		async {
 //			retention <duration>
+//			window    <duration>
 //			workers   <n>
 //			max_queued <n>
 //			owner     <placeholder>
@@ -104,7 +107,7 @@ func parseDirective(h httpcaddyfile.Helper) ([]httpcaddyfile.ConfigValue, error)
 //			op_idempotency_header <name>|off
 //			webhook   <url> {
 //				secret            <string>
-//				events            completed|error|canceled|progress...
+//				events            completed|error|canceled|stopped|expired|progress...
 //				progress_interval <duration>
 //				max_attempts      <n>
 //			}
@@ -208,6 +211,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Err("retry_429 is an alias of retry: give one of them")
 			}
 			return intArg(d, &h.Retry429, 0)
+		case "max_failures":
+			return intArg(d, &h.MaxFailures, 1)
+		case "max_failure_rate":
+			return h.failureRateArgs(d)
 		case "max_inflight":
 			return intArg(d, &h.MaxInflight, 1)
 		case "rate":
@@ -221,6 +228,27 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 		return d.Errf("unrecognized subdirective '%s'", name)
 	})
+}
+
+// failureRateArgs reads "max_failure_rate <fraction> [<min sample>]".
+func (h *Handler) failureRateArgs(d *caddyfile.Dispenser) error {
+	args := d.RemainingArgs()
+	if len(args) < 1 || len(args) > 2 {
+		return d.Errf("max_failure_rate takes <fraction> [<min sample>], got %d arguments", len(args))
+	}
+	f, err := strconv.ParseFloat(args[0], 64)
+	if err != nil || !(f > 0 && f <= 1) {
+		return d.Errf("max_failure_rate: expected a fraction above 0 and at most 1 (0.05 for 5%%), got %q", args[0])
+	}
+	h.MaxFailureRate = f
+	if len(args) == 2 {
+		n, err := strconv.Atoi(args[1])
+		if err != nil || n < 1 {
+			return d.Errf("max_failure_rate: expected a sample of at least 1 operation, got %q", args[1])
+		}
+		h.FailureRateSample = n
+	}
+	return nil
 }
 
 // unmarshalCaddyfile reads "rate <n> <interval> [<key>]", or the same
@@ -315,6 +343,8 @@ func (a *AsyncConfig) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		switch name {
 		case "retention":
 			return durationArg(d, &a.Retention)
+		case "window":
+			return durationArg(d, &a.Window)
 		case "workers":
 			return intArg(d, &a.Workers, 1)
 		case "max_queued":
@@ -372,7 +402,7 @@ func (wh *Webhook) unmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "events":
 			return checkedListArg(d, &wh.Events, func(e string) string {
 				if !slices.Contains(webhookEvents, e) {
-					return "is not an event: completed, error, canceled or progress"
+					return "is not an event: completed, error, canceled, stopped, expired or progress"
 				}
 				return ""
 			})

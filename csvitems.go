@@ -3,6 +3,7 @@ package batch
 import (
 	"bytes"
 	"encoding/csv"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,6 +14,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/caddy-batch/batch/internal/jsontext"
+	"github.com/tidwall/gjson"
 )
 
 // A text/csv body is a bulk batch: its header row names the columns, and
@@ -353,7 +355,7 @@ func csvTemplate(q url.Values) (op, opts []byte, faults badBatchError) {
 			dst = append(dst, ',')
 		}
 		dst = append(jsontext.AppendString(dst, name), ':')
-		if raw && (v == "true" || v == "false" || v != "" && strings.Trim(v, "0123456789") == "") {
+		if raw && (v == "true" || v == "false" || gjson.Valid(v) && gjson.Parse(v).Type == gjson.Number) {
 			return append(dst, v...)
 		}
 		return jsontext.AppendString(dst, v)
@@ -362,7 +364,7 @@ func csvTemplate(q url.Values) (op, opts []byte, faults badBatchError) {
 	var headers []byte
 	for _, name := range slices.Sorted(maps.Keys(q)) {
 		vs := q[name]
-		if len(vs) > 1 && name != "header" {
+		if len(vs) > 1 && name != "header" && !strings.HasPrefix(name, metadataQueryPrefix) {
 			faults = append(faults, fault{Index: -1, Message: fmt.Sprintf("query parameter %q given twice", short(name))})
 			continue
 		}
@@ -392,11 +394,25 @@ func csvTemplate(q url.Values) (op, opts []byte, faults badBatchError) {
 			}
 		case "mode", "atomicity":
 			opts = field(opts, name, vs[0], false)
-		case "max_attempts", "key_concurrency", "omit_response_on_success", "include_headers", "dry_run", "async":
+		case "max_attempts", "key_concurrency", "omit_response_on_success", "include_headers", "dry_run", "async",
+			"max_failures", "max_failure_rate":
 			opts = field(opts, name, vs[0], true)
 		default:
+			if strings.HasPrefix(name, metadataQueryPrefix) {
+				continue // read whole, below
+			}
 			faults = append(faults, fault{Index: -1, Message: fmt.Sprintf("unknown query parameter %q: a CSV batch takes method, path, key, header and the batch options", short(name))})
 		}
+	}
+	switch md, msg := queryMetadata(q); {
+	case msg != "":
+		faults = append(faults, fault{Index: -1, Message: msg})
+	case md != nil:
+		buf, _ := json.Marshal(md)
+		if len(opts) > 1 {
+			opts = append(opts, ',')
+		}
+		opts = append(append(opts, `"metadata":`...), buf...)
 	}
 	if headers != nil {
 		op = append(append(append(op, `,"headers":`...), headers...), '}')

@@ -188,6 +188,7 @@ func (jsonBatchFormat) decode(r *http.Request, body []byte, lim *rules) (*batch,
 		idRule:  "1 to 128 letters, digits, '-', '.', '_' or '~'",
 	}
 	var requests gjson.Result
+	var opts batch // the batch fields beside "requests"
 	gjson.ParseBytes(body).ForEach(func(k, v gjson.Result) bool {
 		switch key := k.String(); {
 		case key == "requests" && requests.Exists():
@@ -195,6 +196,10 @@ func (jsonBatchFormat) decode(r *http.Request, body []byte, lim *rules) (*batch,
 			p.batchFault(`field "requests" given twice`)
 		case key == "requests":
 			requests = v
+		case key == "max_failures" || key == "max_failure_rate":
+			p.budgetField(&opts, key, v)
+		case key == "metadata":
+			p.metadataField(&opts, v)
 		case strings.HasPrefix(key, "@"): // annotations
 		default:
 			p.batchFault("unknown field %q", short(key))
@@ -210,7 +215,8 @@ func (jsonBatchFormat) decode(r *http.Request, body []byte, lim *rules) (*batch,
 	if err := p.counted(jsontext.Count(requests)); err != nil {
 		return nil, err
 	}
-	b := &batch{mode: lim.mode, atomicity: lim.atomicity, urls: &resolver}
+	b := &batch{mode: lim.mode, atomicity: lim.atomicity, urls: &resolver,
+		maxFailures: opts.maxFailures, maxFailureRate: opts.maxFailureRate, metadata: opts.metadata}
 	if b.atomicity != atomicNone {
 		b.mode = modeSequential // a failure must stop what comes after it
 	}

@@ -103,6 +103,10 @@ func parseBatch(ctx context.Context, body []byte, lim *rules) (*batch, error) {
 				}
 			case "max_attempts":
 				b.maxAttempts = p.maxAttempts(v)
+			case "max_failures", "max_failure_rate":
+				p.budgetField(b, key, v)
+			case "metadata":
+				p.metadataField(b, v)
 			case "key_concurrency":
 				b.keyConcurrency = p.keyConcurrency(v)
 			case "async", "dry_run", "omit_response_on_success", "include_headers":

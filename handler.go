@@ -113,6 +113,26 @@ type Handler struct {
 	// for, as long as op_timeout allows. Not with retry. Default: 0.
 	Retry429 int `json:"retry_429,omitempty"`
 
+	// The failure budget of a batch or job: once this many of its
+	// operations have failed (run and answered 400 or more, or an
+	// error), no further operation starts, and the rest are skipped (424,
+	// "failure budget exhausted"); operations in flight finish. Reaching
+	// it stops: with 50, the 50th failure stops. A batch's field
+	// max_failures overrides it. The failure of an operation that
+	// another's "if" tests does not count. Default: 0, none.
+	MaxFailures int `json:"max_failures,omitempty"`
+
+	// The failure budget as a share: once the failed operations are at
+	// least this fraction (0.05 for 5%) of the operations run, counted
+	// from failure_rate_sample operations run on, no further operation
+	// starts, as for max_failures. A batch's field max_failure_rate
+	// overrides it. Default: 0, none.
+	MaxFailureRate float64 `json:"max_failure_rate,omitempty"`
+
+	// How many operations must have run before max_failure_rate counts.
+	// Default: 100.
+	FailureRateSample int `json:"failure_rate_sample,omitempty"`
+
 	// The most operations in flight downstream at once, across all
 	// batches and async jobs of this handler; more wait for a turn (within
 	// their op_timeout, then 504), taken round-robin between batches so
@@ -408,6 +428,10 @@ func (h *Handler) Validate() error {
 		return fmt.Errorf("retry_429 must not be negative, got %d", h.Retry429)
 	case h.MaxInflight < 0:
 		return fmt.Errorf("max_inflight must not be negative, got %d", h.MaxInflight)
+	case h.MaxFailures < 0 || h.FailureRateSample < 0:
+		return errors.New("max_failures and failure_rate_sample must not be negative")
+	case !(h.MaxFailureRate >= 0 && h.MaxFailureRate <= 1):
+		return fmt.Errorf("max_failure_rate must be a fraction from 0 to 1, got %v", h.MaxFailureRate)
 	case h.Pacing != pacingAdaptive && h.Pacing != pacingOff:
 		return fmt.Errorf("pacing must be %q or %q, got %q", pacingAdaptive, pacingOff, h.Pacing)
 	}
@@ -457,8 +481,15 @@ func (h *Handler) serveBatch(w http.ResponseWriter, r *http.Request, next caddyh
 		if id, sub, ok := jobPath(r.URL.Path); ok {
 			return h.jobs.serve(w, r, next, id, sub)
 		}
+		if r.Method == http.MethodGet {
+			return h.jobs.list(w, r)
+		}
 	}
 	if r.Method != http.MethodPost {
+		if h.Async != nil {
+			w.Header().Set("Allow", "GET, POST")
+			return writeError(w, http.StatusMethodNotAllowed, "batch requests must be POST; GET lists your jobs")
+		}
 		w.Header().Set("Allow", http.MethodPost)
 		return writeError(w, http.StatusMethodNotAllowed, "batch requests must be POST")
 	}

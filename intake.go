@@ -150,7 +150,8 @@ func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
 	in.chunk = append(make([]byte, 0, 64<<10), '[')
 	q := r.URL.Query()
 	in.query = q
-	for _, name := range []string{"mode", "atomicity", "omit_response_on_success", "include_headers", "max_attempts", "key_concurrency"} {
+	for _, name := range []string{"mode", "atomicity", "omit_response_on_success", "include_headers", "max_attempts", "key_concurrency",
+		"max_failures", "max_failure_rate"} {
 		if v := q.Get(name); v != "" {
 			raw := strconv.Quote(v)
 			if name != "mode" && name != "atomicity" {
@@ -159,6 +160,11 @@ func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
 			in.option(name, gjson.Parse(raw))
 		}
 	}
+	md, msg := queryMetadata(q)
+	if msg != "" && !isCSV(r.Header.Get("Content-Type")) { // csvTemplate says it of a CSV batch
+		in.fault("%s", msg)
+	}
+	j.rec.Metadata = md
 	return in
 }
 
@@ -265,7 +271,8 @@ func (in *intake) options(line []byte) bool {
 	only := true
 	v.ForEach(func(k, _ gjson.Result) bool {
 		switch k.String() {
-		case "mode", "atomicity", "omit_response_on_success", "include_headers", "async", "max_attempts", "key_concurrency":
+		case "mode", "atomicity", "omit_response_on_success", "include_headers", "async", "max_attempts", "key_concurrency",
+			"max_failures", "max_failure_rate", "metadata":
 		default:
 			only = false
 		}
@@ -305,6 +312,19 @@ func (in *intake) option(name string, v gjson.Result) {
 		spec.MaxAttempts = in.p.maxAttempts(v)
 	case "key_concurrency":
 		spec.KeyConcurrency = in.p.keyConcurrency(v)
+	case "max_failures", "max_failure_rate":
+		var b batch
+		in.p.budgetField(&b, name, v)
+		spec.MaxFailures = cmp.Or(b.maxFailures, spec.MaxFailures)
+		spec.MaxFailureRate = cmp.Or(b.maxFailureRate, spec.MaxFailureRate)
+	case "metadata":
+		if in.j.rec.Metadata != nil {
+			in.fault("metadata is given in the query already")
+			return
+		}
+		var b batch
+		in.p.metadataField(&b, v)
+		in.j.rec.Metadata = b.metadata
 	case "async", "omit_response_on_success", "include_headers", "dry_run":
 		if !v.IsBool() {
 			in.fault("%s must be true or false, got %s", name, short(v.Raw))
@@ -639,7 +659,8 @@ func (in *intake) readJSON(s *jsonStream) error {
 			if raw, err = s.value(); err == nil {
 				in.bulkOperation(raw)
 			}
-		case "mode", "atomicity", "async", "dry_run", "omit_response_on_success", "include_headers", "max_attempts", "key_concurrency":
+		case "mode", "atomicity", "async", "dry_run", "omit_response_on_success", "include_headers", "max_attempts", "key_concurrency",
+			"max_failures", "max_failure_rate", "metadata":
 			if raw, err = s.value(); err == nil {
 				in.option(key, gjson.ParseBytes(raw))
 			}

@@ -301,7 +301,7 @@ func (p *jobPool) waiting() []queued {
 	defer p.mu.Unlock()
 	w := make([]queued, 0, len(p.queue))
 	for _, j := range p.queue {
-		w = append(w, queued{owner: ownerToken(j.rec.Owner), created: j.rec.CreatedAt, expires: j.rec.ExpiresAt, id: j.rec.ID, job: j})
+		w = append(w, queued{owner: ownerToken(j.rec.Owner), created: j.rec.CreatedAt, expires: j.rec.windowEnd(), id: j.rec.ID, job: j})
 	}
 	return w
 }
@@ -357,27 +357,35 @@ func (p *jobPool) kick() {
 	}
 }
 
-// evictExpired takes the jobs that expired while they waited out of the
-// queue, to end them without running. p.mu is held.
+// evictExpired takes the jobs whose window passed while they waited out
+// of the queue: they run at once, outside the limit, one after another
+// (each writes its results), sending nothing, and end expired. p.mu is
+// held.
 func (p *jobPool) evictExpired() {
 	t := now()
 	kept := p.queue[:0]
+	var expired []*job
 	for _, j := range p.queue {
-		if t.Before(j.rec.ExpiresAt) {
+		if t.Before(j.rec.windowEnd()) {
 			kept = append(kept, j)
 			continue
 		}
-		p.wg.Add(1)
+		expired = append(expired, j)
+	}
+	if len(expired) > 0 {
+		p.running += len(expired)
+		p.wg.Add(len(expired))
 		go func() {
-			defer p.wg.Done()
-			p.expire(j)
+			for _, j := range expired {
+				p.run(j)
+			}
 		}()
 	}
 	clear(p.queue[len(kept):])
 	p.queue = kept
 }
 
-// sweepQueue ends the queued jobs that have expired.
+// sweepQueue ends the queued jobs whose window has passed.
 func (p *jobPool) sweepQueue() {
 	p.mu.Lock()
 	defer p.mu.Unlock()

@@ -1,10 +1,7 @@
 package batch
 
 import (
-	"errors"
 	"fmt"
-	"io/fs"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -12,10 +9,14 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/tidwall/gjson"
 )
 
-// A job that expired while it waited for a worker never runs.
-func TestAsyncExpiredInQueueDoesNotRun(t *testing.T) {
+// A job whose window passed while it waited for a worker never sends an
+// operation: it ends expired, each operation skipped, and its results stay
+// readable. The queue's sweep ends it at once, outside the workers, even
+// while another job holds the only one.
+func TestAsyncWindowPassedInQueueSendsNothing(t *testing.T) {
 	ahead := skewClock(t)
 	setVar(t, &cancelPoll, 20*time.Millisecond)
 	be := newBackend(t)
@@ -28,34 +29,88 @@ func TestAsyncExpiredInQueueDoesNotRun(t *testing.T) {
 	}
 	batch /short /short/* {
 		async {
-			retention 1s
+			retention 1h
+			window 1s
 			workers 1
 		}
 	}
 	reverse_proxy %s`, be.addr()), inStorage(storage))
-	// The long job holds the one worker until it is canceled, after the
-	// clock has gone past the short job's expiry.
+	// The long job holds the one worker while the clock goes past the
+	// short job's window.
 	long := submitJob(t, base+"/long", "["+strings.TrimSuffix(strings.Repeat(`{"path":"/slow?d=50ms&id=a"},`, 200), ",")+"]")
 	eventually(t, 10*time.Second, "the long job running", func() bool { return len(be.eventLog()) > 0 })
-	id := submitJob(t, base+"/short", `[{"path":"/slow?d=1ms&id=b"}]`)
-	ahead(2 * time.Second) // past the short job's retention, while it waits
+	id := submitJob(t, base+"/short", `[{"path":"/slow?d=1ms&id=b"},{"path":"/slow?d=1ms&id=c"}]`)
+	ahead(2 * time.Second) // past the short job's window, while it waits
+	thePool(t).sweepQueue()
+	p := waitJob(t, base+"/short/"+id, alice, stateExpired, stateCompleted, stateError)
+	if p.Get("status").String() != stateExpired || p.Get("skipped").Int() != 2 || p.Get("completed").Int() != 2 {
+		t.Errorf("a job whose window passed in the queue: %s", p.Raw)
+	}
+	if lp := waitJob(t, base+"/long/"+long, alice, stateRunning, stateCompleted); lp.Get("status").String() != stateRunning {
+		t.Errorf("the expired job waited for the long one: %s", lp.Raw)
+	}
+	for _, e := range be.eventLog() {
+		if e == "start b" || e == "start c" {
+			t.Errorf("the job sent an operation after its window: %v", be.eventLog())
+		}
+	}
+	_, _, body := send(t, "GET", base+"/short/"+id+"/results", "", alice)
+	res := mustJSON(t, body)
+	if r := res.Get("results.1"); len(res.Get("results").Array()) != 2 || r.Get("status").Int() != 424 || r.Get("error").String() != errWindowSkip ||
+		res.Get("status").String() != statusExpired {
+		t.Errorf("results of the expired job: %s", body)
+	}
 	if status, _, body := send(t, "DELETE", base+"/long/"+long, "", alice); status != 200 && status != 202 {
 		t.Fatalf("cancel of the long job: %d %s", status, body)
 	}
 	waitJob(t, base+"/long/"+long, alice, "canceled")
-	eventually(t, 10*time.Second, "the expired job gone from the pool", func() bool { return thePool(t).lookup(id) == nil })
-	for _, e := range be.eventLog() {
-		if e == "start b" {
-			t.Errorf("the job ran after it expired: %v", be.eventLog())
+}
+
+// So does a job that any instance can run, waiting in the cluster's queue
+// in storage: the look at the queue runs it, sending nothing, while the
+// only worker is busy.
+func TestAsyncWindowPassedInClusterQueueSendsNothing(t *testing.T) {
+	ahead := skewClock(t)
+	be := newBackend(t)
+	t.Cleanup(be.release)
+	storage := t.TempDir()
+	base := startCaddy(t, fmt.Sprintf(`
+	batch /long /long/* {
+		async {
+			workers 1
+			credentials_key %[2]s
+			lease 1s
 		}
 	}
-	if status, _, _ := send(t, "GET", base+"/short/"+id, "", alice); status != 404 {
-		t.Errorf("expired job: %d", status)
+	batch /short /short/* {
+		async {
+			window 1s
+			workers 1
+			credentials_key %[2]s
+			lease 1s
+		}
 	}
-	eventually(t, 5*time.Second, "expired job deleted from storage", func() bool {
-		_, err := os.Stat(filepath.Join(storage, "batch", "jobs", id))
-		return errors.Is(err, fs.ErrNotExist)
-	})
+	reverse_proxy %[1]s`, be.addr(), testKey), inStorage(storage))
+	long := submitJob(t, base+"/long", `[{"path":"/hold?id=a"}]`)
+	eventually(t, 10*time.Second, "the long job running", func() bool { return slices.Contains(be.eventLog(), "start a") })
+	id := submitJob(t, base+"/short", `[{"path":"/slow?d=1ms&id=b"},{"path":"/slow?d=1ms&id=c"}]`)
+	if keys, _ := filepath.Glob(filepath.Join(storage, "batch", "queue", "*"+id)); len(keys) != 1 {
+		t.Fatalf("the job is not in the cluster's queue: %v", keys)
+	}
+	ahead(2 * time.Second)
+	p := waitJob(t, base+"/short/"+id, alice, stateExpired, stateCompleted, stateError)
+	if p.Get("status").String() != stateExpired || p.Get("skipped").Int() != 2 {
+		t.Errorf("a job whose window passed in the cluster's queue: %s", p.Raw)
+	}
+	if lp := waitJob(t, base+"/long/"+long, alice, stateRunning, stateCompleted); lp.Get("status").String() != stateRunning {
+		t.Errorf("the expired job waited for the long one: %s", lp.Raw)
+	}
+	if log := be.eventLog(); slices.Contains(log, "start b") || slices.Contains(log, "start c") {
+		t.Errorf("the job sent an operation after its window: %v", log)
+	}
+	if _, _, body := send(t, "GET", base+"/short/"+id+"/results", "", alice); gjson.Get(body, "results.0.error").String() != errWindowSkip {
+		t.Errorf("results: %s", body)
+	}
 }
 
 // A config reload while a job runs neither drops nor repeats its operations.

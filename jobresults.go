@@ -176,7 +176,7 @@ func (a *asyncJobs) writeResults(w http.ResponseWriter, r *http.Request, j *job,
 // pages them, and what follows them.
 func jobSummary(r *http.Request, rec jobRecord, q resultsQuery, paged bool, next, stored int) summary {
 	sum := summary{status: rec.Outcome, total: rec.Total, succeeded: rec.Succeeded, failed: rec.Failed,
-		skipped: rec.Skipped, page: &page{complete: rec.final(), next: next}}
+		skipped: rec.Skipped, page: &page{complete: rec.final(), next: next}, metadata: rec.Metadata}
 	if !rec.final() {
 		sum.status = rec.Status
 	}

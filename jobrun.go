@@ -40,6 +40,9 @@ type job struct {
 	// unrecorded, once set, stops the job, whose results storage no
 	// longer takes, at the next operation it would start; it says why.
 	unrecorded atomic.Pointer[string]
+	// windowEnd is when the job's completion window ends, set as it
+	// starts to run: no operation starts after it.
+	windowEnd time.Time
 
 	// readable is the record as of the last results stored: readers
 	// of results read those it counts.
@@ -68,8 +71,22 @@ func (j *job) halted() string {
 	if why := j.unrecorded.Load(); why != nil {
 		return *why
 	}
+	if !j.windowEnd.IsZero() && !now().Before(j.windowEnd) {
+		return errWindowSkip
+	}
 	return ""
 }
+
+// The errors of the operations of a job whose completion window passed:
+// those not started are skipped (424), those in flight cut off (504).
+const (
+	errWindowSkip = "skipped: the job's completion window has passed"
+	errWindowCut  = "cut off: the job's completion window passed while it ran"
+)
+
+// errWindowPassed is the cause with which a job's context ends at the end
+// of its completion window.
+var errWindowPassed = errors.New("the job's completion window has passed")
 
 func (j *job) handingOver() bool { return j.resumable() && j.a.pool.draining.Load() }
 
@@ -119,6 +136,9 @@ func (p *jobPool) run(j *job) {
 		p.expire(j)
 		return
 	}
+	// A job whose window has passed runs on, and skips every operation
+	// before it is sent: its results say so, and it ends expired.
+	j.windowEnd = j.rec.windowEnd()
 	if ep, ok := p.endpointAt(j.endpoint); ok && ep.h != rn.h {
 		// Reloaded while the job waited: it runs through the new config
 		// (its record stays where it was submitted).
@@ -126,24 +146,27 @@ func (p *jobPool) run(j *job) {
 		rn.logs = rn.accessLoggers()
 		rn.refs.reset(ep.h.MaxReferenceSize)
 	}
-	ctx, cancel := context.WithDeadline(p.ctx, j.rec.ExpiresAt)
-	defer cancel()
+	base := p.ctx
 	if j.lease != nil {
 		// Another instance took the job over: this one stops at once.
-		ctx = j.lease.watch(ctx)
+		base = j.lease.watch(base)
 	}
+	// The window ends the operations; reading the job's operations (to
+	// skip them) and storing their results go on.
+	ctx, cancel := context.WithDeadlineCause(base, j.windowEnd, errWindowPassed)
+	defer cancel()
 	started := now()
 	rn.base = ctx
 	rn.job = j
 	if rn.b == nil { // until its operations are loaded
 		rn.b = &batch{format: formatNamed(j.rec.Format), mode: j.spec.Mode, atomicity: j.spec.Atomicity}
 	}
-	if a.store.Exists(ctx, jobKey(j.rec.ID, "cancel")) {
+	if a.store.Exists(base, jobKey(j.rec.ID, "cancel")) {
 		j.canceled.Store(true) // while it waited for an instance
 	}
 	// Storage writes outlive a shutdown's cancel: the record must say how
 	// the job ended.
-	store := context.WithoutCancel(ctx)
+	store := context.WithoutCancel(base)
 
 	j.mu.Lock()
 	j.rec.Status, j.rec.UpdatedAt = stateRunning, &started
@@ -159,11 +182,11 @@ func (p *jobPool) run(j *job) {
 	a.logger.Info("async batch started", zap.String("id", j.rec.ID), zap.Int("operations", j.rec.Total),
 		zap.Bool("resumed", resumed), zap.Int("from", j.rec.Completed))
 
-	stopWatch := j.watchCancel(ctx, rn)
-	sink := &storeSink{j: j, rn: rn, ctx: store, stop: ctx}
+	stopWatch := j.watchCancel(base, rn)
+	sink := &storeSink{j: j, rn: rn, ctx: store, stop: base}
 	err := sink.resume()
 	if err == nil {
-		err = j.runOps(ctx, rn, sink)
+		err = j.runOps(base, rn, sink)
 	}
 	sink.close(summary{})
 	stopWatch()
@@ -176,7 +199,7 @@ func (p *jobPool) run(j *job) {
 		p.forget(j)
 		return
 	case j.resumable() && p.draining.Load() && sink.err == nil && sink.stored < j.rec.Total &&
-		!j.canceled.Load() && (err == nil || ctx.Err() != nil):
+		!j.canceled.Load() && (err == nil || base.Err() != nil):
 		p.handOff(j, store)
 		return
 	}
@@ -185,6 +208,7 @@ func (p *jobPool) run(j *job) {
 	ended := now()
 	j.mu.Lock()
 	j.rec.UpdatedAt, j.rec.CompletedAt = &ended, &ended
+	j.rec.ExpiresAt = ended.Add(time.Duration(a.cfg.Retention))
 	j.rec.Rate, j.rec.EstimatedCompletionAt = 0, nil
 	j.rec.Unstored = j.rec.Completed - sink.stored
 	switch {
@@ -192,10 +216,14 @@ func (p *jobPool) run(j *job) {
 		j.rec.Status, j.rec.Error = stateError, cut(err.Error(), maxEcho*4)
 	case sink.err != nil:
 		j.rec.Status, j.rec.Error = stateError, "storing results: "+sink.err.Error()
-	case errors.Is(context.Cause(ctx), errInterrupted):
+	case errors.Is(context.Cause(base), errInterrupted):
 		j.rec.Status, j.rec.Error = stateError, "interrupted"
 	case j.canceled.Load():
 		j.rec.Status = stateCanceled
+	case j.rec.StopReason != "":
+		j.rec.Status = stateStopped
+	case j.rec.WindowPassed:
+		j.rec.Status = stateExpired
 	default:
 		j.rec.Status = stateCompleted
 	}
@@ -243,6 +271,7 @@ func (j *job) runOps(ctx context.Context, rn *runner, sink *storeSink) error {
 		return err
 	}
 	rn.load(first) // the options every chunk of the job shares
+	j.seedBudget(rn)
 	return rn.runStream(chunks, sink, from)
 }
 
@@ -256,6 +285,7 @@ func (j *job) runWhole(ctx context.Context, rn *runner, sink *storeSink) error {
 		return err
 	}
 	rn.load(b)
+	j.seedBudget(rn)
 	if from > 0 {
 		if err := j.a.loadEarlier(ctx, j.rec, rn, 0, from); err != nil {
 			return err
@@ -375,6 +405,15 @@ func chunkOf(starts []int, i int) int {
 	return max(c-1, 0)
 }
 
+// seedBudget starts the failure budget from what the job's stored record
+// counts: a job resumed, or run on after a hand-over, spends it where it
+// was.
+func (j *job) seedBudget(rn *runner) {
+	rec := j.snapshot()
+	failed := rec.Failed - rec.Tested
+	rn.budget.seed(failed, rec.Succeeded+failed)
+}
+
 // summary is what the job's operations came to, counted as stored.
 func (j *job) summary(rn *runner) summary {
 	r := &j.rec
@@ -386,6 +425,10 @@ func (j *job) summary(rn *runner) summary {
 		s.status = statusRolledBack
 	case rn.stoppedBy != "":
 		s.status = statusAborted
+	case r.StopReason == stopFailureBudget:
+		s.status = statusStopped
+	case r.WindowPassed:
+		s.status = statusExpired
 	case r.Completed == r.Succeeded+r.Unmet && r.Completed == r.Total:
 		s.status = statusCompleted
 	default:
@@ -433,8 +476,9 @@ func (p *jobPool) ended(j *job) {
 	}
 }
 
-// expire ends a job that expired before it started: it does not run, and
-// what storage holds of it goes.
+// expire ends a job whose retention passed before it started (one whose
+// window passed runs, and skips everything): it does not run, and what
+// storage holds of it goes.
 func (p *jobPool) expire(j *job) {
 	a := j.a
 	t := now()
@@ -449,6 +493,7 @@ func (p *jobPool) expire(j *job) {
 	if err := deleteTree(ctx, a.store, jobKey(rec.ID)); err != nil {
 		a.logger.Warn("deleting expired batch job", zap.String("id", rec.ID), zap.Error(err))
 	}
+	a.store.unindexJob(ctx, &rec)
 	a.metrics.jobs.WithLabelValues(stateError).Inc()
 	a.logger.Warn("async batch expired before it started", zap.String("id", rec.ID))
 	if ev := a.endEvent(rec); ev != nil {
@@ -572,6 +617,7 @@ func parseChunk(ctx context.Context, spec *jobSpec, chunk []byte, lim *rules) (*
 	b.lean = leanOptions{omitSuccess: spec.OmitSuccess, noHeaders: spec.NoHeaders}
 	b.maxAttempts = spec.MaxAttempts
 	b.keyConcurrency = spec.KeyConcurrency
+	b.maxFailures, b.maxFailureRate = spec.MaxFailures, spec.MaxFailureRate
 	return b, nil
 }
 
@@ -579,6 +625,7 @@ func parseChunk(ctx context.Context, spec *jobSpec, chunk []byte, lim *rules) (*
 func (a *asyncJobs) failJob(j *job, why string) {
 	t := now()
 	j.rec.Status, j.rec.Error, j.rec.UpdatedAt, j.rec.CompletedAt = stateError, why, &t, &t
+	j.rec.ExpiresAt = t.Add(time.Duration(a.cfg.Retention))
 	ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
 	defer cancel()
 	if j.event = a.endEvent(j.rec); j.event != nil {

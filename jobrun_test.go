@@ -82,10 +82,11 @@ func TestAsyncStorageFailsMidJob(t *testing.T) {
 	}
 }
 
-// A job's context ends at its ExpiresAt, not retention after it starts.
-func TestAsyncJobDeadlineIsExpiry(t *testing.T) {
+// A job's context ends where its window does, not window after it
+// starts; until it ends, it is kept until retention after that.
+func TestAsyncJobDeadlineIsWindowEnd(t *testing.T) {
 	be := newBackend(t)
-	base := startCaddy(t, asyncSite(be, ""))
+	base := startCaddy(t, asyncSite(be, "window 2h"))
 	t.Cleanup(be.release) // the shutdown has no operation to wait for
 	id := submitJob(t, base+"/batch", `[{"path":"/hold?id=x"}]`)
 	var j *job
@@ -96,8 +97,76 @@ func TestAsyncJobDeadlineIsExpiry(t *testing.T) {
 	j.mu.Lock()
 	rn := j.rn
 	j.mu.Unlock()
-	if d, ok := rn.base.Deadline(); !ok || !d.Equal(j.snapshot().ExpiresAt) {
-		t.Errorf("job's deadline %v, its expiry %v", d, j.snapshot().ExpiresAt)
+	rec := j.snapshot()
+	if d, ok := rn.base.Deadline(); !ok || !d.Equal(*rec.WindowEndsAt) || !d.Equal(rec.CreatedAt.Add(2*time.Hour)) {
+		t.Errorf("job's deadline %v, its window's end %v, created %v", d, rec.WindowEndsAt, rec.CreatedAt)
+	}
+	if !rec.ExpiresAt.Equal(rec.CreatedAt.Add(3 * time.Hour)) {
+		t.Errorf("a running job with window 2h and retention 1h expires at %v, created %v", rec.ExpiresAt, rec.CreatedAt)
+	}
+}
+
+// A job still running when its window ends starts no further operation:
+// the rest are skipped, it ends expired, and its results stay readable for
+// retention after its end, not after its creation.
+func TestAsyncWindowExpiresRunningJob(t *testing.T) {
+	ahead := skewClock(t)
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddy(t, asyncSite(be, "window 1h"), inStorage(storage)) // retention 1h
+	ops := []string{`{"path":"/hold?id=h"}`}
+	for i := range 9 {
+		ops = append(ops, fmt.Sprintf(`{"path":"/slow?id=s%d"}`, i))
+	}
+	id := submitJob(t, base+"/batch", "["+strings.Join(ops, ",")+"]")
+	eventually(t, 10*time.Second, "the first operation held", func() bool { return slices.Contains(be.eventLog(), "start h") })
+	ahead(90 * time.Minute) // past the window, while the first operation runs
+	be.release()
+	p := waitJob(t, base+"/batch/"+id, alice, stateExpired, stateCompleted, stateError)
+	if p.Get("status").String() != stateExpired || p.Get("succeeded").Int() != 1 || p.Get("skipped").Int() != 9 {
+		t.Fatalf("a job whose window passed as it ran: %s", p.Raw)
+	}
+	if log := be.eventLog(); len(log) != 2 {
+		t.Errorf("operations sent after the window: %v", log)
+	}
+	_, _, body := send(t, "GET", base+"/batch/"+id+"/results", "", alice)
+	res := mustJSON(t, body)
+	if res.Get("status").String() != statusExpired || res.Get("results.0.status").Int() != 200 ||
+		res.Get("results.9.status").Int() != 424 || res.Get("results.9.error").String() != errWindowSkip {
+		t.Errorf("results: %.600s", body)
+	}
+	// Ended 90 minutes after it was created: kept until 150 minutes, where
+	// retention counted from its creation would have ended at 60.
+	raw, err := os.ReadFile(filepath.Join(storage, "batch", "jobs", id, "job"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if exp, end := gjson.GetBytes(raw, "expires_at").Time(), gjson.GetBytes(raw, "completed_at").Time(); !exp.Equal(end.Add(time.Hour)) {
+		t.Errorf("expires at %v, ended %v: not retention after its end", exp, end)
+	}
+	ahead(140 * time.Minute)
+	if status, _, body := send(t, "GET", base+"/batch/"+id+"/results?offset=9", "", alice); status != 200 || !strings.Contains(body, errWindowSkip) {
+		t.Errorf("results 50 minutes after the end: %d %.200s", status, body)
+	}
+	ahead(151 * time.Minute)
+	if status, _, _ := send(t, "GET", base+"/batch/"+id, "", alice); status != 404 {
+		t.Errorf("a job past retention after its end: %d", status)
+	}
+}
+
+// The window ends operations in flight too, in real time: cut off (504),
+// the rest skipped.
+func TestAsyncWindowCutsOperationInFlight(t *testing.T) {
+	be := newBackend(t)
+	t.Cleanup(be.release)
+	base := startCaddy(t, asyncSite(be, "window 1s"))
+	id := submitJob(t, base+"/batch", `[{"path":"/hold?id=h"},{"path":"/slow?id=s"}]`)
+	p := waitJob(t, base+"/batch/"+id, alice, stateExpired, stateCompleted, stateError)
+	_, _, body := send(t, "GET", base+"/batch/"+id+"/results", "", alice)
+	res := mustJSON(t, body)
+	if p.Get("status").String() != stateExpired || res.Get("results.0.status").Int() != 504 || res.Get("results.0.error").String() != errWindowCut ||
+		res.Get("results.1.status").Int() != 424 || res.Get("results.1.error").String() != errWindowSkip || slices.Contains(be.eventLog(), "start s") {
+		t.Errorf("%s\n%s", p.Raw, body)
 	}
 }
 

@@ -124,6 +124,19 @@ func (s *storeSink) resume() error {
 	return nil
 }
 
+// noteStop records in the job's record what res says stopped the job: the
+// failure budget, or the window. j.mu is held.
+func (j *job) noteStop(res *result) {
+	switch res.err {
+	case errBudgetExhausted:
+		if j.rec.StopReason == "" {
+			j.rec.StopReason = stopFailureBudget
+		}
+	case errWindowSkip, errWindowCut:
+		j.rec.WindowPassed = true
+	}
+}
+
 // resumeFailures takes up the failures stream where the stored record
 // says the job is: a job that starts keeps one; of the last part, the
 // entries the record counts are read back into fails.
@@ -179,8 +192,12 @@ func (s *storeSink) put(_ int, op *operation, res *result) {
 		}
 	default:
 		s.j.rec.Failed++
+		if op.tested {
+			s.j.rec.Tested++
+		}
 	}
 	s.j.rec.Stopped = s.rn.stoppedBy
+	s.j.noteStop(res)
 	s.j.mu.Unlock()
 	if s.failed() {
 		return

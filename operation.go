@@ -45,6 +45,13 @@ type batch struct {
 	// keyConcurrency is the batch field key_concurrency: operations of
 	// one key run at once; 0 leaves it to the handler.
 	keyConcurrency int
+	// maxFailures and maxFailureRate are the batch's failure budget; 0
+	// leaves it to the config.
+	maxFailures    int
+	maxFailureRate float64
+	// metadata is the submitter's labels of a job (SPEC §13), echoed with
+	// its progress and results; nil for none.
+	metadata map[string]string
 	// groups are the atomicity groups of a JSON or multipart batch: each
 	// runs in order, and a failure in it fails and rolls back all of it.
 	groups []group

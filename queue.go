@@ -31,7 +31,7 @@ const queuePrefix = "batch/queue"
 type queued struct {
 	owner   string // ownerToken of the job's owner
 	created time.Time
-	expires time.Time
+	expires time.Time // when its window ends: then it runs at once, skipping everything
 	id      string
 	// job is one waiting in this process's memory; nil for one in the
 	// cluster's queue.
@@ -48,7 +48,7 @@ func ownerToken(owner string) string {
 // queueName is the key of the job rec in the queue, without the prefix:
 // fixed-width fields, so that names sort by owner and then age.
 func queueName(rec jobRecord) string {
-	return fmt.Sprintf("%s.%019d.%019d.%s", ownerToken(rec.Owner), rec.CreatedAt.UnixNano(), rec.ExpiresAt.UnixNano(), rec.ID)
+	return fmt.Sprintf("%s.%019d.%019d.%s", ownerToken(rec.Owner), rec.CreatedAt.UnixNano(), rec.windowEnd().UnixNano(), rec.ID)
 }
 
 func queueKey(rec jobRecord) string { return path.Join(queuePrefix, queueName(rec)) }

@@ -5,6 +5,7 @@ import (
 	"cmp"
 	"encoding/base64"
 	"encoding/json"
+	"maps"
 	"net/http"
 	"slices"
 	"strconv"
@@ -71,6 +72,8 @@ type summary struct {
 	// why the job ended in error.
 	page *page
 	err  string
+	// metadata is the batch's or job's, echoed after the counts.
+	metadata map[string]string
 }
 
 // page is which results of a job an answer holds, and what follows them.
@@ -91,6 +94,10 @@ const (
 	statusAborted             = "aborted"
 	statusRolledBack          = "rolled_back"
 	statusRollbackFailed      = "rollback_failed"
+	// statusStopped: the failure budget skipped operations (SPEC §13).
+	statusStopped = "stopped"
+	// statusExpired: a job's window passed before its operations ran.
+	statusExpired = "expired"
 )
 
 // How one operation counts in a summary.
@@ -322,6 +329,17 @@ func appendSummary(dst []byte, s summary) []byte {
 	if s.err != "" {
 		dst = append(dst, `,"error":`...)
 		dst = jsontext.AppendString(dst, s.err)
+	}
+	if len(s.metadata) > 0 {
+		dst = append(dst, `,"metadata":{`...)
+		for i, k := range slices.Sorted(maps.Keys(s.metadata)) {
+			if i > 0 {
+				dst = append(dst, ',')
+			}
+			dst = append(jsontext.AppendString(dst, k), ':')
+			dst = jsontext.AppendString(dst, s.metadata[k])
+		}
+		dst = append(dst, '}')
 	}
 	return dst
 }
@@ -562,11 +580,14 @@ func (s *ndjsonSink) close(sum summary) {
 }
 
 func (rn *runner) summary() summary {
-	s := summary{total: len(rn.results)}
-	unmet := 0
+	s := summary{total: len(rn.results), metadata: rn.b.metadata}
+	unmet, budget := 0, 0
 	for i := range rn.results {
 		if rn.results[i].cut {
 			s.cut++
+		}
+		if rn.results[i].err == errBudgetExhausted {
+			budget++
 		}
 		switch outcomeOf(&rn.results[i]) {
 		case outcomeSucceeded:
@@ -587,6 +608,8 @@ func (rn *runner) summary() summary {
 		s.status = statusRolledBack
 	case rn.stoppedAt >= 0:
 		s.status = statusAborted
+	case budget > 0:
+		s.status = statusStopped
 	case s.failed == 0 && s.skipped == unmet: // a false condition is no error
 		s.status = statusCompleted
 	default:

@@ -49,6 +49,8 @@ type runner struct {
 	stoppedBy string
 	// job is the job the runner runs, nil for a batch.
 	job jobControl
+	// budget counts failures against the failure budget; nil for none.
+	budget *failureBudget
 	// rollbackFailed is set when a rollback failed.
 	rollbackFailed atomic.Bool
 	// groupFailed holds, for each atomicity group, the index of the
@@ -103,6 +105,7 @@ func (rn *runner) load(b *batch) {
 	rn.ctx = context.WithValue(rn.base, batchCtxKey, b)
 	rn.results = make([]result, len(b.ops))
 	rn.stoppedAt = -1
+	rn.budget = newFailureBudget(rn.h, b)
 	rn.groupFailed = nil
 	if len(b.groups) > 0 {
 		rn.groupFailed = make([]int, len(b.groups))
@@ -191,6 +194,7 @@ func (rn *runner) handedOver() bool {
 // those before it are rolled back.
 func (rn *runner) runOne(op *operation, clk *opClock) result {
 	res := rn.decide(op, clk)
+	rn.budget.count(op, &res)
 	// An operation its condition skipped is no failure: it did what the
 	// batch asked. Nor, to the batch, is one that a condition tests: it
 	// expects that it may fail (the lookup of an upsert answering 404).
@@ -220,6 +224,9 @@ func (rn *runner) decide(op *operation, clk *opClock) result {
 	}
 	if rn.stoppedBy != "" {
 		return result{status: statusSkipped, err: "skipped: batch stopped at op " + rn.stoppedBy}
+	}
+	if rn.budget.exhausted() {
+		return result{status: statusSkipped, err: errBudgetExhausted}
 	}
 	if g := op.group - 1; g >= 0 && rn.groupFailed[g] >= 0 {
 		return result{status: statusSkipped, err: fmt.Sprintf("skipped: atomicity group %s failed at op %s", rn.b.groups[g].name, rn.b.ops[rn.groupFailed[g]].id)}
@@ -295,8 +302,13 @@ func (rn *runner) cutOff(ctx context.Context) result {
 	cause := context.Cause(ctx)
 	if cause == nil {
 		cause = context.DeadlineExceeded // passed; its timer has not fired yet
+		if rn.job != nil {
+			cause = errWindowPassed // the one deadline of a job
+		}
 	}
 	switch {
+	case errors.Is(cause, errWindowPassed):
+		return result{status: statusSkipped, err: errWindowSkip}
 	case errors.Is(cause, errRollbackTimeout):
 		return result{status: http.StatusGatewayTimeout, err: "rollbacks timed out after " + time.Duration(rn.h.Timeout).String(), cut: true}
 	case errors.Is(cause, errInterrupted):
@@ -307,6 +319,15 @@ func (rn *runner) cutOff(ctx context.Context) result {
 		return result{status: http.StatusGatewayTimeout, err: "batch timed out after " + rn.timeout.String(), cut: true}
 	}
 	return result{status: statusClientGone, err: "client went away", cut: true}
+}
+
+// cutInFlight is the result of an operation that the end of ctx cut off
+// while it was downstream.
+func (rn *runner) cutInFlight(ctx context.Context) result {
+	if errors.Is(context.Cause(ctx), errWindowPassed) {
+		return result{status: http.StatusGatewayTimeout, err: errWindowCut, cut: true}
+	}
+	return rn.cutOff(ctx)
 }
 
 // resolveAndExec fills in op's references and runs it.

@@ -60,7 +60,14 @@ type progress struct {
 	// last minute; EstimatedCompletionAt when, at that rate, it ends.
 	Rate                  float64    `json:"operations_per_second,omitempty"`
 	EstimatedCompletionAt *time.Time `json:"estimated_completion_at,omitempty"`
-	Error                 string     `json:"error,omitempty"`
+	// WindowEndsAt is the end of the job's completion window: an
+	// operation not started by then never starts, and the job ends
+	// expired. Unset in records stored before there were windows.
+	WindowEndsAt *time.Time `json:"window_ends_at,omitempty"`
+	// StopReason says what stopped a job that ended stopped.
+	StopReason string            `json:"stop_reason,omitempty"`
+	Error      string            `json:"error,omitempty"`
+	Metadata   map[string]string `json:"metadata,omitempty"`
 }
 
 // jobRecord is what storage holds of a job besides its results.
@@ -69,8 +76,10 @@ type jobRecord struct {
 	Outcome string `json:"outcome,omitempty"` // the envelope status, once ended
 	// Format is the wire format the job was submitted in, which its
 	// results are served in; "" for native.
-	Format    string    `json:"format,omitempty"`
-	Owner     string    `json:"owner"` // hash of the owner's credentials
+	Format string `json:"format,omitempty"`
+	Owner  string `json:"owner"` // hash of the owner's credentials
+	// ExpiresAt is when the job is deleted: retention after it ended, or
+	// after its window would end while it has not.
 	ExpiresAt time.Time `json:"expires_at"`
 	// Unstored counts the last results that storage did not take; the
 	// first Completed-Unstored are stored. While the job runs, none are
@@ -85,6 +94,12 @@ type jobRecord struct {
 	// Failures locates the job's failed and skipped results in the
 	// failures stream.
 	Failures failureIndex `json:"failures,omitzero"`
+	// Tested counts the failed operations that a condition tests: they
+	// spend no failure budget.
+	Tested int `json:"tested,omitempty"`
+	// WindowPassed is set once an operation was skipped or cut off as the
+	// window passed: the job ends expired.
+	WindowPassed bool `json:"window_passed,omitempty"`
 }
 
 // failureIndex locates the failures stream of a job: its failed and
@@ -103,7 +118,20 @@ type failureIndex struct {
 }
 
 func (p *progress) final() bool {
-	return p.Status == stateCompleted || p.Status == stateError || p.Status == stateCanceled
+	switch p.Status {
+	case stateCompleted, stateError, stateCanceled, stateStopped, stateExpired:
+		return true
+	}
+	return false
+}
+
+// windowEnd is when the job's completion window ends; a job stored before
+// there were windows ran until it expired.
+func (r *jobRecord) windowEnd() time.Time {
+	if r.WindowEndsAt == nil {
+		return r.ExpiresAt
+	}
+	return *r.WindowEndsAt
 }
 
 func jobKey(id string, parts ...string) string {
@@ -240,6 +268,9 @@ type jobSpec struct {
 	MaxAttempts int    `json:"max_attempts,omitempty"`
 	// KeyConcurrency is 0 when the batch leaves it to the handler.
 	KeyConcurrency int `json:"key_concurrency,omitempty"`
+	// The failure budget of a streamed batch; 0 leaves it to the config.
+	MaxFailures    int     `json:"max_failures,omitempty"`
+	MaxFailureRate float64 `json:"max_failure_rate,omitempty"`
 
 	Conn storedConn `json:"conn"`
 	// Headers are the inherited headers when none can hold a credential;

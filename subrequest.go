@@ -338,7 +338,7 @@ func (rn *runner) attempt(ctx context.Context, clk *opClock, op *operation, atte
 	case w.overflow:
 		return result{status: http.StatusBadGateway, err: fmt.Sprintf("response larger than max_response_size (%d bytes)", rn.h.MaxResponseSize)}
 	case parent.Err() != nil:
-		return rn.cutOff(parent)
+		return rn.cutInFlight(parent)
 	case ctx.Err() != nil:
 		return result{status: http.StatusGatewayTimeout, err: "operation timed out after " + time.Duration(rn.h.OpTimeout).String()}
 	}

@@ -14,7 +14,8 @@ import (
 // Everything stored expires. One sweep, at provisioning (configs may be
 // reloaded more often than a sweep comes) and then every quarter of the
 // retention (1s to 1h), deletes what has: idempotent answers, and with
-// async batches the jobs, and the jobs whose time ran out in the queue.
+// async batches the jobs and their index entries; and it ends the jobs
+// whose window passed in the queue.
 
 // startSweeping starts the sweep, until Cleanup stops it.
 func (h *Handler) startSweeping(ctx caddy.Context) {
@@ -52,12 +53,13 @@ func (h *Handler) startSweeping(ctx caddy.Context) {
 	}
 }
 
-// sweep ends the jobs whose time ran out in a queue (their webhook told
-// first), and deletes the jobs that have expired.
+// sweep ends the jobs whose window passed in a queue, deletes the jobs
+// that have expired, and the owners' index entries whose job is gone.
 func (a *asyncJobs) sweep(ctx context.Context) {
 	a.pool.sweepQueue()
 	a.sweepClusterQueue(ctx)
 	a.deleteExpired(ctx)
+	a.sweepIndex(ctx)
 }
 
 // sweepClusterQueue ends the jobs whose time ran out in the cluster's
@@ -77,6 +79,7 @@ func (a *asyncJobs) deleteExpired(ctx context.Context) {
 		switch {
 		case err == nil:
 			if !now().After(rec.ExpiresAt) {
+				a.reindex(ctx, &rec)
 				continue
 			}
 		case errors.Is(err, fs.ErrNotExist) || errors.Is(err, errBadRecord):
@@ -88,9 +91,24 @@ func (a *asyncJobs) deleteExpired(ctx context.Context) {
 		default:
 			continue // storage trouble: next time
 		}
-		if err := deleteTree(ctx, a.store, jobKey(id)); err != nil {
-			a.logger.Warn("deleting expired batch job", zap.String("id", id), zap.Error(err))
+		if derr := deleteTree(ctx, a.store, jobKey(id)); derr != nil {
+			a.logger.Warn("deleting expired batch job", zap.String("id", id), zap.Error(derr))
+			continue
 		}
+		if err == nil { // its entry, which the record names
+			a.store.unindexJob(ctx, &rec)
+		}
+	}
+}
+
+// reindex writes the index entry of a job that has none: one stored
+// before there was an index, or whose entry storage lost.
+func (a *asyncJobs) reindex(ctx context.Context, rec *jobRecord) {
+	if rec.Owner == "" || a.store.Exists(ctx, indexKey(rec)) {
+		return
+	}
+	if err := a.store.indexJob(ctx, rec); err != nil {
+		a.logger.Warn("indexing an async batch", zap.String("id", rec.ID), zap.Error(err))
 	}
 }
 

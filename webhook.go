@@ -32,8 +32,9 @@ type Webhook struct {
 	// The key that signs each delivery. Required.
 	Secret string `json:"secret,omitempty"`
 
-	// Which events to deliver, of completed, error, canceled and progress.
-	// Default: completed error canceled.
+	// Which events to deliver, of completed, error, canceled, stopped
+	// (the failure budget stopped the job), expired (its completion
+	// window passed) and progress. Default: all but progress.
 	Events []string `json:"events,omitempty"`
 
 	// The least time between two progress events of one job. Default: 10s.
@@ -45,7 +46,7 @@ type Webhook struct {
 	client *http.Client
 }
 
-var webhookEvents = []string{"completed", "error", "canceled", "progress"}
+var webhookEvents = []string{"completed", "error", "canceled", "stopped", "expired", "progress"}
 
 func (wh *Webhook) provision() error {
 	if wh.URL == "" {
@@ -55,11 +56,11 @@ func (wh *Webhook) provision() error {
 		return fmt.Errorf("webhook: secret is required: receivers must be able to verify deliveries")
 	}
 	if len(wh.Events) == 0 {
-		wh.Events = []string{"completed", "error", "canceled"}
+		wh.Events = []string{"completed", "error", "canceled", "stopped", "expired"}
 	}
 	for _, e := range wh.Events {
 		if !slices.Contains(webhookEvents, e) {
-			return fmt.Errorf("webhook: unknown event %q (want completed, error, canceled or progress)", e)
+			return fmt.Errorf("webhook: unknown event %q (want completed, error, canceled, stopped, expired or progress)", e)
 		}
 	}
 	if wh.ProgressInterval == 0 {
