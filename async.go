@@ -310,6 +310,9 @@ func (a *asyncJobs) newJob(w http.ResponseWriter, r *http.Request, next caddyhtt
 		Endpoint: key, SealedOps: a.store.sealer != nil}
 	_, spec.Handler, _ = a.self()
 	rec := jobRecord{progress: progress{ID: id, Status: stateQueued, CreatedAt: now()}, Owner: who.hash}
+	if of, ok := r.Context().Value(rerunKey{}).(string); ok {
+		spec.RetryOf, rec.RetryOf = of, of
+	}
 	rec.ExpiresAt = rec.CreatedAt.Add(time.Duration(a.cfg.Retention))
 	if f != native {
 		rec.Format = f.name()

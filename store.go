@@ -61,6 +61,8 @@ type progress struct {
 	Rate                  float64    `json:"operations_per_second,omitempty"`
 	EstimatedCompletionAt *time.Time `json:"estimated_completion_at,omitempty"`
 	Error                 string     `json:"error,omitempty"`
+	// RetryOf is the job whose failures a rerun runs again.
+	RetryOf string `json:"retry_of,omitempty"`
 }
 
 // jobRecord is what storage holds of a job besides its results.
@@ -240,6 +242,9 @@ type jobSpec struct {
 	MaxAttempts int    `json:"max_attempts,omitempty"`
 	// KeyConcurrency is 0 when the batch leaves it to the handler.
 	KeyConcurrency int `json:"key_concurrency,omitempty"`
+	// RetryOf is set on a rerun (jobretry.go): its chunks of operations
+	// carry each one's source_index, which no other job's may.
+	RetryOf string `json:"retry_of,omitempty"`
 
 	Conn storedConn `json:"conn"`
 	// Headers are the inherited headers when none can hold a credential;
@@ -404,6 +409,19 @@ func (s *store) storeChunk(ctx context.Context, spec *jobSpec, id string, n int,
 		buf = s.sealer.Seal(key, buf)
 	}
 	return s.Store(ctx, key, buf)
+}
+
+// loadChunk loads chunk n of a job's operations, opened when sealed.
+func (s *store) loadChunk(ctx context.Context, spec *jobSpec, id string, n int) ([]byte, error) {
+	key := chunkKey(id, n)
+	buf, err := s.Load(ctx, key)
+	if err != nil {
+		return nil, fmt.Errorf("loading operations: %w", err)
+	}
+	if spec.SealedOps {
+		return s.sealer.Open(key, buf)
+	}
+	return buf, nil
 }
 
 // Where an instance lists what it holds: under batch/held/<epoch>/, a
