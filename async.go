@@ -331,6 +331,9 @@ func (a *asyncJobs) newJob(w http.ResponseWriter, r *http.Request, next caddyhtt
 	windowEnd := rec.CreatedAt.Add(time.Duration(a.cfg.Window))
 	rec.WindowEndsAt = &windowEnd
 	rec.ExpiresAt = windowEnd.Add(time.Duration(a.cfg.Retention)) // until it ends
+	if of, ok := r.Context().Value(rerunKey{}).(string); ok {
+		spec.RetryOf, rec.RetryOf = of, of
+	}
 	if f != native {
 		rec.Format = f.name()
 	}

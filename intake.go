@@ -146,6 +146,7 @@ func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
 	in := &intake{a: a, j: j, ctx: r.Context(), lim: a.h.rules, writes: make(chan struct{}, chunkWrites), shape: shapeOps, fnv: fnv.New64a(),
 		headerFor: map[string]http.Header{}}
 	in.lim.maxOps = a.cfg.MaxOps
+	in.lim.sources = j.spec.RetryOf != ""
 	in.p = parser{lim: &in.lim, ctx: r.Context()}
 	in.chunk = append(make([]byte, 0, 64<<10), '[')
 	q := r.URL.Query()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -15,11 +16,13 @@ import (
 )
 
 // jobPath splits a request path into a job id and what of the job it asks
-// for ("" or "results"); ok is false for other paths.
+// for ("", "results" or "retry"); ok is false for other paths.
 func jobPath(p string) (id, sub string, ok bool) {
 	p = strings.TrimSuffix(p, "/")
 	if rest, found := strings.CutSuffix(p, "/results"); found {
 		p, sub = rest, "results"
+	} else if rest, found := strings.CutSuffix(p, "/retry"); found {
+		p, sub = rest, "retry"
 	}
 	id = p[strings.LastIndexByte(p, '/')+1:]
 	if len(id) != 32 || strings.Trim(id, "0123456789abcdef") != "" {
@@ -28,13 +31,16 @@ func jobPath(p string) (id, sub string, ok bool) {
 	return id, sub, true
 }
 
-// serveJob answers the job endpoints: progress, results and cancel.
+// serveJob answers the job endpoints: progress, results, cancel and rerun.
 func (a *asyncJobs) serve(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, id, sub string) error {
 	allow := "GET, DELETE"
-	if sub == "results" {
+	switch sub {
+	case "results":
 		allow = "GET"
+	case "retry":
+		allow = "POST"
 	}
-	if r.Method != http.MethodGet && (r.Method != http.MethodDelete || sub != "") {
+	if !slices.Contains(strings.Split(allow, ", "), r.Method) {
 		w.Header().Set("Allow", allow)
 		return writeError(w, http.StatusMethodNotAllowed, "batch jobs take "+allow)
 	}
@@ -73,6 +79,8 @@ func (a *asyncJobs) serve(w http.ResponseWriter, r *http.Request, next caddyhttp
 		return a.cancelJob(w, r, next, j, rec)
 	case sub == "results":
 		return a.writeResults(w, r, j, rec)
+	case sub == "retry":
+		return a.rerun(w, r, next, j, rec)
 	default:
 		return writeProgress(w, http.StatusOK, rec.progress)
 	}

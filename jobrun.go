@@ -562,19 +562,14 @@ var cancelPoll = time.Second
 // loadChunk loads chunk n of a job's operations and decodes it as the
 // batch it runs as, with its operations numbered from first.
 func (a *asyncJobs) loadChunk(ctx context.Context, spec *jobSpec, id, format string, n, first int) (*batch, error) {
-	key := chunkKey(id, n)
-	buf, err := a.store.Load(ctx, key)
+	buf, err := a.store.loadChunk(ctx, spec, id, n)
 	if err != nil {
-		return nil, fmt.Errorf("loading operations: %w", err)
-	}
-	if spec.SealedOps {
-		if buf, err = a.store.sealer.Open(key, buf); err != nil {
-			return nil, err
-		}
+		return nil, err
 	}
 	lim := a.h.rules
 	lim.maxOps = max(lim.maxOps, opsPerChunk)
 	lim.firstID = first
+	lim.sources = spec.RetryOf != ""
 	req := (&http.Request{Method: http.MethodPost, URL: &url.URL{Path: spec.Path},
 		Header: http.Header{"Content-Type": {spec.ContentType}}}).WithContext(ctx)
 	var b *batch

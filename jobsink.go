@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"net/http"
 	"slices"
 	"strconv"
 	"sync"
@@ -259,15 +260,19 @@ func (s *storeSink) keepFailure(index, outcome int, op *operation, enc []byte) {
 // Its own headers only, never those it inherited from the batch request;
 // its references and condition as written.
 func appendRequest(dst []byte, op *operation, ops []*operation) []byte {
-	dst = jsontext.AppendString(append(dst, `{"id":`...), op.id)
-	dst = jsontext.AppendString(append(dst, `,"method":`...), op.method)
+	dst = append(dst, '{')
+	if !op.isRollback { // a rollback has no id of its own
+		dst = jsontext.AppendString(append(dst, `"id":`...), op.id)
+		dst = append(dst, ',')
+	}
+	dst = jsontext.AppendString(append(dst, `"method":`...), op.method)
 	dst = jsontext.AppendString(append(dst, `,"path":`...), op.target)
 	if len(op.header) > 0 {
-		dst = appendHeaders(append(dst, ','), op.header)
+		dst = appendRequestHeaders(append(dst, `,"headers":{`...), op.header)
 	}
 	switch body := op.body; {
 	case body == nil:
-	case isJSONType(contentType(op.header)) && jsontext.Valid(body, maxJSONDepth):
+	case isJSONType(contentType(op.header)) && nativeJSONBody(body):
 		dst = append(append(dst, `,"body":`...), bytes.TrimSpace(body)...)
 	case utf8.Valid(body):
 		dst = jsontext.AppendString(append(dst, `,"body":`...), string(body))
@@ -297,6 +302,37 @@ func appendRequest(dst []byte, op *operation, ops []*operation) []byte {
 		dst = appendRequest(append(dst, `,"rollback":`...), op.rollback, ops)
 	}
 	return append(dst, '}')
+}
+
+// appendRequestHeaders appends the fields of a request's headers, names
+// sorted, a value given several times as an array, as it was submitted:
+// joined, a header such as Cookie would not be the same.
+func appendRequestHeaders(dst []byte, h http.Header) []byte {
+	var arr [16]string
+	for i, name := range sortedNames(arr[:0], h) {
+		if i > 0 {
+			dst = append(dst, ',')
+		}
+		dst = append(jsontext.AppendString(dst, name), ':')
+		if v := h[name]; len(v) == 1 {
+			dst = jsontext.AppendString(dst, v[0])
+			continue
+		}
+		for k, v := range h[name] {
+			dst = append(dst, "[,"[min(k, 1)])
+			dst = jsontext.AppendString(dst, v)
+		}
+		dst = append(dst, ']')
+	}
+	return append(dst, '}')
+}
+
+// nativeJSONBody reports whether body, sent as JSON, is written as that
+// JSON value in a native request: not a string, which the native form
+// sends as its text, nor null, which it sends as no body.
+func nativeJSONBody(body []byte) bool {
+	t := bytes.TrimSpace(body)
+	return len(t) > 0 && t[0] != '"' && t[0] != 'n' && jsontext.Valid(t, maxJSONDepth)
 }
 
 // writeFailures hands the entries of the failures stream not yet stored

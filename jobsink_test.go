@@ -2,12 +2,15 @@ package batch
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"io/fs"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -139,4 +142,70 @@ func TestAsyncResultsFlushedBySize(t *testing.T) {
 			t.Errorf("reader %d: %d results, %d bytes", i, c.results, c.n)
 		}
 	}
+}
+
+// failureRequestBatches hold operations of every shape a request takes.
+var failureRequestBatches = []string{
+	`{"mode":"parallel","batch":[
+		{"id":"a","method":"POST","path":"/u?x=1","headers":{"X-T":"t","Accept":["a","b"]},"body":{"n":1}},
+		{"id":"s","method":"PUT","path":"/s","headers":{"Content-Type":"application/json"},"body":"\"quoted\""},
+		{"id":"nul","method":"POST","path":"/n","headers":{"Content-Type":"application/json"},"body":"null"},
+		{"id":"n","method":"POST","path":"/n","body":5},
+		{"id":"t","method":"POST","path":"/t","body":"plain {{a.status}}"},
+		{"id":"bin","method":"POST","path":"/b","body":"AAH/","body_encoding":"base64"},
+		{"id":"r","method":"POST","path":"/r/{{a.body.id}}","body":{"ref":"{{a.body}}"},"if":"succeeded(a) && status(s) != 404","key":"k1"}]}`,
+	`{"atomicity":"all_or_nothing","batch":[
+		{"id":"rb","method":"POST","path":"/x","body":{"a":1},"rollback":{"method":"DELETE","path":"/x/{{rb.body.id}}","headers":{"X-Undo":"1"}}},
+		{"path":"/y","depends_on":"rb"}]}`,
+}
+
+// The request the failures stream keeps of an operation, sent again as
+// a native batch, is that operation: the same method, target, headers,
+// body bytes (a JSON string or null sent as JSON, repeated headers),
+// dependencies, condition, key and rollback.
+func TestFailureRequestIsTheOperation(t *testing.T) {
+	lim := ptLimits(t, nil)
+	for _, body := range failureRequestBatches {
+		orig := ptParse(t, lim, body)
+		again := []byte(`{"batch":[`)
+		for i, op := range orig.ops {
+			if i > 0 {
+				again = append(again, ',')
+			}
+			again = appendRequest(again, op, orig.ops)
+		}
+		again = append(again, `],"atomicity":"`+orig.atomicity+`","mode":"`+orig.mode+`"}`...)
+		b, err := parseBatch(context.Background(), again, lim)
+		if err != nil {
+			t.Fatalf("%s\nsent again as %s: %v", body, again, err)
+		}
+		for i, o := range orig.ops {
+			if d := sameOperation(o, b.ops[i]); d != "" {
+				t.Errorf("%s sent again differs: %s", o.id, d)
+			}
+		}
+	}
+}
+
+// sameOperation says how r differs from o, "" when it does not.
+func sameOperation(o, r *operation) string {
+	switch {
+	case r.id != o.id || r.method != o.method || r.target != o.target || r.key != o.key:
+		return fmt.Sprintf("%s %s %s %s", r.id, r.method, r.target, r.key)
+	case !reflect.DeepEqual(r.header, o.header):
+		return fmt.Sprintf("headers %v", r.header)
+	case !bytes.Equal(r.body, o.body):
+		return fmt.Sprintf("body %q", r.body)
+	case !slices.Equal(slices.Sorted(slices.Values(r.deps)), slices.Sorted(slices.Values(o.deps))):
+		return fmt.Sprintf("deps %v", r.deps)
+	case (r.cond == nil) != (o.cond == nil) || r.cond != nil && !reflect.DeepEqual(r.cond.steps, o.cond.steps):
+		return fmt.Sprintf("if %v", r.cond)
+	case (r.rollback == nil) != (o.rollback == nil):
+		return fmt.Sprintf("rollback %v", r.rollback)
+	case o.rollback != nil:
+		if d := sameOperation(o.rollback, r.rollback); d != "" {
+			return "rollback: " + d
+		}
+	}
+	return ""
 }

@@ -103,6 +103,9 @@ type operation struct {
 	tested bool
 	// rollback undoes the operation under all_or_nothing.
 	rollback *operation
+	// source is 1 + the index, in the job a rerun reruns, of the
+	// operation this one reruns; 0 for none.
+	source int
 	// keepHeader and keepBody are set when a later operation or a rollback
 	// reads this operation's answer headers or body, which must then be
 	// kept until the batch ends.
@@ -157,6 +160,9 @@ type rules struct {
 	// maxRefSize is max_reference_size: what references, and item
 	// templates, may add to a batch.
 	maxRefSize int64
+	// sources is set for the operations of a rerun, which alone may carry
+	// source_index: a client cannot claim one.
+	sources bool
 }
 
 // maxFaults bounds the faults listed, so that a small batch cannot make a
@@ -382,6 +388,10 @@ func (p *parser) parseOp(op *operation, v gjson.Result, kind int) *operation {
 	var body, encoding, headers, deps, rollback gjson.Result
 	v.ForEach(func(k, val gjson.Result) bool {
 		key := k.String()
+		if key == "source_index" && p.lim.sources && kind == kindOp {
+			p.parseSource(op, val)
+			return true
+		}
 		bit := p.field(key)
 		switch {
 		case bit == 0:

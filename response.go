@@ -365,6 +365,9 @@ func appendResult(dst []byte, index int, op *operation, res *result, lean leanOp
 	}
 	dst = append(dst, `"id":`...)
 	dst = jsontext.AppendString(dst, op.id)
+	if op.source > 0 {
+		dst = strconv.AppendInt(append(dst, `,"source_index":`...), int64(op.source-1), 10)
+	}
 	if op.groupName != "" { // an operation of a JSON or multipart batch
 		dst = append(dst, `,"atomicityGroup":`...)
 		dst = jsontext.AppendString(dst, op.groupName)
@@ -423,7 +426,13 @@ func writeError(w http.ResponseWriter, status int, msg string) error {
 
 // writeFaults answers 400 with every fault found in a batch.
 func writeFaults(w http.ResponseWriter, faults badBatchError) error {
-	buf := []byte(`{"error":"invalid batch","errors":[`)
+	return writeFaultList(w, http.StatusBadRequest, "invalid batch", faults)
+}
+
+// writeFaultList answers status with msg and the faults.
+func writeFaultList(w http.ResponseWriter, status int, msg string, faults badBatchError) error {
+	buf := jsontext.AppendString(append([]byte(nil), `{"error":`...), msg)
+	buf = append(buf, `,"errors":[`...)
 	for i, f := range faults {
 		if i > 0 {
 			buf = append(buf, ',')
@@ -440,7 +449,7 @@ func writeFaults(w http.ResponseWriter, faults badBatchError) error {
 		buf = jsontext.AppendString(buf, f.Message)
 		buf = append(buf, '}')
 	}
-	writeJSON(w, http.StatusBadRequest, append(buf, "]}"...))
+	writeJSON(w, status, append(buf, "]}"...))
 	return nil
 }
 

@@ -68,6 +68,8 @@ type progress struct {
 	StopReason string            `json:"stop_reason,omitempty"`
 	Error      string            `json:"error,omitempty"`
 	Metadata   map[string]string `json:"metadata,omitempty"`
+	// RetryOf is the job whose failures a rerun runs again.
+	RetryOf string `json:"retry_of,omitempty"`
 }
 
 // jobRecord is what storage holds of a job besides its results.
@@ -271,6 +273,9 @@ type jobSpec struct {
 	// The failure budget of a streamed batch; 0 leaves it to the config.
 	MaxFailures    int     `json:"max_failures,omitempty"`
 	MaxFailureRate float64 `json:"max_failure_rate,omitempty"`
+	// RetryOf is set on a rerun (jobretry.go): its chunks of operations
+	// carry each one's source_index, which no other job's may.
+	RetryOf string `json:"retry_of,omitempty"`
 
 	Conn storedConn `json:"conn"`
 	// Headers are the inherited headers when none can hold a credential;
@@ -435,6 +440,19 @@ func (s *store) storeChunk(ctx context.Context, spec *jobSpec, id string, n int,
 		buf = s.sealer.Seal(key, buf)
 	}
 	return s.Store(ctx, key, buf)
+}
+
+// loadChunk loads chunk n of a job's operations, opened when sealed.
+func (s *store) loadChunk(ctx context.Context, spec *jobSpec, id string, n int) ([]byte, error) {
+	key := chunkKey(id, n)
+	buf, err := s.Load(ctx, key)
+	if err != nil {
+		return nil, fmt.Errorf("loading operations: %w", err)
+	}
+	if spec.SealedOps {
+		return s.sealer.Open(key, buf)
+	}
+	return buf, nil
 }
 
 // Where an instance lists what it holds: under batch/held/<epoch>/, a
