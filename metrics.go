@@ -34,7 +34,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
 		batches:    counter("batches_total", "Batches answered, by mode and outcome (the envelope status).", "mode", "outcome"),
 		operations: counter("operations_total", "Operations of batches, by status class (2xx, 4xx, ...).", "class"),
-		jobs:       counter("async_jobs_total", "Async batch jobs entering a state (queued, running, completed, error, canceled).", "state"),
+		jobs:       counter("async_jobs_total", "Async batch jobs entering a state (queued, running, completed, error, canceled, stopped, expired).", "state"),
 		webhooks:   counter("webhook_deliveries_total", "Webhook delivery attempts, by outcome (delivered, failed, given_up).", "outcome"),
 		pacing: counter("pacing_events_total",
 			"What 429s made adaptive pacing do: paused (every adaptive operation, for a Retry-After) or slowed (the learned rate lowered).", "event"),
