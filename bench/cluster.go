@@ -179,9 +179,9 @@ const stallWindow = time.Second
 // of samples under rate spans from the first's middle to the last's, or
 // from the submission (samples[0]) when it starts with the job, and to the
 // last sample when it ends with it. A stall of d reads as d to within a
-// sample interval or two.
-func longestUnder(samples []progressSample, rate float64) time.Duration {
-	var longest time.Duration
+// sample interval or two. at is when the longest began, after the
+// submission.
+func longestUnder(samples []progressSample, rate float64) (longest, at time.Duration) {
 	var runStart time.Time // of the current run under; zero: none
 	from := 0              // the current window's first sample
 	for j := 1; j < len(samples); j++ {
@@ -207,9 +207,11 @@ func longestUnder(samples []progressSample, rate float64) time.Duration {
 		if j == len(samples)-1 {
 			mid = s.at
 		}
-		longest = max(longest, mid.Sub(runStart))
+		if d := mid.Sub(runStart); d > longest {
+			longest, at = d, runStart.Sub(samples[0].at)
+		}
 	}
-	return longest
+	return longest, at
 }
 
 // resultCounts counts a job's results by status, read as NDJSON.
@@ -285,14 +287,14 @@ func clusterPacing(n, rate int) ([]string, error) {
 			fmt.Printf(", not run %d", m.skipped)
 		}
 		fmt.Println()
-		fmt.Printf("  %-9s %9s %10s %11s %16s\n", "instance", "ends at", "mean rate", "longest stall", "storage calls/s")
+		fmt.Printf("  %-9s %9s %10s %20s %16s\n", "instance", "ends at", "mean rate", "longest stall (from)", "storage calls/s")
 		worst := time.Duration(0)
 		for i, in := range m.instances {
 			ends := fmt.Sprintf("%.1f s", in.ends.Seconds())
 			if in.ends == 0 {
 				ends = "–"
 			}
-			fmt.Printf("  %-9d %9s %8.0f/s %11.1fs %16.1f\n", i+1, ends, in.rate, in.stall.Seconds(), in.callsPerSec)
+			fmt.Printf("  %-9d %9s %8.0f/s %11.1f s (%4.1f s) %16.1f\n", i+1, ends, in.rate, in.stall.Seconds(), in.stallAt.Seconds(), in.callsPerSec)
 			worst = max(worst, in.stall)
 		}
 		targets := []struct {
@@ -335,6 +337,7 @@ type instanceMeasure struct {
 	ends        time.Duration // when its job ended, from the submissions; 0: it did not
 	rate        float64       // its job's operations a second, to its end or its last sample
 	stall       time.Duration // the longest span its job's rate stayed under the stall rate
+	stallAt     time.Duration // when that span began, after the submission
 	callsPerSec float64       // its storage calls a second over the cluster's wall time
 }
 
@@ -458,8 +461,7 @@ func clusterPacingRun(k, n, rate int, headers bool, stall float64, limit time.Du
 				m.note = fmt.Sprintf("instance %d's job ended %s with %d results of %d", i+1, last[i].Get("status").String(), got, n)
 			}
 		}
-		in := instanceMeasure{ends: ended[i], stall: longestUnder(samples[i], stall),
-			callsPerSec: float64(after.Sub(before[i]).Total()) / m.wall.Seconds()}
+		in := instanceMeasure{ends: ended[i], callsPerSec: float64(after.Sub(before[i]).Total()) / m.wall.Seconds()}
 		if s := samples[i][len(samples[i])-1]; s.at.After(start) {
 			in.rate = float64(s.completed) / s.at.Sub(start).Seconds()
 		}

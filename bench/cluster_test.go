@@ -32,29 +32,34 @@ func TestLongestUnder(t *testing.T) {
 		name string
 		rate func(time.Duration) float64
 		want time.Duration
+		at   time.Duration // when the longest began, to within 500 ms
 	}{
-		{"steady above", steady, 0},
-		{"steady just above", func(time.Duration) float64 { return 60 }, 0},
-		{"steady below", func(time.Duration) float64 { return 40 }, 10 * time.Second},
-		{"never progressing", func(time.Duration) float64 { return 0 }, 10 * time.Second},
-		{"stalled at the start", between(0, 5*time.Second, 0), 5 * time.Second},
-		{"stalled 3 s in the middle", between(4*time.Second, 7*time.Second, 0), 3 * time.Second},
+		{"steady above", steady, 0, 0},
+		{"steady just above", func(time.Duration) float64 { return 60 }, 0, 0},
+		{"steady below", func(time.Duration) float64 { return 40 }, 10 * time.Second, 0},
+		{"never progressing", func(time.Duration) float64 { return 0 }, 10 * time.Second, 0},
+		{"stalled at the start", between(0, 5*time.Second, 0), 5 * time.Second, 0},
+		{"stalled 3 s in the middle", between(4*time.Second, 7*time.Second, 0), 3 * time.Second, 4 * time.Second},
 		// The window's rate crosses 58/s at 52% into the slow part and
 		// out of it: read to within two samples.
-		{"slow 3 s in the middle", between(4*time.Second, 7*time.Second, 20), 2500 * time.Millisecond},
+		{"slow 3 s in the middle", between(4*time.Second, 7*time.Second, 20), 2500 * time.Millisecond, 4 * time.Second},
 		{"two stalls: the longer", func(t time.Duration) float64 {
 			if t >= 2*time.Second && t < 3*time.Second || t >= 5*time.Second && t < 8*time.Second {
 				return 0
 			}
 			return 100
-		}, 3 * time.Second},
-		{"a dip shorter than the window", between(4*time.Second, 4250*time.Millisecond, 0), 0},
+		}, 3 * time.Second, 5 * time.Second},
+		{"a dip shorter than the window", between(4*time.Second, 4250*time.Millisecond, 0), 0, 0},
 	} {
-		if got := longestUnder(progressAt(10*time.Second, c.rate), 58); got != c.want {
+		got, at := longestUnder(progressAt(10*time.Second, c.rate), 58)
+		if got != c.want {
 			t.Errorf("%s: %s, want %s", c.name, got, c.want)
 		}
+		if got > 0 && (at < c.at-500*time.Millisecond || at > c.at+500*time.Millisecond) {
+			t.Errorf("%s: began at %s, want %s", c.name, at, c.at)
+		}
 	}
-	if got := longestUnder(nil, 58); got != 0 {
+	if got, _ := longestUnder(nil, 58); got != 0 {
 		t.Errorf("no samples: %s", got)
 	}
 }
