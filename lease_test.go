@@ -120,7 +120,8 @@ func clusterJob(t *testing.T, sig syscall.Signal, lease time.Duration) (gap time
 
 // An instance killed mid-job: another sharing its storage resumes the job
 // once the lease expires; what runs twice is what the dead one had in
-// flight or had not yet recorded (at most 50 ms of it).
+// flight or had not yet stored (the last checkpointEvery of it, and the
+// writes under way).
 func TestAsyncResumedAfterKill(t *testing.T) {
 	gap, again := clusterJob(t, syscall.SIGKILL, 2*time.Second)
 	t.Logf("resumed %v after the kill; %d operations sent twice: %v", gap, len(again), again)
