@@ -266,7 +266,7 @@ func (j *job) runOps(ctx context.Context, rn *runner, sink *storeSink) error {
 	}
 	chunks := j.readChunks(ctx, from)
 	defer chunks.close()
-	first, err := chunks.first()
+	first, err := chunks.chunk()
 	if err != nil || first == nil {
 		return err
 	}
@@ -357,9 +357,9 @@ func (j *job) readChunks(ctx context.Context, from int) *chunkReader {
 	return cr
 }
 
-// first returns the first chunk to run, whose operations next then
-// yields first; nil with no error when there is none.
-func (cr *chunkReader) first() (*batch, error) {
+// chunk returns the next chunk to run, whose operations next then yields;
+// nil with no error when there is none.
+func (cr *chunkReader) chunk() (*batch, error) {
 	lc, ok := <-cr.ready
 	if !ok {
 		return nil, nil
@@ -378,15 +378,9 @@ func (cr *chunkReader) next() (*operation, error) {
 		if cr.err != nil {
 			return nil, cr.err
 		}
-		lc, ok := <-cr.ready
-		if !ok {
-			return nil, nil
+		if b, err := cr.chunk(); b == nil {
+			return nil, err
 		}
-		if lc.err != nil {
-			cr.err = lc.err
-			return nil, lc.err
-		}
-		cr.cur = lc.b.ops
 	}
 	op := cr.cur[0]
 	cr.cur = cr.cur[1:]

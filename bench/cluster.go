@@ -462,6 +462,7 @@ func clusterPacingRun(k, n, rate int, headers bool, stall float64, limit time.Du
 			}
 		}
 		in := instanceMeasure{ends: ended[i], callsPerSec: float64(after.Sub(before[i]).Total()) / m.wall.Seconds()}
+		in.stall, in.stallAt = longestUnder(samples[i], stall)
 		if s := samples[i][len(samples[i])-1]; s.at.After(start) {
 			in.rate = float64(s.completed) / s.at.Sub(start).Seconds()
 		}
