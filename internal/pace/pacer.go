@@ -387,9 +387,17 @@ func (ps *peers) flows(now time.Time) int {
 // then.
 func (p *pacer) setPeers(ps peers, now time.Time) {
 	p.peers = ps
-	if p.rate > 0 && !p.ramping {
-		p.limit = max(p.limit, p.share(now, p.acceptedRate(now, len(p.accepted))))
+	if p.rate == 0 {
+		return
 	}
+	fair := p.share(now, p.acceptedRate(now, len(p.accepted)))
+	if p.ramping {
+		// A ramp that started from what this instance alone got, before
+		// it knew its peers, goes on from its share.
+		p.rate = min(maxRate, max(p.rate, fair*paceBelow))
+		return
+	}
+	p.limit = max(p.limit, fair)
 }
 
 // share is this instance's share of what the API takes a second: own

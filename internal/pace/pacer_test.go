@@ -364,6 +364,39 @@ func TestPacerStaysBounded(t *testing.T) {
 	}
 }
 
+// An instance that ramps from the little it got before it knew its peers
+// (the first to be answered took the API's burst) goes on from its share
+// of what the API took from all, once they tell it. Before, it doubled
+// at each answer from the few a second it had got, its answers far apart:
+// in TestPacersShareAcrossInstances instances were slow for up to 3 s,
+// 2 s now.
+func TestPacerRampTakesItsShare(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	var p pacer
+	p.admit(t0, 32)
+	p.start(t0, 32)
+	p.learn(t0, http.StatusOK, nil, t0.Add(time.Millisecond))
+	p.start(t0, 32)
+	p.learn(t0, http.StatusOK, nil, t0.Add(400*time.Millisecond))
+	p.start(t0, 32)
+	p.learn(t0, http.StatusTooManyRequests, http.Header{"Retry-After": {"1"}}, t0.Add(500*time.Millisecond))
+	if !p.ramping || p.rate > 5 {
+		t.Fatalf("after the first 429: rate %.1f (ramping %v), want what it got, a few a second", p.rate, p.ramping)
+	}
+	now := t0.Add(time.Second)
+	p.setPeers(peers{count: 2, accepted: 180, at: now}, now)
+	share := (p.acceptedRate(now, len(p.accepted)) + 180) / 3
+	if p.rate < share*paceBelow || p.rate > share {
+		t.Errorf("told that 2 peers got 180/s: rate %.1f, want its share, %.1f, a little below", p.rate, share)
+	}
+	// A ramp already past its share keeps going.
+	p.rate = 500
+	p.setPeers(peers{count: 2, accepted: 180, at: now}, now)
+	if p.rate != 500 {
+		t.Errorf("a ramp at 500/s set to %.1f by its peers", p.rate)
+	}
+}
+
 // simulateCluster runs k pacers, as k instances sending n operations each
 // as one owner to one API, in simulated time: each at most maxInflight at
 // once, each 429 sent again, and every second each pacer told what the
