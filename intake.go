@@ -153,10 +153,17 @@ func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
 	in.query = q
 	for _, name := range []string{"mode", "atomicity", "omit_response_on_success", "include_headers", "max_attempts", "key_concurrency",
 		"max_failures", "max_failure_rate"} {
-		if v := q.Get(name); v != "" {
-			raw := strconv.Quote(v)
-			if name != "mode" && name != "atomicity" {
-				raw = v
+		vs := q[name]
+		if len(vs) > 1 {
+			in.fault("query parameter %q given twice", short(name))
+			continue
+		}
+		if len(vs) == 1 && vs[0] != "" {
+			// A number or a boolean as such, anything else as the string
+			// it is: "50,000" is refused, not read as 50.
+			raw := vs[0]
+			if name == "mode" || name == "atomicity" || !gjson.Valid(raw) {
+				raw = strconv.Quote(raw)
 			}
 			in.option(name, gjson.Parse(raw))
 		}

@@ -388,3 +388,26 @@ func TestSlowUploadsHoldNoQueuePlace(t *testing.T) {
 		}
 	}
 }
+
+// A streamed job's options in the query are read whole, as a CSV batch's
+// are: "50,000" is refused, not read as 50, and a parameter given twice
+// is refused, not taken at its first value.
+func TestStreamedQueryOptionsReadWhole(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, ""))
+	for _, c := range []struct{ query, want string }{
+		{"?max_failures=50,000", `got "50,000"`},
+		{"?max_failure_rate=0.5,1", `got "0.5,1"`},
+		{"?max_failures=5&max_failures=0", `"max_failures" given twice`},
+		{"?key_concurrency=2x", `got "2x"`},
+	} {
+		status, _, body := send(t, "POST", base+"/batch"+c.query, "{\"path\":\"/health\"}\n", alice, "Content-Type: application/x-ndjson")
+		if msg := mustJSON(t, body).Get("errors.0.message").String(); status != 400 || !strings.Contains(msg, c.want) {
+			t.Errorf("NDJSON %s: %d %s, want 400 saying %s", c.query, status, body, c.want)
+		}
+	}
+	if status, _, body := send(t, "POST", base+"/batch?max_failures=50&max_failure_rate=0.5", "{\"path\":\"/health\"}\n", alice,
+		"Content-Type: application/x-ndjson"); status != 202 {
+		t.Errorf("NDJSON with a budget in its query: %d %s", status, body)
+	}
+}

@@ -163,15 +163,18 @@ func (a *asyncJobs) list(w http.ResponseWriter, r *http.Request) error {
 		return writeError(w, http.StatusBadRequest, err.Error())
 	}
 	ctx := r.Context()
-	keys, err := a.store.List(ctx, ownerIndex(who.hash), false)
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("listing batch jobs: %w", err))
-	}
-	names := make([]string, 0, len(keys))
-	for _, k := range keys {
-		if name := path.Base(k); name > lq.after {
-			if _, ok := indexEntryID(name); ok {
-				names = append(names, name)
+	var names []string
+	// Jobs stored under the owner's older hash are indexed under it.
+	for _, owner := range []string{who.hash, who.legacy} {
+		keys, err := a.store.List(ctx, ownerIndex(owner), false)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return caddyhttp.Error(http.StatusServiceUnavailable, fmt.Errorf("listing batch jobs: %w", err))
+		}
+		for _, k := range keys {
+			if name := path.Base(k); name > lq.after {
+				if _, ok := indexEntryID(name); ok {
+					names = append(names, name)
+				}
 			}
 		}
 	}
@@ -231,6 +234,25 @@ func (a *asyncJobs) lookupJob(ctx context.Context, id string) (rec jobRecord, fo
 	return rec, true, nil
 }
 
+// emptyIndexIdle is how long an owner's folder of the index stays empty
+// before the sweep deletes it: one whose first entry is being written is
+// not.
+var emptyIndexIdle = time.Minute
+
+// sweepOwnerDir deletes dir, an owner's folder of the index that was found
+// empty: on a file system it outlives its entries, one for every owner
+// that ever submitted a job. Should an entry be written meanwhile, it goes
+// with the folder, and the sweep writes it again (reindex).
+func (a *asyncJobs) sweepOwnerDir(ctx context.Context, dir string) {
+	info, err := a.store.Stat(ctx, dir)
+	if err != nil || info.IsTerminal || now().Sub(info.Modified) < emptyIndexIdle {
+		return
+	}
+	if err := a.store.Delete(ctx, dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		a.logger.Warn("deleting an empty folder of the owners' index", zap.String("key", dir), zap.Error(err))
+	}
+}
+
 // sweepIndex deletes the entries of the owners' indexes whose job is gone:
 // those older than a job lives (its window and retention) are looked at,
 // so that an entry whose job is being stored is never taken for one.
@@ -247,6 +269,10 @@ func (a *asyncJobs) sweepIndex(ctx context.Context) {
 		keys, err := a.store.List(ctx, dir, false)
 		if err != nil {
 			continue // gone meanwhile, or storage trouble: next time
+		}
+		if len(keys) == 0 {
+			a.sweepOwnerDir(ctx, dir)
+			continue
 		}
 		for _, k := range keys {
 			if ctx.Err() != nil {

@@ -2,7 +2,9 @@ package batch
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net/http/httptest"
@@ -136,7 +138,8 @@ func TestListJobs(t *testing.T) {
 	if !slices.Equal(ids, newestFirst) || next != "" {
 		t.Fatalf("alice's list: %v next %q, want %v", ids, next, newestFirst)
 	}
-	// A Load per job of alice's, and a List of her index: the 500 other
+	// A Load per job of alice's, and a List of her index (and of the one
+	// under her older hash): the 500 other
 	// jobs cost nothing. (The pacers' sharing may add a call or two.)
 	if calls.Load > 8 || calls.List > 3 {
 		t.Errorf("listing 5 jobs among 507 cost %+v", calls)
@@ -261,5 +264,64 @@ func TestSweepKeepsIndexInStep(t *testing.T) {
 	}
 	if !exists(jobKey(unindexed.ID, "job")) {
 		t.Error("a live job was swept")
+	}
+}
+
+// An owner's folder of the index goes once its jobs have: on a file
+// system it outlived them, one for every owner value ever sent.
+func TestSweepDeletesEmptyOwnerFolders(t *testing.T) {
+	setVar(t, &emptyIndexIdle, 0)
+	be := newBackend(t)
+	storage := t.TempDir()
+	base := startCaddy(t, proxySite(be, `{
+		async {
+			retention 1s
+			window 1s
+		}
+	}`), inStorage(storage))
+	var ids []string
+	for i := range 3 {
+		status, _, body := send(t, "POST", base+"/batch", `[{"path":"/health"}]`,
+			fmt.Sprintf("Authorization: Bearer caller-%d", i), "Prefer: respond-async")
+		if status != 202 {
+			t.Fatalf("submit: %d %s", status, body)
+		}
+		ids = append(ids, mustJSON(t, body).Get("id").String())
+	}
+	fsys := &certmagic.FileStorage{Path: storage}
+	eventually(t, 30*time.Second, "the jobs and their owners' folders swept", func() bool {
+		for _, id := range ids {
+			if fsys.Exists(context.Background(), jobKey(id)) {
+				return false
+			}
+		}
+		owners, _ := fsys.List(context.Background(), ownersPrefix, false)
+		return len(owners) == 0
+	})
+}
+
+// A job stored under its owner's older (unsalted) hash is listed too: the
+// sweep indexes it under that hash, which the list reads as well.
+func TestListJobsUnderOlderOwnerHash(t *testing.T) {
+	storage := t.TempDir()
+	fsys := &certmagic.FileStorage{Path: storage}
+	legacy := sha256.Sum256([]byte("caddy-batch owner\x00" + "Bearer alice"))
+	rec := jobRecord{progress: progress{ID: strings.Repeat("ab", 16), Status: stateCompleted, Total: 1, Completed: 1, Succeeded: 1,
+		CreatedAt: time.Now().Add(-time.Minute)}, Owner: hex.EncodeToString(legacy[:]), ExpiresAt: time.Now().Add(time.Hour)}
+	buf, _ := json.Marshal(rec)
+	if err := fsys.Store(context.Background(), jobKey(rec.ID, "job"), buf); err != nil {
+		t.Fatal(err)
+	}
+	base := startCaddy(t, "batch /batch /batch/* {\n\tasync {\n\t\tretention 1h\n\t\twindow 1h\n\t}\n}\nrespond 404", inStorage(storage))
+	eventually(t, 10*time.Second, "the job indexed", func() bool { return fsys.Exists(context.Background(), indexKey(&rec)) })
+	if status, _, body := send(t, "GET", base+"/batch/"+rec.ID, "", alice); status != 200 {
+		t.Fatalf("GET the job: %d %s", status, body)
+	}
+	_, _, body := send(t, "GET", base+"/batch", "", alice)
+	if got := mustJSON(t, body).Get("jobs.#.id").String(); got != `["`+rec.ID+`"]` {
+		t.Errorf("alice reads job %s, and her list is %s", rec.ID, body)
+	}
+	if _, _, body := send(t, "GET", base+"/batch", "", "Authorization: Bearer mallory"); mustJSON(t, body).Get("jobs.#").Int() != 0 {
+		t.Errorf("another's list: %s", body)
 	}
 }
