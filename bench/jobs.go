@@ -126,50 +126,39 @@ func bigJob(n int, maxGrowth int64, csv bool) error {
 }
 
 // submitNDJSON submits to base/batch, as auth, one NDJSON job of n GETs
-// of /users/<i>, and returns its id. The body is generated as it is sent,
-// never held.
+// of /users/<i>, and returns its id.
 func submitNDJSON(client *http.Client, base, auth string, n int) (string, error) {
-	pr, pw := io.Pipe()
-	go func() {
-		bw := bufio.NewWriterSize(pw, 64<<10)
+	return submitStreamed(client, base+"/batch", "application/x-ndjson", auth, func(bw *bufio.Writer) {
 		for i := range n {
 			fmt.Fprintf(bw, `{"path":"/users/%d"}`+"\n", i)
 		}
-		_ = bw.Flush()
-		_ = pw.Close()
-	}()
-	req, _ := http.NewRequest(http.MethodPost, base+"/batch", pr)
-	req.Header.Set("Content-Type", "application/x-ndjson")
-	req.Header.Set("Authorization", auth)
-	resp, err := client.Do(req)
-	if err != nil {
-		return "", err
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusAccepted {
-		return "", fmt.Errorf("submit: %d %s", resp.StatusCode, body)
-	}
-	return gjson.GetBytes(body, "id").String(), nil
+	})
 }
 
 // submitCSV submits to base/batch, as auth, one CSV job of n rows, each
 // a PATCH /users/{{item.id}} with a body template, and returns its id.
-// The body is generated as it is sent, never held.
 func submitCSV(client *http.Client, base, auth string, n int) (string, error) {
-	pr, pw := io.Pipe()
-	go func() {
-		bw := bufio.NewWriterSize(pw, 64<<10)
+	q := url.Values{"method": {"PATCH"}, "path": {"/users/{{item.id}}"}, "body": {`{"name":"{{item.name}}","email":"{{item.email}}"}`}}
+	return submitStreamed(client, base+"/batch?"+q.Encode(), "text/csv", auth, func(bw *bufio.Writer) {
 		bw.WriteString("id,name,email\n")
 		for i := range n {
 			fmt.Fprintf(bw, "%d,User %d,user%d@example.com\n", i, i, i)
 		}
+	})
+}
+
+// submitStreamed submits to url, as auth, an async job whose body write
+// generates as it is sent, never held, and returns its id.
+func submitStreamed(client *http.Client, url, contentType, auth string, write func(*bufio.Writer)) (string, error) {
+	pr, pw := io.Pipe()
+	go func() {
+		bw := bufio.NewWriterSize(pw, 64<<10)
+		write(bw)
 		_ = bw.Flush()
 		_ = pw.Close()
 	}()
-	q := url.Values{"method": {"PATCH"}, "path": {"/users/{{item.id}}"}, "body": {`{"name":"{{item.name}}","email":"{{item.email}}"}`}}
-	req, _ := http.NewRequest(http.MethodPost, base+"/batch?"+q.Encode(), pr)
-	req.Header.Set("Content-Type", "text/csv")
+	req, _ := http.NewRequest(http.MethodPost, url, pr)
+	req.Header.Set("Content-Type", contentType)
 	req.Header.Set("Authorization", auth)
 	req.Header.Set("Prefer", "respond-async")
 	resp, err := client.Do(req)
