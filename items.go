@@ -95,17 +95,9 @@ func (p *parser) parseItemTemplate(op *operation, body, encoding gjson.Result) {
 		p.opFault(op, "path: %s", msg)
 	}
 	count(t.target)
-	for name, values := range op.header {
-		for i, v := range values {
-			ps, msg := parseItemPieces(v)
-			if msg != "" {
-				p.opFault(op, "header %s: %s", name, msg)
-			}
-			if ps != nil {
-				t.headers = append(t.headers, headerTemplate{name: name, index: i, value: ps})
-				count(ps)
-			}
-		}
+	t.headers = p.headerTemplates(op, parseItemPieces)
+	for _, h := range t.headers {
+		count(h.value)
 	}
 	if t.key, msg = parseItemPieces(op.key); msg != "" {
 		p.opFault(op, "key: %s", msg)

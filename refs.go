@@ -223,17 +223,7 @@ func (p *parser) parseTemplate(op *operation, body gjson.Result) {
 	if t.target, msg = parsePieces(op.target); msg != "" {
 		p.opFault(op, "path: %s", msg)
 	}
-	for name, values := range op.header {
-		for i, v := range values {
-			ps, msg := parsePieces(v)
-			if msg != "" {
-				p.opFault(op, "header %s: %s", name, msg)
-			}
-			if ps != nil {
-				t.headers = append(t.headers, headerTemplate{name: name, index: i, value: ps})
-			}
-		}
-	}
+	t.headers = p.headerTemplates(op, parsePieces)
 	if body.Exists() && strings.Contains(body.Raw, "{{") {
 		if body.Type == gjson.String {
 			// A text body: references are inserted as text, but a body that
@@ -255,6 +245,24 @@ func (p *parser) parseTemplate(op *operation, body gjson.Result) {
 		op.refs = &tt
 		p.linked = true
 	}
+}
+
+// headerTemplates splits op's header values with parse (references, or
+// item references), those that hold any; a fault names its header.
+func (p *parser) headerTemplates(op *operation, parse func(string) ([]piece, string)) []headerTemplate {
+	var out []headerTemplate
+	for name, values := range op.header {
+		for i, v := range values {
+			ps, msg := parse(v)
+			if msg != "" {
+				p.opFault(op, "header %s: %s", name, msg)
+			}
+			if ps != nil {
+				out = append(out, headerTemplate{name: name, index: i, value: ps})
+			}
+		}
+	}
+	return out
 }
 
 // jsonTemplate splits a raw JSON value into raw runs and the string values
