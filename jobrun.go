@@ -146,7 +146,8 @@ func (p *jobPool) run(j *job) {
 		rn.logs = rn.accessLoggers()
 		rn.refs.reset(ep.h.MaxReferenceSize)
 	}
-	base := p.ctx
+	base, endRun := context.WithCancel(p.ctx)
+	defer endRun() // and with it the lease's watch
 	if j.lease != nil {
 		// Another instance took the job over: this one stops at once.
 		base = j.lease.watch(base)

@@ -271,3 +271,25 @@ func TestStreamedJobHasNoChunkBarrier(t *testing.T) {
 		t.Errorf("results out of order: %.300s", results)
 	}
 }
+
+// A job run leaves nothing running behind it: the watch for the loss of
+// its hold on the job ends with the run. It was left waiting, one
+// goroutine and one context under the pool's for every job run.
+func TestJobRunsLeaveNoGoroutine(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, "credentials_key "+testKey))
+	run := func(n int) {
+		for range n {
+			id := submitJob(t, base+"/batch", `[{"path":"/health"}]`)
+			waitJob(t, base+"/batch/"+id, alice, stateCompleted)
+		}
+	}
+	run(5)
+	time.Sleep(200 * time.Millisecond)
+	before := runtime.NumGoroutine()
+	const jobs = 40
+	run(jobs)
+	eventually(t, 10*time.Second, "the goroutines of the jobs' runs ended", func() bool {
+		return runtime.NumGoroutine() < before+jobs/2
+	})
+}
