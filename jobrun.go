@@ -285,6 +285,9 @@ func (j *job) runWhole(ctx context.Context, rn *runner, sink *storeSink) error {
 	if err != nil {
 		return err
 	}
+	if from > len(b.ops) {
+		return fmt.Errorf("%w: %d results stored of %d operations", errBadRecord, from, len(b.ops))
+	}
 	rn.load(b)
 	j.seedBudget(rn)
 	if from > 0 {

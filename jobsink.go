@@ -99,6 +99,9 @@ func (s *storeSink) resume() error {
 	s.rate.add(s.lastWrite, s.stored)
 	s.w = newSinkWriter(s, s.stored)
 	s.j.readable.Store(&rec)
+	if s.stored < 0 || s.stored > rec.Total {
+		return fmt.Errorf("%w: %d results stored of %d operations", errBadRecord, s.stored, rec.Total)
+	}
 	if err := s.resumeFailures(rec); err != nil {
 		return err
 	}

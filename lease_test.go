@@ -425,3 +425,59 @@ func TestRenewalBounded(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A job record that counts more results stored than the job has
+// operations (damaged, or written by hand) fails the job where it would
+// resume: before, the run indexed its operations past their end, a panic
+// in a goroutine of its own, which ended Caddy.
+func TestAsyncRecordCountingTooMuchFailsJob(t *testing.T) {
+	for _, c := range []struct {
+		name             string
+		completed, total int
+	}{
+		{"more than its total", 200, 1},
+		{"more than its operations", 200, 300},
+		{"fewer than none", -100, 1},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			be := newBackend(t)
+			storage := t.TempDir()
+			port := freePort(t)
+			cfg := adapt(t, testCaddyfile(storage, port, "", proxySite(be, `{
+		async {
+			credentials_key `+testKey+`
+			lease 1s
+			workers 1
+		}
+	}`)))
+			base := loadCaddy(t, cfg, port)
+			submitJob(t, base+"/batch", `[{"path":"/slow?d=300ms&id=first"}]`)
+			id := submitJob(t, base+"/batch", `[{"path":"/slow?d=1ms&id=second"}]`) // queued behind it
+			if err := caddy.Stop(); err != nil {                                    // a graceful stop hands the queued job over
+				t.Fatal(err)
+			}
+			key := filepath.Join(storage, "batch", "jobs", id, "job")
+			buf, err := os.ReadFile(key)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var rec map[string]any
+			if err := json.Unmarshal(buf, &rec); err != nil {
+				t.Fatal(err)
+			}
+			rec["completed"], rec["total"] = c.completed, c.total
+			buf, _ = json.Marshal(rec)
+			if err := os.WriteFile(key, buf, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			base = loadCaddy(t, cfg, port)
+			p := waitJob(t, base+"/batch/"+id, alice, "error")
+			if !strings.Contains(p.Get("error").String(), "results stored of") {
+				t.Errorf("the job: %s", p.Raw)
+			}
+			if slices.Contains(be.eventLog(), "start second") {
+				t.Error("the job ran")
+			}
+		})
+	}
+}
