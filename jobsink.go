@@ -105,8 +105,18 @@ func (s *storeSink) resume() error {
 	if err := s.resumeFailures(rec); err != nil {
 		return err
 	}
+	if err := s.resumePart(rec); err != nil {
+		return err
+	}
+	// Once the part is read back: the flusher writes what s.buf holds.
 	s.stopFlush, s.flushDone = make(chan struct{}), make(chan struct{})
 	go s.flushIdle()
+	return nil
+}
+
+// resumePart reads back into s.buf the results of the part the stored
+// ones end in.
+func (s *storeSink) resumePart(rec jobRecord) error {
 	for need := s.n; need > 0; s.part++ {
 		buf, err := s.j.a.store.Load(s.stop, partKey(rec.ID, s.chunk, s.part))
 		if err != nil {
