@@ -99,7 +99,11 @@ func (p *pacer) admit(now time.Time, maxInflight int) (ok bool, at time.Time) {
 	case now.Before(p.quotaReset) && p.quotaLow(maxInflight) && now.Before(p.nextStart):
 		// A quota low, or this instance's share of it spent, goes at the
 		// policy's rate: a token bucket refills all along, though its
-		// reset is when it is full.
+		// reset is when it is full. No later than the reset, when the
+		// spread no longer holds: a policy may spread one a day.
+		if p.quotaReset.Before(p.nextStart) {
+			return false, p.quotaReset
+		}
 		return false, p.nextStart
 	}
 	if p.rate > 0 {

@@ -364,6 +364,36 @@ func TestPacerStaysBounded(t *testing.T) {
 	}
 }
 
+// A quota spread over a long policy window (one a day) holds starts
+// only until the quota's reset, when admit says they may go: before, it
+// said to wait for the next start of the spread, a day away, and the gate
+// slept until then unless something else woke it.
+func TestPacerQuotaSpreadEndsAtReset(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	h := http.Header{"Ratelimit": {`"p";r=1;t=60`}, "Ratelimit-Policy": {`"p";q=1;w=86400`}}
+	var p pacer
+	p.admit(t0, 32)
+	p.start(t0, 32)
+	p.learn(t0, http.StatusOK, h, t0.Add(time.Millisecond))
+	// This instance's share spent before the reset (answers counted
+	// while others were in flight): its next start is spread at the
+	// policy's rate, one a day.
+	now := t0.Add(2 * time.Millisecond)
+	p.quotaLeft = 0
+	if ok, _ := p.admit(now, 32); !ok {
+		t.Fatal("not admitted")
+	}
+	p.start(now, 32)
+	reset := t0.Add(time.Millisecond + 60*time.Second)
+	if ok, at := p.admit(now.Add(time.Millisecond), 32); ok || at.After(reset) {
+		t.Fatalf("admitted %v, or at %v after the start: want no later than the reset, %v after it",
+			ok, at.Sub(now), reset.Sub(now))
+	}
+	if ok, _ := p.admit(reset, 32); !ok {
+		t.Errorf("not admitted at the reset")
+	}
+}
+
 // An instance that ramps from the little it got before it knew its peers
 // (the first to be answered took the API's burst) goes on from its share
 // of what the API took from all, once they tell it. Before, it doubled
