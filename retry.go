@@ -125,7 +125,7 @@ func (p *retryPolicy) wait(h http.Header, n int) time.Duration {
 	if n-1 < 40 && p.first<<(n-1) < p.cap && p.first<<(n-1) > 0 {
 		ceiling = p.first << (n - 1)
 	}
-	d := rand.N(ceiling + 1)
+	d := time.Duration(rand.Uint64N(uint64(ceiling) + 1)) // a cap of MaxInt64 ns overflowed ceiling+1
 	if h.Get("Retry-After") != "" {
 		d = max(d, unreadableRetryAfter)
 	}

@@ -2,6 +2,8 @@ package batch
 
 import (
 	"fmt"
+	"math"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -190,5 +192,24 @@ func TestRetryJobDefaults(t *testing.T) {
 	}
 	if len(keys) != 3 || keys[0] == "" || keys[0] != keys[1] || keys[1] != keys[2] {
 		t.Errorf("the tries of one operation carry one key: %q", keys)
+	}
+}
+
+// A retry's wait stays within its backoff, at any bound the config takes:
+// a cap of the longest duration (a JSON config's integer) made the draw
+// panic, outside any recover, which ended Caddy.
+func TestRetryWaitWithinBackoff(t *testing.T) {
+	for _, c := range []struct{ first, cap time.Duration }{
+		{200 * time.Millisecond, 30 * time.Second},
+		{time.Nanosecond, time.Nanosecond},
+		{time.Second, math.MaxInt64},
+		{math.MaxInt64, math.MaxInt64},
+	} {
+		p := retryPolicy{first: c.first, cap: c.cap}
+		for n := 1; n <= 70; n++ {
+			if d := p.wait(http.Header{}, n); d < 0 || d > c.cap {
+				t.Fatalf("first %v, cap %v: retry %d waits %v", c.first, c.cap, n, d)
+			}
+		}
 	}
 }
