@@ -151,6 +151,9 @@ func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
 	in.chunk = append(make([]byte, 0, 64<<10), '[')
 	q := r.URL.Query()
 	in.query = q
+	if isCSV(r.Header.Get("Content-Type")) {
+		return in // its query is its operation and options: readCSV reads it whole
+	}
 	for _, name := range []string{"mode", "atomicity", "omit_response_on_success", "include_headers", "max_attempts", "key_concurrency",
 		"max_failures", "max_failure_rate"} {
 		vs := q[name]
@@ -169,7 +172,7 @@ func newIntake(a *asyncJobs, j *job, r *http.Request) *intake {
 		}
 	}
 	md, msg := queryMetadata(q)
-	if msg != "" && !isCSV(r.Header.Get("Content-Type")) { // csvTemplate says it of a CSV batch
+	if msg != "" {
 		in.fault("%s", msg)
 	}
 	j.rec.Metadata = md
@@ -201,10 +204,14 @@ func (in *intake) read(body io.Reader, form string) error {
 // readCSV reads a CSV body: a bulk batch whose operation the query gives,
 // each row an item, its faults named by line.
 func (in *intake) readCSV(body io.Reader) error {
-	op, _, faults := csvTemplate(in.query)
+	op, opts, faults := csvTemplate(in.query)
 	for _, f := range faults {
 		in.fault("%s", f.Message)
 	}
+	gjson.ParseBytes(opts).ForEach(func(k, v gjson.Result) bool {
+		in.option(k.Str, v)
+		return true
+	})
 	in.bulkOperation(op)
 	lim := csvLimits{maxRecord: in.a.h.MaxBodySize, maxTotal: 4 * in.a.cfg.MaxBodySize}
 	_, err := readCSVItems(body, lim, func(line int, obj []byte) bool {

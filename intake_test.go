@@ -411,3 +411,33 @@ func TestStreamedQueryOptionsReadWhole(t *testing.T) {
 		t.Errorf("NDJSON with a budget in its query: %d %s", status, body)
 	}
 }
+
+// A streamed CSV batch's query is read once, as its operation and its
+// options: dry_run is refused as in any streamed batch (it queued a real
+// job), and a parameter given twice is one fault, not two.
+func TestStreamedCSVQueryReadOnce(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, asyncSite(be, ""))
+	const csv = "id\n1\n2\n"
+	for _, c := range []struct{ query, want string }{
+		{"&dry_run=true", "dry_run takes a batch of at most"},
+		{"&max_failures=5&max_failures=6", `"max_failures" given twice`},
+		{"&metadata.a=1&metadata.a=2", "metadata"},
+	} {
+		status, _, body := send(t, "POST", base+"/batch?method=GET&path=/health"+c.query, csv, alice,
+			"Content-Type: text/csv", "Prefer: respond-async")
+		errs := mustJSON(t, body).Get("errors").Array()
+		if status != 400 || len(errs) != 1 || !strings.Contains(errs[0].Get("message").String(), c.want) {
+			t.Errorf("CSV job %s: %d %s, want 400 with one fault saying %s", c.query, status, body, c.want)
+		}
+	}
+	status, _, body := send(t, "POST", base+"/batch?method=GET&path=/health&mode=parallel&max_failures=5&metadata.src=crm", csv, alice,
+		"Content-Type: text/csv", "Prefer: respond-async")
+	if status != 202 {
+		t.Fatalf("CSV job: %d %s", status, body)
+	}
+	p := waitJob(t, base+"/batch/"+mustJSON(t, body).Get("id").String(), alice, stateCompleted)
+	if p.Get("succeeded").Int() != 2 || p.Get("metadata.src").String() != "crm" {
+		t.Errorf("CSV job with options: %s", p.Raw)
+	}
+}
