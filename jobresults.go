@@ -1,6 +1,7 @@
 package batch
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -111,7 +112,13 @@ func (a *asyncJobs) eachResult(ctx context.Context, rec jobRecord, q resultsQuer
 		}
 		return true
 	}
-	if q.filtered && q.outcomes&^failureOutcomes == 0 && rec.Failures.Kept {
+	failures := q.filtered && q.outcomes&^failureOutcomes == 0 && rec.Failures.Kept
+	switch {
+	case q.request && !failures:
+		return next, errNoRequests
+	case q.offset >= end:
+		return next, nil // nothing final there yet: a follower waiting reads nothing
+	case failures:
 		err = a.store.eachFailure(ctx, rec, q.offset, end, func(i, outcome int, item, request []byte) bool {
 			if q.outcomes&(1<<outcome) == 0 {
 				return true
@@ -122,9 +129,6 @@ func (a *asyncJobs) eachResult(ctx context.Context, rec jobRecord, q resultsQuer
 			return stop(i, item, request)
 		})
 		return next, err
-	}
-	if q.request {
-		return next, errNoRequests
 	}
 	err = a.store.storedRange(ctx, rec, q.offset, end, func(i int, item []byte) bool {
 		if q.filtered && q.outcomes&(1<<storedOutcome(item)) == 0 {
@@ -184,7 +188,7 @@ func jobSummary(r *http.Request, rec jobRecord, q resultsQuery, paged bool, next
 		sum.err = rec.Error
 	}
 	if paged {
-		sum.page.offset, sum.page.limit = q.offset, cmpOr(q.limit, rec.Total)
+		sum.page.offset, sum.page.limit = q.offset, cmp.Or(q.limit, rec.Total)
 	}
 	if rec.final() && next >= stored {
 		sum.page.next = -1 // nothing is to come
@@ -192,13 +196,6 @@ func jobSummary(r *http.Request, rec jobRecord, q resultsQuery, paged bool, next
 		sum.page.nextLink = withOffset(r.URL, next)
 	}
 	return sum
-}
-
-func cmpOr(a, b int) int {
-	if a != 0 {
-		return a
-	}
-	return b
 }
 
 // withOffset is u, which asked for results, asking from offset on.

@@ -436,3 +436,36 @@ func TestFailuresAcrossRestart(t *testing.T) {
 		}
 	}
 }
+
+// A follower waiting for the next result reads nothing from storage while
+// none comes: it read back the part it had read, and the last part of
+// failures, at every poll (ten a second).
+func TestFollowerWaitingReadsNothing(t *testing.T) {
+	be := newBackend(t)
+	base := startCaddy(t, proxySite(be, `{
+		async {
+			retention 1h
+		}
+	}`), onLaggedStorage("0s"))
+	t.Cleanup(be.release)
+	id := submitJob(t, base+"/batch", `[{"path":"/nope"},{"path":"/hold?id=hold1"}]`)
+	eventually(t, 10*time.Second, "the first result stored and the second held", func() bool {
+		_, _, body := send(t, "GET", base+"/batch/"+id+"/results", "", alice)
+		return holding(be) == 1 && mustJSON(t, body).Get("results.#").Int() == 1
+	})
+	for _, query := range []string{"?follow=true&offset=1", "?follow=true&offset=1&outcome=failed"} {
+		ctx, cancel := context.WithTimeout(context.Background(), 1500*time.Millisecond)
+		req, _ := http.NewRequestWithContext(ctx, "GET", base+"/batch/"+id+"/results"+query, nil)
+		req.Header.Set("Authorization", "Bearer alice")
+		req.Header.Set("Accept", "application/x-ndjson")
+		before := lagstore.Calls()
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		cancel()
+		if loads := lagstore.Calls().Sub(before).Load; loads > 2 {
+			t.Errorf("%s: a follower waiting 1.5 s for the next result made %d storage loads", query, loads)
+		}
+	}
+}
