@@ -291,7 +291,7 @@ func (j *job) runWhole(ctx context.Context, rn *runner, sink *storeSink) error {
 	rn.load(b)
 	j.seedBudget(rn)
 	if from > 0 {
-		if err := j.a.loadEarlier(ctx, j.rec, rn, 0, from); err != nil {
+		if err := j.a.loadEarlier(ctx, j.rec, rn, from); err != nil {
 			return err
 		}
 	}
@@ -635,18 +635,18 @@ func (a *asyncJobs) failJob(j *job, why string) {
 }
 
 // loadEarlier reads back the stored results of the first n operations of
-// the batch rn runs, whose first is operation first of the job, when what
-// comes after depends on them or refers to them.
-func (a *asyncJobs) loadEarlier(ctx context.Context, rec jobRecord, rn *runner, first, n int) error {
+// the job rn runs whole, when what comes after depends on them or refers
+// to them.
+func (a *asyncJobs) loadEarlier(ctx context.Context, rec jobRecord, rn *runner, n int) error {
 	if !slices.ContainsFunc(rn.b.ops[n:], func(op *operation) bool { return len(op.deps) > 0 || op.refs != nil }) {
 		return nil
 	}
-	err := a.store.storedRange(ctx, rec, first, first+n, func(i int, item []byte) bool {
+	err := a.store.storedRange(ctx, rec, 0, n, func(i int, item []byte) bool {
 		_, res := decodeStored(item)
 		if res.body != nil && !res.isJSON {
 			res.isJSON = jsonBody(res.header, res.body)
 		}
-		rn.results[i-first] = res
+		rn.results[i] = res
 		return true
 	})
 	return err

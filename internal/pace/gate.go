@@ -54,7 +54,6 @@ type waiter struct {
 
 // Turn is an operation's hold on the gate, from Acquire to Release.
 type Turn struct {
-	owner     *Owner
 	pacer     *pacer // of an adaptive owner
 	grantedAt time.Time
 }
@@ -198,7 +197,7 @@ func (g *Gate) admissible(o *Owner, now time.Time) (ok bool, at time.Time) {
 // take gives o a turn that admissible allowed.
 func (g *Gate) take(o *Owner, now time.Time) Turn {
 	g.used++
-	t := Turn{owner: o, grantedAt: now}
+	t := Turn{grantedAt: now}
 	if o.Adaptive {
 		t.pacer = g.pacers.of(o.PaceKey, now)
 		t.pacer.start(now, g.max)
