@@ -240,9 +240,6 @@ func (a *asyncJobs) startTaken(ctx context.Context, rec jobRecord, from, queue s
 		}
 		return waits
 	}
-	if from == "" {
-		a.pool.taken(id)
-	}
 	// Read again under the lease: the last holder may have stored more.
 	rec, err = a.store.loadJob(ctx, id)
 	switch {
@@ -314,6 +311,8 @@ func (a *asyncJobs) take(ctx context.Context, id, from, queue string) (*lease, e
 	}
 	if from != "" {
 		a.store.deleteKey(ctx, heldKey(from, id))
+	} else {
+		a.pool.taken(id) // out of the cluster's queue: it counts no more here
 	}
 	a.store.deleteKey(ctx, queue)
 	return l, nil
@@ -326,9 +325,6 @@ func (a *asyncJobs) failUnreadable(ctx context.Context, rec jobRecord, from stri
 	l, err := a.take(ctx, rec.ID, from, queueKey(rec))
 	if err != nil || l == nil {
 		return err
-	}
-	if from == "" {
-		a.pool.taken(rec.ID)
 	}
 	rec, err = a.store.loadJob(ctx, rec.ID) // again, under the lease
 	if err != nil || rec.final() {
@@ -403,9 +399,6 @@ func (a *asyncJobs) adoptEvent(ctx context.Context, rec jobRecord, from string, 
 	l, err := a.take(ctx, id, from, queueKey(rec))
 	if err != nil || l == nil {
 		return err
-	}
-	if from == "" {
-		a.pool.taken(id)
 	}
 	ev, err := a.store.loadEvent(ctx, id) // again, under the lease
 	if err != nil {
@@ -562,7 +555,6 @@ func (a *asyncJobs) expireQueued(ctx context.Context, q queued) {
 	if err != nil || l == nil {
 		return
 	}
-	a.pool.taken(q.id)
 	if spec == nil {
 		a.pool.expire(&job{a: a, lease: l, rec: rec}) // it cannot run: its operations are gone
 		return
@@ -601,7 +593,6 @@ func (a *asyncJobs) cancelQueued(ctx context.Context, rec jobRecord, ep endpoint
 	if err != nil || l == nil {
 		return nil
 	}
-	a.pool.taken(rec.ID)
 	if rec, err = a.store.loadJob(ctx, rec.ID); err != nil || rec.final() {
 		l.release(ctx)
 		return nil
