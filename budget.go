@@ -117,12 +117,9 @@ func (fb *failureBudget) add(failed, ran int64) {
 func (p *parser) budgetField(b *batch, key string, v gjson.Result) {
 	switch key {
 	case "max_failures":
-		n := v.Int()
-		if v.Type != gjson.Number || float64(n) != v.Num || n < 1 || n > maxBudgetFailures {
-			p.batchFault("max_failures must be a whole number from 1 to %d, got %s", maxBudgetFailures, short(v.Raw))
-			return
+		if n := p.wholeField(key, v, maxBudgetFailures); n > 0 {
+			b.maxFailures = n
 		}
-		b.maxFailures = int(n)
 	case "max_failure_rate":
 		if v.Type != gjson.Number || !(v.Num > 0 && v.Num <= 1) {
 			p.batchFault("max_failure_rate must be a fraction above 0 and at most 1 (0.05 for 5%%), got %s", short(v.Raw))

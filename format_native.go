@@ -211,19 +211,20 @@ func (p *parser) resetItemBudget() {
 
 // maxAttempts reads the batch field max_attempts.
 func (p *parser) maxAttempts(v gjson.Result) int {
-	n := v.Int()
-	if v.Type != gjson.Number || float64(n) != v.Num || n < 1 || n > maxBatchAttempts {
-		p.batchFault("max_attempts must be a whole number from 1 to %d, got %s", maxBatchAttempts, short(v.Raw))
-		return 0
-	}
-	return int(n)
+	return p.wholeField("max_attempts", v, maxBatchAttempts)
 }
 
 // keyConcurrency reads the batch field key_concurrency.
 func (p *parser) keyConcurrency(v gjson.Result) int {
+	return p.wholeField("key_concurrency", v, maxKeyConcurrency)
+}
+
+// wholeField reads a batch field that takes a whole number from 1 to hi;
+// 0 when it is not one, a fault said.
+func (p *parser) wholeField(name string, v gjson.Result, hi int64) int {
 	n := v.Int()
-	if v.Type != gjson.Number || float64(n) != v.Num || n < 1 || n > maxKeyConcurrency {
-		p.batchFault("key_concurrency must be a whole number from 1 to %d, got %s", maxKeyConcurrency, short(v.Raw))
+	if v.Type != gjson.Number || float64(n) != v.Num || n < 1 || n > hi {
+		p.batchFault("%s must be a whole number from 1 to %d, got %s", name, hi, short(v.Raw))
 		return 0
 	}
 	return int(n)

@@ -25,7 +25,7 @@ func jobPath(p string) (id, sub string, ok bool) {
 		p, sub = rest, "retry"
 	}
 	id = p[strings.LastIndexByte(p, '/')+1:]
-	if len(id) != 32 || strings.Trim(id, "0123456789abcdef") != "" {
+	if !isJobID(id) {
 		return "", "", false
 	}
 	return id, sub, true
